@@ -1,0 +1,1 @@
+"""Offline compressor for MoE checkpoints."""

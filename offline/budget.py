@@ -1,0 +1,101 @@
+"""Exact parameter accounting: turn a target ratio of *total model parameters* removed into ranks.
+
+The ratio is the papers' (D²-MoE: Mixtral 46.7B at 60% → 18.68B): 1 − compressed/original over every
+tensor in the checkpoint (embeddings, attention, routers, norms, shared experts included; a tied
+lm_head counted once). Only routed experts change, so the expert budget per MoE layer is
+
+    budget = (1 − ratio)·N_total − N_non_expert,    split evenly over MoE layers,
+
+minus each layer's rank-independent cost (a D² base). Within a layer every active expert gets the same
+rank (D²-MoE's uniform truncation), and the leftover, smaller than one rank per expert, goes one rank at
+a time to the most frequently routed experts, so the achieved total lands within one rank step of the
+target (about 0.01 points on the reference model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class UnreachableRatioError(ValueError):
+    """The method cannot reach the requested ratio on this model."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+
+    @property
+    def dense_expert_params(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size * self.num_experts
+
+    @property
+    def params_per_rank(self) -> int:
+        """One rank of one expert across gate, up and down: 3·(H + I)."""
+        return 3 * (self.hidden_size + self.intermediate_size)
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.hidden_size, self.intermediate_size)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    total_params: int
+    non_expert_params: int
+    layer_budgets: dict[int, int]  # MoE layer -> parameters available to its rank-dependent factors
+
+    def achieved_ratio(self, compressed_expert_params: int) -> float:
+        return 1.0 - (self.non_expert_params + compressed_expert_params) / self.total_params
+
+
+def plan_budget(
+    total_params: int,
+    shapes: dict[int, LayerShape],
+    target_ratio: float,
+    fixed_params: dict[int, int],
+    active_experts: dict[int, int],
+    method: str,
+) -> BudgetPlan:
+    """Per-layer factor budgets for ``target_ratio``; raises with the reachable range if impossible.
+
+    ``fixed_params[L]`` is what layer L stores regardless of ranks (a base); ``active_experts[L]`` how
+    many of its experts may hold a rank (delta trimming sets some to zero).
+    """
+    if not 0.0 < target_ratio < 1.0:
+        raise UnreachableRatioError(f"ratio must be in (0, 1), got {target_ratio}")
+    expert_params = sum(s.dense_expert_params for s in shapes.values())
+    non_expert = total_params - expert_params
+    floor = non_expert + sum(fixed_params.values())
+    ceiling = floor + sum(active_experts[l] * s.max_rank * s.params_per_rank for l, s in shapes.items())
+    lo = max(0.0, 1.0 - ceiling / total_params)
+    hi = 1.0 - floor / total_params
+    if not lo - 1e-12 <= target_ratio <= hi:
+        raise UnreachableRatioError(
+            f"method {method} cannot reach ratio {target_ratio:.4f} on this model: reachable ratios are "
+            f"[{lo:.4f}, {hi:.4f}] of total parameters ({non_expert:,} of {total_params:,} are not routed-expert weights)"
+        )
+    available = (1.0 - target_ratio) * total_params - floor
+    per_layer = available / len(shapes)
+    return BudgetPlan(total_params, non_expert, {l: int(per_layer) for l in shapes})
+
+
+def allocate_ranks(budget: int, shape: LayerShape, frequencies: list[float], trimmed: set[int]) -> list[int]:
+    """Uniform rank for active experts, leftover ranks to the most routed ones; trimmed experts get 0."""
+    active = [e for e in range(shape.num_experts) if e not in trimmed]
+    if not active:
+        return [0] * shape.num_experts
+    cost = shape.params_per_rank
+    uniform = min(shape.max_rank, budget // (cost * len(active)))
+    ranks = [0] * shape.num_experts
+    for e in active:
+        ranks[e] = uniform
+    leftover = budget - uniform * cost * len(active)
+    for e in sorted(active, key=lambda e: (-frequencies[e], e)):
+        if leftover < cost or ranks[e] >= shape.max_rank:
+            break
+        ranks[e] += 1
+        leftover -= cost
+    return ranks

@@ -1,0 +1,156 @@
+"""Reading Hugging Face safetensors checkpoints and writing sharded ones atomically.
+
+Only safetensors and JSON are ever read: a checkpoint that ships only ``pytorch_model.bin`` (pickle) is
+refused. Output directories appear only when complete: everything is written into a hidden temporary
+sibling directory, which is renamed onto the target at the very end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """The input checkpoint is missing, unreadable or malformed."""
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise CheckpointError(f"model directory {model_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+
+
+class SafetensorsCheckpoint:
+    """All tensors of a model directory (single file or sharded with an index), opened lazily."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.model_dir = Path(model_dir)
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if not files:
+            pickles = [p.name for p in self.model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+            hint = f" (found {', '.join(pickles)}: pickle files are never loaded; convert to safetensors)" if pickles else ""
+            raise CheckpointError(f"no *.safetensors files in {self.model_dir}{hint}")
+        self._handles = {}
+        self._file_of: dict[str, Path] = {}
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+            self._handles[path] = handle
+            for key in handle.keys():
+                self._file_of[key] = path
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self._file_of[name]].get_tensor(name)
+        except KeyError:
+            raise CheckpointError(f"tensor {name} not found in {self.model_dir}") from None
+        except SafetensorError as err:
+            raise CheckpointError(f"tensor {name} in {self._file_of[name]} is corrupt: {err}") from err
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handles[self._file_of[name]].get_slice(name).get_shape())
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n
+
+
+class ShardedWriter:
+    """Writes tensors into ``model-0000i-of-0000N.safetensors`` shards of bounded size plus an index."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3):
+        self.out_dir = out_dir
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in s for s in self._shards):
+            raise ValueError(f"tensor {name} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().contiguous().cpu()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        index = len(self._shards)
+        save_file(self._pending, str(self.out_dir / f".shard-{index}.safetensors"), metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.out_dir / f".shard-{i}.safetensors", self.out_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy tokenizer, generation config, chat template... everything but weights, index and config.json."""
+    for path in src.iterdir():
+        if path.is_file() and path.suffix not in WEIGHT_FILE_SUFFIXES and path.name not in (INDEX_NAME, "config.json"):
+            shutil.copy2(path, dst / path.name)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary directory next to ``out_dir``; rename it onto ``out_dir`` only on success.
+
+    On any exception the temporary directory is removed, so a failed run never leaves a directory that
+    looks finished. With ``overwrite`` an existing ``out_dir`` is replaced only after the new one is complete.
+    """
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists (use --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "dir")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

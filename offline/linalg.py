@@ -1,0 +1,64 @@
+"""Low-rank factorisation with activation whitening (SVD-LLM, used by D²-MoE Eq. 6–8).
+
+For a weight W [out, in] whose inputs have Gram matrix G = XᵀX [in, in] (X: tokens × in), the output
+error of an approximation Ŵ is ‖(W − Ŵ)Xᵀ‖²_F = ‖(W − Ŵ)S‖²_F with S the lower Cholesky factor of G
+(G = S Sᵀ). Truncating the SVD of W·S is therefore optimal for that error (truncation-aware SVD):
+
+    W S = U Σ Vᵀ,   ΔU = U_k √Σ_k,   ΔV = √Σ_k V_kᵀ S⁻¹            (D²-MoE Eq. 6–8)
+
+All arithmetic here is float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DAMPING_START = 1e-6
+"""First relative ridge added to a Gram matrix that is not positive definite (times its mean diagonal)."""
+
+
+def whitening_factor(gram: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor S of ``gram`` (float64), with damping when it is not positive definite.
+
+    Damping follows SVD-LLM's retry (a ridge on the diagonal) but grows geometrically from
+    ``DAMPING_START · mean(diag)`` until the factorisation succeeds. Returns ``None`` for an all-zero
+    Gram (an expert that received no calibration tokens): callers then use plain SVD, the only
+    choice that does not depend on data the expert never saw.
+    """
+    gram = 0.5 * (gram + gram.T).to(torch.float64)
+    scale = gram.diagonal().mean().item()
+    if scale <= 0.0:
+        return None
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    damping = DAMPING_START
+    while info.item() != 0:
+        factor, info = torch.linalg.cholesky_ex(gram + damping * scale * eye)
+        damping *= 10.0
+    return factor
+
+
+def low_rank_factors(
+    weight: torch.Tensor, rank: int, whitening: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors (U [out, r], V [r, in]) with U V ≈ ``weight``.
+
+    Without ``whitening`` this is the plain truncated SVD (Eckart–Young in the Frobenius norm); with
+    the Cholesky factor S of the input Gram it minimises the output error on the calibration inputs.
+    """
+    weight = weight.to(torch.float64)
+    scaled = weight if whitening is None else weight @ whitening
+    u, s, vh = torch.linalg.svd(scaled, full_matrices=False)
+    root = s[:rank].sqrt()
+    left = u[:, :rank] * root
+    right = root[:, None] * vh[:rank]
+    if whitening is not None:
+        # right · S⁻¹ without forming the inverse: solve Sᵀ Xᵀ = rightᵀ (Sᵀ is upper triangular).
+        right = torch.linalg.solve_triangular(whitening.T, right.T, upper=True).T
+    return left, right
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """‖(W − Ŵ)Xᵀ‖_F computed from the Gram matrix: sqrt(tr((W−Ŵ) G (W−Ŵ)ᵀ))."""
+    diff = (weight - approx).to(torch.float64)
+    return float(torch.einsum("oi,ij,oj->", diff, gram.to(torch.float64), diff).clamp_min(0).sqrt())

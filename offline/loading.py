@@ -1,0 +1,67 @@
+"""Load a checkpoint into transformers: dense as is, ``moe_compress`` with the reference experts.
+
+The compressed loader builds the original architecture from config.json, swaps each compressed MoE
+layer's ``experts`` module for :class:`~offline.reference_moe.CompressedExperts` and loads every other
+tensor by name, refusing a checkpoint that leaves any model parameter unloaded or has unknown tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .architectures import architecture_for, moe_block
+from .checkpoint_io import SafetensorsCheckpoint, read_config
+from .compressed_layer import CompressedLayer
+from .format import QUANT_METHOD, CompressionInfo, FormatError
+from .reference_moe import CompressedExperts
+
+
+def is_compressed(model_dir: str | Path) -> bool:
+    return (read_config(model_dir).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, dynamic_pruning: bool = True):
+    """Any supported checkpoint, dense or compressed, as an eval-mode transformers model."""
+    if is_compressed(model_dir):
+        return load_compressed_model(model_dir, dtype, dynamic_pruning)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def load_compressed_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, dynamic_pruning: bool = True):
+    raw = read_config(model_dir)
+    info = CompressionInfo.from_config(raw.get("quantization_config"))
+    arch = architecture_for(raw)
+    ckpt = SafetensorsCheckpoint(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    act_fn = moe_block(model, info.layers[0].layer).experts.act_fn
+    expert_prefixes = tuple(spec.prefix + "." for spec in info.layers)
+    for spec in info.layers:
+        layer = CompressedLayer.from_tensors(spec, info.proj_names, ckpt.get)
+        ratio = info.dynamic_prune_ratio if dynamic_pruning else 0.0
+        moe_block(model, spec.layer).experts = CompressedExperts(layer, act_fn, ratio).to(dtype)
+
+    params = dict(model.named_parameters())
+    loaded = set()
+    for key in ckpt.keys():
+        if key.startswith(expert_prefixes):
+            continue
+        name = arch.checkpoint_to_module_name(key)
+        if name not in params:
+            raise FormatError(f"tensor {key} matches no parameter of {type(model).__name__}")
+        tensor = ckpt.get(key)
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise FormatError(f"tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
+        params[name].copy_(tensor)
+        loaded.add(name)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(params) - loaded - tied)
+    if missing:
+        raise FormatError(f"checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    return model

@@ -1,0 +1,93 @@
+"""D²-MoE (Gu et al., ICML 2025): shared base + truncation-aware low-rank deltas + semi-dynamic pruning.
+
+Per MoE layer and projection p ∈ {gate, up, down}:
+
+1. Base by Fisher-weighted merging (Eq. 5):  W_b = Σ_i F_i W_i / Σ_i F_i, with F_i from fisher.py (Eq. 4).
+   ``merge="mean"`` and ``merge="frequency"`` (routing counts as weights) are the paper's Table 5 ablations.
+2. Deltas ΔW_i = W_i − W_b compressed by truncation-aware SVD (Eq. 6–8): the SVD of ΔW_i S_i with S_i the
+   Cholesky factor of the Gram of expert i's own inputs (routed tokens for gate/up, its intermediate
+   activations for down); ΔU = U√Σ_k, ΔV = √Σ_k Vᵀ S⁻¹. All experts of a layer share one rank.
+3. Semi-dynamic structured pruning of the base (§3.4, Eq. 9). Choice: a "column" is an intermediate
+   channel j of the base MLP — row j of the gate and up bases and column j of the down base, which is
+   how lliai/D2MoE prunes — scored with C_j = ‖W_b,down[:, j]‖₂ · ‖X[j, :]‖₂ where X is the experts'
+   intermediate activation over every routed calibration token. The lowest half of ``base_prune`` is
+   removed here (static, saves storage); the other half is stored as ``dynamic_prune_ratio`` and applied
+   per batch at inference (reference_moe.py, the plugin). Order as in the paper: merge, deltas against
+   the full base, then prune the base.
+4. Delta trimming (App. B.1), optional: the ``trim_experts`` least-routed experts of each layer keep no
+   delta (they become the base).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..architectures import PROJECTIONS
+from ..budget import LayerShape
+from ..compressed_layer import CompressedLayer
+from .base import CompressionMethod, factorize_experts
+
+MERGES = ("fisher", "mean", "frequency")
+
+
+def merge_base(weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """W_b = Σ_i F_i W_i / Σ_i F_i (Eq. 5). ``importance`` is [E] or element-wise [E, ...]."""
+    importance = importance.to(weights.dtype)
+    if importance.dim() == 1:
+        importance = importance.view(-1, *([1] * (weights.dim() - 1)))
+    importance = importance.expand_as(weights)
+    total = importance.sum(0)
+    merged = (importance * weights).sum(0) / total.clamp_min(torch.finfo(weights.dtype).tiny)
+    # Where no expert carries importance (all-zero gradients or counts) fall back to the plain mean.
+    return torch.where(total > 0, merged, weights.mean(0))
+
+
+class D2MoE(CompressionMethod):
+    name = "d2"
+
+    def __init__(self, merge: str = "fisher", base_prune: float = 0.1, trim_experts: int = 0):
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
+        if not 0.0 <= base_prune < 1.0:
+            raise ValueError(f"base prune ratio must be in [0, 1), got {base_prune}")
+        if trim_experts < 0:
+            raise ValueError(f"trim_experts must be >= 0, got {trim_experts}")
+        self.merge = merge
+        self.base_prune = base_prune
+        self.trim_experts = trim_experts
+        self.needs_fisher = merge == "fisher"
+        self.dynamic_prune_ratio = base_prune / 2
+
+    def options(self) -> dict:
+        return {"merge": self.merge, "base_prune": self.base_prune, "static_prune_ratio": self.base_prune / 2,
+                "trim_experts": self.trim_experts}
+
+    def static_channels(self, shape: LayerShape) -> int:
+        return shape.intermediate_size - round(self.base_prune / 2 * shape.intermediate_size)
+
+    def fixed_params(self, shape: LayerShape) -> int:
+        return 3 * shape.hidden_size * self.static_channels(shape)
+
+    def num_trimmed(self, shape: LayerShape) -> int:
+        if self.trim_experts >= shape.num_experts:
+            raise ValueError(f"cannot trim {self.trim_experts} of {shape.num_experts} experts")
+        return self.trim_experts
+
+    def importance(self, proj: str, stats, fisher) -> torch.Tensor:
+        if self.merge == "fisher":
+            return fisher[proj]
+        if self.merge == "frequency":
+            return stats.counts.double()
+        return torch.ones(stats.counts.numel(), dtype=torch.float64)
+
+    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape) -> CompressedLayer:
+        base = {p: merge_base(weights[p], self.importance(p, stats, fisher)) for p in PROJECTIONS}
+        deltas = {p: weights[p] - base[p] for p in PROJECTIONS}
+        ranks = self.ranks_for(budget, shape, stats)
+        factors = factorize_experts(deltas, ranks, stats)
+
+        activation_norm = stats.inter_gram.diagonal(dim1=1, dim2=2).sum(0).clamp_min(0).sqrt()
+        score = base["down"].norm(dim=0) * activation_norm  # Eq. 9, C_j
+        keep = torch.sort(torch.topk(score, self.static_channels(shape)).indices).values
+        pruned = {"gate": base["gate"][keep], "up": base["up"][keep], "down": base["down"][:, keep]}
+        return CompressedLayer(shape.hidden_size, shape.intermediate_size, factors, pruned, keep)

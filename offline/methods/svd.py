@@ -1,0 +1,26 @@
+"""Per-expert low-rank baselines: plain truncated SVD and SVD-LLM's whitened (truncation-aware) SVD."""
+
+from __future__ import annotations
+
+from ..budget import LayerShape
+from ..compressed_layer import CompressedLayer
+from .base import CompressionMethod, factorize_experts
+
+
+class PlainSVD(CompressionMethod):
+    """W_i ≈ U_i V_i from the truncated SVD of W_i itself, the same rank for every expert."""
+
+    name = "svd"
+    whitened = False
+
+    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape) -> CompressedLayer:
+        ranks = self.ranks_for(budget, shape, stats)
+        factors = factorize_experts(weights, ranks, stats if self.whitened else None)
+        return CompressedLayer(shape.hidden_size, shape.intermediate_size, factors)
+
+
+class WhitenedSVD(PlainSVD):
+    """SVD-LLM: truncate the SVD of W_i S_i, S_i the Cholesky factor of expert i's own input Gram."""
+
+    name = "whitened-svd"
+    whitened = True
