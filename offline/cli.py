@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line of stdout")
     e.add_argument("--no-progress", action="store_true")
 
+    t = sub.add_parser(
+        "generate", help="greedy text from a dense or compressed checkpoint (reference forward, no vLLM)",
+        description="A quick check that a checkpoint still speaks: greedy decoding through transformers, "
+        "compressed experts computed by the pure-PyTorch reference forward.",
+    )
+    t.add_argument("model_dir", metavar="MODEL_DIR")
+    t.add_argument("--prompt", required=True)
+    t.add_argument("--max-new-tokens", type=_positive, default=32)
+
     i = sub.add_parser("inspect", help="method, ratios, per-layer ranks and parameter counts of a compressed checkpoint")
     i.add_argument("model_dir", metavar="DIR")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -144,6 +153,19 @@ def run_eval_ppl(args) -> int:
     return 0
 
 
+def run_generate(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .loading import load_model
+
+    model = load_model(args.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    print(args.prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return 0
+
+
 def run_inspect(args) -> int:
     from .summary import format_summary, summarize
 
@@ -156,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    commands = {"compress": run_compress, "eval-ppl": run_eval_ppl, "inspect": run_inspect}
+    commands = {"compress": run_compress, "eval-ppl": run_eval_ppl, "generate": run_generate,
+                "inspect": run_inspect}
     try:
         return commands[args.command](args)
     except USER_ERRORS as err:
