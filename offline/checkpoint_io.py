@@ -20,6 +20,9 @@ from safetensors.torch import save_file
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 INDEX_NAME = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class CheckpointError(ValueError):
@@ -72,6 +75,9 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"tensor {name} not found in {self.model_dir}") from None
         except SafetensorError as err:
             raise CheckpointError(f"tensor {name} in {self._file_of[name]} is corrupt: {err}") from err
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._handles[self._file_of[name]].get_slice(name).get_dtype()]
 
     def shape(self, name: str) -> list[int]:
         return list(self._handles[self._file_of[name]].get_slice(name).get_shape())
@@ -130,6 +136,15 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
+def _make_readable(root: Path) -> None:
+    """mkdtemp creates 0700: give the finished tree the permissions of an ordinary directory (umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in root.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory next to ``out_dir``; rename it onto ``out_dir`` only on success.
@@ -144,6 +159,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         yield tmp
+        _make_readable(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "dir")

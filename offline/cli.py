@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = c.add_argument_group("calibration")
     g.add_argument("--calib-file", type=Path, default=DEFAULT_CALIB_FILE,
                    help="UTF-8 text to calibrate on (default: a 200 kB Brown-corpus sample shipped with the package; "
-                   "the papers use 512 samples of WikiText-2 train)")
+                   "D²-MoE uses 512 samples of WikiText-2)")
     g.add_argument("--calib-samples", type=_positive, default=128, help="number of token windows (default 128)")
     g.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
     g.add_argument("--calib-batch-size", type=_positive, default=8, help="windows per forward pass (default 8)")

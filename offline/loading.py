@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .architectures import architecture_for, moe_block
+from .architectures import PROJECTIONS, architecture_for, moe_block
 from .checkpoint_io import SafetensorsCheckpoint, read_config
 from .compressed_layer import CompressedLayer
 from .format import QUANT_METHOD, CompressionInfo, FormatError
@@ -41,9 +41,19 @@ def load_compressed_model(model_dir: str | Path, dtype: torch.dtype = torch.floa
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     act_fn = moe_block(model, info.layers[0].layer).experts.act_fn
+    if sorted(info.proj_names) != sorted(PROJECTIONS):
+        raise FormatError(f"quantization_config.proj_names must map {', '.join(PROJECTIONS)}, got {info.proj_names}")
     expert_prefixes = tuple(spec.prefix + "." for spec in info.layers)
+    stored_dtype = getattr(torch, info.dtype)
     for spec in info.layers:
         layer = CompressedLayer.from_tensors(spec, info.proj_names, ckpt.get)
+        expected = layer.to_tensors(spec.prefix, info.proj_names, stored_dtype)
+        for key in ckpt.keys():
+            if key.startswith(spec.prefix + ".") and key not in expected:
+                raise FormatError(f"tensor {key} is not part of layer {spec.layer}'s {spec.scheme} factors")
+        for key, tensor in expected.items():
+            if tensor.is_floating_point() and ckpt.dtype(key) != stored_dtype:
+                raise FormatError(f"tensor {key} is {ckpt.dtype(key)}, quantization_config.dtype says {info.dtype}")
         ratio = info.dynamic_prune_ratio if dynamic_pruning else 0.0
         moe_block(model, spec.layer).experts = CompressedExperts(layer, act_fn, ratio).to(dtype)
 

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import FAMILIES, TOKENIZER_FILES, write_tiny_model
-from offline.architectures import UnsupportedArchitectureError
+from offline.architectures import ARCHITECTURES, UnsupportedArchitectureError
 from offline.compress import CalibrationOptions, build_method, compress_checkpoint
 from offline.compressed_layer import CompressedLayer
 from offline.format import CompressionInfo
@@ -218,6 +218,12 @@ def test_dynamic_pruning_changes_qwen3_logits(compressed):
     dynamic = logits(load_compressed_model(out, dtype=torch.float32, dynamic_pruning=True), ids)
     assert torch.isfinite(static).all() and torch.isfinite(dynamic).all()
     assert (static - dynamic).abs().max() > 1e-3
+
+
+def test_every_supported_family_is_covered():
+    """The families built here are exactly the architectures the compressor supports."""
+    assert sorted(FAMILIES) == sorted(ARCHITECTURES)
+    assert sorted(a.architecture for a in ARCHITECTURES.values()) == sorted(ARCHITECTURE_CLASSES)
 
 
 def test_unsupported_architecture_is_refused_cleanly(tmp_path, calibration):

@@ -6,7 +6,8 @@ Per MoE layer and projection p ∈ {gate, up, down}:
    ``merge="mean"`` and ``merge="frequency"`` (routing counts as weights) are the paper's Table 5 ablations.
 2. Deltas ΔW_i = W_i − W_b compressed by truncation-aware SVD (Eq. 6–8): the SVD of ΔW_i S_i with S_i the
    Cholesky factor of the Gram of expert i's own inputs (routed tokens for gate/up, its intermediate
-   activations for down); ΔU = U√Σ_k, ΔV = √Σ_k Vᵀ S⁻¹. All experts of a layer share one rank.
+   activations for down); ΔU = U√Σ_k, ΔV = √Σ_k Vᵀ S⁻¹. All experts of a layer share one rank, plus
+   at most one extra rank for the most-routed experts to spend the budget exactly (budget.py).
 3. Semi-dynamic structured pruning of the base (§3.4, Eq. 9). Choice: a "column" is an intermediate
    channel j of the base MLP — row j of the gate and up bases and column j of the down base, which is
    how lliai/D2MoE prunes — scored with C_j = ‖W_b,down[:, j]‖₂ · ‖X[j, :]‖₂ where X is the experts'
@@ -15,7 +16,8 @@ Per MoE layer and projection p ∈ {gate, up, down}:
    per batch at inference (reference_moe.py, the plugin). Order as in the paper: merge, deltas against
    the full base, then prune the base.
 4. Delta trimming (App. B.1), optional: the ``trim_experts`` least-routed experts of each layer keep no
-   delta (they become the base).
+   delta (they become the base). Choice: the target ratio stays fixed and the freed budget raises the
+   other experts' ranks (in the paper trimming raises the ratio instead; pass a higher --ratio for that).
 """
 
 from __future__ import annotations

@@ -1,0 +1,84 @@
+"""The layer-by-layer calibration pass and the Fisher estimate against direct computations."""
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from offline.calibration import ExpertStatistics, calibration_windows, run_layerwise
+from offline.fisher import expert_fisher
+
+
+def tiny_model(tiny_moe):
+    path = tiny_moe("qwen3_moe")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_layerwise_statistics_equal_a_full_forward(tiny_moe):
+    model = tiny_model(tiny_moe)
+    samples = torch.randint(0, 4096, (6, 32), generator=torch.Generator().manual_seed(7))
+    moe_layers = {l: (8, 64, 32) for l in range(2)}
+
+    # direct: one full forward with hooks on the experts modules
+    direct = {l: ExpertStatistics.zeros(*moe_layers[l]) for l in moe_layers}
+    handles = [model.model.layers[l].mlp.experts.register_forward_pre_hook(
+        lambda m, args, l=l: direct[l].accumulate(m, *args)) for l in moe_layers]
+    with torch.no_grad():
+        model(input_ids=samples, use_cache=False)
+    for h in handles:
+        h.remove()
+
+    seen = {}
+    run_layerwise(model, moe_layers, samples, batch_size=4, on_moe_layer=lambda l, s: seen.setdefault(l, s),
+                  progress=False)
+    assert sorted(seen) == [0, 1]
+    for l in moe_layers:
+        assert torch.equal(seen[l].counts, direct[l].counts) and int(seen[l].counts.sum()) == 6 * 32 * 2
+        torch.testing.assert_close(seen[l].input_gram, direct[l].input_gram, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(seen[l].inter_gram, direct[l].inter_gram, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(seen[l].weight_sums, direct[l].weight_sums, rtol=1e-6, atol=1e-6)
+
+
+def test_input_gram_is_the_sum_over_routed_tokens():
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(3, 8, 5, generator=g))
+            self.act_fn = F.silu
+
+    x = torch.randn(4, 5)
+    idx = torch.tensor([[0, 2], [2, 1], [0, 1], [2, 0]])
+    stats = ExpertStatistics.zeros(3, 5, 4)
+    stats.accumulate(Experts(), x, idx, torch.full((4, 2), 0.5))
+    xd = x.double()
+    torch.testing.assert_close(stats.input_gram[2], xd[[0, 1, 3]].T @ xd[[0, 1, 3]])
+    assert stats.counts.tolist() == [3, 2, 3] and stats.weight_sums.tolist() == [1.5, 1.0, 1.5]
+
+
+def test_calibration_windows_are_seeded(tiny_moe):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_moe("qwen3_moe"))
+    text = "The quick brown fox jumps over the lazy dog. " * 200
+    a, b = (calibration_windows(tok, text, 5, 16, seed=3) for _ in range(2))
+    assert a.shape == (5, 16) and torch.equal(a, b)
+    assert not torch.equal(a, calibration_windows(tok, text, 5, 16, seed=4))
+
+
+def test_expert_fisher_matches_autograd(tiny_moe):
+    model = tiny_model(tiny_moe)
+    samples = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(1))
+    fisher = expert_fisher(model, [0, 1], samples, labels="empirical", granularity="expert", progress=False)
+    element = expert_fisher(model, [1], samples, labels="empirical", granularity="element", progress=False)
+
+    experts = model.model.layers[1].mlp.experts
+    expected_down = torch.zeros_like(experts.down_proj, dtype=torch.float64)
+    for ids in samples.split(1):
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        (grad,) = torch.autograd.grad(loss, experts.down_proj)
+        expected_down += grad.double() ** 2 / 2
+    torch.testing.assert_close(element[1]["down"], expected_down)
+    torch.testing.assert_close(fisher[1]["down"], expected_down.flatten(1).mean(1))
+    assert fisher[0]["gate"].shape == (8,) and (fisher[0]["gate"] > 0).any()
+    assert all(p.requires_grad for p in model.parameters())  # requires_grad restored afterwards
