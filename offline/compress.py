@@ -6,6 +6,7 @@ text long enough), and the output directory appears only when the whole checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -126,7 +127,8 @@ def compress_checkpoint(
         )
     out_dtype = DTYPES[dtype]
     specs, layer_stats, compressed_params = [], {}, 0
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite) as tmp, _log_to(tmp / "compress.log"):
+        log.info("method %s %s, target ratio %s, calibration %s", method.name, method.options(), ratio, calibration)
         writer = ShardedWriter(tmp, max_shard_bytes)
         for key in ckpt.keys():
             if key not in layout.expert_keys:
@@ -163,6 +165,8 @@ def compress_checkpoint(
             layers=specs, dynamic_prune_ratio=method.dynamic_prune_ratio, method_options=method.options(),
         )
         writer.finish()
+        log.info("wrote %s: ratio %.4f (target %.4f), expert ratio %.4f, peak RSS %.1f MiB",
+                 out_dir, achieved, ratio, info.expert_ratio, peak_rss_bytes() / 2**20)
         (tmp / "config.json").write_text(json.dumps({**config, "quantization_config": info.to_config()}, indent=2) + "\n")
         copy_side_files(model_dir, tmp)
         calib = {k: str(v) if isinstance(v, Path) else v for k, v in vars(calibration).items()}
@@ -170,9 +174,24 @@ def compress_checkpoint(
             "method": method.name, "calibration": calib, "layers": layer_stats,
             "wall_time_s": round(time.perf_counter() - started, 2), "peak_rss_bytes": peak_rss_bytes(),
         }, indent=1) + "\n")
-    log.info("wrote %s: ratio %.4f (target %.4f), expert ratio %.4f, peak RSS %.1f MiB",
-             out_dir, achieved, ratio, info.expert_ratio, peak_rss_bytes() / 2**20)
     return info
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    """Also write this package's log records to ``path`` (the output directory's compress.log)."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("offline")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(min(previous or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+        handler.close()
 
 
 def build_method(name: str, **options) -> CompressionMethod:

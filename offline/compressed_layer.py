@@ -55,6 +55,27 @@ class CompressedLayer:
             w += f[0].double() @ f[1].double()
         return w
 
+    def packed(self) -> dict[str, torch.Tensor]:
+        """The packed layout of kernels/base_delta_torch.py (ragged ranks concatenated, no padding)."""
+        ranks = self.ranks()
+
+        def cat(proj_list, index, dim, empty_shape):
+            parts = [self.factors[p][e][index] for p in proj_list for e in range(self.num_experts) if ranks[p][e]]
+            return torch.cat(parts, dim) if parts else torch.zeros(empty_shape, dtype=torch.float64)
+
+        h, i = self.hidden_size, self.intermediate_size
+        base = self.base or {}
+        return {
+            "ranks": torch.tensor([ranks[p] for p in PROJECTIONS], dtype=torch.int64),
+            "gate_up_u": cat(("gate", "up"), 0, 1, (i, 0)),
+            "gate_up_v": cat(("gate", "up"), 1, 0, (0, h)),
+            "down_u": cat(("down",), 0, 1, (h, 0)),
+            "down_v": cat(("down",), 1, 0, (0, i)),
+            "base_gate_up": torch.cat([base["gate"], base["up"]]) if base else torch.zeros(0, h, dtype=torch.float64),
+            "base_down": base["down"] if base else torch.zeros(h, 0, dtype=torch.float64),
+            "base_channels": self.base_channels if base else torch.zeros(0, dtype=torch.int64),
+        }
+
     def spec(self, layer: int, prefix: str) -> LayerSpec:
         return LayerSpec(
             layer=layer, prefix=prefix, scheme="base_delta", num_experts=self.num_experts,

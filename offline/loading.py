@@ -40,7 +40,8 @@ def load_compressed_model(model_dir: str | Path, dtype: torch.dtype = torch.floa
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    act_fn = moe_block(model, info.layers[0].layer).experts.act_fn
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise FormatError(f"experts with activation {config.hidden_act!r} are not supported (only silu)")
     if sorted(info.proj_names) != sorted(PROJECTIONS):
         raise FormatError(f"quantization_config.proj_names must map {', '.join(PROJECTIONS)}, got {info.proj_names}")
     expert_prefixes = tuple(spec.prefix + "." for spec in info.layers)
@@ -55,7 +56,7 @@ def load_compressed_model(model_dir: str | Path, dtype: torch.dtype = torch.floa
             if tensor.is_floating_point() and ckpt.dtype(key) != stored_dtype:
                 raise FormatError(f"tensor {key} is {ckpt.dtype(key)}, quantization_config.dtype says {info.dtype}")
         ratio = info.dynamic_prune_ratio if dynamic_pruning else 0.0
-        moe_block(model, spec.layer).experts = CompressedExperts(layer, act_fn, ratio).to(dtype)
+        moe_block(model, spec.layer).experts = CompressedExperts(layer, ratio).to(dtype)
 
     params = dict(model.named_parameters())
     loaded = set()

@@ -22,6 +22,7 @@ def test_compress_inspect_eval(tmp_path, capsys):
     out = tmp_path / "demo-d2"
     assert main(["compress", str(DEMO), "-o", str(out), "--method", "d2", "--ratio", "0.4", *FAST]) == 0
     assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
+    assert "layer 1 done; peak RSS" in (out / "compress.log").read_text()
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "moe_compress" and qc["method"] == "d2" and abs(qc["achieved_ratio"] - 0.4) <= 0.005
     stats = json.loads((out / "moe_compress_stats.json").read_text())

@@ -49,7 +49,7 @@ def test_matches_dense_float64(with_base, seed):
     # experts 1..5 only: expert 0 receives no tokens
     idx = torch.stack([torch.randperm(E - 1, generator=g)[:K] + 1 for _ in range(T)])
     w = torch.rand(T, K, generator=g, dtype=torch.float64)
-    module = CompressedExperts(layer, F.silu)
+    module = CompressedExperts(layer)
     torch.testing.assert_close(module(x, idx, w), dense_moe(layer, x, idx, w), rtol=1e-10, atol=1e-10)
 
 
@@ -58,7 +58,7 @@ def test_single_token_and_float32():
     x = torch.randn(1, H, dtype=torch.float64)
     idx, w = torch.tensor([[4, 2, 0]]), torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
     expected = dense_moe(layer, x, idx, w)
-    module = CompressedExperts(layer, F.silu).float()
+    module = CompressedExperts(layer).float()
     torch.testing.assert_close(module(x.float(), idx, w.float()).double(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -68,8 +68,8 @@ def test_dynamic_pruning_skips_lowest_scoring_base_columns():
     x = torch.randn(T, H, generator=g, dtype=torch.float64)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     w = torch.rand(T, K, generator=g, dtype=torch.float64)
-    full = CompressedExperts(layer, F.silu)
-    pruned = CompressedExperts(layer, F.silu, dynamic_prune_ratio=0.2)  # round(0.2 * 10) = 2 columns
+    full = CompressedExperts(layer)
+    pruned = CompressedExperts(layer, dynamic_prune_ratio=0.2)  # round(0.2 * 10) = 2 columns
     assert pruned.num_dynamic_drop == 2
     # expected: the same forward with the two lowest-scoring base-down columns zeroed
     acc = torch.zeros(T, 6, dtype=torch.float64)

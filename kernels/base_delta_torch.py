@@ -1,0 +1,96 @@
+"""Torch path of the ``base_delta`` MoE (CPU, and GPU until the Triton kernels land).
+
+Packed layout (one MoE layer; ranks may differ per expert and projection, and no byte is padding):
+
+    ranks         int64 [3, E]          rank of gate, up, down per expert (0 = no factors)
+    gate_up_u     [I, Rg + Ru]          columns: every expert's gate U, then every expert's up U
+    gate_up_v     [Rg + Ru, H]          rows in the same order
+    down_u        [H, Rd]               every expert's down U
+    down_v        [Rd, I]
+    base_gate_up  [2C, H]               gate base rows then up base rows for the C kept channels
+    base_down     [H, C]
+    base_channels int64 [C]             which of the I intermediate channels the base covers
+
+with Rg = Σ_e ranks[0, e] etc., and I the (per tensor-parallel rank) intermediate size. The forward
+(D²-MoE §3.5) runs the base gate/up GEMMs once per token, the per-expert low-rank parts over each
+expert's routed tokens (grouped by expert, no loop over tokens), and the base down projection once per
+token on the routing-weighted sum of intermediate activations; ``num_dynamic_drop`` > 0 skips that many
+base-down columns, the lowest by C_j = ‖B_down[:, j]‖₂·‖H[:, j]‖₂ over the batch (D²-MoE Eq. 9, dynamic).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rank_offsets(ranks: torch.Tensor) -> list[list[int]]:
+    """Start column of every (projection, expert) block in the packed factors; up follows gate."""
+    starts = torch.cumsum(ranks.flatten(), 0) - ranks.flatten()
+    starts = starts.view_as(ranks).clone()
+    starts[2] -= int(ranks[:2].sum())  # down factors live in their own tensors
+    return starts.tolist()
+
+
+def base_delta_moe(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    ranks: torch.Tensor,
+    gate_up_u: torch.Tensor,
+    gate_up_v: torch.Tensor,
+    down_u: torch.Tensor,
+    down_v: torch.Tensor,
+    base_gate_up: torch.Tensor | None = None,
+    base_down: torch.Tensor | None = None,
+    base_channels: torch.Tensor | None = None,
+    num_dynamic_drop: int = 0,
+) -> torch.Tensor:
+    """Σ_k w_k · expert_{id_k}(x) for every token; x [T, H], topk_* [T, k] → [T, H] in x's dtype."""
+    num_experts = ranks.shape[1]
+    intermediate = gate_up_u.shape[0]
+    num_tokens, top_k = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)[order]
+    weight_of = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    rank_list, starts = ranks.tolist(), rank_offsets(ranks)
+    has_base = base_gate_up is not None and base_gate_up.numel() > 0
+
+    out = torch.zeros_like(x)
+    if has_base:
+        base_gu = x @ base_gate_up.T
+        channels = base_channels.shape[0]
+        base_gate, base_up = base_gu[:, :channels], base_gu[:, channels:]
+        weighted_h = x.new_zeros(num_tokens, channels)
+
+    def low_rank(inp, u, v, proj, e):
+        r, s = rank_list[proj][e], starts[proj][e]
+        return (inp @ v[s : s + r].T) @ u[:, s : s + r].T
+
+    start = 0
+    for e, n in enumerate(counts[:num_experts]):
+        if n == 0:
+            continue
+        tokens, w = token_of[start : start + n], weight_of[start : start + n]
+        start += n
+        xe = x[tokens]
+        gate = low_rank(xe, gate_up_u, gate_up_v, 0, e) if rank_list[0][e] else xe.new_zeros(n, intermediate)
+        up = low_rank(xe, gate_up_u, gate_up_v, 1, e) if rank_list[1][e] else xe.new_zeros(n, intermediate)
+        if has_base:
+            gate[:, base_channels] += base_gate[tokens]
+            up[:, base_channels] += base_up[tokens]
+        h = F.silu(gate) * up
+        if has_base:
+            weighted_h.index_add_(0, tokens, w * h[:, base_channels])
+        if rank_list[2][e]:
+            out.index_add_(0, tokens, w * low_rank(h, down_u, down_v, 2, e))
+    if has_base:
+        weight = base_down
+        if num_dynamic_drop:
+            score = weight.float().norm(dim=0) * weighted_h.float().norm(dim=0)
+            keep = score.topk(weight.shape[1] - num_dynamic_drop).indices
+            weight, weighted_h = weight[:, keep], weighted_h[:, keep]
+        out += weighted_h @ weight.T
+    return out
