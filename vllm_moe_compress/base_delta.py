@@ -1,0 +1,110 @@
+"""Scheme ``base_delta`` (D²-MoE, and the svd baselines): its parameters on one tensor-parallel rank.
+
+vLLM shards experts on the intermediate dimension I; each factor follows (docs/format.md §6):
+
+    w13_delta_u [I/tp, Rg+Ru]  gate/up U rows sharded      w13_delta_v [Rg+Ru, H]  replicated
+    w2_delta_u  [H, Rd]        replicated                  w2_delta_v  [Rd, I/tp]  columns sharded
+    w13_base    [2·C_r, H]     the base rows of the C_r kept channels inside this rank's slice
+    w2_base     [H, C_r]
+
+Ragged ranks are packed (kernels/base_delta_torch.py): expert e's gate U occupies columns
+[start, start + r_e) of ``w13_delta_u``, no byte is padding. The partial outputs of all ranks sum to
+the full output, which vLLM's MoE runner all-reduces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offline.format import LayerSpec
+
+PROJ_OF_SHARD = {"w1": "gate", "w3": "up", "w2": "down"}
+SUFFIX_OF_PARAM = {"w13_delta_u": "delta_u", "w13_delta_v": "delta_v", "w2_delta_u": "delta_u",
+                   "w2_delta_v": "delta_v", "w13_base": "base", "w2_base": "base"}
+
+
+class BaseDeltaScheme:
+    def __init__(self, spec: LayerSpec, channels: list[int], tp_rank: int, tp_size: int):
+        if spec.intermediate_size % tp_size:
+            raise ValueError(f"moe_compress: intermediate size {spec.intermediate_size} of {spec.prefix} "
+                             f"is not divisible by tensor-parallel size {tp_size}")
+        self.spec = spec
+        self.part = spec.intermediate_size // tp_size
+        self.lo = tp_rank * self.part
+        self.local_positions = [k for k, c in enumerate(channels) if self.lo <= c < self.lo + self.part]
+        self.local_channels = [channels[k] - self.lo for k in self.local_positions]
+        self.ranks = spec.ranks
+        totals = {p: sum(r) for p, r in spec.ranks.items()}
+        self.starts = {p: self._starts(spec.ranks[p], offset) for p, offset in
+                       (("gate", 0), ("up", totals["gate"]), ("down", 0))}
+        self.shapes = {
+            "w13_delta_u": (self.part, totals["gate"] + totals["up"]),
+            "w13_delta_v": (totals["gate"] + totals["up"], spec.hidden_size),
+            "w2_delta_u": (spec.hidden_size, totals["down"]),
+            "w2_delta_v": (totals["down"], self.part),
+            "w13_base": (2 * len(self.local_channels), spec.hidden_size),
+            "w2_base": (spec.hidden_size, len(self.local_channels)),
+        }
+
+    @staticmethod
+    def _starts(ranks: list[int], offset: int) -> list[int]:
+        starts, total = [], offset
+        for r in ranks:
+            starts.append(total)
+            total += r
+        return starts
+
+    def checkpoint_name(self, param: str, proj: str, expert: int | None) -> str:
+        where = "base" if param.endswith("base") else str(expert)
+        return f"{self.spec.prefix}.{where}.{proj}.{SUFFIX_OF_PARAM[param]}"
+
+    def load(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert: int) -> None:
+        """Copy one checkpoint tensor into its slice of ``param``; raise naming the tensor if it does not fit."""
+        proj = PROJ_OF_SHARD[shard_id]
+        name = self.checkpoint_name(param_name, proj, expert)
+        h, full_i = self.spec.hidden_size, self.spec.intermediate_size
+        if param_name.endswith("base"):
+            c = self.spec.base_channels
+            expected = (h, c) if proj == "down" else (c, h)
+        else:
+            r = self.ranks[proj][expert]
+            if r == 0:
+                raise ValueError(f"moe_compress: tensor {name} present but quantization_config gives expert {expert} rank 0")
+            out_dim, in_dim = (h, full_i) if proj == "down" else (full_i, h)
+            expected = (out_dim, r) if param_name.endswith("_u") else (r, in_dim)
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"moe_compress: tensor {name} has shape {tuple(loaded.shape)}, expected {expected}")
+        if not loaded.is_floating_point():
+            raise ValueError(f"moe_compress: tensor {name} has dtype {loaded.dtype}, expected a floating-point factor")
+        positions = torch.tensor(self.local_positions, dtype=torch.long)
+        if param_name == "w13_base":
+            half = len(self.local_positions)
+            param[(0 if proj == "gate" else half): (half if proj == "gate" else 2 * half)].copy_(loaded[positions])
+        elif param_name == "w2_base":
+            param.copy_(loaded[:, positions])
+        else:
+            s, r = self.starts[proj][expert], self.ranks[proj][expert]
+            if param_name == "w13_delta_u":
+                param[:, s : s + r].copy_(loaded.narrow(0, self.lo, self.part))
+            elif param_name == "w2_delta_v":
+                param[s : s + r].copy_(loaded.narrow(1, self.lo, self.part))
+            elif param_name == "w2_delta_u":
+                param[:, s : s + r].copy_(loaded)
+            else:
+                param[s : s + r].copy_(loaded)
+
+    def first_unloaded(self, param_name: str, param: torch.Tensor) -> str | None:
+        """Checkpoint name of a tensor whose slice still holds the NaN fill (missing, or NaN in the file)."""
+        bad = torch.isnan(param)
+        if not bad.any():
+            return None
+        if param_name.endswith("base"):
+            return self.checkpoint_name(param_name, "down" if param_name.startswith("w2") else "gate/up", None)
+        along_columns = param_name in ("w13_delta_u", "w2_delta_u")
+        index = int(bad.any(dim=0 if along_columns else 1).nonzero()[0])
+        projs = ("gate", "up") if param_name.startswith("w13") else ("down",)
+        for proj in projs:
+            for e, (s, r) in enumerate(zip(self.starts[proj], self.ranks[proj])):
+                if s <= index < s + r:
+                    return self.checkpoint_name(param_name, proj, e)
+        return param_name

@@ -1,0 +1,72 @@
+"""The fused-MoE method for ``moe_compress`` layers: registers the scheme's parameters, loads, checks, applies.
+
+Modelled on vLLM's ``MoeWNA16Method``: parameters are created per layer in ``create_weights`` with a
+``weight_loader`` that vLLM's expert mapping calls per checkpoint tensor; they start as NaN, so a tensor
+vLLM silently dropped (or a NaN in the file) is caught in ``process_weights_after_loading`` with the
+tensor's name. Experts are computed from their factors; dense expert weights never exist.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
+
+from offline.format import LayerSpec
+
+from .base_delta import BaseDeltaScheme
+
+SCHEMES = {"base_delta": BaseDeltaScheme}
+
+
+class CompressedMoEMethod(FusedMoEMethodBase):
+    def __init__(self, moe, spec: LayerSpec, base_channels: list[int], dynamic_prune_ratio: float):
+        super().__init__(moe)
+        if spec.scheme not in SCHEMES:
+            raise ValueError(f"moe_compress: {spec.prefix} uses scheme {spec.scheme!r}; this plugin knows "
+                             f"{', '.join(SCHEMES)}")
+        if moe.moe_parallel_config.use_ep:
+            raise ValueError("moe_compress: expert parallelism is not supported; use tensor parallelism")
+        self.spec = spec
+        self.scheme = SCHEMES[spec.scheme](spec, base_channels, moe.moe_parallel_config.tp_rank, moe.tp_size)
+        self.num_dynamic_drop = round(dynamic_prune_ratio * self.scheme.part) if base_channels else 0
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs):
+        if (num_experts, hidden_size, intermediate_size_per_partition) != (
+                self.spec.num_experts, self.spec.hidden_size, self.scheme.part):
+            raise ValueError(
+                f"moe_compress: {self.spec.prefix} is {self.spec.num_experts} experts of {self.spec.hidden_size}x"
+                f"{self.spec.intermediate_size} in quantization_config, but the model builds {num_experts} experts "
+                f"of {hidden_size}x{intermediate_size_per_partition} per tensor-parallel rank")
+        for name, shape in self.scheme.shapes.items():
+            param = torch.nn.Parameter(torch.full(shape, float("nan"), dtype=params_dtype), requires_grad=False)
+            param.weight_loader = self._loader(name)
+            layer.register_parameter(name, param)
+        layer.register_buffer("moe_compress_ranks", torch.tensor(
+            [self.spec.ranks[p] for p in ("gate", "up", "down")], dtype=torch.int64), persistent=False)
+        layer.register_buffer("moe_compress_channels", torch.tensor(self.scheme.local_channels, dtype=torch.int64),
+                              persistent=False)
+
+    def _loader(self, name: str):
+        def load(param, loaded_weight, weight_name=None, shard_id=None, expert_id=None, return_success=False):
+            self.scheme.load(name, param.data, loaded_weight, shard_id, expert_id)
+            return True if return_success else None
+
+        return load
+
+    def process_weights_after_loading(self, layer) -> None:
+        for name in self.scheme.shapes:
+            missing = self.scheme.first_unloaded(name, getattr(layer, name))
+            if missing:
+                raise ValueError(f"moe_compress: tensor {missing} is missing from the checkpoint or contains NaN")
+
+    def get_fused_moe_quant_config(self, layer) -> FusedMoEQuantConfig | None:
+        return FusedMoEQuantConfig.make()
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
+        return torch.ops.moe_compress.base_delta_moe(
+            x, topk_weights, topk_ids, layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v,
+            layer.w2_delta_u, layer.w2_delta_v, layer.w13_base, layer.w2_base, layer.moe_compress_channels,
+            self.num_dynamic_drop,
+        )

@@ -1,0 +1,23 @@
+"""The compressed-MoE compute as torch custom ops: opaque to Dynamo, so vLLM's compiled CPU graph
+(fullgraph) can call code that loops over experts and reads ranks on the host."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.base_delta_torch import base_delta_moe
+
+
+@torch.library.custom_op("moe_compress::base_delta_moe", mutates_args=())
+def base_delta_moe_op(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, ranks: torch.Tensor,
+    gate_up_u: torch.Tensor, gate_up_v: torch.Tensor, down_u: torch.Tensor, down_v: torch.Tensor,
+    base_gate_up: torch.Tensor, base_down: torch.Tensor, base_channels: torch.Tensor, num_dynamic_drop: int,
+) -> torch.Tensor:
+    return base_delta_moe(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, down_u, down_v,
+                          base_gate_up, base_down, base_channels, num_dynamic_drop)
+
+
+@base_delta_moe_op.register_fake
+def _(x, *args) -> torch.Tensor:
+    return torch.empty_like(x)
