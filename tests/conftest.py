@@ -31,6 +31,23 @@ _COMMON = dict(
 )
 
 
+VLLM_ATTENTION = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+"""vLLM's CPU attention needs head_dim >= 32 (64 here); DeepSeek's MLA on CPU needs kv_lora_rank 512 and
+qk_rope_head_dim 64 (kv_lora_rank + rope = 576)."""
+
+
+def vllm_tiny_config(family: str) -> transformers.PretrainedConfig:
+    """tiny_config with attention shapes vLLM's CPU backend runs (hidden 128, 2 heads of 64)."""
+    config = tiny_config(family)
+    for key, value in VLLM_ATTENTION.items():
+        setattr(config, key, value)
+    if family == "deepseek_v2":
+        config.num_key_value_heads = config.num_attention_heads
+        config.kv_lora_rank, config.qk_rope_head_dim, config.qk_nope_head_dim, config.v_head_dim = 512, 64, 32, 64
+        config.qk_head_dim = config.qk_rope_head_dim + config.qk_nope_head_dim
+    return config
+
+
 def tiny_config(family: str) -> transformers.PretrainedConfig:
     """Config of a tiny model: hidden 64, 2 layers, 8 routed experts (top-2) of intermediate size 32, init std 0.1."""
     if family == "qwen3_moe":
