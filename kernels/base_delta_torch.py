@@ -32,6 +32,18 @@ def rank_offsets(ranks: torch.Tensor) -> list[list[int]]:
     return starts.tolist()
 
 
+MASKED_PATH_MAX_MACS = 2**26
+"""Above this many multiply-adds of wasted work, loop over experts instead of masking (see below)."""
+
+
+def _masked_low_rank(inp, experts, v, u, column_expert):
+    """Every routed pair against every expert's V, then other experts' columns zeroed: Σ_c z[p, c]·U[:, c]
+    keeps only U_e (V_e x) for the pair's own expert e. Two GEMMs instead of a loop over experts."""
+    z = inp @ v.T
+    z = z * (column_expert[None, :] == experts[:, None]).to(z.dtype)
+    return z @ u.T
+
+
 def base_delta_moe(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -46,7 +58,18 @@ def base_delta_moe(
     base_channels: torch.Tensor | None = None,
     num_dynamic_drop: int = 0,
 ) -> torch.Tensor:
-    """Σ_k w_k · expert_{id_k}(x) for every token; x [T, H], topk_* [T, k] → [T, H] in x's dtype."""
+    """Σ_k w_k · expert_{id_k}(x) for every token; x [T, H], topk_* [T, k] → [T, H] in x's dtype.
+
+    Two strategies with identical results: few routed pairs (decode) take the masked path, where every pair
+    is multiplied by all experts' packed factors and foreign columns are zeroed — a handful of GEMMs, no
+    per-expert Python, at the cost of E× the low-rank multiply-adds; many pairs (prefill) loop over experts
+    on their grouped tokens, doing only the work needed.
+    """
+    total_rank = int(ranks.sum())
+    wasted_macs = topk_ids.numel() * total_rank * (x.shape[1] + gate_up_u.shape[0])
+    if wasted_macs <= MASKED_PATH_MAX_MACS:
+        return _base_delta_masked(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, down_u, down_v,
+                                  base_gate_up, base_down, base_channels, num_dynamic_drop)
     num_experts = ranks.shape[1]
     intermediate = gate_up_u.shape[0]
     num_tokens, top_k = topk_ids.shape
@@ -87,10 +110,46 @@ def base_delta_moe(
         if rank_list[2][e]:
             out.index_add_(0, tokens, w * low_rank(h, down_u, down_v, 2, e))
     if has_base:
-        weight = base_down
-        if num_dynamic_drop:
-            score = weight.float().norm(dim=0) * weighted_h.float().norm(dim=0)
-            keep = score.topk(weight.shape[1] - num_dynamic_drop).indices
-            weight, weighted_h = weight[:, keep], weighted_h[:, keep]
-        out += weighted_h @ weight.T
+        out += _base_down(weighted_h, base_down, num_dynamic_drop)
+    return out
+
+
+def _base_down(weighted_h: torch.Tensor, base_down: torch.Tensor, num_dynamic_drop: int) -> torch.Tensor:
+    """B_down · Σ_i w_i h_i, skipping the ``num_dynamic_drop`` lowest-C_j columns of this batch (Eq. 9)."""
+    if num_dynamic_drop:
+        score = base_down.float().norm(dim=0) * weighted_h.float().norm(dim=0)
+        keep = score.topk(base_down.shape[1] - num_dynamic_drop).indices
+        base_down, weighted_h = base_down[:, keep], weighted_h[:, keep]
+    return weighted_h @ base_down.T
+
+
+def _base_delta_masked(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, down_u, down_v,
+                       base_gate_up, base_down, base_channels, num_dynamic_drop):
+    num_experts = ranks.shape[1]
+    num_tokens, top_k = topk_ids.shape
+    experts = topk_ids.reshape(-1).long()
+    tokens = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+    weights = topk_weights.reshape(-1).to(x.dtype)[:, None]
+    column_expert = torch.arange(num_experts, device=x.device).repeat(3).repeat_interleave(ranks.flatten().to(x.device))
+    rg_ru = int(ranks[0].sum()) + int(ranks[1].sum())
+    xp = x[tokens]
+    z = xp @ gate_up_v.T
+    z = z * (column_expert[None, :rg_ru] == experts[:, None]).to(z.dtype)
+    rg = int(ranks[0].sum())
+    gate = z[:, :rg] @ gate_up_u[:, :rg].T
+    up = z[:, rg:] @ gate_up_u[:, rg:].T
+    has_base = base_gate_up is not None and base_gate_up.numel() > 0
+    out = torch.zeros_like(x)
+    if has_base:
+        channels = base_channels.shape[0]
+        base_gu = (x @ base_gate_up.T)[tokens]
+        gate[:, base_channels] += base_gu[:, :channels]
+        up[:, base_channels] += base_gu[:, channels:]
+    h = F.silu(gate) * up
+    if down_v.shape[0]:
+        down = _masked_low_rank(h, experts, down_v, down_u, column_expert[rg_ru:])
+        out.index_add_(0, tokens, weights * down)
+    if has_base:
+        weighted_h = x.new_zeros(num_tokens, base_channels.shape[0]).index_add_(0, tokens, weights * h[:, base_channels])
+        out += _base_down(weighted_h, base_down, num_dynamic_drop)
     return out

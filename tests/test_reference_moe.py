@@ -4,10 +4,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.base_delta_torch as base_delta_torch
+
 from offline.compressed_layer import CompressedLayer
 from offline.reference_moe import CompressedExperts
 
 E, H, I, T, K = 6, 16, 10, 40, 3
+
+
+@pytest.fixture(autouse=True, params=["masked", "grouped"])
+def strategy(request, monkeypatch):
+    """Run every test through both strategies of the torch path."""
+    limit = 2**62 if request.param == "masked" else -1
+    monkeypatch.setattr(base_delta_torch, "MASKED_PATH_MAX_MACS", limit)
+    return request.param
 
 
 def random_layer(seed: int, with_base: bool) -> CompressedLayer:

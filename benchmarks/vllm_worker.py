@@ -1,0 +1,37 @@
+"""One timed vLLM engine for vllm_throughput.py, run as ``python -m benchmarks.vllm_worker``."""
+
+import json
+import sys
+import time
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """Bytes of all parameters and of the MoE expert parameters of the loaded model (runs in the worker)."""
+    total = experts = 0
+    for name, p in model.named_parameters():
+        n = p.numel() * p.element_size()
+        total += n
+        experts += n if ".experts." in name else 0
+    return total, experts
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+
+    from benchmarks.vllm_worker import weight_bytes as importable_weight_bytes  # picklable by reference
+
+    model, prompts, out_tokens, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    llm = LLM(model=model, max_model_len=1024, max_num_seqs=len(prompts), dtype="bfloat16")
+    params = SamplingParams(temperature=0, max_tokens=out_tokens, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - start))
+    total, experts = llm.apply_model(importable_weight_bytes)[0]
+    print("RESULT " + json.dumps({"rates": rates, "weight_bytes": total, "expert_bytes": experts}))
+
+
+if __name__ == "__main__":
+    main()
