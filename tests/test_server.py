@@ -135,50 +135,6 @@ def server(compressed, offline_texts, tmp_path_factory):
         assert_sigterm_exits(proc, log)
 
 
-def test_completions_equal_offline_engine_and_stream(server, offline_texts):
-    assert [m.id for m in server.models.list().data] == [SERVED_NAME]
-    for prompt, want in zip(PROMPTS, offline_texts, strict=True):
-        done = server.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
-        text = done.choices[0].text
-        assert text == want, f"server and offline engine disagree on {prompt!r}: {text!r} != {want!r}"
-        assert done.usage.completion_tokens > 0
-        streamed = "".join(c.choices[0].text for c in server.completions.create(
-            model=SERVED_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True) if c.choices)
-        assert streamed == text
-
-
-def test_chat_completion_streamed_equals_non_streamed(server):
-    messages = [{"role": "user", "content": "Hello! Who are you?"}]
-    done = server.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
-    text = done.choices[0].message.content
-    assert text, f"empty chat answer: {done!r}"
-    assert done.choices[0].finish_reason in ("length", "stop")
-    streamed = "".join(c.choices[0].delta.content or "" for c in server.chat.completions.create(
-        model=SERVED_NAME, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True) if c.choices)
-    assert streamed == text
-
-
-def test_n2_greedy_choices_equal_n1(server, offline_texts):
-    """vLLM 0.32 refuses n > 1 with temperature 0 (SamplingParams._verify_greedy_sampling); the request must
-    fail cleanly (400), and n=2 under top_k=1 sampling (greedy by construction) gives the n=1 text twice."""
-    import openai
-
-    with pytest.raises(openai.BadRequestError, match="n must be 1 when using greedy sampling"):
-        server.completions.create(model=SERVED_NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, n=2)
-    done = server.completions.create(model=SERVED_NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, n=2,
-                                     temperature=1.0, extra_body={"top_k": 1})
-    assert sorted(c.index for c in done.choices) == [0, 1]
-    assert [c.text for c in done.choices] == [offline_texts[0]] * 2
-
-
-def test_long_prompt(server):
-    prompt = LONG_SENTENCE * 28  # about 14 tokens a sentence: ~390 tokens
-    done = server.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=16, temperature=0)
-    assert 350 <= done.usage.prompt_tokens <= 512 - 16, done.usage
-    assert done.choices[0].finish_reason in ("length", "stop")
-    assert done.choices[0].text, f"empty answer to a {done.usage.prompt_tokens}-token prompt"
-
-
 def test_serve_without_quantization_flag_reads_config(compressed, offline_texts, tmp_path):
     """`vllm serve DIR`: the method comes from config.json's quantization_config."""
     port = _free_port()
@@ -188,7 +144,7 @@ def test_serve_without_quantization_flag_reads_config(compressed, offline_texts,
         (model_id,) = [m.id for m in client.models.list().data]
         done = client.completions.create(model=model_id, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
         assert done.choices[0].text == offline_texts[0]
-        assert "moe_compress" in _server_output(log, 10**7)
+        assert "quantization=moe_compress" in _server_output(log, 10**7)
         assert_sigterm_exits(proc, log)
 
 
@@ -232,3 +188,51 @@ def test_startup_failure_names_the_problem(case, compressed, tmp_path):
         assert any(e in output for e in expected), f"none of {expected} in the output:\n{output[-12000:]}"
     finally:
         _kill_group(proc)
+
+
+# The module server starts at its first test and stops at the end of the module: these tests come last so
+# that no other vLLM process shares the two cores with it.
+
+
+def test_completions_equal_offline_engine_and_stream(server, offline_texts):
+    assert [m.id for m in server.models.list().data] == [SERVED_NAME]
+    for prompt, want in zip(PROMPTS, offline_texts, strict=True):
+        done = server.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        text = done.choices[0].text
+        assert text == want, f"server and offline engine disagree on {prompt!r}: {text!r} != {want!r}"
+        assert done.usage.completion_tokens > 0
+        streamed = "".join(c.choices[0].text for c in server.completions.create(
+            model=SERVED_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True) if c.choices)
+        assert streamed == text
+
+
+def test_chat_completion_streamed_equals_non_streamed(server):
+    messages = [{"role": "user", "content": "Hello! Who are you?"}]
+    done = server.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    text = done.choices[0].message.content
+    assert text, f"empty chat answer: {done!r}"
+    assert done.choices[0].finish_reason in ("length", "stop")
+    streamed = "".join(c.choices[0].delta.content or "" for c in server.chat.completions.create(
+        model=SERVED_NAME, messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True) if c.choices)
+    assert streamed == text
+
+
+def test_n2_greedy_choices_equal_n1(server, offline_texts):
+    """vLLM 0.32 refuses n > 1 with temperature 0 (SamplingParams._verify_greedy_sampling); the request must
+    fail cleanly (400), and n=2 under top_k=1 sampling (greedy by construction) gives the n=1 text twice."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="n must be 1 when using greedy sampling"):
+        server.completions.create(model=SERVED_NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, n=2)
+    done = server.completions.create(model=SERVED_NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, n=2,
+                                     temperature=1.0, extra_body={"top_k": 1})
+    assert sorted(c.index for c in done.choices) == [0, 1]
+    assert [c.text for c in done.choices] == [offline_texts[0]] * 2
+
+
+def test_long_prompt(server):
+    prompt = LONG_SENTENCE * 28  # about 14 tokens a sentence: ~390 tokens
+    done = server.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=16, temperature=0)
+    assert 350 <= done.usage.prompt_tokens <= 512 - 16, done.usage
+    assert done.choices[0].finish_reason in ("length", "stop")
+    assert done.choices[0].text, f"empty answer to a {done.usage.prompt_tokens}-token prompt"
