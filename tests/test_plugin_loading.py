@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import kernels.base_delta_torch as torch_path
 import vllm_moe_compress
 from offline.compress import CalibrationOptions, build_method, compress_checkpoint
 from offline.compressed_layer import CompressedLayer
@@ -151,7 +152,8 @@ def loaded_layer(cfg, ckpt: Checkpoint, layer: int, tp_rank: int = 0, tp_size: i
 
 
 def random_routing(tokens: int, num_experts: int, used: int, gen: torch.Generator):
-    """top-k ids drawn from ``used`` of the experts (the others get no token), softmax weights."""
+    """top-k ids drawn from ``used`` (>= top-k) of the experts (the others get no token), softmax weights."""
+    assert TOP_K <= used <= num_experts
     experts = torch.randperm(num_experts, generator=gen)[:used]
     choice = torch.rand(tokens, used, generator=gen).argsort(dim=1)[:, :TOP_K]
     ids = experts[choice]
@@ -159,7 +161,7 @@ def random_routing(tokens: int, num_experts: int, used: int, gen: torch.Generato
     return ids, weights
 
 
-ROUTINGS = [(1, 1), (1, 8), (6, 3), (37, 5), (64, 8)]  # (tokens, experts used)
+ROUTINGS = [(1, 2), (1, 8), (6, 3), (37, 5), (64, 8), (256, 6)]  # (tokens, experts used)
 
 
 def routings(spec: LayerSpec, seed: int):
@@ -170,20 +172,24 @@ def routings(spec: LayerSpec, seed: int):
         yield x, ids, weights
 
 
+@pytest.fixture(params=["masked", "grouped"])
+def strategy(request, monkeypatch) -> str:
+    """Force one of the torch path's two strategies (masked GEMMs for few pairs, grouped loop for many)."""
+    monkeypatch.setattr(torch_path, "MASKED_PATH_MAX_MACS", 2**62 if request.param == "masked" else -1)
+    return request.param
+
+
 def plugin_forward(method, module, x, ids, weights) -> torch.Tensor:
     return method.apply(module, x, weights, ids.to(torch.int32), None, None)
 
 
 def dense_forward(compressed: CompressedLayer, x, ids, weights) -> torch.Tensor:
     """float64 dense math on the materialised experts: Σ_k w_k · W_down (silu(W_gate x) ⊙ W_up x)."""
-    dense = {(e, p): compressed.dense_weight(e, p) for e in range(compressed.num_experts)
-             for p in ("gate", "up", "down")}
     x64, out = x.double(), torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for k in range(ids.shape[1]):
-            e = int(ids[t, k])
-            h = F.silu(dense[e, "gate"] @ x64[t]) * (dense[e, "up"] @ x64[t])
-            out[t] += float(weights[t, k]) * (dense[e, "down"] @ h)
+    for e in range(compressed.num_experts):
+        gate, up, down = (compressed.dense_weight(e, p) for p in ("gate", "up", "down"))
+        y = (F.silu(x64 @ gate.T) * (x64 @ up.T)) @ down.T  # every token through expert e
+        out += (weights.double() * (ids == e)).sum(dim=1, keepdim=True) * y
     return out
 
 
@@ -199,7 +205,7 @@ def param_bytes(module: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_apply_equals_reference_and_dense_math(ckpt, layer):
+def test_apply_equals_reference_and_dense_math(ckpt, layer, strategy):
     cfg = make_config(ckpt.qc, ckpt.dir)
     method, module = loaded_layer(cfg, ckpt, layer)
     spec = ckpt.spec(layer)
@@ -238,7 +244,7 @@ def check_variant(qc: dict, model_dir: Path, tensors: dict[str, torch.Tensor], l
     return ranks
 
 
-def test_rank_zero_projections_and_trimmed_expert(ckpt, tmp_path):
+def test_rank_zero_projections_and_trimmed_expert(ckpt, tmp_path, strategy):
     """Ragged packing with holes: single projections of rank 0, and an expert with no factors (the base alone)."""
     qc = copy.deepcopy(ckpt.qc)
     ranks = qc["layers"][str(LAYER)]["ranks"]
@@ -250,7 +256,7 @@ def test_rank_zero_projections_and_trimmed_expert(ckpt, tmp_path):
     check_variant(qc, write_variant(ckpt, tmp_path, tensors), tensors, LAYER, seed=20)
 
 
-def test_tensor_parallel_rank_without_base_channels(ckpt, tmp_path):
+def test_tensor_parallel_rank_without_base_channels(ckpt, tmp_path, strategy):
     """Every kept channel in rank 0's half: rank 1 holds an empty base ([0, H] and [H, 0])."""
     spec = ckpt.spec(LAYER)
     part = spec.intermediate_size // 2
@@ -269,7 +275,7 @@ def test_tensor_parallel_rank_without_base_channels(ckpt, tmp_path):
     assert ranks[0][1].w2_base.shape == (spec.hidden_size, len(keep))
 
 
-def test_dynamic_pruning_matches_reference_at_tp1(ckpt):
+def test_dynamic_pruning_matches_reference_at_tp1(ckpt, strategy):
     """With the config's dynamic_prune_ratio (the plugin's opt-in), T=1 drops what the reference drops."""
     cfg = make_config(ckpt.qc, ckpt.dir)
     ratio = cfg.info.dynamic_prune_ratio
@@ -315,7 +321,7 @@ REPLICATED = ("w13_delta_v", "w2_delta_u")
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_tensor_parallel_ranks_sum_to_full_output(ckpt, layer):
+def test_tensor_parallel_ranks_sum_to_full_output(ckpt, layer, strategy):
     tp = 2
     cfg = make_config(ckpt.qc, ckpt.dir)
     spec = ckpt.spec(layer)

@@ -6,6 +6,7 @@ default), so outputs must not depend on batching.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,9 +39,9 @@ def compress_for_vllm(family: str, root: Path, method: str = "d2") -> Path:
     return out
 
 
-def run_vllm(model: Path, *flags: str) -> list[dict]:
+def run_vllm(model: Path, *flags: str, env: dict | None = None) -> list[dict]:
     done = subprocess.run([sys.executable, str(HERE / "vllm_generate.py"), str(model), json.dumps(PROMPTS), *flags],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
@@ -101,3 +102,11 @@ def test_compiled_mode_and_svd_baseline(tmp_path):
     """vLLM's default CPU mode compiles the model (Dynamo fullgraph): the custom op must hold there too."""
     model = compress_for_vllm("qwen3_moe", tmp_path, method="whitened-svd")
     assert_same(run_vllm(model), reference(model))
+
+
+def test_tensor_parallel_2_equals_tp_1(tmp_path):
+    """Compressed factors sharded on the intermediate dimension: TP=2 on the CPU backend (one core per rank)."""
+    model = compress_for_vllm("mixtral", tmp_path)
+    tp2 = run_vllm(model, "--eager", "--tp", "2",
+                   env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+    assert_same(tp2, run_vllm(model, "--eager"))
