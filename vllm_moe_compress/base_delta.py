@@ -24,11 +24,12 @@ SUFFIX_OF_PARAM = {"w13_delta_u": "delta_u", "w13_delta_v": "delta_v", "w2_delta
 
 
 class BaseDeltaScheme:
-    def __init__(self, spec: LayerSpec, channels: list[int], tp_rank: int, tp_size: int):
+    def __init__(self, spec: LayerSpec, proj_names: dict[str, str], channels: list[int], tp_rank: int, tp_size: int):
         if spec.intermediate_size % tp_size:
             raise ValueError(f"moe_compress: intermediate size {spec.intermediate_size} of {spec.prefix} "
                              f"is not divisible by tensor-parallel size {tp_size}")
         self.spec = spec
+        self.proj_names = proj_names
         self.part = spec.intermediate_size // tp_size
         self.lo = tp_rank * self.part
         self.local_positions = [k for k, c in enumerate(channels) if self.lo <= c < self.lo + self.part]
@@ -55,8 +56,10 @@ class BaseDeltaScheme:
         return starts
 
     def checkpoint_name(self, param: str, proj: str, expert: int | None) -> str:
-        where = "base" if param.endswith("base") else str(expert)
-        return f"{self.spec.prefix}.{where}.{proj}.{SUFFIX_OF_PARAM[param]}"
+        """The checkpoint tensor a parameter slice comes from, e.g. ``…experts.3.gate_proj.delta_v``."""
+        if param.endswith("base"):
+            return f"{self.spec.prefix}.base.{self.proj_names[proj]}.weight"
+        return f"{self.spec.prefix}.{expert}.{self.proj_names[proj]}.{SUFFIX_OF_PARAM[param]}"
 
     def load(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert: int) -> None:
         """Copy one checkpoint tensor into its slice of ``param``; raise naming the tensor if it does not fit."""
@@ -76,6 +79,8 @@ class BaseDeltaScheme:
             raise ValueError(f"moe_compress: tensor {name} has shape {tuple(loaded.shape)}, expected {expected}")
         if not loaded.is_floating_point():
             raise ValueError(f"moe_compress: tensor {name} has dtype {loaded.dtype}, expected a floating-point factor")
+        if not torch.isfinite(loaded).all():
+            raise ValueError(f"moe_compress: tensor {name} contains NaN or Inf")
         positions = torch.tensor(self.local_positions, dtype=torch.long)
         if param_name == "w13_base":
             half = len(self.local_positions)
@@ -98,8 +103,11 @@ class BaseDeltaScheme:
         bad = torch.isnan(param)
         if not bad.any():
             return None
-        if param_name.endswith("base"):
-            return self.checkpoint_name(param_name, "down" if param_name.startswith("w2") else "gate/up", None)
+        if param_name == "w2_base":
+            return self.checkpoint_name(param_name, "down", None)
+        if param_name == "w13_base":
+            first_row = int(bad.any(dim=1).nonzero()[0])
+            return self.checkpoint_name(param_name, "gate" if first_row < param.shape[0] // 2 else "up", None)
         along_columns = param_name in ("w13_delta_u", "w2_delta_u")
         index = int(bad.any(dim=0 if along_columns else 1).nonzero()[0])
         projs = ("gate", "up") if param_name.startswith("w13") else ("down",)

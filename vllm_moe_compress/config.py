@@ -117,6 +117,6 @@ class MoECompressConfig(QuantizationConfig):
             spec = self.layers.get(int(match[1])) if match else None
             if spec is None:
                 raise ValueError(f"moe_compress: MoE layer {prefix} has no entry in quantization_config.layers")
-            return CompressedMoEMethod(layer.moe_config, spec, self.base_channels.get(spec.layer, []),
+            return CompressedMoEMethod(layer.moe_config, spec, self.info.proj_names, self.base_channels.get(spec.layer, []),
                                        self.info.dynamic_prune_ratio if self.dynamic_pruning else 0.0)
         return None

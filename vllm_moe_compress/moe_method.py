@@ -20,7 +20,8 @@ SCHEMES = {"base_delta": BaseDeltaScheme}
 
 
 class CompressedMoEMethod(FusedMoEMethodBase):
-    def __init__(self, moe, spec: LayerSpec, base_channels: list[int], dynamic_prune_ratio: float):
+    def __init__(self, moe, spec: LayerSpec, proj_names: dict[str, str], base_channels: list[int],
+                 dynamic_prune_ratio: float):
         super().__init__(moe)
         if spec.scheme not in SCHEMES:
             raise ValueError(f"moe_compress: {spec.prefix} uses scheme {spec.scheme!r}; this plugin knows "
@@ -28,8 +29,10 @@ class CompressedMoEMethod(FusedMoEMethodBase):
         if moe.moe_parallel_config.use_ep:
             raise ValueError("moe_compress: expert parallelism is not supported; use tensor parallelism")
         self.spec = spec
-        self.scheme = SCHEMES[spec.scheme](spec, base_channels, moe.moe_parallel_config.tp_rank, moe.tp_size)
-        self.num_dynamic_drop = round(dynamic_prune_ratio * self.scheme.part) if base_channels else 0
+        self.scheme = SCHEMES[spec.scheme](spec, proj_names, base_channels, moe.moe_parallel_config.tp_rank, moe.tp_size)
+        # Per TP rank: a rank drops its share of the channels, never more than it keeps (docs/format.md §7).
+        local_channels = len(self.scheme.local_channels)
+        self.num_dynamic_drop = min(round(dynamic_prune_ratio * self.scheme.part), local_channels)
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
