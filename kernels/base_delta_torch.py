@@ -32,8 +32,9 @@ def rank_offsets(ranks: torch.Tensor) -> list[list[int]]:
     return starts.tolist()
 
 
-MASKED_PATH_MAX_MACS = 2**26
-"""Above this many multiply-adds of wasted work, loop over experts instead of masking (see below)."""
+MASKED_PATH_MAX_MACS = 2**29
+"""Above this many multiply-adds of wasted work, loop over experts instead of masking (see below). Measured
+crossover on the reference model's layers (1 CPU core, bf16): between 4e8 and 1e9 (benchmarks in BENCHMARKS.md)."""
 
 
 def _masked_low_rank(inp, experts, v, u, column_expert):
@@ -132,8 +133,7 @@ def _base_delta_masked(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, d
     weights = topk_weights.reshape(-1).to(x.dtype)[:, None]
     column_expert = torch.arange(num_experts, device=x.device).repeat(3).repeat_interleave(ranks.flatten().to(x.device))
     rg_ru = int(ranks[0].sum()) + int(ranks[1].sum())
-    xp = x[tokens]
-    z = xp @ gate_up_v.T
+    z = (x @ gate_up_v.T)[tokens]  # V stage once per token, then one row per routed pair
     z = z * (column_expert[None, :rg_ru] == experts[:, None]).to(z.dtype)
     rg = int(ranks[0].sum())
     gate = z[:, :rg] @ gate_up_u[:, :rg].T
