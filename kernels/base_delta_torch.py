@@ -34,7 +34,7 @@ def rank_offsets(ranks: torch.Tensor) -> list[list[int]]:
 
 MASKED_PATH_MAX_MACS = 2**29
 """Above this many multiply-adds of wasted work, loop over experts instead of masking (see below). Measured
-crossover on the reference model's layers (1 CPU core, bf16): between 4e8 and 1e9 (benchmarks in BENCHMARKS.md)."""
+crossover on the reference model's layers (1 CPU core, bf16): between 4e8 and 1e9 (benchmarks/torch_path.py)."""
 
 
 def _masked_low_rank(inp, experts, v, u, column_expert):

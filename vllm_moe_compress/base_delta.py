@@ -55,6 +55,21 @@ class BaseDeltaScheme:
             total += r
         return starts
 
+    def register_buffers(self, layer: torch.nn.Module) -> None:
+        """Metadata the compute needs on the device: ranks and this rank's local base channels."""
+        ranks = [self.ranks[p] for p in ("gate", "up", "down")]
+        layer.register_buffer("moe_compress_ranks", torch.tensor(ranks, dtype=torch.int64), persistent=False)
+        layer.register_buffer("moe_compress_channels", torch.tensor(self.local_channels, dtype=torch.int64),
+                              persistent=False)
+
+    @staticmethod
+    def apply(layer, x, topk_weights, topk_ids, num_dynamic_drop: int) -> torch.Tensor:
+        return torch.ops.moe_compress.base_delta_moe(
+            x, topk_weights, topk_ids, layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v,
+            layer.w2_delta_u, layer.w2_delta_v, layer.w13_base, layer.w2_base, layer.moe_compress_channels,
+            num_dynamic_drop,
+        )
+
     def checkpoint_name(self, param: str, proj: str, expert: int | None) -> str:
         """The checkpoint tensor a parameter slice comes from, e.g. ``…experts.3.gate_proj.delta_v``."""
         if param.endswith("base"):

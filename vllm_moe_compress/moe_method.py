@@ -17,6 +17,7 @@ from offline.format import LayerSpec
 from .base_delta import BaseDeltaScheme
 
 SCHEMES = {"base_delta": BaseDeltaScheme}
+"""One class per checkpoint scheme: its parameter shapes, loading (with TP slicing), buffers and compute."""
 
 
 class CompressedMoEMethod(FusedMoEMethodBase):
@@ -46,10 +47,7 @@ class CompressedMoEMethod(FusedMoEMethodBase):
             param = torch.nn.Parameter(torch.full(shape, float("nan"), dtype=params_dtype), requires_grad=False)
             param.weight_loader = self._loader(name)
             layer.register_parameter(name, param)
-        layer.register_buffer("moe_compress_ranks", torch.tensor(
-            [self.spec.ranks[p] for p in ("gate", "up", "down")], dtype=torch.int64), persistent=False)
-        layer.register_buffer("moe_compress_channels", torch.tensor(self.scheme.local_channels, dtype=torch.int64),
-                              persistent=False)
+        self.scheme.register_buffers(layer)
 
     def _loader(self, name: str):
         def load(param, loaded_weight, weight_name=None, shard_id=None, expert_id=None, return_success=False):
@@ -68,8 +66,5 @@ class CompressedMoEMethod(FusedMoEMethodBase):
         return FusedMoEQuantConfig.make()
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
-        return torch.ops.moe_compress.base_delta_moe(
-            x, topk_weights, topk_ids, layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v,
-            layer.w2_delta_u, layer.w2_delta_v, layer.w13_base, layer.w2_base, layer.moe_compress_channels,
-            self.num_dynamic_drop,
-        )
+        """Σ_k w_k·expert_k(x) for this rank's intermediate slice; vLLM adds shared experts and all-reduces."""
+        return self.scheme.apply(layer, x, topk_weights, topk_ids, self.num_dynamic_drop)
