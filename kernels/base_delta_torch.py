@@ -68,9 +68,14 @@ def base_delta_moe(
     """
     total_rank = int(ranks.sum())
     wasted_macs = topk_ids.numel() * total_rank * (x.shape[1] + gate_up_u.shape[0])
-    if wasted_macs <= MASKED_PATH_MAX_MACS:
-        return _base_delta_masked(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, down_u, down_v,
-                                  base_gate_up, base_down, base_channels, num_dynamic_drop)
+    strategy = _base_delta_masked if wasted_macs <= MASKED_PATH_MAX_MACS else _base_delta_grouped
+    return strategy(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, down_u, down_v,
+                    base_gate_up, base_down, base_channels, num_dynamic_drop)
+
+
+def _base_delta_grouped(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, down_u, down_v,
+                        base_gate_up, base_down, base_channels, num_dynamic_drop):
+    """Routed pairs sorted by expert; each expert's low-rank products run on its own tokens only."""
     num_experts = ranks.shape[1]
     intermediate = gate_up_u.shape[0]
     num_tokens, top_k = topk_ids.shape
@@ -126,6 +131,7 @@ def _base_down(weighted_h: torch.Tensor, base_down: torch.Tensor, num_dynamic_dr
 
 def _base_delta_masked(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, down_u, down_v,
                        base_gate_up, base_down, base_channels, num_dynamic_drop):
+    """Every routed pair against all experts' packed factors, foreign columns zeroed (see _masked_low_rank)."""
     num_experts = ranks.shape[1]
     num_tokens, top_k = topk_ids.shape
     experts = topk_ids.reshape(-1).long()
