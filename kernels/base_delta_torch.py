@@ -37,12 +37,10 @@ MASKED_PATH_MAX_MACS = 2**29
 crossover on the reference model's layers (1 CPU core, bf16): between 4e8 and 1e9 (benchmarks/torch_path.py)."""
 
 
-def _masked_low_rank(inp, experts, v, u, column_expert):
-    """Every routed pair against every expert's V, then other experts' columns zeroed: Σ_c z[p, c]·U[:, c]
-    keeps only U_e (V_e x) for the pair's own expert e. Two GEMMs instead of a loop over experts."""
-    z = inp @ v.T
-    z = z * (column_expert[None, :] == experts[:, None]).to(z.dtype)
-    return z @ u.T
+def _own_columns(z, column_expert, experts):
+    """Zero every packed column that belongs to another expert than the pair's own: then Σ_c z[p, c]·U[:, c]
+    keeps only U_e (V_e x) for pair p's expert e — one GEMM instead of a loop over experts."""
+    return z * (column_expert[None, :] == experts[:, None]).to(z.dtype)
 
 
 def base_delta_moe(
@@ -131,7 +129,7 @@ def _base_down(weighted_h: torch.Tensor, base_down: torch.Tensor, num_dynamic_dr
 
 def _base_delta_masked(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, down_u, down_v,
                        base_gate_up, base_down, base_channels, num_dynamic_drop):
-    """Every routed pair against all experts' packed factors, foreign columns zeroed (see _masked_low_rank)."""
+    """Every routed pair against all experts' packed factors, foreign columns zeroed (see _own_columns)."""
     num_experts = ranks.shape[1]
     num_tokens, top_k = topk_ids.shape
     experts = topk_ids.reshape(-1).long()
@@ -139,8 +137,7 @@ def _base_delta_masked(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, d
     weights = topk_weights.reshape(-1).to(x.dtype)[:, None]
     column_expert = torch.arange(num_experts, device=x.device).repeat(3).repeat_interleave(ranks.flatten().to(x.device))
     rg_ru = int(ranks[0].sum()) + int(ranks[1].sum())
-    z = (x @ gate_up_v.T)[tokens]  # V stage once per token, then one row per routed pair
-    z = z * (column_expert[None, :rg_ru] == experts[:, None]).to(z.dtype)
+    z = _own_columns((x @ gate_up_v.T)[tokens], column_expert[:rg_ru], experts)  # V stage once per token
     rg = int(ranks[0].sum())
     gate = z[:, :rg] @ gate_up_u[:, :rg].T
     up = z[:, rg:] @ gate_up_u[:, rg:].T
@@ -153,7 +150,7 @@ def _base_delta_masked(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, d
         up[:, base_channels] += base_gu[:, channels:]
     h = F.silu(gate) * up
     if down_v.shape[0]:
-        down = _masked_low_rank(h, experts, down_v, down_u, column_expert[rg_ru:])
+        down = _own_columns(h @ down_v.T, column_expert[rg_ru:], experts) @ down_u.T
         out.index_add_(0, tokens, weights * down)
     if has_base:
         weighted_h = x.new_zeros(num_tokens, base_channels.shape[0]).index_add_(0, tokens, weights * h[:, base_channels])

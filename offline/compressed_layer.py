@@ -122,7 +122,6 @@ class CompressedLayer:
         c = spec.base_channels
         if c:
             channels = fetch(base_channels_name(prefix), (c,)).long()
-            if channels.min() < 0 or channels.max() >= i_size or not bool((channels[1:] > channels[:-1]).all()):
-                raise FormatError(f"tensor {base_channels_name(prefix)} must hold sorted channels in [0, {i_size})")
+            spec.check_base_channels(channels.tolist())
             base = {p: fetch(base_name(prefix, proj_names[p]), (h, c) if p == "down" else (c, h)) for p in PROJECTIONS}
         return cls(h, i_size, factors, base, channels)

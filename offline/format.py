@@ -71,6 +71,15 @@ class LayerSpec:
                 raise FormatError(f"{where}: ranks[{proj!r}] has {bad[0]!r}, outside [0, {max_rank}]")
 
 
+    def check_base_channels(self, channels: list[int]) -> None:
+        """The stored channel index must hold ``base_channels`` strictly increasing values in [0, I)."""
+        c, i_size = self.base_channels, self.intermediate_size
+        if len(channels) != c or any(b <= a for a, b in zip(channels, channels[1:])) or (
+                channels and not 0 <= channels[0] <= channels[-1] < i_size):
+            raise FormatError(f"tensor {base_channels_name(self.prefix)} must hold sorted distinct channels ({c} of them) "
+                              f"in [0, {i_size})")
+
+
 @dataclass
 class CompressionInfo:
     """The ``quantization_config`` block of config.json."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.base_delta_torch import rank_offsets
+from offline.architectures import PROJECTIONS
 from offline.format import LayerSpec
 
 PROJ_OF_SHARD = {"w1": "gate", "w3": "up", "w2": "down"}
@@ -36,8 +38,8 @@ class BaseDeltaScheme:
         self.local_channels = [channels[k] - self.lo for k in self.local_positions]
         self.ranks = spec.ranks
         totals = {p: sum(r) for p, r in spec.ranks.items()}
-        self.starts = {p: self._starts(spec.ranks[p], offset) for p, offset in
-                       (("gate", 0), ("up", totals["gate"]), ("down", 0))}
+        starts = rank_offsets(torch.tensor([spec.ranks[p] for p in PROJECTIONS]))
+        self.starts = dict(zip(PROJECTIONS, starts))
         self.shapes = {
             "w13_delta_u": (self.part, totals["gate"] + totals["up"]),
             "w13_delta_v": (totals["gate"] + totals["up"], spec.hidden_size),
@@ -46,14 +48,6 @@ class BaseDeltaScheme:
             "w13_base": (2 * len(self.local_channels), spec.hidden_size),
             "w2_base": (spec.hidden_size, len(self.local_channels)),
         }
-
-    @staticmethod
-    def _starts(ranks: list[int], offset: int) -> list[int]:
-        starts, total = [], offset
-        for r in ranks:
-            starts.append(total)
-            total += r
-        return starts
 
     def register_buffers(self, layer: torch.nn.Module) -> None:
         """Metadata the compute needs on the device: ranks and this rank's local base channels."""

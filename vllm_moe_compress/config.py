@@ -97,11 +97,10 @@ class MoECompressConfig(QuantizationConfig):
                     name = base_channels_name(spec.prefix)
                     if name in keys:
                         channels = f.get_tensor(name).tolist()
-                        if len(channels) != spec.base_channels or sorted(set(channels)) != channels or (
-                            channels and not 0 <= channels[0] <= channels[-1] < spec.intermediate_size
-                        ):
-                            raise ValueError(f"moe_compress: tensor {name} must hold {spec.base_channels} sorted "
-                                             f"distinct channels in [0, {spec.intermediate_size})")
+                        try:
+                            spec.check_base_channels(channels)
+                        except FormatError as err:
+                            raise ValueError(f"moe_compress: {err}") from err
                         self.base_channels[layer] = channels
         missing = [base_channels_name(s.prefix) for l, s in needed.items() if l not in self.base_channels]
         if missing:
