@@ -1,7 +1,8 @@
 """Triton path of the ``base_delta`` MoE (GPU): the packed layout of ``kernels/base_delta_torch.py``, fused.
 
 The forward of D²-MoE §3.5 (docs/format.md §4) in six launches plus the device-side grouping of routed
-pairs by expert (``kernels.routing``; no host sync, so the whole forward can be captured in a CUDA graph):
+pairs by expert (``kernels.routing_triton``: one more launch for decode-sized batches, torch ops above; no
+host sync, so the whole forward can be captured in a CUDA graph):
 
 1. ``token_gemm``:   ``B_gu x``                 base gate/up, once per token            → [T, 2C]
 2. ``project_ranks``: ``V_gate,e x``, ``V_up,e x`` per routed pair, ragged ranks         → z  [slots, 2W]
@@ -26,7 +27,7 @@ import torch
 
 from kernels import base_delta_torch
 from kernels.lowrank_moe_triton import expand_ranks, project_ranks, reduce_pairs, token_gemm
-from kernels.routing import align_pairs_by_expert
+from kernels.routing_triton import align_pairs
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def base_delta_moe(
         layout = BaseDeltaLayout.from_tensors(ranks, base_channels, intermediate)
     x = x.contiguous()
     num_tokens, top_k = topk_ids.shape
-    blocks = align_pairs_by_expert(topk_ids, ranks.shape[1], block_size_for(topk_ids.numel(), ranks.shape[1]))
+    blocks = align_pairs(topk_ids, ranks.shape[1], block_size_for(topk_ids.numel(), ranks.shape[1]))
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     has_base = base_gate_up is not None and base_gate_up.numel() > 0
     base_gate_up_x = token_gemm(x, base_gate_up) if has_base else None

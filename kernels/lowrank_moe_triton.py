@@ -264,8 +264,9 @@ def _token_gemm_kernel(
 
 def _launch_token_gemm(a, a_col, reduce_dim, w, out, pair_rows, slot_of_pair, weights, top_k, gather):
     num_tokens = out.shape[0]
-    block_t = 16 if num_tokens <= 16 else 64
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(out.shape[1], 64))
+    # Decode-sized batches: narrow output tiles, so more programs share the weight reads.
+    block_t, block_n = (16, 32) if num_tokens <= 16 else (64, 64)
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(out.shape[1], block_n))
     w = nonempty(w)
     _token_gemm_kernel[grid](
         a, a.stride(0), a_col, reduce_dim,
@@ -274,7 +275,7 @@ def _launch_token_gemm(a, a_col, reduce_dim, w, out, pair_rows, slot_of_pair, we
         pair_rows if pair_rows is not None else out, pair_rows.stride(0) if pair_rows is not None else 0,
         slot_of_pair, weights,
         TOP_K=top_k, GATHER_PAIRS=gather, ADD_PAIR_ROWS=pair_rows is not None,
-        BLOCK_T=block_t, BLOCK_N=64, BLOCK_K=64, **dot_config(out.dtype),
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64, **dot_config(out.dtype),
     )
     return out
 

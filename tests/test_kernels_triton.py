@@ -40,6 +40,7 @@ def interpreted_triton():
 with interpreted_triton():  # triton.jit decides at definition whether a kernel is interpreted
     triton_path = importlib.import_module("kernels.base_delta_triton")
     lowrank = importlib.import_module("kernels.lowrank_moe_triton")
+    routing_triton = importlib.import_module("kernels.routing_triton")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -168,3 +169,15 @@ def test_align_groups_every_pair_once_by_expert(block_m):
     slot_expert = blocks.block_expert.long().repeat_interleave(block_m)
     assert torch.equal(slot_expert[used], flat[blocks.sorted_pair[used].long()])
     assert set(blocks.block_expert.tolist()) - {num_experts} == set(range(2, num_experts))
+
+
+@pytest.mark.parametrize("num_experts, tokens, top_k, block_m", [(9, 50, 4, 16), (6, 1, 1, 16), (128, 20, 8, 64),
+                                                                  (5, 90, 3, 64)])
+def test_one_launch_align_equals_torch_align(num_experts, tokens, top_k, block_m):
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]).int()
+    ids[ids == num_experts - 1] = 0  # the last expert idle, expert 0 busier
+    assert ids.numel() <= routing_triton.MAX_PAIRS_ONE_PROGRAM
+    got, expected = routing_triton.align_pairs(ids, num_experts, block_m), align_pairs_by_expert(ids, num_experts, block_m)
+    for name, want in expected._asdict().items():
+        assert torch.equal(torch.as_tensor(getattr(got, name)), torch.as_tensor(want)), name

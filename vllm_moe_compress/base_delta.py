@@ -37,6 +37,7 @@ class BaseDeltaScheme:
         self.local_positions = [k for k, c in enumerate(channels) if self.lo <= c < self.lo + self.part]
         self.local_channels = [channels[k] - self.lo for k in self.local_positions]
         self.ranks = spec.ranks
+        self.triton_layout = None  # per-layer metadata of the Triton path, built at the first CUDA forward
         totals = {p: sum(r) for p, r in spec.ranks.items()}
         starts = rank_offsets(torch.tensor([spec.ranks[p] for p in PROJECTIONS]))
         self.starts = dict(zip(PROJECTIONS, starts))
@@ -56,13 +57,19 @@ class BaseDeltaScheme:
         layer.register_buffer("moe_compress_channels", torch.tensor(self.local_channels, dtype=torch.int64),
                               persistent=False)
 
-    @staticmethod
-    def apply(layer, x, topk_weights, topk_ids, num_dynamic_drop: int) -> torch.Tensor:
-        return torch.ops.moe_compress.base_delta_moe(
-            x, topk_weights, topk_ids, layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v,
-            layer.w2_delta_u, layer.w2_delta_v, layer.w13_base, layer.w2_base, layer.moe_compress_channels,
-            num_dynamic_drop,
-        )
+    def apply(self, layer, x, topk_weights, topk_ids, num_dynamic_drop: int) -> torch.Tensor:
+        """Σ_k w_k·expert_k(x): the Triton kernels on CUDA devices, the torch custom op elsewhere."""
+        args = (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,
+                layer.w13_base, layer.w2_base, layer.moe_compress_channels, num_dynamic_drop)
+        if x.is_cuda:
+            from kernels import base_delta_triton  # Triton is imported only where a GPU runs the model
+
+            if self.triton_layout is None:  # built from host lists: no device sync, safe before graph capture
+                ranks = [self.ranks[p] for p in PROJECTIONS]
+                self.triton_layout = base_delta_triton.BaseDeltaLayout.from_lists(
+                    ranks, self.local_channels, self.part, x.device)
+            return base_delta_triton.base_delta_moe(x, topk_ids, topk_weights, *args, layout=self.triton_layout)
+        return torch.ops.moe_compress.base_delta_moe(x, topk_weights, topk_ids, *args)
 
     def checkpoint_name(self, param: str, proj: str, expert: int | None) -> str:
         """The checkpoint tensor a parameter slice comes from, e.g. ``…experts.3.gate_proj.delta_v``."""
