@@ -57,19 +57,27 @@ class BaseDeltaScheme:
         layer.register_buffer("moe_compress_channels", torch.tensor(self.local_channels, dtype=torch.int64),
                               persistent=False)
 
+    @staticmethod
+    def _op_args(layer, num_dynamic_drop: int) -> tuple:
+        return (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,
+                layer.w13_base, layer.w2_base, layer.moe_compress_channels, num_dynamic_drop)
+
     def apply(self, layer, x, topk_weights, topk_ids, num_dynamic_drop: int) -> torch.Tensor:
         """Σ_k w_k·expert_k(x): the Triton kernels on CUDA devices, the torch custom op elsewhere."""
-        args = (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,
-                layer.w13_base, layer.w2_base, layer.moe_compress_channels, num_dynamic_drop)
         if x.is_cuda:
-            from kernels import base_delta_triton  # Triton is imported only where a GPU runs the model
+            return self.apply_triton(layer, x, topk_weights, topk_ids, num_dynamic_drop)
+        return torch.ops.moe_compress.base_delta_moe(x, topk_weights, topk_ids, *self._op_args(layer, num_dynamic_drop))
 
-            if self.triton_layout is None:  # built from host lists: no device sync, safe before graph capture
-                ranks = [self.ranks[p] for p in PROJECTIONS]
-                self.triton_layout = base_delta_triton.BaseDeltaLayout.from_lists(
-                    ranks, self.local_channels, self.part, x.device)
-            return base_delta_triton.base_delta_moe(x, topk_ids, topk_weights, *args, layout=self.triton_layout)
-        return torch.ops.moe_compress.base_delta_moe(x, topk_weights, topk_ids, *args)
+    def apply_triton(self, layer, x, topk_weights, topk_ids, num_dynamic_drop: int) -> torch.Tensor:
+        """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
+        from kernels import base_delta_triton
+
+        if self.triton_layout is None:  # built from host lists: no device sync, safe before graph capture
+            ranks = [self.ranks[p] for p in PROJECTIONS]
+            self.triton_layout = base_delta_triton.BaseDeltaLayout.from_lists(ranks, self.local_channels, self.part,
+                                                                              x.device)
+        return base_delta_triton.base_delta_moe(x, topk_ids, topk_weights, *self._op_args(layer, num_dynamic_drop),
+                                                layout=self.triton_layout)
 
     def checkpoint_name(self, param: str, proj: str, expert: int | None) -> str:
         """The checkpoint tensor a parameter slice comes from, e.g. ``…experts.3.gate_proj.delta_v``."""
