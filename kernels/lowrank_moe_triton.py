@@ -38,8 +38,12 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 """Whether the kernels below were built for the Triton interpreter (decided when ``triton.jit`` ran)."""
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-BLOCK_R = 32
-"""Rank chunk: ranks are ragged, so each expert's factors are walked in chunks of this many columns."""
+
+
+def rank_chunk(blocks: ExpertBlocks) -> int:
+    """Ranks are ragged, so each expert's factors are walked in chunks of this many ranks: 32 for decode
+    blocks (more programs over few pairs), 64 for prefill blocks (fewer re-reads of each block's rows)."""
+    return 32 if blocks.block_m <= 16 else 64
 
 
 def dot_config(dtype: torch.dtype) -> dict:
@@ -126,7 +130,8 @@ def project_ranks(a: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor, seg
     z = torch.empty(blocks.sorted_pair.numel(), max(segments * seg_width, 1), dtype=a.dtype, device=a.device)
     if seg_width == 0:
         return z
-    grid = (blocks.block_expert.numel(), segments * triton.cdiv(seg_width, BLOCK_R))
+    block_r = rank_chunk(blocks)
+    grid = (blocks.block_expert.numel(), segments * triton.cdiv(seg_width, block_r))
     _project_ranks_kernel[grid](
         a, a.stride(0), a.stride(1), a.shape[1],
         nonempty(v), v.stride(0), v.stride(1),
@@ -134,7 +139,7 @@ def project_ranks(a: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor, seg
         z, z.stride(0),
         weights if weights is not None else z, blocks.sorted_pair, blocks.block_expert, blocks.num_pairs, num_experts,
         TOP_K=top_k, SEG_WIDTH=seg_width, A_ROWS_ARE_TOKENS=a_rows_are_tokens, SCALE_BY_WEIGHT=weights is not None,
-        BLOCK_M=blocks.block_m, BLOCK_R=BLOCK_R, BLOCK_K=64, **dot_config(a.dtype),
+        BLOCK_M=blocks.block_m, BLOCK_R=block_r, BLOCK_K=64, **dot_config(a.dtype),
     )
     return z
 
@@ -214,7 +219,7 @@ def expand_ranks(z: torch.Tensor, u: torch.Tensor, seg_start: torch.Tensor, seg_
         addend_col if has_addend else seg_start, addend.shape[1] // 2 if has_addend else 0,
         blocks.sorted_pair, blocks.block_expert, blocks.num_pairs, seg_rank.shape[1],
         TOP_K=top_k, SEG_WIDTH=seg_width, GATED=gated, HAS_ADDEND=has_addend,
-        BLOCK_M=blocks.block_m, BLOCK_N=64, BLOCK_R=BLOCK_R, **dot_config(z.dtype),
+        BLOCK_M=blocks.block_m, BLOCK_N=64, BLOCK_R=rank_chunk(blocks), **dot_config(z.dtype),
     )
     return out
 
