@@ -42,3 +42,10 @@ def test_align_groups_every_pair_once_by_expert(block_m):
     assert set(blocks.block_expert.tolist()) - {num_experts} == set(range(2, num_experts))
 
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_gpu_benchmark_refuses_to_run_without_cuda():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--tokens", "1"], cwd=HERE.parent,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "CUDA GPU" in done.stderr, done.stderr
