@@ -146,8 +146,7 @@ def compress_checkpoint(
             layer_stats[str(layer)] = {
                 "routing_counts": stats.counts.tolist(),
                 "routing_weight_sums": stats.weight_sums.tolist(),
-                "ranks": compressed.ranks(),
-                "base_channels": specs[-1].base_channels,
+                **compressed.allocation(),
             }
 
         run_layerwise(

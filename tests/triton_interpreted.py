@@ -26,7 +26,8 @@ import kernels.base_delta_triton as triton_path  # noqa: E402
 import kernels.lowrank_moe_triton as lowrank  # noqa: E402
 import kernels.routing_triton as routing_triton  # noqa: E402
 from kernels.routing import align_pairs_by_expert  # noqa: E402
-from offline.compressed_layer import CompressedLayer  # noqa: E402
+from offline.format import base_channels_name  # noqa: E402
+from offline.schemes.base_delta import BaseDeltaLayer  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 """Bound on ‖out − ref‖_F / ‖ref‖_F."""
@@ -36,7 +37,7 @@ def test_kernels_were_built_for_the_interpreter():
     assert lowrank.INTERPRETED
 
 
-def random_layer(gen, hidden, intermediate, ranks, channels) -> CompressedLayer:
+def random_layer(gen, hidden, intermediate, ranks, channels) -> BaseDeltaLayer:
     """float64 factors scaled so every stage's values are O(1); ``channels`` None = no base (svd baselines)."""
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) / shape[-1] ** 0.5
@@ -50,10 +51,10 @@ def random_layer(gen, hidden, intermediate, ranks, channels) -> CompressedLayer:
         c = len(channels)
         base = {"gate": randn(c, hidden), "up": randn(c, hidden), "down": randn(hidden, c)}
         channels = torch.tensor(channels)
-    return CompressedLayer(hidden, intermediate, factors, base, channels)
+    return BaseDeltaLayer(hidden, intermediate, factors, base, channels)
 
 
-def dense_float64(layer: CompressedLayer, x, ids, weights) -> torch.Tensor:
+def dense_float64(layer: BaseDeltaLayer, x, ids, weights) -> torch.Tensor:
     """Σ_k w_k · W_down (silu(W_gate x) ⊙ W_up x) on the materialised float64 experts."""
     x64, out = x.double(), torch.zeros(x.shape, dtype=torch.float64)
     for e in range(layer.num_experts):
@@ -62,7 +63,7 @@ def dense_float64(layer: CompressedLayer, x, ids, weights) -> torch.Tensor:
     return out
 
 
-def rounded(layer: CompressedLayer, dtype) -> CompressedLayer:
+def rounded(layer: BaseDeltaLayer, dtype) -> BaseDeltaLayer:
     """The layer with every factor rounded to ``dtype`` (kept in float64), so the dense reference sees the
     same weights as the kernels and only the compute's rounding is measured."""
     def r(t):
@@ -70,7 +71,7 @@ def rounded(layer: CompressedLayer, dtype) -> CompressedLayer:
 
     factors = {p: [None if f is None else (r(f[0]), r(f[1])) for f in fs] for p, fs in layer.factors.items()}
     base = None if layer.base is None else {p: r(w) for p, w in layer.base.items()}
-    return CompressedLayer(layer.hidden_size, layer.intermediate_size, factors, base, layer.base_channels)
+    return BaseDeltaLayer(layer.hidden_size, layer.intermediate_size, factors, base, layer.base_channels)
 
 
 @pytest.fixture
@@ -182,7 +183,7 @@ def test_plugin_triton_branch_sums_over_tensor_parallel_ranks(poisoned_buffers):
     ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(9)]).int()
     total = torch.zeros(9, 32)
     for tp_rank in range(2):
-        scheme = BaseDeltaScheme(spec, PROJ_NAMES, channels, tp_rank, 2)
-        total += scheme.apply_triton(load_scheme(scheme, tensors), x, weights, ids, 0)
+        scheme = BaseDeltaScheme(spec, PROJ_NAMES, {base_channels_name(spec.prefix): channels}, tp_rank, 2)
+        total += scheme.apply_triton(load_scheme(scheme, tensors), x, weights, ids)
     dense = dense_float64(layer, x, ids, weights)
     assert (total.double() - dense).norm() / dense.norm() <= TOLERANCE[torch.float32]
