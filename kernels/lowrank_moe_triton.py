@@ -46,6 +46,12 @@ def rank_chunk(blocks: ExpertBlocks) -> int:
     return 32 if blocks.block_m <= 16 else 64
 
 
+def num_warps_for(block_rows: int) -> int:
+    """Warps per program: 8 for 64-row tiles (at 4 their fp32 accumulators and gathered pointers spill
+    registers on sm_90: checked on the ahead-of-time compiled cubins), 4 for the 16-row decode tiles."""
+    return 8 if block_rows >= 64 else 4
+
+
 def dot_config(dtype: torch.dtype) -> dict:
     """Operand dtype and precision of every ``tl.dot`` for activations of ``dtype`` (see module doc)."""
     if dtype not in TL_DTYPE:
@@ -140,6 +146,7 @@ def project_ranks(a: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor, seg
         weights if weights is not None else z, blocks.sorted_pair, blocks.block_expert, blocks.num_pairs, num_experts,
         TOP_K=top_k, SEG_WIDTH=seg_width, A_ROWS_ARE_TOKENS=a_rows_are_tokens, SCALE_BY_WEIGHT=weights is not None,
         BLOCK_M=blocks.block_m, BLOCK_R=block_r, BLOCK_K=64, **dot_config(a.dtype),
+        num_warps=num_warps_for(blocks.block_m),
     )
     return z
 
@@ -220,6 +227,7 @@ def expand_ranks(z: torch.Tensor, u: torch.Tensor, seg_start: torch.Tensor, seg_
         blocks.sorted_pair, blocks.block_expert, blocks.num_pairs, seg_rank.shape[1],
         TOP_K=top_k, SEG_WIDTH=seg_width, GATED=gated, HAS_ADDEND=has_addend,
         BLOCK_M=blocks.block_m, BLOCK_N=64, BLOCK_R=rank_chunk(blocks), **dot_config(z.dtype),
+        num_warps=num_warps_for(blocks.block_m),
     )
     return out
 
@@ -245,7 +253,7 @@ def _token_gemm_kernel(
         if GATHER_PAIRS:  # Σ_k w_tk · a[slot(t, k), cols]: the routing-weighted sum, formed in the A operand
             cols = tl.load(a_col_ptr + ks, mask=k_ok, other=0)
             a = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-            for j in tl.static_range(TOP_K):
+            for j in range(TOP_K):  # a loop, not unrolled: one gathered tile live at a time (no spills)
                 pair = tokens * TOP_K + j
                 slot = tl.load(slot_of_pair_ptr + pair, mask=token_ok, other=0).to(tl.int64)
                 weight = tl.load(weight_ptr + pair, mask=token_ok, other=0.0).to(tl.float32)
@@ -260,7 +268,7 @@ def _token_gemm_kernel(
                     mask=out_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if ADD_PAIR_ROWS:  # Σ_k y[t·top_k + k]: the per-pair outputs reduced over top-k, in a fixed order
-        for j in tl.static_range(TOP_K):
+        for j in range(TOP_K):
             acc += tl.load(pair_rows_ptr + (tokens * TOP_K + j)[:, None] * stride_pair_rows + outs[None, :],
                            mask=token_ok[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
     tl.store(out_ptr + tokens[:, None] * stride_out + outs[None, :], _round_to(acc, out_ptr.dtype.element_ty),
@@ -280,7 +288,7 @@ def _launch_token_gemm(a, a_col, reduce_dim, w, out, pair_rows, slot_of_pair, we
         pair_rows if pair_rows is not None else out, pair_rows.stride(0) if pair_rows is not None else 0,
         slot_of_pair, weights,
         TOP_K=top_k, GATHER_PAIRS=gather, ADD_PAIR_ROWS=pair_rows is not None,
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64, **dot_config(out.dtype),
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64, **dot_config(out.dtype), num_warps=num_warps_for(block_t),
     )
     return out
 

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_gpu_benchmark_refuses_to_run_without_cuda():
     assert done.returncode != 0 and "CUDA GPU" in done.stderr, done.stderr
 
 
-def compile_for_gpu(fn, activation: str, constexprs: dict, capability: int = 90):
+def compile_for_gpu(fn, activation: str, constexprs: dict, num_warps: int, capability: int = 90):
     """Ahead-of-time compilation of a Triton kernel to a cubin, as a launch with these argument types would."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -68,12 +69,25 @@ def compile_for_gpu(fn, activation: str, constexprs: dict, capability: int = 90)
         return "*" + (activation if name in ACTIVATION_POINTERS else "fp32" if name == "weight_ptr" else "i32")
 
     signature = {name: arg_type(name) for name in fn.arg_names}
-    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", capability, 32))
+    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps})
+
+
+def spilled_bytes(cubin: bytes) -> int:
+    """Per-thread stack bytes of a cubin's kernel (register spills), from the cuobjdump bundled with Triton."""
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([f"{triton.__path__[0]}/backends/nvidia/bin/cuobjdump", "--dump-resource-usage",
+                                file.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles real GPU code")
 @pytest.mark.parametrize("activation", ["bf16", "fp32"])
-def test_kernels_compile_for_an_sm90_gpu(activation):
+def test_kernels_compile_for_an_sm90_gpu_without_register_spills(activation):
     import triton.language as tl
 
     from kernels import lowrank_moe_triton as lowrank
@@ -97,14 +111,17 @@ def test_kernels_compile_for_an_sm90_gpu(activation):
                                                 BLOCK_N=64, BLOCK_R=32)),
             (lowrank._token_gemm_kernel, dict(TOP_K=8, GATHER_PAIRS=True, ADD_PAIR_ROWS=True, BLOCK_T=16, BLOCK_N=32,
                                               BLOCK_K=64)),
+            (lowrank._token_gemm_kernel, dict(TOP_K=8, GATHER_PAIRS=True, ADD_PAIR_ROWS=True, BLOCK_T=64, BLOCK_N=64,
+                                              BLOCK_K=64)),
             (lowrank._token_gemm_kernel, dict(TOP_K=1, GATHER_PAIRS=False, ADD_PAIR_ROWS=False, BLOCK_T=64, BLOCK_N=64,
                                               BLOCK_K=64)),
         ]
     for fn, constexprs in variants:
-        compiled = compile_for_gpu(fn, activation, {**constexprs, **dot})
-        assert compiled.asm["cubin"], fn.__name__
+        rows = constexprs.get("BLOCK_M", constexprs.get("BLOCK_T"))
+        compiled = compile_for_gpu(fn, activation, {**constexprs, **dot}, lowrank.num_warps_for(rows))
+        assert spilled_bytes(compiled.asm["cubin"]) == 0, (fn.__name__, constexprs)
         if activation == "bf16":  # the dots run on tensor cores with bf16 operands and fp32 accumulation
             assert re.search(r"mma\S*\.f32\.bf16\.bf16", compiled.asm["ptx"]), fn.__name__  # mma.sync or wgmma
     if activation == "bf16":
-        aligned = compile_for_gpu(routing_triton._align_kernel, activation, dict(BLOCK_M=16, E_PAD=128, BLOCK_P=64))
-        assert aligned.asm["cubin"]
+        aligned = compile_for_gpu(routing_triton._align_kernel, activation, dict(BLOCK_M=16, E_PAD=128, BLOCK_P=64), 4)
+        assert spilled_bytes(aligned.asm["cubin"]) == 0
