@@ -64,7 +64,8 @@ class BaseDeltaLayout:
         )
 
     @classmethod
-    def from_tensors(cls, ranks: torch.Tensor, base_channels: torch.Tensor | None, intermediate: int) -> BaseDeltaLayout:
+    def from_tensors(cls, ranks: torch.Tensor, base_channels: torch.Tensor | None,
+                     intermediate: int) -> BaseDeltaLayout:
         """The same from the op's tensors (reads them on the host once: build it before CUDA-graph capture)."""
         channels = base_channels.tolist() if base_channels is not None else []
         return cls.from_lists(ranks.tolist(), channels, intermediate, ranks.device)

@@ -34,7 +34,8 @@ def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     experts = topk_ids.reshape(-1).to(torch.int64)
     num_pairs = experts.numel()
     device = experts.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(0, experts, torch.ones_like(experts))
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, experts, torch.ones_like(experts))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded

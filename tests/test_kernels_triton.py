@@ -3,8 +3,9 @@
 They run in a pytest subprocess with ``TRITON_INTERPRET=1`` in its environment: Triton decides at each
 ``triton.jit`` definition whether to interpret, so the variable must be set before Triton is first imported,
 which other test modules (through vLLM) do early in this process; and it must not leak into the vLLM
-servers other tests start. The torch-only grouping of pairs by expert is tested here directly, and every kernel is compiled for an
-sm_90 GPU (Triton's compiler and ptxas need no GPU), which the interpreter does not exercise.
+servers other tests start. The torch-only grouping of pairs by expert is tested here directly, and every
+kernel is compiled for an sm_90 GPU (Triton's compiler and ptxas need no GPU), which the interpreter does
+not exercise.
 """
 
 import os
@@ -25,7 +26,8 @@ ACTIVATION_POINTERS = {"a_ptr", "v_ptr", "z_ptr", "u_ptr", "out_ptr", "addend_pt
 
 def test_triton_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "triton_interpreted.py")],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(HERE / "triton_interpreted.py")],
                           cwd=HERE.parent, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
@@ -44,8 +46,6 @@ def test_align_groups_every_pair_once_by_expert(block_m):
     slot_expert = blocks.block_expert.long().repeat_interleave(block_m)
     assert torch.equal(slot_expert[used], flat[blocks.sorted_pair[used].long()])
     assert set(blocks.block_expert.tolist()) - {num_experts} == set(range(2, num_experts))
-
-
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
