@@ -41,11 +41,9 @@ from locust import HttpUser, User, between, events, task
 # `locust -f loadtests/locustfile.py` puts loadtests/ on sys.path, not the repository root above it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtests.distributions import LengthDistribution  # noqa: E402
-from loadtests.prompts import DEFAULT_PROMPT_FILE, PromptSource  # noqa: E402
 from loadtests.summary import (BAD_REQUEST_PREFIX, ITL, LATENCY, METRIC_TYPE, TTFT, atomic_path,  # noqa: E402
                                bucket_three_digits)
-from loadtests.workload import Request, Workload  # noqa: E402
+from loadtests.workload import Request, Workload, add_workload_options  # noqa: E402
 
 
 locust.stats.bucket_response_time = bucket_three_digits
@@ -56,13 +54,8 @@ def _add_options(parser) -> None:
     parser.add_argument("--model-name", default="", help="served model name (default: the server's first model)")
     parser.add_argument("--tokenizer", default="", help="model directory whose tokenizer.json measures prompt "
                         "lengths in tokens (default: lengths in words)")
-    parser.add_argument("--prompt-file", default=str(DEFAULT_PROMPT_FILE), help="UTF-8 text prompts are cut from")
-    parser.add_argument("--prompt-tokens", default="uniform:32:256", help="prompt length distribution")
-    parser.add_argument("--output-tokens", default="uniform:16:128", help="output length distribution")
-    parser.add_argument("--chat-share", type=float, default=0.5, help="share of chat completions (rest: completions)")
-    parser.add_argument("--stream-share", type=float, default=0.5, help="share of streamed requests")
+    add_workload_options(parser)
     parser.add_argument("--max-model-len", type=int, default=1024, help="the server's context length")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the request generators")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
     parser.add_argument("--bad-users", type=int, default=1, help="how many BadRequestUser to run when selected")
 
@@ -70,12 +63,7 @@ def _add_options(parser) -> None:
 @events.init.add_listener
 def _on_init(environment, **_kwargs) -> None:
     options = environment.parsed_options
-    OpenAIUser.workload = Workload(
-        prompts=PromptSource.from_files(Path(options.prompt_file), Path(options.tokenizer) if options.tokenizer else None),
-        prompt_tokens=LengthDistribution.parse(options.prompt_tokens),
-        output_tokens=LengthDistribution.parse(options.output_tokens),
-        chat_share=options.chat_share, stream_share=options.stream_share, max_model_len=options.max_model_len,
-    )
+    OpenAIUser.workload = Workload.from_options(options, Path(options.tokenizer) if options.tokenizer else None)
     BadRequestUser.fixed_count = max(1, options.bad_users)
     if options.csv_prefix:
         environment.events.quit.add_listener(lambda **_: _write_final_stats_csv(environment, options.csv_prefix))
@@ -181,10 +169,13 @@ class BadRequestUser(HttpUser):
         self._expect_4xx("unknown model", json={"model": f"{self.model}-does-not-exist", "prompt": "Hello",
                                                 "max_tokens": 4})
 
-    def _expect_4xx(self, what: str, **body) -> None:
+    def _expect_4xx(self, what: str, headers: dict | None = None, **body) -> None:
+        # A fresh connection per request: a kept-alive connection the server closed while this user waited would
+        # fail on the client side and be mistaken for the server mishandling the request.
+        headers = {**(headers or {}), "Connection": "close"}
         with self.client.post("/v1/completions", name=f"{BAD_REQUEST_PREFIX}: {what}", catch_response=True,
-                              **body) as response:
+                              headers=headers, **body) as response:
             if 400 <= response.status_code < 500:
                 response.success()
             else:
-                response.failure(f"expected a 4xx answer, got {response.status_code}")
+                response.failure(f"expected a 4xx answer, got {response.status_code} ({response.error or 'no error'})")

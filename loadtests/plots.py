@@ -34,9 +34,12 @@ def plot_concurrency(models: dict[str, dict], path: Path) -> None:
                 if points:
                     axis.plot(*zip(*points), marker="o", linestyle=style, color=line.get_color(),
                               label=f"{label} {percentile}")
+    all_users = sorted({int(u) for model in models.values() for u in model["users"]})
     for axis, title, unit in ((throughput, "throughput", "output tokens/s"), (ttft, "time to first token", "s"),
                               (latency, "end-to-end latency", "s")):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(all_users, [str(u) for u in all_users])
+        axis.minorticks_off()
         axis.set_xlabel("concurrent users")
         axis.set_ylabel(unit)
         axis.set_title(title)

@@ -43,11 +43,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from loadtests import plots
-from loadtests.distributions import LengthDistribution
-from loadtests.prompts import DEFAULT_PROMPT_FILE
 from loadtests.server import VllmServer, stop_process_group
 from loadtests.summary import (cell_metrics, combine_rounds, failure_series, ratio_table, ratios, rss_growth,
                                write_json_atomic, write_text_atomic)
+from loadtests.workload import WORKLOAD_OPTIONS, Workload, add_workload_options
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 
@@ -110,17 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--one-server-at-a-time", action="store_true",
                         help="serve one model at a time (per round) instead of all at once")
     server.add_argument("--rss-interval", type=float, default=1.0, help="seconds between RSS samples (1)")
-    load = parser.add_argument_group("requests (see loadtests/locustfile.py)")
-    load.add_argument("--prompt-file", type=Path, default=DEFAULT_PROMPT_FILE,
-                      help="UTF-8 text prompts are cut from (default: the bundled Brown sample)")
-    load.add_argument("--prompt-tokens", default="uniform:32:256",
-                      help="prompt length distribution: fixed:N, uniform:LO:HI, normal:MEAN:STD, "
-                           "lognormal:MEDIAN:SIGMA (default uniform:32:256)")
-    load.add_argument("--output-tokens", default="uniform:16:128", help="output length distribution "
-                      "(default uniform:16:128); generated exactly (ignore_eos)")
-    load.add_argument("--chat-share", type=float, default=0.5, help="share of chat completions (0.5)")
-    load.add_argument("--stream-share", type=float, default=0.5, help="share of streamed requests (0.5)")
-    load.add_argument("--seed", type=int, default=0, help="seed of the request generators (0)")
+    add_workload_options(parser.add_argument_group("requests (see loadtests/locustfile.py)"))
     soak = parser.add_argument_group("soak")
     soak.add_argument("--soak", action="store_true", help="record RSS and failures over time, add bad-request users")
     soak.add_argument("--bad-users", type=int, default=None,
@@ -133,15 +122,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--model {path}: no config.json there")
     if min(args.users) < 1 or args.duration < 1 or args.rounds < 1:
         parser.error("--users, --duration and --rounds must be at least 1")
-    if not args.prompt_file.is_file():
-        parser.error(f"--prompt-file {args.prompt_file}: no such file")
-    for option in ("prompt_tokens", "output_tokens"):
-        try:
-            LengthDistribution.parse(getattr(args, option))
-        except ValueError as error:
-            parser.error(f"--{option.replace('_', '-')}: {error}")
-    if not (0 <= args.chat_share <= 1 and 0 <= args.stream_share <= 1):
-        parser.error("--chat-share and --stream-share must lie in [0, 1]")
+    try:
+        Workload.from_options(args, tokenizer_dir=None)
+    except (OSError, ValueError) as error:
+        parser.error(f"request options: {error}")
     if not 0 < args.warmup_fraction < 1:
         parser.error("--warmup-fraction must lie strictly between 0 and 1")
     if args.bad_users is None:
@@ -213,10 +197,8 @@ class LoadTest:
                 "--spawn-rate", str(total), "--run-time", f"{args.duration}s", "--host", server.base_url,
                 "--csv", str(args.out / "csv" / cell.name), "--csv-full-history", "--exit-code-on-error", "0",
                 "--only-summary", "--model-name", server.served_name, "--tokenizer", str(server.model_dir),
-                "--prompt-file", str(args.prompt_file), "--prompt-tokens", args.prompt_tokens,
-                "--output-tokens", args.output_tokens, "--chat-share", str(args.chat_share),
-                "--stream-share", str(args.stream_share), "--max-model-len", str(args.max_model_len),
-                "--seed", str(args.seed), "--bad-users", str(max(1, args.bad_users)),
+                "--max-model-len", str(args.max_model_len), "--bad-users", str(max(1, args.bad_users)),
+                *(f"--{name.replace('_', '-')}={getattr(args, name)}" for name in WORKLOAD_OPTIONS),
                 "OpenAIUser", *(["BadRequestUser"] if args.bad_users else [])]
 
     def _measure(self, cell: Cell) -> dict:
@@ -302,7 +284,8 @@ def _interrupt(signum, _frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a backgrounded shell job starts with it ignored
+        signal.signal(sig, _interrupt)
     try:
         summary = LoadTest(args, argv).run()
     except KeyboardInterrupt:
