@@ -42,7 +42,7 @@ from locust import HttpUser, User, between, events, task
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtests.summary import (BAD_REQUEST_PREFIX, ITL, LATENCY, METRIC_TYPE, TTFT, atomic_path,  # noqa: E402
-                               bucket_three_digits)
+                               bucket_three_digits, write_json_atomic)
 from loadtests.workload import Request, Workload, add_workload_options  # noqa: E402
 
 
@@ -70,10 +70,11 @@ def _on_init(environment, **_kwargs) -> None:
 
 
 def _write_final_stats_csv(environment, csv_prefix: str) -> None:
-    """Rewrite ``<prefix>_stats.csv`` from the final stats (Locust's writer stops up to 1 s before the end)."""
-    path = Path(f"{csv_prefix}_stats.csv")
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    """Rewrite ``<prefix>_stats.csv`` from the final stats (Locust's writer stops up to 1 s before the end), and
+    write ``<prefix>_run.json`` with the epoch second the load started (Locust's start up can take seconds)."""
+    with atomic_path(Path(f"{csv_prefix}_stats.csv")) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         locust.stats.StatsCSV(environment, locust.stats.PERCENTILES_TO_REPORT).requests_csv(csv.writer(f))
+    write_json_atomic(Path(f"{csv_prefix}_run.json"), {"start_epoch_s": environment.stats.start_time})
 
 
 class WrongLength(Exception):

@@ -29,6 +29,7 @@ failures over time (``soak`` in summary.json, ``soak.png``), with the RSS growth
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -226,24 +227,31 @@ class LoadTest:
         tqdm.write(f"  {metrics['output_tokens_per_s']:.1f} output tok/s, {metrics['requests']} requests, "
                    f"latency p50 {_seconds(metrics['latency_p50'])}, TTFT p50 {_seconds(metrics['ttft_p50'])}, "
                    f"{metrics['failures']} failures, bad requests {metrics['bad_requests']} "
-                   f"({metrics['bad_request_failures']} failed), peak RSS {metrics['server_peak_rss_bytes'] / 2**20:.0f} MiB")
+                   f"({metrics['bad_request_failures']} failed), "
+                   f"peak RSS {metrics['server_peak_rss_bytes'] / 2**20:.0f} MiB")
         if args.soak:
-            series = [(t - start, rss) for t, rss in samples]
-            self.soak[f"{cell.model} u{cell.users} r{cell.round}"] = {
-                "model": cell.model, "users": cell.users, "round": cell.round,
-                **rss_growth(series, end - start, args.warmup_fraction),
+            self.soak[f"{cell.model} u{cell.users} r{cell.round}"] = self._soak_record(cell, samples, metrics)
+        return metrics
+
+    def _soak_record(self, cell: Cell, samples: list[tuple[float, int]], metrics: dict) -> dict:
+        """RSS and failures over time, in seconds since Locust started the load (its ``_run.json``)."""
+        prefix = self.args.out / "csv" / cell.name
+        load_start = json.loads(Path(f"{prefix}_run.json").read_text())["start_epoch_s"]
+        series = [(t - load_start, rss) for t, rss in samples if t >= load_start]
+        return {"model": cell.model, "users": cell.users, "round": cell.round,
+                **rss_growth(series, self.args.duration, self.args.warmup_fraction),
                 "failures": metrics["failures"], "bad_requests": metrics["bad_requests"],
                 "bad_request_failures": metrics["bad_request_failures"], "rss_series": series,
-                "failure_series": failure_series(args.out / "csv" / f"{cell.name}_stats_history.csv", start),
-            }
-        return metrics
+                "failure_series": failure_series(Path(f"{prefix}_stats_history.csv"), load_start)}
 
     def _write_summary(self, complete: bool) -> dict:
         args, out = self.args, self.args.out
+        rounds: dict[tuple[str, int], list[dict]] = {}
+        for cell, metrics in self.results.items():
+            rounds.setdefault((cell.model, cell.users), []).append(metrics)
         models = {}
         for label in self.labels:
-            by_users = {str(u): combine_rounds([m for c, m in self.results.items() if c.model == label and c.users == u])
-                        for u in args.users if any(c.model == label and c.users == u for c in self.results)}
+            by_users = {str(u): combine_rounds(rounds[label, u]) for u in args.users if (label, u) in rounds}
             models[label] = {"path": str(self.paths[label]), "users": by_users,
                              "failures": sum(m["failures"] for m in by_users.values()),
                              "server_peak_rss_bytes": max((m["server_peak_rss_bytes"] for m in by_users.values()),
