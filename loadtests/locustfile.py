@@ -35,7 +35,9 @@ import sys
 import time
 from pathlib import Path
 
+import gevent
 import locust.stats
+import openai
 from locust import HttpUser, User, between, events, task
 
 # `locust -f loadtests/locustfile.py` puts loadtests/ on sys.path, not the repository root above it.
@@ -65,6 +67,9 @@ def _on_init(environment, **_kwargs) -> None:
     options = environment.parsed_options
     OpenAIUser.workload = Workload.from_options(options, Path(options.tokenizer) if options.tokenizer else None)
     BadRequestUser.fixed_count = max(1, options.bad_users)
+    # gevent's loop clock stands still until the loop first runs: after slow imports and tokenizing, --run-time's
+    # timer (started next, relative to that clock) would fire seconds early.
+    gevent.get_hub().loop.update_now()
     if options.csv_prefix:
         environment.events.quit.add_listener(lambda **_: _write_final_stats_csv(environment, options.csv_prefix))
 
@@ -88,8 +93,6 @@ class OpenAIUser(User):
     _user_numbers = itertools.count()
 
     def on_start(self) -> None:
-        import openai
-
         options = self.environment.parsed_options
         self.rng = random.Random(options.seed * 1_000_003 + next(self._user_numbers))
         self.client = openai.OpenAI(base_url=f"{self.host.rstrip('/')}/v1", api_key="unused", max_retries=0,

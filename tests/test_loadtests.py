@@ -248,7 +248,7 @@ def test_runner_against_a_tiny_compressed_model(tmp_path):
     model = compress_for_vllm("qwen3_moe", tmp_path)
     out = tmp_path / "load"
     done = subprocess.run(
-        [sys.executable, "-m", "loadtests.run", "--model", str(model), "--users", "1", "2", "--duration", "4",
+        [sys.executable, "-m", "loadtests.run", "--model", str(model), "--users", "1", "2", "--duration", "5",
          "--out", str(out), "--enforce-eager", "--max-model-len", "256", "--prompt-tokens", "uniform:8:48",
          "--output-tokens", "uniform:2:12", "--soak", "--warmup-fraction", "0.2", "--server-arg=--dtype=float32"],
         capture_output=True, text=True, timeout=600, cwd=REPO, stdin=subprocess.DEVNULL)
