@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import gevent
+import httpx2  # the HTTP client package the openai SDK is built on
 import locust.stats
 import openai
 from locust import HttpUser, User, between, events, task
@@ -46,6 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loadtests.summary import (BAD_REQUEST_PREFIX, ITL, LATENCY, METRIC_TYPE, TTFT, atomic_path,  # noqa: E402
                                bucket_three_digits, write_json_atomic)
 from loadtests.workload import Request, Workload, add_workload_options  # noqa: E402
+
+CLIENT_KEEPALIVE_S = 1.0
+"""Client-side expiry of idle connections, below vLLM's 5 s server keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE):
+with both at 5 s, a reused connection can meet the server's close and fail with 'Connection error.'."""
 
 
 locust.stats.bucket_response_time = bucket_three_digits
@@ -95,8 +100,12 @@ class OpenAIUser(User):
     def on_start(self) -> None:
         options = self.environment.parsed_options
         self.rng = random.Random(options.seed * 1_000_003 + next(self._user_numbers))
+        # No retries (a failure must count), and idle connections expire on the client before the server's
+        # keep-alive timeout closes them, so a request never races a closing socket.
+        http_client = openai.DefaultHttpxClient(limits=httpx2.Limits(
+            max_connections=1000, max_keepalive_connections=100, keepalive_expiry=CLIENT_KEEPALIVE_S))
         self.client = openai.OpenAI(base_url=f"{self.host.rstrip('/')}/v1", api_key="unused", max_retries=0,
-                                    timeout=options.request_timeout)
+                                    timeout=options.request_timeout, http_client=http_client)
         self.model = options.model_name or self.client.models.list().data[0].id
 
     def on_stop(self) -> None:
