@@ -148,6 +148,7 @@ def run_layerwise(
     batch_size: int,
     on_moe_layer: Callable[[int, ExpertStatistics, list[torch.Tensor]], None],
     progress: bool = True,
+    *,
     start_layer: int = 0,
     start_hidden: list[torch.Tensor] | None = None,
 ) -> None:
