@@ -78,8 +78,8 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"{index} is not a valid safetensors index: {err!r}") from err
         for name, file in weight_map.items():
             if name not in self._file_of:
-                where = "is missing" if not (self.model_dir / file).is_file() else f"does not contain {name}"
-                raise CheckpointError(f"{index} lists tensor {name} in {file}, but {file} {where}")
+                missing = "" if (self.model_dir / file).is_file() else f", and {file} is missing"
+                raise CheckpointError(f"tensor {name} not found in {self.model_dir}: {index.name} lists it in {file}{missing}")
 
     def keys(self) -> list[str]:
         return list(self._file_of)

@@ -63,7 +63,8 @@ def test_index_names_a_missing_shard(tmp_path, capsys):
                                             "lm_head.weight": "model-00002-of-00002.safetensors"}}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     err = bad_run(tmp_path, capsys, model)
-    assert "lists tensor lm_head.weight in model-00002-of-00002.safetensors" in err and "is missing" in err
+    assert "tensor lm_head.weight not found" in err
+    assert "lists it in model-00002-of-00002.safetensors, and model-00002-of-00002.safetensors is missing" in err
 
 
 def test_config_not_json(tmp_path, capsys):
