@@ -139,7 +139,7 @@ def fewer_experts(qc: dict) -> None:
 class Broken:
     id: str
     breaks: Callable[[Path], None]
-    plugin: str | None  # regex the plugin's error must match (None: vLLM's own loader, not the plugin, refuses it)
+    plugin: str | None  # regex the plugin's error must match (None: never reaches the plugin, see docs/reliability.md)
     reference: str      # regex the reference loader's error must match
 
 
