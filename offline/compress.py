@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .architectures import PROJECTIONS, MoEArchitecture, architecture_for, moe_block
-from .budget import LayerShape, plan_budget
+from .budget import BudgetPlan, LayerShape, plan_budget
 from .calibration import calibration_windows, peak_rss_bytes, read_calibration_text, run_layerwise
 from .checkpoint_io import (
     CheckpointError, DiskFullError, SafetensorsCheckpoint, ShardedWriter, atomic_output_dir, copy_side_files, read_config,
@@ -127,15 +127,14 @@ def compress_checkpoint(
     text = read_calibration_text(calibration.file)
     samples = calibration_windows(tokenizer, text, calibration.samples, calibration.seqlen, calibration.seed)
     work = WorkDir(out_dir, run_arguments(model_dir, method, ratio, calibration, dtype))
+    job = _Job(model_dir, Path(out_dir), config, arch, ckpt, layout, method, plan, ratio, calibration, dtype, work)
     try:
         with work, _log_to(work.log_path):
             log.info("%s: %d MoE layers, %s parameters; calibration %d x %d tokens from %s",
                      model_dir, len(layout.shapes), f"{total:,}", *samples.shape, calibration.file)
             log.info("method %s %s, target ratio %s, calibration %s", method.name, method.options(), ratio, calibration)
-            resumed = _compress_layers(model_dir, layout, method, plan, calibration, samples, DTYPES[dtype],
-                                          arch, work, progress)
-            info = _write_checkpoint(model_dir, out_dir, config, ckpt, layout, method, plan, ratio, calibration,
-                                     dtype, arch, work, overwrite, max_shard_bytes, started, resumed)
+            resumed = _compress_layers(job, samples, progress)
+            info = _write_checkpoint(job, overwrite, max_shard_bytes, started, resumed)
     except OSError as err:
         if err.errno == errno.ENOSPC:
             raise DiskFullError(
@@ -148,9 +147,28 @@ def compress_checkpoint(
     return info
 
 
-def _compress_layers(model_dir, layout: MoELayout, method: CompressionMethod, plan, calibration, samples,
-                     out_dtype, arch, work: WorkDir, progress: bool) -> bool:
-    """Calibrate and compress every MoE layer not yet in ``work``; True if an earlier attempt had done some."""
+@dataclass
+class _Job:
+    """What the two stages of a compression run share (validated inputs, the plan, the work directory)."""
+
+    model_dir: Path
+    out_dir: Path
+    config: dict
+    arch: MoEArchitecture
+    ckpt: SafetensorsCheckpoint
+    layout: MoELayout
+    method: CompressionMethod
+    plan: BudgetPlan
+    ratio: float
+    calibration: CalibrationOptions
+    dtype: str
+    work: WorkDir
+
+
+def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
+    """Calibrate and compress every MoE layer not yet in the work directory; True if an earlier attempt had
+    done some."""
+    layout, method, calibration, work = job.layout, job.method, job.calibration, job.work
     moe_layers = sorted(layout.shapes)
     finished = work.finished_layers(moe_layers)
     todo = moe_layers[len(finished):]
@@ -160,7 +178,7 @@ def _compress_layers(model_dir, layout: MoELayout, method: CompressionMethod, pl
     if finished:
         log.info("resuming from layer %d: %d of %d MoE layers already compressed in %s",
                  todo[0], len(finished), len(moe_layers), work.path)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32).eval()
     fisher = {}
     if method.needs_fisher:
         fisher = work.fisher(lambda: expert_fisher(
@@ -171,13 +189,13 @@ def _compress_layers(model_dir, layout: MoELayout, method: CompressionMethod, pl
     def on_moe_layer(layer: int, stats, hidden) -> None:
         shape, prefix = layout.shapes[layer], layout.prefixes[layer]
         weights = expert_weights(moe_block(model, layer).experts)
-        compressed = method.compress_layer(weights, stats, fisher.get(layer), plan.layer_budgets[layer], shape)
+        compressed = method.compress_layer(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer], shape)
         record = {
             "spec": asdict(compressed.spec(layer, prefix)), "num_params": compressed.num_params(),
             "stats": {"routing_counts": stats.counts.tolist(), "routing_weight_sums": stats.weight_sums.tolist(),
                       **compressed.allocation()},
         }
-        work.commit_layer(layer, compressed.to_tensors(prefix, arch.proj_names, out_dtype), record, hidden)
+        work.commit_layer(layer, compressed.to_tensors(prefix, job.arch.proj_names, DTYPES[job.dtype]), record, hidden)
 
     run_layerwise(
         model, {l: (layout.shapes[l].num_experts, layout.shapes[l].hidden_size, layout.shapes[l].intermediate_size)
@@ -190,9 +208,10 @@ def _compress_layers(model_dir, layout: MoELayout, method: CompressionMethod, pl
     return bool(finished)
 
 
-def _write_checkpoint(model_dir, out_dir, config, ckpt, layout: MoELayout, method, plan, ratio, calibration, dtype,
-                      arch, work: WorkDir, overwrite, max_shard_bytes, started, resumed: bool) -> CompressionInfo:
+def _write_checkpoint(job: _Job, overwrite: bool, max_shard_bytes: int, started: float,
+                      resumed: bool) -> CompressionInfo:
     """Assemble the output from the source's non-expert tensors and the journaled layers, atomically."""
+    layout, method, plan, ratio, work = job.layout, job.method, job.plan, job.ratio, job.work
     records = {layer: work.layer_record(layer) for layer in sorted(layout.shapes)}
     compressed_params = sum(r["num_params"] for r in records.values())
     achieved = plan.achieved_ratio(compressed_params)
@@ -202,29 +221,30 @@ def _write_checkpoint(model_dir, out_dir, config, ckpt, layout: MoELayout, metho
     info = CompressionInfo(
         method=method.name, target_ratio=ratio, achieved_ratio=round(achieved, 6),
         expert_ratio=round(1 - compressed_params / expert_total, 6), original_params=plan.total_params,
-        compressed_params=plan.non_expert_params + compressed_params, dtype=dtype, proj_names=arch.proj_names,
+        compressed_params=plan.non_expert_params + compressed_params, dtype=job.dtype, proj_names=job.arch.proj_names,
         layers=[LayerSpec(**r["spec"]) for r in records.values()], dynamic_prune_ratio=method.dynamic_prune_ratio,
         method_options=method.options(),
     )
-    with atomic_output_dir(out_dir, overwrite, staging_dir=work.path) as tmp:
+    with atomic_output_dir(job.out_dir, overwrite, staging_dir=work.path) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
-        for key in ckpt.keys():
+        for key in job.ckpt.keys():
             if key not in layout.expert_keys:
-                writer.add(key, ckpt.get(key))
+                writer.add(key, job.ckpt.get(key))
         for layer in records:
             for name, tensor in work.layer_tensors(layer).items():
                 writer.add(name, tensor)
         writer.finish()
-        (tmp / "config.json").write_text(json.dumps({**config, "quantization_config": info.to_config()}, indent=2) + "\n")
-        copy_side_files(model_dir, tmp)
-        calib = {k: str(v) if isinstance(v, Path) else v for k, v in vars(calibration).items()}
+        config = {**job.config, "quantization_config": info.to_config()}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_side_files(job.model_dir, tmp)
+        calib = {k: str(v) if isinstance(v, Path) else v for k, v in vars(job.calibration).items()}
         (tmp / STATS_FILE).write_text(json.dumps({
             "method": method.name, "calibration": calib, "layers": {str(l): r["stats"] for l, r in records.items()},
             "wall_time_s": round(time.perf_counter() - started, 2), "peak_rss_bytes": peak_rss_bytes(),
             "resumed": resumed,
         }, indent=1) + "\n")
         log.info("wrote %s: ratio %.4f (target %.4f), expert ratio %.4f, peak RSS %.1f MiB",
-                 out_dir, achieved, ratio, info.expert_ratio, peak_rss_bytes() / 2**20)
+                 job.out_dir, achieved, ratio, info.expert_ratio, peak_rss_bytes() / 2**20)
         shutil.copyfile(work.log_path, tmp / "compress.log")
         crash_point("assembled")
     return info
