@@ -130,7 +130,8 @@ def fill_disk_while_journaling_layer_1(monkeypatch) -> None:
 ])
 def test_disk_full_leaves_no_output_then_resumes(tmp_path, capsys, monkeypatch, fill_disk, resumed):
     out = tmp_path / "out"
-    args = ["compress", str(DEMO), "-o", str(out), "--method", "svd", "--ratio", "0.4", *FAST]
+    args = ["compress", str(DEMO), "-o", str(out), "--method", "svd", "--ratio", "0.4", *FAST,
+            "--calib-samples", "2", "--calib-seqlen", "32"]  # two full runs: keep them small
     fill_disk(monkeypatch)
     assert main(args) == 2
     err = capsys.readouterr().err
