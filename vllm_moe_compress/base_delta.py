@@ -63,6 +63,7 @@ class BaseDeltaScheme:
         # Per TP rank: a rank drops its share of the channels, never more than it keeps (docs/format.md §7).
         self.num_dynamic_drop = min(round(dynamic_prune_ratio * self.part), len(self.local_channels))
         self.ranks = spec.ranks
+        self.triton_layout = None  # per-layer metadata of the Triton path, built at the first CUDA forward
         totals = {p: sum(r) for p, r in spec.ranks.items()}
         starts = rank_offsets(torch.tensor([spec.ranks[p] for p in PROJECTIONS]))
         self.starts = dict(zip(PROJECTIONS, starts))
@@ -82,12 +83,26 @@ class BaseDeltaScheme:
         layer.register_buffer("moe_compress_channels", torch.tensor(self.local_channels, dtype=torch.int64),
                               persistent=False)
 
+    def _op_args(self, layer) -> tuple:
+        return (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,
+                layer.w13_base, layer.w2_base, layer.moe_compress_channels, self.num_dynamic_drop)
+
     def apply(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        return torch.ops.moe_compress.base_delta_moe(
-            x, topk_weights, topk_ids, layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v,
-            layer.w2_delta_u, layer.w2_delta_v, layer.w13_base, layer.w2_base, layer.moe_compress_channels,
-            self.num_dynamic_drop,
-        )
+        """Σ_k w_k·expert_k(x): the Triton kernels on CUDA devices, the torch custom op elsewhere."""
+        if x.is_cuda:
+            return self.apply_triton(layer, x, topk_weights, topk_ids)
+        return torch.ops.moe_compress.base_delta_moe(x, topk_weights, topk_ids, *self._op_args(layer))
+
+    def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
+        from kernels import base_delta_triton
+
+        if self.triton_layout is None:  # built from host lists: no device sync, safe before graph capture
+            ranks = [self.ranks[p] for p in PROJECTIONS]
+            self.triton_layout = base_delta_triton.BaseDeltaLayout.from_lists(ranks, self.local_channels, self.part,
+                                                                              x.device)
+        return base_delta_triton.base_delta_moe(x, topk_ids, topk_weights, *self._op_args(layer),
+                                                layout=self.triton_layout)
 
     def checkpoint_name(self, param: str, proj: str, expert: int | None) -> str:
         """The checkpoint tensor a parameter slice comes from, e.g. ``…experts.3.gate_proj.delta_v``."""
