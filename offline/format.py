@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 QUANT_METHOD = "moe_compress"
 FORMAT_VERSION = 1
 STATS_FILE = "moe_compress_stats.json"
+STORED_DTYPES = ("bfloat16", "float16", "float32")
+"""Dtypes the compressed factors may be stored in (quantization_config.dtype)."""
 
 
 class FormatError(ValueError):
@@ -104,6 +106,20 @@ class CompressionInfo:
             info = cls(**fields)
         except (KeyError, TypeError, AttributeError) as err:
             raise FormatError(f"malformed quantization_config: {err}") from err
-        for spec in info.layers:
-            spec.validate()
+        info.validate()
         return info
+
+    def validate(self) -> None:
+        """Fields every loader relies on; each layer's own fields are checked by :meth:`LayerSpec.validate`."""
+        from .architectures import PROJECTIONS
+
+        if not isinstance(self.proj_names, dict) or sorted(self.proj_names) != sorted(PROJECTIONS):
+            raise FormatError(f"quantization_config.proj_names must map {', '.join(PROJECTIONS)}, got {self.proj_names}")
+        if self.dtype not in STORED_DTYPES:
+            raise FormatError(f"quantization_config.dtype {self.dtype!r} is not one of {', '.join(STORED_DTYPES)}")
+        if not isinstance(self.dynamic_prune_ratio, (int, float)) or not 0 <= self.dynamic_prune_ratio < 1:
+            raise FormatError(f"quantization_config.dynamic_prune_ratio {self.dynamic_prune_ratio!r} is outside [0, 1)")
+        if not self.layers:
+            raise FormatError("quantization_config.layers is empty: no compressed MoE layer")
+        for spec in self.layers:
+            spec.validate()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .architectures import PROJECTIONS, architecture_for, moe_block
+from .architectures import architecture_for, moe_block
 from .checkpoint_io import SafetensorsCheckpoint, read_config
 from .format import QUANT_METHOD, CompressionInfo, FormatError
 from .schemes import SCHEME_LAYERS
@@ -41,8 +41,13 @@ def load_compressed_model(model_dir: str | Path, dtype: torch.dtype = torch.floa
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     if getattr(config, "hidden_act", "silu") != "silu":
         raise FormatError(f"experts with activation {config.hidden_act!r} are not supported (only silu)")
-    if sorted(info.proj_names) != sorted(PROJECTIONS):
-        raise FormatError(f"quantization_config.proj_names must map {', '.join(PROJECTIONS)}, got {info.proj_names}")
+    sizes = {"num_experts": arch.num_experts(config), "hidden_size": int(config.hidden_size),
+             "intermediate_size": arch.intermediate_size(config)}
+    for spec in info.layers:
+        for field, value in sizes.items():
+            if getattr(spec, field) != value:
+                raise FormatError(f"quantization_config layer {spec.layer} ({spec.prefix}) has {field} "
+                                  f"{getattr(spec, field)}, but config.json builds {value}")
     expert_prefixes = tuple(spec.prefix + "." for spec in info.layers)
     stored_dtype = getattr(torch, info.dtype)
     for spec in info.layers:

@@ -28,7 +28,7 @@ def test_layerwise_statistics_equal_a_full_forward(tiny_moe):
         h.remove()
 
     seen = {}
-    run_layerwise(model, moe_layers, samples, batch_size=4, on_moe_layer=lambda l, s: seen.setdefault(l, s),
+    run_layerwise(model, moe_layers, samples, batch_size=4, on_moe_layer=lambda l, s, h: seen.setdefault(l, s),
                   progress=False)
     assert sorted(seen) == [0, 1]
     for l in moe_layers:

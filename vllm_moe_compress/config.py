@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
@@ -92,9 +92,16 @@ class MoECompressConfig(QuantizationConfig):
             raise ValueError(f"moe_compress: no safetensors files in {model_name} (only local checkpoints are supported)")
         found: dict[str, list[int]] = {}
         for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                for name in wanted.keys() & set(f.keys()):
-                    found[name] = f.get_tensor(name).tolist()
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in wanted.keys() & set(f.keys()):
+                        tensor = f.get_tensor(name)
+                        if tensor.is_floating_point() or tensor.dim() != 1:
+                            raise ValueError(f"moe_compress: tensor {name} must be a 1-D integer index, "
+                                             f"got {tensor.dtype} of shape {tuple(tensor.shape)}")
+                        found[name] = tensor.tolist()
+            except SafetensorError as err:
+                raise ValueError(f"moe_compress: {path} is not a readable safetensors file: {err}") from err
         missing = [name for name in wanted if name not in found]
         if missing:
             raise ValueError(f"moe_compress: tensor {missing[0]} missing from the checkpoint")

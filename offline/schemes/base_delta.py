@@ -156,7 +156,10 @@ class BaseDeltaLayer(SchemeLayer):
         base = channels = None
         c = spec.base_channels
         if c:
-            channels = fetch(base_channels_name(prefix), (c,)).long()
+            channels = fetch(base_channels_name(prefix), (c,))
+            if channels.is_floating_point():
+                raise FormatError(f"tensor {base_channels_name(prefix)} must be an integer index, got {channels.dtype}")
+            channels = channels.long()
             check_base_channels(spec, channels.tolist())
             base = {p: fetch(base_name(prefix, proj_names[p]), (h, c) if p == "down" else (c, h)) for p in PROJECTIONS}
         return cls(h, i_size, factors, base, channels)
