@@ -158,7 +158,8 @@ CASES = [
            q(f"tensor {factor(0, 2, 'gate', 'delta_')}") + r"[uv] is not part of layer 0's base_delta factors"),
     Broken("extra-factor-of-unknown-expert",
            edit_tensors(lambda t: t.update({factor(1, 99, "up", "delta_u"): t[factor(1, 0, "up", "delta_u")].clone()})),
-           None, q(f"tensor {factor(1, 99, 'up', 'delta_u')} is not part of layer 1's base_delta factors")),
+           q(f"tensor {factor(1, 99, 'up', 'delta_u')} names expert 99, but quantization_config gives layer 1 8 experts"),
+           q(f"tensor {factor(1, 99, 'up', 'delta_u')} is not part of layer 1's base_delta factors")),
     Broken("wrong-shape-factor", edit_tensors(replace(factor(0, 4, "gate", "delta_u"), lambda t: t[:, 1:])),
            q(f"tensor {factor(0, 4, 'gate', 'delta_u')} has shape"),
            q(f"tensor {factor(0, 4, 'gate', 'delta_u')} has shape")),
@@ -201,7 +202,8 @@ CASES = [
            q("MoE layer model.layers.1.mlp.experts has no entry in quantization_config.layers"),
            q("tensor model.layers.1.mlp.experts.") + r"\S+ matches no parameter"),
     Broken("num-experts-mismatch", edit_qc(fewer_experts),
-           q("model.layers.0.mlp.experts is 7 experts of 64x32 in quantization_config, but the model builds 8"),
+           q("tensor model.layers.0.mlp.experts.7.") + r"\S+" + q(" names expert 7, but quantization_config gives "
+                                                                   "layer 0 7 experts"),
            q("layer 0 (model.layers.0.mlp.experts) has num_experts 7, but config.json builds 8")),
     Broken("hidden-size-mismatch", edit_qc(set_layer(1, hidden_size=48)),
            q("model.layers.1.mlp.experts is 8 experts of 48x32 in quantization_config, but the model builds 8 "

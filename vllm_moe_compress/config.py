@@ -85,8 +85,6 @@ class MoECompressConfig(QuantizationConfig):
         from .moe_method import scheme_class
 
         wanted = {name: spec for spec in self.info.layers for name in scheme_class(spec).index_tensor_names(spec)}
-        if not wanted:
-            return
         files = sorted(Path(model_name).glob("*.safetensors"))
         if not files:
             raise ValueError(f"moe_compress: no safetensors files in {model_name} (only local checkpoints are supported)")
@@ -94,7 +92,9 @@ class MoECompressConfig(QuantizationConfig):
         for path in files:
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    for name in wanted.keys() & set(f.keys()):
+                    keys = set(f.keys())
+                    self._check_expert_numbers(keys)
+                    for name in wanted.keys() & keys:
                         tensor = f.get_tensor(name)
                         if tensor.is_floating_point() or tensor.dim() != 1:
                             raise ValueError(f"moe_compress: tensor {name} must be a 1-D integer index, "
@@ -112,6 +112,16 @@ class MoECompressConfig(QuantizationConfig):
                 scheme_class(spec).check_indices(spec, self.indices[spec.layer])
             except FormatError as err:
                 raise ValueError(f"moe_compress: {err}") from err
+
+    def _check_expert_numbers(self, keys: set[str]) -> None:
+        """vLLM's expert mapping silently skips a tensor of an expert the layer does not have: refuse it here."""
+        for spec in self.info.layers:
+            pattern = re.compile(re.escape(spec.prefix) + r"\.(\d+)\.")
+            for key in keys:
+                match = pattern.match(key)
+                if match and int(match[1]) >= spec.num_experts:
+                    raise ValueError(f"moe_compress: tensor {key} names expert {match[1]}, but quantization_config "
+                                     f"gives layer {spec.layer} {spec.num_experts} experts")
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
