@@ -186,7 +186,7 @@ def build_report(dirs: list[Path], options: ReportOptions) -> list[ModelRow]:
     rows = []
     for model_dir, name in zip(models, names):
         row = model_row(model_dir, name)
-        found = results.get(str(model_dir.resolve()), [])
+        found = list(results.get(str(model_dir.resolve()), []))
         if options.ppl_datasets:
             found += cached_perplexity(model_dir, name, options)
         if options.zeroshot_tasks:
