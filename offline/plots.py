@@ -100,7 +100,8 @@ def plot_allocation(layers: dict, title: str, path: Path) -> Path | None:
     order = _layer_order(layers)
     cols = min(3, panels)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 0.4 * len(order) * rows + 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 0.4 * len(order) * rows + 2.4 * rows), squeeze=False,
+                             layout="constrained")
     flat = axes.ravel()
     for ax, (name, grid) in zip(flat, grids.items()):
         image = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")

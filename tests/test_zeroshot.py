@@ -74,7 +74,7 @@ def test_eval_zeroshot_cli_on_tiny_compressed_model(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "offline.cli", "eval-zeroshot", str(model), "--tasks", "arc_easy,boolq", "--limit", "5",
          "--out", str(out), "--data-dir", str(DATA)],
-        capture_output=True, text=True, timeout=900, env=env, stdin=subprocess.DEVNULL)
+        capture_output=True, text=True, timeout=1800, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["model_args"]["quantization"] == "moe_compress" and result["limit"] == 5
