@@ -65,6 +65,7 @@ class ModelRow:
     accuracy: dict[str, dict] = field(default_factory=dict)
     zeroshot_limit: int | None = None
     plots: dict[str, str | int] = field(default_factory=dict)  # kind -> PNG file name (and energy_layer)
+    energy_at_stored_rank: dict[str, dict[str, float]] = field(default_factory=dict)  # proj -> original/delta E(r_i)
 
 
 def model_row(model_dir: Path, name: str) -> ModelRow:
@@ -171,6 +172,9 @@ def draw_plots(row: ModelRow, model_dir: Path, options: ReportOptions) -> None:
         path = plots.plot_energy(spectra, f"{row.name} layer {layer}", options.out_dir / f"energy-{row.name}.png")
         row.plots["energy"] = path.name
         row.plots["energy_layer"] = layer
+        row.energy_at_stored_rank = {
+            proj: {"original": round(s.retained_at_stored_rank(s.original), 4),
+                   "delta": round(s.retained_at_stored_rank(s.delta), 4)} for proj, s in spectra.items()}
 
 
 def build_report(dirs: list[Path], options: ReportOptions) -> list[ModelRow]:

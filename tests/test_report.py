@@ -90,6 +90,10 @@ def test_report_table_and_plots(checkpoints, data_dir, tmp_path, capsys, monkeyp
         for kind in ("routing", "allocation", "energy"):
             assert_png(out / row["plots"][kind])
     assert rows[0]["plots"] == {}
+    for proj, energy in rows[1]["energy_at_stored_rank"].items():
+        assert 0 < energy["original"] <= 1 and 0 < energy["delta"] <= 1, proj
+    svd_energy = rows[2]["energy_at_stored_rank"]["gate"]
+    assert svd_energy["original"] == svd_energy["delta"]  # no base: the delta is the expert itself
     assert "wrote" in capsys.readouterr().out
 
     # A re-run takes perplexity from the cache: nothing is recomputed.
