@@ -2,5 +2,5 @@
 
 This package must stay import-free: transformers probes ``importlib.util.find_spec("kernels")`` (the
 name of an unrelated PyPI package) and must not find a module that imports Triton or torch at import
-time. Kernel modules are imported explicitly by the plugin, e.g. ``from kernels import base_delta``.
+time. Kernel modules are imported explicitly, e.g. ``from kernels import base_delta_triton`` (docs/kernels.md).
 """

@@ -146,19 +146,27 @@ def run_layerwise(
     moe_layers: dict[int, tuple[int, int, int]],
     samples: torch.Tensor,
     batch_size: int,
-    on_moe_layer: Callable[[int, ExpertStatistics], None],
+    on_moe_layer: Callable[[int, ExpertStatistics, list[torch.Tensor]], None],
     progress: bool = True,
+    *,
+    start_layer: int = 0,
+    start_hidden: list[torch.Tensor] | None = None,
 ) -> None:
     """Push ``samples`` [N, L] through ``model`` one decoder layer at a time.
 
     ``moe_layers[L] = (num_experts, hidden, intermediate)``; after MoE layer L has seen every batch,
-    ``on_moe_layer(L, stats)`` is called (compress and write it there).
+    ``on_moe_layer(L, stats, hidden)`` is called (compress and write it there) with the hidden states
+    leaving layer L, one tensor per batch. To resume, pass ``start_layer`` and the hidden states entering it
+    (``start_hidden``, as ``on_moe_layer`` received them after the layer before).
     """
     batches = list(samples.split(batch_size))
     calls = _capture_layer0_inputs(model, batches)
-    hidden = [_split_hidden(a, k)[0] for a, k in calls]
+    hidden = start_hidden if start_hidden is not None else [_split_hidden(a, k)[0] for a, k in calls]
+    if len(hidden) != len(calls):
+        raise ValueError(f"{len(hidden)} hidden-state batches to resume from, expected {len(calls)}")
     layers = model.model.layers
-    for index in tqdm(range(len(layers)), desc="calibrating layers", unit="layer", disable=not progress):
+    for index in tqdm(range(start_layer, len(layers)), desc="calibrating layers", unit="layer",
+                      disable=not progress, initial=start_layer, total=len(layers)):
         stats = handle = None
         if index in moe_layers:
             stats = ExpertStatistics.zeros(*moe_layers[index])
@@ -176,5 +184,5 @@ def run_layerwise(
             if handle is not None:
                 handle.remove()
         if stats is not None:
-            on_moe_layer(index, stats)
+            on_moe_layer(index, stats, hidden)
             log.info("layer %d done; peak RSS %.1f MiB", index, peak_rss_bytes() / 2**20)

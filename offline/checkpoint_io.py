@@ -29,6 +29,10 @@ class CheckpointError(ValueError):
     """The input checkpoint is missing, unreadable or malformed."""
 
 
+class DiskFullError(OSError):
+    """The disk filled up while a checkpoint or a work directory was being written."""
+
+
 def read_config(model_dir: str | os.PathLike) -> dict:
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
@@ -61,6 +65,21 @@ class SafetensorsCheckpoint:
             self._handles[path] = handle
             for key in handle.keys():
                 self._file_of[key] = path
+        self._check_index()
+
+    def _check_index(self) -> None:
+        """A sharded checkpoint's index must be JSON and every tensor it lists must be in the files present."""
+        index = self.model_dir / INDEX_NAME
+        if not index.is_file():
+            return
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {err!r}") from err
+        for name, file in weight_map.items():
+            if name not in self._file_of:
+                missing = "" if (self.model_dir / file).is_file() else f", and {file} is missing"
+                raise CheckpointError(f"tensor {name} not found in {self.model_dir}: {index.name} lists it in {file}{missing}")
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -146,17 +165,22 @@ def _make_readable(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, staging_dir: Path | None = None):
     """Yield a temporary directory next to ``out_dir``; rename it onto ``out_dir`` only on success.
 
     On any exception the temporary directory is removed, so a failed run never leaves a directory that
     looks finished. With ``overwrite`` an existing ``out_dir`` is replaced only after the new one is complete.
+    ``staging_dir`` (on the same filesystem, e.g. the run's work directory) holds the temporary directory
+    instead of ``out_dir``'s parent, so a process killed mid-write leaves its remains there.
     """
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory {out_dir} already exists (use --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    if staging_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="output.partial-", dir=staging_dir))
     try:
         yield tmp
         _make_readable(tmp)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from .budget import UnreachableRatioError
 from .calibration import CalibrationError
-from .checkpoint_io import CheckpointError
+from .checkpoint_io import CheckpointError, DiskFullError
 from .format import FormatError
+from .workdir import WorkDirError
 
 DEFAULT_CALIB_FILE = Path(__file__).parent / "data" / "brown-calibration-sample.txt"
 USER_ERRORS = (CheckpointError, FormatError, UnreachableRatioError, CalibrationError, FileExistsError,
-               FileNotFoundError, ValueError)
+               FileNotFoundError, ValueError, DiskFullError, WorkDirError)
 
 
 def _ratio(text: str) -> float:

@@ -1,33 +1,39 @@
 """The compression job: validate, calibrate layer by layer, compress each MoE layer, write atomically.
 
-Every input is checked before the model is loaded (architecture, tensors, ratio reachable, calibration
-text long enough), and the output directory appears only when the whole checkpoint is written.
+Every input is checked before anything is written or the model is loaded (architecture, tensors, ratio
+reachable, calibration text long enough). Each compressed layer is journaled in a work directory
+(offline/workdir.py), so a killed run started again with the same arguments resumes from the last finished
+layer; the output directory appears only when the whole checkpoint is written, and is assembled from the
+journal in every run, so interrupted and uninterrupted runs write identical bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import json
 import logging
+import shutil
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .architectures import PROJECTIONS, MoEArchitecture, architecture_for, moe_block
-from .budget import LayerShape, plan_budget
+from .budget import BudgetPlan, LayerShape, plan_budget
 from .calibration import calibration_windows, peak_rss_bytes, read_calibration_text, run_layerwise
 from .checkpoint_io import (
-    CheckpointError, SafetensorsCheckpoint, ShardedWriter, atomic_output_dir, copy_side_files, read_config,
+    CheckpointError, DiskFullError, SafetensorsCheckpoint, ShardedWriter, atomic_output_dir, copy_side_files, read_config,
 )
 from .fisher import expert_fisher
-from .format import STATS_FILE, CompressionInfo
+from .format import STATS_FILE, CompressionInfo, LayerSpec
 from .methods import METHODS, CompressionMethod
 from .methods.base import expert_weights
+from .workdir import WorkDir, crash_point, run_arguments
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +80,11 @@ def find_moe_layers(ckpt: SafetensorsCheckpoint, arch: MoEArchitecture, config) 
             f"no routed-expert tensors (…{arch.block_name}.experts.N.{arch.proj_names['gate']}.weight) in "
             f"{ckpt.model_dir}: the checkpoint has no MoE layers to compress"
         )
-    num_experts, intermediate = arch.num_experts(config), arch.intermediate_size(config)
-    hidden = int(config.hidden_size)
+    try:
+        num_experts, intermediate = arch.num_experts(config), arch.intermediate_size(config)
+        hidden = int(config.hidden_size)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise CheckpointError(f"config.json of {ckpt.model_dir} lacks a valid {arch.model_type} MoE field: {err}") from err
     layout = MoELayout(prefixes, {})
     for layer, experts in sorted(found.items()):
         if sorted(experts) != list(range(num_experts)):
@@ -97,6 +106,8 @@ def compress_checkpoint(
     calibration: CalibrationOptions, dtype: str = "bfloat16", overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3, progress: bool = True,
 ) -> CompressionInfo:
+    """Compress ``model_dir`` into ``out_dir``, resuming from the work directory of an interrupted run with the
+    same arguments (offline/workdir.py). Every input is validated before anything is written."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -115,65 +126,127 @@ def compress_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = read_calibration_text(calibration.file)
     samples = calibration_windows(tokenizer, text, calibration.samples, calibration.seqlen, calibration.seed)
-    log.info("%s: %d MoE layers, %s parameters; calibration %d x %d tokens from %s",
-             model_dir, len(layout.shapes), f"{total:,}", *samples.shape, calibration.file)
+    work = WorkDir(out_dir, run_arguments(model_dir, method, ratio, calibration, dtype))
+    job = _Job(model_dir, Path(out_dir), config, arch, ckpt, layout, method, plan, ratio, calibration, dtype, work)
+    try:
+        with work, _log_to(work.log_path):
+            log.info("%s: %d MoE layers, %s parameters; calibration %d x %d tokens from %s",
+                     model_dir, len(layout.shapes), f"{total:,}", *samples.shape, calibration.file)
+            log.info("method %s %s, target ratio %s, calibration %s", method.name, method.options(), ratio, calibration)
+            resumed = _compress_layers(job, samples, progress)
+            info = _write_checkpoint(job, overwrite, max_shard_bytes, started, resumed)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"disk full (no space left on device) while writing {err.filename or work.path.parent}: "
+                f"nothing was written to {out_dir}; finished layers are kept in {work.path}, free some space and "
+                "run the same command again to resume"
+            ) from err
+        raise
+    work.remove()
+    return info
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+@dataclass
+class _Job:
+    """What the two stages of a compression run share (validated inputs, the plan, the work directory)."""
+
+    model_dir: Path
+    out_dir: Path
+    config: dict
+    arch: MoEArchitecture
+    ckpt: SafetensorsCheckpoint
+    layout: MoELayout
+    method: CompressionMethod
+    plan: BudgetPlan
+    ratio: float
+    calibration: CalibrationOptions
+    dtype: str
+    work: WorkDir
+
+
+def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
+    """Calibrate and compress every MoE layer not yet in the work directory; True if an earlier attempt had
+    done some."""
+    layout, method, calibration, work = job.layout, job.method, job.calibration, job.work
+    moe_layers = sorted(layout.shapes)
+    finished = work.finished_layers(moe_layers)
+    todo = moe_layers[len(finished):]
+    if not todo:
+        log.info("resuming: all %d MoE layers already compressed in %s", len(moe_layers), work.path)
+        return True
+    if finished:
+        log.info("resuming from layer %d: %d of %d MoE layers already compressed in %s",
+                 todo[0], len(finished), len(moe_layers), work.path)
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32).eval()
     fisher = {}
     if method.needs_fisher:
-        fisher = expert_fisher(
-            model, sorted(layout.shapes), samples[: calibration.fisher_samples], calibration.fisher_labels,
+        fisher = work.fisher(lambda: expert_fisher(
+            model, moe_layers, samples[: calibration.fisher_samples], calibration.fisher_labels,
             calibration.fisher_granularity, calibration.seed, progress,
-        )
-    out_dtype = DTYPES[dtype]
-    specs, layer_stats, compressed_params = [], {}, 0
-    with atomic_output_dir(out_dir, overwrite) as tmp, _log_to(tmp / "compress.log"):
-        log.info("method %s %s, target ratio %s, calibration %s", method.name, method.options(), ratio, calibration)
+        ))
+
+    def on_moe_layer(layer: int, stats, hidden) -> None:
+        shape, prefix = layout.shapes[layer], layout.prefixes[layer]
+        weights = expert_weights(moe_block(model, layer).experts)
+        compressed = method.compress_layer(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer], shape)
+        record = {
+            "spec": asdict(compressed.spec(layer, prefix)), "num_params": compressed.num_params(),
+            "stats": {"routing_counts": stats.counts.tolist(), "routing_weight_sums": stats.weight_sums.tolist(),
+                      **compressed.allocation()},
+        }
+        work.commit_layer(layer, compressed.to_tensors(prefix, job.arch.proj_names, DTYPES[job.dtype]), record, hidden)
+
+    run_layerwise(
+        model, {l: (layout.shapes[l].num_experts, layout.shapes[l].hidden_size, layout.shapes[l].intermediate_size)
+                for l in todo},
+        samples, calibration.batch_size, on_moe_layer, progress,
+        start_layer=finished[-1] + 1 if finished else 0,
+        start_hidden=work.hidden_after(finished[-1]) if finished else None,
+    )
+    work.drop_hidden_states()
+    return bool(finished)
+
+
+def _write_checkpoint(job: _Job, overwrite: bool, max_shard_bytes: int, started: float,
+                      resumed: bool) -> CompressionInfo:
+    """Assemble the output from the source's non-expert tensors and the journaled layers, atomically."""
+    layout, method, plan, ratio, work = job.layout, job.method, job.plan, job.ratio, job.work
+    records = {layer: work.layer_record(layer) for layer in sorted(layout.shapes)}
+    compressed_params = sum(r["num_params"] for r in records.values())
+    achieved = plan.achieved_ratio(compressed_params)
+    if abs(achieved - ratio) > RATIO_TOLERANCE:
+        raise RuntimeError(f"achieved ratio {achieved:.4f} is more than {RATIO_TOLERANCE} from target {ratio}")
+    expert_total = sum(s.dense_expert_params for s in layout.shapes.values())
+    info = CompressionInfo(
+        method=method.name, target_ratio=ratio, achieved_ratio=round(achieved, 6),
+        expert_ratio=round(1 - compressed_params / expert_total, 6), original_params=plan.total_params,
+        compressed_params=plan.non_expert_params + compressed_params, dtype=job.dtype, proj_names=job.arch.proj_names,
+        layers=[LayerSpec(**r["spec"]) for r in records.values()], dynamic_prune_ratio=method.dynamic_prune_ratio,
+        method_options=method.options(),
+    )
+    with atomic_output_dir(job.out_dir, overwrite, staging_dir=work.path) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
-        for key in ckpt.keys():
+        for key in job.ckpt.keys():
             if key not in layout.expert_keys:
-                writer.add(key, ckpt.get(key))
-
-        def on_moe_layer(layer: int, stats) -> None:
-            nonlocal compressed_params
-            shape, prefix = layout.shapes[layer], layout.prefixes[layer]
-            weights = expert_weights(moe_block(model, layer).experts)
-            compressed = method.compress_layer(weights, stats, fisher.get(layer), plan.layer_budgets[layer], shape)
-            for name, tensor in compressed.to_tensors(prefix, arch.proj_names, out_dtype).items():
+                writer.add(key, job.ckpt.get(key))
+        for layer in records:
+            for name, tensor in work.layer_tensors(layer).items():
                 writer.add(name, tensor)
-            compressed_params += compressed.num_params()
-            specs.append(compressed.spec(layer, prefix))
-            layer_stats[str(layer)] = {
-                "routing_counts": stats.counts.tolist(),
-                "routing_weight_sums": stats.weight_sums.tolist(),
-                "ranks": compressed.ranks(),
-                "base_channels": specs[-1].base_channels,
-            }
-
-        run_layerwise(
-            model, {l: (s.num_experts, s.hidden_size, s.intermediate_size) for l, s in layout.shapes.items()},
-            samples, calibration.batch_size, on_moe_layer, progress,
-        )
-        achieved = plan.achieved_ratio(compressed_params)
-        if abs(achieved - ratio) > RATIO_TOLERANCE:
-            raise RuntimeError(f"achieved ratio {achieved:.4f} is more than {RATIO_TOLERANCE} from target {ratio}")
-        expert_total = sum(s.dense_expert_params for s in layout.shapes.values())
-        info = CompressionInfo(
-            method=method.name, target_ratio=ratio, achieved_ratio=round(achieved, 6),
-            expert_ratio=round(1 - compressed_params / expert_total, 6), original_params=total,
-            compressed_params=plan.non_expert_params + compressed_params, dtype=dtype, proj_names=arch.proj_names,
-            layers=specs, dynamic_prune_ratio=method.dynamic_prune_ratio, method_options=method.options(),
-        )
         writer.finish()
-        log.info("wrote %s: ratio %.4f (target %.4f), expert ratio %.4f, peak RSS %.1f MiB",
-                 out_dir, achieved, ratio, info.expert_ratio, peak_rss_bytes() / 2**20)
-        (tmp / "config.json").write_text(json.dumps({**config, "quantization_config": info.to_config()}, indent=2) + "\n")
-        copy_side_files(model_dir, tmp)
-        calib = {k: str(v) if isinstance(v, Path) else v for k, v in vars(calibration).items()}
+        config = {**job.config, "quantization_config": info.to_config()}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_side_files(job.model_dir, tmp)
+        calib = {k: str(v) if isinstance(v, Path) else v for k, v in vars(job.calibration).items()}
         (tmp / STATS_FILE).write_text(json.dumps({
-            "method": method.name, "calibration": calib, "layers": layer_stats,
+            "method": method.name, "calibration": calib, "layers": {str(l): r["stats"] for l, r in records.items()},
             "wall_time_s": round(time.perf_counter() - started, 2), "peak_rss_bytes": peak_rss_bytes(),
+            "resumed": resumed,
         }, indent=1) + "\n")
+        log.info("wrote %s: ratio %.4f (target %.4f), expert ratio %.4f, peak RSS %.1f MiB",
+                 job.out_dir, achieved, ratio, info.expert_ratio, peak_rss_bytes() / 2**20)
+        shutil.copyfile(work.log_path, tmp / "compress.log")
+        crash_point("assembled")
     return info
 
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .architectures import PROJECTIONS
-
 QUANT_METHOD = "moe_compress"
 FORMAT_VERSION = 1
-SCHEMES = ("base_delta",)
 STATS_FILE = "moe_compress_stats.json"
+STORED_DTYPES = ("bfloat16", "float16", "float32")
+"""Dtypes the compressed factors may be stored in (quantization_config.dtype)."""
 
 
 class FormatError(ValueError):
@@ -52,32 +51,23 @@ class LayerSpec:
     num_experts: int
     hidden_size: int
     intermediate_size: int
-    base_channels: int
+    base_channels: int = 0
     ranks: dict[str, list[int]] = field(default_factory=dict)  # canonical proj -> rank per expert
+    details: dict = field(default_factory=dict)  # scheme-specific sizes beyond ranks/base_channels
 
     def validate(self) -> None:
+        """Common checks here; the scheme's layer class checks its own fields (offline/schemes/)."""
+        from .schemes import SCHEME_LAYERS  # the schemes import this module
+
         where = f"layer {self.layer} ({self.prefix})"
-        if self.scheme not in SCHEMES:
-            raise FormatError(f"{where}: unknown scheme {self.scheme!r}; this version knows {', '.join(SCHEMES)}")
-        if not 0 <= self.base_channels <= self.intermediate_size:
-            raise FormatError(f"{where}: base_channels {self.base_channels} outside [0, {self.intermediate_size}]")
-        max_rank = min(self.hidden_size, self.intermediate_size)
-        for proj in PROJECTIONS:
-            ranks = self.ranks.get(proj)
-            if ranks is None or len(ranks) != self.num_experts:
-                raise FormatError(f"{where}: ranks[{proj!r}] must list one rank per expert ({self.num_experts})")
-            bad = [r for r in ranks if not isinstance(r, int) or not 0 <= r <= max_rank]
-            if bad:
-                raise FormatError(f"{where}: ranks[{proj!r}] has {bad[0]!r}, outside [0, {max_rank}]")
-
-
-    def check_base_channels(self, channels: list[int]) -> None:
-        """The stored channel index must hold ``base_channels`` strictly increasing values in [0, I)."""
-        c, i_size = self.base_channels, self.intermediate_size
-        if len(channels) != c or any(b <= a for a, b in zip(channels, channels[1:])) or (
-                channels and not 0 <= channels[0] <= channels[-1] < i_size):
-            raise FormatError(f"tensor {base_channels_name(self.prefix)} must hold sorted distinct channels ({c} of them) "
-                              f"in [0, {i_size})")
+        if self.scheme not in SCHEME_LAYERS:
+            raise FormatError(f"{where}: unknown scheme {self.scheme!r}; this version knows {', '.join(SCHEME_LAYERS)}")
+        sizes = {"num_experts": self.num_experts, "hidden_size": self.hidden_size,
+                 "intermediate_size": self.intermediate_size}
+        for name, value in sizes.items():
+            if not isinstance(value, int) or value <= 0:
+                raise FormatError(f"{where}: {name} must be a positive integer, got {value!r}")
+        SCHEME_LAYERS[self.scheme].validate_spec(self)
 
 
 @dataclass
@@ -116,6 +106,20 @@ class CompressionInfo:
             info = cls(**fields)
         except (KeyError, TypeError, AttributeError) as err:
             raise FormatError(f"malformed quantization_config: {err}") from err
-        for spec in info.layers:
-            spec.validate()
+        info.validate()
         return info
+
+    def validate(self) -> None:
+        """Fields every loader relies on; each layer's own fields are checked by :meth:`LayerSpec.validate`."""
+        from .architectures import PROJECTIONS
+
+        if not isinstance(self.proj_names, dict) or sorted(self.proj_names) != sorted(PROJECTIONS):
+            raise FormatError(f"quantization_config.proj_names must map {', '.join(PROJECTIONS)}, got {self.proj_names}")
+        if self.dtype not in STORED_DTYPES:
+            raise FormatError(f"quantization_config.dtype {self.dtype!r} is not one of {', '.join(STORED_DTYPES)}")
+        if not isinstance(self.dynamic_prune_ratio, (int, float)) or not 0 <= self.dynamic_prune_ratio < 1:
+            raise FormatError(f"quantization_config.dynamic_prune_ratio {self.dynamic_prune_ratio!r} is outside [0, 1)")
+        if not self.layers:
+            raise FormatError("quantization_config.layers is empty: no compressed MoE layer")
+        for spec in self.layers:
+            spec.validate()

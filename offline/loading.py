@@ -1,7 +1,7 @@
 """Load a checkpoint into transformers: dense as is, ``moe_compress`` with the reference experts.
 
 The compressed loader builds the original architecture from config.json, swaps each compressed MoE
-layer's ``experts`` module for :class:`~offline.reference_moe.CompressedExperts` and loads every other
+layer's ``experts`` module for its scheme's reference forward (offline/schemes/) and loads every other
 tensor by name, refusing a checkpoint that leaves any model parameter unloaded or has unknown tensors.
 """
 
@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .architectures import PROJECTIONS, architecture_for, moe_block
+from .architectures import architecture_for, moe_block
 from .checkpoint_io import SafetensorsCheckpoint, read_config
-from .compressed_layer import CompressedLayer
 from .format import QUANT_METHOD, CompressionInfo, FormatError
-from .reference_moe import CompressedExperts
+from .schemes import SCHEME_LAYERS
 
 
 def is_compressed(model_dir: str | Path) -> bool:
@@ -42,12 +41,17 @@ def load_compressed_model(model_dir: str | Path, dtype: torch.dtype = torch.floa
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     if getattr(config, "hidden_act", "silu") != "silu":
         raise FormatError(f"experts with activation {config.hidden_act!r} are not supported (only silu)")
-    if sorted(info.proj_names) != sorted(PROJECTIONS):
-        raise FormatError(f"quantization_config.proj_names must map {', '.join(PROJECTIONS)}, got {info.proj_names}")
+    sizes = {"num_experts": arch.num_experts(config), "hidden_size": int(config.hidden_size),
+             "intermediate_size": arch.intermediate_size(config)}
+    for spec in info.layers:
+        for field, value in sizes.items():
+            if getattr(spec, field) != value:
+                raise FormatError(f"quantization_config layer {spec.layer} ({spec.prefix}) has {field} "
+                                  f"{getattr(spec, field)}, but config.json builds {value}")
     expert_prefixes = tuple(spec.prefix + "." for spec in info.layers)
     stored_dtype = getattr(torch, info.dtype)
     for spec in info.layers:
-        layer = CompressedLayer.from_tensors(spec, info.proj_names, ckpt.get)
+        layer = SCHEME_LAYERS[spec.scheme].from_tensors(spec, info.proj_names, ckpt.get)
         expected = layer.to_tensors(spec.prefix, info.proj_names, stored_dtype)
         for key in ckpt.keys():
             if key.startswith(spec.prefix + ".") and key not in expected:
@@ -56,7 +60,7 @@ def load_compressed_model(model_dir: str | Path, dtype: torch.dtype = torch.floa
             if tensor.is_floating_point() and ckpt.dtype(key) != stored_dtype:
                 raise FormatError(f"tensor {key} is {ckpt.dtype(key)}, quantization_config.dtype says {info.dtype}")
         ratio = info.dynamic_prune_ratio if dynamic_pruning else 0.0
-        moe_block(model, spec.layer).experts = CompressedExperts(layer, ratio).to(dtype)
+        moe_block(model, spec.layer).experts = layer.experts_module(ratio).to(dtype)
 
     params = dict(model.named_parameters())
     loaded = set()

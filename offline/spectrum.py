@@ -23,8 +23,8 @@ import torch
 
 from .architectures import PROJECTIONS
 from .checkpoint_io import SafetensorsCheckpoint, read_config
-from .compressed_layer import CompressedLayer
 from .format import CompressionInfo, FormatError
+from .schemes.base_delta import BaseDeltaLayer
 
 
 def cumulative_energy(matrix: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,9 @@ def layer_spectra(original_dir: str | Path, compressed_dir: str | Path, layer: i
         raise ValueError(f"layer {layer} is not a compressed MoE layer of {compressed_dir} "
                          f"(compressed layers: {sorted(specs)})")
     spec = specs[layer]
-    compressed = CompressedLayer.from_tensors(spec, info.proj_names, SafetensorsCheckpoint(compressed_dir).get)
+    if spec.scheme != BaseDeltaLayer.scheme:
+        raise FormatError(f"layer {layer} uses scheme {spec.scheme!r}; the energy plot reads {BaseDeltaLayer.scheme!r} only")
+    compressed = BaseDeltaLayer.from_tensors(spec, info.proj_names, SafetensorsCheckpoint(compressed_dir).get)
     original = SafetensorsCheckpoint(original_dir)
     out = {}
     for proj in PROJECTIONS:

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from conftest import FAMILIES, TOKENIZER_FILES, write_tiny_model
 from offline.architectures import ARCHITECTURES, UnsupportedArchitectureError
 from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.compressed_layer import CompressedLayer
+from offline.schemes.base_delta import BaseDeltaLayer
 from offline.format import CompressionInfo
 from offline.loading import load_compressed_model
 
@@ -79,7 +79,7 @@ def dense_reference_model(original: Path, compressed: Path):
     tensors = read_tensors(compressed)
     model = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32).eval()
     for spec in info.layers:
-        layer = CompressedLayer.from_tensors(spec, info.proj_names, tensors.__getitem__)
+        layer = BaseDeltaLayer.from_tensors(spec, info.proj_names, tensors.__getitem__)
         experts = model.model.layers[spec.layer].mlp.experts
         stacked = {
             p: torch.stack([layer.dense_weight(e, p) for e in range(spec.num_experts)]).float()

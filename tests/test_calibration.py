@@ -28,13 +28,15 @@ def test_layerwise_statistics_equal_a_full_forward(tiny_moe):
         h.remove()
 
     seen = {}
-    run_layerwise(model, moe_layers, samples, batch_size=4, on_moe_layer=lambda l, s: seen.setdefault(l, s),
+    run_layerwise(model, moe_layers, samples, batch_size=4, on_moe_layer=lambda l, s, h: seen.setdefault(l, s),
                   progress=False)
     assert sorted(seen) == [0, 1]
     for l in moe_layers:
         assert torch.equal(seen[l].counts, direct[l].counts) and int(seen[l].counts.sum()) == 6 * 32 * 2
-        torch.testing.assert_close(seen[l].input_gram, direct[l].input_gram, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(seen[l].inter_gram, direct[l].inter_gram, rtol=1e-5, atol=1e-6)
+        # fp32 forwards batched differently (4 vs 6 sequences) differ by rounding: compare on the Gram's scale
+        for name in ("input_gram", "inter_gram"):
+            got, want = getattr(seen[l], name), getattr(direct[l], name)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         torch.testing.assert_close(seen[l].weight_sums, direct[l].weight_sums, rtol=1e-6, atol=1e-6)
 
 

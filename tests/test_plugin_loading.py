@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 import kernels.base_delta_torch as torch_path
 import vllm_moe_compress
 from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.compressed_layer import CompressedLayer
+from offline.schemes.base_delta import BaseDeltaLayer
 from offline.format import CompressionInfo, LayerSpec, base_channels_name, base_name, delta_name
-from offline.reference_moe import CompressedExperts
+from offline.schemes.base_delta import BaseDeltaExperts
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm_moe_compress.config import MoECompressConfig, NotCompressedError
 from vllm_moe_compress.moe_method import CompressedMoEMethod
@@ -102,7 +102,7 @@ def fake_moe(tp_rank: int = 0, tp_size: int = 1) -> SimpleNamespace:
 def make_layer(cfg: MoECompressConfig, layer: int, tp_rank: int = 0,
                tp_size: int = 1) -> tuple[CompressedMoEMethod, torch.nn.Module]:
     spec = cfg.layers[layer]
-    method = CompressedMoEMethod(fake_moe(tp_rank, tp_size), spec, cfg.info.proj_names, cfg.base_channels[layer], 0.0)
+    method = CompressedMoEMethod(fake_moe(tp_rank, tp_size), spec, cfg.info.proj_names, cfg.indices[layer], 0.0)
     module = torch.nn.Module()
     method.create_weights(module, spec.num_experts, spec.hidden_size, spec.intermediate_size // tp_size,
                           torch.float32)
@@ -177,7 +177,7 @@ def plugin_forward(method, module, x, ids, weights) -> torch.Tensor:
     return method.apply(module, x, weights, ids.to(torch.int32), None, None)
 
 
-def dense_forward(compressed: CompressedLayer, x, ids, weights) -> torch.Tensor:
+def dense_forward(compressed: BaseDeltaLayer, x, ids, weights) -> torch.Tensor:
     """float64 dense math on the materialised experts: Σ_k w_k · W_down (silu(W_gate x) ⊙ W_up x)."""
     x64, out = x.double(), torch.zeros(x.shape, dtype=torch.float64)
     for e in range(compressed.num_experts):
@@ -203,8 +203,8 @@ def test_apply_equals_reference_and_dense_math(ckpt, layer, strategy):
     cfg = make_config(ckpt.qc, ckpt.dir)
     method, module = loaded_layer(cfg, ckpt, layer)
     spec = ckpt.spec(layer)
-    compressed = CompressedLayer.from_tensors(spec, ckpt.info.proj_names, ckpt.tensors.__getitem__)
-    reference = CompressedExperts(compressed)
+    compressed = BaseDeltaLayer.from_tensors(spec, ckpt.info.proj_names, ckpt.tensors.__getitem__)
+    reference = BaseDeltaExperts(compressed)
     for x, ids, weights in routings(spec, seed=layer):
         got = plugin_forward(method, module, x, ids, weights)
         assert got.shape == x.shape and got.dtype == torch.float32
@@ -226,7 +226,7 @@ def check_variant(qc: dict, model_dir: Path, tensors: dict[str, torch.Tensor], l
     cfg = make_config(qc, model_dir)
     spec = cfg.layers[layer]
     info = CompressionInfo.from_config(copy.deepcopy(qc))
-    reference = CompressedExperts(CompressedLayer.from_tensors(spec, info.proj_names, tensors.__getitem__))
+    reference = BaseDeltaExperts(BaseDeltaLayer.from_tensors(spec, info.proj_names, tensors.__getitem__))
     variant = Checkpoint(model_dir, qc, info, tensors)
     full = loaded_layer(cfg, variant, layer)
     ranks = [loaded_layer(cfg, variant, layer, tp_rank=t, tp_size=2) for t in range(2)]
@@ -285,14 +285,14 @@ def test_dynamic_pruning_on_rank_with_few_base_channels(ckpt, tmp_path, strategy
     assert last >= part
     qc, tensors, _ = restrict_base(ckpt, lambda c: (c < part) | (c == last))
     cfg = make_config(qc, write_variant(ckpt, tmp_path, tensors))
-    method = CompressedMoEMethod(fake_moe(1, 2), cfg.layers[LAYER], cfg.info.proj_names, cfg.base_channels[LAYER],
+    method = CompressedMoEMethod(fake_moe(1, 2), cfg.layers[LAYER], cfg.info.proj_names, cfg.indices[LAYER],
                                  cfg.info.dynamic_prune_ratio)
     module = torch.nn.Module()
     method.create_weights(module, spec.num_experts, spec.hidden_size, part, torch.float32)
     load_layer(method, module, {k: v for k, v in tensors.items() if k.startswith(spec.prefix + ".")})
     method.process_weights_after_loading(module)
     assert module.moe_compress_channels.tolist() == [last - part]
-    assert method.num_dynamic_drop == 1  # capped at the one channel this rank keeps
+    assert method.scheme.num_dynamic_drop == 1  # capped at the one channel this rank keeps
     for x, ids, weights in routings(spec, seed=50):
         assert torch.isfinite(plugin_forward(method, module, x, ids, weights)).all()
 
@@ -303,15 +303,15 @@ def test_dynamic_pruning_matches_reference_at_tp1(ckpt, strategy):
     ratio = cfg.info.dynamic_prune_ratio
     assert ratio > 0
     spec = cfg.layers[LAYER]
-    method = CompressedMoEMethod(fake_moe(), spec, cfg.info.proj_names, cfg.base_channels[LAYER], ratio)
+    method = CompressedMoEMethod(fake_moe(), spec, cfg.info.proj_names, cfg.indices[LAYER], ratio)
     module = torch.nn.Module()
     method.create_weights(module, spec.num_experts, spec.hidden_size, spec.intermediate_size, torch.float32)
     load_layer(method, module, ckpt.layer_tensors(LAYER))
     method.process_weights_after_loading(module)
-    assert method.num_dynamic_drop == round(ratio * spec.intermediate_size) > 0
-    compressed = CompressedLayer.from_tensors(spec, ckpt.info.proj_names, ckpt.tensors.__getitem__)
-    reference = CompressedExperts(compressed, dynamic_prune_ratio=ratio)
-    static = CompressedExperts(compressed)
+    assert method.scheme.num_dynamic_drop == round(ratio * spec.intermediate_size) > 0
+    compressed = BaseDeltaLayer.from_tensors(spec, ckpt.info.proj_names, ckpt.tensors.__getitem__)
+    reference = BaseDeltaExperts(compressed, dynamic_prune_ratio=ratio)
+    static = BaseDeltaExperts(compressed)
     for x, ids, weights in routings(spec, seed=40):
         got = plugin_forward(method, module, x, ids, weights)
         torch.testing.assert_close(got, reference(x, ids, weights), atol=1e-5, rtol=0)
@@ -348,7 +348,7 @@ def test_tensor_parallel_ranks_sum_to_full_output(ckpt, layer, strategy):
     cfg = make_config(ckpt.qc, ckpt.dir)
     spec = ckpt.spec(layer)
     h, part = spec.hidden_size, spec.intermediate_size // tp
-    channels = cfg.base_channels[layer]
+    channels = cfg.indices[layer][base_channels_name(spec.prefix)]
     full_method, full = loaded_layer(cfg, ckpt, layer)
     ranks = [loaded_layer(cfg, ckpt, layer, tp_rank=t, tp_size=tp) for t in range(tp)]
 
@@ -520,7 +520,7 @@ def test_unknown_scheme_is_rejected(ckpt, where):
         cfg = make_config(ckpt.qc, ckpt.dir)
         spec = dataclasses.replace(cfg.layers[0], scheme="tucker_cp")
         with pytest.raises(ValueError, match="tucker_cp.*base_delta"):
-            CompressedMoEMethod(fake_moe(), spec, cfg.info.proj_names, cfg.base_channels[0], 0.0)
+            CompressedMoEMethod(fake_moe(), spec, cfg.info.proj_names, cfg.indices[0], 0.0)
 
 
 @pytest.mark.parametrize("version", [2, 0, "1", None])
@@ -581,13 +581,13 @@ def test_no_safetensors_is_rejected(ckpt, tmp_path):
 def test_layer_shape_mismatch_and_expert_parallel_are_rejected(ckpt):
     cfg = make_config(ckpt.qc, ckpt.dir)
     spec = cfg.layers[0]
-    method = CompressedMoEMethod(fake_moe(), spec, cfg.info.proj_names, cfg.base_channels[0], 0.0)
+    method = CompressedMoEMethod(fake_moe(), spec, cfg.info.proj_names, cfg.indices[0], 0.0)
     with pytest.raises(ValueError, match=re.escape(spec.prefix)):
         method.create_weights(torch.nn.Module(), spec.num_experts + 1, spec.hidden_size, spec.intermediate_size,
                               torch.float32)
     ep = SimpleNamespace(moe_parallel_config=SimpleNamespace(use_ep=True, tp_rank=0), tp_size=1)
     with pytest.raises(ValueError, match="expert parallelism"):
-        CompressedMoEMethod(ep, spec, cfg.info.proj_names, cfg.base_channels[0], 0.0)
+        CompressedMoEMethod(ep, spec, cfg.info.proj_names, cfg.indices[0], 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- 5. weight mapper

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from offline.checkpoint_io import SafetensorsCheckpoint, copy_side_files
 from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.compressed_layer import CompressedLayer
+from offline.schemes.base_delta import BaseDeltaLayer
 from offline.format import CompressionInfo
 from offline.loading import load_compressed_model
 
@@ -73,7 +73,7 @@ def materialize_dense(compressed: Path, out: Path) -> Path:
     ckpt = SafetensorsCheckpoint(compressed)
     tensors = {k: ckpt.get(k) for k in ckpt.keys() if not k.startswith(tuple(s.prefix + "." for s in info.layers))}
     for spec in info.layers:
-        layer = CompressedLayer.from_tensors(spec, info.proj_names, ckpt.get)
+        layer = BaseDeltaLayer.from_tensors(spec, info.proj_names, ckpt.get)
         for e in range(spec.num_experts):
             for proj, name in info.proj_names.items():
                 tensors[f"{spec.prefix}.{e}.{name}.weight"] = layer.dense_weight(e, proj).float().contiguous()

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import kernels.base_delta_torch as base_delta_torch
 
-from offline.compressed_layer import CompressedLayer
-from offline.reference_moe import CompressedExperts
+from offline.schemes.base_delta import BaseDeltaLayer
+from offline.schemes.base_delta import BaseDeltaExperts
 
 E, H, I, T, K = 6, 16, 10, 40, 3
 
@@ -20,7 +20,7 @@ def strategy(request, monkeypatch):
     return request.param
 
 
-def random_layer(seed: int, with_base: bool) -> CompressedLayer:
+def random_layer(seed: int, with_base: bool) -> BaseDeltaLayer:
     g = torch.Generator().manual_seed(seed)
     ranks = [3, 0, 5, 1, 10, 2]  # ragged, one rank-0 expert, one full rank
     factors = {}
@@ -36,7 +36,7 @@ def random_layer(seed: int, with_base: bool) -> CompressedLayer:
         base = {"gate": torch.randn(6, H, generator=g, dtype=torch.float64),
                 "up": torch.randn(6, H, generator=g, dtype=torch.float64),
                 "down": torch.randn(H, 6, generator=g, dtype=torch.float64)}
-    return CompressedLayer(H, I, factors, base, channels)
+    return BaseDeltaLayer(H, I, factors, base, channels)
 
 
 def dense_moe(layer, x, idx, w):
@@ -59,7 +59,7 @@ def test_matches_dense_float64(with_base, seed):
     # experts 1..5 only: expert 0 receives no tokens
     idx = torch.stack([torch.randperm(E - 1, generator=g)[:K] + 1 for _ in range(T)])
     w = torch.rand(T, K, generator=g, dtype=torch.float64)
-    module = CompressedExperts(layer)
+    module = BaseDeltaExperts(layer)
     torch.testing.assert_close(module(x, idx, w), dense_moe(layer, x, idx, w), rtol=1e-10, atol=1e-10)
 
 
@@ -68,7 +68,7 @@ def test_single_token_and_float32():
     x = torch.randn(1, H, dtype=torch.float64)
     idx, w = torch.tensor([[4, 2, 0]]), torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
     expected = dense_moe(layer, x, idx, w)
-    module = CompressedExperts(layer).float()
+    module = BaseDeltaExperts(layer).float()
     torch.testing.assert_close(module(x.float(), idx, w.float()).double(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -78,8 +78,8 @@ def test_dynamic_pruning_skips_lowest_scoring_base_columns():
     x = torch.randn(T, H, generator=g, dtype=torch.float64)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     w = torch.rand(T, K, generator=g, dtype=torch.float64)
-    full = CompressedExperts(layer)
-    pruned = CompressedExperts(layer, dynamic_prune_ratio=0.2)  # round(0.2 * 10) = 2 columns
+    full = BaseDeltaExperts(layer)
+    pruned = BaseDeltaExperts(layer, dynamic_prune_ratio=0.2)  # round(0.2 * 10) = 2 columns
     assert pruned.num_dynamic_drop == 2
     # expected: the same forward with the two lowest-scoring base-down columns zeroed
     acc = torch.zeros(T, 6, dtype=torch.float64)

@@ -14,11 +14,14 @@ the full output, which vLLM's MoE runner all-reduces.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from kernels.base_delta_torch import rank_offsets
 from offline.architectures import PROJECTIONS
-from offline.format import LayerSpec
+from offline.format import LayerSpec, base_channels_name
+from offline.schemes.base_delta import check_base_channels
 
 PROJ_OF_SHARD = {"w1": "gate", "w3": "up", "w2": "down"}
 SUFFIX_OF_PARAM = {"w13_delta_u": "delta_u", "w13_delta_v": "delta_v", "w2_delta_u": "delta_u",
@@ -26,7 +29,27 @@ SUFFIX_OF_PARAM = {"w13_delta_u": "delta_u", "w13_delta_v": "delta_v", "w2_delta
 
 
 class BaseDeltaScheme:
-    def __init__(self, spec: LayerSpec, proj_names: dict[str, str], channels: list[int], tp_rank: int, tp_size: int):
+    """One plugin scheme. Every scheme class provides: ``scheme`` (its name), ``WEIGHT_RENAMES`` (checkpoint
+    name regex -> vLLM expert-mapping name, for tensors that are not per-expert), ``index_tensor_names`` and
+    ``check_indices`` (int index tensors read at start-up), and per layer ``part`` (I per TP rank),
+    ``shapes`` (parameter name -> shape), ``register_buffers``, ``load``, ``first_unloaded`` and ``apply``."""
+
+    scheme = "base_delta"
+    WEIGHT_RENAMES = {  # experts.base.<proj>.weight -> experts.0.<proj>.base (loaded into w13_base / w2_base)
+        re.compile(r"\.experts\.base\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$"): r".experts.0.\1.base",
+    }
+
+    @staticmethod
+    def index_tensor_names(spec: LayerSpec) -> list[str]:
+        return [base_channels_name(spec.prefix)] if spec.base_channels else []
+
+    @staticmethod
+    def check_indices(spec: LayerSpec, indices: dict[str, list[int]]) -> None:
+        if spec.base_channels:
+            check_base_channels(spec, indices[base_channels_name(spec.prefix)])
+
+    def __init__(self, spec: LayerSpec, proj_names: dict[str, str], indices: dict[str, list[int]], tp_rank: int,
+                 tp_size: int, dynamic_prune_ratio: float = 0.0):
         if spec.intermediate_size % tp_size:
             raise ValueError(f"moe_compress: intermediate size {spec.intermediate_size} of {spec.prefix} "
                              f"is not divisible by tensor-parallel size {tp_size}")
@@ -34,9 +57,13 @@ class BaseDeltaScheme:
         self.proj_names = proj_names
         self.part = spec.intermediate_size // tp_size
         self.lo = tp_rank * self.part
+        channels = indices.get(base_channels_name(spec.prefix), [])
         self.local_positions = [k for k, c in enumerate(channels) if self.lo <= c < self.lo + self.part]
         self.local_channels = [channels[k] - self.lo for k in self.local_positions]
+        # Per TP rank: a rank drops its share of the channels, never more than it keeps (docs/format.md §7).
+        self.num_dynamic_drop = min(round(dynamic_prune_ratio * self.part), len(self.local_channels))
         self.ranks = spec.ranks
+        self.triton_layout = None  # per-layer metadata of the Triton path, built at the first CUDA forward
         totals = {p: sum(r) for p, r in spec.ranks.items()}
         starts = rank_offsets(torch.tensor([spec.ranks[p] for p in PROJECTIONS]))
         self.starts = dict(zip(PROJECTIONS, starts))
@@ -56,13 +83,26 @@ class BaseDeltaScheme:
         layer.register_buffer("moe_compress_channels", torch.tensor(self.local_channels, dtype=torch.int64),
                               persistent=False)
 
-    @staticmethod
-    def apply(layer, x, topk_weights, topk_ids, num_dynamic_drop: int) -> torch.Tensor:
-        return torch.ops.moe_compress.base_delta_moe(
-            x, topk_weights, topk_ids, layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v,
-            layer.w2_delta_u, layer.w2_delta_v, layer.w13_base, layer.w2_base, layer.moe_compress_channels,
-            num_dynamic_drop,
-        )
+    def _op_args(self, layer) -> tuple:
+        return (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,
+                layer.w13_base, layer.w2_base, layer.moe_compress_channels, self.num_dynamic_drop)
+
+    def apply(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """Σ_k w_k·expert_k(x): the Triton kernels on CUDA devices, the torch custom op elsewhere."""
+        if x.is_cuda:
+            return self.apply_triton(layer, x, topk_weights, topk_ids)
+        return torch.ops.moe_compress.base_delta_moe(x, topk_weights, topk_ids, *self._op_args(layer))
+
+    def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
+        from kernels import base_delta_triton
+
+        if self.triton_layout is None:  # built from host lists: no device sync, safe before graph capture
+            ranks = [self.ranks[p] for p in PROJECTIONS]
+            self.triton_layout = base_delta_triton.BaseDeltaLayout.from_lists(ranks, self.local_channels, self.part,
+                                                                              x.device)
+        return base_delta_triton.base_delta_moe(x, topk_ids, topk_weights, *self._op_args(layer),
+                                                layout=self.triton_layout)
 
     def checkpoint_name(self, param: str, proj: str, expert: int | None) -> str:
         """The checkpoint tensor a parameter slice comes from, e.g. ``…experts.3.gate_proj.delta_v``."""

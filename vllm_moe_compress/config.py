@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from offline.format import QUANT_METHOD, CompressionInfo, FormatError, base_channels_name
+from offline.format import QUANT_METHOD, CompressionInfo, FormatError
 
 DYNAMIC_PRUNE_ENV = "VLLM_MOE_COMPRESS_DYNAMIC_PRUNE"
 """Set to 1 to run D²-MoE's dynamic base pruning per batch (default off: a request's output then never
@@ -41,7 +41,7 @@ class MoECompressConfig(QuantizationConfig):
             )
         self.info = info
         self.layers = {spec.layer: spec for spec in info.layers}
-        self.base_channels: dict[int, list[int]] = {}
+        self.indices: dict[int, dict[str, list[int]]] = {}  # layer -> index tensor name -> values
         self.dynamic_pruning = os.environ.get(DYNAMIC_PRUNE_ENV, "0") == "1"
 
     @classmethod
@@ -69,42 +69,49 @@ class MoECompressConfig(QuantizationConfig):
 
     @staticmethod
     def get_checkpoint_weight_mapper():
-        """Give the shared base an expert-0 name so vLLM's expert mapping routes it to ``w13_base``/``w2_base``.
-
-        ``experts.base.<proj>.weight`` → ``experts.0.<proj>.base``. The channel index is read from the
-        checkpoint at start-up (``maybe_update_config``) and dropped here, so no loader ever sees a tensor
-        it has no parameter for. Idempotent: vLLM may apply it twice.
-        """
+        """Each scheme's renames (e.g. the shared base gets an expert-0 name so vLLM's expert mapping routes
+        it), and index tensors (``….channels``) dropped: they are read at start-up (``maybe_update_config``),
+        so no loader ever sees a tensor it has no parameter for. Idempotent: vLLM may apply it twice."""
         from vllm.model_executor.models.utils import WeightsMapper
 
-        return QuantizationConfig.get_checkpoint_weight_mapper() | WeightsMapper(orig_to_new_regex={
-            re.compile(r"\.experts\.base\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$"): r".experts.0.\1.base",
-            re.compile(r"\.experts\.base\.channels$"): None,
-        })
+        from .moe_method import SCHEMES
+
+        renames = {pattern: new for scheme in SCHEMES.values() for pattern, new in scheme.WEIGHT_RENAMES.items()}
+        renames[re.compile(r"\.experts\.(?:[^.]+\.)*channels$")] = None
+        return QuantizationConfig.get_checkpoint_weight_mapper() | WeightsMapper(orig_to_new_regex=renames)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
-        """Read each layer's base channel index (tiny int32 tensors): shapes per TP rank depend on it."""
-        needed = {spec.layer: spec for spec in self.info.layers if spec.base_channels}
-        if not needed:
+        """Read the small int32 index tensors the schemes declare: parameter shapes per TP rank depend on them."""
+        from .moe_method import scheme_class
+
+        wanted = {name: spec for spec in self.info.layers for name in scheme_class(spec).index_tensor_names(spec)}
+        if not wanted:
             return
         files = sorted(Path(model_name).glob("*.safetensors"))
         if not files:
             raise ValueError(f"moe_compress: no safetensors files in {model_name} (only local checkpoints are supported)")
+        found: dict[str, list[int]] = {}
         for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                keys = set(f.keys())
-                for layer, spec in needed.items():
-                    name = base_channels_name(spec.prefix)
-                    if name in keys:
-                        channels = f.get_tensor(name).tolist()
-                        try:
-                            spec.check_base_channels(channels)
-                        except FormatError as err:
-                            raise ValueError(f"moe_compress: {err}") from err
-                        self.base_channels[layer] = channels
-        missing = [base_channels_name(s.prefix) for l, s in needed.items() if l not in self.base_channels]
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in wanted.keys() & set(f.keys()):
+                        tensor = f.get_tensor(name)
+                        if tensor.is_floating_point() or tensor.dim() != 1:
+                            raise ValueError(f"moe_compress: tensor {name} must be a 1-D integer index, "
+                                             f"got {tensor.dtype} of shape {tuple(tensor.shape)}")
+                        found[name] = tensor.tolist()
+            except SafetensorError as err:
+                raise ValueError(f"moe_compress: {path} is not a readable safetensors file: {err}") from err
+        missing = [name for name in wanted if name not in found]
         if missing:
             raise ValueError(f"moe_compress: tensor {missing[0]} missing from the checkpoint")
+        for spec in self.info.layers:
+            names = scheme_class(spec).index_tensor_names(spec)
+            self.indices[spec.layer] = {name: found[name] for name in names}
+            try:
+                scheme_class(spec).check_indices(spec, self.indices[spec.layer])
+            except FormatError as err:
+                raise ValueError(f"moe_compress: {err}") from err
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, LinearBase):
@@ -116,6 +123,6 @@ class MoECompressConfig(QuantizationConfig):
             spec = self.layers.get(int(match[1])) if match else None
             if spec is None:
                 raise ValueError(f"moe_compress: MoE layer {prefix} has no entry in quantization_config.layers")
-            return CompressedMoEMethod(layer.moe_config, spec, self.info.proj_names, self.base_channels.get(spec.layer, []),
+            return CompressedMoEMethod(layer.moe_config, spec, self.info.proj_names, self.indices.get(spec.layer, {}),
                                        self.info.dynamic_prune_ratio if self.dynamic_pruning else 0.0)
         return None

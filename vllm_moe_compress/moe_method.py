@@ -16,24 +16,26 @@ from offline.format import LayerSpec
 
 from .base_delta import BaseDeltaScheme
 
-SCHEMES = {"base_delta": BaseDeltaScheme}
-"""One class per checkpoint scheme: its parameter shapes, loading (with TP slicing), buffers and compute."""
+SCHEMES = {cls.scheme: cls for cls in (BaseDeltaScheme,)}
+"""One class per checkpoint scheme (the contract is documented on :class:`BaseDeltaScheme`)."""
+
+
+def scheme_class(spec: LayerSpec):
+    if spec.scheme not in SCHEMES:
+        raise ValueError(f"moe_compress: {spec.prefix} uses scheme {spec.scheme!r}; this plugin knows "
+                         f"{', '.join(SCHEMES)}")
+    return SCHEMES[spec.scheme]
 
 
 class CompressedMoEMethod(FusedMoEMethodBase):
-    def __init__(self, moe, spec: LayerSpec, proj_names: dict[str, str], base_channels: list[int],
+    def __init__(self, moe, spec: LayerSpec, proj_names: dict[str, str], indices: dict[str, list[int]],
                  dynamic_prune_ratio: float):
         super().__init__(moe)
-        if spec.scheme not in SCHEMES:
-            raise ValueError(f"moe_compress: {spec.prefix} uses scheme {spec.scheme!r}; this plugin knows "
-                             f"{', '.join(SCHEMES)}")
         if moe.moe_parallel_config.use_ep:
             raise ValueError("moe_compress: expert parallelism is not supported; use tensor parallelism")
         self.spec = spec
-        self.scheme = SCHEMES[spec.scheme](spec, proj_names, base_channels, moe.moe_parallel_config.tp_rank, moe.tp_size)
-        # Per TP rank: a rank drops its share of the channels, never more than it keeps (docs/format.md §7).
-        local_channels = len(self.scheme.local_channels)
-        self.num_dynamic_drop = min(round(dynamic_prune_ratio * self.scheme.part), local_channels)
+        self.scheme = scheme_class(spec)(spec, proj_names, indices, moe.moe_parallel_config.tp_rank, moe.tp_size,
+                                         dynamic_prune_ratio)
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
@@ -67,4 +69,4 @@ class CompressedMoEMethod(FusedMoEMethodBase):
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
         """Σ_k w_k·expert_k(x) for this rank's intermediate slice; vLLM adds shared experts and all-reduces."""
-        return self.scheme.apply(layer, x, topk_weights, topk_ids, self.num_dynamic_drop)
+        return self.scheme.apply(layer, x, topk_weights, topk_ids)

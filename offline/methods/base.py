@@ -9,7 +9,8 @@ import torch
 from ..architectures import PROJECTIONS
 from ..budget import LayerShape, allocate_ranks
 from ..calibration import ExpertStatistics
-from ..compressed_layer import CompressedLayer, Factors
+from ..schemes.base import SchemeLayer
+from ..schemes.base_delta import Factors
 from ..linalg import low_rank_factors, whitening_factor
 
 ExpertWeights = dict[str, torch.Tensor]
@@ -72,5 +73,5 @@ class CompressionMethod(ABC):
     def compress_layer(
         self, weights: ExpertWeights, stats: ExpertStatistics, fisher: dict[str, torch.Tensor] | None,
         budget: int, shape: LayerShape,
-    ) -> CompressedLayer:
+    ) -> SchemeLayer:
         """Compress one layer using at most ``budget`` rank-dependent parameters."""

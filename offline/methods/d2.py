@@ -13,7 +13,7 @@ Per MoE layer and projection p ∈ {gate, up, down}:
    how lliai/D2MoE prunes — scored with C_j = ‖W_b,down[:, j]‖₂ · ‖X[j, :]‖₂ where X is the experts'
    intermediate activation over every routed calibration token. The lowest half of ``base_prune`` is
    removed here (static, saves storage); the other half is stored as ``dynamic_prune_ratio`` and applied
-   per batch at inference (reference_moe.py, the plugin). Order as in the paper: merge, deltas against
+   per batch at inference (schemes/base_delta.py, the plugin). Order as in the paper: merge, deltas against
    the full base, then prune the base.
 4. Delta trimming (App. B.1), optional: the ``trim_experts`` least-routed experts of each layer keep no
    delta (they become the base). Choice: the target ratio stays fixed and the freed budget raises the
@@ -26,7 +26,7 @@ import torch
 
 from ..architectures import PROJECTIONS
 from ..budget import LayerShape
-from ..compressed_layer import CompressedLayer
+from ..schemes.base_delta import BaseDeltaLayer
 from .base import CompressionMethod, factorize_experts
 
 MERGES = ("fisher", "mean", "frequency")
@@ -82,7 +82,7 @@ class D2MoE(CompressionMethod):
             return stats.counts.double()
         return torch.ones(stats.counts.numel(), dtype=torch.float64)
 
-    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape) -> CompressedLayer:
+    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape) -> BaseDeltaLayer:
         base = {p: merge_base(weights[p], self.importance(p, stats, fisher)) for p in PROJECTIONS}
         deltas = {p: weights[p] - base[p] for p in PROJECTIONS}
         ranks = self.ranks_for(budget, shape, stats)
@@ -92,4 +92,4 @@ class D2MoE(CompressionMethod):
         score = base["down"].norm(dim=0) * activation_norm  # Eq. 9, C_j
         keep = torch.sort(torch.topk(score, self.static_channels(shape)).indices).values
         pruned = {"gate": base["gate"][keep], "up": base["up"][keep], "down": base["down"][:, keep]}
-        return CompressedLayer(shape.hidden_size, shape.intermediate_size, factors, pruned, keep)
+        return BaseDeltaLayer(shape.hidden_size, shape.intermediate_size, factors, pruned, keep)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..budget import LayerShape
-from ..compressed_layer import CompressedLayer
+from ..schemes.base_delta import BaseDeltaLayer
 from .base import CompressionMethod, factorize_experts
 
 
@@ -13,10 +13,10 @@ class PlainSVD(CompressionMethod):
     name = "svd"
     whitened = False
 
-    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape) -> CompressedLayer:
+    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape) -> BaseDeltaLayer:
         ranks = self.ranks_for(budget, shape, stats)
         factors = factorize_experts(weights, ranks, stats if self.whitened else None)
-        return CompressedLayer(shape.hidden_size, shape.intermediate_size, factors)
+        return BaseDeltaLayer(shape.hidden_size, shape.intermediate_size, factors)
 
 
 class WhitenedSVD(PlainSVD):

@@ -1,19 +1,42 @@
-"""One compressed MoE layer in memory (scheme ``base_delta``), and its tensors in the checkpoint format."""
+"""Scheme ``base_delta`` (D²-MoE and the SVD baselines): one layer in memory, its tensors, its reference forward.
+
+The reference forward replaces transformers' fused ``experts`` module and keeps its call signature, so
+routing, shared experts and everything else stay the model's own. Experts are computed from their factors
+in the packed layout of kernels/base_delta_torch.py (the function the vLLM plugin runs on CPU), never
+materialised:
+
+    g, u  = scatter(B_gate x), scatter(B_up x)   once per token
+            + U_i (V_i x)                        per routed (token, expert)
+    h_i   = silu(g) * u
+    y     = B_down · Σ_i w_i h_i                 once per token (on the weighted sum)
+            + Σ_i w_i U_i,down (V_i,down h_i)    per routed (token, expert)
+
+Its correctness is tested against float64 dense math (tests/test_reference_moe.py).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .architectures import PROJECTIONS
-from .format import FormatError, LayerSpec, base_channels_name, base_name, delta_name
+from kernels.base_delta_torch import base_delta_moe
+
+from ..architectures import PROJECTIONS
+from ..format import FormatError, LayerSpec, base_channels_name, base_name, delta_name
+from .base import SchemeLayer, check_channel_index, fetch_checked
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (U [out, r], V [r, in])
 
 
+def check_base_channels(spec: LayerSpec, channels: list[int]) -> None:
+    """The stored channel index must hold ``spec.base_channels`` strictly increasing values in [0, I)."""
+    check_channel_index(base_channels_name(spec.prefix), channels, spec.base_channels, spec.intermediate_size)
+
+
 @dataclass
-class CompressedLayer:
+class BaseDeltaLayer(SchemeLayer):
     """Expert i's projection p is  W_i,p = scatter(B_p) + U_i,p V_i,p  (either term may be absent).
 
     ``base`` maps a canonical projection to the shared base restricted to ``base_channels``
@@ -25,6 +48,21 @@ class CompressedLayer:
     factors: dict[str, list[Factors | None]]
     base: dict[str, torch.Tensor] | None = None
     base_channels: torch.Tensor | None = None  # int64 [C], sorted
+    scheme = "base_delta"
+
+    @staticmethod
+    def validate_spec(spec: LayerSpec) -> None:
+        where = f"layer {spec.layer} ({spec.prefix})"
+        if not 0 <= spec.base_channels <= spec.intermediate_size:
+            raise FormatError(f"{where}: base_channels {spec.base_channels} outside [0, {spec.intermediate_size}]")
+        max_rank = min(spec.hidden_size, spec.intermediate_size)
+        for proj in PROJECTIONS:
+            ranks = spec.ranks.get(proj)
+            if ranks is None or len(ranks) != spec.num_experts:
+                raise FormatError(f"{where}: ranks[{proj!r}] must list one rank per expert ({spec.num_experts})")
+            bad = [r for r in ranks if not isinstance(r, int) or not 0 <= r <= max_rank]
+            if bad:
+                raise FormatError(f"{where}: ranks[{proj!r}] has {bad[0]!r}, outside [0, {max_rank}]")
 
     @property
     def num_experts(self) -> int:
@@ -39,6 +77,9 @@ class CompressedLayer:
         if self.base is not None:
             n += sum(w.numel() for w in self.base.values())
         return n
+
+    def allocation(self) -> dict:
+        return {"ranks": self.ranks(), "base_channels": 0 if self.base is None else int(self.base_channels.numel())}
 
     def base_weight(self, proj: str) -> torch.Tensor:
         """scatter(B_p): the shared base on its kept channels, zero elsewhere (float64; zero without a base)."""
@@ -83,7 +124,7 @@ class CompressedLayer:
 
     def spec(self, layer: int, prefix: str) -> LayerSpec:
         return LayerSpec(
-            layer=layer, prefix=prefix, scheme="base_delta", num_experts=self.num_experts,
+            layer=layer, prefix=prefix, scheme=self.scheme, num_experts=self.num_experts,
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             base_channels=0 if self.base is None else int(self.base_channels.numel()), ranks=self.ranks(),
         )
@@ -103,17 +144,11 @@ class CompressedLayer:
         return out
 
     @classmethod
-    def from_tensors(cls, spec: LayerSpec, proj_names: dict[str, str], get) -> "CompressedLayer":
-        """Rebuild from a checkpoint; ``get(name)`` returns a tensor. Shapes are checked against ``spec``."""
+    def from_tensors(cls, spec: LayerSpec, proj_names: dict[str, str], get) -> "BaseDeltaLayer":
         h, i_size, prefix = spec.hidden_size, spec.intermediate_size, spec.prefix
 
         def fetch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-            t = get(name)
-            if tuple(t.shape) != shape:
-                raise FormatError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise FormatError(f"tensor {name} contains NaN or Inf")
-            return t
+            return fetch_checked(get, name, shape)
 
         factors: dict[str, list[Factors | None]] = {}
         for p in PROJECTIONS:
@@ -126,7 +161,29 @@ class CompressedLayer:
         base = channels = None
         c = spec.base_channels
         if c:
-            channels = fetch(base_channels_name(prefix), (c,)).long()
-            spec.check_base_channels(channels.tolist())
+            channels = fetch(base_channels_name(prefix), (c,))
+            if channels.is_floating_point():
+                raise FormatError(f"tensor {base_channels_name(prefix)} must be an integer index, got {channels.dtype}")
+            channels = channels.long()
+            check_base_channels(spec, channels.tolist())
             base = {p: fetch(base_name(prefix, proj_names[p]), (h, c) if p == "down" else (c, h)) for p in PROJECTIONS}
         return cls(h, i_size, factors, base, channels)
+
+    def experts_module(self, dynamic_prune_ratio: float = 0.0) -> nn.Module:
+        return BaseDeltaExperts(self, dynamic_prune_ratio)
+
+
+class BaseDeltaExperts(nn.Module):
+    """Reference forward of a ``base_delta`` layer over its packed buffers (see the module docstring)."""
+
+    def __init__(self, layer: BaseDeltaLayer, dynamic_prune_ratio: float = 0.0):
+        super().__init__()
+        self.num_dynamic_drop = round(dynamic_prune_ratio * layer.intermediate_size) if layer.base is not None else 0
+        for name, tensor in layer.packed().items():
+            self.register_buffer(name, tensor)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        return base_delta_moe(
+            hidden_states, top_k_index, top_k_weights, self.ranks, self.gate_up_u, self.gate_up_v, self.down_u,
+            self.down_v, self.base_gate_up, self.base_down, self.base_channels, self.num_dynamic_drop,
+        )

@@ -1,0 +1,8 @@
+"""Checkpoint schemes by name (``quantization_config.layers[*].scheme``): their in-memory layer classes."""
+
+from .base import SchemeLayer
+from .base_delta import BaseDeltaLayer
+
+SCHEME_LAYERS: dict[str, type[SchemeLayer]] = {cls.scheme: cls for cls in (BaseDeltaLayer,)}
+
+__all__ = ["SCHEME_LAYERS", "SchemeLayer", "BaseDeltaLayer"]
