@@ -1,4 +1,4 @@
-"""``moe-compress``: compress MoE checkpoints, evaluate perplexity, inspect compressed checkpoints."""
+"""``moe-compress``: compress MoE checkpoints, evaluate perplexity and zero-shot accuracy, inspect and report."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .fisher import FISHER_GRANULARITY, FISHER_LABELS
     from .methods import METHODS
     from .methods.d2 import MERGES
+    from .zeroshot import TASK_SOURCES
+    from .zeroshot import TASKS as ZEROSHOT_TASKS
 
     parser = argparse.ArgumentParser(prog="moe-compress", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -109,6 +111,51 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt", required=True)
     t.add_argument("--max-new-tokens", type=_positive, default=32)
 
+    z = sub.add_parser(
+        "eval-zeroshot", help="zero-shot accuracy (lm-evaluation-harness through vLLM) of a dense or compressed checkpoint",
+        description="lm-evaluation-harness, 0-shot, with its vLLM backend (quantization=moe_compress for compressed "
+        "checkpoints). Tasks read the local copies in the data directory (offline/eval_tasks/*.yaml swap only the "
+        "data source of lm-eval's own task configurations); --tasks-source hub uses the standard tasks unchanged. "
+        "vLLM on CPU needs VLLM_CPU_KVCACHE_SPACE (GiB; default here 1).",
+    )
+    z.add_argument("model_dir", metavar="MODEL_DIR")
+    z.add_argument("--tasks", nargs="+", default=list(ZEROSHOT_TASKS), metavar="TASK",
+                   help=f"lm-eval task names, space- or comma-separated (default: {','.join(ZEROSHOT_TASKS)})")
+    z.add_argument("--limit", type=_positive, help="score only the first N documents of each task (default: all)")
+    z.add_argument("--out", type=Path, required=True, metavar="FILE.json", help="where to write the results (JSON)")
+    z.add_argument("--tasks-source", choices=TASK_SOURCES, default="local",
+                   help="local: the data directory's copies, no hub (default); hub: lm-eval's standard datasets")
+    z.add_argument("--data-dir", help="the shared data directory (default: $MOE_COMPRESS_DATA)")
+    z.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="vLLM compute dtype (default auto: the checkpoint's)")
+    z.add_argument("--max-model-len", type=_positive, help="vLLM context length (default: the model's)")
+
+    r = sub.add_parser(
+        "report", help="table (Markdown + JSON) and PNG plots for an original model and its compressed checkpoints",
+        description="One row per model: method, target/achieved ratio, parameters, bytes, perplexity per dataset, "
+        "zero-shot accuracy per task; plots of routing frequency, rank/channel allocation and (with --original) "
+        "singular-value energy of original, base and delta weights. Results come from --results files or are "
+        "computed with --ppl-datasets / --zeroshot-tasks and cached in OUT_DIR/cache, so re-running after adding "
+        "checkpoints evaluates only the new ones.",
+    )
+    r.add_argument("dirs", nargs="*", metavar="DIR", help="compressed (or dense) checkpoint directories")
+    r.add_argument("--out", type=Path, required=True, metavar="OUT_DIR", help="where report.md, report.json and PNGs go")
+    r.add_argument("--original", type=Path, metavar="DIR",
+                   help="the uncompressed model: first row of the table, and the original weights of the energy plot")
+    r.add_argument("--results", type=Path, nargs="+", default=[], metavar="FILE",
+                   help="JSON written by eval-zeroshot --out, or the JSON line of eval-ppl --json, per model")
+    r.add_argument("--ppl-datasets", nargs="+", choices=DATASETS, default=[], metavar="DATASET",
+                   help=f"compute perplexity on these ({', '.join(DATASETS)}) with the reference forward")
+    r.add_argument("--ppl-max-tokens", type=_positive, default=40960, help="tokens scored per dataset (default 40960)")
+    r.add_argument("--ppl-seqlen", type=_positive, help="perplexity window (default min(2048, model maximum))")
+    r.add_argument("--zeroshot-tasks", nargs="+", default=[], metavar="TASK",
+                   help="run eval-zeroshot on these tasks for every model (one subprocess each)")
+    r.add_argument("--zeroshot-limit", type=_positive, help="first N documents per task for --zeroshot-tasks")
+    r.add_argument("--tasks-source", choices=TASK_SOURCES, default="local")
+    r.add_argument("--data-dir", help="the shared data directory (default: $MOE_COMPRESS_DATA)")
+    r.add_argument("--energy-layer", type=int, help="MoE layer of the energy plot (default: the first compressed)")
+    r.add_argument("--no-progress", action="store_true")
+
     i = sub.add_parser("inspect", help="method, ratios, per-layer ranks and parameter counts of a compressed checkpoint")
     i.add_argument("model_dir", metavar="DIR")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -134,23 +181,55 @@ def run_compress(args) -> int:
 
 
 def run_eval_ppl(args) -> int:
-    import torch
+    from .perplexity import checkpoint_perplexity
 
-    from .datasets import load_eval_text, resolve_data_dir
-    from .loading import load_model
-    from .perplexity import default_seqlen, evaluate_perplexity
-    from transformers import AutoTokenizer
-
-    text = load_eval_text(args.dataset, resolve_data_dir(args.data_dir))
-    model = load_model(args.model_dir, getattr(torch, args.dtype), dynamic_pruning=not args.no_dynamic_prune)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    seqlen = args.seqlen or default_seqlen(model.config)
-    result = evaluate_perplexity(model, tokenizer, text, seqlen, args.max_tokens, args.batch_size,
-                                 progress=not args.no_progress)
+    result = checkpoint_perplexity(args.model_dir, [args.dataset], args.data_dir, args.max_tokens, args.seqlen,
+                                   args.batch_size, args.dtype, not args.no_dynamic_prune,
+                                   not args.no_progress)[args.dataset]
     print(f"{args.model_dir} {args.dataset}: ppl {result.ppl:.4f} over {result.tokens:,} tokens "
           f"({result.windows} windows of {result.seqlen})")
     if args.json:
         print(json.dumps({"model": str(args.model_dir), "dataset": args.dataset, **result.to_dict()}))
+    return 0
+
+
+def _task_list(values: list[str]) -> tuple[str, ...]:
+    return tuple(t for value in values for t in value.split(",") if t)
+
+
+def run_eval_zeroshot(args) -> int:
+    from .checkpoint_io import write_json
+    from .datasets import resolve_data_dir
+    from .zeroshot import ZeroShotOptions, evaluate_zeroshot
+
+    data_dir = resolve_data_dir(args.data_dir) if args.tasks_source == "local" else None
+    options = ZeroShotOptions(tasks=_task_list(args.tasks), limit=args.limit, source=args.tasks_source,
+                              data_dir=data_dir, dtype=args.dtype, max_model_len=args.max_model_len)
+    result = evaluate_zeroshot(args.model_dir, options)
+    write_json(args.out, result)
+    for task, metrics in result["tasks"].items():
+        norm = f"  acc_norm {metrics['acc_norm']:.4f}" if "acc_norm" in metrics else ""
+        print(f"{task:<14} acc {metrics['acc']:.4f}{norm}  ({metrics['samples']} of {metrics['samples_total']} docs)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_report(args) -> int:
+    from .datasets import resolve_data_dir
+    from .report import ReportOptions, build_report
+
+    needs_data = args.ppl_datasets or (args.zeroshot_tasks and args.tasks_source == "local")
+    options = ReportOptions(
+        out_dir=args.out, original=args.original, results=args.results, ppl_datasets=args.ppl_datasets,
+        ppl_max_tokens=args.ppl_max_tokens, ppl_seqlen=args.ppl_seqlen,
+        data_dir=resolve_data_dir(args.data_dir) if needs_data else None,
+        zeroshot_tasks=list(_task_list(args.zeroshot_tasks)), zeroshot_limit=args.zeroshot_limit,
+        tasks_source=args.tasks_source, energy_layer=args.energy_layer, progress=not args.no_progress,
+    )
+    rows = build_report([Path(d) for d in args.dirs], options)
+    print((args.out / "report.md").read_text(), end="")
+    plots = sum(1 for r in rows for k in r.plots if k != "energy_layer")
+    print(f"wrote {args.out}/report.md, report.json and {plots} plots")
     return 0
 
 
@@ -179,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    commands = {"compress": run_compress, "eval-ppl": run_eval_ppl, "generate": run_generate,
-                "inspect": run_inspect}
+    commands = {"compress": run_compress, "eval-ppl": run_eval_ppl, "eval-zeroshot": run_eval_zeroshot,
+                "report": run_report, "generate": run_generate, "inspect": run_inspect}
     try:
         return commands[args.command](args)
     except USER_ERRORS as err:

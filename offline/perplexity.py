@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,3 +64,22 @@ def evaluate_perplexity(
     tokens = windows * (seqlen - 1)
     mean = total.item() / tokens
     return PerplexityResult(ppl=math.exp(mean), nll=mean, tokens=tokens, windows=windows, seqlen=seqlen)
+
+
+def checkpoint_perplexity(
+    model_dir: str | Path, datasets: list[str], data_dir: str | Path | None, max_tokens: int | None = None,
+    seqlen: int | None = None, batch_size: int = 1, dtype: str = "float32", dynamic_pruning: bool = True,
+    progress: bool = True,
+) -> dict[str, PerplexityResult]:
+    """Perplexity of a dense or compressed checkpoint on each local dataset (the model is loaded once)."""
+    from transformers import AutoTokenizer
+
+    from .datasets import load_eval_text, resolve_data_dir
+    from .loading import load_model
+
+    texts = {name: load_eval_text(name, resolve_data_dir(data_dir)) for name in datasets}
+    model = load_model(model_dir, getattr(torch, dtype), dynamic_pruning=dynamic_pruning)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    seqlen = seqlen or default_seqlen(model.config)
+    return {name: evaluate_perplexity(model, tokenizer, text, seqlen, max_tokens, batch_size, progress)
+            for name, text in texts.items()}

@@ -81,8 +81,8 @@ class BaseDeltaLayer(SchemeLayer):
     def allocation(self) -> dict:
         return {"ranks": self.ranks(), "base_channels": 0 if self.base is None else int(self.base_channels.numel())}
 
-    def dense_weight(self, expert: int, proj: str) -> torch.Tensor:
-        """Materialise W_i,p (tests and analysis only; serving never does this)."""
+    def base_weight(self, proj: str) -> torch.Tensor:
+        """scatter(B_p): the shared base on its kept channels, zero elsewhere (float64; zero without a base)."""
         out_dim, in_dim = (self.intermediate_size, self.hidden_size) if proj != "down" else (
             self.hidden_size, self.intermediate_size)
         w = torch.zeros(out_dim, in_dim, dtype=torch.float64)
@@ -91,6 +91,11 @@ class BaseDeltaLayer(SchemeLayer):
                 w[:, self.base_channels] += self.base[proj].double()
             else:
                 w[self.base_channels] += self.base[proj].double()
+        return w
+
+    def dense_weight(self, expert: int, proj: str) -> torch.Tensor:
+        """Materialise W_i,p (tests and analysis only; serving never does this)."""
+        w = self.base_weight(proj)
         f = self.factors[proj][expert]
         if f is not None:
             w += f[0].double() @ f[1].double()
