@@ -7,6 +7,7 @@ text long enough), and the output directory appears only when the whole checkpoi
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -104,12 +105,13 @@ def compress_checkpoint(
     ckpt = SafetensorsCheckpoint(model_dir)
     layout = find_moe_layers(ckpt, arch, AutoConfig.from_pretrained(model_dir))
     total = sum(ckpt.numel(k) for k in ckpt.keys())
-    plan = plan_budget(
-        total, layout.shapes, ratio,
+    plan_for = functools.partial(
+        plan_budget, total, layout.shapes, ratio,
         fixed_params={l: method.fixed_params(s) for l, s in layout.shapes.items()},
         active_experts={l: s.num_experts - method.num_trimmed(s) for l, s in layout.shapes.items()},
         method=method.name,
     )
+    plan = plan_for()
     if Path(out_dir).exists() and not overwrite:
         raise FileExistsError(f"output directory {out_dir} already exists (use --overwrite to replace it)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -119,6 +121,9 @@ def compress_checkpoint(
              model_dir, len(layout.shapes), f"{total:,}", *samples.shape, calibration.file)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    layer_weights = method.layer_budget_weights(model, samples, layout.shapes, plan.kept_fraction, calibration.batch_size)
+    if layer_weights:
+        plan = plan_for(layer_weights=layer_weights)
     fisher = {}
     if method.needs_fisher:
         fisher = expert_fisher(
@@ -138,7 +143,11 @@ def compress_checkpoint(
             nonlocal compressed_params
             shape, prefix = layout.shapes[layer], layout.prefixes[layer]
             weights = expert_weights(moe_block(model, layer).experts)
-            compressed = method.compress_layer(weights, stats, fisher.get(layer), plan.layer_budgets[layer], shape)
+            following = [l for l in sorted(layout.shapes) if l > layer]
+            extra = {"next_weights": expert_weights(moe_block(model, following[0]).experts) if following else None
+                     } if method.needs_next_layer else {}
+            compressed = method.compress_layer(weights, stats, fisher.get(layer), plan.layer_budgets[layer], shape,
+                                               **extra)
             for name, tensor in compressed.to_tensors(prefix, arch.proj_names, out_dtype).items():
                 writer.add(name, tensor)
             compressed_params += compressed.num_params()
@@ -151,7 +160,7 @@ def compress_checkpoint(
 
         run_layerwise(
             model, {l: (s.num_experts, s.hidden_size, s.intermediate_size) for l, s in layout.shapes.items()},
-            samples, calibration.batch_size, on_moe_layer, progress,
+            samples, calibration.batch_size, on_moe_layer, progress, method.moment_samples,
         )
         achieved = plan.achieved_ratio(compressed_params)
         if abs(achieved - ratio) > RATIO_TOLERANCE:
