@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.format import CompressionInfo
+from offline.format import CompressionInfo, base_name
 from offline.schemes.sparse_lowrank import SparseLowRankExperts, SparseLowRankLayer, unit_channels_name, unit_name
 from test_plugin_loading import (
     CALIBRATION_FILE, Checkpoint, dense_forward, load_layer, loaded_layer, make_config, make_layer, nbytes,
-    plugin_forward, routings,
+    plugin_forward, routings, write_variant,
 )
 
 LAYERS = (0, 1)
@@ -87,8 +87,7 @@ def first_expert_with(spec, kind: str) -> int:
 def test_bad_tensor_error_names_it(ckpt, part, how):
     spec = ckpt.spec(0)
     e = first_expert_with(spec, "lowrank" if part.startswith("lowrank") else "sparse")
-    name = (f"{spec.prefix}.base.up_proj.weight".replace("up_proj", "down_proj") if part == "base"
-            else unit_name(spec.prefix, e, "up_proj", part))
+    name = base_name(spec.prefix, "down_proj") if part == "base" else unit_name(spec.prefix, e, "up_proj", part)
     tensors = ckpt.layer_tensors(0)
     if how == "missing":
         del tensors[name]
@@ -110,8 +109,6 @@ def test_overlapping_unit_channels_are_rejected_at_start_up(ckpt, tmp_path):
     sparse = ckpt.tensors[unit_channels_name(spec.prefix, e, "sparse")]
     lowrank = ckpt.tensors[unit_channels_name(spec.prefix, e, "lowrank")]
     clash = torch.cat([lowrank[lowrank != sparse[0]][: len(lowrank) - 1], sparse[:1]]).sort().values
-    from test_plugin_loading import write_variant
-
     tensors = dict(ckpt.tensors)
     tensors[unit_channels_name(spec.prefix, e, "lowrank")] = clash.to(torch.int32)
     with pytest.raises(ValueError, match="both sparse and low-rank"):

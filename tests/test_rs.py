@@ -5,8 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import CALIBRATION_FILE, FAMILIES
 from offline.budget import LayerShape, plan_budget
 from offline.calibration import ActivationMoments, ExpertStatistics
+from offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from offline.loading import load_compressed_model
 from offline.layer_allocation import MIOptions, mine_estimate, redundancy_scores, solve_save_ratios
 from offline.linalg import eigen_whitened_factors
 from offline.methods.rs import ACIWeights, RSMoE, aci_scores, ridge_down_base
@@ -178,3 +181,16 @@ def test_plan_with_layer_weights_keeps_the_total():
     assert weighted.layer_budgets[0] > uniform.layer_budgets[1] > weighted.layer_budgets[2]
     ratio = (weighted.layer_budgets[0] + 512) / (weighted.layer_budgets[2] + 512)
     assert ratio == pytest.approx(0.6 / 0.4, rel=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_compresses_to_the_ratio_and_runs(family, tiny_moe, tmp_path):
+    calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=4, seqlen=32, batch_size=4)
+    method = build_method("rs", mi=MIOptions(steps=50))
+    info = compress_checkpoint(tiny_moe(family), tmp_path / "rs", method, 0.05, calibration, dtype="float32",
+                               progress=False)
+    assert abs(info.achieved_ratio - 0.05) <= 0.005
+    assert all(spec.scheme == "sparse_lowrank" for spec in info.layers)
+    assert len(info.method_options["layer_keep_fractions"]) == len(info.layers) or len(info.layers) == 1
+    logits = load_compressed_model(tmp_path / "rs")(torch.tensor([[5, 17, 300, 42]])).logits
+    assert torch.isfinite(logits).all()
