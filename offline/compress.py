@@ -143,9 +143,10 @@ def compress_checkpoint(
             nonlocal compressed_params
             shape, prefix = layout.shapes[layer], layout.prefixes[layer]
             weights = expert_weights(moe_block(model, layer).experts)
-            following = [l for l in sorted(layout.shapes) if l > layer]
-            extra = {"next_weights": expert_weights(moe_block(model, following[0]).experts) if following else None
-                     } if method.needs_next_layer else {}
+            extra = {}
+            if method.needs_next_layer:  # RS-MoE's downstream influence reads the next MoE layer's experts
+                following = [l for l in sorted(layout.shapes) if l > layer]
+                extra["next_weights"] = expert_weights(moe_block(model, following[0]).experts) if following else None
             compressed = method.compress_layer(weights, stats, fisher.get(layer), plan.layer_budgets[layer], shape,
                                                **extra)
             for name, tensor in compressed.to_tensors(prefix, arch.proj_names, out_dtype).items():
