@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
     from .layer_allocation import ALLOCATIONS
     from .methods.d2 import MERGES
-    from .methods.rs import BASES as RS_BASES, SCORES as RS_SCORES
+    from .methods.rs import BASES as RS_BASES, LOWRANK_SVDS as RS_LOWRANK_SVDS, SCORES as RS_SCORES
 
     parser = argparse.ArgumentParser(prog="moe-compress", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of each layer's budget spent on dense (sparse-component) units (default 0.8)")
     r.add_argument("--rs-lowrank-share", type=float, default=0.5,
                    help="fraction of the remaining units approximated low-rank; the rest are pruned (default 0.5)")
+    r.add_argument("--rs-lowrank-svd", choices=RS_LOWRANK_SVDS, default="activation",
+                   help="SVD of the low-rank units: activation-aware via EVD of XᵀX (§3.4, default) or plain (Table 3)")
     r.add_argument("--rs-ridge-lambda", type=float, default=1e-3, help="ridge λ, relative to the Gram's mean diagonal")
     r.add_argument("--rs-ridge-samples", type=_positive, default=2048, help="routed tokens per expert for the ridge fit")
     r.add_argument("--rs-aci", type=float, nargs=4, default=[0.4, 0.05, 0.8, 0.05],
@@ -146,7 +148,8 @@ def run_compress(args) -> int:
     method = build_method(
         args.method, merge=args.merge, base_prune=args.base_prune, trim_experts=args.trim_experts,
         score=args.rs_score, rs_base=args.rs_base, allocation=args.rs_allocation, sparse_share=args.rs_sparse_share,
-        lowrank_share=args.rs_lowrank_share, ridge_lambda=args.rs_ridge_lambda, ridge_samples=args.rs_ridge_samples,
+        lowrank_share=args.rs_lowrank_share, lowrank_svd=args.rs_lowrank_svd, ridge_lambda=args.rs_ridge_lambda,
+        ridge_samples=args.rs_ridge_samples,
         aci=ACIWeights(*args.rs_aci),
         mi=MIOptions(steps=args.rs_mine_steps, seed=args.seed, bound=args.rs_mi_bound, smooth=args.rs_mi_smooth,
                      reg=args.rs_mi_reg),

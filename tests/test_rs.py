@@ -83,14 +83,16 @@ def sparse_plus_low_rank_layer(sparse_channels: int, rank: int, seed: int):
     return weights, planted
 
 
-def test_exactly_sparse_plus_rank_k_layer_is_recovered():
+@pytest.mark.parametrize("lowrank_svd", ["activation", "plain"])
+def test_exactly_sparse_plus_rank_k_layer_is_recovered(lowrank_svd):
     s, k = 3, 2
     weights, planted = sparse_plus_low_rank_layer(s, k, seed=3)
     stats = statistics(weights, 400, seed=4, planted=planted)
     shape = LayerShape(E, H, I)
     sparse_cost = 3 * H * s * E
     budget = sparse_cost + E * 3 * k * (H + I - s)
-    method = RSMoE(score="peak", rs_base="none", sparse_share=(sparse_cost + 0.5) / budget, lowrank_share=1.0)
+    method = RSMoE(score="peak", rs_base="none", sparse_share=(sparse_cost + 0.5) / budget, lowrank_share=1.0,
+                   lowrank_svd=lowrank_svd)
     layer = method.compress_layer(weights, stats, None, budget, shape)
     assert layer.num_params() == budget
     assert sorted((e, int(j)) for e, ex in enumerate(layer.experts) for j in ex.sparse_channels) == sorted(planted)

@@ -24,7 +24,8 @@ Per MoE layer (§3.2–3.4):
    medium units pruned.
 4. **Activation-aware SVD (§3.4)** of each expert's medium rows of W_gate and W_up with the eigendecomposition
    of its input Gram XᵀX (linalg.eigen_whitened_factors), and of its medium columns of W_down with its
-   intermediate Gram restricted to those channels.
+   intermediate Gram restricted to those channels. ``lowrank_svd="plain"`` (Table 3's "Standard SVD") uses
+   the plain truncated SVD instead.
 5. **Down base.** ``base="ridge"`` (the paper): a down base B [H, I] shared by the layer's experts, fitted
    by ridge regression so that B·h̃_e compensates what the compressed expert misses:
    min Σ_(tokens, e) w²‖y_e − D_e h̃_e − B h̃_e‖² + λ‖B‖², with y_e the original expert output, h̃_e the
@@ -54,6 +55,7 @@ from .d2 import merge_base
 
 SCORES = ("aci", "weight", "activation", "peak")
 BASES = ("ridge", "mean", "frequency", "none")
+LOWRANK_SVDS = ("activation", "plain")
 
 
 @dataclass(frozen=True)
@@ -198,9 +200,10 @@ class RSMoE(CompressionMethod):
 
     def __init__(self, score: str = "aci", rs_base: str = "ridge", allocation: str = "mi",
                  sparse_share: float = 0.8, lowrank_share: float = 0.5, ridge_lambda: float = 1e-3,
-                 ridge_samples: int = 2048, aci: ACIWeights = ACIWeights(), mi: MIOptions = MIOptions()):
+                 ridge_samples: int = 2048, lowrank_svd: str = "activation", aci: ACIWeights = ACIWeights(),
+                 mi: MIOptions = MIOptions()):
         for value, allowed, what in ((score, SCORES, "score"), (rs_base, BASES, "base"),
-                                     (allocation, ALLOCATIONS, "allocation")):
+                                     (allocation, ALLOCATIONS, "allocation"), (lowrank_svd, LOWRANK_SVDS, "lowrank_svd")):
             if value not in allowed:
                 raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
         for value, what in ((sparse_share, "sparse_share"), (lowrank_share, "lowrank_share")):
@@ -210,14 +213,15 @@ class RSMoE(CompressionMethod):
             raise ValueError("ridge_lambda must be >= 0 and ridge_samples > 0")
         self.score, self.base, self.allocation = score, rs_base, allocation
         self.sparse_share, self.lowrank_share = sparse_share, lowrank_share
-        self.ridge_lambda, self.aci, self.mi = ridge_lambda, aci, mi
+        self.ridge_lambda, self.lowrank_svd, self.aci, self.mi = ridge_lambda, lowrank_svd, aci, mi
         self.moment_samples = ridge_samples
         self.layer_keep: dict[int, float] = {}
 
     def options(self) -> dict:
         return {"score": self.score, "base": self.base, "allocation": self.allocation,
                 "sparse_share": self.sparse_share, "lowrank_share": self.lowrank_share,
-                "ridge_lambda": self.ridge_lambda, "ridge_samples": self.moment_samples, "aci": vars(self.aci),
+                "ridge_lambda": self.ridge_lambda, "ridge_samples": self.moment_samples,
+                "lowrank_svd": self.lowrank_svd, "aci": vars(self.aci),
                 "mi": vars(self.mi), "layer_keep_fractions": {str(k): round(v, 6) for k, v in self.layer_keep.items()}}
 
     def fixed_params(self, shape: LayerShape) -> int:
@@ -245,9 +249,12 @@ class RSMoE(CompressionMethod):
             sparse = {"gate": weights["gate"][e][s], "up": weights["up"][e][s], "down": down[e][:, s]}
             lowrank = dict.fromkeys(sparse)
             if k:
+                input_gram, inter_gram = stats.input_gram[e], stats.inter_gram[e][m][:, m]
+                if self.lowrank_svd == "plain":  # a zero Gram makes eigen_whitened_factors the plain SVD
+                    input_gram, inter_gram = torch.zeros_like(input_gram), torch.zeros_like(inter_gram)
                 for p in ("gate", "up"):
-                    lowrank[p] = eigen_whitened_factors(weights[p][e][m], stats.input_gram[e], k)
-                lowrank["down"] = eigen_whitened_factors(down[e][:, m], stats.inter_gram[e][m][:, m], k)
+                    lowrank[p] = eigen_whitened_factors(weights[p][e][m], input_gram, k)
+                lowrank["down"] = eigen_whitened_factors(down[e][:, m], inter_gram, k)
             experts.append(ExpertUnits(s, sparse, torch.tensor(m, dtype=torch.int64), lowrank))
         layer = SparseLowRankLayer(shape.hidden_size, shape.intermediate_size, experts, base)
         if self.base == "ridge":
