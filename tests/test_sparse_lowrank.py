@@ -79,6 +79,7 @@ def test_format_round_trip_preserves_every_part():
     assert spec.ranks["up"] == [2, 1, 0, 0, 0]
     assert spec.base_channels == I
     assert layer.num_params() == sum(t.numel() for n, t in tensors.items() if not n.endswith("channels"))
+    assert SparseLowRankLayer.params_from_spec(spec) == layer.num_params()
     back = SparseLowRankLayer.from_tensors(spec, PROJ_NAMES, tensors.__getitem__)
     for name, tensor in layer.packed().items():
         torch.testing.assert_close(back.packed()[name], tensor, rtol=0, atol=0, msg=name)

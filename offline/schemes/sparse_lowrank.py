@@ -124,6 +124,12 @@ class SparseLowRankLayer(SchemeLayer):
             n += sum(u.numel() + v.numel() for f in ex.lowrank.values() if f is not None for u, v in [f])
         return n
 
+    @staticmethod
+    def params_from_spec(spec: LayerSpec) -> int:
+        h, lowrank = spec.hidden_size, spec.details["lowrank_channels"]
+        factors = sum(k * (h + m) for ranks in spec.ranks.values() for k, m in zip(ranks, lowrank))
+        return 3 * h * sum(spec.details["sparse_channels"]) + factors + h * spec.base_channels
+
     def allocation(self) -> dict:
         return {"ranks": self.ranks(), **self.counts(), "base_channels": self._base_channels()}
 
