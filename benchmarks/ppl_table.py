@@ -4,13 +4,15 @@
         --calib-file ../shared/data/brown/train.txt --data-dir ../shared/data --out runs/ppl
 
 Each compression and evaluation runs as its own ``moe-compress`` process (so peak RSS is per job);
-results go to OUT/results.json and a Markdown table to stdout.
+results go to OUT/results.json and a Markdown table to stdout. A method may carry extra ``compress`` flags
+after a colon, comma-separated, for ablations: ``--methods rs rs:--rs-score=peak rs:--rs-base=mean``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -29,7 +31,7 @@ def moe_compress(*args: str) -> str:
 
 def evaluate(model_dir: Path, args) -> dict[str, float]:
     out = {}
-    for dataset in DATASETS:
+    for dataset in args.datasets:
         stdout = moe_compress("eval-ppl", str(model_dir), "--dataset", dataset, "--data-dir", args.data_dir,
                               "--max-tokens", str(args.max_tokens), "--json", "--no-progress")
         out[dataset] = json.loads(stdout.strip().splitlines()[-1])["ppl"]
@@ -45,30 +47,33 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["d2", "svd", "whitened-svd"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     parser.add_argument("--max-tokens", type=int, default=40960, help="tokens scored per dataset (default 40960)")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [{"method": "original", "ratio": 0.0, "ppl": evaluate(Path(args.model), args)}]
     print(json.dumps(rows[-1]), flush=True)
-    for method in args.methods:
+    for entry in args.methods:
+        method, _, flags = entry.partition(":")
         for ratio in args.ratios:
-            out_dir = args.out / f"{method}-{int(round(ratio * 100))}"
+            out_dir = args.out / f"{re.sub(r'[^A-Za-z0-9]+', '-', entry).strip('-')}-{int(round(ratio * 100))}"
             started = time.perf_counter()
             moe_compress("compress", args.model, "-o", str(out_dir), "--method", method, "--ratio", str(ratio),
-                         "--calib-file", args.calib_file, "--overwrite", "--no-progress")
+                         "--calib-file", args.calib_file, "--overwrite", "--no-progress",
+                         *(flags.split(",") if flags else []))
             wall = time.perf_counter() - started
             qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
             stats = json.loads((out_dir / "moe_compress_stats.json").read_text())
-            rows.append({"method": method, "ratio": ratio, "achieved_ratio": qc["achieved_ratio"],
+            rows.append({"method": entry, "ratio": ratio, "achieved_ratio": qc["achieved_ratio"],
                          "compress_wall_s": round(wall, 1), "peak_rss_mib": round(stats["peak_rss_bytes"] / 2**20),
                          "ppl": evaluate(out_dir, args)})
             print(json.dumps(rows[-1]), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     base = rows[0]["ppl"]
-    print(f"\n| method | target | achieved | " + " | ".join(f"{d} PPL (Δ%)" for d in DATASETS)
+    print(f"\n| method | target | achieved | " + " | ".join(f"{d} PPL (Δ%)" for d in args.datasets)
           + " | compress wall s | peak RSS MiB |")
-    print("|---" * (5 + len(DATASETS)) + "|")
+    print("|---" * (5 + len(args.datasets)) + "|")
     for r in rows:
-        cells = " | ".join(f"{r['ppl'][d]:.1f} ({100 * (r['ppl'][d] / base[d] - 1):+.1f})" for d in DATASETS)
+        cells = " | ".join(f"{r['ppl'][d]:.1f} ({100 * (r['ppl'][d] / base[d] - 1):+.1f})" for d in args.datasets)
         print(f"| {r['method']} | {r['ratio']:.2f} | {r.get('achieved_ratio', 0):.4f} | {cells} | "
               f"{r.get('compress_wall_s', '')} | {r.get('peak_rss_mib', '')} |")
 

@@ -46,6 +46,7 @@ class BudgetPlan:
     total_params: int
     non_expert_params: int
     layer_budgets: dict[int, int]  # MoE layer -> parameters available to its rank-dependent factors
+    kept_fraction: float = 1.0  # expert parameters kept over all MoE layers (fixed costs included)
 
     def achieved_ratio(self, compressed_expert_params: int) -> float:
         return 1.0 - (self.non_expert_params + compressed_expert_params) / self.total_params
@@ -58,11 +59,14 @@ def plan_budget(
     fixed_params: dict[int, int],
     active_experts: dict[int, int],
     method: str,
+    layer_weights: dict[int, float] | None = None,
 ) -> BudgetPlan:
     """Per-layer factor budgets for ``target_ratio``; raises with the reachable range if impossible.
 
     ``fixed_params[L]`` is what layer L stores regardless of ranks (a base); ``active_experts[L]`` how
-    many of its experts may hold a rank (delta trimming sets some to zero).
+    many of its experts may hold a rank (delta trimming sets some to zero). ``layer_weights[L]`` (RS-MoE's
+    mutual-information allocation) makes layer L's whole share, fixed part included, proportional to
+    ``layer_weights[L]`` times its dense expert parameters instead of an even split; the total is unchanged.
     """
     if not 0.0 < target_ratio < 1.0:
         raise UnreachableRatioError(f"ratio must be in (0, 1), got {target_ratio}")
@@ -78,8 +82,20 @@ def plan_budget(
             f"[{lo:.4f}, {hi:.4f}] of total parameters ({non_expert:,} of {total_params:,} are not routed-expert weights)"
         )
     available = (1.0 - target_ratio) * total_params - floor
-    per_layer = available / len(shapes)
-    return BudgetPlan(total_params, non_expert, {l: int(per_layer) for l in shapes})
+    kept = (available + sum(fixed_params.values())) / expert_params
+    if not layer_weights:
+        per_layer = available / len(shapes)
+        return BudgetPlan(total_params, non_expert, {l: int(per_layer) for l in shapes}, kept)
+    share = {l: layer_weights[l] * s.dense_expert_params for l, s in shapes.items()}
+    scale = (available + sum(fixed_params.values())) / sum(share.values())
+    budgets = {l: int(share[l] * scale - fixed_params[l]) for l in shapes}
+    short = [l for l, b in budgets.items() if b < 0]
+    if short:
+        raise UnreachableRatioError(
+            f"method {method}: the layer allocation leaves MoE layer {short[0]} less than its fixed "
+            f"{fixed_params[short[0]]:,} parameters at ratio {target_ratio:.4f}; use a lower ratio or a uniform allocation"
+        )
+    return BudgetPlan(total_params, non_expert, budgets, kept)
 
 
 def allocate_ranks(budget: int, shape: LayerShape, frequencies: list[float], trimmed: set[int]) -> list[int]:

@@ -57,6 +57,44 @@ def peak_rss_bytes() -> int:
 
 
 @dataclass
+class ActivationMoments:
+    """Per expert and intermediate channel j, over its routed tokens, of the routing-weighted intermediate
+    A = w·h (RS-MoE Algorithm 1, line 3): Σ A², Σ A⁴ and max |A|; plus the first ``sample_limit`` routed
+    inputs of each expert with their routing weights (RS-MoE's ridge fit needs the compressed experts'
+    outputs on real tokens, which no Gram determines)."""
+
+    sum_sq: torch.Tensor    # [E, I] float64
+    sum_quad: torch.Tensor  # [E, I]
+    peak: torch.Tensor      # [E, I]
+    sample_limit: int
+    inputs: list[list[torch.Tensor]]   # per expert, chunks of routed inputs [n, H] (float32)
+    weights: list[list[torch.Tensor]]  # per expert, their routing weights [n] (float64)
+
+    @classmethod
+    def zeros(cls, num_experts: int, intermediate: int, sample_limit: int) -> "ActivationMoments":
+        def z():
+            return torch.zeros(num_experts, intermediate, dtype=torch.float64)
+
+        return cls(z(), z(), z(), sample_limit, [[] for _ in range(num_experts)], [[] for _ in range(num_experts)])
+
+    def add(self, expert: int, inter: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> None:
+        a = (inter * weights[:, None]).abs()
+        self.sum_sq[expert] += (a**2).sum(0)
+        self.sum_quad[expert] += (a**4).sum(0)
+        self.peak[expert] = torch.maximum(self.peak[expert], a.max(0).values)
+        room = self.sample_limit - sum(len(c) for c in self.weights[expert])
+        if room > 0:
+            self.inputs[expert].append(x[:room].float())
+            self.weights[expert].append(weights[:room])
+
+    def samples(self, expert: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept routed inputs [n, H] (float64) of ``expert`` and their routing weights [n]."""
+        if not self.weights[expert]:
+            return torch.zeros(0, hidden, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return torch.cat(self.inputs[expert]).double(), torch.cat(self.weights[expert])
+
+
+@dataclass
 class ExpertStatistics:
     """Statistics of one MoE layer over the calibration set (float64 accumulators).
 
@@ -64,20 +102,25 @@ class ExpertStatistics:
     weight_sums[e]   sum of the routing weights those tokens gave e
     input_gram[e]    Xₑᵀ Xₑ over e's routed inputs           [E, H, H]
     inter_gram[e]    Hₑᵀ Hₑ over e's intermediate act(g)·u   [E, I, I]
+    moments          per-channel activation moments (only for methods that ask, e.g. RS-MoE)
     """
 
     counts: torch.Tensor
     weight_sums: torch.Tensor
     input_gram: torch.Tensor
     inter_gram: torch.Tensor
+    moments: ActivationMoments | None = None
 
     @classmethod
-    def zeros(cls, num_experts: int, hidden: int, intermediate: int) -> "ExpertStatistics":
+    def zeros(cls, num_experts: int, hidden: int, intermediate: int,
+              moment_samples: int | None = None) -> "ExpertStatistics":
+        """``moment_samples``: also collect :class:`ActivationMoments`, keeping that many inputs per expert."""
         f64 = torch.float64
         return cls(
             torch.zeros(num_experts, dtype=torch.int64), torch.zeros(num_experts, dtype=f64),
             torch.zeros(num_experts, hidden, hidden, dtype=f64),
             torch.zeros(num_experts, intermediate, intermediate, dtype=f64),
+            None if moment_samples is None else ActivationMoments.zeros(num_experts, intermediate, moment_samples),
         )
 
     @property
@@ -98,8 +141,8 @@ class ExpertStatistics:
         for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
-            idx = tokens[start : start + n]
-            self.weight_sums[e] += weights[start : start + n].sum()
+            idx, routing = tokens[start : start + n], weights[start : start + n]
+            self.weight_sums[e] += routing.sum()
             start += n
             x = hidden[idx].float()
             gate, up = (x @ experts_module.gate_up_proj[e].float().T).chunk(2, dim=-1)
@@ -107,6 +150,8 @@ class ExpertStatistics:
             x = x.double()
             self.input_gram[e] += x.T @ x
             self.inter_gram[e] += inter.T @ inter
+            if self.moments is not None:
+                self.moments.add(e, inter, x, routing)
 
 
 def _capture_layer0_inputs(model, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
@@ -148,6 +193,7 @@ def run_layerwise(
     batch_size: int,
     on_moe_layer: Callable[[int, ExpertStatistics, list[torch.Tensor]], None],
     progress: bool = True,
+    moment_samples: int | None = None,
     *,
     start_layer: int = 0,
     start_hidden: list[torch.Tensor] | None = None,
@@ -157,7 +203,8 @@ def run_layerwise(
     ``moe_layers[L] = (num_experts, hidden, intermediate)``; after MoE layer L has seen every batch,
     ``on_moe_layer(L, stats, hidden)`` is called (compress and write it there) with the hidden states
     leaving layer L, one tensor per batch. To resume, pass ``start_layer`` and the hidden states entering it
-    (``start_hidden``, as ``on_moe_layer`` received them after the layer before).
+    (``start_hidden``, as ``on_moe_layer`` received them after the layer before). ``moment_samples``: see
+    :meth:`ExpertStatistics.zeros`.
     """
     batches = list(samples.split(batch_size))
     calls = _capture_layer0_inputs(model, batches)
@@ -169,7 +216,7 @@ def run_layerwise(
                       disable=not progress, initial=start_layer, total=len(layers)):
         stats = handle = None
         if index in moe_layers:
-            stats = ExpertStatistics.zeros(*moe_layers[index])
+            stats = ExpertStatistics.zeros(*moe_layers[index], moment_samples)
             experts = moe_block(model, index).experts
             handle = experts.register_forward_pre_hook(
                 lambda module, args: stats.accumulate(module, *args)

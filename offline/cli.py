@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .datasets import DATASETS
     from .fisher import FISHER_GRANULARITY, FISHER_LABELS
     from .methods import METHODS
+    from .layer_allocation import ALLOCATIONS
     from .methods.d2 import MERGES
     from .zeroshot import TASK_SOURCES
     from .zeroshot import TASKS as ZEROSHOT_TASKS
+    from .methods.rs import BASES as RS_BASES, LOWRANK_SVDS as RS_LOWRANK_SVDS, SCORES as RS_SCORES
 
     parser = argparse.ArgumentParser(prog="moe-compress", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where to write the compressed checkpoint")
     c.add_argument("--method", required=True, choices=sorted(METHODS),
                    help="d2: D²-MoE (Fisher-merged base + whitened low-rank deltas + semi-dynamic base pruning); "
-                   "svd: plain per-expert SVD; whitened-svd: per-expert SVD-LLM")
+                   "svd: plain per-expert SVD; whitened-svd: per-expert SVD-LLM; rs: RS-MoE (sparse dense units + "
+                   "activation-aware low-rank units + ridge down base, MI layer budgets)")
     c.add_argument("--ratio", type=_ratio, required=True,
                    help="fraction of TOTAL model parameters to remove, e.g. 0.6 (achieved within ±0.005)")
     g = c.add_argument_group("calibration")
@@ -78,6 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels for the Fisher gradients: sampled from the model (Eq. 4, default) or the true tokens")
     d.add_argument("--fisher-granularity", choices=FISHER_GRANULARITY, default="expert",
                    help="one Fisher scalar per expert and projection (default), or a full diagonal per weight")
+    r = c.add_argument_group("RS-MoE options (--method rs; docs/methods.md)")
+    r.add_argument("--rs-score", choices=RS_SCORES, default="aci",
+                   help="unit importance: aci (Algorithm 1, default) or the Figure 3 ablations weight / activation / peak")
+    r.add_argument("--rs-base", choices=RS_BASES, default="ridge",
+                   help="shared down base: ridge regression (§3.4, default), mean / frequency merge (Table 4), none")
+    r.add_argument("--rs-allocation", choices=ALLOCATIONS, default="mi",
+                   help="layer budgets: mi (MINE + QP, §3.5, default), uniform, reverse (Table 2)")
+    r.add_argument("--rs-sparse-share", type=float, default=0.8,
+                   help="fraction of each layer's budget spent on dense (sparse-component) units (default 0.8)")
+    r.add_argument("--rs-lowrank-share", type=float, default=0.5,
+                   help="fraction of the remaining units approximated low-rank; the rest are pruned (default 0.5)")
+    r.add_argument("--rs-lowrank-svd", choices=RS_LOWRANK_SVDS, default="activation",
+                   help="SVD of the low-rank units: activation-aware via EVD of XᵀX (§3.4, default) or plain (Table 3)")
+    r.add_argument("--rs-ridge-lambda", type=float, default=1e-3, help="ridge λ, relative to the Gram's mean diagonal")
+    r.add_argument("--rs-ridge-samples", type=_positive, default=2048, help="routed tokens per expert for the ridge fit")
+    r.add_argument("--rs-aci", type=float, nargs=4, default=[0.4, 0.05, 0.8, 0.05],
+                   metavar=("W_MEAN", "W_VAR", "W_PEAK", "GAMMA"), help="ACI weights (default 0.4 0.05 0.8 0.05)")
+    r.add_argument("--rs-mi-bound", type=float, default=0.1,
+                   help="largest deviation of a layer's kept fraction from the mean (default 0.1)")
+    r.add_argument("--rs-mi-smooth", type=float, default=0.5, help="QP smoothness weight λ_smooth (default 0.5)")
+    r.add_argument("--rs-mi-reg", type=float, default=0.1, help="QP regularisation weight λ_reg (default 0.1)")
+    r.add_argument("--rs-mine-steps", type=_positive, default=300, help="MINE training steps per layer pair (default 300)")
     o = c.add_argument_group("output")
     o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="dtype of the compressed factors (default bfloat16); other tensors keep theirs")
@@ -165,7 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
 def run_compress(args) -> int:
     from .compress import CalibrationOptions, build_method, compress_checkpoint
 
-    method = build_method(args.method, merge=args.merge, base_prune=args.base_prune, trim_experts=args.trim_experts)
+    from .layer_allocation import MIOptions
+    from .methods.rs import ACIWeights
+
+    method = build_method(
+        args.method, merge=args.merge, base_prune=args.base_prune, trim_experts=args.trim_experts,
+        score=args.rs_score, rs_base=args.rs_base, allocation=args.rs_allocation, sparse_share=args.rs_sparse_share,
+        lowrank_share=args.rs_lowrank_share, lowrank_svd=args.rs_lowrank_svd, ridge_lambda=args.rs_ridge_lambda,
+        ridge_samples=args.rs_ridge_samples,
+        aci=ACIWeights(*args.rs_aci),
+        mi=MIOptions(steps=args.rs_mine_steps, seed=args.seed, bound=args.rs_mi_bound, smooth=args.rs_mi_smooth,
+                     reg=args.rs_mi_reg),
+    )
     calibration = CalibrationOptions(
         file=args.calib_file, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
         batch_size=args.calib_batch_size, fisher_samples=args.fisher_samples, fisher_labels=args.fisher_labels,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import inspect
 import json
 import logging
@@ -19,6 +20,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -115,19 +117,21 @@ def compress_checkpoint(
     ckpt = SafetensorsCheckpoint(model_dir)
     layout = find_moe_layers(ckpt, arch, AutoConfig.from_pretrained(model_dir))
     total = sum(ckpt.numel(k) for k in ckpt.keys())
-    plan = plan_budget(
-        total, layout.shapes, ratio,
+    plan_for = functools.partial(
+        plan_budget, total, layout.shapes, ratio,
         fixed_params={l: method.fixed_params(s) for l, s in layout.shapes.items()},
         active_experts={l: s.num_experts - method.num_trimmed(s) for l, s in layout.shapes.items()},
         method=method.name,
     )
+    plan = plan_for()
     if Path(out_dir).exists() and not overwrite:
         raise FileExistsError(f"output directory {out_dir} already exists (use --overwrite to replace it)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = read_calibration_text(calibration.file)
     samples = calibration_windows(tokenizer, text, calibration.samples, calibration.seqlen, calibration.seed)
     work = WorkDir(out_dir, run_arguments(model_dir, method, ratio, calibration, dtype))
-    job = _Job(model_dir, Path(out_dir), config, arch, ckpt, layout, method, plan, ratio, calibration, dtype, work)
+    job = _Job(model_dir, Path(out_dir), config, arch, ckpt, layout, method, plan, plan_for, ratio, calibration, dtype,
+               work)
     try:
         with work, _log_to(work.log_path):
             log.info("%s: %d MoE layers, %s parameters; calibration %d x %d tokens from %s",
@@ -159,6 +163,7 @@ class _Job:
     layout: MoELayout
     method: CompressionMethod
     plan: BudgetPlan
+    plan_for: Callable[..., BudgetPlan]  # plan_budget with this run's arguments; layer_weights may be added
     ratio: float
     calibration: CalibrationOptions
     dtype: str
@@ -179,6 +184,10 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
         log.info("resuming from layer %d: %d of %d MoE layers already compressed in %s",
                  todo[0], len(finished), len(moe_layers), work.path)
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32).eval()
+    weights = work.layer_weights(lambda: method.layer_budget_weights(
+        model, samples, layout.shapes, job.plan.kept_fraction, calibration.batch_size))
+    if weights:
+        job.plan = job.plan_for(layer_weights=weights)
     fisher = {}
     if method.needs_fisher:
         fisher = work.fisher(lambda: expert_fisher(
@@ -189,7 +198,12 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
     def on_moe_layer(layer: int, stats, hidden) -> None:
         shape, prefix = layout.shapes[layer], layout.prefixes[layer]
         weights = expert_weights(moe_block(model, layer).experts)
-        compressed = method.compress_layer(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer], shape)
+        extra = {}
+        if method.needs_next_layer:  # RS-MoE's downstream influence reads the next MoE layer's experts
+            following = [l for l in moe_layers if l > layer]
+            extra["next_weights"] = expert_weights(moe_block(model, following[0]).experts) if following else None
+        compressed = method.compress_layer(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer], shape,
+                                           **extra)
         record = {
             "spec": asdict(compressed.spec(layer, prefix)), "num_params": compressed.num_params(),
             "stats": {"routing_counts": stats.counts.tolist(), "routing_weight_sums": stats.weight_sums.tolist(),
@@ -200,7 +214,7 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
     run_layerwise(
         model, {l: (layout.shapes[l].num_experts, layout.shapes[l].hidden_size, layout.shapes[l].intermediate_size)
                 for l in todo},
-        samples, calibration.batch_size, on_moe_layer, progress,
+        samples, calibration.batch_size, on_moe_layer, progress, method.moment_samples,
         start_layer=finished[-1] + 1 if finished else 0,
         start_hidden=work.hidden_after(finished[-1]) if finished else None,
     )

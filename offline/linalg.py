@@ -62,3 +62,28 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor)
     """‖(W − Ŵ)Xᵀ‖_F computed from the Gram matrix: sqrt(tr((W−Ŵ) G (W−Ŵ)ᵀ))."""
     diff = (weight - approx).to(torch.float64)
     return float(torch.einsum("oi,ij,oj->", diff, gram.to(torch.float64), diff).clamp_min(0).sqrt())
+
+
+EIGEN_FLOOR = 1e-10
+"""Eigenvalues of a Gram below this fraction of its largest are raised to it before E^{-1/2} (rank-deficient
+activations: directions never seen cost nothing to get wrong, but must not blow up the inverse)."""
+
+
+def eigen_whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware SVD through the eigendecomposition of the input Gram (RS-MoE §3.4, SVD-LLM V2).
+
+        E, V = EVD(XᵀX);   U_w S_w V_wᵀ = SVD(W V E^{1/2});   W_com = U_k S_k,   W_rec = V_kᵀ E^{-1/2} Vᵀ
+
+    Returns (W_com [out, k], W_rec [k, in]); W_com W_rec minimises ‖(W − Ŵ)Xᵀ‖_F over rank-k Ŵ. An all-zero
+    Gram (an expert that saw no calibration token) gives the plain truncated SVD.
+    """
+    weight = weight.to(torch.float64)
+    gram = 0.5 * (gram + gram.T).to(torch.float64)
+    evals, evecs = torch.linalg.eigh(gram)
+    top = evals.max().item() if evals.numel() else 0.0
+    if top <= 0.0:
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        return u[:, :rank] * s[:rank], vh[:rank]
+    root = evals.clamp_min(EIGEN_FLOOR * top).sqrt()
+    u, s, vh = torch.linalg.svd(weight @ (evecs * root), full_matrices=False)
+    return u[:, :rank] * s[:rank], (vh[:rank] / root) @ evecs.T

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .checkpoint_io import read_config
 from .format import STATS_FILE, CompressionInfo
+from .schemes import SCHEME_LAYERS
 
 
 def summarize(model_dir: str | Path) -> dict:
@@ -18,7 +19,8 @@ def summarize(model_dir: str | Path) -> dict:
             "experts": spec.num_experts,
             "base_channels": spec.base_channels,
             "ranks": {p: {"min": min(r), "mean": round(sum(r) / len(r), 2), "max": max(r)} for p, r in spec.ranks.items()},
-            "params": _layer_params(spec),
+            "params": SCHEME_LAYERS[spec.scheme].params_from_spec(spec),
+            **({"units": {k: sum(v) for k, v in spec.details.items()}} if spec.details else {}),
         }
     stats_path = Path(model_dir) / STATS_FILE
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
@@ -30,12 +32,6 @@ def summarize(model_dir: str | Path) -> dict:
         "calibration": stats.get("calibration"), "wall_time_s": stats.get("wall_time_s"),
         "peak_rss_bytes": stats.get("peak_rss_bytes"),
     }
-
-
-def _layer_params(spec) -> int:
-    h, i = spec.hidden_size, spec.intermediate_size
-    rank_params = sum(r * (h + i) for ranks in spec.ranks.values() for r in ranks)
-    return rank_params + 3 * h * spec.base_channels
 
 
 def format_summary(s: dict) -> str:

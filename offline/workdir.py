@@ -183,6 +183,17 @@ class WorkDir:
         crash_point("fisher-saved")
         return fisher
 
+    def layer_weights(self, compute) -> dict[int, float] | None:
+        """The method's per-layer budget weights (RS-MoE's MI allocation), cached like the Fisher estimate."""
+        path = self.path / "layer-weights.json"
+        if path.is_file():
+            log.info("reusing the layer budget weights cached in %s", path)
+            stored = json.loads(path.read_text())
+            return None if stored is None else {int(layer): weight for layer, weight in stored.items()}
+        weights = compute()
+        atomic_write(path, _json_bytes(weights))
+        return weights
+
     def hidden_after(self, layer: int) -> list[torch.Tensor]:
         """Calibration hidden states leaving decoder layer ``layer``, one tensor per batch."""
         path = self.path / f"hidden-{layer}.safetensors"

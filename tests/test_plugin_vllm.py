@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from offline.checkpoint_io import SafetensorsCheckpoint, copy_side_files
 from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.schemes.base_delta import BaseDeltaLayer
+from offline.schemes import SCHEME_LAYERS
 from offline.format import CompressionInfo
 from offline.loading import load_compressed_model
 
@@ -73,7 +73,7 @@ def materialize_dense(compressed: Path, out: Path) -> Path:
     ckpt = SafetensorsCheckpoint(compressed)
     tensors = {k: ckpt.get(k) for k in ckpt.keys() if not k.startswith(tuple(s.prefix + "." for s in info.layers))}
     for spec in info.layers:
-        layer = BaseDeltaLayer.from_tensors(spec, info.proj_names, ckpt.get)
+        layer = SCHEME_LAYERS[spec.scheme].from_tensors(spec, info.proj_names, ckpt.get)
         for e in range(spec.num_experts):
             for proj, name in info.proj_names.items():
                 tensors[f"{spec.prefix}.{e}.{name}.weight"] = layer.dense_weight(e, proj).float().contiguous()
@@ -98,9 +98,11 @@ def test_deepseek_equals_vllm_dense_reconstruction(tmp_path):
     assert_same(run_vllm(model, *flags), run_vllm(materialize_dense(model, tmp_path / "dense"), *flags))
 
 
-def test_compiled_mode_and_svd_baseline(tmp_path):
-    """vLLM's default CPU mode compiles the model (Dynamo fullgraph): the custom op must hold there too."""
-    model = compress_for_vllm("qwen3_moe", tmp_path, method="whitened-svd")
+@pytest.mark.parametrize("method", ["whitened-svd", "rs"])
+def test_compiled_mode_svd_baseline_and_rs(method, tmp_path):
+    """vLLM's default CPU mode compiles the model (Dynamo fullgraph): the custom ops must hold there too
+    (``rs`` writes the sparse_lowrank scheme, with its own op)."""
+    model = compress_for_vllm("qwen3_moe", tmp_path, method=method)
     assert_same(run_vllm(model), reference(model))
 
 

@@ -236,3 +236,19 @@ def test_long_prompt(server):
     assert 350 <= done.usage.prompt_tokens <= 512 - 16, done.usage
     assert done.choices[0].finish_reason in ("length", "stop")
     assert done.choices[0].text, f"empty answer to a {done.usage.prompt_tokens}-token prompt"
+
+
+def test_rs_checkpoint_served_equals_offline_engine(tmp_path):
+    """An RS-MoE checkpoint (scheme sparse_lowrank, its own custom op) behind `vllm serve`."""
+    model = compress_for_vllm("qwen3_moe", tmp_path, method="rs")
+    want = offline_greedy(model, PROMPTS)
+    port = _free_port()
+    log = tmp_path / "vllm-serve.log"
+    cmd = _serve_cmd(model, port, "--quantization", "moe_compress", "--model-loader-extra-config", LOADER_EXTRA)
+    with serving(cmd, port, log) as (proc, base):
+        client = _client(base)
+        (model_id,) = [m.id for m in client.models.list().data]
+        got = [client.completions.create(model=model_id, prompt=p, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+               for p in PROMPTS]
+        assert got == want
+        assert_sigterm_exits(proc, log)

@@ -15,8 +15,9 @@ from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 from offline.format import LayerSpec
 
 from .base_delta import BaseDeltaScheme
+from .sparse_lowrank import SparseLowRankScheme
 
-SCHEMES = {cls.scheme: cls for cls in (BaseDeltaScheme,)}
+SCHEMES = {cls.scheme: cls for cls in (BaseDeltaScheme, SparseLowRankScheme)}
 """One class per checkpoint scheme (the contract is documented on :class:`BaseDeltaScheme`)."""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from kernels.base_delta_torch import base_delta_moe
+from kernels.sparse_lowrank_torch import sparse_lowrank_moe
 
 
 @torch.library.custom_op("moe_compress::base_delta_moe", mutates_args=())
@@ -19,5 +20,23 @@ def base_delta_moe_op(
 
 
 @base_delta_moe_op.register_fake
+def _(x, *args) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moe_compress::sparse_lowrank_moe", mutates_args=())
+def sparse_lowrank_moe_op(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, sparse_counts: torch.Tensor,
+    lowrank_counts: torch.Tensor, ranks: torch.Tensor, sparse_gate_up: torch.Tensor, sparse_down: torch.Tensor,
+    lowrank_gate_up_u: torch.Tensor, lowrank_gate_up_v: torch.Tensor, lowrank_down_u: torch.Tensor,
+    lowrank_down_v: torch.Tensor, base_down: torch.Tensor, sparse_channels: torch.Tensor,
+    lowrank_channels: torch.Tensor,
+) -> torch.Tensor:
+    return sparse_lowrank_moe(x, topk_ids, topk_weights, sparse_counts, lowrank_counts, ranks, sparse_gate_up,
+                              sparse_down, lowrank_gate_up_u, lowrank_gate_up_v, lowrank_down_u, lowrank_down_v,
+                              base_down, sparse_channels, lowrank_channels)
+
+
+@sparse_lowrank_moe_op.register_fake
 def _(x, *args) -> torch.Tensor:
     return torch.empty_like(x)

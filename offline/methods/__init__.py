@@ -2,8 +2,9 @@
 
 from .base import CompressionMethod
 from .d2 import D2MoE
+from .rs import RSMoE
 from .svd import PlainSVD, WhitenedSVD
 
-METHODS: dict[str, type[CompressionMethod]] = {m.name: m for m in (D2MoE, PlainSVD, WhitenedSVD)}
+METHODS: dict[str, type[CompressionMethod]] = {m.name: m for m in (D2MoE, PlainSVD, WhitenedSVD, RSMoE)}
 
 __all__ = ["METHODS", "CompressionMethod"]

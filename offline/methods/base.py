@@ -52,6 +52,10 @@ class CompressionMethod(ABC):
     name: str
     needs_fisher: bool = False
     dynamic_prune_ratio: float = 0.0
+    needs_next_layer: bool = False
+    """When True, compress_layer also receives ``next_weights``: the next MoE layer's ExpertWeights (None for the last)."""
+    moment_samples: int | None = None
+    """When set, calibration also collects ActivationMoments (keeping this many routed inputs per expert)."""
 
     def fixed_params(self, shape: LayerShape) -> int:
         """Parameters the layer stores whatever the ranks (e.g. a shared base)."""
@@ -64,6 +68,13 @@ class CompressionMethod(ABC):
     def options(self) -> dict:
         """Method options recorded in quantization_config.method_options."""
         return {}
+
+    def layer_budget_weights(self, model, samples, shapes: dict[int, LayerShape], keep_fraction: float,
+                             batch_size: int) -> dict[int, float] | None:
+        """Relative per-layer budgets (kept fraction of each layer's expert parameters, averaging
+        ``keep_fraction``), or None for the even split. Called once with the loaded model and the calibration
+        windows, before calibration."""
+        return None
 
     def ranks_for(self, budget: int, shape: LayerShape, stats: ExpertStatistics) -> list[int]:
         trimmed = set(torch.argsort(stats.counts, stable=True)[: self.num_trimmed(shape)].tolist())

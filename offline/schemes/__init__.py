@@ -2,7 +2,8 @@
 
 from .base import SchemeLayer
 from .base_delta import BaseDeltaLayer
+from .sparse_lowrank import SparseLowRankLayer
 
-SCHEME_LAYERS: dict[str, type[SchemeLayer]] = {cls.scheme: cls for cls in (BaseDeltaLayer,)}
+SCHEME_LAYERS: dict[str, type[SchemeLayer]] = {cls.scheme: cls for cls in (BaseDeltaLayer, SparseLowRankLayer)}
 
-__all__ = ["SCHEME_LAYERS", "SchemeLayer", "BaseDeltaLayer"]
+__all__ = ["SCHEME_LAYERS", "SchemeLayer", "BaseDeltaLayer", "SparseLowRankLayer"]

@@ -33,6 +33,11 @@ class SchemeLayer(ABC):
     def num_params(self) -> int:
         """Stored weight parameters (index tensors are metadata, not counted)."""
 
+    @staticmethod
+    @abstractmethod
+    def params_from_spec(spec: LayerSpec) -> int:
+        """What :meth:`num_params` counts, from a layer's spec alone (``moe-compress inspect``)."""
+
     @abstractmethod
     def spec(self, layer: int, prefix: str) -> LayerSpec:
         """The layer's entry in ``quantization_config.layers``."""

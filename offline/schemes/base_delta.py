@@ -78,6 +78,11 @@ class BaseDeltaLayer(SchemeLayer):
             n += sum(w.numel() for w in self.base.values())
         return n
 
+    @staticmethod
+    def params_from_spec(spec: LayerSpec) -> int:
+        h, i = spec.hidden_size, spec.intermediate_size
+        return sum(r * (h + i) for ranks in spec.ranks.values() for r in ranks) + 3 * h * spec.base_channels
+
     def allocation(self) -> dict:
         return {"ranks": self.ranks(), "base_channels": 0 if self.base is None else int(self.base_channels.numel())}
 

@@ -1,0 +1,262 @@
+"""RS-MoE (ICLR 2026 submission, shared/papers/rs-moe.txt): sparse + low-rank collaborative decomposition.
+
+Per MoE layer (§3.2–3.4):
+
+1. **Collaborative units.** Channel j of expert e is row j of W_gate and W_up plus column j of W_down; a
+   unit is always kept, approximated or pruned as a whole.
+2. **Importance (ACI, Algorithm 1).** On the routing-weighted intermediate A = w·h of the expert's routed
+   tokens: S_hyb = w_mean·mean(|A|²) + w_var·var(|A|²) + w_peak·max|A|, each term normalised by its maximum
+   over the layer (App. A.2 "normalized"); I_inner = S_hyb ⊙ ‖W_down[:, j]‖²; downstream influence
+   I_down = |W_downᵀ V_inᵀ| ‖rows of V_in‖ with V_in the next MoE layer's (W_gate + W_up)/2 of all its
+   experts stacked; I = I_inner + γ·norm(I_down). Choices: ``norm`` divides by the expert's maximum (it sits
+   inside Algorithm 1's per-expert loop), and I_inner is divided by its layer maximum so that γ weighs two
+   terms of the same scale (the paper leaves I_inner's scale to the weights' norms, which would let γ
+   dominate or vanish by accident); the last MoE layer has no downstream term. ``score`` selects the
+   Figure 3 ablations instead: ``weight`` (‖gate row‖² + ‖up row‖² + ‖down col‖²), ``activation``
+   (Wanda-style ‖A_j‖₂·‖W_down[:, j]‖₂), ``peak`` (max|A_j|).
+3. **Global grouping.** All units of the layer are ranked together. Budget split (the paper's Table 5
+   "80 % high" setting, our default): ``sparse_share`` of the layer's budget buys the top units kept dense
+   (3H parameters each). Of the remaining units the top ``lowrank_share`` are medium-importance and the rest
+   are pruned. Choice: medium units are approximated in gate, up *and* down (one rank k_e per expert for
+   all three, cost 3·k_e·(H + m_e)); k is uniform over the layer's experts, leftover ranks go to the most
+   routed experts (as budget.py does for D²), and no expert's low-rank part may cost more than storing its
+   m_e units dense (then the surplus buys more sparse units instead). An expert left with rank 0 has its
+   medium units pruned.
+4. **Activation-aware SVD (§3.4)** of each expert's medium rows of W_gate and W_up with the eigendecomposition
+   of its input Gram XᵀX (linalg.eigen_whitened_factors), and of its medium columns of W_down with its
+   intermediate Gram restricted to those channels. ``lowrank_svd="plain"`` (Table 3's "Standard SVD") uses
+   the plain truncated SVD instead.
+5. **Down base.** ``base="ridge"`` (the paper): a down base B [H, I] shared by the layer's experts, fitted
+   by ridge regression so that B·h̃_e compensates what the compressed expert misses:
+   min Σ_(tokens, e) w²‖y_e − D_e h̃_e − B h̃_e‖² + λ‖B‖², with y_e the original expert output, h̃_e the
+   intermediate of the compressed gate/up, D_e the expert's own compressed down. Choices: λ is relative
+   (λ·mean diag of the Gram, λ = 1e-3 by default), and the fit uses the first ``ridge_samples`` routed
+   tokens of each expert. ``mean``/``frequency`` are the merged-base ablations of Table 4 (D²-style: the
+   experts' down deltas W_down,e − B are decomposed instead); ``none`` stores no base.
+
+Layer budgets (§3.5) come from offline/layer_allocation.py (``allocation``: ``mi``, ``uniform``, ``reverse``).
+The checkpoint scheme is ``sparse_lowrank`` (offline/schemes/sparse_lowrank.py, docs/format.md §9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..budget import LayerShape
+from ..calibration import ActivationMoments, ExpertStatistics
+from ..layer_allocation import ALLOCATIONS, MIOptions, layer_keep_fractions
+from ..linalg import eigen_whitened_factors
+from ..schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
+from .base import CompressionMethod, ExpertWeights
+from .d2 import merge_base
+
+SCORES = ("aci", "weight", "activation", "peak")
+BASES = ("ridge", "mean", "frequency", "none")
+LOWRANK_SVDS = ("activation", "plain")
+
+
+@dataclass(frozen=True)
+class ACIWeights:
+    """Algorithm 1's hyperparameters, App. A.2 defaults."""
+
+    w_mean: float = 0.4
+    w_var: float = 0.05
+    w_peak: float = 0.8
+    gamma: float = 0.05
+
+
+def _by_max(t: torch.Tensor) -> torch.Tensor:
+    """``t`` divided by its maximum (over all of ``t``); all-zero stays zero."""
+    top = t.max()
+    return t / top if top > 0 else t
+
+
+def downstream_influence(down: torch.Tensor, next_weights: ExpertWeights) -> torch.Tensor:
+    """Algorithm 1 lines 7–9: I_down[e] = |W_down,eᵀ V_inᵀ| ‖rows of V_in‖, V_in = next layer's (gate+up)/2. [E, I]"""
+    v_in = ((next_weights["gate"] + next_weights["up"]) / 2).reshape(-1, down.shape[1]).float()
+    row_norms = v_in.norm(dim=1)
+    return torch.stack([(down[e].T.float() @ v_in.T).abs() @ row_norms for e in range(down.shape[0])]).double()
+
+
+def aci_scores(weights: ExpertWeights, moments: ActivationMoments, counts: torch.Tensor,
+               next_weights: ExpertWeights | None, aci: ACIWeights) -> torch.Tensor:
+    """Algorithm 1 for every unit of the layer, [E, I] (normalisations: module docstring, step 2)."""
+    n = counts.clamp_min(1).double()[:, None]
+    mean_sq = moments.sum_sq / n
+    var_sq = (moments.sum_quad / n - mean_sq**2).clamp_min(0)
+    hybrid = aci.w_mean * _by_max(mean_sq) + aci.w_var * _by_max(var_sq) + aci.w_peak * _by_max(moments.peak)
+    inner = _by_max(hybrid * weights["down"].pow(2).sum(1))
+    if next_weights is None:
+        return inner
+    downstream = downstream_influence(weights["down"], next_weights)
+    return inner + aci.gamma * torch.stack([_by_max(d) for d in downstream])
+
+
+def unit_scores(metric: str, weights: ExpertWeights, stats: ExpertStatistics,
+                next_weights: ExpertWeights | None, aci: ACIWeights) -> torch.Tensor:
+    """Importance of every collaborative unit, [E, I], by ``metric`` (one of SCORES)."""
+    down_norm_sq = weights["down"].pow(2).sum(1)
+    if metric == "weight":
+        return weights["gate"].pow(2).sum(2) + weights["up"].pow(2).sum(2) + down_norm_sq
+    if metric == "activation":
+        return stats.moments.sum_sq.sqrt() * down_norm_sq.sqrt()
+    if metric == "peak":
+        return stats.moments.peak.clone()
+    return aci_scores(weights, stats.moments, stats.counts, next_weights, aci)
+
+
+def lowrank_rank_cap(units: int, hidden: int) -> int:
+    """Largest rank whose factors (gate, up, down) cost no more than the ``units`` dense: k(H + m) <= mH."""
+    return min(units, hidden, units * hidden // (hidden + units)) if units else 0
+
+
+def allocate_lowrank_ranks(budget: int, lowrank_counts: list[int], hidden: int, frequencies: list[float]) -> list[int]:
+    """One rank k for every expert with low-rank units (each capped), leftover ranks to the most routed."""
+    cost = [3 * (hidden + m) for m in lowrank_counts]
+    caps = [lowrank_rank_cap(m, hidden) for m in lowrank_counts]
+
+    def spent(k: int) -> int:
+        return sum(c * min(k, cap) for c, cap in zip(cost, caps))
+
+    k = 0
+    while k < max(caps, default=0) and spent(k + 1) <= budget:
+        k += 1
+    ranks = [min(k, cap) for cap in caps]
+    leftover = budget - spent(k)
+    for e in sorted(range(len(ranks)), key=lambda e: (-frequencies[e], e)):
+        if ranks[e] < caps[e] and cost[e] <= leftover:
+            ranks[e] += 1
+            leftover -= cost[e]
+    return ranks
+
+
+@dataclass
+class UnitPlan:
+    sparse: list[list[int]]   # per expert, its sparse channels (sorted)
+    lowrank: list[list[int]]  # per expert, its low-rank channels (sorted; empty when its rank is 0)
+    ranks: list[int]
+
+    def params(self, hidden: int) -> int:
+        return sum(3 * hidden * len(s) + 3 * k * (hidden + len(m)) for s, m, k in zip(self.sparse, self.lowrank, self.ranks))
+
+
+def partition_units(scores: torch.Tensor, budget: int, hidden: int, sparse_share: float, lowrank_share: float,
+                    frequencies: list[float]) -> UnitPlan:
+    """Global grouping (§3.4) under ``budget`` parameters: top units sparse, next low-rank, rest pruned."""
+    num_experts, intermediate = scores.shape
+    order = torch.argsort(scores.flatten(), descending=True, stable=True).tolist()
+    unit_cost = 3 * hidden
+    num_sparse = min(len(order), int(sparse_share * budget) // unit_cost)
+    while True:
+        sparse, lowrank = [[] for _ in range(num_experts)], [[] for _ in range(num_experts)]
+        for u in order[:num_sparse]:
+            sparse[u // intermediate].append(u % intermediate)
+        rest = order[num_sparse:]
+        for u in rest[: round(lowrank_share * len(rest))]:
+            lowrank[u // intermediate].append(u % intermediate)
+        ranks = allocate_lowrank_ranks(budget - num_sparse * unit_cost, [len(m) for m in lowrank], hidden, frequencies)
+        plan = UnitPlan([sorted(s) for s in sparse], [sorted(m) if k else [] for m, k in zip(lowrank, ranks)], ranks)
+        extra_units = (budget - plan.params(hidden)) // unit_cost
+        if extra_units == 0 or num_sparse == len(order):
+            return plan
+        num_sparse = min(len(order), num_sparse + extra_units)  # low-rank saturated: buy dense units
+
+
+def compressed_intermediate(layer: SparseLowRankLayer, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """h̃ = act(Ŵ_gate x) ⊙ Ŵ_up x of a compressed expert, [n, I] (zero on pruned channels)."""
+    return F.silu(x @ layer.dense_weight(expert, "gate").T) * (x @ layer.dense_weight(expert, "up").T)
+
+
+def ridge_down_base(layer: SparseLowRankLayer, weights: ExpertWeights, moments: ActivationMoments,
+                    lam: float) -> torch.Tensor:
+    """B = argmin Σ w²‖y − D_e h̃ − B h̃‖² + λ·mean(diag G)‖B‖² over the kept routed tokens (§3.4), [H, I]."""
+    h, i = layer.hidden_size, layer.intermediate_size
+    gram = torch.zeros(i, i, dtype=torch.float64)
+    cross = torch.zeros(h, i, dtype=torch.float64)
+    for e in range(layer.num_experts):
+        x, w = moments.samples(e, h)
+        if not len(w):
+            continue
+        original = F.silu(x @ weights["gate"][e].T) * (x @ weights["up"][e].T)
+        target = original @ weights["down"][e].T
+        approx = compressed_intermediate(layer, e, x)
+        residual = target - approx @ layer.dense_weight(e, "down").T
+        w2 = (w**2)[:, None]
+        gram += approx.T @ (w2 * approx)
+        cross += (w2 * residual).T @ approx
+    scale = gram.diagonal().mean().item()
+    if scale <= 0:
+        return torch.zeros(h, i, dtype=torch.float64)
+    regularised = gram + lam * scale * torch.eye(i, dtype=torch.float64)
+    return torch.linalg.solve(regularised, cross.T).T
+
+
+class RSMoE(CompressionMethod):
+    name = "rs"
+    needs_next_layer = True
+
+    def __init__(self, score: str = "aci", rs_base: str = "ridge", allocation: str = "mi",
+                 sparse_share: float = 0.8, lowrank_share: float = 0.5, ridge_lambda: float = 1e-3,
+                 ridge_samples: int = 2048, lowrank_svd: str = "activation", aci: ACIWeights = ACIWeights(),
+                 mi: MIOptions = MIOptions()):
+        for value, allowed, what in ((score, SCORES, "score"), (rs_base, BASES, "base"),
+                                     (allocation, ALLOCATIONS, "allocation"), (lowrank_svd, LOWRANK_SVDS, "lowrank_svd")):
+            if value not in allowed:
+                raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+        for value, what in ((sparse_share, "sparse_share"), (lowrank_share, "lowrank_share")):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{what} must be in [0, 1], got {value}")
+        if ridge_lambda < 0 or ridge_samples <= 0:
+            raise ValueError("ridge_lambda must be >= 0 and ridge_samples > 0")
+        self.score, self.base, self.allocation = score, rs_base, allocation
+        self.sparse_share, self.lowrank_share = sparse_share, lowrank_share
+        self.ridge_lambda, self.lowrank_svd, self.aci, self.mi = ridge_lambda, lowrank_svd, aci, mi
+        self.moment_samples = ridge_samples
+        self.layer_keep: dict[int, float] = {}
+
+    def options(self) -> dict:
+        return {"score": self.score, "base": self.base, "allocation": self.allocation,
+                "sparse_share": self.sparse_share, "lowrank_share": self.lowrank_share,
+                "ridge_lambda": self.ridge_lambda, "ridge_samples": self.moment_samples,
+                "lowrank_svd": self.lowrank_svd, "aci": vars(self.aci),
+                "mi": vars(self.mi), "layer_keep_fractions": {str(k): round(v, 6) for k, v in self.layer_keep.items()}}
+
+    def fixed_params(self, shape: LayerShape) -> int:
+        return 0 if self.base == "none" else shape.hidden_size * shape.intermediate_size
+
+    def layer_budget_weights(self, model, samples, shapes, keep_fraction, batch_size):
+        self.layer_keep = layer_keep_fractions(self.allocation, model, samples, shapes, keep_fraction, batch_size,
+                                               self.mi)
+        return self.layer_keep or None
+
+    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape,
+                       next_weights: ExpertWeights | None = None) -> SparseLowRankLayer:
+        scores = unit_scores(self.score, weights, stats, next_weights, self.aci)
+        plan = partition_units(scores, budget, shape.hidden_size, self.sparse_share, self.lowrank_share,
+                               stats.frequencies)
+        base = None
+        down = weights["down"]
+        if self.base in ("mean", "frequency"):
+            importance = stats.counts.double() if self.base == "frequency" else torch.ones(shape.num_experts)
+            base = merge_base(down, importance)
+            down = down - base
+        experts = []
+        for e in range(shape.num_experts):
+            s, m, k = torch.tensor(plan.sparse[e], dtype=torch.int64), plan.lowrank[e], plan.ranks[e]
+            sparse = {"gate": weights["gate"][e][s], "up": weights["up"][e][s], "down": down[e][:, s]}
+            lowrank = dict.fromkeys(sparse)
+            if k:
+                input_gram, inter_gram = stats.input_gram[e], stats.inter_gram[e][m][:, m]
+                if self.lowrank_svd == "plain":  # a zero Gram makes eigen_whitened_factors the plain SVD
+                    input_gram, inter_gram = torch.zeros_like(input_gram), torch.zeros_like(inter_gram)
+                for p in ("gate", "up"):
+                    lowrank[p] = eigen_whitened_factors(weights[p][e][m], input_gram, k)
+                lowrank["down"] = eigen_whitened_factors(down[e][:, m], inter_gram, k)
+            experts.append(ExpertUnits(s, sparse, torch.tensor(m, dtype=torch.int64), lowrank))
+        layer = SparseLowRankLayer(shape.hidden_size, shape.intermediate_size, experts, base)
+        if self.base == "ridge":
+            layer.base_down = ridge_down_base(layer, weights, stats.moments, self.ridge_lambda)
+        return layer

@@ -1,0 +1,250 @@
+"""Scheme ``sparse_lowrank`` (RS-MoE): one layer in memory, its tensors, its reference forward.
+
+Each expert's intermediate channels (collaborative units) are sparse (gate/up rows and down column stored
+dense), low-rank (gate/up rows and down columns given by rank-k factors over the expert's low-rank
+channels) or pruned (nothing stored); an optional shared down base ``B`` [H, I] acts on every expert's
+intermediate. Expert e is therefore the dense expert with
+
+    W_gate,e[j] = G_e[j] (j sparse),  (Ug Vg)[j] (j low-rank),  0 (pruned);   W_up,e likewise
+    W_down,e    = B + scatter(D_S,e) + scatter(Ud Vd)
+
+The reference forward runs kernels/sparse_lowrank_torch.py (the function the vLLM plugin calls) on the
+packed buffers; nothing dense is materialised (``dense_weight`` exists for tests and analysis only).
+Tensors: docs/format.md §9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.sparse_lowrank_torch import sparse_lowrank_moe
+
+from ..architectures import PROJECTIONS
+from ..format import FormatError, LayerSpec, base_name
+from .base import SchemeLayer, check_channel_index, fetch_checked
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def unit_channels_name(prefix: str, expert: int, kind: str) -> str:
+    """``kind`` is ``sparse`` or ``lowrank``: the int32 channel index of that kind of unit of one expert."""
+    return f"{prefix}.{expert}.{kind}.channels"
+
+
+def unit_name(prefix: str, expert: int, proj: str, part: str) -> str:
+    """``part`` is ``sparse``, ``lowrank_u`` or ``lowrank_v``; ``proj`` is the checkpoint projection name."""
+    return f"{prefix}.{expert}.{proj}.{part}"
+
+
+def check_unit_channels(spec: LayerSpec, indices: dict[str, list[int]]) -> None:
+    """Each expert's sparse and low-rank channel lists: sorted, distinct, in [0, I), and disjoint."""
+    for e in range(spec.num_experts):
+        lists = {}
+        for kind, key in (("sparse", "sparse_channels"), ("lowrank", "lowrank_channels")):
+            name = unit_channels_name(spec.prefix, e, kind)
+            lists[kind] = indices.get(name, [])
+            check_channel_index(name, lists[kind], spec.details[key][e], spec.intermediate_size)
+        if set(lists["sparse"]) & set(lists["lowrank"]):
+            raise FormatError(f"{spec.prefix}: expert {e} lists a channel as both sparse and low-rank")
+
+
+def index_names(spec: LayerSpec) -> list[str]:
+    """The index tensors a ``sparse_lowrank`` layer stores (one per expert and non-empty kind of unit)."""
+    return [unit_channels_name(spec.prefix, e, kind)
+            for e in range(spec.num_experts)
+            for kind, key in (("sparse", "sparse_channels"), ("lowrank", "lowrank_channels"))
+            if spec.details[key][e]]
+
+
+@dataclass
+class ExpertUnits:
+    """One expert: ``sparse[p]`` gate/up [s, H], down [H, s]; ``lowrank[p]`` (U, V) or None (rank 0) with
+    gate/up U [m, k], V [k, H] and down U [H, k], V [k, m]."""
+
+    sparse_channels: torch.Tensor  # int64 [s], sorted
+    sparse: dict[str, torch.Tensor]
+    lowrank_channels: torch.Tensor  # int64 [m], sorted
+    lowrank: dict[str, Factors | None]
+
+    def rank(self, proj: str) -> int:
+        f = self.lowrank[proj]
+        return 0 if f is None else int(f[1].shape[0])
+
+
+@dataclass
+class SparseLowRankLayer(SchemeLayer):
+    hidden_size: int
+    intermediate_size: int
+    experts: list[ExpertUnits]
+    base_down: torch.Tensor | None = None  # [H, I]
+    scheme = "sparse_lowrank"
+
+    @staticmethod
+    def validate_spec(spec: LayerSpec) -> None:
+        where = f"layer {spec.layer} ({spec.prefix})"
+        if spec.base_channels not in (0, spec.intermediate_size):
+            raise FormatError(f"{where}: base_channels must be 0 or {spec.intermediate_size} (a full down base)")
+        lists = {}
+        for key in ("sparse_channels", "lowrank_channels"):
+            values = spec.details.get(key)
+            if not isinstance(values, list) or len(values) != spec.num_experts or any(
+                    not isinstance(v, int) or v < 0 for v in values):
+                raise FormatError(f"{where}: details[{key!r}] must list one count >= 0 per expert")
+            lists[key] = values
+        for e, (s, m) in enumerate(zip(lists["sparse_channels"], lists["lowrank_channels"])):
+            if s + m > spec.intermediate_size:
+                raise FormatError(f"{where}: expert {e} has {s} sparse + {m} low-rank channels > {spec.intermediate_size}")
+        for proj in PROJECTIONS:
+            ranks = spec.ranks.get(proj)
+            if ranks is None or len(ranks) != spec.num_experts:
+                raise FormatError(f"{where}: ranks[{proj!r}] must list one rank per expert ({spec.num_experts})")
+            for e, r in enumerate(ranks):
+                m = lists["lowrank_channels"][e]
+                if not isinstance(r, int) or not 0 <= r <= min(m, spec.hidden_size):
+                    raise FormatError(f"{where}: ranks[{proj!r}][{e}] = {r!r} outside [0, {min(m, spec.hidden_size)}]")
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def ranks(self) -> dict[str, list[int]]:
+        return {p: [ex.rank(p) for ex in self.experts] for p in PROJECTIONS}
+
+    def counts(self) -> dict[str, list[int]]:
+        return {"sparse_channels": [int(ex.sparse_channels.numel()) for ex in self.experts],
+                "lowrank_channels": [int(ex.lowrank_channels.numel()) for ex in self.experts]}
+
+    def num_params(self) -> int:
+        n = 0 if self.base_down is None else self.base_down.numel()
+        for ex in self.experts:
+            n += sum(t.numel() for t in ex.sparse.values())
+            n += sum(u.numel() + v.numel() for f in ex.lowrank.values() if f is not None for u, v in [f])
+        return n
+
+    @staticmethod
+    def params_from_spec(spec: LayerSpec) -> int:
+        h, lowrank = spec.hidden_size, spec.details["lowrank_channels"]
+        factors = sum(k * (h + m) for ranks in spec.ranks.values() for k, m in zip(ranks, lowrank))
+        return 3 * h * sum(spec.details["sparse_channels"]) + factors + h * spec.base_channels
+
+    def allocation(self) -> dict:
+        return {"ranks": self.ranks(), **self.counts(), "base_channels": self._base_channels()}
+
+    def _base_channels(self) -> int:
+        return 0 if self.base_down is None else self.intermediate_size
+
+    def spec(self, layer: int, prefix: str) -> LayerSpec:
+        return LayerSpec(layer=layer, prefix=prefix, scheme=self.scheme, num_experts=self.num_experts,
+                         hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                         base_channels=self._base_channels(), ranks=self.ranks(), details=self.counts())
+
+    def dense_weight(self, expert: int, proj: str) -> torch.Tensor:
+        """Materialise W_e,p in float64 (tests and analysis only; serving never does this)."""
+        ex = self.experts[expert]
+        h, i = self.hidden_size, self.intermediate_size
+        if proj == "down":
+            w = torch.zeros(h, i, dtype=torch.float64) if self.base_down is None else self.base_down.double().clone()
+            w[:, ex.sparse_channels] += ex.sparse[proj].double()
+            if ex.lowrank[proj] is not None:
+                w[:, ex.lowrank_channels] += ex.lowrank[proj][0].double() @ ex.lowrank[proj][1].double()
+            return w
+        w = torch.zeros(i, h, dtype=torch.float64)
+        w[ex.sparse_channels] = ex.sparse[proj].double()
+        if ex.lowrank[proj] is not None:
+            w[ex.lowrank_channels] = ex.lowrank[proj][0].double() @ ex.lowrank[proj][1].double()
+        return w
+
+    def to_tensors(self, prefix: str, proj_names: dict[str, str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out = {}
+        for e, ex in enumerate(self.experts):
+            for kind, channels in (("sparse", ex.sparse_channels), ("lowrank", ex.lowrank_channels)):
+                if channels.numel():
+                    out[unit_channels_name(prefix, e, kind)] = channels.to(torch.int32)
+            for p in PROJECTIONS:
+                if ex.sparse_channels.numel():
+                    out[unit_name(prefix, e, proj_names[p], "sparse")] = ex.sparse[p].to(dtype).contiguous()
+                if ex.lowrank[p] is not None:
+                    out[unit_name(prefix, e, proj_names[p], "lowrank_u")] = ex.lowrank[p][0].to(dtype).contiguous()
+                    out[unit_name(prefix, e, proj_names[p], "lowrank_v")] = ex.lowrank[p][1].to(dtype).contiguous()
+        if self.base_down is not None:
+            out[base_name(prefix, proj_names["down"])] = self.base_down.to(dtype).contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, spec: LayerSpec, proj_names: dict[str, str], get) -> "SparseLowRankLayer":
+        h, prefix = spec.hidden_size, spec.prefix
+        indices = {}
+        for e in range(spec.num_experts):
+            for kind in ("sparse", "lowrank"):
+                count = spec.details[f"{kind}_channels"][e]
+                if count:
+                    name = unit_channels_name(prefix, e, kind)
+                    indices[name] = fetch_checked(get, name, (count,)).tolist()
+        check_unit_channels(spec, indices)
+        experts = []
+        for e in range(spec.num_experts):
+            s, m = spec.details["sparse_channels"][e], spec.details["lowrank_channels"][e]
+            sparse = {}
+            lowrank = {}
+            for p in PROJECTIONS:
+                name = proj_names[p]
+                sparse[p] = (fetch_checked(get, unit_name(prefix, e, name, "sparse"), (h, s) if p == "down" else (s, h))
+                             if s else torch.zeros((h, 0) if p == "down" else (0, h), dtype=torch.float64))
+                r = spec.ranks[p][e]
+                u_shape, v_shape = ((h, r), (r, m)) if p == "down" else ((m, r), (r, h))
+                lowrank[p] = (fetch_checked(get, unit_name(prefix, e, name, "lowrank_u"), u_shape),
+                              fetch_checked(get, unit_name(prefix, e, name, "lowrank_v"), v_shape)) if r else None
+            experts.append(ExpertUnits(
+                torch.tensor(indices.get(unit_channels_name(prefix, e, "sparse"), []), dtype=torch.int64), sparse,
+                torch.tensor(indices.get(unit_channels_name(prefix, e, "lowrank"), []), dtype=torch.int64), lowrank))
+        base = None
+        if spec.base_channels:
+            base = fetch_checked(get, base_name(prefix, proj_names["down"]), (h, spec.intermediate_size))
+        return cls(h, spec.intermediate_size, experts, base)
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """The packed layout of kernels/sparse_lowrank_torch.py for the whole intermediate dimension."""
+        h = self.hidden_size
+        f64 = torch.float64
+
+        def cat(parts, dim, empty_shape):
+            parts = [t.to(f64) for t in parts]
+            return torch.cat(parts, dim) if parts else torch.zeros(empty_shape, dtype=f64)
+
+        def factor(p, index):
+            return [ex.lowrank[p][index] for ex in self.experts if ex.lowrank[p] is not None]
+
+        ranks = self.ranks()
+        return {
+            "sparse_counts": torch.tensor(self.counts()["sparse_channels"], dtype=torch.int64),
+            "lowrank_counts": torch.tensor(self.counts()["lowrank_channels"], dtype=torch.int64),
+            "ranks": torch.tensor([ranks[p] for p in PROJECTIONS], dtype=torch.int64),
+            "sparse_gate_up": cat([ex.sparse[p] for p in ("gate", "up") for ex in self.experts], 0, (0, h)),
+            "sparse_down": cat([ex.sparse["down"] for ex in self.experts], 1, (h, 0)),
+            "lowrank_gate_up_u": cat([u.reshape(-1) for p in ("gate", "up") for u in factor(p, 0)], 0, (0,)),
+            "lowrank_gate_up_v": cat([v for p in ("gate", "up") for v in factor(p, 1)], 0, (0, h)),
+            "lowrank_down_u": cat(factor("down", 0), 1, (h, 0)),
+            "lowrank_down_v": cat([v.reshape(-1) for v in factor("down", 1)], 0, (0,)),
+            "base_down": self.base_down.to(f64) if self.base_down is not None else torch.zeros(h, 0, dtype=f64),
+            "sparse_channels": torch.cat([ex.sparse_channels for ex in self.experts]).long(),
+            "lowrank_channels": torch.cat([ex.lowrank_channels for ex in self.experts]).long(),
+        }
+
+    def experts_module(self, dynamic_prune_ratio: float = 0.0) -> nn.Module:
+        return SparseLowRankExperts(self)
+
+
+class SparseLowRankExperts(nn.Module):
+    """Reference forward of a ``sparse_lowrank`` layer over its packed buffers (no dynamic pruning)."""
+
+    def __init__(self, layer: SparseLowRankLayer):
+        super().__init__()
+        for name, tensor in layer.packed().items():
+            self.register_buffer(name, tensor)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        b = dict(self.named_buffers())
+        return sparse_lowrank_moe(hidden_states, top_k_index, top_k_weights, **b)

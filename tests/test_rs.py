@@ -1,0 +1,198 @@
+"""RS-MoE steps on constructed inputs where the answer is known."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CALIBRATION_FILE, FAMILIES
+from offline.budget import LayerShape, plan_budget
+from offline.calibration import ActivationMoments, ExpertStatistics
+from offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from offline.loading import load_compressed_model
+from offline.layer_allocation import MIOptions, mine_estimate, redundancy_scores, solve_save_ratios
+from offline.linalg import eigen_whitened_factors
+from offline.methods.rs import ACIWeights, RSMoE, aci_scores, ridge_down_base
+from offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
+
+E, H, I = 4, 20, 12
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def statistics(weights, tokens: int, seed: int, planted=()):
+    """Calibration statistics from running ``weights`` on random routed tokens; ``planted`` (expert, channel)
+    units get one token with a 50x larger activation."""
+    g = gen(seed)
+    stats = ExpertStatistics.zeros(E, H, I, moment_samples=tokens)
+    for e in range(E):
+        x = torch.randn(tokens, H, generator=g, dtype=torch.float64)
+        w = torch.rand(tokens, generator=g, dtype=torch.float64) * 0.5 + 0.5
+        inter = F.silu(x @ weights["gate"][e].T) * (x @ weights["up"][e].T)
+        for pe, pj in planted:
+            if pe == e:
+                inter[0, pj] = 50 * inter[:, pj].abs().max()
+        stats.counts[e] = tokens
+        stats.input_gram[e] = x.T @ x
+        stats.inter_gram[e] = inter.T @ inter
+        stats.moments.add(e, inter, x, w)
+    return stats
+
+
+def test_eigen_whitened_svd_recovers_rank_k_exactly_and_beats_plain_svd_on_output_error():
+    g = gen(0)
+    exact = torch.randn(9, 3, generator=g, dtype=torch.float64) @ torch.randn(3, H, generator=g, dtype=torch.float64)
+    x = torch.randn(200, H, generator=g, dtype=torch.float64) * torch.linspace(0.1, 5, H, dtype=torch.float64)
+    com, rec = eigen_whitened_factors(exact, x.T @ x, 3)
+    torch.testing.assert_close(com @ rec, exact, rtol=1e-9, atol=1e-9)
+    full = torch.randn(9, H, generator=g, dtype=torch.float64)
+    com, rec = eigen_whitened_factors(full, x.T @ x, 3)
+    u, s, vh = torch.linalg.svd(full, full_matrices=False)
+    plain = (u[:, :3] * s[:3]) @ vh[:3]
+    assert ((full - com @ rec) @ x.T).norm() < ((full - plain) @ x.T).norm()
+
+
+def test_aci_ranks_a_planted_peak_channel_first():
+    g = gen(1)
+    down = torch.linalg.qr(torch.randn(H, I, generator=g, dtype=torch.float64)).Q  # unit columns: E_proj = 1
+    weights = {"gate": torch.randn(E, I, H, generator=g, dtype=torch.float64),
+               "up": torch.randn(E, I, H, generator=g, dtype=torch.float64), "down": down.expand(E, H, I).clone()}
+    stats = statistics(weights, 300, seed=2, planted=[(2, 7)])
+    scores = aci_scores(weights, stats.moments, stats.counts, weights, ACIWeights())
+    assert int(scores.flatten().argmax()) == 2 * I + 7
+
+
+def sparse_plus_low_rank_layer(sparse_channels: int, rank: int, seed: int):
+    """Experts whose non-sparse units have rank-``rank`` gate, up and down; the sparse units are full-rank."""
+    g = gen(seed)
+    weights = {p: torch.zeros(E, *((H, I) if p == "down" else (I, H)), dtype=torch.float64) for p in ("gate", "up", "down")}
+    planted = []
+    for e in range(E):
+        perm = torch.randperm(I, generator=g)
+        sparse, rest = perm[:sparse_channels], perm[sparse_channels:]
+        planted += [(e, int(j)) for j in sparse]
+        for p in ("gate", "up"):
+            weights[p][e][sparse] = torch.randn(sparse_channels, H, generator=g, dtype=torch.float64)
+            weights[p][e][rest] = torch.randn(len(rest), rank, generator=g, dtype=torch.float64) @ torch.randn(
+                rank, H, generator=g, dtype=torch.float64)
+        weights["down"][e][:, sparse] = torch.randn(H, sparse_channels, generator=g, dtype=torch.float64)
+        weights["down"][e][:, rest] = torch.randn(H, rank, generator=g, dtype=torch.float64) @ torch.randn(
+            rank, len(rest), generator=g, dtype=torch.float64)
+    return weights, planted
+
+
+@pytest.mark.parametrize("lowrank_svd", ["activation", "plain"])
+def test_exactly_sparse_plus_rank_k_layer_is_recovered(lowrank_svd):
+    s, k = 3, 2
+    weights, planted = sparse_plus_low_rank_layer(s, k, seed=3)
+    stats = statistics(weights, 400, seed=4, planted=planted)
+    shape = LayerShape(E, H, I)
+    sparse_cost = 3 * H * s * E
+    budget = sparse_cost + E * 3 * k * (H + I - s)
+    method = RSMoE(score="peak", rs_base="none", sparse_share=(sparse_cost + 0.5) / budget, lowrank_share=1.0,
+                   lowrank_svd=lowrank_svd)
+    layer = method.compress_layer(weights, stats, None, budget, shape)
+    assert layer.num_params() == budget
+    assert sorted((e, int(j)) for e, ex in enumerate(layer.experts) for j in ex.sparse_channels) == sorted(planted)
+    for e in range(E):
+        for p in ("gate", "up", "down"):
+            torch.testing.assert_close(layer.dense_weight(e, p), weights[p][e], rtol=1e-8, atol=1e-8)
+
+
+def test_layer_spends_its_budget_exactly_and_prunes_the_least_important():
+    weights, planted = sparse_plus_low_rank_layer(2, 4, seed=5)
+    stats = statistics(weights, 200, seed=6, planted=planted)
+    shape = LayerShape(E, H, I)
+    budget = shape.dense_expert_params // 3
+    layer = RSMoE(rs_base="ridge", lowrank_share=0.5).compress_layer(weights, stats, None, budget, shape, weights)
+    params = layer.num_params() - H * I  # the ridge base is the fixed part
+    assert budget - 3 * (H + I) < params <= budget
+    counts = layer.counts()
+    assert sum(counts["sparse_channels"]) + sum(counts["lowrank_channels"]) < E * I  # some units pruned
+
+
+def test_ridge_fit_recovers_a_planted_down_base():
+    g = gen(7)
+    weights = {"gate": torch.randn(E, I, H, generator=g, dtype=torch.float64),
+               "up": torch.randn(E, I, H, generator=g, dtype=torch.float64),
+               "down": torch.randn(E, H, I, generator=g, dtype=torch.float64)}
+    planted = torch.randn(H, I, generator=g, dtype=torch.float64)
+    every = torch.arange(I)
+    none = {"gate": None, "up": None, "down": None}
+    experts = [ExpertUnits(every, {"gate": weights["gate"][e], "up": weights["up"][e],
+                                   "down": weights["down"][e] - planted}, every[:0], none) for e in range(E)]
+    layer = SparseLowRankLayer(H, I, experts)
+    stats = statistics(weights, 100, seed=8)
+    torch.testing.assert_close(ridge_down_base(layer, weights, stats.moments, 1e-12), planted, rtol=1e-6, atol=1e-6)
+
+
+def test_moments_keep_at_most_the_sample_limit():
+    moments = ActivationMoments.zeros(2, 3, sample_limit=5)
+    for _ in range(3):
+        moments.add(1, torch.ones(4, 3), torch.ones(4, 6), torch.full((4,), 0.5))
+    x, w = moments.samples(1, 6)
+    assert x.shape == (5, 6) and w.shape == (5,)
+    assert moments.samples(0, 6)[0].shape == (0, 6)
+    torch.testing.assert_close(moments.sum_sq[1], torch.full((3,), 12 * 0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_qp_respects_bounds_and_average_and_orders_by_redundancy(seed):
+    rng = np.random.default_rng(seed)
+    redundancy = rng.random(8).tolist()
+    sizes = [1000] * 8
+    options = MIOptions(bound=0.1, smooth=0.0, reg=0.0)
+    keep = np.array(solve_save_ratios(redundancy, sizes, 0.55, options))
+    assert keep.mean() == pytest.approx(0.55, abs=1e-9)
+    assert keep.min() >= 0.45 - 1e-9 and keep.max() <= 0.65 + 1e-9
+    order = np.argsort(redundancy)
+    assert np.all(np.diff(keep[order]) <= 1e-7)  # more redundant, less kept
+    smooth = np.array(solve_save_ratios(redundancy, sizes, 0.55, MIOptions(bound=0.1, smooth=5.0)))
+    assert np.abs(np.diff(smooth)).sum() < np.abs(np.diff(keep)).sum()
+    assert smooth.mean() == pytest.approx(0.55, abs=1e-9)
+
+
+def test_qp_weighted_average_with_unequal_layers():
+    keep = solve_save_ratios([0.1, 0.9, 0.5], [1, 3, 2], 0.4, MIOptions(bound=0.2))
+    assert np.dot(keep, [1, 3, 2]) / 6 == pytest.approx(0.4, abs=1e-9)
+
+
+def test_redundancy_averages_neighbours():
+    assert redundancy_scores([1.0, 3.0]) == [1.0, 2.0, 3.0]
+
+
+def test_mine_sees_more_information_in_dependent_features():
+    g = gen(9)
+    a = torch.randn(256, 4, generator=g)
+    dependent = mine_estimate(a, a[:, :2] + 0.1 * torch.randn(256, 2, generator=g), MIOptions(steps=200))
+    independent = mine_estimate(a, torch.randn(256, 2, generator=g), MIOptions(steps=200))
+    assert dependent > 1.0 > independent + 0.5
+
+
+def test_plan_with_layer_weights_keeps_the_total():
+    shape = LayerShape(8, 32, 16)
+    shapes = {l: shape for l in range(3)}
+    total = 5_000 + 3 * shape.dense_expert_params
+    fixed = {l: 512 for l in shapes}
+    uniform = plan_budget(total, shapes, 0.4, fixed, {l: 8 for l in shapes}, "rs")
+    weighted = plan_budget(total, shapes, 0.4, fixed, {l: 8 for l in shapes}, "rs",
+                           layer_weights={0: 0.6, 1: 0.5, 2: 0.4})
+    assert abs(sum(weighted.layer_budgets.values()) - sum(uniform.layer_budgets.values())) <= 3
+    assert weighted.layer_budgets[0] > uniform.layer_budgets[1] > weighted.layer_budgets[2]
+    ratio = (weighted.layer_budgets[0] + 512) / (weighted.layer_budgets[2] + 512)
+    assert ratio == pytest.approx(0.6 / 0.4, rel=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_compresses_to_the_ratio_and_runs(family, tiny_moe, tmp_path):
+    calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=4, seqlen=32, batch_size=4)
+    method = build_method("rs", mi=MIOptions(steps=50))
+    info = compress_checkpoint(tiny_moe(family), tmp_path / "rs", method, 0.05, calibration, dtype="float32",
+                               progress=False)
+    assert abs(info.achieved_ratio - 0.05) <= 0.005
+    assert all(spec.scheme == "sparse_lowrank" for spec in info.layers)
+    assert len(info.method_options["layer_keep_fractions"]) == len(info.layers) or len(info.layers) == 1
+    logits = load_compressed_model(tmp_path / "rs")(torch.tensor([[5, 17, 300, 42]])).logits
+    assert torch.isfinite(logits).all()
