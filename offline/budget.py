@@ -56,26 +56,29 @@ def plan_budget(
     shapes: dict[int, LayerShape],
     target_ratio: float,
     fixed_params: dict[int, int],
-    active_experts: dict[int, int],
+    capacity: dict[int, int],
     method: str,
+    hint: str = "",
 ) -> BudgetPlan:
     """Per-layer factor budgets for ``target_ratio``; raises with the reachable range if impossible.
 
-    ``fixed_params[L]`` is what layer L stores regardless of ranks (a base); ``active_experts[L]`` how
-    many of its experts may hold a rank (delta trimming sets some to zero).
+    ``fixed_params[L]`` is what layer L stores regardless of ranks (a base); ``capacity[L]`` the most
+    rank-dependent parameters it can use (every active expert at full rank, for per-expert factors).
+    ``hint`` is appended to the error (how the method could reach further).
     """
     if not 0.0 < target_ratio < 1.0:
         raise UnreachableRatioError(f"ratio must be in (0, 1), got {target_ratio}")
     expert_params = sum(s.dense_expert_params for s in shapes.values())
     non_expert = total_params - expert_params
     floor = non_expert + sum(fixed_params.values())
-    ceiling = floor + sum(active_experts[l] * s.max_rank * s.params_per_rank for l, s in shapes.items())
+    ceiling = floor + sum(capacity.values())
     lo = max(0.0, 1.0 - ceiling / total_params)
     hi = 1.0 - floor / total_params
     if not lo - 1e-12 <= target_ratio <= hi:
         raise UnreachableRatioError(
             f"method {method} cannot reach ratio {target_ratio:.4f} on this model: reachable ratios are "
             f"[{lo:.4f}, {hi:.4f}] of total parameters ({non_expert:,} of {total_params:,} are not routed-expert weights)"
+            + (f"; {hint}" if hint else "")
         )
     available = (1.0 - target_ratio) * total_params - floor
     per_layer = available / len(shapes)

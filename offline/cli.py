@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .datasets import DATASETS
     from .fisher import FISHER_GRANULARITY, FISHER_LABELS
     from .methods import METHODS
+    from .methods.basis_fit import ACTIVATIONS
     from .methods.d2 import MERGES
+    from .methods.group_basis import EFFECTIVE_RANK_MODES
 
     parser = argparse.ArgumentParser(prog="moe-compress", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -53,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where to write the compressed checkpoint")
     c.add_argument("--method", required=True, choices=sorted(METHODS),
                    help="d2: D²-MoE (Fisher-merged base + whitened low-rank deltas + semi-dynamic base pruning); "
-                   "svd: plain per-expert SVD; whitened-svd: per-expert SVD-LLM")
+                   "svd: plain per-expert SVD; whitened-svd: per-expert SVD-LLM; mobe: MoBE (bases shared by all "
+                   "experts, softmax mixing); rfid: RFID-MoE (frequency x effective-rank rank allocation over expert "
+                   "groups + hashed residual)")
     c.add_argument("--ratio", type=_ratio, required=True,
                    help="fraction of TOTAL model parameters to remove, e.g. 0.6 (achieved within ±0.005)")
     g = c.add_argument_group("calibration")
@@ -75,6 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labels for the Fisher gradients: sampled from the model (Eq. 4, default) or the true tokens")
     d.add_argument("--fisher-granularity", choices=FISHER_GRANULARITY, default="expert",
                    help="one Fisher scalar per expert and projection (default), or a full diagonal per weight")
+    b = c.add_argument_group("MoBE and RFID-MoE options (--method mobe, --method rfid)")
+    b.add_argument("--group-size", type=_positive, default=4,
+                   help="experts per group k (default 4); MoBE uses E/k bases, RFID-MoE E/k groups")
+    b.add_argument("--activation", choices=ACTIVATIONS, default="silu",
+                   help="φ applied to the bases (default silu; identity = plain grouped SVD, an ablation)")
+    b.add_argument("--fit-steps", type=int, default=200, help="full-batch Adam steps per projection (default 200)")
+    b.add_argument("--fit-lr", type=float, default=0.07, help="Adam learning rate on the scaled loss (default 0.07)")
+    b.add_argument("--fit-patience", type=_positive, default=50,
+                   help="stop after this many steps without a new best loss (default 50); the best state is kept")
+    b.add_argument("--factorize-down", action="store_true",
+                   help="factorise down_proj too (default: dense, as the papers); needed for high total ratios")
+    b.add_argument("--xi", type=float, default=0.75,
+                   help="RFID-MoE: weight of information density vs routing frequency, C = ξE + (1−ξ)F (default 0.75)")
+    b.add_argument("--effective-rank", choices=EFFECTIVE_RANK_MODES, default="energy",
+                   help="RFID-MoE: spectrum normalisation of the effective rank, σ² (energy, the paper) or σ")
+    b.add_argument("--residual-fraction", type=float, default=0.03,
+                   help="RFID-MoE: size of each group's residual vector η as a fraction of its parameters "
+                   "(default 0.03; 0 turns the residual off)")
+    b.add_argument("--residual-seed", type=int, default=0, help="RFID-MoE: seed of the shared projection P")
     o = c.add_argument_group("output")
     o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="dtype of the compressed factors (default bfloat16); other tensors keep theirs")
@@ -117,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run_compress(args) -> int:
     from .compress import CalibrationOptions, build_method, compress_checkpoint
 
-    method = build_method(args.method, merge=args.merge, base_prune=args.base_prune, trim_experts=args.trim_experts)
+    method = build_method(
+        args.method, merge=args.merge, base_prune=args.base_prune, trim_experts=args.trim_experts,
+        group_size=args.group_size, activation=args.activation, fit_steps=args.fit_steps, fit_lr=args.fit_lr,
+        fit_patience=args.fit_patience, factorize_down=args.factorize_down, xi=args.xi,
+        effective_rank=args.effective_rank, residual_fraction=args.residual_fraction, residual_seed=args.residual_seed,
+    )
     calibration = CalibrationOptions(
         file=args.calib_file, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
         batch_size=args.calib_batch_size, fisher_samples=args.fisher_samples, fisher_labels=args.fisher_labels,

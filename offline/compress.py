@@ -107,8 +107,8 @@ def compress_checkpoint(
     plan = plan_budget(
         total, layout.shapes, ratio,
         fixed_params={l: method.fixed_params(s) for l, s in layout.shapes.items()},
-        active_experts={l: s.num_experts - method.num_trimmed(s) for l, s in layout.shapes.items()},
-        method=method.name,
+        capacity={l: method.capacity(s) for l, s in layout.shapes.items()},
+        method=method.name, hint=method.unreachable_hint(),
     )
     if Path(out_dir).exists() and not overwrite:
         raise FileExistsError(f"output directory {out_dir} already exists (use --overwrite to replace it)")
@@ -127,6 +127,7 @@ def compress_checkpoint(
         )
     out_dtype = DTYPES[dtype]
     specs, layer_stats, compressed_params = [], {}, 0
+    projection_params = dict.fromkeys(PROJECTIONS, 0)
     with atomic_output_dir(out_dir, overwrite) as tmp, _log_to(tmp / "compress.log"):
         log.info("method %s %s, target ratio %s, calibration %s", method.name, method.options(), ratio, calibration)
         writer = ShardedWriter(tmp, max_shard_bytes)
@@ -142,11 +143,14 @@ def compress_checkpoint(
             for name, tensor in compressed.to_tensors(prefix, arch.proj_names, out_dtype).items():
                 writer.add(name, tensor)
             compressed_params += compressed.num_params()
+            for p, n in compressed.params_by_projection().items():
+                projection_params[p] += n
             specs.append(compressed.spec(layer, prefix))
             layer_stats[str(layer)] = {
                 "routing_counts": stats.counts.tolist(),
                 "routing_weight_sums": stats.weight_sums.tolist(),
                 **compressed.allocation(),
+                **method.layer_log(),
             }
 
         run_layerwise(
@@ -157,11 +161,13 @@ def compress_checkpoint(
         if abs(achieved - ratio) > RATIO_TOLERANCE:
             raise RuntimeError(f"achieved ratio {achieved:.4f} is more than {RATIO_TOLERANCE} from target {ratio}")
         expert_total = sum(s.dense_expert_params for s in layout.shapes.values())
+        removed = projection_ratios(projection_params, expert_total)
         info = CompressionInfo(
             method=method.name, target_ratio=ratio, achieved_ratio=round(achieved, 6),
             expert_ratio=round(1 - compressed_params / expert_total, 6), original_params=total,
             compressed_params=plan.non_expert_params + compressed_params, dtype=dtype, proj_names=arch.proj_names,
-            layers=specs, dynamic_prune_ratio=method.dynamic_prune_ratio, method_options=method.options(),
+            layers=specs, dynamic_prune_ratio=method.dynamic_prune_ratio,
+            method_options={**method.options(), "gate_up_ratio": removed["gate_up"]},
         )
         writer.finish()
         log.info("wrote %s: ratio %.4f (target %.4f), expert ratio %.4f, peak RSS %.1f MiB",
@@ -170,10 +176,19 @@ def compress_checkpoint(
         copy_side_files(model_dir, tmp)
         calib = {k: str(v) if isinstance(v, Path) else v for k, v in vars(calibration).items()}
         (tmp / STATS_FILE).write_text(json.dumps({
-            "method": method.name, "calibration": calib, "layers": layer_stats,
+            "method": method.name, "calibration": calib, "projection_ratios": removed, "layers": layer_stats,
             "wall_time_s": round(time.perf_counter() - started, 2), "peak_rss_bytes": peak_rss_bytes(),
         }, indent=1) + "\n")
     return info
+
+
+def projection_ratios(stored: dict[str, int], expert_total: int) -> dict[str, float]:
+    """Fraction of each projection's routed-expert parameters removed, and of gate+up together (the
+    RFID-MoE / MoBE papers' probable definition of their compression ratio)."""
+    dense = expert_total // 3  # gate, up and down have the same number of parameters
+    ratios = {p: round(1 - n / dense, 6) for p, n in stored.items()}
+    ratios["gate_up"] = round(1 - (stored["gate"] + stored["up"]) / (2 * dense), 6)
+    return ratios
 
 
 @contextlib.contextmanager
@@ -197,5 +212,5 @@ def build_method(name: str, **options) -> CompressionMethod:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     cls = METHODS[name]
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
     return cls(**{k: v for k, v in options.items() if k in accepted})

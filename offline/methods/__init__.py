@@ -2,8 +2,10 @@
 
 from .base import CompressionMethod
 from .d2 import D2MoE
+from .mobe import MoBE
+from .rfid import RFIDMoE
 from .svd import PlainSVD, WhitenedSVD
 
-METHODS: dict[str, type[CompressionMethod]] = {m.name: m for m in (D2MoE, PlainSVD, WhitenedSVD)}
+METHODS: dict[str, type[CompressionMethod]] = {m.name: m for m in (D2MoE, PlainSVD, WhitenedSVD, MoBE, RFIDMoE)}
 
 __all__ = ["METHODS", "CompressionMethod"]

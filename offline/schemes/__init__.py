@@ -2,7 +2,8 @@
 
 from .base import SchemeLayer
 from .base_delta import BaseDeltaLayer
+from .basis_residual import BasisResidualLayer
 
-SCHEME_LAYERS: dict[str, type[SchemeLayer]] = {cls.scheme: cls for cls in (BaseDeltaLayer,)}
+SCHEME_LAYERS: dict[str, type[SchemeLayer]] = {cls.scheme: cls for cls in (BaseDeltaLayer, BasisResidualLayer)}
 
-__all__ = ["SCHEME_LAYERS", "SchemeLayer", "BaseDeltaLayer"]
+__all__ = ["SCHEME_LAYERS", "SchemeLayer", "BaseDeltaLayer", "BasisResidualLayer"]

@@ -73,10 +73,14 @@ class BaseDeltaLayer(SchemeLayer):
 
     def num_params(self) -> int:
         """Stored weight parameters (the channel index is metadata, not counted)."""
-        n = sum(u.numel() + v.numel() for p in PROJECTIONS for f in self.factors[p] if f is not None for u, v in [f])
-        if self.base is not None:
-            n += sum(w.numel() for w in self.base.values())
-        return n
+        return sum(self.params_by_projection().values())
+
+    def params_by_projection(self) -> dict[str, int]:
+        counts = {p: sum(u.numel() + v.numel() for f in self.factors[p] if f is not None for u, v in [f])
+                  for p in PROJECTIONS}
+        for p, w in (self.base or {}).items():
+            counts[p] += w.numel()
+        return counts
 
     def allocation(self) -> dict:
         return {"ranks": self.ranks(), "base_channels": 0 if self.base is None else int(self.base_channels.numel())}
