@@ -30,11 +30,12 @@ PROMPTS = [[17, 905, 33, 2048, 7, 311], [1200, 5, 88], list(range(100, 160))]
 LOGPROB_TOLERANCE = 2e-3  # float32 on both sides; vLLM's attention kernels differ from transformers' SDPA
 
 
-def compress_for_vllm(family: str, root: Path, method: str = "d2") -> Path:
+def compress_for_vllm(family: str, root: Path, method: str = "d2", **options) -> Path:
     source = write_tiny_model(vllm_tiny_config(family), root / family)
     out = root / f"{family}-{method}"
     calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=8, seqlen=64, batch_size=4, fisher_samples=4)
-    compress_checkpoint(source, out, build_method(method, base_prune=0.2), 0.05, calibration, dtype="float32",
+    method_options = {"base_prune": 0.2, "fit_steps": 5, **options}
+    compress_checkpoint(source, out, build_method(method, **method_options), 0.05, calibration, dtype="float32",
                         progress=False)
     return out
 
@@ -101,6 +102,13 @@ def test_deepseek_equals_vllm_dense_reconstruction(tmp_path):
 def test_compiled_mode_and_svd_baseline(tmp_path):
     """vLLM's default CPU mode compiles the model (Dynamo fullgraph): the custom op must hold there too."""
     model = compress_for_vllm("qwen3_moe", tmp_path, method="whitened-svd")
+    assert_same(run_vllm(model), reference(model))
+
+
+@pytest.mark.parametrize("method,options", [("rfid", {}), ("rfid", {"factorize_down": True}), ("mobe", {})])
+def test_basis_residual_greedy_equals_reference(method, options, tmp_path):
+    """RFID-MoE (hashed residual, dense or factorised down) and MoBE (mixed bases) through vLLM's compiled graph."""
+    model = compress_for_vllm("qwen3_moe", tmp_path, method, **options)
     assert_same(run_vllm(model), reference(model))
 
 

@@ -32,7 +32,8 @@ class BaseDeltaScheme:
     """One plugin scheme. Every scheme class provides: ``scheme`` (its name), ``WEIGHT_RENAMES`` (checkpoint
     name regex -> vLLM expert-mapping name, for tensors that are not per-expert), ``index_tensor_names`` and
     ``check_indices`` (int index tensors read at start-up), and per layer ``part`` (I per TP rank),
-    ``shapes`` (parameter name -> shape), ``register_buffers``, ``load``, ``first_unloaded`` and ``apply``."""
+    ``shapes`` (parameter name -> shape), ``register_buffers``, ``load``, ``first_unloaded``, ``process_loaded``
+    (weights-only precomputation after the checks) and ``apply``."""
 
     scheme = "base_delta"
     WEIGHT_RENAMES = {  # experts.base.<proj>.weight -> experts.0.<proj>.base (loaded into w13_base / w2_base)
@@ -81,6 +82,9 @@ class BaseDeltaScheme:
         layer.register_buffer("moe_compress_ranks", torch.tensor(ranks, dtype=torch.int64), persistent=False)
         layer.register_buffer("moe_compress_channels", torch.tensor(self.local_channels, dtype=torch.int64),
                               persistent=False)
+
+    def process_loaded(self, layer: torch.nn.Module) -> None:
+        """Weights-only work once every tensor is loaded (none for this scheme)."""
 
     def apply(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         return torch.ops.moe_compress.base_delta_moe(
