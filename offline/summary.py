@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .checkpoint_io import read_config
 from .format import STATS_FILE, CompressionInfo
+from .schemes import SCHEME_LAYERS
 
 
 def summarize(model_dir: str | Path) -> dict:
@@ -33,9 +34,7 @@ def summarize(model_dir: str | Path) -> dict:
 
 
 def _layer_params(spec) -> int:
-    h, i = spec.hidden_size, spec.intermediate_size
-    rank_params = sum(r * (h + i) for ranks in spec.ranks.values() for r in ranks)
-    return rank_params + 3 * h * spec.base_channels
+    return SCHEME_LAYERS[spec.scheme].spec_num_params(spec)
 
 
 def format_summary(s: dict) -> str:

@@ -249,7 +249,7 @@ def test_tensors_round_trip(mixed, down_factorized, residual):
     back = BasisResidualLayer.from_tensors(spec, names, tensors.__getitem__)
     for e, p in itertools.product(range(6), ("gate", "up", "down")):
         torch.testing.assert_close(back.dense_weight(e, p), layer.dense_weight(e, p), rtol=0, atol=0)
-    assert back.num_params() == layer.num_params()
+    assert back.num_params() == layer.num_params() == BasisResidualLayer.spec_num_params(spec)
     if residual:
         bad = dict(tensors, **{counts_name("m.experts"): tensors[counts_name("m.experts")].flip(0)})
         with pytest.raises(FormatError, match="residual.counts"):

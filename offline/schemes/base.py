@@ -33,6 +33,11 @@ class SchemeLayer(ABC):
     def num_params(self) -> int:
         """Stored weight parameters (index tensors are metadata, not counted)."""
 
+    @staticmethod
+    @abstractmethod
+    def spec_num_params(spec: LayerSpec) -> int:
+        """``num_params`` of a layer with this spec, from the spec alone (``moe-compress inspect``)."""
+
     @abstractmethod
     def spec(self, layer: int, prefix: str) -> LayerSpec:
         """The layer's entry in ``quantization_config.layers``."""

@@ -64,6 +64,11 @@ class BaseDeltaLayer(SchemeLayer):
             if bad:
                 raise FormatError(f"{where}: ranks[{proj!r}] has {bad[0]!r}, outside [0, {max_rank}]")
 
+    @staticmethod
+    def spec_num_params(spec: LayerSpec) -> int:
+        h, i = spec.hidden_size, spec.intermediate_size
+        return sum(r * (h + i) for ranks in spec.ranks.values() for r in ranks) + 3 * h * spec.base_channels
+
     @property
     def num_experts(self) -> int:
         return len(self.factors["gate"])

@@ -140,6 +140,20 @@ class BasisResidualLayer(SchemeLayer):
         if a and d["mixed"]:
             raise FormatError(f"{where}: a residual needs one basis per group (mixed is true)")
 
+    @staticmethod
+    def spec_num_params(spec: LayerSpec) -> int:
+        d, e = spec.details, spec.num_experts
+        total = 0
+        for p in PROJECTIONS:
+            out_dim, in_dim = matrix_shape(p, spec.hidden_size, spec.intermediate_size)
+            if p not in d["basis_ranks"]:
+                total += e * out_dim * in_dim
+                continue
+            bases = d["basis_ranks"][p]
+            total += out_dim * sum(spec.ranks[p]) + in_dim * sum(bases) + len(bases) * d["residual_size"]
+            total += e * len(bases) if d["mixed"] else 0
+        return total
+
     def num_params(self) -> int:
         """Stored weights: bases, coefficients, mixing weights, η and dense matrices (the counts are metadata)."""
         return sum(p.num_params() for p in self.factorized.values()) + sum(t.numel() for t in self.dense.values())
