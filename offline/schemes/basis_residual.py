@@ -15,12 +15,13 @@ left factor; R̂_i is regenerated from (η, seed, counts) in bounded chunks and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 
 from kernels.basis_residual_torch import ACTIVATIONS, ProjectionWeights, basis_residual_moe
-from kernels.residual_hash import bucket_counts, bucket_scales
+from kernels.residual_hash import bucket_counts, bucket_scales, residual_block
 
 from ..architectures import PROJECTIONS
 from ..format import FormatError, LayerSpec
@@ -96,6 +97,7 @@ class BasisResidualLayer(SchemeLayer):
                 where[e] = (g, slot)
         return [where[e] for e in range(self.num_experts)]
 
+    @cached_property
     def residual_counts(self) -> torch.Tensor:
         """n_q of the shared P for this layer's group-matrix size k·I·H."""
         k = len(self.groups[0])
@@ -199,7 +201,7 @@ class BasisResidualLayer(SchemeLayer):
             for e in range(weights.shape[0]):
                 out[dense_name(prefix, e, proj_names[p])] = weights[e].to(dtype).contiguous()
         if self.residual_size:
-            out[counts_name(prefix)] = self.residual_counts().to(torch.int32)
+            out[counts_name(prefix)] = self.residual_counts.to(torch.int32)
         return out
 
     @classmethod
@@ -225,7 +227,7 @@ class BasisResidualLayer(SchemeLayer):
         layer = cls(h, i_size, groups, d["activation"], factorized, dense, d["residual_size"], d["residual_seed"])
         if layer.residual_size:
             stored = fetch_checked(get, counts_name(prefix), (layer.residual_size,))
-            if not torch.equal(stored.long(), layer.residual_counts()):
+            if not torch.equal(stored.long(), layer.residual_counts):
                 raise FormatError(f"tensor {counts_name(prefix)} does not match the bucket counts of residual_seed "
                                   f"{layer.residual_seed}")
         return layer
@@ -241,11 +243,9 @@ class BasisResidualLayer(SchemeLayer):
 
     def residual_weight(self, expert: int, proj: str) -> torch.Tensor:
         """R̂_i materialised from the hash (tests and analysis only)."""
-        from kernels.residual_hash import residual_block
-
         group, slot = self.group_of[expert]
         out_dim, in_dim = matrix_shape(proj, self.hidden_size, self.intermediate_size)
-        scaled = self.factorized[proj].etas[group].double() * bucket_scales(self.residual_counts())
+        scaled = self.factorized[proj].etas[group].double() * bucket_scales(self.residual_counts)
         return residual_block(scaled, self.residual_seed, slot * out_dim * in_dim, in_dim, range(out_dim), range(in_dim))
 
     def dense_weight(self, expert: int, proj: str) -> torch.Tensor:
@@ -265,7 +265,7 @@ class BasisResidualLayer(SchemeLayer):
         f = self.factorized[proj]
         bases = torch.cat(f.bases)
         right = bases if f.mix is not None else ACTIVATIONS[self.activation](bases)
-        scaled_eta = torch.stack(f.etas) * bucket_scales(self.residual_counts(), f.etas[0].dtype) \
+        scaled_eta = torch.stack(f.etas) * bucket_scales(self.residual_counts, f.etas[0].dtype) \
             if f.etas is not None else empty
         return ProjectionWeights(
             empty, torch.cat(f.coefs, dim=1), torch.tensor([c.shape[1] for c in f.coefs]), right,
