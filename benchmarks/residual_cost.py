@@ -4,7 +4,8 @@ without its hashed residual (same bases and coefficients), next to the original 
     python -m benchmarks.residual_cost runs/rfid-ppl/r40/rfid-40 --original ../shared/models/brown-qwen3-moe
 
 Times one MoE layer's experts module (float32, 1 thread) on random hidden states with random top-k routing,
-for a decode-sized call (1 token) and a prefill-sized call (512 tokens); prints medians and ratios as JSON.
+for a decode-sized call (1 token) and a prefill-sized call (512 tokens), the three modules taking turns in
+every repeat; prints medians and ratios as JSON.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from offline.loading import load_model
 from offline.schemes.basis_residual import BasisResidualLayer
 
 
-def median_seconds(module, x, ids, weights, repeats: int) -> float:
-    times = []
+def median_seconds(modules: dict, x, ids, weights, repeats: int) -> dict[str, float]:
+    """Median seconds per module; the modules take turns within each repeat, so machine drift hits all alike."""
+    times = {name: [] for name in modules}
     with torch.no_grad():
-        module(x, ids, weights)  # warm-up
+        for module in modules.values():
+            module(x, ids, weights)  # warm-up
         for _ in range(repeats):
-            started = time.perf_counter()
-            module(x, ids, weights)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+            for name, module in modules.items():
+                started = time.perf_counter()
+                module(x, ids, weights)
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -62,7 +66,7 @@ def main() -> None:
         x = torch.randn(tokens, spec.hidden_size, generator=g)
         ids = torch.stack([torch.randperm(spec.num_experts, generator=g)[:top_k] for _ in range(tokens)])
         weights = torch.rand(tokens, top_k, generator=g).softmax(dim=1)
-        row = {"tokens": tokens, **{name: median_seconds(m, x, ids, weights, args.repeats) for name, m in modules.items()}}
+        row = {"tokens": tokens, **median_seconds(modules, x, ids, weights, args.repeats)}
         row["residual_over_no_residual"] = row["residual"] / row["no_residual"]
         row["residual_over_dense"] = row["residual"] / row["dense"]
         results.append(row)
