@@ -2,7 +2,7 @@
 
 Both factorise gate and up only (down_proj stays dense, as both papers do). On a model whose gate+up are a
 small share of all parameters a high total ratio is then out of reach (the reference model: gate+up are 54 %
-of the parameters, so at most ≈ 0.5 can be removed); ``factorize_down`` also factorises down_proj with the
+of the parameters, so at most 0.52 can be removed); ``factorize_down`` also factorises down_proj with the
 same model (the "gate/up/down all factorised" MoBE variant of olokevin/moe-compression), which makes
 ``--ratio 0.6`` reachable there.
 
