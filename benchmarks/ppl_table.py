@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -48,26 +49,36 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
     parser.add_argument("--max-tokens", type=int, default=40960, help="tokens scored per dataset (default 40960)")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--compress-args", default="",
+                        help="extra options for every compression, e.g. \"--xi 0.5 --fit-steps 100\"")
+    parser.add_argument("--label", default="", help="appended to each row's method name and output directory")
+    parser.add_argument("--no-original", action="store_true", help="skip evaluating the original model")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [{"method": "original", "ratio": 0.0, "ppl": evaluate(Path(args.model), args)}]
-    print(json.dumps(rows[-1]), flush=True)
+    rows = []
+    if not args.no_original:
+        rows.append({"method": "original", "ratio": 0.0, "ppl": evaluate(Path(args.model), args)})
+        print(json.dumps(rows[-1]), flush=True)
     for entry in args.methods:
         method, _, flags = entry.partition(":")
+        name = entry + args.label
         for ratio in args.ratios:
-            out_dir = args.out / f"{re.sub(r'[^A-Za-z0-9]+', '-', entry).strip('-')}-{int(round(ratio * 100))}"
+            out_dir = args.out / f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}-{int(round(ratio * 100))}"
             started = time.perf_counter()
             moe_compress("compress", args.model, "-o", str(out_dir), "--method", method, "--ratio", str(ratio),
                          "--calib-file", args.calib_file, "--overwrite", "--no-progress",
-                         *(flags.split(",") if flags else []))
+                         *(flags.split(",") if flags else []), *shlex.split(args.compress_args))
             wall = time.perf_counter() - started
             qc = json.loads((out_dir / "config.json").read_text())["quantization_config"]
             stats = json.loads((out_dir / "moe_compress_stats.json").read_text())
-            rows.append({"method": entry, "ratio": ratio, "achieved_ratio": qc["achieved_ratio"],
+            rows.append({"method": name, "ratio": ratio, "achieved_ratio": qc["achieved_ratio"],
+                         "gate_up_ratio": stats.get("projection_ratios", {}).get("gate_up"),
                          "compress_wall_s": round(wall, 1), "peak_rss_mib": round(stats["peak_rss_bytes"] / 2**20),
                          "ppl": evaluate(out_dir, args)})
             print(json.dumps(rows[-1]), flush=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if args.no_original:
+        return
     base = rows[0]["ppl"]
     print(f"\n| method | target | achieved | " + " | ".join(f"{d} PPL (Δ%)" for d in args.datasets)
           + " | compress wall s | peak RSS MiB |")

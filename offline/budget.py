@@ -57,14 +57,16 @@ def plan_budget(
     shapes: dict[int, LayerShape],
     target_ratio: float,
     fixed_params: dict[int, int],
-    active_experts: dict[int, int],
+    capacity: dict[int, int],
     method: str,
+    hint: str = "",
     layer_weights: dict[int, float] | None = None,
 ) -> BudgetPlan:
     """Per-layer factor budgets for ``target_ratio``; raises with the reachable range if impossible.
 
-    ``fixed_params[L]`` is what layer L stores regardless of ranks (a base); ``active_experts[L]`` how
-    many of its experts may hold a rank (delta trimming sets some to zero). ``layer_weights[L]`` (RS-MoE's
+    ``fixed_params[L]`` is what layer L stores regardless of ranks (a base); ``capacity[L]`` the most
+    rank-dependent parameters it can use (every active expert at full rank, for per-expert factors).
+    ``hint`` is appended to the error (how the method could reach further). ``layer_weights[L]`` (RS-MoE's
     mutual-information allocation) makes layer L's whole share, fixed part included, proportional to
     ``layer_weights[L]`` times its dense expert parameters instead of an even split; the total is unchanged.
     """
@@ -73,13 +75,14 @@ def plan_budget(
     expert_params = sum(s.dense_expert_params for s in shapes.values())
     non_expert = total_params - expert_params
     floor = non_expert + sum(fixed_params.values())
-    ceiling = floor + sum(active_experts[l] * s.max_rank * s.params_per_rank for l, s in shapes.items())
+    ceiling = floor + sum(capacity.values())
     lo = max(0.0, 1.0 - ceiling / total_params)
     hi = 1.0 - floor / total_params
     if not lo - 1e-12 <= target_ratio <= hi:
         raise UnreachableRatioError(
             f"method {method} cannot reach ratio {target_ratio:.4f} on this model: reachable ratios are "
             f"[{lo:.4f}, {hi:.4f}] of total parameters ({non_expert:,} of {total_params:,} are not routed-expert weights)"
+            + (f"; {hint}" if hint else "")
         )
     available = (1.0 - target_ratio) * total_params - floor
     kept = (available + sum(fixed_params.values())) / expert_params

@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .fisher import FISHER_GRANULARITY, FISHER_LABELS
     from .methods import METHODS
     from .layer_allocation import ALLOCATIONS
+    from .methods.basis_fit import ACTIVATIONS
     from .methods.d2 import MERGES
+    from .methods.group_basis import EFFECTIVE_RANK_MODES
+    from .methods.rs import BASES as RS_BASES, LOWRANK_SVDS as RS_LOWRANK_SVDS, SCORES as RS_SCORES
     from .zeroshot import TASK_SOURCES
     from .zeroshot import TASKS as ZEROSHOT_TASKS
-    from .methods.rs import BASES as RS_BASES, LOWRANK_SVDS as RS_LOWRANK_SVDS, SCORES as RS_SCORES
 
     parser = argparse.ArgumentParser(prog="moe-compress", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -59,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", required=True, choices=sorted(METHODS),
                    help="d2: D²-MoE (Fisher-merged base + whitened low-rank deltas + semi-dynamic base pruning); "
                    "svd: plain per-expert SVD; whitened-svd: per-expert SVD-LLM; rs: RS-MoE (sparse dense units + "
-                   "activation-aware low-rank units + ridge down base, MI layer budgets)")
+                   "activation-aware low-rank units + ridge down base, MI layer budgets); mobe: MoBE (bases shared by "
+                   "all experts, softmax mixing); rfid: RFID-MoE (frequency x effective-rank rank allocation over "
+                   "expert groups + hashed residual)")
     c.add_argument("--ratio", type=_ratio, required=True,
                    help="fraction of TOTAL model parameters to remove, e.g. 0.6 (achieved within ±0.005)")
     g = c.add_argument_group("calibration")
@@ -103,6 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rs-mi-smooth", type=float, default=0.5, help="QP smoothness weight λ_smooth (default 0.5)")
     r.add_argument("--rs-mi-reg", type=float, default=0.1, help="QP regularisation weight λ_reg (default 0.1)")
     r.add_argument("--rs-mine-steps", type=_positive, default=300, help="MINE training steps per layer pair (default 300)")
+    b = c.add_argument_group("MoBE and RFID-MoE options (--method mobe, --method rfid)")
+    b.add_argument("--group-size", type=_positive, default=4,
+                   help="experts per group k (default 4); MoBE uses E/k bases, RFID-MoE E/k groups")
+    b.add_argument("--activation", choices=ACTIVATIONS, default="silu",
+                   help="φ applied to the bases (default silu; identity = plain grouped SVD, an ablation)")
+    b.add_argument("--fit-steps", type=int, default=200, help="full-batch Adam steps per projection (default 200)")
+    b.add_argument("--fit-lr", type=float, default=0.07, help="Adam learning rate on the scaled loss (default 0.07)")
+    b.add_argument("--fit-patience", type=_positive, default=50,
+                   help="stop after this many steps without a new best loss (default 50); the best state is kept")
+    b.add_argument("--factorize-down", action="store_true",
+                   help="factorise down_proj too (default: dense, as the papers); needed for high total ratios")
+    b.add_argument("--xi", type=float, default=0.75,
+                   help="RFID-MoE: weight of information density vs routing frequency, C = ξE + (1−ξ)F (default 0.75)")
+    b.add_argument("--effective-rank", choices=EFFECTIVE_RANK_MODES, default="energy",
+                   help="RFID-MoE: spectrum normalisation of the effective rank, σ² (energy, the paper) or σ")
+    b.add_argument("--residual-fraction", type=float, default=0.03,
+                   help="RFID-MoE: size of each group's residual vector η as a fraction of its parameters "
+                   "(default 0.03; 0 turns the residual off)")
+    b.add_argument("--residual-seed", type=int, default=0, help="RFID-MoE: seed of the shared projection P")
     o = c.add_argument_group("output")
     o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="dtype of the compressed factors (default bfloat16); other tensors keep theirs")
@@ -201,6 +224,9 @@ def run_compress(args) -> int:
         aci=ACIWeights(*args.rs_aci),
         mi=MIOptions(steps=args.rs_mine_steps, seed=args.seed, bound=args.rs_mi_bound, smooth=args.rs_mi_smooth,
                      reg=args.rs_mi_reg),
+        group_size=args.group_size, activation=args.activation, fit_steps=args.fit_steps, fit_lr=args.fit_lr,
+        fit_patience=args.fit_patience, factorize_down=args.factorize_down, xi=args.xi,
+        effective_rank=args.effective_rank, residual_fraction=args.residual_fraction, residual_seed=args.residual_seed,
     )
     calibration = CalibrationOptions(
         file=args.calib_file, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,

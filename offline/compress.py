@@ -120,8 +120,8 @@ def compress_checkpoint(
     plan_for = functools.partial(
         plan_budget, total, layout.shapes, ratio,
         fixed_params={l: method.fixed_params(s) for l, s in layout.shapes.items()},
-        active_experts={l: s.num_experts - method.num_trimmed(s) for l, s in layout.shapes.items()},
-        method=method.name,
+        capacity={l: method.capacity(s) for l, s in layout.shapes.items()},
+        method=method.name, hint=method.unreachable_hint(),
     )
     plan = plan_for()
     if Path(out_dir).exists() and not overwrite:
@@ -206,8 +206,9 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
                                            **extra)
         record = {
             "spec": asdict(compressed.spec(layer, prefix)), "num_params": compressed.num_params(),
+            "params_by_projection": compressed.params_by_projection(),
             "stats": {"routing_counts": stats.counts.tolist(), "routing_weight_sums": stats.weight_sums.tolist(),
-                      **compressed.allocation()},
+                      **compressed.allocation(), **method.layer_log()},
         }
         work.commit_layer(layer, compressed.to_tensors(prefix, job.arch.proj_names, DTYPES[job.dtype]), record, hidden)
 
@@ -232,12 +233,14 @@ def _write_checkpoint(job: _Job, overwrite: bool, max_shard_bytes: int, started:
     if abs(achieved - ratio) > RATIO_TOLERANCE:
         raise RuntimeError(f"achieved ratio {achieved:.4f} is more than {RATIO_TOLERANCE} from target {ratio}")
     expert_total = sum(s.dense_expert_params for s in layout.shapes.values())
+    removed = projection_ratios({p: sum(r["params_by_projection"][p] for r in records.values()) for p in PROJECTIONS},
+                                expert_total)
     info = CompressionInfo(
         method=method.name, target_ratio=ratio, achieved_ratio=round(achieved, 6),
         expert_ratio=round(1 - compressed_params / expert_total, 6), original_params=plan.total_params,
         compressed_params=plan.non_expert_params + compressed_params, dtype=job.dtype, proj_names=job.arch.proj_names,
         layers=[LayerSpec(**r["spec"]) for r in records.values()], dynamic_prune_ratio=method.dynamic_prune_ratio,
-        method_options=method.options(),
+        method_options={**method.options(), "gate_up_ratio": removed["gate_up"]},
     )
     with atomic_output_dir(job.out_dir, overwrite, staging_dir=work.path) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
@@ -253,7 +256,8 @@ def _write_checkpoint(job: _Job, overwrite: bool, max_shard_bytes: int, started:
         copy_side_files(job.model_dir, tmp)
         calib = {k: str(v) if isinstance(v, Path) else v for k, v in vars(job.calibration).items()}
         (tmp / STATS_FILE).write_text(json.dumps({
-            "method": method.name, "calibration": calib, "layers": {str(l): r["stats"] for l, r in records.items()},
+            "method": method.name, "calibration": calib, "projection_ratios": removed,
+            "layers": {str(l): r["stats"] for l, r in records.items()},
             "wall_time_s": round(time.perf_counter() - started, 2), "peak_rss_bytes": peak_rss_bytes(),
             "resumed": resumed,
         }, indent=1) + "\n")
@@ -262,6 +266,15 @@ def _write_checkpoint(job: _Job, overwrite: bool, max_shard_bytes: int, started:
         shutil.copyfile(work.log_path, tmp / "compress.log")
         crash_point("assembled")
     return info
+
+
+def projection_ratios(stored: dict[str, int], expert_total: int) -> dict[str, float]:
+    """Fraction of each projection's routed-expert parameters removed, and of gate+up together (the
+    RFID-MoE / MoBE papers' probable definition of their compression ratio)."""
+    dense = expert_total // 3  # gate, up and down have the same number of parameters
+    ratios = {p: round(1 - n / dense, 6) for p, n in stored.items()}
+    ratios["gate_up"] = round(1 - (stored["gate"] + stored["up"]) / (2 * dense), 6)
+    return ratios
 
 
 @contextlib.contextmanager
@@ -285,5 +298,5 @@ def build_method(name: str, **options) -> CompressionMethod:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     cls = METHODS[name]
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
     return cls(**{k: v for k, v in options.items() if k in accepted})

@@ -6,7 +6,8 @@ from offline.budget import LayerShape, UnreachableRatioError, allocate_ranks, pl
 
 
 def achieved(total, shapes, target, fixed, frequencies, trimmed=0):
-    plan = plan_budget(total, shapes, target, fixed, {l: s.num_experts - trimmed for l, s in shapes.items()}, "m")
+    capacity = {l: (s.num_experts - trimmed) * s.max_rank * s.params_per_rank for l, s in shapes.items()}
+    plan = plan_budget(total, shapes, target, fixed, capacity, "m")
     params = 0
     for layer, shape in shapes.items():
         trim = set(range(trimmed))
@@ -46,6 +47,6 @@ def test_unreachable_ratio_names_the_range():
     shape = LayerShape(num_experts=8, hidden_size=64, intermediate_size=32)
     total = 100_000 + shape.dense_expert_params
     with pytest.raises(UnreachableRatioError, match=r"reachable ratios are \[0\.\d+, 0\.\d+\]"):
-        plan_budget(total, {0: shape}, 0.9, {0: 0}, {0: 8}, "svd")
+        plan_budget(total, {0: shape}, 0.9, {0: 0}, {0: 8 * shape.max_rank * shape.params_per_rank}, "svd")
     with pytest.raises(UnreachableRatioError, match="in \\(0, 1\\)"):
-        plan_budget(total, {0: shape}, 1.0, {0: 0}, {0: 8}, "svd")
+        plan_budget(total, {0: shape}, 1.0, {0: 0}, {0: 8 * shape.max_rank * shape.params_per_rank}, "svd")

@@ -30,11 +30,12 @@ PROMPTS = [[17, 905, 33, 2048, 7, 311], [1200, 5, 88], list(range(100, 160))]
 LOGPROB_TOLERANCE = 2e-3  # float32 on both sides; vLLM's attention kernels differ from transformers' SDPA
 
 
-def compress_for_vllm(family: str, root: Path, method: str = "d2") -> Path:
+def compress_for_vllm(family: str, root: Path, method: str = "d2", **options) -> Path:
     source = write_tiny_model(vllm_tiny_config(family), root / family)
     out = root / f"{family}-{method}"
     calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=8, seqlen=64, batch_size=4, fisher_samples=4)
-    compress_checkpoint(source, out, build_method(method, base_prune=0.2), 0.05, calibration, dtype="float32",
+    method_options = {"base_prune": 0.2, "fit_steps": 5, **options}
+    compress_checkpoint(source, out, build_method(method, **method_options), 0.05, calibration, dtype="float32",
                         progress=False)
     return out
 
@@ -104,6 +105,13 @@ def test_compiled_mode_svd_baseline_and_rs(method, tmp_path):
     (``rs`` writes the sparse_lowrank scheme, with its own op)."""
     model = compress_for_vllm("qwen3_moe", tmp_path, method=method)
     assert_same(run_vllm(model), reference(model))
+
+
+@pytest.mark.parametrize("method,options", [("rfid", {}), ("rfid", {"factorize_down": True}), ("mobe", {})])
+def test_basis_residual_greedy_equals_reference(method, options, tmp_path):
+    """RFID-MoE (hashed residual, dense or factorised down) and MoBE (mixed bases)."""
+    model = compress_for_vllm("qwen3_moe", tmp_path, method, **options)
+    assert_same(run_vllm(model, "--eager"), reference(model))
 
 
 def test_tensor_parallel_2_equals_tp_1(tmp_path):

@@ -32,7 +32,8 @@ class BaseDeltaScheme:
     """One plugin scheme. Every scheme class provides: ``scheme`` (its name), ``WEIGHT_RENAMES`` (checkpoint
     name regex -> vLLM expert-mapping name, for tensors that are not per-expert), ``index_tensor_names`` and
     ``check_indices`` (int index tensors read at start-up), and per layer ``part`` (I per TP rank),
-    ``shapes`` (parameter name -> shape), ``register_buffers``, ``load``, ``first_unloaded`` and ``apply``."""
+    ``shapes`` (parameter name -> shape), ``register_buffers``, ``load``, ``first_unloaded``, ``process_loaded``
+    (weights-only precomputation after the checks) and ``apply``."""
 
     scheme = "base_delta"
     WEIGHT_RENAMES = {  # experts.base.<proj>.weight -> experts.0.<proj>.base (loaded into w13_base / w2_base)
@@ -82,6 +83,9 @@ class BaseDeltaScheme:
         layer.register_buffer("moe_compress_ranks", torch.tensor(ranks, dtype=torch.int64), persistent=False)
         layer.register_buffer("moe_compress_channels", torch.tensor(self.local_channels, dtype=torch.int64),
                               persistent=False)
+
+    def process_loaded(self, layer: torch.nn.Module) -> None:
+        """Weights-only work once every tensor is loaded (none for this scheme)."""
 
     def _op_args(self, layer) -> tuple:
         return (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,

@@ -15,9 +15,10 @@ from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 from offline.format import LayerSpec
 
 from .base_delta import BaseDeltaScheme
+from .basis_residual import BasisResidualScheme
 from .sparse_lowrank import SparseLowRankScheme
 
-SCHEMES = {cls.scheme: cls for cls in (BaseDeltaScheme, SparseLowRankScheme)}
+SCHEMES = {cls.scheme: cls for cls in (BaseDeltaScheme, SparseLowRankScheme, BasisResidualScheme)}
 """One class per checkpoint scheme (the contract is documented on :class:`BaseDeltaScheme`)."""
 
 
@@ -64,6 +65,7 @@ class CompressedMoEMethod(FusedMoEMethodBase):
             missing = self.scheme.first_unloaded(name, getattr(layer, name))
             if missing:
                 raise ValueError(f"moe_compress: tensor {missing} is missing from the checkpoint or contains NaN")
+        self.scheme.process_loaded(layer)
 
     def get_fused_moe_quant_config(self, layer) -> FusedMoEQuantConfig | None:
         return FusedMoEQuantConfig.make()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from kernels.base_delta_torch import base_delta_moe
+from kernels.basis_residual_torch import ProjectionWeights, basis_residual_moe
 from kernels.sparse_lowrank_torch import sparse_lowrank_moe
 
 
@@ -38,5 +39,23 @@ def sparse_lowrank_moe_op(
 
 
 @sparse_lowrank_moe_op.register_fake
+def _(x, *args) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moe_compress::basis_residual_moe", mutates_args=())
+def basis_residual_moe_op(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: list[torch.Tensor],
+    expert_group: torch.Tensor, expert_slot: torch.Tensor, activation: str, seed: int, full_intermediate: int,
+    intermediate_lo: int,
+) -> torch.Tensor:
+    """``weights``: the ProjectionWeights fields of gate, then up, then down (7 tensors each)."""
+    n = len(ProjectionWeights._fields)
+    gate, up, down = (ProjectionWeights(*weights[i * n : (i + 1) * n]) for i in range(3))
+    return basis_residual_moe(x, topk_ids, topk_weights, gate, up, down, expert_group, expert_slot, activation, seed,
+                              full_intermediate, intermediate_lo)
+
+
+@basis_residual_moe_op.register_fake
 def _(x, *args) -> torch.Tensor:
     return torch.empty_like(x)

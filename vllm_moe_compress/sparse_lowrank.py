@@ -85,6 +85,9 @@ class SparseLowRankScheme:
         int_buffer("moe_compress_sparse_channels", self.local_channels["sparse"])
         int_buffer("moe_compress_lowrank_channels", self.local_channels["lowrank"])
 
+    def process_loaded(self, layer: torch.nn.Module) -> None:
+        """Weights-only work once every tensor is loaded (none for this scheme)."""
+
     def apply(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         return torch.ops.moe_compress.sparse_lowrank_moe(
             x, topk_weights, topk_ids, layer.moe_compress_sparse_counts, layer.moe_compress_lowrank_counts,

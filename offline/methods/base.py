@@ -76,6 +76,18 @@ class CompressionMethod(ABC):
         windows, before calibration."""
         return None
 
+    def capacity(self, shape: LayerShape) -> int:
+        """The most rank-dependent parameters a layer can use (the ratio's lower bound, budget.py)."""
+        return (shape.num_experts - self.num_trimmed(shape)) * shape.max_rank * shape.params_per_rank
+
+    def unreachable_hint(self) -> str:
+        """Appended to the error for a ratio out of reach (an option that would reach further)."""
+        return ""
+
+    def layer_log(self) -> dict:
+        """Diagnostics of the last compressed layer for moe_compress_stats.json (e.g. loss curves)."""
+        return {}
+
     def ranks_for(self, budget: int, shape: LayerShape, stats: ExpertStatistics) -> list[int]:
         trimmed = set(torch.argsort(stats.counts, stable=True)[: self.num_trimmed(shape)].tolist())
         return allocate_ranks(budget, shape, stats.frequencies, trimmed)

@@ -43,6 +43,10 @@ class SchemeLayer(ABC):
         """The layer's entry in ``quantization_config.layers``."""
 
     @abstractmethod
+    def params_by_projection(self) -> dict[str, int]:
+        """Stored parameters per canonical projection (shared tensors counted with their projection)."""
+
+    @abstractmethod
     def allocation(self) -> dict:
         """Per-expert sizes for moe_compress_stats.json and the report (e.g. ``ranks``, ``base_channels``)."""
 

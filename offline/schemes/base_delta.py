@@ -64,6 +64,11 @@ class BaseDeltaLayer(SchemeLayer):
             if bad:
                 raise FormatError(f"{where}: ranks[{proj!r}] has {bad[0]!r}, outside [0, {max_rank}]")
 
+    @staticmethod
+    def params_from_spec(spec: LayerSpec) -> int:
+        h, i = spec.hidden_size, spec.intermediate_size
+        return sum(r * (h + i) for ranks in spec.ranks.values() for r in ranks) + 3 * h * spec.base_channels
+
     @property
     def num_experts(self) -> int:
         return len(self.factors["gate"])
@@ -73,15 +78,14 @@ class BaseDeltaLayer(SchemeLayer):
 
     def num_params(self) -> int:
         """Stored weight parameters (the channel index is metadata, not counted)."""
-        n = sum(u.numel() + v.numel() for p in PROJECTIONS for f in self.factors[p] if f is not None for u, v in [f])
-        if self.base is not None:
-            n += sum(w.numel() for w in self.base.values())
-        return n
+        return sum(self.params_by_projection().values())
 
-    @staticmethod
-    def params_from_spec(spec: LayerSpec) -> int:
-        h, i = spec.hidden_size, spec.intermediate_size
-        return sum(r * (h + i) for ranks in spec.ranks.values() for r in ranks) + 3 * h * spec.base_channels
+    def params_by_projection(self) -> dict[str, int]:
+        counts = {p: sum(u.numel() + v.numel() for f in self.factors[p] if f is not None for u, v in [f])
+                  for p in PROJECTIONS}
+        for p, w in (self.base or {}).items():
+            counts[p] += w.numel()
+        return counts
 
     def allocation(self) -> dict:
         return {"ranks": self.ranks(), "base_channels": 0 if self.base is None else int(self.base_channels.numel())}

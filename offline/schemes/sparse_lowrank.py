@@ -118,11 +118,19 @@ class SparseLowRankLayer(SchemeLayer):
                 "lowrank_channels": [int(ex.lowrank_channels.numel()) for ex in self.experts]}
 
     def num_params(self) -> int:
-        n = 0 if self.base_down is None else self.base_down.numel()
+        return sum(self.params_by_projection().values())
+
+    def params_by_projection(self) -> dict[str, int]:
+        counts = dict.fromkeys(PROJECTIONS, 0)
         for ex in self.experts:
-            n += sum(t.numel() for t in ex.sparse.values())
-            n += sum(u.numel() + v.numel() for f in ex.lowrank.values() if f is not None for u, v in [f])
-        return n
+            for p, t in ex.sparse.items():
+                counts[p] += t.numel()
+            for p, f in ex.lowrank.items():
+                if f is not None:
+                    counts[p] += f[0].numel() + f[1].numel()
+        if self.base_down is not None:
+            counts["down"] += self.base_down.numel()
+        return counts
 
     @staticmethod
     def params_from_spec(spec: LayerSpec) -> int:

@@ -1,0 +1,113 @@
+"""Torch path of the ``basis_residual`` MoE (RFID-MoE and MoBE; CPU, and GPU until a Triton kernel lands).
+
+Per projection (gate, up, down), one of two forms; I may be this tensor-parallel rank's slice of the
+intermediate dimension (rows of gate/up, columns of down):
+
+    dense        dense [E, out, in]                          W_e as stored (down by default)
+    factorised   coef [out, Σ_e K_e]   expert e's A_e in columns [start_e, start_e + K_e), K_e = its basis rank
+                 right [Σ_j K_j, in]   one-basis-per-group: φ(B_j) precomputed at load (weights only);
+                                       mixed (MoBE): the raw bases B_j, and mix [E, m] = softmax weights α
+                 scaled_eta [m, a]     s ⊙ η_g per group (empty: no residual)
+
+    W_e x = A_e (R_e x) + R̂_e x,   R_e = φ(B_g(e))  or  φ(Σ_j α_ej B_j),
+    R̂_e = member ``slot_e`` of reshape(P η_g(e)), regenerated from the hash in bounded chunks
+           (kernels/residual_hash.py), never stored.
+
+Experts loop over their routed tokens (grouped by expert); y = Σ_k w_k W_down,e (silu(W_gate,e x) ⊙ W_up,e x).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .residual_hash import residual_matmul
+
+ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh, "identity": lambda t: t}
+
+
+class ProjectionWeights(NamedTuple):
+    """One projection's tensors; unused ones are empty (numel 0)."""
+
+    dense: torch.Tensor  # [E, out, in] or empty
+    coef: torch.Tensor  # [out, Σ_e K_e]
+    expert_ranks: torch.Tensor  # int64 [E]
+    right: torch.Tensor  # [Σ_j K_j, in]
+    basis_ranks: torch.Tensor  # int64 [m]
+    mix: torch.Tensor  # [E, m] or empty
+    scaled_eta: torch.Tensor  # [m, a] or empty
+
+
+class ResidualGeometry(NamedTuple):
+    """Where this rank's block of a projection sits in the full matrix (for the residual's positions)."""
+
+    full_out: int
+    full_in: int
+    row_lo: int
+    col_lo: int
+
+
+def offsets(sizes: list[int]) -> list[int]:
+    starts, total = [], 0
+    for s in sizes:
+        starts.append(total)
+        total += s
+    return starts
+
+
+def expert_right_factor(w: ProjectionWeights, e: int, group: int, activation: str) -> torch.Tensor:
+    """R_e [K, in]: the group's precomputed φ(B_g), or MoBE's φ(Σ_j α_ej B_j) computed on the fly."""
+    ranks = w.basis_ranks.tolist()
+    if w.mix.numel() == 0:
+        start = offsets(ranks)[group]
+        return w.right[start : start + ranks[group]]
+    bases = w.right.view(len(ranks), ranks[0], w.right.shape[1])
+    return ACTIVATIONS[activation](torch.einsum("m,mri->ri", w.mix[e].to(bases.dtype), bases))
+
+
+def project(inp: torch.Tensor, w: ProjectionWeights, e: int, group: int, slot: int, activation: str,
+            seed: int, geometry: ResidualGeometry) -> torch.Tensor:
+    """W_e inp for one expert's tokens: inp [N, in] -> [N, out]."""
+    if w.dense.numel():
+        return inp @ w.dense[e].T
+    start, rank = offsets(w.expert_ranks.tolist())[e], int(w.expert_ranks[e])
+    out = (inp @ expert_right_factor(w, e, group, activation).T) @ w.coef[:, start : start + rank].T
+    if w.scaled_eta.numel():
+        out_dim, in_dim = w.coef.shape[0], inp.shape[1]
+        offset = slot * geometry.full_out * geometry.full_in
+        rows = range(geometry.row_lo, geometry.row_lo + out_dim)
+        cols = range(geometry.col_lo, geometry.col_lo + in_dim)
+        out = out + residual_matmul(inp, w.scaled_eta[group], seed, offset, geometry.full_in, rows, cols)
+    return out
+
+
+def basis_residual_moe(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate: ProjectionWeights,
+    up: ProjectionWeights, down: ProjectionWeights, expert_group: torch.Tensor, expert_slot: torch.Tensor,
+    activation: str, seed: int, full_intermediate: int, intermediate_lo: int,
+) -> torch.Tensor:
+    """Σ_k w_k · expert_{id_k}(x); x [T, H], topk_* [T, k] -> [T, H] in x's dtype."""
+    num_tokens, top_k = topk_ids.shape
+    hidden = x.shape[1]
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)[order]
+    weight_of = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
+    counts = torch.bincount(flat, minlength=expert_group.numel()).tolist()
+    groups, slots = expert_group.tolist(), expert_slot.tolist()
+    in_geometry = ResidualGeometry(full_intermediate, hidden, intermediate_lo, 0)
+    out_geometry = ResidualGeometry(hidden, full_intermediate, 0, intermediate_lo)
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tokens, w = token_of[start : start + n], weight_of[start : start + n]
+        start += n
+        xe = x[tokens]
+        args = (e, groups[e], slots[e], activation, seed)
+        h = F.silu(project(xe, gate, *args, in_geometry)) * project(xe, up, *args, in_geometry)
+        out.index_add_(0, tokens, w * project(h, down, *args, out_geometry))
+    return out

@@ -1,0 +1,106 @@
+"""What MoBE and RFID-MoE share: which projections are factorised, the budget per projection, the layer they build.
+
+Both factorise gate and up only (down_proj stays dense, as both papers do). On a model whose gate+up are a
+small share of all parameters a high total ratio is then out of reach (the reference model: gate+up are 54 %
+of the parameters, so at most 0.52 can be removed); ``factorize_down`` also factorises down_proj with the
+same model (the "gate/up/down all factorised" MoBE variant of olokevin/moe-compression), which makes
+``--ratio 0.6`` reachable there.
+
+A layer's budget (budget.py) is split evenly between the factorised projections (``extra_ranks``). What a projection stores
+whatever the budget (its rank-1 floor, MoBE's mixing weights, RFID's residual vectors) is reported as fixed.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+from ..architectures import PROJECTIONS
+from ..budget import LayerShape
+from ..schemes.basis_residual import BasisProjection, BasisResidualLayer, matrix_shape
+from .base import CompressionMethod
+from .basis_fit import FitOptions, FittedProjection
+from .group_basis import check_group_size
+
+
+class BasisMethod(CompressionMethod):
+    """Common options; subclasses define the per-projection cost model and the fit."""
+
+    def __init__(self, group_size: int = 4, activation: str = "silu", fit_steps: int = 200, fit_lr: float = 0.07,
+                 fit_patience: int = 50, factorize_down: bool = False):
+        self.group_size = group_size
+        self.fit = FitOptions(activation, fit_steps, fit_lr, fit_patience)
+        self.factorized = ("gate", "up", "down") if factorize_down else ("gate", "up")
+        self.last_log: dict = {}
+
+    def options(self) -> dict:
+        return {"group_size": self.group_size, "activation": self.fit.activation, "fit_steps": self.fit.steps,
+                "fit_lr": self.fit.lr, "fit_patience": self.fit.patience, "factorized": list(self.factorized)}
+
+    def unreachable_hint(self) -> str:
+        if "down" in self.factorized:
+            return ""
+        return "down_proj stays dense; --factorize-down factorises it too and reaches higher ratios"
+
+    def layer_log(self) -> dict:
+        return self.last_log
+
+    def dims(self, proj: str, shape: LayerShape) -> tuple[int, int]:
+        return matrix_shape(proj, shape.hidden_size, shape.intermediate_size)
+
+    def max_rank(self, proj: str, shape: LayerShape) -> int:
+        """A basis cannot exceed the rank of its group matrix [k·out, in]."""
+        out_dim, in_dim = self.dims(proj, shape)
+        return min(self.group_size * out_dim, in_dim)
+
+    def num_groups(self, shape: LayerShape) -> int:
+        check_group_size(shape.num_experts, self.group_size)
+        return shape.num_experts // self.group_size
+
+    @abstractmethod
+    def rank_cost(self, proj: str, shape: LayerShape) -> int:
+        """Parameters one more unit of rank costs (all groups or bases together)."""
+
+    @abstractmethod
+    def floor_params(self, proj: str, shape: LayerShape) -> int:
+        """Parameters a factorised projection stores at the smallest rank (1)."""
+
+    def fixed_params(self, shape: LayerShape) -> int:
+        dense = sum(shape.hidden_size * shape.intermediate_size * shape.num_experts
+                    for p in PROJECTIONS if p not in self.factorized)
+        return dense + sum(self.floor_params(p, shape) for p in self.factorized)
+
+    def rank_units(self, shape: LayerShape) -> int:
+        """Independent ranks per projection: one for MoBE's shared rank, one per group for RFID-MoE."""
+        return 1
+
+    def capacity(self, shape: LayerShape) -> int:
+        """The most rank-dependent parameters a layer can use (every basis at its maximum rank)."""
+        return sum((self.max_rank(p, shape) - 1) * self.rank_units(shape) * self.rank_cost(p, shape)
+                   for p in self.factorized)
+
+    def extra_ranks(self, budget: int, shape: LayerShape) -> dict[str, int]:
+        """Rank units above the floor per factorised projection: ``budget`` split evenly, a projection that
+        cannot use its share (at its maximum rank) passing the rest to the others, then what is left spent
+        one unit at a time (cheapest first) while it pays for one; the unspent rest is below one unit."""
+        cost = {p: self.rank_cost(p, shape) for p in self.factorized}
+        room = {p: (self.max_rank(p, shape) - 1) * self.rank_units(shape) for p in self.factorized}
+        units, remaining = {}, budget
+        by_capacity = sorted(self.factorized, key=lambda p: room[p] * cost[p])
+        for i, p in enumerate(by_capacity):
+            units[p] = min(room[p], remaining // (len(by_capacity) - i) // cost[p])
+            remaining -= units[p] * cost[p]
+        for p in sorted(self.factorized, key=cost.__getitem__):
+            extra = min(room[p] - units[p], remaining // cost[p])
+            units[p] += extra
+            remaining -= extra * cost[p]
+        return units
+
+    def build_layer(self, weights, fitted: dict[str, FittedProjection], shape: LayerShape, groups,
+                    residual_size: int = 0, seed: int = 0) -> BasisResidualLayer:
+        self.last_log = {"fit": {p: {"loss_curve": [round(v, 8) for v in f.loss_curve], "best_step": f.best_step}
+                                 for p, f in fitted.items()}}
+        factorized = {p: BasisProjection(f.bases, f.coefs, f.mix, f.etas) for p, f in fitted.items()}
+        dense = {p: weights[p] for p in PROJECTIONS if p not in self.factorized}
+        return BasisResidualLayer(shape.hidden_size, shape.intermediate_size, groups, self.fit.activation,
+                                  factorized, dense, residual_size, seed)
+
