@@ -176,8 +176,9 @@ def test_plan_with_layer_weights_keeps_the_total():
     shapes = {l: shape for l in range(3)}
     total = 5_000 + 3 * shape.dense_expert_params
     fixed = {l: 512 for l in shapes}
-    uniform = plan_budget(total, shapes, 0.4, fixed, {l: 8 for l in shapes}, "rs")
-    weighted = plan_budget(total, shapes, 0.4, fixed, {l: 8 for l in shapes}, "rs",
+    capacity = {l: 8 * shape.max_rank * shape.params_per_rank for l in shapes}  # 8 experts at full rank
+    uniform = plan_budget(total, shapes, 0.4, fixed, capacity, "rs")
+    weighted = plan_budget(total, shapes, 0.4, fixed, capacity, "rs",
                            layer_weights={0: 0.6, 1: 0.5, 2: 0.4})
     assert abs(sum(weighted.layer_budgets.values()) - sum(uniform.layer_budgets.values())) <= 3
     assert weighted.layer_budgets[0] > uniform.layer_budgets[1] > weighted.layer_budgets[2]
