@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=40960, help="tokens scored per dataset (default 40960)")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--compress-args", default="",
-                        help="extra options for every compression, e.g. \"--xi 0.5 --fit-steps 100\"")
-    parser.add_argument("--label", default="", help="appended to each row's method name and output directory")
+                        help="extra options for every compression; give it with '=' since it starts with a dash, e.g. "
+                             "--compress-args='--xi 0.5 --fit-steps 100'")
+    parser.add_argument("--label", default="", help="appended to each row's method name and output directory (--label=-xi0.5)")
     parser.add_argument("--no-original", action="store_true", help="skip evaluating the original model")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
