@@ -23,13 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .grouped import offsets, pairs_by_expert
+
 
 def rank_offsets(ranks: torch.Tensor) -> list[list[int]]:
     """Start column of every (projection, expert) block in the packed factors; up follows gate."""
-    starts = torch.cumsum(ranks.flatten(), 0) - ranks.flatten()
-    starts = starts.view_as(ranks).clone()
-    starts[2] -= int(ranks[:2].sum())  # down factors live in their own tensors
-    return starts.tolist()
+    gate, up, down = ranks.tolist()
+    gate_up = offsets(gate + up)  # gate and up factors share one tensor; down factors have their own
+    return [gate_up[: len(gate)], gate_up[len(gate):], offsets(down)]
 
 
 MASKED_PATH_MAX_MACS = 2**29
@@ -76,12 +77,8 @@ def _base_delta_grouped(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, 
     """Routed pairs sorted by expert; each expert's low-rank products run on its own tokens only."""
     num_experts = ranks.shape[1]
     intermediate = gate_up_u.shape[0]
-    num_tokens, top_k = topk_ids.shape
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)[order]
-    weight_of = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    num_tokens = topk_ids.shape[0]
+    token_of, weight_of, counts = pairs_by_expert(topk_ids, topk_weights, num_experts, x.dtype)
     rank_list, starts = ranks.tolist(), rank_offsets(ranks)
     has_base = base_gate_up is not None and base_gate_up.numel() > 0
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .grouped import offsets, pairs_by_expert
 from .residual_hash import residual_matmul
 
 ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh, "identity": lambda t: t}
@@ -47,14 +48,6 @@ class ResidualGeometry(NamedTuple):
     full_in: int
     row_lo: int
     col_lo: int
-
-
-def offsets(sizes: list[int]) -> list[int]:
-    starts, total = [], 0
-    for s in sizes:
-        starts.append(total)
-        total += s
-    return starts
 
 
 def expert_right_factor(w: ProjectionWeights, e: int, group: int, activation: str) -> torch.Tensor:
@@ -89,13 +82,8 @@ def basis_residual_moe(
     activation: str, seed: int, full_intermediate: int, intermediate_lo: int,
 ) -> torch.Tensor:
     """Σ_k w_k · expert_{id_k}(x); x [T, H], topk_* [T, k] -> [T, H] in x's dtype."""
-    num_tokens, top_k = topk_ids.shape
     hidden = x.shape[1]
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)[order]
-    weight_of = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
-    counts = torch.bincount(flat, minlength=expert_group.numel()).tolist()
+    token_of, weight_of, counts = pairs_by_expert(topk_ids, topk_weights, expert_group.numel(), x.dtype)
     groups, slots = expert_group.tolist(), expert_slot.tolist()
     in_geometry = ResidualGeometry(full_intermediate, hidden, intermediate_lo, 0)
     out_geometry = ResidualGeometry(hidden, full_intermediate, 0, intermediate_lo)

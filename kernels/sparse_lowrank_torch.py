@@ -34,14 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def offsets(sizes: list[int]) -> list[int]:
-    """Start of every block when blocks of ``sizes`` are concatenated."""
-    starts, total = [], 0
-    for size in sizes:
-        starts.append(total)
-        total += size
-    return starts
+from .grouped import offsets, pairs_by_expert
 
 
 class PackedOffsets:
@@ -98,12 +91,8 @@ def sparse_lowrank_moe(
     at = PackedOffsets(sparse_counts.tolist(), lowrank_counts.tolist(), ranks.tolist())
     total_sparse = at.totals["S"]
     has_base = base_down.shape[1] > 0
-    num_tokens, top_k = topk_ids.shape
-    flat = topk_ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)[order]
-    weight_of = topk_weights.reshape(-1)[order].to(x.dtype)[:, None]
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    num_tokens = topk_ids.shape[0]
+    token_of, weight_of, counts = pairs_by_expert(topk_ids, topk_weights, num_experts, x.dtype)
     out = torch.zeros_like(x)
     weighted_h = x.new_zeros(num_tokens, base_down.shape[1]) if has_base else None
     end = 0

@@ -23,6 +23,8 @@ from offline.architectures import PROJECTIONS
 from offline.format import LayerSpec, base_channels_name
 from offline.schemes.base_delta import check_base_channels
 
+from .tensor_checks import check_loaded
+
 PROJ_OF_SHARD = {"w1": "gate", "w3": "up", "w2": "down"}
 SUFFIX_OF_PARAM = {"w13_delta_u": "delta_u", "w13_delta_v": "delta_v", "w2_delta_u": "delta_u",
                    "w2_delta_v": "delta_v", "w13_base": "base", "w2_base": "base"}
@@ -128,12 +130,7 @@ class BaseDeltaScheme:
                 raise ValueError(f"moe_compress: tensor {name} present but quantization_config gives expert {expert} rank 0")
             out_dim, in_dim = (h, full_i) if proj == "down" else (full_i, h)
             expected = (out_dim, r) if param_name.endswith("_u") else (r, in_dim)
-        if tuple(loaded.shape) != expected:
-            raise ValueError(f"moe_compress: tensor {name} has shape {tuple(loaded.shape)}, expected {expected}")
-        if not loaded.is_floating_point():
-            raise ValueError(f"moe_compress: tensor {name} has dtype {loaded.dtype}, expected a floating-point factor")
-        if not torch.isfinite(loaded).all():
-            raise ValueError(f"moe_compress: tensor {name} contains NaN or Inf")
+        check_loaded(name, loaded, expected)
         positions = torch.tensor(self.local_positions, dtype=torch.long)
         if param_name == "w13_base":
             half = len(self.local_positions)

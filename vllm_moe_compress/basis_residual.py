@@ -21,6 +21,7 @@ import re
 import torch
 
 from kernels.basis_residual_torch import ACTIVATIONS, ProjectionWeights
+from kernels.grouped import offsets
 from kernels.residual_hash import bucket_counts, bucket_scales
 from offline.architectures import PROJECTIONS
 from offline.format import FormatError, LayerSpec
@@ -29,13 +30,10 @@ from offline.schemes.basis_residual import (
 )
 
 from .base_delta import PROJ_OF_SHARD
+from .tensor_checks import check_loaded
 
 PROJ = r"(gate_proj|up_proj|down_proj|w1|w2|w3)"
 GATE_UP = ("gate", "up")
-
-
-def offsets(sizes: list[int]) -> list[int]:
-    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 class BasisResidualScheme:
@@ -161,12 +159,7 @@ class BasisResidualScheme:
             raise ValueError(f"moe_compress: {self.spec.prefix}: {proj} {kind} index {expert} outside [0, {limit})")
         name = self.checkpoint_name(param_name, proj, expert)
         expected = self.expected_shape(kind, proj, expert)
-        if tuple(loaded.shape) != expected:
-            raise ValueError(f"moe_compress: tensor {name} has shape {tuple(loaded.shape)}, expected {expected}")
-        if not loaded.is_floating_point():
-            raise ValueError(f"moe_compress: tensor {name} has dtype {loaded.dtype}, expected floating point")
-        if not torch.isfinite(loaded).all():
-            raise ValueError(f"moe_compress: tensor {name} contains NaN or Inf")
+        check_loaded(name, loaded, expected)
         sharded_rows = proj != "down"  # gate/up: rows of I; down: columns of I
         if kind == "coef":
             s, r = self.coef_start[proj][expert], expected[1]

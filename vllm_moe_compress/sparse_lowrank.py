@@ -26,6 +26,7 @@ from offline.format import LayerSpec
 from offline.schemes.sparse_lowrank import check_unit_channels, index_names, unit_channels_name
 
 from .base_delta import PROJ_OF_SHARD, BaseDeltaScheme
+from .tensor_checks import check_loaded
 
 
 class SparseLowRankScheme:
@@ -148,12 +149,7 @@ class SparseLowRankScheme:
         e = None if param_name == "w2_base" else expert
         name = self.checkpoint_name(param_name, proj, e)
         expected = self._expected_shape(param_name, proj, e)
-        if tuple(loaded.shape) != expected:
-            raise ValueError(f"moe_compress: tensor {name} has shape {tuple(loaded.shape)}, expected {expected}")
-        if not loaded.is_floating_point():
-            raise ValueError(f"moe_compress: tensor {name} has dtype {loaded.dtype}, expected a floating-point factor")
-        if not torch.isfinite(loaded).all():
-            raise ValueError(f"moe_compress: tensor {name} contains NaN or Inf")
+        check_loaded(name, loaded, expected)
         self._block(param_name, param, proj, e).copy_(self._local(param_name, proj, e, loaded))
 
     def first_unloaded(self, param_name: str, param: torch.Tensor) -> str | None:
