@@ -184,10 +184,10 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
         log.info("resuming from layer %d: %d of %d MoE layers already compressed in %s",
                  todo[0], len(finished), len(moe_layers), work.path)
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32).eval()
-    weights = work.layer_weights(lambda: method.layer_budget_weights(
+    layer_weights = work.layer_weights(lambda: method.layer_budget_weights(
         model, samples, layout.shapes, job.plan.kept_fraction, calibration.batch_size))
-    if weights:
-        job.plan = job.plan_for(layer_weights=weights)
+    if layer_weights:
+        job.plan = job.plan_for(layer_weights=layer_weights)
     fisher = {}
     if method.needs_fisher:
         fisher = work.fisher(lambda: expert_fisher(
@@ -205,7 +205,7 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
         compressed = method.compress_layer(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer], shape,
                                            **extra)
         record = {
-            "spec": asdict(compressed.spec(layer, prefix)), "num_params": compressed.num_params(),
+            "spec": asdict(compressed.spec(layer, prefix)),
             "params_by_projection": compressed.params_by_projection(),
             "stats": {"routing_counts": stats.counts.tolist(), "routing_weight_sums": stats.weight_sums.tolist(),
                       **compressed.allocation(), **method.layer_log()},
@@ -228,13 +228,13 @@ def _write_checkpoint(job: _Job, overwrite: bool, max_shard_bytes: int, started:
     """Assemble the output from the source's non-expert tensors and the journaled layers, atomically."""
     layout, method, plan, ratio, work = job.layout, job.method, job.plan, job.ratio, job.work
     records = {layer: work.layer_record(layer) for layer in sorted(layout.shapes)}
-    compressed_params = sum(r["num_params"] for r in records.values())
+    stored = {p: sum(r["params_by_projection"][p] for r in records.values()) for p in PROJECTIONS}
+    compressed_params = sum(stored.values())
     achieved = plan.achieved_ratio(compressed_params)
     if abs(achieved - ratio) > RATIO_TOLERANCE:
         raise RuntimeError(f"achieved ratio {achieved:.4f} is more than {RATIO_TOLERANCE} from target {ratio}")
     expert_total = sum(s.dense_expert_params for s in layout.shapes.values())
-    removed = projection_ratios({p: sum(r["params_by_projection"][p] for r in records.values()) for p in PROJECTIONS},
-                                expert_total)
+    removed = projection_ratios(stored, expert_total)
     info = CompressionInfo(
         method=method.name, target_ratio=ratio, achieved_ratio=round(achieved, 6),
         expert_ratio=round(1 - compressed_params / expert_total, 6), original_params=plan.total_params,

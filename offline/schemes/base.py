@@ -29,9 +29,9 @@ class SchemeLayer(ABC):
     def validate_spec(spec: LayerSpec) -> None:
         """Raise :class:`FormatError` if the scheme-specific fields of ``spec`` are inconsistent."""
 
-    @abstractmethod
     def num_params(self) -> int:
         """Stored weight parameters (index tensors are metadata, not counted)."""
+        return sum(self.params_by_projection().values())
 
     @staticmethod
     @abstractmethod

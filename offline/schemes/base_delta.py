@@ -76,10 +76,6 @@ class BaseDeltaLayer(SchemeLayer):
     def ranks(self) -> dict[str, list[int]]:
         return {p: [0 if f is None else f[0].shape[1] for f in self.factors[p]] for p in PROJECTIONS}
 
-    def num_params(self) -> int:
-        """Stored weight parameters (the channel index is metadata, not counted)."""
-        return sum(self.params_by_projection().values())
-
     def params_by_projection(self) -> dict[str, int]:
         counts = {p: sum(u.numel() + v.numel() for f in self.factors[p] if f is not None for u, v in [f])
                   for p in PROJECTIONS}

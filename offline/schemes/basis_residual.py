@@ -156,10 +156,6 @@ class BasisResidualLayer(SchemeLayer):
             total += e * len(bases) if d["mixed"] else 0
         return total
 
-    def num_params(self) -> int:
-        """Stored weights: bases, coefficients, mixing weights, η and dense matrices (the counts are metadata)."""
-        return sum(p.num_params() for p in self.factorized.values()) + sum(t.numel() for t in self.dense.values())
-
     def spec(self, layer: int, prefix: str) -> LayerSpec:
         basis_ranks = {p: [b.shape[0] for b in f.bases] for p, f in self.factorized.items()}
         return LayerSpec(

@@ -117,9 +117,6 @@ class SparseLowRankLayer(SchemeLayer):
         return {"sparse_channels": [int(ex.sparse_channels.numel()) for ex in self.experts],
                 "lowrank_channels": [int(ex.lowrank_channels.numel()) for ex in self.experts]}
 
-    def num_params(self) -> int:
-        return sum(self.params_by_projection().values())
-
     def params_by_projection(self) -> dict[str, int]:
         counts = dict.fromkeys(PROJECTIONS, 0)
         for ex in self.experts:
