@@ -1,4 +1,4 @@
-"""The Triton kernels' correctness tests (``tests/triton_interpreted.py``), run by Triton's interpreter on the CPU.
+"""The Triton kernels' correctness tests (``tests/triton_interpreted*.py``), run by Triton's interpreter on the CPU.
 
 They run in a pytest subprocess with ``TRITON_INTERPRET=1`` in its environment: Triton decides at each
 ``triton.jit`` definition whether to interpret, so the variable must be set before Triton is first imported,
@@ -26,8 +26,8 @@ ACTIVATION_POINTERS = {"a_ptr", "v_ptr", "z_ptr", "u_ptr", "out_ptr", "addend_pt
 
 def test_triton_kernels_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(HERE / "triton_interpreted.py")],
+    modules = sorted(str(path) for path in HERE.glob("triton_interpreted*.py"))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *modules],
                           cwd=HERE.parent, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
