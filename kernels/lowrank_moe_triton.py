@@ -88,6 +88,25 @@ def _block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _rows_product(a_ptr, stride_a_row, stride_a_col, rows, row_ok, reduce_dim,
+                  w_ptr, stride_w_out, stride_w_in, outs, out_ok,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Σ_{c<reduce_dim} a[rows, c] · W[outs, c], float32 [BLOCK_M, BLOCK_N]: gathered rows of a (tokens or
+    slots) times gathered rows of W (one expert's block of a packed matrix), reduced in BLOCK_K chunks."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, reduce_dim, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < reduce_dim
+        a = tl.load(a_ptr + rows[:, None] * stride_a_row + cols[None, :] * stride_a_col,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + outs[None, :].to(tl.int64) * stride_w_out + cols[:, None] * stride_w_in,
+                    mask=out_ok[None, :] & col_ok[:, None], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _project_ranks_kernel(
     a_ptr, stride_a_row, stride_a_col, reduce_dim,
     v_ptr, stride_v_rank, stride_v_col,
@@ -113,15 +132,9 @@ def _project_ranks_kernel(
     rows = pairs // TOP_K if A_ROWS_ARE_TOKENS else slots
     ranks = first_rank + tl.arange(0, BLOCK_R)
     rank_ok = ranks < rank
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, reduce_dim, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < reduce_dim
-        a = tl.load(a_ptr + rows[:, None] * stride_a_row + cols[None, :] * stride_a_col,
-                    mask=valid[:, None] & col_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + (start + ranks)[None, :].to(tl.int64) * stride_v_rank + cols[:, None] * stride_v_col,
-                    mask=rank_ok[None, :] & col_ok[:, None], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    acc = _rows_product(a_ptr, stride_a_row, stride_a_col, rows, valid, reduce_dim,
+                        v_ptr, stride_v_rank, stride_v_col, start + ranks, rank_ok,
+                        BLOCK_M, BLOCK_R, BLOCK_K, DOT_DTYPE, PRECISION)
     if SCALE_BY_WEIGHT:
         acc = acc * tl.load(weight_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
     tl.store(z_ptr + slots[:, None] * stride_z + (segment * SEG_WIDTH + ranks)[None, :],
@@ -237,8 +250,8 @@ def _token_gemm_kernel(
     a_ptr, stride_a, a_col_ptr, reduce_dim,
     w_ptr, stride_w_out, stride_w_in,
     out_ptr, stride_out, out_dim, num_tokens,
-    pair_rows_ptr, stride_pair_rows, slot_of_pair_ptr, weight_ptr,
-    TOP_K: tl.constexpr, GATHER_PAIRS: tl.constexpr, ADD_PAIR_ROWS: tl.constexpr,
+    pair_rows_ptr, stride_pair_rows, slot_of_pair_ptr, weight_ptr, pair_expert_ptr, stride_col_expert,
+    TOP_K: tl.constexpr, GATHER_PAIRS: tl.constexpr, COLS_PER_EXPERT: tl.constexpr, ADD_PAIR_ROWS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -251,14 +264,21 @@ def _token_gemm_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < reduce_dim
         if GATHER_PAIRS:  # Σ_k w_tk · a[slot(t, k), cols]: the routing-weighted sum, formed in the A operand
-            cols = tl.load(a_col_ptr + ks, mask=k_ok, other=0)
+            shared_cols = tl.load(a_col_ptr + ks, mask=k_ok, other=0)
             a = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
             for j in range(TOP_K):  # a loop, not unrolled: one gathered tile live at a time (no spills)
                 pair = tokens * TOP_K + j
                 slot = tl.load(slot_of_pair_ptr + pair, mask=token_ok, other=0).to(tl.int64)
                 weight = tl.load(weight_ptr + pair, mask=token_ok, other=0.0).to(tl.float32)
-                rows = tl.load(a_ptr + slot[:, None] * stride_a + cols[None, :],
-                               mask=token_ok[:, None] & k_ok[None, :], other=0.0)
+                if COLS_PER_EXPERT:  # the pair's expert's own column map; -1: no column (contributes 0)
+                    expert = tl.load(pair_expert_ptr + pair, mask=token_ok, other=0)
+                    cols = tl.load(a_col_ptr + expert[:, None] * stride_col_expert + ks[None, :],
+                                   mask=token_ok[:, None] & k_ok[None, :], other=-1)
+                    col_ok = cols >= 0
+                else:
+                    cols = shared_cols[None, :]
+                    col_ok = token_ok[:, None] & k_ok[None, :]
+                rows = tl.load(a_ptr + slot[:, None] * stride_a + cols, mask=col_ok, other=0.0)
                 a += weight[:, None] * rows.to(tl.float32)
             a = _round_to(a, a_ptr.dtype.element_ty)
         else:
@@ -275,7 +295,8 @@ def _token_gemm_kernel(
              mask=token_ok[:, None] & out_ok[None, :])
 
 
-def _launch_token_gemm(a, a_col, reduce_dim, w, out, pair_rows, slot_of_pair, weights, top_k, gather):
+def _launch_token_gemm(a, a_col, reduce_dim, w, out, pair_rows, slot_of_pair, weights, top_k, gather,
+                       pair_experts=None):
     num_tokens = out.shape[0]
     # Decode-sized batches: narrow output tiles, so more programs share the weight reads.
     block_t, block_n = (16, 32) if num_tokens <= 16 else (64, 64)
@@ -286,8 +307,8 @@ def _launch_token_gemm(a, a_col, reduce_dim, w, out, pair_rows, slot_of_pair, we
         w, w.stride(0), w.stride(1),
         out, out.stride(0), out.shape[1], num_tokens,
         pair_rows if pair_rows is not None else out, pair_rows.stride(0) if pair_rows is not None else 0,
-        slot_of_pair, weights,
-        TOP_K=top_k, GATHER_PAIRS=gather, ADD_PAIR_ROWS=pair_rows is not None,
+        slot_of_pair, weights, pair_experts if pair_experts is not None else slot_of_pair, a_col.stride(0),
+        TOP_K=top_k, GATHER_PAIRS=gather, COLS_PER_EXPERT=pair_experts is not None, ADD_PAIR_ROWS=pair_rows is not None,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=64, **dot_config(out.dtype), num_warps=num_warps_for(block_t),
     )
     return out
@@ -300,8 +321,11 @@ def token_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_pairs(out: torch.Tensor, pair_rows: torch.Tensor | None, slot_rows: torch.Tensor, cols: torch.Tensor,
-                 w: torch.Tensor, blocks: ExpertBlocks, weights: torch.Tensor, top_k: int) -> torch.Tensor:
+                 w: torch.Tensor, blocks: ExpertBlocks, weights: torch.Tensor, top_k: int,
+                 pair_experts: torch.Tensor | None = None) -> torch.Tensor:
     """The MoE reduction into ``out`` [T, N]: ``out[t] = (Σ_k w_tk · slot_rows[slot(t,k), cols]) · wᵀ
-    + Σ_k pair_rows[t·top_k + k]``; ``w`` [N, len(cols)] may have zero columns, ``pair_rows`` may be None."""
-    return _launch_token_gemm(slot_rows, nonempty(cols), cols.numel(), w, out, pair_rows, blocks.slot_of_pair,
-                              weights, top_k, gather=True)
+    + Σ_k pair_rows[t·top_k + k]``; ``w`` [N, C] may have zero columns, ``pair_rows`` may be None. ``cols``
+    [C] is one column map for every pair, or, with ``pair_experts`` (int32 [pairs], each pair's expert),
+    one map per expert, [E, C], where -1 marks a column the expert's rows do not have (it adds 0)."""
+    return _launch_token_gemm(slot_rows, nonempty(cols), w.shape[1], w, out, pair_rows, blocks.slot_of_pair,
+                              weights, top_k, gather=True, pair_experts=pair_experts)

@@ -62,6 +62,7 @@ class SparseLowRankScheme:
                 self.positions[kind].append(inside)
                 self.local_channels[kind] += [channels[k] - self.lo for k in inside]
         self.ranks = [spec.ranks[p] for p in PROJECTIONS]
+        self.triton_layout = None  # per-layer metadata of the Triton path, built at the first CUDA forward
         self.at = PackedOffsets([len(p) for p in self.positions["sparse"]],
                                 [len(p) for p in self.positions["lowrank"]], self.ranks)
         totals = self.at.totals
@@ -89,13 +90,29 @@ class SparseLowRankScheme:
     def process_loaded(self, layer: torch.nn.Module) -> None:
         """Weights-only work once every tensor is loaded (none for this scheme)."""
 
+    @staticmethod
+    def _op_args(layer) -> tuple:
+        return (layer.moe_compress_sparse_counts, layer.moe_compress_lowrank_counts, layer.moe_compress_ranks,
+                layer.w13_sparse, layer.w2_sparse, layer.w13_lowrank_u, layer.w13_lowrank_v, layer.w2_lowrank_u,
+                layer.w2_lowrank_v, layer.w2_base, layer.moe_compress_sparse_channels,
+                layer.moe_compress_lowrank_channels)
+
     def apply(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        return torch.ops.moe_compress.sparse_lowrank_moe(
-            x, topk_weights, topk_ids, layer.moe_compress_sparse_counts, layer.moe_compress_lowrank_counts,
-            layer.moe_compress_ranks, layer.w13_sparse, layer.w2_sparse, layer.w13_lowrank_u, layer.w13_lowrank_v,
-            layer.w2_lowrank_u, layer.w2_lowrank_v, layer.w2_base, layer.moe_compress_sparse_channels,
-            layer.moe_compress_lowrank_channels,
-        )
+        """Σ_k w_k·expert_k(x): the Triton kernels on CUDA devices, the torch custom op elsewhere."""
+        if x.is_cuda:
+            return self.apply_triton(layer, x, topk_weights, topk_ids)
+        return torch.ops.moe_compress.sparse_lowrank_moe(x, topk_weights, topk_ids, *self._op_args(layer))
+
+    def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
+        from kernels import sparse_lowrank_triton
+
+        if self.triton_layout is None:  # built from host lists: no device sync, safe before graph capture
+            self.triton_layout = sparse_lowrank_triton.SparseLowrankLayout.from_lists(
+                self.at.s, self.at.m, self.ranks, self.local_channels["sparse"], self.local_channels["lowrank"],
+                self.shapes["w2_base"][1], x.device)
+        return sparse_lowrank_triton.sparse_lowrank_moe(x, topk_ids, topk_weights, *self._op_args(layer),
+                                                        layout=self.triton_layout)
 
     def checkpoint_name(self, param: str, proj: str, expert: int | None) -> str:
         if param == "w2_base":
