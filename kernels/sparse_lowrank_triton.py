@@ -254,6 +254,7 @@ def sparse_lowrank_moe(
     grid_blocks = blocks.block_expert.numel()
     block_r = rank_chunk(blocks)
     common = dict(BLOCK_M=blocks.block_m, **dot_config(x.dtype), num_warps=num_warps_for(blocks.block_m))
+    block_k = 32 if x.dtype == torch.float32 else 64  # fp32 FMA dots over 64-wide chunks spill on sm_90
     routed = (blocks.sorted_pair, blocks.block_expert, blocks.num_pairs, num_experts)
 
     z = project_ranks(x, lowrank_gate_up_v, layout.gate_up_v_starts, layout.gate_up_ranks, layout.gate_up_width,
@@ -263,7 +264,7 @@ def sparse_lowrank_moe(
     _gate_up_units_kernel[(grid_blocks, triton.cdiv(h.shape[1], 64))](
         x, x.stride(0), hidden, sparse_gate_up, sparse_gate_up.stride(0), layout.total_sparse,
         z, z.stride(0), nonempty(lowrank_gate_up_u), h, h.stride(0), layout.experts, *routed,
-        TOP_K=top_k, SEG_WIDTH=layout.gate_up_width, BLOCK_N=64, BLOCK_K=64, BLOCK_R=block_r, **common,
+        TOP_K=top_k, SEG_WIDTH=layout.gate_up_width, BLOCK_N=64, BLOCK_K=block_k, BLOCK_R=block_r, **common,
     )
 
     pair_outputs = None
@@ -272,7 +273,7 @@ def sparse_lowrank_moe(
         if layout.down_width:
             _down_project_kernel[(grid_blocks, triton.cdiv(layout.down_width, block_r))](
                 h, h.stride(0), nonempty(lowrank_down_v), z_down, z_down.stride(0), layout.experts, *routed,
-                BLOCK_R=block_r, BLOCK_K=64, **common,
+                BLOCK_R=block_r, BLOCK_K=block_k, **common,
             )
         pair_outputs = torch.empty(blocks.num_pairs, hidden, dtype=x.dtype, device=x.device)
         sparse_down, down_u = nonempty(sparse_down), nonempty(lowrank_down_u)

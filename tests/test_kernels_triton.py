@@ -22,6 +22,7 @@ from kernels.routing import align_pairs_by_expert
 
 HERE = Path(__file__).resolve().parent
 ACTIVATION_POINTERS = {"a_ptr", "v_ptr", "z_ptr", "u_ptr", "out_ptr", "addend_ptr", "w_ptr", "pair_rows_ptr"}
+ACTIVATION_POINTERS |= {"x_ptr", "h_ptr", "sparse_ptr", "lowrank_u_ptr", "down_v_ptr", "sparse_down_ptr", "down_u_ptr"}
 
 
 def test_triton_kernels_under_the_interpreter():
@@ -85,6 +86,19 @@ def spilled_bytes(cubin: bytes) -> int:
     return int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
+def assert_compiled_cleanly(variants: list, activation: str, dot: dict) -> None:
+    """Each (kernel, constexprs) compiles for sm_90 with its launcher's warps, spills no register, and (bf16)
+    runs its dots on tensor cores with bf16 operands and fp32 accumulation."""
+    from kernels.lowrank_moe_triton import num_warps_for
+
+    for fn, constexprs in variants:
+        rows = constexprs.get("BLOCK_M", constexprs.get("BLOCK_T"))
+        compiled = compile_for_gpu(fn, activation, {**constexprs, **dot}, num_warps_for(rows))
+        assert spilled_bytes(compiled.asm["cubin"]) == 0, (fn.__name__, constexprs)
+        if activation == "bf16":
+            assert re.search(r"mma\S*\.f32\.bf16\.bf16", compiled.asm["ptx"]), fn.__name__  # mma.sync or wgmma
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles real GPU code")
 @pytest.mark.parametrize("activation", ["bf16", "fp32"])
 def test_kernels_compile_for_an_sm90_gpu_without_register_spills(activation):
@@ -109,19 +123,41 @@ def test_kernels_compile_for_an_sm90_gpu_without_register_spills(activation):
                                                 BLOCK_N=64, BLOCK_R=64)),
             (lowrank._expand_ranks_kernel, dict(TOP_K=2, SEG_WIDTH=827, GATED=False, HAS_ADDEND=False, BLOCK_M=16,
                                                 BLOCK_N=64, BLOCK_R=32)),
-            (lowrank._token_gemm_kernel, dict(TOP_K=8, GATHER_PAIRS=True, ADD_PAIR_ROWS=True, BLOCK_T=16, BLOCK_N=32,
-                                              BLOCK_K=64)),
-            (lowrank._token_gemm_kernel, dict(TOP_K=8, GATHER_PAIRS=True, ADD_PAIR_ROWS=True, BLOCK_T=64, BLOCK_N=64,
-                                              BLOCK_K=64)),
-            (lowrank._token_gemm_kernel, dict(TOP_K=1, GATHER_PAIRS=False, ADD_PAIR_ROWS=False, BLOCK_T=64, BLOCK_N=64,
-                                              BLOCK_K=64)),
+            (lowrank._token_gemm_kernel, dict(TOP_K=8, GATHER_PAIRS=True, COLS_PER_EXPERT=False, ADD_PAIR_ROWS=True,
+                                              BLOCK_T=16, BLOCK_N=32, BLOCK_K=64)),
+            (lowrank._token_gemm_kernel, dict(TOP_K=8, GATHER_PAIRS=True, COLS_PER_EXPERT=False, ADD_PAIR_ROWS=True,
+                                              BLOCK_T=64, BLOCK_N=64, BLOCK_K=64)),
+            (lowrank._token_gemm_kernel, dict(TOP_K=1, GATHER_PAIRS=False, COLS_PER_EXPERT=False, ADD_PAIR_ROWS=False,
+                                              BLOCK_T=64, BLOCK_N=64, BLOCK_K=64)),
         ]
-    for fn, constexprs in variants:
-        rows = constexprs.get("BLOCK_M", constexprs.get("BLOCK_T"))
-        compiled = compile_for_gpu(fn, activation, {**constexprs, **dot}, lowrank.num_warps_for(rows))
-        assert spilled_bytes(compiled.asm["cubin"]) == 0, (fn.__name__, constexprs)
-        if activation == "bf16":  # the dots run on tensor cores with bf16 operands and fp32 accumulation
-            assert re.search(r"mma\S*\.f32\.bf16\.bf16", compiled.asm["ptx"]), fn.__name__  # mma.sync or wgmma
+    assert_compiled_cleanly(variants, activation, dot)
     if activation == "bf16":
         aligned = compile_for_gpu(routing_triton._align_kernel, activation, dict(BLOCK_M=16, E_PAD=128, BLOCK_P=64), 4)
         assert spilled_bytes(aligned.asm["cubin"]) == 0
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles real GPU code")
+@pytest.mark.parametrize("activation", ["bf16", "fp32"])
+def test_sparse_lowrank_kernels_compile_for_an_sm90_gpu_without_register_spills(activation):
+    """The sparse_lowrank kernels and the reduction's per-expert column gather: bf16 decode and prefill tiles
+    (tensor-core dots); fp32 the gate/up kernel's decode tile (its launcher's 32-wide chunks). No spills."""
+    import triton.language as tl
+
+    from kernels import lowrank_moe_triton as lowrank
+    from kernels import sparse_lowrank_triton as sparse_lowrank
+
+    gate_up = sparse_lowrank._gate_up_units_kernel
+    if activation == "fp32":
+        dot = {"DOT_DTYPE": tl.float32, "PRECISION": "ieee"}
+        variants = [(gate_up, dict(TOP_K=8, SEG_WIDTH=201, BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, BLOCK_R=32))]
+    else:
+        dot = {"DOT_DTYPE": tl.bfloat16, "PRECISION": "tf32"}
+        variants = [
+            (gate_up, dict(TOP_K=8, SEG_WIDTH=201, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=32)),
+            (gate_up, dict(TOP_K=2, SEG_WIDTH=827, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_R=64)),
+            (sparse_lowrank._down_project_kernel, dict(BLOCK_M=16, BLOCK_R=32, BLOCK_K=64)),
+            (sparse_lowrank._down_units_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=64)),
+            (lowrank._token_gemm_kernel, dict(TOP_K=8, GATHER_PAIRS=True, COLS_PER_EXPERT=True, ADD_PAIR_ROWS=True,
+                                              BLOCK_T=64, BLOCK_N=64, BLOCK_K=64)),
+        ]
+    assert_compiled_cleanly(variants, activation, dot)
