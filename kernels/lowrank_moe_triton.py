@@ -12,9 +12,14 @@ Three kernels, all reading routed pairs grouped by expert (``kernels.routing.ali
   plus an optional dense per-token addend scattered onto some channels, then ``silu(gate)·up`` written
   per slot (the activation fused into the GEMM epilogue).
 - ``token_gemm``: a GEMM once per token, ``out[t] = a_t · Wᵀ``, whose A operand is either a plain row or the
-  routing-weighted sum over the token's pairs of gathered slot rows, ``Σ_k w_tk · h[slot(t,k), cols]``,
+  routing-weighted sum over the token's pairs of gathered slot rows, ``Σ_k w_tk · h[slot(t,k), cols]``
+  (``cols`` one map for all pairs, or one per expert: each pair's row scattered onto shared channels),
   and which can add the token's per-pair rows ``Σ_k y[t·top_k + k]``: the routing-weighted reduction of
   the MoE, deterministic (no atomics).
+
+Their inner loops are jit helpers a scheme's own kernels can call: ``_rows_product`` (gathered rows of an
+activation times gathered rows of a packed weight, over a full reduction dimension) and ``_ragged_product``
+(per-slot ``z`` times one expert's U columns, over its ragged rank).
 
 Precision: every load is converted to float32 (or to the dot's operand dtype) before arithmetic, and
 every product accumulates in float32; intermediates are stored in the activation dtype. Dots take
