@@ -112,6 +112,7 @@ class SparseLowrankLayout:
 
 @triton.jit
 def _field(table_ptr, num_experts, field: tl.constexpr, expert):
+    """Row ``field`` (one of EXPERT_FIELDS) of the layout's per-expert table, for ``expert``."""
     return tl.load(table_ptr + field * num_experts + expert)
 
 
