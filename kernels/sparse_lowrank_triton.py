@@ -9,10 +9,11 @@ for decode-sized batches; no host sync, so the forward can be captured in a CUDA
 
 | stage | kernel | computes | reads | once per |
 |---|---|---|---|---|
-| 1 | ``project_ranks`` | ``z = [Vg,e x, Vu,e x]`` → [slots, 2W] | each routed expert's gate/up V | block |
-| 2 | ``_gate_up_units`` | ``h = silu(g) ⊙ u``, g/u = ``[G_S x; Ug z_g]`` / ``[U_S x; Uu z_u]`` → [slots, U] | sparse gate/up rows, Ug, Uu | block |
-| 3 | ``_down_project`` | ``zd = Vd,e h_M`` → [slots, Wd] | Vd | block |
-| 4 | ``_down_units`` | ``y = w · (D_S,e h_S + Ud,e zd)`` → [P, H] (routing weight folded in) | sparse down columns, Ud | block |
+| 0 | ``align_pairs`` | pairs sorted by expert, padded to blocks of 16 or 64 slots | ``topk_ids`` | batch |
+| 1 | ``project_ranks`` | ``z = [Vg,e x, Vu,e x]`` → [slots, 2W] | each routed expert's gate/up V, once per block | pair |
+| 2 | ``_gate_up_units`` | ``h = silu(g) ⊙ u``, ``g = [G_S,e x; Ug,e z_g]``, ``u = [U_S,e x; Uu,e z_u]`` → [slots, U] | sparse gate/up rows, Ug, Uu | pair |
+| 3 | ``_down_project`` | ``zd = Vd,e h_M`` → [slots, Wd] | Vd | pair |
+| 4 | ``_down_units`` | ``y = w · (D_S,e h_S + Ud,e zd)`` → [P, H] (routing weight folded in) | sparse down columns, Ud | pair |
 | 5 | ``reduce_pairs`` | ``out_t = B (Σ_k w_tk scatter_e(h_tk)) + Σ_k y_tk`` | B | token |
 
 Stage 2 runs the sparse units' dense GEMMs (over H) and the low-rank units' U products (over the expert's
@@ -248,8 +249,7 @@ def sparse_lowrank_moe(
         layout = SparseLowrankLayout.from_tensors(sparse_counts, lowrank_counts, ranks, sparse_channels,
                                                   lowrank_channels, base_down.shape[1])
     x = x.contiguous()
-    num_tokens, top_k = topk_ids.shape
-    num_experts, hidden = ranks.shape[1], x.shape[1]
+    top_k, num_experts, hidden = topk_ids.shape[1], ranks.shape[1], x.shape[1]
     blocks = align_pairs(topk_ids, num_experts, block_size_for(topk_ids.numel(), num_experts))
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     grid_blocks = blocks.block_expert.numel()
