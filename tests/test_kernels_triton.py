@@ -58,7 +58,7 @@ def test_gpu_benchmark_refuses_to_run_without_cuda():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles real GPU code")
 def test_basis_residual_kernel_compiles_for_an_sm90_gpu_without_register_spills():
     """The hashed-residual expand kernel (kernels/basis_residual_triton.py): gated for decode and prefill tiles,
-    and the factorised down; its other stages are the low-rank kernels above."""
+    and the factorised down; its other stages are the low-rank kernels compiled below."""
     import triton.language as tl
 
     from kernels import basis_residual_triton
@@ -150,4 +150,3 @@ def test_kernels_compile_for_an_sm90_gpu_without_register_spills(activation):
     if activation == "bf16":
         aligned = compile_for_gpu(routing_triton._align_kernel, activation, dict(BLOCK_M=16, E_PAD=128, BLOCK_P=64), 4)
         assert spilled_bytes(aligned.asm["cubin"]) == 0
-
