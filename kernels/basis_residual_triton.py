@@ -62,7 +62,7 @@ from kernels import residual_hash
 from kernels.basis_residual_torch import ACTIVATIONS
 from kernels.grouped import offsets
 from kernels.lowrank_moe_triton import (
-    _block_pairs, _ragged_product, _round_to, dot_config, expand_ranks, nonempty, num_warps_for, project_ranks,
+    _block_pairs, _round_to, _segment_products, dot_config, expand_ranks, nonempty, num_warps_for, project_ranks,
     rank_chunk, reduce_pairs,
 )
 from kernels.base_delta_triton import block_size_for
@@ -278,14 +278,9 @@ def _expand_residual_kernel(
     z_rows = tl.load(z_row_ptr + pairs, mask=valid, other=0).to(tl.int64)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < out_dim
-    first = _ragged_product(z_ptr, stride_z, 0, coef_ptr, stride_coef_out, stride_coef_rank,
-                            tl.load(seg_start_ptr + expert), tl.load(seg_rank_ptr + expert),
-                            z_rows, valid, outs, out_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
-    if GATED:
-        second = _ragged_product(z_ptr, stride_z, SEG_WIDTH, coef_ptr, stride_coef_out, stride_coef_rank,
-                                 tl.load(seg_start_ptr + stride_seg + expert),
-                                 tl.load(seg_rank_ptr + stride_seg + expert),
-                                 z_rows, valid, outs, out_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
+    first, second = _segment_products(z_ptr, stride_z, z_rows, coef_ptr, stride_coef_out, stride_coef_rank,
+                                      seg_start_ptr, seg_rank_ptr, stride_seg, expert, valid, outs, out_ok, SEG_WIDTH,
+                                      GATED, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
     if RESIDUAL_SIZE > 0:  # R̂_e a: positions t = slot·out·in + (row_lo + n)·in + col_lo + c, hashed per tile
         member = tl.load(expert_slot_ptr + expert).to(tl.int64)
         first_position = (member * matrix_size + first_offset).to(tl.uint32)
@@ -296,8 +291,7 @@ def _expand_residual_kernel(
             a_ptr, stride_a, a_rows, valid, reduce_dim, group_eta, second_eta_offset, row_positions, seed_mix,
             RESIDUAL_SIZE, GATED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
         first += residual_first
-        if GATED:
-            second += residual_second
+        second += residual_second  # zero unless GATED
     if GATED:  # h = w · silu(gate) · up: the routing weight folded in, so down and the reduction are linear
         weight = tl.load(weight_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
         result = weight[:, None] * first * tl.sigmoid(first) * second

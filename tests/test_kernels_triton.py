@@ -74,6 +74,7 @@ def test_basis_residual_kernel_compiles_for_an_sm90_gpu_without_register_spills(
                                    lowrank.num_warps_for(rows), pointer_types=pointers)
         assert spilled_bytes(compiled.asm["cubin"]) == 0, constexprs
         assert re.search(r"mma\S*\.f32\.bf16\.bf16", compiled.asm["ptx"]), constexprs
+        assert not re.search(r"\b(rem|div)\.[su]32", compiled.asm["ptx"]), constexprs  # mod a: a multiply-shift
 
 
 def compile_for_gpu(fn, activation: str, constexprs: dict, num_warps: int, capability: int = 90,
