@@ -106,7 +106,7 @@ def plugin_shard(layer: BasisResidualLayer, tensors: dict, dtype, tp_rank: int, 
 
 CASES = {
     # name: (tokens, top_k, experts, group size, hidden, intermediate, ranks, mixed, residual size, activation, tp)
-    "rfid, residual, ragged ranks, idle expert": (13, 3, 8, 2, 48, 40, {"gate": [3, 17, 1, 6], "up": [5, 2, 9, 4]},
+    "rfid, residual, ragged ranks, idle group": (13, 3, 8, 2, 48, 40, {"gate": [3, 17, 1, 6], "up": [5, 2, 9, 4]},
                                                   False, 97, "silu", 1),
     "rfid, no residual, factorised down": (9, 2, 6, 3, 32, 24, {"gate": [4, 11], "up": [7, 2], "down": [5, 3]},
                                            False, 0, "silu", 1),
@@ -133,8 +133,9 @@ def test_matches_torch_path_and_dense_float64(case, dtype, poisoned_buffers):
                                              lambda name: tensors[name].double() if tensors[name].is_floating_point()
                                              else tensors[name])
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
-    low = 1 if "idle" in case else 0  # expert 0 gets no token
-    ids = torch.stack([torch.randperm(num_experts - low, generator=gen)[:top_k] + low for _ in range(tokens)]).int()
+    # "idle": the experts of group 0 get no token (an idle expert and an idle owner of a right factor).
+    routed = torch.tensor([e for e in range(num_experts) if "idle" not in case or e not in layer.groups[0]])
+    ids = torch.stack([routed[torch.randperm(len(routed), generator=gen)[:top_k]] for _ in range(tokens)]).int()
     weights = torch.rand(tokens, top_k, generator=gen)
     if "64-slot" in case:
         assert block_size_for(ids.numel(), num_experts) == 64
