@@ -1,7 +1,7 @@
 """Triton path of the ``basis_residual`` MoE (RFID-MoE, MoBE; GPU), with the residual hashed inside the tile.
 
 Expert ``e`` of group ``g`` at position ``s`` of its group computes, per factorised projection
-(docs/format.md §10; RFID-MoE Eq. 14–17 read as one basis per group; MoBE Eq. 2),
+(docs/format.md §10; RFID-MoE Eq. 14–17 read as one basis per group; MoBE's mixed bases),
 
     W_e x = A_e (R_o(e) x) + R̂_e x,    R̂_e[r, c] = scaled_eta_g[π(s·out·in + (row_lo + r)·in + col_lo + c)],
 
@@ -32,9 +32,9 @@ recomputed for every tile entry (:func:`residual_bucket`); R̂_e never exists in
   ``s ⊙ η`` of the gate and of the up projection at the same buckets (gate and up share positions, so one
   hash serves both) and runs two more dots. The residual size ``a`` is a compile-time constant, so ``π(t)
   mod a`` compiles to a multiply-shift; a layer with another ``a`` compiles its own variant. Cost: a dense
-  GEMM's FLOPs plus ~10 integer operations and one gather (from η, a few hundred KiB: L2-resident) per
-  weight entry, per expert block — the price of RFID-MoE's residual (BENCHMARKS.md §8 measures the CPU
-  path; GPU numbers pending).
+  GEMM's FLOPs plus ~10 integer operations and one gather per weight entry, per expert block (η is
+  369 KiB per group and projection at Qwen3-30B shapes, L2-resident; 14 MiB at Mixtral's) — the price of
+  RFID-MoE's residual (BENCHMARKS.md §8.2 measures the CPU path; GPU numbers pending).
 - **MoBE (mixed bases).** ``φ`` acts on the mixed matrix, so ``φ(Σ_j α_ej B_j)`` cannot be split over
   tokens; mixing inside the tile would read all ``m = E/k`` bases per expert block (32 at Qwen3 shapes).
   The plugin therefore materialises every expert's right factor once at its first CUDA forward (weights
@@ -59,16 +59,15 @@ import triton
 import triton.language as tl
 
 from kernels import residual_hash
+from kernels.base_delta_triton import block_size_for
 from kernels.basis_residual_torch import ACTIVATIONS
 from kernels.grouped import offsets
 from kernels.lowrank_moe_triton import (
     _block_pairs, _round_to, _segment_products, dot_config, expand_ranks, nonempty, num_warps_for, project_ranks,
     rank_chunk, reduce_pairs,
 )
-from kernels.base_delta_triton import block_size_for
 from kernels.routing_triton import align_pairs
 
-_GOLDEN = tl.constexpr(residual_hash.GOLDEN)
 _MIX = tl.constexpr(residual_hash.MIX)
 RESIDUAL_CHUNK = 64
 """Input columns per hashed residual tile (the tile is RESIDUAL_CHUNK × 64 outputs)."""
@@ -173,28 +172,33 @@ class BasisResidualLayout:
     def from_lists(cls, expert_ranks: list[list[int]], basis_ranks: list[list[int]], groups: list[int],
                    slots: list[int], mixed: bool, hidden: int, part: int, full_intermediate: int, intermediate_lo: int,
                    residual_size: int, seed: int, device) -> BasisResidualLayout:
-        """``expert_ranks`` / ``basis_ranks``: [gate, up, down] lists (down empty or zeros when dense);
+        """``expert_ranks`` / ``basis_ranks``: [gate, up, down] lists (down all zeros when dense);
         ``groups`` / ``slots``: each expert's group and position; ``part`` this rank's slice of I."""
+        if residual_size >= 2**31:  # the η gather indexes with 32-bit bucket offsets
+            raise ValueError(f"residual size {residual_size} exceeds the Triton path's 2^31 - 1")
         num_experts = len(groups)
         owner_ranks = expert_ranks if mixed else basis_ranks
-        down_dense = not any(expert_ranks[2]) if len(expert_ranks) > 2 else True
-        owner_start = offsets(owner_ranks[2]) if not down_dense else []
         owner = list(range(num_experts)) if mixed else list(groups)
 
-        def per_expert(values):
-            return torch.tensor([values], device=device)
+        def per_expert(values, dtype):
+            return torch.tensor([values], dtype=dtype, device=device)
 
+        if any(expert_ranks[2]):  # factorised down: each expert reads its owner's rows of the right factor
+            owner_start = offsets(owner_ranks[2])
+            down_right = Segments(per_expert([owner_start[o] for o in owner], torch.int64),
+                                  per_expert([owner_ranks[2][o] for o in owner], torch.int32), max(owner_ranks[2]))
+            down_coef = Segments.packed(expert_ranks[2:3], device)
+        else:  # dense down: expert e's [H, I/tp] matrix is a rank-I/tp block at row e·H of the [E·H, I/tp] view
+            down_right = None
+            down_coef = Segments(per_expert([e * hidden * part for e in range(num_experts)], torch.int64),
+                                 per_expert([part] * num_experts, torch.int32), part)
         return cls(
             owner_of_expert=torch.tensor(owner, dtype=torch.int32, device=device),
             owners_are_experts=mixed,
             gate_up_right=Segments.packed(owner_ranks[:2], device),
             gate_up_coef=Segments.packed(expert_ranks[:2], device),
-            down_right=None if down_dense else Segments(
-                per_expert([owner_start[o] for o in owner]), per_expert([owner_ranks[2][o] for o in owner]).int(),
-                max(owner_ranks[2])),
-            down_coef=Segments(per_expert([e * hidden * part for e in range(num_experts)]),
-                               per_expert([part] * num_experts).int(), part)
-            if down_dense else Segments.packed(expert_ranks[2:3], device),
+            down_right=down_right,
+            down_coef=down_coef,
             expert_group=torch.tensor(groups, dtype=torch.int32, device=device),
             expert_slot=torch.tensor(slots, dtype=torch.int32, device=device),
             residual_size=residual_size,
@@ -226,7 +230,7 @@ class BasisResidualWeights(NamedTuple):
 def materialise_mixed_right(bases: torch.Tensor, mix: torch.Tensor, activation: str) -> torch.Tensor:
     """MoBE's per-expert right factors φ(Σ_j α_ej B_j), stacked: bases [m·K, in], mix [E, m] → [E·K, in]
     (float32 math, stored in the bases' dtype)."""
-    num_experts, num_bases = mix.shape
+    num_bases = mix.shape[1]
     stacked = bases.float().view(num_bases, -1, bases.shape[1])
     mixed = torch.einsum("em,mri->eri", mix.float(), stacked)
     return ACTIVATIONS[activation](mixed).reshape(-1, bases.shape[1]).to(bases.dtype)
@@ -332,7 +336,7 @@ def basis_residual_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
                        weights: BasisResidualWeights, layout: BasisResidualLayout) -> torch.Tensor:
     """Σ_k w_k · expert_{id_k}(x) for one TP rank's slice; x [T, H], topk_* [T, k] → [T, H] in x's dtype."""
     x = x.contiguous()
-    num_tokens, top_k = topk_ids.shape
+    top_k = topk_ids.shape[1]
     num_experts = layout.expert_slot.numel()
     intermediate = weights.gate_up_coef.shape[0]
     blocks = align_pairs(topk_ids, num_experts, block_size_for(topk_ids.numel(), num_experts))
