@@ -223,8 +223,9 @@ def rfid_group_ranks(model: ModelShape, ratio: float, residual: bool, gen: torch
     RFID-MoE's own accounting (offline/methods/rfid.py: groups of 4, a = 3 % of a group matrix out of the
     budget), with random group importances."""
     method, shape, layers = RFIDMoE(residual_fraction=0.03 if residual else 0.0), model.layer, range(model.layers)
-    plan = plan_budget(model.total_params, {l: shape for l in layers}, ratio, {l: method.fixed_params(shape) for l in layers},
-                       {l: method.capacity(shape) for l in layers}, "rfid", method.unreachable_hint())
+    plan = plan_budget(model.total_params, {l: shape for l in layers}, ratio,
+                       {l: method.fixed_params(shape) for l in layers}, {l: method.capacity(shape) for l in layers},
+                       "rfid", method.unreachable_hint())
     extra = method.extra_ranks(plan.layer_budgets[0], shape)
     num_groups = method.num_groups(shape)
     importance = torch.rand(num_groups, generator=gen).tolist()

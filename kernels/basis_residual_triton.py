@@ -11,14 +11,15 @@ by :func:`materialise_mixed_right`, see "MoBE" below). ``π`` is kernels/residua
 recomputed for every tile entry (:func:`residual_bucket`); R̂_e never exists in memory. With ``T`` tokens,
 ``P = T·top_k`` routed pairs and the routing weight ``w`` of each pair, the forward is:
 
-| stage | kernel | computes | reads | once per |
-|---|---|---|---|---|
-| 0 | ``align_pairs`` ×2 | pairs grouped by expert; and by owner (skipped when owners are experts) | ``topk_ids`` | batch |
-| 1 | ``project_ranks`` | ``z = R_o,gate x``, ``R_o,up x`` → ``[owner slots, 2W]`` | each routed owner's right factor, once per owner block | pair |
-| 2 | ``_expand_residual`` (gated) | ``h = w · silu(A_gate,e z_g + R̂_gate,e x) ⊙ (A_up,e z_u + R̂_up,e x)`` → ``[slots, I]`` | A_e, η_g | pair |
-| 3a | ``expand_ranks`` (dense down) | ``y = W_down,e h`` → ``[P, H]`` | ``W_down,e`` | pair |
-| 3b | ``project_ranks`` + ``_expand_residual`` (factorised down) | ``y = A_down,e (R_o,down h) + R̂_down,e h`` | right factor, A_e, η_g | pair |
-| 4 | ``reduce_pairs`` | ``out_t = Σ_k y_tk``, fixed order, no atomics | — | token |
+0. ``align_pairs`` (×2): pairs grouped by expert, and by owner (one launch less when owners are experts).
+1. ``project_ranks``:  ``z = R_o,gate x``, ``R_o,up x`` on owner blocks (each owner's right factor read once per
+   block of its pairs)                                                                  → z [owner slots, 2W]
+2. ``_expand_residual_kernel`` (gated): ``h = w · silu(A_gate,e z_g + R̂_gate,e x) ⊙ (A_up,e z_u + R̂_up,e x)``,
+   z rows gathered through the owner alignment, R̂ hashed in the tile                     → h [slots, I]
+3. down, per pair: dense (default) ``expand_ranks``: ``y = W_down,e h``, W_down,e a rank-I block of the
+   [E·H, I] view; factorised: ``project_ranks`` + ``_expand_residual_kernel``:
+   ``y = A_down,e (R_o,down h) + R̂_down,e h``                                             → y [pairs, H]
+4. ``reduce_pairs``:  ``out_t = Σ_k y_tk`` in a fixed order, no atomics                  → out [T, H]
 
 - **Shared right factor.** In stage 1 the pairs are grouped by *owner* (group) rather than by expert, so a
   group's ``φ(B_g)`` is read once per block of the group's pairs instead of once per block of each member:
@@ -249,8 +250,8 @@ def _residual_products(a_ptr, stride_a, rows, valid, reduce_dim, eta_ptr, second
     second = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, reduce_dim, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :], mask=valid[:, None] & (cols < reduce_dim)[None, :],
-                    other=0.0).to(DOT_DTYPE)
+        a = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :],
+                    mask=valid[:, None] & (cols < reduce_dim)[None, :], other=0.0).to(DOT_DTYPE)
         # Every bucket is < SIZE, so the η loads need no mask; tile entries past the matrix meet zeros of a
         # (columns) or are never stored (rows).
         buckets = residual_bucket(row_positions[None, :] + cols.to(tl.uint32)[:, None], seed_mix, SIZE)

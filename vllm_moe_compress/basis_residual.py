@@ -248,7 +248,7 @@ class BasisResidualScheme:
 
     def _triton_inputs(self, layer, device) -> tuple:
         """The kernels' per-layer metadata and right factors: φ(B_g) as loaded, or MoBE's per-expert
-        φ(Σ_j α_ej B_j) materialised once (GPU memory E·K·in per projection; see kernels/basis_residual_triton.py)."""
+        φ(Σ_j α_ej B_j) materialised once (GPU memory E·K·in per projection; kernels/basis_residual_triton.py)."""
         from kernels import basis_residual_triton as kernels
 
         d, e = self.spec.details, self.spec.num_experts
