@@ -1,22 +1,19 @@
-"""GPU benchmark of the Triton MoE kernels of each scheme against a dense MoE with the same routing.
+"""GPU benchmark of the Triton ``base_delta`` MoE kernels against a dense MoE with the same routing.
 
-    python -m benchmarks.kernels --out runs/kernels.md [--schemes base_delta basis_residual ...]
+    python -m benchmarks.kernels --out runs/kernels.md
 
 One MoE layer at Qwen3-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8) and Mixtral-8x7B
 shapes (4096 / 14336, 8 experts, top-2), bf16, for each token count and compression ratio:
 
-- ranks from the compressor's own accounting (``offline/budget.py``), the ratio over total model parameters:
-  ``base_delta``: D²-MoE's base of ``I − round(0.05·I)`` channels (``D2MoE().static_channels``), the leftover
-  ranks to the most-routed experts of random routing frequencies (so ranks are ragged by one);
-  ``basis_residual`` (RFID-MoE, dense down): groups of 4, per-group ranks from ``RFIDMoE``'s budget and
-  ``allocate_group_ranks`` with random importances (ragged), the 3 % residual on or (``_no_residual``) off;
+- ranks from the compressor's own accounting (``offline/budget.py``): D²-MoE's base of
+  ``I − round(0.05·I)`` channels (``D2MoE().static_channels``), the ratio over total model parameters, and
+  the leftover ranks to the most-routed experts of random routing frequencies (so ranks are ragged by one);
 - random uniform top-k routing (softmax weights), the same for both paths;
 - kernel time: median of ``--repeats`` runs timed with CUDA events, L2 flushed before each run; both paths
   are replayed from a CUDA graph (as vLLM serves decode) unless the dense baseline is the torch loop, which
   syncs with the host and runs eagerly (the table says ``graph`` or ``eager``);
 - achieved bandwidth = bytes the compressed layer must read (base, the factors of every expert that gets a
-  token — for basis_residual the right factor and η of every group with such an expert, and the dense
-  down — x and out; intermediates not counted) / time, and TFLOP/s, against a copy bandwidth and a bf16
+  token, x and out; intermediates not counted) / time, and TFLOP/s, against a copy bandwidth and a bf16
   matmul TFLOP/s measured in the same run;
 - the dense baseline: vLLM's Triton ``fused_experts`` if it imports on this machine, else a torch loop over
   experts on grouped tokens (the header says which);
@@ -34,17 +31,13 @@ import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from offline.budget import LayerShape, allocate_ranks, plan_budget
 from offline.methods.d2 import D2MoE
-from offline.methods.group_basis import allocate_group_ranks
-from offline.methods.rfid import RFIDMoE
 
 
 @dataclass(frozen=True)
@@ -178,117 +171,9 @@ def device_ceilings(flush: torch.Tensor, repeats: int) -> tuple[float, float]:
     return 2 * src.numel() * 2 / copy_ms / 1e6, 2 * n**3 / mm_ms / 1e9
 
 
-class SchemeCase(NamedTuple):
-    """One compressed layer to time: its forward, the torch path's, and what it must read and compute."""
-
-    label: str
-    forward: Callable
-    """(x, topk_ids, topk_weights) -> out, the Triton path."""
-    reference: Callable
-    """The same on the torch path (for the error column)."""
-    read_bytes: Callable
-    """(topk_ids) -> bytes of weights the layer must read for this routing (intermediates not counted)."""
-    flops: Callable
-    """(topk_ids) -> floating-point operations of the forward."""
-
-
-def used_experts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    used = torch.zeros(num_experts, dtype=torch.bool, device=topk_ids.device)
-    used[topk_ids.long().flatten()] = True
-    return used
-
-
-def base_delta_case(model: ModelShape, ratio: float, args, dtype, device, gen) -> SchemeCase:
-    """D²-MoE's ``base_delta`` layer at ``ratio`` (ranks from offline/budget.py, module doc)."""
-    from kernels import base_delta_torch, base_delta_triton
-
-    h, i = model.hidden, model.intermediate
-    ranks, channels = d2_ranks(model, ratio, torch.Generator().manual_seed(args.seed))
-    layer = compressed_layer(model, ranks, channels, dtype, device, gen)
-    layout = base_delta_triton.BaseDeltaLayout.from_tensors(layer["ranks"], layer["base_channels"], i)
-    factors = [layer[k] for k in ("ranks", "gate_up_u", "gate_up_v", "down_u", "down_v",
-                                  "base_gate_up", "base_down", "base_channels")]
-    rank_sum = torch.tensor(ranks, device=device) * 3
-    return SchemeCase(
-        f"base_delta {ratio:.0%}",
-        lambda x, ids, w: base_delta_triton.base_delta_moe(x, ids, w, *factors, layout=layout),
-        lambda x, ids, w: base_delta_torch.base_delta_moe(x, ids, w, *factors),
-        lambda ids: 2 * (3 * h * channels + int(rank_sum[used_experts(ids, model.experts)].sum()) * (h + i)),
-        lambda ids: 6 * ids.shape[0] * channels * h + 2 * int(rank_sum[ids.long()].sum()) * (h + i),
-    )
-
-
-def rfid_group_ranks(model: ModelShape, ratio: float, residual: bool, gen: torch.Generator):
-    """Per-group basis ranks of gate and up (down dense) and the residual size a of one layer at ``ratio``, by
-    RFID-MoE's own accounting (offline/methods/rfid.py: groups of 4, a = 3 % of a group matrix out of the
-    budget), with random group importances."""
-    method, shape, layers = RFIDMoE(residual_fraction=0.03 if residual else 0.0), model.layer, range(model.layers)
-    plan = plan_budget(model.total_params, {l: shape for l in layers}, ratio,
-                       {l: method.fixed_params(shape) for l in layers}, {l: method.capacity(shape) for l in layers},
-                       "rfid", method.unreachable_hint())
-    extra = method.extra_ranks(plan.layer_budgets[0], shape)
-    num_groups = method.num_groups(shape)
-    importance = torch.rand(num_groups, generator=gen).tolist()
-    ranks = {p: allocate_group_ranks(num_groups + extra[p], importance, method.max_rank(p, shape))
-             for p in method.factorized}
-    return ranks, method.residual_size(shape), method.group_size
-
-
-def basis_residual_case(model: ModelShape, ratio: float, args, dtype, device, gen, residual: bool) -> SchemeCase:
-    """RFID-MoE's ``basis_residual`` layer at ``ratio`` (dense down, the default), random factors, with or
-    without the hashed residual."""
-    from kernels import basis_residual_torch as torch_path
-    from kernels import basis_residual_triton as triton_path
-
-    h, i, num_experts = model.hidden, model.intermediate, model.experts
-    ranks, size, k = rfid_group_ranks(model, ratio, residual, torch.Generator().manual_seed(args.seed))
-    num_groups, seed = num_experts // k, args.seed
-    groups, slots = [e // k for e in range(num_experts)], [e % k for e in range(num_experts)]
-    expert_ranks = [[ranks[p][g] for g in groups] for p in ("gate", "up")]
-    layout = triton_path.BasisResidualLayout.from_lists(
-        [*expert_ranks, [0] * num_experts], [ranks["gate"], ranks["up"], [0] * num_groups], groups, slots, False,
-        h, i, i, 0, size, seed, device)
-
-    def randn(*shape, scale):
-        return (torch.randn(*shape, generator=gen, device=device) * scale).to(dtype)
-
-    gate_cols, gate_rows = sum(expert_ranks[0]), sum(ranks["gate"])
-    coef = randn(i, gate_cols + sum(expert_ranks[1]), scale=max(max(ranks["gate"]), max(ranks["up"])) ** -0.5)
-    right = F.silu(randn(gate_rows + sum(ranks["up"]), h, scale=2 / h**0.5))
-    eta = randn(2 * num_groups, size, scale=h**-0.5) if residual else coef.new_zeros(0)
-    down = randn(num_experts, h, i, scale=i**-0.5)
-    weights = triton_path.BasisResidualWeights(coef, right, eta, down, *(coef.new_zeros(0),) * 3)
-    empty, no_ranks = coef.new_zeros(0), torch.zeros(0, dtype=torch.int64)
-    projections = [torch_path.ProjectionWeights(
-        empty, part, torch.tensor(expert_ranks[j]), rows, torch.tensor(ranks[p]), empty,
-        eta[j * num_groups: (j + 1) * num_groups] if residual else empty)
-        for j, (p, part, rows) in enumerate((("gate", coef[:, :gate_cols], right[:gate_rows]),
-                                             ("up", coef[:, gate_cols:], right[gate_rows:])))]
-    projections.append(torch_path.ProjectionWeights(down, empty, no_ranks, empty, no_ranks, empty, empty))
-    group_of, slot_of = torch.tensor(groups), torch.tensor(slots)
-    expert_rank = torch.tensor(expert_ranks, device=device).sum(0)  # gate + up rank of each expert
-    group_rank = torch.tensor([ranks["gate"], ranks["up"]], device=device).sum(0)
-
-    def read_bytes(ids):
-        used = used_experts(ids, num_experts)
-        used_groups = used.view(num_groups, k).any(1)
-        return 2 * (int(group_rank[used_groups].sum()) * h + int(expert_rank[used].sum()) * i
-                    + int(used_groups.sum()) * 2 * size + int(used.sum()) * h * i)
-
-    return SchemeCase(
-        f"basis_residual {ratio:.0%}" + ("" if residual else ", no residual"),
-        lambda x, ids, w: triton_path.basis_residual_moe(x, ids, w, weights, layout),
-        lambda x, ids, w: torch_path.basis_residual_moe(x, ids, w, *projections, group_of, slot_of, "silu", seed, i, 0),
-        read_bytes,
-        lambda ids: 2 * int(expert_rank[ids.long()].sum()) * (h + i) + ids.numel() * h * i * (6 if residual else 2),
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
-    parser.add_argument("--schemes", nargs="+", choices=sorted(SCHEMES), default=sorted(SCHEMES),
-                        help="compressed layers to time against the same dense layer (default: all)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.6],
                         help="fractions of total model parameters removed (default: 0.4 0.6)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
@@ -300,6 +185,8 @@ def main() -> None:
         sys.exit("benchmarks/kernels.py times the Triton kernels on a CUDA GPU, and torch sees none here. "
                  "The CPU correctness tests are tests/test_kernels_triton.py (Triton interpreter).")
 
+    from kernels import base_delta_torch, base_delta_triton
+
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     dtype, device = torch.bfloat16, torch.device("cuda")
     flush = torch.empty(2**28, dtype=torch.uint8, device=device)  # 256 MiB, larger than any L2
@@ -307,7 +194,7 @@ def main() -> None:
     dense_moe, dense_name, dense_capturable = dense_baseline()
     lines = [f"Device: {torch.cuda.get_device_name()}; measured ceilings: copy {copy_gbs:.0f} GB/s, bf16 matmul "
              f"{mm_tflops:.0f} TFLOP/s. Dense baseline: {dense_name}. bf16, median of {args.repeats} runs.", "",
-             "| model | scheme, ratio | tokens | ours µs | dense µs | speed-up | bytes ratio | ours GB/s (% copy) "
+             "| model | ratio | tokens | ours µs | dense µs | speed-up | bytes ratio | ours GB/s (% copy) "
              "| ours TFLOP/s (% matmul) | timing (ours / dense) | rel. error vs torch path |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in args.models:
@@ -315,25 +202,38 @@ def main() -> None:
         h, i, num_experts = model.hidden, model.intermediate, model.experts
         w13 = torch.randn(num_experts, 2 * i, h, generator=gen, device=device).div_(h**0.5).to(dtype)
         w2 = torch.randn(num_experts, h, i, generator=gen, device=device).div_(i**0.5).to(dtype)
-        cases = [SCHEMES[scheme](model, ratio, args, dtype, device, gen)
-                 for ratio in args.ratios for scheme in args.schemes]
-        for tokens in args.tokens:
-            x = torch.randn(tokens, h, generator=gen, device=device).to(dtype)
-            logits = torch.randn(tokens, num_experts, generator=gen, device=device)
-            topk_logits, topk_ids = logits.topk(model.top_k, dim=1)
-            topk_ids, topk_weights = topk_ids.to(torch.int32), topk_logits.softmax(dim=1)
-            dense_ms, dense_mode = median_ms(lambda: dense_moe(x, w13, w2, topk_weights, topk_ids), flush,
-                                             args.repeats, capture=dense_capturable)
-            io_bytes = 2 * tokens * h * 2
-            dense_bytes = 2 * 3 * h * i * int(used_experts(topk_ids, num_experts).sum()) + io_bytes
-            for case in cases:
-                reference = case.reference(x, topk_ids, topk_weights).float()
-                error = float((case.forward(x, topk_ids, topk_weights).float() - reference).norm() / reference.norm())
-                ours_ms, ours_mode = median_ms(lambda: case.forward(x, topk_ids, topk_weights), flush, args.repeats)
-                ours_bytes = case.read_bytes(topk_ids) + io_bytes
-                gbs, tflops = ours_bytes / ours_ms / 1e6, case.flops(topk_ids) / ours_ms / 1e9
+        for ratio in args.ratios:
+            ranks, channels = d2_ranks(model, ratio, torch.Generator().manual_seed(args.seed))
+            layer = compressed_layer(model, ranks, channels, dtype, device, gen)
+            layout = base_delta_triton.BaseDeltaLayout.from_tensors(layer["ranks"], layer["base_channels"], i)
+            factors = [layer[k] for k in ("ranks", "gate_up_u", "gate_up_v", "down_u", "down_v",
+                                          "base_gate_up", "base_down", "base_channels")]
+            rank_sum = torch.tensor(ranks, device=device) * 3
+            for tokens in args.tokens:
+                x = torch.randn(tokens, h, generator=gen, device=device).to(dtype)
+                logits = torch.randn(tokens, num_experts, generator=gen, device=device)
+                topk_logits, topk_ids = logits.topk(model.top_k, dim=1)
+                topk_ids, topk_weights = topk_ids.to(torch.int32), topk_logits.softmax(dim=1)
+
+                def ours():
+                    return base_delta_triton.base_delta_moe(x, topk_ids, topk_weights, *factors, layout=layout)
+
+                reference = base_delta_torch.base_delta_moe(x, topk_ids, topk_weights, *factors).float()
+                error = float((ours().float() - reference).norm() / reference.norm())
+                ours_ms, ours_mode = median_ms(ours, flush, args.repeats)
+                dense_ms, dense_mode = median_ms(lambda: dense_moe(x, w13, w2, topk_weights, topk_ids), flush,
+                                                 args.repeats, capture=dense_capturable)
+
+                used = torch.zeros(num_experts, dtype=torch.bool, device=device)
+                used[topk_ids.long().flatten()] = True
+                io_bytes = 2 * tokens * h * 2
+                ours_bytes = 2 * (3 * h * channels + int(rank_sum[used].sum()) * (h + i)) + io_bytes
+                dense_bytes = 2 * 3 * h * i * int(used.sum()) + io_bytes
+                pair_rank_sum = int(rank_sum[topk_ids.long()].sum())
+                ours_flops = 6 * tokens * channels * h + 2 * pair_rank_sum * (h + i)
+                gbs, tflops = ours_bytes / ours_ms / 1e6, ours_flops / ours_ms / 1e9
                 lines.append(
-                    f"| {name} | {case.label} | {tokens} | {ours_ms * 1e3:.1f} | {dense_ms * 1e3:.1f} | "
+                    f"| {name} | {ratio:.0%} | {tokens} | {ours_ms * 1e3:.1f} | {dense_ms * 1e3:.1f} | "
                     f"{dense_ms / ours_ms:.2f}× | {dense_bytes / ours_bytes:.2f} | {gbs:.0f} ({gbs / copy_gbs:.0%}) | "
                     f"{tflops:.1f} ({tflops / mm_tflops:.0%}) | {ours_mode} / {dense_mode} | {error:.1e} |")
                 print(lines[-1], flush=True)
@@ -346,12 +246,6 @@ def write_atomically(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
         tmp.write(text)
     os.replace(tmp.name, path)
-
-
-SCHEMES = {"base_delta": base_delta_case,
-           "basis_residual": partial(basis_residual_case, residual=True),
-           "basis_residual_no_residual": partial(basis_residual_case, residual=False)}
-"""Scheme name -> (model, ratio, args, dtype, device, generator) -> SchemeCase."""
 
 
 if __name__ == "__main__":
