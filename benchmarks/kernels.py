@@ -1,19 +1,24 @@
-"""GPU benchmark of the Triton ``base_delta`` MoE kernels against a dense MoE with the same routing.
+"""GPU benchmark of the Triton MoE kernels of one scheme against a dense MoE with the same routing.
 
-    python -m benchmarks.kernels --out runs/kernels.md
+    python -m benchmarks.kernels --scheme base_delta --out runs/kernels.md
+    python -m benchmarks.kernels --scheme sparse_lowrank --out runs/kernels-sparse_lowrank.md
 
 One MoE layer at Qwen3-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8) and Mixtral-8x7B
 shapes (4096 / 14336, 8 experts, top-2), bf16, for each token count and compression ratio:
 
-- ranks from the compressor's own accounting (``offline/budget.py``): D²-MoE's base of
-  ``I − round(0.05·I)`` channels (``D2MoE().static_channels``), the ratio over total model parameters, and
-  the leftover ranks to the most-routed experts of random routing frequencies (so ranks are ragged by one);
+- the layer from the compressor's own accounting (``offline/budget.py``, the ratio over total model
+  parameters, random routing frequencies):
+  - ``base_delta``: D²-MoE's base of ``I − round(0.05·I)`` channels (``D2MoE().static_channels``) and the
+    leftover ranks to the most-routed experts (so ranks are ragged by one);
+  - ``sparse_lowrank``: RS-MoE's defaults (``RSMoE()``: ridge down base [H, I], 80 % of the budget to sparse
+    units) partitioning random unit scores (``partition_units``): ragged sparse and low-rank unit counts
+    per expert, one rank per expert;
 - random uniform top-k routing (softmax weights), the same for both paths;
 - kernel time: median of ``--repeats`` runs timed with CUDA events, L2 flushed before each run; both paths
   are replayed from a CUDA graph (as vLLM serves decode) unless the dense baseline is the torch loop, which
   syncs with the host and runs eagerly (the table says ``graph`` or ``eager``);
-- achieved bandwidth = bytes the compressed layer must read (base, the factors of every expert that gets a
-  token, x and out; intermediates not counted) / time, and TFLOP/s, against a copy bandwidth and a bf16
+- achieved bandwidth = bytes the compressed layer must read (base, the stored parameters of every expert that
+  gets a token, x and out; intermediates not counted) / time, and TFLOP/s, against a copy bandwidth and a bf16
   matmul TFLOP/s measured in the same run;
 - the dense baseline: vLLM's Triton ``fused_experts`` if it imports on this machine, else a torch loop over
   experts on grouped tokens (the header says which);
@@ -32,12 +37,15 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from offline.budget import LayerShape, allocate_ranks, plan_budget
+from offline.methods.base import CompressionMethod
 from offline.methods.d2 import D2MoE
+from offline.methods.rs import RSMoE, UnitPlan, partition_units
 
 
 @dataclass(frozen=True)
@@ -76,30 +84,93 @@ MODELS = {
 }
 
 
+def layer_budget(model: ModelShape, ratio: float, method: CompressionMethod) -> int:
+    """Rank-dependent parameters of one MoE layer at ``ratio`` of total parameters, as the compressor plans it."""
+    shape, layers = model.layer, range(model.layers)
+    plan = plan_budget(model.total_params, {l: shape for l in layers}, ratio,
+                       {l: method.fixed_params(shape) for l in layers}, {l: method.capacity(shape) for l in layers},
+                       method.name)
+    return plan.layer_budgets[0]
+
+
 def d2_ranks(model: ModelShape, ratio: float, gen: torch.Generator) -> tuple[list[int], int]:
     """Per-expert rank (same for gate, up, down) and base channels C of one layer at ``ratio``."""
     method, shape = D2MoE(), model.layer
-    layers = range(model.layers)
-    plan = plan_budget(model.total_params, {l: shape for l in layers}, ratio,
-                       {l: method.fixed_params(shape) for l in layers}, {l: shape.num_experts for l in layers}, "d2")
     frequencies = torch.rand(shape.num_experts, generator=gen).tolist()
-    return allocate_ranks(plan.layer_budgets[0], shape, frequencies, set()), method.static_channels(shape)
+    return (allocate_ranks(layer_budget(model, ratio, method), shape, frequencies, set()),
+            method.static_channels(shape))
 
 
-def compressed_layer(model: ModelShape, ranks: list[int], channels: int, dtype, device, gen) -> dict:
-    """Random packed factors and base in the plugin's layout, scaled so activations stay O(1)."""
+def rs_units(model: ModelShape, ratio: float, gen: torch.Generator) -> UnitPlan:
+    """RS-MoE's sparse / low-rank / pruned partition of one layer at ``ratio``, on random unit scores."""
+    method, shape = RSMoE(), model.layer
+    scores = torch.rand(shape.num_experts, shape.intermediate_size, generator=gen)
+    frequencies = torch.rand(shape.num_experts, generator=gen).tolist()
+    return partition_units(scores, layer_budget(model, ratio, method), shape.hidden_size, method.sparse_share,
+                           method.lowrank_share, frequencies)
+
+
+@dataclass(frozen=True)
+class CompressedLayer:
+    """One compressed layer to time: its Triton and torch forwards ``(x, topk_ids, topk_weights) → out``, the
+    parameters each expert stores, and the shared ones (a base: read once, multiplied once per token)."""
+
+    triton_moe: Callable
+    torch_moe: Callable
+    expert_params: torch.Tensor
+    """int64 [E], on the device."""
+    shared_params: int
+
+
+def random_tensors(gen: torch.Generator, dtype, device):
+    """``randn(*shape, fan_in=shape[-1])``: random values over √fan_in, so activations stay O(1)."""
+    def randn(*shape, fan_in=None):
+        fan_in = shape[-1] if fan_in is None else fan_in
+        return (torch.randn(*shape, generator=gen, device=device) / max(fan_in, 1) ** 0.5).to(dtype)
+
+    return randn
+
+
+def base_delta_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen) -> CompressedLayer:
+    """Random packed factors and base in the plugin's layout at D²-MoE's ranks."""
+    from kernels import base_delta_torch, base_delta_triton
+
+    ranks, channels = d2_ranks(model, ratio, torch.Generator().manual_seed(seed))
     h, i, total = model.hidden, model.intermediate, sum(ranks)
+    randn = random_tensors(gen, dtype, device)
+    rank_table = torch.tensor([ranks] * 3, device=device)
+    base_channels = torch.randperm(i, generator=gen, device=device)[:channels].sort().values
+    factors = (rank_table, randn(i, 2 * total), randn(2 * total, h), randn(h, total), randn(total, i),
+               randn(2 * channels, h), randn(h, channels), base_channels)
+    layout = base_delta_triton.BaseDeltaLayout.from_tensors(rank_table, base_channels, i)
+    return CompressedLayer(
+        lambda x, ids, w: base_delta_triton.base_delta_moe(x, ids, w, *factors, layout=layout),
+        lambda x, ids, w: base_delta_torch.base_delta_moe(x, ids, w, *factors),
+        torch.tensor(ranks, device=device) * 3 * (h + i), 3 * h * channels)
 
-    def randn(*shape):
-        return (torch.randn(*shape, generator=gen, device=device) / shape[-1] ** 0.5).to(dtype)
 
-    return {
-        "ranks": torch.tensor([ranks] * 3, device=device),
-        "gate_up_u": randn(i, 2 * total), "gate_up_v": randn(2 * total, h),
-        "down_u": randn(h, total), "down_v": randn(total, i),
-        "base_gate_up": randn(2 * channels, h), "base_down": randn(h, channels),
-        "base_channels": torch.randperm(i, generator=gen, device=device)[:channels].sort().values,
-    }
+def sparse_lowrank_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen) -> CompressedLayer:
+    """Random packed units, factors and down base in the plugin's layout at RS-MoE's partition."""
+    from kernels import sparse_lowrank_torch, sparse_lowrank_triton
+
+    units = rs_units(model, ratio, torch.Generator().manual_seed(seed))
+    h, i = model.hidden, model.intermediate
+    s, m, k = [len(c) for c in units.sparse], [len(c) for c in units.lowrank], units.ranks
+    sparse, lowrank, rank, factor = sum(s), sum(m), sum(k), sum(r * n for r, n in zip(k, m))
+    randn = random_tensors(gen, dtype, device)
+    counts = [torch.tensor(c, device=device) for c in (s, m, [k] * 3)]
+    channels = [torch.tensor(sum(c, []), device=device) for c in (units.sparse, units.lowrank)]
+    tensors = (*counts, randn(2 * sparse, h), randn(h, sparse), randn(2 * factor, fan_in=max(k)), randn(2 * rank, h),
+               randn(h, rank), randn(factor, fan_in=max(m)), randn(h, i), *channels)
+    layout = sparse_lowrank_triton.SparseLowrankLayout.from_lists(s, m, [k] * 3, *(c.tolist() for c in channels),
+                                                                  i, device)
+    return CompressedLayer(
+        lambda x, ids, w: sparse_lowrank_triton.sparse_lowrank_moe(x, ids, w, *tensors, layout=layout),
+        lambda x, ids, w: sparse_lowrank_torch.sparse_lowrank_moe(x, ids, w, *tensors),
+        torch.tensor([3 * h * a + 3 * r * (h + b) for a, b, r in zip(s, m, k)], device=device), h * i)
+
+
+SCHEMES = {"base_delta": base_delta_layer, "sparse_lowrank": sparse_lowrank_layer}
 
 
 def torch_dense_moe(x, w13, w2, topk_weights, topk_ids):
@@ -173,27 +244,29 @@ def device_ceilings(flush: torch.Tensor, repeats: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scheme", choices=sorted(SCHEMES), default="base_delta",
+                        help="compressed-expert scheme whose kernels are timed (default: base_delta)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.6],
                         help="fractions of total model parameters removed (default: 0.4 0.6)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=100, help="timed runs per configuration (median reported)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/kernels.md"), help="Markdown table written here")
+    parser.add_argument("--out", type=Path, help="Markdown table written here (default: runs/kernels-<scheme>.md)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py times the Triton kernels on a CUDA GPU, and torch sees none here. "
                  "The CPU correctness tests are tests/test_kernels_triton.py (Triton interpreter).")
 
-    from kernels import base_delta_torch, base_delta_triton
-
+    out = args.out or Path(f"runs/kernels-{args.scheme}.md")
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     dtype, device = torch.bfloat16, torch.device("cuda")
     flush = torch.empty(2**28, dtype=torch.uint8, device=device)  # 256 MiB, larger than any L2
     copy_gbs, mm_tflops = device_ceilings(flush, args.repeats)
     dense_moe, dense_name, dense_capturable = dense_baseline()
     lines = [f"Device: {torch.cuda.get_device_name()}; measured ceilings: copy {copy_gbs:.0f} GB/s, bf16 matmul "
-             f"{mm_tflops:.0f} TFLOP/s. Dense baseline: {dense_name}. bf16, median of {args.repeats} runs.", "",
+             f"{mm_tflops:.0f} TFLOP/s. Scheme {args.scheme}. Dense baseline: {dense_name}. bf16, median of "
+             f"{args.repeats} runs.", "",
              "| model | ratio | tokens | ours µs | dense µs | speed-up | bytes ratio | ours GB/s (% copy) "
              "| ours TFLOP/s (% matmul) | timing (ours / dense) | rel. error vs torch path |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -203,12 +276,7 @@ def main() -> None:
         w13 = torch.randn(num_experts, 2 * i, h, generator=gen, device=device).div_(h**0.5).to(dtype)
         w2 = torch.randn(num_experts, h, i, generator=gen, device=device).div_(i**0.5).to(dtype)
         for ratio in args.ratios:
-            ranks, channels = d2_ranks(model, ratio, torch.Generator().manual_seed(args.seed))
-            layer = compressed_layer(model, ranks, channels, dtype, device, gen)
-            layout = base_delta_triton.BaseDeltaLayout.from_tensors(layer["ranks"], layer["base_channels"], i)
-            factors = [layer[k] for k in ("ranks", "gate_up_u", "gate_up_v", "down_u", "down_v",
-                                          "base_gate_up", "base_down", "base_channels")]
-            rank_sum = torch.tensor(ranks, device=device) * 3
+            layer = SCHEMES[args.scheme](model, ratio, args.seed, dtype, device, gen)
             for tokens in args.tokens:
                 x = torch.randn(tokens, h, generator=gen, device=device).to(dtype)
                 logits = torch.randn(tokens, num_experts, generator=gen, device=device)
@@ -216,9 +284,9 @@ def main() -> None:
                 topk_ids, topk_weights = topk_ids.to(torch.int32), topk_logits.softmax(dim=1)
 
                 def ours():
-                    return base_delta_triton.base_delta_moe(x, topk_ids, topk_weights, *factors, layout=layout)
+                    return layer.triton_moe(x, topk_ids, topk_weights)
 
-                reference = base_delta_torch.base_delta_moe(x, topk_ids, topk_weights, *factors).float()
+                reference = layer.torch_moe(x, topk_ids, topk_weights).float()
                 error = float((ours().float() - reference).norm() / reference.norm())
                 ours_ms, ours_mode = median_ms(ours, flush, args.repeats)
                 dense_ms, dense_mode = median_ms(lambda: dense_moe(x, w13, w2, topk_weights, topk_ids), flush,
@@ -227,18 +295,17 @@ def main() -> None:
                 used = torch.zeros(num_experts, dtype=torch.bool, device=device)
                 used[topk_ids.long().flatten()] = True
                 io_bytes = 2 * tokens * h * 2
-                ours_bytes = 2 * (3 * h * channels + int(rank_sum[used].sum()) * (h + i)) + io_bytes
+                ours_bytes = 2 * (layer.shared_params + int(layer.expert_params[used].sum())) + io_bytes
                 dense_bytes = 2 * 3 * h * i * int(used.sum()) + io_bytes
-                pair_rank_sum = int(rank_sum[topk_ids.long()].sum())
-                ours_flops = 6 * tokens * channels * h + 2 * pair_rank_sum * (h + i)
+                ours_flops = 2 * (tokens * layer.shared_params + int(layer.expert_params[topk_ids.long()].sum()))
                 gbs, tflops = ours_bytes / ours_ms / 1e6, ours_flops / ours_ms / 1e9
                 lines.append(
                     f"| {name} | {ratio:.0%} | {tokens} | {ours_ms * 1e3:.1f} | {dense_ms * 1e3:.1f} | "
                     f"{dense_ms / ours_ms:.2f}× | {dense_bytes / ours_bytes:.2f} | {gbs:.0f} ({gbs / copy_gbs:.0%}) | "
                     f"{tflops:.1f} ({tflops / mm_tflops:.0%}) | {ours_mode} / {dense_mode} | {error:.1e} |")
                 print(lines[-1], flush=True)
-    write_atomically(args.out, "\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_atomically(out, "\n".join(lines) + "\n")
+    print(f"wrote {out}")
 
 
 def write_atomically(path: Path, text: str) -> None:
