@@ -2,6 +2,7 @@
 
     python -m benchmarks.kernels --scheme base_delta --out runs/kernels.md
     python -m benchmarks.kernels --scheme sparse_lowrank --out runs/kernels-sparse_lowrank.md
+    python -m benchmarks.kernels --scheme basis_residual      (and basis_residual_no_residual)
 
 One MoE layer at Qwen3-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8) and Mixtral-8x7B
 shapes (4096 / 14336, 8 experts, top-2), bf16, for each token count and compression ratio:
@@ -13,6 +14,9 @@ shapes (4096 / 14336, 8 experts, top-2), bf16, for each token count and compress
   - ``sparse_lowrank``: RS-MoE's defaults (``RSMoE()``: ridge down base [H, I], 80 % of the budget to sparse
     units) partitioning random unit scores (``partition_units``): ragged sparse and low-rank unit counts
     per expert, one rank per expert;
+  - ``basis_residual`` (RFID-MoE, dense down): ``RFIDMoE()``'s groups of 4 and budget, ragged group ranks
+    from ``allocate_group_ranks`` on random importances, the 3 % residual hashed in the kernel tile
+    (``basis_residual_no_residual``: the same method with ``residual_fraction=0``);
 - random uniform top-k routing (softmax weights), the same for both paths;
 - kernel time: median of ``--repeats`` runs timed with CUDA events, L2 flushed before each run; both paths
   are replayed from a CUDA graph (as vLLM serves decode) unless the dense baseline is the torch loop, which
@@ -36,6 +40,7 @@ import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +50,8 @@ import torch.nn.functional as F
 from offline.budget import LayerShape, allocate_ranks, plan_budget
 from offline.methods.base import CompressionMethod
 from offline.methods.d2 import D2MoE
+from offline.methods.group_basis import allocate_group_ranks
+from offline.methods.rfid import RFIDMoE
 from offline.methods.rs import RSMoE, UnitPlan, partition_units
 
 
@@ -110,6 +117,18 @@ def rs_units(model: ModelShape, ratio: float, gen: torch.Generator) -> UnitPlan:
                            method.lowrank_share, frequencies)
 
 
+def rfid_group_ranks(model: ModelShape, ratio: float, residual: bool, gen: torch.Generator):
+    """RFID-MoE's per-group basis ranks of gate and up (down dense), its residual size a and group size k for
+    one layer at ``ratio``, on random group importances."""
+    method, shape = RFIDMoE(residual_fraction=0.03 if residual else 0.0), model.layer
+    extra = method.extra_ranks(layer_budget(model, ratio, method), shape)
+    num_groups = method.num_groups(shape)
+    importance = torch.rand(num_groups, generator=gen).tolist()
+    ranks = {p: allocate_group_ranks(num_groups + extra[p], importance, method.max_rank(p, shape))
+             for p in method.factorized}
+    return ranks, method.residual_size(shape), method.group_size
+
+
 @dataclass(frozen=True)
 class CompressedLayer:
     """One compressed layer to time: its Triton and torch forwards ``(x, topk_ids, topk_weights) → out``, the
@@ -120,6 +139,24 @@ class CompressedLayer:
     expert_params: torch.Tensor
     """int64 [E], on the device."""
     shared_params: int
+    group_params: torch.Tensor | None = None
+    """int64 [m], on the device, when the experts form m contiguous groups: what a group shares (basis_residual's
+    right factor and η), read once if any of its experts gets a token."""
+    pair_flops: torch.Tensor | None = None
+    """int64 [E], on the device: operations per routed pair besides 2 per expert parameter (basis_residual: the
+    group right factor's product and the hashed residual's GEMMs)."""
+
+    def read_params(self, used: torch.Tensor) -> int:
+        """Parameters the layer reads when the experts ``used`` (bool [E]) get tokens."""
+        params = self.shared_params + int(self.expert_params[used].sum())
+        if self.group_params is not None:
+            params += int(self.group_params[used.view(self.group_params.numel(), -1).any(1)].sum())
+        return params
+
+    def flops(self, topk_ids: torch.Tensor) -> int:
+        pairs = topk_ids.long()
+        flops = 2 * (topk_ids.shape[0] * self.shared_params + int(self.expert_params[pairs].sum()))
+        return flops + (int(self.pair_flops[pairs].sum()) if self.pair_flops is not None else 0)
 
 
 def random_tensors(gen: torch.Generator, dtype, device):
@@ -170,7 +207,49 @@ def sparse_lowrank_layer(model: ModelShape, ratio: float, seed: int, dtype, devi
         torch.tensor([3 * h * a + 3 * r * (h + b) for a, b, r in zip(s, m, k)], device=device), h * i)
 
 
-SCHEMES = {"base_delta": base_delta_layer, "sparse_lowrank": sparse_lowrank_layer}
+def basis_residual_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen,
+                         residual: bool) -> CompressedLayer:
+    """Random coefficients, group right factors φ(B_g), η and dense down in the plugin's layout at RFID-MoE's
+    ranks; experts in contiguous groups (expert e in group e // k, at position e % k)."""
+    from kernels import basis_residual_torch, basis_residual_triton
+
+    ranks, size, k = rfid_group_ranks(model, ratio, residual, torch.Generator().manual_seed(seed))
+    h, i, num_experts = model.hidden, model.intermediate, model.experts
+    num_groups = num_experts // k
+    groups, slots = [e // k for e in range(num_experts)], [e % k for e in range(num_experts)]
+    expert_ranks = [[ranks[p][g] for g in groups] for p in ("gate", "up")]
+    gate_cols, gate_rows = sum(expert_ranks[0]), sum(ranks["gate"])
+    randn = random_tensors(gen, dtype, device)
+    coef = randn(i, gate_cols + sum(expert_ranks[1]), fan_in=max(ranks["gate"] + ranks["up"]))
+    right = F.silu(2 * randn(gate_rows + sum(ranks["up"]), h))
+    eta = randn(2 * num_groups, size, fan_in=h) if residual else coef.new_zeros(0)
+    down = randn(num_experts, h, i)
+    empty = coef.new_zeros(0)
+    weights = basis_residual_triton.BasisResidualWeights(coef, right, eta, down, empty, empty, empty)
+    layout = basis_residual_triton.BasisResidualLayout.from_lists(
+        [*expert_ranks, [0] * num_experts], [ranks["gate"], ranks["up"], [0] * num_groups], groups, slots, False,
+        h, i, i, 0, size, seed, device)
+    no_ranks = torch.zeros(0, dtype=torch.int64)
+    projections = [basis_residual_torch.ProjectionWeights(
+        empty, part, torch.tensor(expert_ranks[j]), rows, torch.tensor(ranks[p]), empty,
+        eta[j * num_groups: (j + 1) * num_groups] if residual else empty)
+        for j, (p, part, rows) in enumerate((("gate", coef[:, :gate_cols], right[:gate_rows]),
+                                             ("up", coef[:, gate_cols:], right[gate_rows:])))]
+    projections.append(basis_residual_torch.ProjectionWeights(down, empty, no_ranks, empty, no_ranks, empty, empty))
+    group_of, slot_of = torch.tensor(groups), torch.tensor(slots)
+    group_rank = torch.tensor(ranks["gate"], device=device) + torch.tensor(ranks["up"], device=device)
+    expert_rank = group_rank[group_of.to(device)]
+    return CompressedLayer(
+        lambda x, ids, w: basis_residual_triton.basis_residual_moe(x, ids, w, weights, layout),
+        lambda x, ids, w: basis_residual_torch.basis_residual_moe(x, ids, w, *projections, group_of, slot_of, "silu",
+                                                                  seed, i, 0),
+        expert_rank * i + h * i, 0, group_rank * h + 2 * size,
+        2 * expert_rank * h + (4 * h * i if residual else 0))
+
+
+SCHEMES = {"base_delta": base_delta_layer, "sparse_lowrank": sparse_lowrank_layer,
+           "basis_residual": partial(basis_residual_layer, residual=True),
+           "basis_residual_no_residual": partial(basis_residual_layer, residual=False)}
 
 
 def torch_dense_moe(x, w13, w2, topk_weights, topk_ids):
@@ -295,9 +374,9 @@ def main() -> None:
                 used = torch.zeros(num_experts, dtype=torch.bool, device=device)
                 used[topk_ids.long().flatten()] = True
                 io_bytes = 2 * tokens * h * 2
-                ours_bytes = 2 * (layer.shared_params + int(layer.expert_params[used].sum())) + io_bytes
+                ours_bytes = 2 * layer.read_params(used) + io_bytes
                 dense_bytes = 2 * 3 * h * i * int(used.sum()) + io_bytes
-                ours_flops = 2 * (tokens * layer.shared_params + int(layer.expert_params[topk_ids.long()].sum()))
+                ours_flops = layer.flops(topk_ids)
                 gbs, tflops = ours_bytes / ours_ms / 1e6, ours_flops / ours_ms / 1e9
                 lines.append(
                     f"| {name} | {ratio:.0%} | {tokens} | {ours_ms * 1e3:.1f} | {dense_ms * 1e3:.1f} | "

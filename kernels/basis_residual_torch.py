@@ -1,4 +1,4 @@
-"""Torch path of the ``basis_residual`` MoE (RFID-MoE and MoBE; CPU, and GPU until a Triton kernel lands).
+"""Torch path of the ``basis_residual`` MoE (RFID-MoE and MoBE; CPU; GPUs run ``basis_residual_triton.py``).
 
 Per projection (gate, up, down), one of two forms; I may be this tensor-parallel rank's slice of the
 intermediate dimension (rows of gate/up, columns of down):

@@ -188,6 +188,25 @@ def _ragged_product(z_ptr, stride_z, z_col0, u_ptr, stride_u_out, stride_u_rank,
 
 
 @triton.jit
+def _segment_products(z_ptr, stride_z, z_rows, u_ptr, stride_u_out, stride_u_rank, seg_start_ptr, seg_rank_ptr,
+                      stride_seg, expert, valid, outs, out_ok, SEG_WIDTH: tl.constexpr, TWO: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Expert ``expert``'s U times z for segment 0 (z columns from 0) and, with ``TWO``, segment 1 (from
+    SEG_WIDTH): two float32 [BLOCK_M, BLOCK_N] tiles (the second zero without ``TWO``)."""
+    first = _ragged_product(z_ptr, stride_z, 0, u_ptr, stride_u_out, stride_u_rank,
+                            tl.load(seg_start_ptr + expert), tl.load(seg_rank_ptr + expert),
+                            z_rows, valid, outs, out_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
+    second = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if TWO:
+        second = _ragged_product(z_ptr, stride_z, SEG_WIDTH, u_ptr, stride_u_out, stride_u_rank,
+                                 tl.load(seg_start_ptr + stride_seg + expert),
+                                 tl.load(seg_rank_ptr + stride_seg + expert),
+                                 z_rows, valid, outs, out_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
+    return first, second
+
+
+@triton.jit
 def _expand_ranks_kernel(
     z_ptr, stride_z, u_ptr, stride_u_out, stride_u_rank,
     seg_start_ptr, seg_rank_ptr, stride_seg,
@@ -205,14 +224,10 @@ def _expand_ranks_kernel(
     slots, pairs, valid = _block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < out_dim
-    first = _ragged_product(z_ptr, stride_z, 0, u_ptr, stride_u_out, stride_u_rank,
-                            tl.load(seg_start_ptr + expert), tl.load(seg_rank_ptr + expert),
-                            slots, valid, outs, out_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
+    first, second = _segment_products(z_ptr, stride_z, slots, u_ptr, stride_u_out, stride_u_rank, seg_start_ptr,
+                                      seg_rank_ptr, stride_seg, expert, valid, outs, out_ok, SEG_WIDTH, GATED,
+                                      BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
     if GATED:
-        second = _ragged_product(z_ptr, stride_z, SEG_WIDTH, u_ptr, stride_u_out, stride_u_rank,
-                                 tl.load(seg_start_ptr + stride_seg + expert),
-                                 tl.load(seg_rank_ptr + stride_seg + expert),
-                                 slots, valid, outs, out_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
         if HAS_ADDEND:
             addend_col = tl.load(addend_col_ptr + outs, mask=out_ok, other=-1)
             mask = valid[:, None] & (addend_col >= 0)[None, :]

@@ -16,6 +16,12 @@ kernel can regenerate it inside its tile without a table (docs/format.md gives t
 
 Entry t of a group matrix stacked from its k members (member j, row r, column c of an out×in matrix) is
 t = j·out·in + r·in + c. Only the seed and the per-bucket counts n_q are stored; never P.
+
+At run time on the CPU, the bucket indices π(t) of a (seed, size) pair are computed once and kept as an int32
+table (``bucket_table``), shared by every layer, projection, group and expert with that pair: positions do not
+depend on the layer, and every full group of a model has the same residual size a. The table holds indices
+only (4 bytes per group-matrix entry: 2 MiB for the reference model, 25 MiB per distinct a for Qwen3-30B-A3B),
+never a per-expert value; above ``TABLE_MAX_ENTRIES`` the indices are regenerated chunk by chunk on every call.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ MIX = 0x045D9F3B
 MAX_POSITIONS = 2**32
 CHUNK_ELEMENTS = 2**20
 """Entries of P regenerated at a time (bounded memory whatever D is)."""
+TABLE_MAX_ENTRIES = 2**25
+"""Largest cached index table (int32: 128 MiB); group matrices beyond it regenerate π on every call."""
+
+_tables: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
 def bucket_of(positions: torch.Tensor, seed: int, size: int) -> torch.Tensor:
@@ -76,14 +86,41 @@ def residual_block(scaled_eta: torch.Tensor, seed: int, offset: int, full_in: in
     return scaled_eta[bucket_of(t, seed, scaled_eta.numel())]
 
 
+def bucket_table(seed: int, size: int, num_positions: int, device) -> torch.Tensor | None:
+    """π(t) as int32 for t < at least ``num_positions``, computed once per (seed, size, device) and grown on
+    demand (doubling, so an expert of a later slot rarely triggers a recomputation); None above
+    TABLE_MAX_ENTRIES, where callers regenerate π chunk by chunk instead."""
+    if num_positions > TABLE_MAX_ENTRIES:
+        return None
+    key = (seed, size, str(device))
+    table = _tables.get(key)
+    if table is None or table.numel() < num_positions:
+        length = min(TABLE_MAX_ENTRIES, max(num_positions, 2 * (0 if table is None else table.numel())))
+        table = torch.empty(length, dtype=torch.int32, device=device)
+        for start in range(0, length, CHUNK_ELEMENTS):
+            t = torch.arange(start, min(start + CHUNK_ELEMENTS, length), dtype=torch.int64, device=device)
+            table[start : start + t.numel()] = bucket_of(t, seed, size)
+        _tables[key] = table
+    return table
+
+
 def residual_matmul(x: torch.Tensor, scaled_eta: torch.Tensor, seed: int, offset: int, full_in: int,
                     rows: range, cols: range) -> torch.Tensor:
-    """x @ R̂[rows, cols]ᵀ without materialising more than CHUNK_ELEMENTS of R̂ at a time: x [N, len(cols)]."""
+    """x @ R̂[rows, cols]ᵀ without materialising more than CHUNK_ELEMENTS of R̂ at a time: x [N, len(cols)].
+
+    The indices come from the cached ``bucket_table`` when it fits, else from the hash, chunk by chunk."""
     out = x.new_empty(x.shape[0], len(rows))
+    values = scaled_eta.to(x.dtype)
+    table = bucket_table(seed, scaled_eta.numel(), offset + rows.stop * full_in, x.device)
     step = max(1, CHUNK_ELEMENTS // max(1, len(cols)))
     for start in range(rows.start, rows.stop, step):
         chunk = range(start, min(start + step, rows.stop))
-        block = residual_block(scaled_eta, seed, offset, full_in, chunk, cols).to(x.dtype)
+        if table is None:
+            block = residual_block(values, seed, offset, full_in, chunk, cols)
+        else:
+            first = offset + chunk.start * full_in
+            indices = table[first : first + len(chunk) * full_in].view(len(chunk), full_in)[:, cols.start : cols.stop]
+            block = values[indices]
         out[:, start - rows.start : chunk.stop - rows.start] = x @ block.T
     return out
 

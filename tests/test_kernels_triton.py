@@ -56,8 +56,32 @@ def test_gpu_benchmark_refuses_to_run_without_cuda():
     assert done.returncode != 0 and "CUDA GPU" in done.stderr, done.stderr
 
 
-def compile_for_gpu(fn, activation: str, constexprs: dict, num_warps: int, capability: int = 90):
-    """Ahead-of-time compilation of a Triton kernel to a cubin, as a launch with these argument types would."""
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles real GPU code")
+def test_basis_residual_kernel_compiles_for_an_sm90_gpu_without_register_spills():
+    """The hashed-residual expand kernel (kernels/basis_residual_triton.py): gated for decode and prefill tiles,
+    and the factorised down; its other stages are the low-rank kernels compiled below."""
+    import triton.language as tl
+
+    from kernels import basis_residual_triton
+    from kernels import lowrank_moe_triton as lowrank
+
+    dot = {"DOT_DTYPE": tl.bfloat16, "PRECISION": "tf32"}
+    pointers = {"coef_ptr": "bf16", "eta_ptr": "bf16", "seg_start_ptr": "i64"}
+    residual = 188_743  # a residual size that is not a power of two (the modulo is a multiply-shift)
+    for rows, gated in ((16, True), (64, True), (16, False)):
+        constexprs = dict(TOP_K=8, SEG_WIDTH=201, GATED=gated, RESIDUAL_SIZE=residual, BLOCK_M=rows, BLOCK_N=64,
+                          BLOCK_R=32 if rows == 16 else 64, BLOCK_K=basis_residual_triton.RESIDUAL_CHUNK)
+        compiled = compile_for_gpu(basis_residual_triton._expand_residual_kernel, "bf16", {**constexprs, **dot},
+                                   lowrank.num_warps_for(rows), pointer_types=pointers)
+        assert spilled_bytes(compiled.asm["cubin"]) == 0, constexprs
+        assert re.search(r"mma\S*\.f32\.bf16\.bf16", compiled.asm["ptx"]), constexprs
+        assert not re.search(r"\b(rem|div)\.[su]32", compiled.asm["ptx"]), constexprs  # mod a: a multiply-shift
+
+
+def compile_for_gpu(fn, activation: str, constexprs: dict, num_warps: int, capability: int = 90,
+                    pointer_types: dict[str, str] | None = None):
+    """Ahead-of-time compilation of a Triton kernel to a cubin, as a launch with these argument types would
+    (``pointer_types``: element types of pointers the defaults below do not cover, e.g. ``{"eta_ptr": "bf16"}``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -67,6 +91,8 @@ def compile_for_gpu(fn, activation: str, constexprs: dict, num_warps: int, capab
             return "constexpr"
         if not name.endswith("_ptr"):
             return "i32"
+        if pointer_types and name in pointer_types:
+            return "*" + pointer_types[name]
         return "*" + (activation if name in ACTIVATION_POINTERS else "fp32" if name == "weight_ptr" else "i32")
 
     signature = {name: arg_type(name) for name in fn.arg_names}

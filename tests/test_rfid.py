@@ -214,9 +214,12 @@ LAYER_KINDS = [(False, False, 0), (False, True, 0), (False, False, 20), (False, 
                (True, True, 0)]
 
 
+@pytest.mark.parametrize("cached_indices", [True, False], ids=["index-table", "hash-per-call"])
 @pytest.mark.parametrize("mixed,down_factorized,residual", LAYER_KINDS)
-def test_reference_forward_matches_dense_float64(mixed, down_factorized, residual, monkeypatch):
+def test_reference_forward_matches_dense_float64(mixed, down_factorized, residual, cached_indices, monkeypatch):
     monkeypatch.setattr(residual_hash, "CHUNK_ELEMENTS", 40)  # several chunks per expert matrix
+    if not cached_indices:
+        monkeypatch.setattr(residual_hash, "TABLE_MAX_ENTRIES", 0)
     layer = random_basis_layer(7, mixed, down_factorized, residual)
     g = torch.Generator().manual_seed(8)
     x = torch.randn(30, H, generator=g, dtype=torch.float64)

@@ -9,6 +9,9 @@ vLLM shards experts on the intermediate dimension I (docs/format.md §10):
     w2_weight [E, H, I/tp]                        dense down (default), columns sharded
  or w2_coef [H, Σ_e K_e], w2_basis [Σ_j K_j, I/tp], w2_mix [E, m], w2_eta [m, a]   factorised down
 
+On CUDA devices ``apply`` runs the Triton kernels (kernels/basis_residual_triton.py; MoBE's per-expert right
+factors are materialised there once, at the first CUDA forward); elsewhere the torch custom op.
+
 Group-shared tensors get an expert-style name from the config's weight mapper (the basis / η of group g as
 ``experts.{g}.{proj}.basis`` / ``.eta``, the mixing weights as ``experts.0.{proj}.mix``) so vLLM's expert
 mapping routes them; the bucket counts ``P.residual.counts`` are read at start-up and checked against the seed.
@@ -75,6 +78,7 @@ class BasisResidualScheme:
         self.part = spec.intermediate_size // tp_size
         self.lo = tp_rank * self.part
         self.mixed, self.residual = d["mixed"], d["residual_size"]
+        self.triton_inputs = None  # (layout, right factors) of the Triton path, built at the first CUDA forward
         self.num_bases = len(d["basis_ranks"]["gate"])
         groups = d["groups"]
         self.group_slot = [next((g, s) for g, m in enumerate(groups) for s, x in enumerate(m) if x == e)
@@ -219,9 +223,48 @@ class BasisResidualScheme:
         return ProjectionWeights(empty, coef, expert_ranks, basis, basis_ranks, mix, eta)
 
     def apply(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """Σ_k w_k·expert_k(x): the Triton kernels on CUDA devices, the torch custom op elsewhere."""
+        if x.is_cuda:
+            return self.apply_triton(layer, x, topk_weights, topk_ids)
         weights = [t for p in PROJECTIONS for t in self.projection(layer, p, x)]
         return torch.ops.moe_compress.basis_residual_moe(
             x, topk_weights, topk_ids, weights, layer.moe_compress_expert_group, layer.moe_compress_expert_slot,
             self.spec.details["activation"], self.spec.details["residual_seed"], self.spec.intermediate_size,
             self.lo,
         )
+
+    def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
+        from kernels import basis_residual_triton as kernels
+
+        if self.triton_inputs is None:  # from host lists (no device sync) and weights only: before graph capture
+            self.triton_inputs = self._triton_inputs(layer, x.device)
+        layout, gate_up_right, down_right = self.triton_inputs
+        empty = x.new_zeros(0)
+        weights = kernels.BasisResidualWeights(
+            layer.w13_coef, gate_up_right, getattr(layer, "w13_eta", empty), getattr(layer, "w2_weight", empty),
+            getattr(layer, "w2_coef", empty), down_right, getattr(layer, "w2_eta", empty))
+        return kernels.basis_residual_moe(x, topk_ids, topk_weights, weights, layout)
+
+    def _triton_inputs(self, layer, device) -> tuple:
+        """The kernels' per-layer metadata and right factors: φ(B_g) as loaded, or MoBE's per-expert
+        φ(Σ_j α_ej B_j) materialised once (GPU memory E·K·in per projection; kernels/basis_residual_triton.py)."""
+        from kernels import basis_residual_triton as kernels
+
+        d, e = self.spec.details, self.spec.num_experts
+        expert_ranks = [self.spec.ranks.get(p, [0] * e) for p in PROJECTIONS]
+        basis_ranks = [d["basis_ranks"].get(p, [0] * self.num_bases) for p in PROJECTIONS]
+        groups, slots = zip(*self.group_slot)
+        layout = kernels.BasisResidualLayout.from_lists(
+            expert_ranks, basis_ranks, list(groups), list(slots), self.mixed, self.spec.hidden_size, self.part,
+            self.spec.intermediate_size, self.lo, self.residual, d["residual_seed"], device)
+        gate_up_right = layer.w13_basis
+        down_right = getattr(layer, "w2_basis", layer.w13_basis.new_zeros(0))
+        if self.mixed:
+            activation, split = d["activation"], sum(d["basis_ranks"]["gate"])
+            gate_up_right = torch.cat([
+                kernels.materialise_mixed_right(basis, layer.w13_mix[j], activation)
+                for j, basis in enumerate((layer.w13_basis[:split], layer.w13_basis[split:]))])
+            if "down" in self.factorized:
+                down_right = kernels.materialise_mixed_right(layer.w2_basis, layer.w2_mix, activation)
+        return layout, gate_up_right, down_right
