@@ -64,7 +64,7 @@ from kernels.base_delta_triton import block_size_for
 from kernels.basis_residual_torch import ACTIVATIONS
 from kernels.grouped import offsets
 from kernels.lowrank_moe_triton import (
-    _block_pairs, _round_to, _segment_products, dot_config, expand_ranks, nonempty, num_warps_for, project_ranks,
+    block_pairs, round_to, segment_products, dot_config, expand_ranks, nonempty, num_warps_for, project_ranks,
     rank_chunk, reduce_pairs,
 )
 from kernels.routing_triton import align_pairs
@@ -279,11 +279,11 @@ def _expand_residual_kernel(
     expert = tl.load(block_expert_ptr + block)
     if expert >= num_experts:
         return
-    slots, pairs, valid = _block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
+    slots, pairs, valid = block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
     z_rows = tl.load(z_row_ptr + pairs, mask=valid, other=0).to(tl.int64)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < out_dim
-    first, second = _segment_products(z_ptr, stride_z, z_rows, coef_ptr, stride_coef_out, stride_coef_rank,
+    first, second = segment_products(z_ptr, stride_z, z_rows, coef_ptr, stride_coef_out, stride_coef_rank,
                                       seg_start_ptr, seg_rank_ptr, stride_seg, expert, valid, outs, out_ok, SEG_WIDTH,
                                       GATED, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
     if RESIDUAL_SIZE > 0:  # R̂_e a: positions t = slot·out·in + (row_lo + n)·in + col_lo + c, hashed per tile
@@ -304,7 +304,7 @@ def _expand_residual_kernel(
     else:
         result = first
         rows = pairs
-    tl.store(out_ptr + rows[:, None] * stride_out + outs[None, :], _round_to(result, out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows[:, None] * stride_out + outs[None, :], round_to(result, out_ptr.dtype.element_ty),
              mask=valid[:, None] & out_ok[None, :])
 
 

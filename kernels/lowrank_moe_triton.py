@@ -17,8 +17,8 @@ Three kernels, all reading routed pairs grouped by expert (``kernels.routing.ali
   and which can add the token's per-pair rows ``Σ_k y[t·top_k + k]``: the routing-weighted reduction of
   the MoE, deterministic (no atomics).
 
-Their inner loops are jit helpers a scheme's own kernels can call: ``_rows_product`` (gathered rows of an
-activation times gathered rows of a packed weight, over a full reduction dimension) and ``_ragged_product``
+Their inner loops are jit helpers a scheme's own kernels can call: ``rows_product`` (gathered rows of an
+activation times gathered rows of a packed weight, over a full reduction dimension) and ``ragged_product``
 (per-slot ``z`` times one expert's U columns, over its ragged rank).
 
 Precision: every load is converted to float32 (or to the dot's operand dtype) before arithmetic, and
@@ -28,7 +28,7 @@ Triton interpreter (``TRITON_INTERPRET=1``, CPU tests) stores bfloat16 as raw ui
 garbage for arithmetic on them, while its bf16 → float32 conversion is exact: there every dot runs on
 float32 operands converted from the stored values, which gives the same products as a bf16 tensor-core
 dot. Its float32 → bf16 conversion truncates where GPUs round to nearest even (a bias of ~1 % over the
-five roundings of a forward); ``_round_to`` rounds by hand there, so the CPU tests see GPU rounding.
+five roundings of a forward); ``round_to`` rounds by hand there, so the CPU tests see GPU rounding.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ _ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr):
+def round_to(x, dtype: tl.constexpr):
     """float32 ``x`` as ``dtype``, rounded to nearest even (by hand for bf16 under the interpreter)."""
     if _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
@@ -85,7 +85,7 @@ def nonempty(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M: tl.constexpr):
+def block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M: tl.constexpr):
     """Slots of block ``block``, the pair in each, and which slots hold a pair (the others are padding)."""
     slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pair_ptr + slots)
@@ -93,7 +93,7 @@ def _block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _rows_product(a_ptr, stride_a_row, stride_a_col, rows, row_ok, reduce_dim,
+def rows_product(a_ptr, stride_a_row, stride_a_col, rows, row_ok, reduce_dim,
                   w_ptr, stride_w_out, stride_w_in, outs, out_ok,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -133,17 +133,17 @@ def _project_ranks_kernel(
     if first_rank >= rank:
         return
     start = tl.load(seg_start_ptr + segment * stride_seg + expert)
-    slots, pairs, valid = _block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
+    slots, pairs, valid = block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
     rows = pairs // TOP_K if A_ROWS_ARE_TOKENS else slots
     ranks = first_rank + tl.arange(0, BLOCK_R)
     rank_ok = ranks < rank
-    acc = _rows_product(a_ptr, stride_a_row, stride_a_col, rows, valid, reduce_dim,
+    acc = rows_product(a_ptr, stride_a_row, stride_a_col, rows, valid, reduce_dim,
                         v_ptr, stride_v_rank, stride_v_col, start + ranks, rank_ok,
                         BLOCK_M, BLOCK_R, BLOCK_K, DOT_DTYPE, PRECISION)
     if SCALE_BY_WEIGHT:
         acc = acc * tl.load(weight_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
     tl.store(z_ptr + slots[:, None] * stride_z + (segment * SEG_WIDTH + ranks)[None, :],
-             _round_to(acc, z_ptr.dtype.element_ty), mask=valid[:, None] & rank_ok[None, :])
+             round_to(acc, z_ptr.dtype.element_ty), mask=valid[:, None] & rank_ok[None, :])
 
 
 def project_ranks(a: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor, seg_rank: torch.Tensor, seg_width: int,
@@ -170,7 +170,7 @@ def project_ranks(a: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor, seg
 
 
 @triton.jit
-def _ragged_product(z_ptr, stride_z, z_col0, u_ptr, stride_u_out, stride_u_rank, start, rank,
+def ragged_product(z_ptr, stride_z, z_col0, u_ptr, stride_u_out, stride_u_rank, start, rank,
                     slots, valid, outs, out_ok,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -188,18 +188,18 @@ def _ragged_product(z_ptr, stride_z, z_col0, u_ptr, stride_u_out, stride_u_rank,
 
 
 @triton.jit
-def _segment_products(z_ptr, stride_z, z_rows, u_ptr, stride_u_out, stride_u_rank, seg_start_ptr, seg_rank_ptr,
+def segment_products(z_ptr, stride_z, z_rows, u_ptr, stride_u_out, stride_u_rank, seg_start_ptr, seg_rank_ptr,
                       stride_seg, expert, valid, outs, out_ok, SEG_WIDTH: tl.constexpr, TWO: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Expert ``expert``'s U times z for segment 0 (z columns from 0) and, with ``TWO``, segment 1 (from
     SEG_WIDTH): two float32 [BLOCK_M, BLOCK_N] tiles (the second zero without ``TWO``)."""
-    first = _ragged_product(z_ptr, stride_z, 0, u_ptr, stride_u_out, stride_u_rank,
+    first = ragged_product(z_ptr, stride_z, 0, u_ptr, stride_u_out, stride_u_rank,
                             tl.load(seg_start_ptr + expert), tl.load(seg_rank_ptr + expert),
                             z_rows, valid, outs, out_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
     second = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if TWO:
-        second = _ragged_product(z_ptr, stride_z, SEG_WIDTH, u_ptr, stride_u_out, stride_u_rank,
+        second = ragged_product(z_ptr, stride_z, SEG_WIDTH, u_ptr, stride_u_out, stride_u_rank,
                                  tl.load(seg_start_ptr + stride_seg + expert),
                                  tl.load(seg_rank_ptr + stride_seg + expert),
                                  z_rows, valid, outs, out_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
@@ -221,10 +221,10 @@ def _expand_ranks_kernel(
     expert = tl.load(block_expert_ptr + block)
     if expert >= num_experts:
         return
-    slots, pairs, valid = _block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
+    slots, pairs, valid = block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < out_dim
-    first, second = _segment_products(z_ptr, stride_z, slots, u_ptr, stride_u_out, stride_u_rank, seg_start_ptr,
+    first, second = segment_products(z_ptr, stride_z, slots, u_ptr, stride_u_out, stride_u_rank, seg_start_ptr,
                                       seg_rank_ptr, stride_seg, expert, valid, outs, out_ok, SEG_WIDTH, GATED,
                                       BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
     if GATED:
@@ -239,7 +239,7 @@ def _expand_ranks_kernel(
     else:
         result = first
         rows = pairs
-    tl.store(out_ptr + rows[:, None] * stride_out + outs[None, :], _round_to(result, out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows[:, None] * stride_out + outs[None, :], round_to(result, out_ptr.dtype.element_ty),
              mask=valid[:, None] & out_ok[None, :])
 
 
@@ -300,7 +300,7 @@ def _token_gemm_kernel(
                     col_ok = token_ok[:, None] & k_ok[None, :]
                 rows = tl.load(a_ptr + slot[:, None] * stride_a + cols, mask=col_ok, other=0.0)
                 a += weight[:, None] * rows.to(tl.float32)
-            a = _round_to(a, a_ptr.dtype.element_ty)
+            a = round_to(a, a_ptr.dtype.element_ty)
         else:
             a = tl.load(a_ptr + tokens[:, None] * stride_a + ks[None, :], mask=token_ok[:, None] & k_ok[None, :],
                         other=0.0)
@@ -311,7 +311,7 @@ def _token_gemm_kernel(
         for j in range(TOP_K):
             acc += tl.load(pair_rows_ptr + (tokens * TOP_K + j)[:, None] * stride_pair_rows + outs[None, :],
                            mask=token_ok[:, None] & out_ok[None, :], other=0.0).to(tl.float32)
-    tl.store(out_ptr + tokens[:, None] * stride_out + outs[None, :], _round_to(acc, out_ptr.dtype.element_ty),
+    tl.store(out_ptr + tokens[:, None] * stride_out + outs[None, :], round_to(acc, out_ptr.dtype.element_ty),
              mask=token_ok[:, None] & out_ok[None, :])
 
 

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from kernels.base_delta_triton import block_size_for
 from kernels.lowrank_moe_triton import (
-    _block_pairs, _ragged_product, _round_to, _rows_product, dot_config, nonempty, num_warps_for, project_ranks,
+    block_pairs, ragged_product, round_to, rows_product, dot_config, nonempty, num_warps_for, project_ranks,
     rank_chunk, reduce_pairs,
 )
 from kernels.routing_triton import align_pairs
@@ -139,7 +139,7 @@ def _gate_up_units_kernel(
     first_unit = tl.program_id(1) * BLOCK_N
     if first_unit >= num_units:
         return
-    slots, pairs, valid = _block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
+    slots, pairs, valid = block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
     units = first_unit + tl.arange(0, BLOCK_N)
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -147,23 +147,23 @@ def _gate_up_units_kernel(
         sparse_ok = units < num_sparse
         rows = _field(table_ptr, num_experts, _SPARSE_START, expert) + tl.where(sparse_ok, units, 0)
         tokens = pairs // TOP_K
-        gate += _rows_product(x_ptr, stride_x, 1, tokens, valid, hidden, sparse_ptr, stride_sparse, 1, rows,
+        gate += rows_product(x_ptr, stride_x, 1, tokens, valid, hidden, sparse_ptr, stride_sparse, 1, rows,
                               sparse_ok, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
-        up += _rows_product(x_ptr, stride_x, 1, tokens, valid, hidden, sparse_ptr, stride_sparse, 1,
+        up += rows_product(x_ptr, stride_x, 1, tokens, valid, hidden, sparse_ptr, stride_sparse, 1,
                             total_sparse + rows, sparse_ok, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
     if first_unit + BLOCK_N > num_sparse:
         lowrank_ok = (units >= num_sparse) & (units < num_units)
         lowrank_row = tl.where(lowrank_ok, units - num_sparse, 0)
         gate_rank = _field(table_ptr, num_experts, _GATE_RANK, expert)
         up_rank = _field(table_ptr, num_experts, _UP_RANK, expert)
-        gate += _ragged_product(z_ptr, stride_z, 0, lowrank_u_ptr, gate_rank, 1,
+        gate += ragged_product(z_ptr, stride_z, 0, lowrank_u_ptr, gate_rank, 1,
                                 _field(table_ptr, num_experts, _GATE_U_START, expert), gate_rank,
                                 slots, valid, lowrank_row, lowrank_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
-        up += _ragged_product(z_ptr, stride_z, SEG_WIDTH, lowrank_u_ptr, up_rank, 1,
+        up += ragged_product(z_ptr, stride_z, SEG_WIDTH, lowrank_u_ptr, up_rank, 1,
                               _field(table_ptr, num_experts, _UP_U_START, expert), up_rank,
                               slots, valid, lowrank_row, lowrank_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
     h = gate * tl.sigmoid(gate) * up
-    tl.store(h_ptr + slots[:, None] * stride_h + units[None, :], _round_to(h, h_ptr.dtype.element_ty),
+    tl.store(h_ptr + slots[:, None] * stride_h + units[None, :], round_to(h, h_ptr.dtype.element_ty),
              mask=valid[:, None] & (units < num_units)[None, :])
 
 
@@ -185,13 +185,13 @@ def _down_project_kernel(
         return
     num_sparse = _field(table_ptr, num_experts, _SPARSE_COUNT, expert)
     num_lowrank = _field(table_ptr, num_experts, _LOWRANK_COUNT, expert)
-    slots, pairs, valid = _block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
+    slots, pairs, valid = block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
     ranks = first_rank + tl.arange(0, BLOCK_R)
     rank_ok = ranks < rank
-    acc = _rows_product(h_ptr + num_sparse, stride_h, 1, slots, valid, num_lowrank,
+    acc = rows_product(h_ptr + num_sparse, stride_h, 1, slots, valid, num_lowrank,
                         down_v_ptr + _field(table_ptr, num_experts, _DOWN_V_START, expert), num_lowrank, 1,
                         ranks, rank_ok, BLOCK_M, BLOCK_R, BLOCK_K, DOT_DTYPE, PRECISION)
-    tl.store(z_ptr + slots[:, None] * stride_z + ranks[None, :], _round_to(acc, z_ptr.dtype.element_ty),
+    tl.store(z_ptr + slots[:, None] * stride_z + ranks[None, :], round_to(acc, z_ptr.dtype.element_ty),
              mask=valid[:, None] & rank_ok[None, :])
 
 
@@ -209,19 +209,19 @@ def _down_units_kernel(
     expert = tl.load(block_expert_ptr + block)
     if expert >= num_experts:
         return
-    slots, pairs, valid = _block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
+    slots, pairs, valid = block_pairs(block, sorted_pair_ptr, num_pairs, BLOCK_M)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ok = outs < out_dim
-    acc = _ragged_product(h_ptr, stride_h, 0, sparse_down_ptr, stride_sd_out, stride_sd_col,
+    acc = ragged_product(h_ptr, stride_h, 0, sparse_down_ptr, stride_sd_out, stride_sd_col,
                           _field(table_ptr, num_experts, _SPARSE_START, expert),
                           _field(table_ptr, num_experts, _SPARSE_COUNT, expert),
                           slots, valid, outs, out_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
-    acc += _ragged_product(z_ptr, stride_z, 0, down_u_ptr, stride_du_out, stride_du_rank,
+    acc += ragged_product(z_ptr, stride_z, 0, down_u_ptr, stride_du_out, stride_du_rank,
                            _field(table_ptr, num_experts, _DOWN_U_START, expert),
                            _field(table_ptr, num_experts, _DOWN_RANK, expert),
                            slots, valid, outs, out_ok, BLOCK_M, BLOCK_N, BLOCK_R, DOT_DTYPE, PRECISION)
     acc *= tl.load(weight_ptr + pairs, mask=valid, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + pairs[:, None] * stride_out + outs[None, :], _round_to(acc, out_ptr.dtype.element_ty),
+    tl.store(out_ptr + pairs[:, None] * stride_out + outs[None, :], round_to(acc, out_ptr.dtype.element_ty),
              mask=valid[:, None] & out_ok[None, :])
 
 
