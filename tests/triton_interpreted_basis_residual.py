@@ -147,7 +147,7 @@ def test_matches_torch_path_and_dense_float64(case, dtype, poisoned_buffers):
         assert got.dtype == dtype and got.shape == x.shape
         # The torch path in float32 on the same loaded (rounded, post-processed) weights: the difference is the
         # kernels' own rounding, and a wrong slice of this rank's packing or positions shows up per rank.
-        torch_path = scheme.apply(copy.deepcopy(module).float(), x.float(), weights, ids).double()
+        torch_path = scheme.apply_torch(copy.deepcopy(module).float(), x.float(), weights, ids).double()
         error = (got.double() - torch_path).norm() / torch_path.norm()
         assert error <= TOLERANCE[dtype], f"TP rank {tp_rank}: relative error vs torch path {error:.2e}"
         total += got.double()

@@ -35,7 +35,8 @@ class BaseDeltaScheme:
     name regex -> vLLM expert-mapping name, for tensors that are not per-expert), ``index_tensor_names`` and
     ``check_indices`` (int index tensors read at start-up), and per layer ``part`` (I per TP rank),
     ``shapes`` (parameter name -> shape), ``register_buffers``, ``load``, ``first_unloaded``, ``process_loaded``
-    (weights-only precomputation after the checks) and ``apply``."""
+    (weights-only precomputation after the checks), ``apply_torch`` (the torch custom op) and ``apply_triton``
+    (the GPU kernels); ``CompressedMoEMethod.apply`` picks one by device."""
 
     scheme = "base_delta"
     WEIGHT_RENAMES = {  # experts.base.<proj>.weight -> experts.0.<proj>.base (loaded into w13_base / w2_base)
@@ -93,10 +94,8 @@ class BaseDeltaScheme:
         return (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,
                 layer.w13_base, layer.w2_base, layer.moe_compress_channels, self.num_dynamic_drop)
 
-    def apply(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """Σ_k w_k·expert_k(x): the Triton kernels on CUDA devices, the torch custom op elsewhere."""
-        if x.is_cuda:
-            return self.apply_triton(layer, x, topk_weights, topk_ids)
+    def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """Σ_k w_k·expert_k(x) through the torch custom op (the CPU path)."""
         return torch.ops.moe_compress.base_delta_moe(x, topk_weights, topk_ids, *self._op_args(layer))
 
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:

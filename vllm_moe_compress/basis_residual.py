@@ -9,8 +9,8 @@ vLLM shards experts on the intermediate dimension I (docs/format.md §10):
     w2_weight [E, H, I/tp]                        dense down (default), columns sharded
  or w2_coef [H, Σ_e K_e], w2_basis [Σ_j K_j, I/tp], w2_mix [E, m], w2_eta [m, a]   factorised down
 
-On CUDA devices ``apply`` runs the Triton kernels (kernels/basis_residual_triton.py; MoBE's per-expert right
-factors are materialised there once, at the first CUDA forward); elsewhere the torch custom op.
+On CUDA devices ``apply_triton`` runs the Triton kernels (kernels/basis_residual_triton.py; MoBE's per-expert right
+factors are materialised there once, at the first CUDA forward); elsewhere ``apply_torch``, the torch custom op.
 
 Group-shared tensors get an expert-style name from the config's weight mapper (the basis / η of group g as
 ``experts.{g}.{proj}.basis`` / ``.eta``, the mixing weights as ``experts.0.{proj}.mix``) so vLLM's expert
@@ -222,10 +222,8 @@ class BasisResidualScheme:
         eta = layer.w13_eta[j * self.num_bases : (j + 1) * self.num_bases] if self.residual else empty
         return ProjectionWeights(empty, coef, expert_ranks, basis, basis_ranks, mix, eta)
 
-    def apply(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """Σ_k w_k·expert_k(x): the Triton kernels on CUDA devices, the torch custom op elsewhere."""
-        if x.is_cuda:
-            return self.apply_triton(layer, x, topk_weights, topk_ids)
+    def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """Σ_k w_k·expert_k(x) through the torch custom op (the CPU path)."""
         weights = [t for p in PROJECTIONS for t in self.projection(layer, p, x)]
         return torch.ops.moe_compress.basis_residual_moe(
             x, topk_weights, topk_ids, weights, layer.moe_compress_expert_group, layer.moe_compress_expert_slot,

@@ -71,5 +71,7 @@ class CompressedMoEMethod(FusedMoEMethodBase):
         return FusedMoEQuantConfig.make()
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
-        """Σ_k w_k·expert_k(x) for this rank's intermediate slice; vLLM adds shared experts and all-reduces."""
-        return self.scheme.apply(layer, x, topk_weights, topk_ids)
+        """Σ_k w_k·expert_k(x) for this rank's intermediate slice; vLLM adds shared experts and all-reduces.
+        The scheme's Triton kernels on CUDA devices, its torch custom op elsewhere."""
+        forward = self.scheme.apply_triton if x.is_cuda else self.scheme.apply_torch
+        return forward(layer, x, topk_weights, topk_ids)

@@ -97,10 +97,8 @@ class SparseLowRankScheme:
                 layer.w2_lowrank_v, layer.w2_base, layer.moe_compress_sparse_channels,
                 layer.moe_compress_lowrank_channels)
 
-    def apply(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """Σ_k w_k·expert_k(x): the Triton kernels on CUDA devices, the torch custom op elsewhere."""
-        if x.is_cuda:
-            return self.apply_triton(layer, x, topk_weights, topk_ids)
+    def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """Σ_k w_k·expert_k(x) through the torch custom op (the CPU path)."""
         return torch.ops.moe_compress.sparse_lowrank_moe(x, topk_weights, topk_ids, *self._op_args(layer))
 
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
