@@ -50,23 +50,36 @@ class ResidualGeometry(NamedTuple):
     col_lo: int
 
 
-def expert_right_factor(w: ProjectionWeights, e: int, group: int, activation: str) -> torch.Tensor:
+class PackedStarts(NamedTuple):
+    """Where each expert's coefficient columns and each group's basis rows start (host lists, read once per call)."""
+
+    expert_start: list[int]
+    expert_rank: list[int]
+    basis_start: list[int]
+    basis_rank: list[int]
+
+    @classmethod
+    def of(cls, w: ProjectionWeights) -> PackedStarts:
+        expert_ranks, basis_ranks = w.expert_ranks.tolist(), w.basis_ranks.tolist()
+        return cls(offsets(expert_ranks), expert_ranks, offsets(basis_ranks), basis_ranks)
+
+
+def expert_right_factor(w: ProjectionWeights, at: PackedStarts, e: int, group: int, activation: str) -> torch.Tensor:
     """R_e [K, in]: the group's precomputed φ(B_g), or MoBE's φ(Σ_j α_ej B_j) computed on the fly."""
-    ranks = w.basis_ranks.tolist()
     if w.mix.numel() == 0:
-        start = offsets(ranks)[group]
-        return w.right[start : start + ranks[group]]
-    bases = w.right.view(len(ranks), ranks[0], w.right.shape[1])
+        start = at.basis_start[group]
+        return w.right[start : start + at.basis_rank[group]]
+    bases = w.right.view(len(at.basis_rank), at.basis_rank[0], w.right.shape[1])
     return ACTIVATIONS[activation](torch.einsum("m,mri->ri", w.mix[e].to(bases.dtype), bases))
 
 
-def project(inp: torch.Tensor, w: ProjectionWeights, e: int, group: int, slot: int, activation: str,
-            seed: int, geometry: ResidualGeometry) -> torch.Tensor:
+def project(inp: torch.Tensor, w: ProjectionWeights, at: PackedStarts, e: int, group: int, slot: int,
+            activation: str, seed: int, geometry: ResidualGeometry) -> torch.Tensor:
     """W_e inp for one expert's tokens: inp [N, in] -> [N, out]."""
     if w.dense.numel():
         return inp @ w.dense[e].T
-    start, rank = offsets(w.expert_ranks.tolist())[e], int(w.expert_ranks[e])
-    out = (inp @ expert_right_factor(w, e, group, activation).T) @ w.coef[:, start : start + rank].T
+    start, rank = at.expert_start[e], at.expert_rank[e]
+    out = (inp @ expert_right_factor(w, at, e, group, activation).T) @ w.coef[:, start : start + rank].T
     if w.scaled_eta.numel():
         out_dim, in_dim = w.coef.shape[0], inp.shape[1]
         offset = slot * geometry.full_out * geometry.full_in
@@ -87,6 +100,7 @@ def basis_residual_moe(
     groups, slots = expert_group.tolist(), expert_slot.tolist()
     in_geometry = ResidualGeometry(full_intermediate, hidden, intermediate_lo, 0)
     out_geometry = ResidualGeometry(hidden, full_intermediate, 0, intermediate_lo)
+    at_gate, at_up, at_down = (PackedStarts.of(w) for w in (gate, up, down))
     out = torch.zeros_like(x)
     start = 0
     for e, n in enumerate(counts):
@@ -96,6 +110,6 @@ def basis_residual_moe(
         start += n
         xe = x[tokens]
         args = (e, groups[e], slots[e], activation, seed)
-        h = F.silu(project(xe, gate, *args, in_geometry)) * project(xe, up, *args, in_geometry)
-        out.index_add_(0, tokens, w * project(h, down, *args, out_geometry))
+        h = F.silu(project(xe, gate, at_gate, *args, in_geometry)) * project(xe, up, at_up, *args, in_geometry)
+        out.index_add_(0, tokens, w * project(h, down, at_down, *args, out_geometry))
     return out
