@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from offline.format import STATS_FILE  # noqa: E402
+from vllm_moe_compress.format import STATS_FILE  # noqa: E402
 
 
 def main() -> None:

@@ -47,12 +47,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from offline.budget import LayerShape, allocate_ranks, plan_budget
-from offline.methods.base import CompressionMethod
+from vllm_moe_compress.offline.budget import LayerShape, allocate_ranks, plan_budget
+from vllm_moe_compress.offline.methods.base import CompressionMethod
 from offline.methods.d2 import D2MoE
-from offline.methods.group_basis import allocate_group_ranks
-from offline.methods.rfid import RFIDMoE
-from offline.methods.rs import RSMoE, UnitPlan, partition_units
+from vllm_moe_compress.offline.methods.group_basis import allocate_group_ranks
+from vllm_moe_compress.offline.methods.rfid import RFIDMoE
+from vllm_moe_compress.offline.methods.rs import RSMoE, UnitPlan, partition_units
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def random_tensors(gen: torch.Generator, dtype, device):
 
 def base_delta_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen) -> CompressedLayer:
     """Random packed factors and base in the plugin's layout at D²-MoE's ranks."""
-    from kernels import base_delta_torch, base_delta_triton
+    from vllm_moe_compress.kernels import base_delta_torch, base_delta_triton
 
     ranks, channels = d2_ranks(model, ratio, torch.Generator().manual_seed(seed))
     h, i, total = model.hidden, model.intermediate, sum(ranks)
@@ -188,7 +188,7 @@ def base_delta_layer(model: ModelShape, ratio: float, seed: int, dtype, device, 
 
 def sparse_lowrank_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen) -> CompressedLayer:
     """Random packed units, factors and down base in the plugin's layout at RS-MoE's partition."""
-    from kernels import sparse_lowrank_torch, sparse_lowrank_triton
+    from vllm_moe_compress.kernels import sparse_lowrank_torch, sparse_lowrank_triton
 
     units = rs_units(model, ratio, torch.Generator().manual_seed(seed))
     h, i = model.hidden, model.intermediate
@@ -211,7 +211,7 @@ def basis_residual_layer(model: ModelShape, ratio: float, seed: int, dtype, devi
                          residual: bool) -> CompressedLayer:
     """Random coefficients, group right factors φ(B_g), η and dense down in the plugin's layout at RFID-MoE's
     ranks; experts in contiguous groups (expert e in group e // k, at position e % k)."""
-    from kernels import basis_residual_torch, basis_residual_triton
+    from vllm_moe_compress.kernels import basis_residual_torch, basis_residual_triton
 
     ranks, size, k = rfid_group_ranks(model, ratio, residual, torch.Generator().manual_seed(seed))
     h, i, num_experts = model.hidden, model.intermediate, model.experts

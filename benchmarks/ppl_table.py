@@ -23,7 +23,7 @@ DATASETS = ("brown", "wikitext2", "ptb")
 
 
 def moe_compress(*args: str) -> str:
-    cmd = [sys.executable, "-m", "offline.cli", *args]
+    cmd = [sys.executable, "-m", "vllm_moe_compress.offline.cli", *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")

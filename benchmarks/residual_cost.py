@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from offline.architectures import moe_block
-from offline.checkpoint_io import SafetensorsCheckpoint, read_config
-from offline.format import CompressionInfo
-from offline.loading import load_model
-from offline.schemes.basis_residual import BasisResidualLayer
+from vllm_moe_compress.offline.architectures import moe_block
+from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, read_config
+from vllm_moe_compress.format import CompressionInfo
+from vllm_moe_compress.offline.loading import load_model
+from vllm_moe_compress.offline.schemes.basis_residual import BasisResidualLayer
 
 
 def median_seconds(modules: dict, x, ids, weights, repeats: int) -> dict[str, float]:

@@ -1,6 +1,3 @@
-"""Triton kernels for compressed experts (GPU), with torch references beside them.
-
-This package must stay import-free: transformers probes ``importlib.util.find_spec("kernels")`` (the
-name of an unrelated PyPI package) and must not find a module that imports Triton or torch at import
-time. Kernel modules are imported explicitly, e.g. ``from kernels import base_delta_triton`` (docs/kernels.md).
-"""
+"""Compute paths for compressed experts (``vllm_moe_compress.kernels``, docs/kernels.md): per scheme a torch path
+(``*_torch.py``, CPU and the reference forward) and a Triton path (``*_triton.py``, GPU), imported explicitly,
+e.g. ``from vllm_moe_compress.kernels import base_delta_triton``, so that importing the package loads neither."""

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import base_delta_torch
-from kernels.lowrank_moe_triton import expand_ranks, project_ranks, reduce_pairs, token_gemm
-from kernels.routing_triton import align_pairs
+from vllm_moe_compress.kernels import base_delta_torch
+from vllm_moe_compress.kernels.lowrank_moe_triton import expand_ranks, project_ranks, reduce_pairs, token_gemm
+from vllm_moe_compress.kernels.routing import block_size_for
+from vllm_moe_compress.kernels.routing_triton import align_pairs
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,6 @@ class BaseDeltaLayout:
         """The same from the op's tensors (reads them on the host once: build it before CUDA-graph capture)."""
         channels = base_channels.tolist() if base_channels is not None else []
         return cls.from_lists(ranks.tolist(), channels, intermediate, ranks.device)
-
-
-def block_size_for(num_pairs: int, num_experts: int) -> int:
-    """Routed pairs per expert block: 16 (the smallest ``tl.dot`` tile) for decode-sized batches, 64 when
-    experts get ≥ 32 pairs on average, where a taller tile reuses each weight tile over more tokens."""
-    return 16 if num_pairs < 32 * num_experts else 64
 
 
 def base_delta_moe(

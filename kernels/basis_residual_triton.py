@@ -59,15 +59,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import residual_hash
-from kernels.base_delta_triton import block_size_for
-from kernels.basis_residual_torch import ACTIVATIONS
-from kernels.grouped import offsets
-from kernels.lowrank_moe_triton import (
+from vllm_moe_compress.kernels import residual_hash
+from vllm_moe_compress.kernels.basis_residual_torch import ACTIVATIONS
+from vllm_moe_compress.kernels.grouped import offsets
+from vllm_moe_compress.kernels.lowrank_moe_triton import (
     block_pairs, round_to, segment_products, dot_config, expand_ranks, nonempty, num_warps_for, project_ranks,
     rank_chunk, reduce_pairs,
 )
-from kernels.routing_triton import align_pairs
+from vllm_moe_compress.kernels.routing import block_size_for
+from vllm_moe_compress.kernels.routing_triton import align_pairs
 
 _MIX = tl.constexpr(residual_hash.MIX)
 RESIDUAL_CHUNK = 64

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.routing import ExpertBlocks
+from vllm_moe_compress.kernels.routing import ExpertBlocks
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 """Whether the kernels below were built for the Triton interpreter (decided when ``triton.jit`` ran)."""

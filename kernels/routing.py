@@ -18,6 +18,12 @@ from typing import NamedTuple
 import torch
 
 
+def block_size_for(num_pairs: int, num_experts: int) -> int:
+    """Routed pairs per expert block (``block_m``): 16 (the smallest ``tl.dot`` tile) for decode-sized batches, 64 when
+    experts get ≥ 32 pairs on average, where a taller tile reuses each weight tile over more tokens."""
+    return 16 if num_pairs < 32 * num_experts else 64
+
+
 class ExpertBlocks(NamedTuple):
     sorted_pair: torch.Tensor
     """int32 [max_blocks·block_m]: the pair in each slot, or ``num_pairs`` for a padding slot."""

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.routing import ExpertBlocks, align_pairs_by_expert
+from vllm_moe_compress.kernels.routing import ExpertBlocks, align_pairs_by_expert
 
 MAX_PAIRS_ONE_PROGRAM = 1024
 BLOCK_P = 64

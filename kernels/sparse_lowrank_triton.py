@@ -39,13 +39,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.base_delta_triton import block_size_for
-from kernels.lowrank_moe_triton import (
+from vllm_moe_compress.kernels.lowrank_moe_triton import (
     block_pairs, ragged_product, round_to, rows_product, dot_config, nonempty, num_warps_for, project_ranks,
     rank_chunk, reduce_pairs,
 )
-from kernels.routing_triton import align_pairs
-from kernels.sparse_lowrank_torch import PackedOffsets
+from vllm_moe_compress.kernels.routing import block_size_for
+from vllm_moe_compress.kernels.routing_triton import align_pairs
+from vllm_moe_compress.kernels.sparse_lowrank_torch import PackedOffsets
 
 EXPERT_FIELDS = ("sparse_count", "lowrank_count", "sparse_start", "gate_u_start", "up_u_start", "gate_rank",
                  "up_rank", "down_v_start", "down_rank", "down_u_start")

@@ -18,10 +18,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PROJECTIONS = ("gate", "up", "down")
-"""Canonical projection names used everywhere in this package (gate/up: [I, H], down: [H, I])."""
-
-
 class UnsupportedArchitectureError(ValueError):
     """The checkpoint's architecture has no adapter."""
 
@@ -33,7 +29,7 @@ class MoEArchitecture:
     model_type: str
     architecture: str
     block_name: str  # checkpoint name of the MoE block: "mlp" or "block_sparse_moe"
-    proj_names: dict[str, str]  # canonical projection -> checkpoint projection name
+    proj_names: dict[str, str]  # canonical projection (vllm_moe_compress.format.PROJECTIONS) -> checkpoint name
     experts_attr: str  # config attribute holding the number of routed experts
     intermediate_attr: str  # config attribute holding one expert's intermediate size
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from .budget import UnreachableRatioError
 from .calibration import CalibrationError
 from .checkpoint_io import CheckpointError, DiskFullError
-from .format import FormatError
+from vllm_moe_compress.format import FormatError
 from .workdir import WorkDirError
 
 DEFAULT_CALIB_FILE = Path(__file__).parent / "data" / "brown-calibration-sample.txt"

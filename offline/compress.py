@@ -18,21 +18,23 @@ import logging
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .architectures import PROJECTIONS, MoEArchitecture, architecture_for, moe_block
+from vllm_moe_compress.format import PROJECTIONS
+
+from .architectures import MoEArchitecture, architecture_for, moe_block
 from .budget import BudgetPlan, LayerShape, plan_budget
 from .calibration import calibration_windows, peak_rss_bytes, read_calibration_text, run_layerwise
 from .checkpoint_io import (
     CheckpointError, DiskFullError, SafetensorsCheckpoint, ShardedWriter, atomic_output_dir, copy_side_files, read_config,
 )
 from .fisher import expert_fisher
-from .format import STATS_FILE, CompressionInfo, LayerSpec
+from vllm_moe_compress.format import STATS_FILE, CompressionInfo, LayerSpec
 from .methods import METHODS, CompressionMethod
 from .methods.base import expert_weights
 from .workdir import WorkDir, crash_point, run_arguments
@@ -205,7 +207,7 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
         compressed = method.compress_layer(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer], shape,
                                            **extra)
         record = {
-            "spec": asdict(compressed.spec(layer, prefix)),
+            "spec": compressed.spec(layer, prefix).to_json(),
             "params_by_projection": compressed.params_by_projection(),
             "stats": {"routing_counts": stats.counts.tolist(), "routing_weight_sums": stats.weight_sums.tolist(),
                       **compressed.allocation(), **method.layer_log()},
@@ -239,7 +241,7 @@ def _write_checkpoint(job: _Job, overwrite: bool, max_shard_bytes: int, started:
         method=method.name, target_ratio=ratio, achieved_ratio=round(achieved, 6),
         expert_ratio=round(1 - compressed_params / expert_total, 6), original_params=plan.total_params,
         compressed_params=plan.non_expert_params + compressed_params, dtype=job.dtype, proj_names=job.arch.proj_names,
-        layers=[LayerSpec(**r["spec"]) for r in records.values()], dynamic_prune_ratio=method.dynamic_prune_ratio,
+        layers=[LayerSpec.from_json(r["spec"]) for r in records.values()], dynamic_prune_ratio=method.dynamic_prune_ratio,
         method_options={**method.options(), "gate_up_ratio": removed["gate_up"]},
     )
     with atomic_output_dir(job.out_dir, overwrite, staging_dir=work.path) as tmp:
@@ -282,7 +284,7 @@ def _log_to(path: Path):
     """Also write this package's log records to ``path`` (the output directory's compress.log)."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("offline")
+    logger = logging.getLogger(__package__)  # vllm_moe_compress.offline
     logger.addHandler(handler)
     previous = logger.level
     logger.setLevel(min(previous or logging.INFO, logging.INFO))

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .architectures import architecture_for, moe_block
 from .checkpoint_io import SafetensorsCheckpoint, read_config
-from .format import QUANT_METHOD, CompressionInfo, FormatError
+from vllm_moe_compress.format import QUANT_METHOD, CompressionInfo, FormatError
 from .schemes import SCHEME_LAYERS
 
 

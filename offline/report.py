@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint_io import SafetensorsCheckpoint, atomic_file, read_config, write_json
-from .format import QUANT_METHOD, STATS_FILE, FormatError
+from vllm_moe_compress.format import QUANT_METHOD, STATS_FILE, FormatError
 from .zeroshot import TASKS
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def cached_zeroshot(model_dir: Path, name: str, options: ReportOptions) -> dict:
     settings = {"tasks": options.zeroshot_tasks, "limit": options.zeroshot_limit, "source": options.tasks_source}
     path = options.out_dir / "cache" / f"zeroshot-{name}-{_cache_key(model_dir, **settings)}.json"
     if not path.is_file():
-        cmd = [sys.executable, "-m", "offline.cli", "eval-zeroshot", str(model_dir), "--out", str(path),
+        cmd = [sys.executable, "-m", "vllm_moe_compress.offline.cli", "eval-zeroshot", str(model_dir), "--out", str(path),
                "--tasks", *options.zeroshot_tasks, "--tasks-source", options.tasks_source]
         if options.zeroshot_limit:
             cmd += ["--limit", str(options.zeroshot_limit)]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .architectures import PROJECTIONS
+from vllm_moe_compress.format import PROJECTIONS
 from .checkpoint_io import SafetensorsCheckpoint, read_config
-from .format import CompressionInfo, FormatError
+from vllm_moe_compress.format import CompressionInfo, FormatError
 from .schemes.base_delta import BaseDeltaLayer
 
 

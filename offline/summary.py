@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vllm_moe_compress.format import STATS_FILE, CompressionInfo, SparseLowRankSpec
+
 from .checkpoint_io import read_config
-from .format import STATS_FILE, CompressionInfo
-from .schemes import SCHEME_LAYERS
 
 
 def summarize(model_dir: str | Path) -> dict:
@@ -17,10 +17,11 @@ def summarize(model_dir: str | Path) -> dict:
         layers[spec.layer] = {
             "scheme": spec.scheme,
             "experts": spec.num_experts,
-            "base_channels": spec.base_channels,
+            "base_channels": spec.to_json()["base_channels"],
             "ranks": {p: {"min": min(r), "mean": round(sum(r) / len(r), 2), "max": max(r)} for p, r in spec.ranks.items()},
-            "params": SCHEME_LAYERS[spec.scheme].params_from_spec(spec),
-            **({"units": {k: sum(v) for k, v in spec.details.items()}} if spec.details else {}),
+            "params": spec.num_params(),
+            **({"units": {k: sum(v) for k, v in spec.to_json()["details"].items()}}
+               if isinstance(spec, SparseLowRankSpec) else {}),
         }
     stats_path = Path(model_dir) / STATS_FILE
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}

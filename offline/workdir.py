@@ -47,7 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from .checkpoint_io import WEIGHT_FILE_SUFFIXES
-from .format import FORMAT_VERSION
+from vllm_moe_compress.format import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 

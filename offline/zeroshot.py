@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint_io import read_config
-from .format import QUANT_METHOD
+from vllm_moe_compress.format import QUANT_METHOD
 
 TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "mathqa", "boolq")
 """The papers' zero-shot suite, as lm-eval task names."""

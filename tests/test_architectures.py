@@ -25,11 +25,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import FAMILIES, TOKENIZER_FILES, write_tiny_model
-from offline.architectures import ARCHITECTURES, UnsupportedArchitectureError
-from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.schemes.base_delta import BaseDeltaLayer
-from offline.format import CompressionInfo
-from offline.loading import load_compressed_model
+from vllm_moe_compress.offline.architectures import ARCHITECTURES, UnsupportedArchitectureError
+from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
+from vllm_moe_compress.format import CompressionInfo
+from vllm_moe_compress.offline.loading import load_compressed_model
 
 RATIO = 0.05
 TOLERANCE = 0.005

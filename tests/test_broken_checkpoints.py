@@ -29,9 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
-from offline.checkpoint_io import INDEX_NAME
-from offline.format import base_channels_name, base_name, delta_name
-from offline.loading import load_compressed_model
+from vllm_moe_compress.offline.checkpoint_io import INDEX_NAME
+from vllm_moe_compress.format.names import base_channels_name, base_name, delta_name
+from vllm_moe_compress.offline.loading import load_compressed_model
 from vllm_moe_compress.config import MoECompressConfig
 
 from test_plugin_loading import ckpt, fake_moe, load_layer  # noqa: F401  (ckpt is the good checkpoint fixture)

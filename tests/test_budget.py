@@ -2,7 +2,7 @@
 
 import pytest
 
-from offline.budget import LayerShape, UnreachableRatioError, allocate_ranks, plan_budget
+from vllm_moe_compress.offline.budget import LayerShape, UnreachableRatioError, allocate_ranks, plan_budget
 
 
 def achieved(total, shapes, target, fixed, frequencies, trimmed=0):

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from offline.calibration import ExpertStatistics, calibration_windows, run_layerwise
-from offline.fisher import expert_fisher
+from vllm_moe_compress.offline.calibration import ExpertStatistics, calibration_windows, run_layerwise
+from vllm_moe_compress.offline.fisher import expert_fisher
 
 
 def tiny_model(tiny_moe):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from offline.cli import main
+from vllm_moe_compress.offline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "tiny-qwen3-moe-demo"
@@ -43,7 +43,7 @@ def test_compress_inspect_eval(tmp_path, capsys):
 
 
 def test_console_script_help():
-    done = subprocess.run([sys.executable, "-m", "offline.cli", "compress", "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "vllm_moe_compress.offline.cli", "compress", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--ratio" in done.stdout and "TOTAL model parameters" in done.stdout
 
 
@@ -107,7 +107,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
 
 
 def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
-    from offline import compress
+    from vllm_moe_compress.offline import compress
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -2,8 +2,8 @@
 
 import torch
 
-from offline.budget import LayerShape
-from offline.calibration import ExpertStatistics
+from vllm_moe_compress.offline.budget import LayerShape
+from vllm_moe_compress.offline.calibration import ExpertStatistics
 from offline.methods.d2 import D2MoE, merge_base
 
 E, H, I = 6, 20, 12

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from offline import checkpoint_io, workdir
-from offline.cli import main
+from vllm_moe_compress.offline import checkpoint_io, workdir
+from vllm_moe_compress.offline.cli import main
 
 from conftest import tiny_config, write_tiny_model
 from test_cli import DEMO, FAST, bad_run, leftovers

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.routing import align_pairs_by_expert
+from vllm_moe_compress.kernels.routing import align_pairs_by_expert
 
 HERE = Path(__file__).resolve().parent
 ACTIVATION_POINTERS = {"a_ptr", "v_ptr", "z_ptr", "u_ptr", "out_ptr", "addend_ptr", "w_ptr", "pair_rows_ptr"}
@@ -62,8 +62,8 @@ def test_basis_residual_kernel_compiles_for_an_sm90_gpu_without_register_spills(
     and the factorised down; its other stages are the low-rank kernels compiled below."""
     import triton.language as tl
 
-    from kernels import basis_residual_triton
-    from kernels import lowrank_moe_triton as lowrank
+    from vllm_moe_compress.kernels import basis_residual_triton
+    from vllm_moe_compress.kernels import lowrank_moe_triton as lowrank
 
     dot = {"DOT_DTYPE": tl.bfloat16, "PRECISION": "tf32"}
     pointers = {"coef_ptr": "bf16", "eta_ptr": "bf16", "seg_start_ptr": "i64"}
@@ -115,7 +115,7 @@ def spilled_bytes(cubin: bytes) -> int:
 def assert_compiled_cleanly(variants: list, activation: str, dot: dict) -> None:
     """Each (kernel, constexprs) compiles for sm_90 with its launcher's warps, spills no register, and (bf16)
     runs its dots on tensor cores with bf16 operands and fp32 accumulation."""
-    from kernels.lowrank_moe_triton import num_warps_for
+    from vllm_moe_compress.kernels.lowrank_moe_triton import num_warps_for
 
     for fn, constexprs in variants:
         rows = constexprs.get("BLOCK_M", constexprs.get("BLOCK_T"))
@@ -130,8 +130,8 @@ def assert_compiled_cleanly(variants: list, activation: str, dot: dict) -> None:
 def test_kernels_compile_for_an_sm90_gpu_without_register_spills(activation):
     import triton.language as tl
 
-    from kernels import lowrank_moe_triton as lowrank
-    from kernels import routing_triton
+    from vllm_moe_compress.kernels import lowrank_moe_triton as lowrank
+    from vllm_moe_compress.kernels import routing_triton
 
     dot = {"DOT_DTYPE": tl.bfloat16, "PRECISION": "tf32"} if activation == "bf16" else {
         "DOT_DTYPE": tl.float32, "PRECISION": "ieee"}
@@ -169,8 +169,8 @@ def test_sparse_lowrank_kernels_compile_for_an_sm90_gpu_without_register_spills(
     (tensor-core dots); fp32 the gate/up kernel's decode tile (its launcher's 32-wide chunks). No spills."""
     import triton.language as tl
 
-    from kernels import lowrank_moe_triton as lowrank
-    from kernels import sparse_lowrank_triton as sparse_lowrank
+    from vllm_moe_compress.kernels import lowrank_moe_triton as lowrank
+    from vllm_moe_compress.kernels import sparse_lowrank_triton as sparse_lowrank
 
     gate_up = sparse_lowrank._gate_up_units_kernel
     if activation == "fp32":

@@ -2,7 +2,7 @@
 
 import torch
 
-from offline.linalg import low_rank_factors, output_error, whitening_factor
+from vllm_moe_compress.offline.linalg import low_rank_factors, output_error, whitening_factor
 
 
 def correlated_inputs(tokens: int, dim: int, seed: int) -> torch.Tensor:

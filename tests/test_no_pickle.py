@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.loading import load_compressed_model
+from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from vllm_moe_compress.offline.loading import load_compressed_model
 
 from conftest import CALIBRATION_FILE, REPO
 from test_broken_checkpoints import plugin_load

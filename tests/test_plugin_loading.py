@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import kernels.base_delta_torch as torch_path
+import vllm_moe_compress.kernels.base_delta_torch as torch_path
 import vllm_moe_compress
-from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.schemes.base_delta import BaseDeltaLayer
-from offline.format import CompressionInfo, LayerSpec, base_channels_name, base_name, delta_name
-from offline.schemes.base_delta import BaseDeltaExperts
+from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
+from vllm_moe_compress.format import CompressionInfo, LayerSpec
+from vllm_moe_compress.format.names import base_channels_name, base_name, delta_name
+from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaExperts
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm_moe_compress.config import MoECompressConfig, NotCompressedError
 from vllm_moe_compress.moe_method import CompressedMoEMethod
@@ -518,7 +519,8 @@ def test_unknown_scheme_is_rejected(ckpt, where):
             MoECompressConfig.from_config(qc)
     else:
         cfg = make_config(ckpt.qc, ckpt.dir)
-        spec = dataclasses.replace(cfg.layers[0], scheme="tucker_cp")
+        spec = copy.copy(cfg.layers[0])
+        spec.scheme = "tucker_cp"  # the class's scheme, shadowed on this instance
         with pytest.raises(ValueError, match="tucker_cp.*base_delta"):
             CompressedMoEMethod(fake_moe(), spec, cfg.info.proj_names, cfg.indices[0], 0.0)
 

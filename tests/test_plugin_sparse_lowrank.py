@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.format import CompressionInfo, base_name
-from offline.schemes.sparse_lowrank import SparseLowRankExperts, SparseLowRankLayer, unit_channels_name, unit_name
+from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from vllm_moe_compress.format import CompressionInfo
+from vllm_moe_compress.format.names import base_name, unit_channels_name, unit_name
+from vllm_moe_compress.offline.schemes.sparse_lowrank import SparseLowRankExperts, SparseLowRankLayer
 from test_plugin_loading import (
     CALIBRATION_FILE, Checkpoint, dense_forward, load_layer, loaded_layer, make_config, make_layer, nbytes,
     plugin_forward, routings, write_variant,
@@ -37,9 +38,9 @@ def ckpt(tiny_moe, tmp_path_factory) -> Checkpoint:
         tensors.update(load_file(str(path)))
     info = CompressionInfo.from_config(copy.deepcopy(qc))
     for spec in info.layers:  # what the tests rely on: every kind of unit present, and a base
-        assert spec.scheme == "sparse_lowrank" and spec.base_channels == spec.intermediate_size
-        kept = [s + m for s, m in zip(spec.details["sparse_channels"], spec.details["lowrank_channels"])]
-        assert sum(spec.details["sparse_channels"]) > 0 and sum(spec.details["lowrank_channels"]) > 0
+        assert spec.scheme == "sparse_lowrank" and spec.shared_down_base
+        kept = [s + m for s, m in zip(spec.sparse_channels, spec.lowrank_channels)]
+        assert sum(spec.sparse_channels) > 0 and sum(spec.lowrank_channels) > 0
         assert sum(kept) < spec.num_experts * spec.intermediate_size
     return Checkpoint(out, qc, info, tensors)
 
@@ -79,7 +80,7 @@ def test_tensor_parallel_ranks_sum_to_full_output(ckpt, layer):
 
 
 def first_expert_with(spec, kind: str) -> int:
-    return next(e for e, n in enumerate(spec.details[f"{kind}_channels"]) if n and spec.ranks["gate"][e])
+    return next(e for e, n in enumerate(spec.unit_counts(kind)) if n and spec.ranks["gate"][e])
 
 
 @pytest.mark.parametrize("part, how", [("sparse", "missing"), ("lowrank_u", "missing"), ("lowrank_v", "shape"),
@@ -105,7 +106,7 @@ def test_bad_tensor_error_names_it(ckpt, part, how):
 def test_overlapping_unit_channels_are_rejected_at_start_up(ckpt, tmp_path):
     spec = ckpt.spec(0)
     e = next(e for e in range(spec.num_experts)
-             if spec.details["sparse_channels"][e] and spec.details["lowrank_channels"][e])
+             if spec.sparse_channels[e] and spec.lowrank_channels[e])
     sparse = ckpt.tensors[unit_channels_name(spec.prefix, e, "sparse")]
     lowrank = ckpt.tensors[unit_channels_name(spec.prefix, e, "lowrank")]
     clash = torch.cat([lowrank[lowrank != sparse[0]][: len(lowrank) - 1], sparse[:1]]).sort().values

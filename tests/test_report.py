@@ -7,11 +7,11 @@ import matplotlib.image
 import pytest
 import torch
 
-from offline import perplexity, report
-from offline.cli import main
-from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.plots import allocation_fields
-from offline.spectrum import cumulative_energy, layer_spectra
+from vllm_moe_compress.offline import perplexity, report
+from vllm_moe_compress.offline.cli import main
+from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from vllm_moe_compress.offline.plots import allocation_fields
+from vllm_moe_compress.offline.spectrum import cumulative_energy, layer_spectra
 
 from conftest import CALIBRATION_FILE
 
@@ -126,7 +126,7 @@ def test_cumulative_energy_of_known_spectrum():
 
 def test_spectra_deltas_are_original_minus_base(checkpoints):
     """delta curves equal the energy of W_i - scatter(B) (d2), and of W_i itself without a base (svd)."""
-    from offline.checkpoint_io import SafetensorsCheckpoint
+    from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint
 
     original, ckpts = checkpoints
     d2 = layer_spectra(original, ckpts["d2"], 1)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.workdir import CRASH_ENV, WorkDir, run_arguments, run_key
+from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from vllm_moe_compress.offline.workdir import CRASH_ENV, WorkDir, run_arguments, run_key
 
 from conftest import CALIBRATION_FILE, REPO
 
@@ -35,7 +35,7 @@ def cli_run(model: Path, out: Path, crash_at: str | None) -> subprocess.Complete
     env.pop(CRASH_ENV, None)
     if crash_at:
         env[CRASH_ENV] = crash_at
-    return subprocess.run([sys.executable, "-m", "offline.cli", "compress", str(model), "-o", str(out), *ARGS],
+    return subprocess.run([sys.executable, "-m", "vllm_moe_compress.offline.cli", "compress", str(model), "-o", str(out), *ARGS],
                           env=env, capture_output=True, text=True, timeout=600)
 
 

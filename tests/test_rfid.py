@@ -8,16 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.residual_hash as residual_hash
-from kernels.residual_hash import bucket_counts, bucket_of, bucket_scales, project_onto_buckets
-from offline.budget import LayerShape
-from offline.calibration import ExpertStatistics
-from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.format import CompressionInfo, FormatError
-from offline.loading import load_compressed_model
-from offline.methods.basis_fit import FitOptions, fit_grouped, fit_mixed
-from offline.methods.group_basis import allocate_group_ranks, effective_rank, frequency_groups, index_groups
-from offline.schemes.basis_residual import BasisProjection, BasisResidualExperts, BasisResidualLayer, counts_name
+import vllm_moe_compress.kernels.residual_hash as residual_hash
+from vllm_moe_compress.kernels.residual_hash import bucket_counts, bucket_of, bucket_scales, project_onto_buckets
+from vllm_moe_compress.offline.budget import LayerShape
+from vllm_moe_compress.offline.calibration import ExpertStatistics
+from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from vllm_moe_compress.format import CompressionInfo, FormatError, LayerSpec
+from vllm_moe_compress.offline.loading import load_compressed_model
+from vllm_moe_compress.offline.methods.basis_fit import FitOptions, fit_grouped, fit_mixed
+from vllm_moe_compress.offline.methods.group_basis import allocate_group_ranks, effective_rank, frequency_groups, index_groups
+from vllm_moe_compress.format.names import counts_name
+from vllm_moe_compress.offline.schemes.basis_residual import BasisProjection, BasisResidualExperts, BasisResidualLayer
 
 from conftest import CALIBRATION_FILE
 
@@ -252,7 +253,7 @@ def test_tensors_round_trip(mixed, down_factorized, residual):
     back = BasisResidualLayer.from_tensors(spec, names, tensors.__getitem__)
     for e, p in itertools.product(range(6), ("gate", "up", "down")):
         torch.testing.assert_close(back.dense_weight(e, p), layer.dense_weight(e, p), rtol=0, atol=0)
-    assert back.num_params() == layer.num_params() == BasisResidualLayer.params_from_spec(spec)
+    assert back.num_params() == layer.num_params() == spec.num_params()
     if residual:
         bad = dict(tensors, **{counts_name("m.experts"): tensors[counts_name("m.experts")].flip(0)})
         with pytest.raises(FormatError, match="residual.counts"):
@@ -263,10 +264,10 @@ def test_bad_details_are_rejected():
     spec = random_basis_layer(11, False, False, 20).spec(0, "m.experts")
     for key, value in [("groups", [[0, 1], [2, 3], [4, 4]]), ("activation", "relu"), ("mixed", True),
                        ("basis_ranks", {"gate": [2, 5], "up": [4, 4, 4]})]:
-        bad = json.loads(json.dumps(spec.__dict__))
+        bad = json.loads(json.dumps(spec.to_json()))
         bad["details"][key] = value
         with pytest.raises(FormatError):
-            type(spec)(**bad).validate()
+            LayerSpec.from_json(bad).validate()
 
 
 @pytest.mark.parametrize("method,options", [("rfid", {"factorize_down": True}), ("mobe", {})])

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offline.format import FormatError
-from offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer, unit_channels_name, unit_name
+from vllm_moe_compress.format import FormatError
+from vllm_moe_compress.format.names import unit_channels_name, unit_name
+from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 
 E, H, I, T, K = 5, 16, 12, 40, 3
 PROJ_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -75,11 +76,11 @@ def round_trip(layer, dtype=torch.float64):
 def test_format_round_trip_preserves_every_part():
     layer = random_layer(3, True)
     tensors, spec = round_trip(layer)
-    assert spec.details["sparse_channels"] == [3, 0, I, 0, 4]
+    assert spec.sparse_channels == [3, 0, I, 0, 4]
     assert spec.ranks["up"] == [2, 1, 0, 0, 0]
-    assert spec.base_channels == I
+    assert spec.shared_down_base and spec.to_json()["base_channels"] == I
     assert layer.num_params() == sum(t.numel() for n, t in tensors.items() if not n.endswith("channels"))
-    assert SparseLowRankLayer.params_from_spec(spec) == layer.num_params()
+    assert spec.num_params() == layer.num_params()
     back = SparseLowRankLayer.from_tensors(spec, PROJ_NAMES, tensors.__getitem__)
     for name, tensor in layer.packed().items():
         torch.testing.assert_close(back.packed()[name], tensor, rtol=0, atol=0, msg=name)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from offline.zeroshot import TASKS, local_task_config, task_override
+from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from vllm_moe_compress.offline.zeroshot import TASKS, local_task_config, task_override
 
 from conftest import CALIBRATION_FILE, vllm_tiny_config, write_tiny_model
 
@@ -72,7 +72,7 @@ def test_eval_zeroshot_cli_on_tiny_compressed_model(tmp_path):
     out = tmp_path / "zs.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "offline.cli", "eval-zeroshot", str(model), "--tasks", "arc_easy,boolq", "--limit", "5",
+        [sys.executable, "-m", "vllm_moe_compress.offline.cli", "eval-zeroshot", str(model), "--tasks", "arc_easy,boolq", "--limit", "5",
          "--out", str(out), "--data-dir", str(DATA)],
         capture_output=True, text=True, timeout=1800, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -21,13 +21,14 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run through tests/test_kernels_triton.py (needs TRITON_INTERPRET=1 before Triton loads)",
                 allow_module_level=True)
 
-import kernels.base_delta_torch as torch_path  # noqa: E402
-import kernels.base_delta_triton as triton_path  # noqa: E402
-import kernels.lowrank_moe_triton as lowrank  # noqa: E402
-import kernels.routing_triton as routing_triton  # noqa: E402
-from kernels.routing import align_pairs_by_expert  # noqa: E402
-from offline.format import base_channels_name  # noqa: E402
-from offline.schemes.base_delta import BaseDeltaLayer  # noqa: E402
+import vllm_moe_compress.kernels.base_delta_torch as torch_path  # noqa: E402
+import vllm_moe_compress.kernels.base_delta_triton as triton_path  # noqa: E402
+import vllm_moe_compress.kernels.lowrank_moe_triton as lowrank  # noqa: E402
+import vllm_moe_compress.kernels.routing as routing  # noqa: E402
+import vllm_moe_compress.kernels.routing_triton as routing_triton  # noqa: E402
+from vllm_moe_compress.kernels.routing import align_pairs_by_expert  # noqa: E402
+from vllm_moe_compress.format.names import base_channels_name  # noqa: E402
+from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 """Bound on ‖out − ref‖_F / ‖ref‖_F."""
@@ -112,7 +113,7 @@ def test_matches_torch_path_and_dense_float64(case, dtype, poisoned_buffers):
     args = (x, ids, weights, packed["ranks"], packed["gate_up_u"], packed["gate_up_v"], packed["down_u"],
             packed["down_v"], packed["base_gate_up"], packed["base_down"], packed["base_channels"])
     if case.startswith("64-pair"):
-        assert triton_path.block_size_for(ids.numel(), num_experts) == 64
+        assert routing.block_size_for(ids.numel(), num_experts) == 64
 
     got = triton_path.base_delta_moe(*args)
 

@@ -22,12 +22,14 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run through tests/test_kernels_triton.py (needs TRITON_INTERPRET=1 before Triton loads)",
                 allow_module_level=True)
 
-import kernels.basis_residual_triton as triton_path  # noqa: E402
-from kernels.base_delta_triton import block_size_for  # noqa: E402
+import vllm_moe_compress.kernels.basis_residual_triton as triton_path  # noqa: E402
+from vllm_moe_compress.kernels.routing import block_size_for  # noqa: E402
 import vllm_moe_compress.ops  # noqa: E402,F401  (registers the torch path's custom op)
-from kernels.residual_hash import MAX_POSITIONS, bucket_of  # noqa: E402
-from offline.architectures import PROJECTIONS  # noqa: E402
-from offline.schemes.basis_residual import BasisProjection, BasisResidualLayer, counts_name, matrix_shape  # noqa: E402
+from vllm_moe_compress.kernels.residual_hash import MAX_POSITIONS, bucket_of  # noqa: E402
+from vllm_moe_compress.format import PROJECTIONS  # noqa: E402
+from vllm_moe_compress.format import matrix_shape  # noqa: E402
+from vllm_moe_compress.format.names import counts_name  # noqa: E402
+from vllm_moe_compress.offline.schemes.basis_residual import BasisProjection, BasisResidualLayer  # noqa: E402
 from triton_interpreted import TOLERANCE, poisoned_buffers  # noqa: E402,F401  (a fixture)
 from vllm_moe_compress.base_delta import PROJ_OF_SHARD  # noqa: E402
 from vllm_moe_compress.basis_residual import BasisResidualScheme  # noqa: E402

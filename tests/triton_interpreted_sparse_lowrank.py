@@ -16,10 +16,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run through tests/test_kernels_triton.py (needs TRITON_INTERPRET=1 before Triton loads)",
                 allow_module_level=True)
 
-import kernels.sparse_lowrank_torch as torch_path  # noqa: E402
-import kernels.sparse_lowrank_triton as triton_path  # noqa: E402
-from kernels.base_delta_triton import block_size_for  # noqa: E402
-from offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer, unit_channels_name  # noqa: E402
+import vllm_moe_compress.kernels.sparse_lowrank_torch as torch_path  # noqa: E402
+import vllm_moe_compress.kernels.sparse_lowrank_triton as triton_path  # noqa: E402
+from vllm_moe_compress.kernels.routing import block_size_for  # noqa: E402
+from vllm_moe_compress.format.names import unit_channels_name  # noqa: E402
+from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer  # noqa: E402
 from triton_interpreted import PROJ_NAMES, TOLERANCE, dense_float64, poisoned_buffers  # noqa: E402, F401
 
 

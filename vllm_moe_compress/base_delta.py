@@ -18,10 +18,9 @@ import re
 
 import torch
 
-from kernels.base_delta_torch import rank_offsets
-from offline.architectures import PROJECTIONS
-from offline.format import LayerSpec, base_channels_name
-from offline.schemes.base_delta import check_base_channels
+from vllm_moe_compress.format import PROJECTIONS, BaseDeltaSpec, matrix_shape
+from vllm_moe_compress.format.names import base_channels_name, base_name, delta_name
+from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
 
 from .tensor_checks import check_loaded
 
@@ -32,8 +31,8 @@ SUFFIX_OF_PARAM = {"w13_delta_u": "delta_u", "w13_delta_v": "delta_v", "w2_delta
 
 class BaseDeltaScheme:
     """One plugin scheme. Every scheme class provides: ``scheme`` (its name), ``WEIGHT_RENAMES`` (checkpoint
-    name regex -> vLLM expert-mapping name, for tensors that are not per-expert), ``index_tensor_names`` and
-    ``check_indices`` (int index tensors read at start-up), and per layer ``part`` (I per TP rank),
+    name regex -> vLLM expert-mapping name, for tensors that are not per-expert), ``check_indices`` (of the int
+    index tensors ``spec.index_tensor_names()`` read at start-up), and per layer ``part`` (I per TP rank),
     ``shapes`` (parameter name -> shape), ``register_buffers``, ``load``, ``first_unloaded``, ``process_loaded``
     (weights-only precomputation after the checks), ``apply_torch`` (the torch custom op) and ``apply_triton``
     (the GPU kernels); ``CompressedMoEMethod.apply`` picks one by device."""
@@ -44,15 +43,10 @@ class BaseDeltaScheme:
     }
 
     @staticmethod
-    def index_tensor_names(spec: LayerSpec) -> list[str]:
-        return [base_channels_name(spec.prefix)] if spec.base_channels else []
+    def check_indices(spec: BaseDeltaSpec, indices: dict[str, list[int]]) -> None:
+        spec.check_indices(indices)
 
-    @staticmethod
-    def check_indices(spec: LayerSpec, indices: dict[str, list[int]]) -> None:
-        if spec.base_channels:
-            check_base_channels(spec, indices[base_channels_name(spec.prefix)])
-
-    def __init__(self, spec: LayerSpec, proj_names: dict[str, str], indices: dict[str, list[int]], tp_rank: int,
+    def __init__(self, spec: BaseDeltaSpec, proj_names: dict[str, str], indices: dict[str, list[int]], tp_rank: int,
                  tp_size: int, dynamic_prune_ratio: float = 0.0):
         if spec.intermediate_size % tp_size:
             raise ValueError(f"moe_compress: intermediate size {spec.intermediate_size} of {spec.prefix} "
@@ -100,7 +94,7 @@ class BaseDeltaScheme:
 
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
-        from kernels import base_delta_triton
+        from vllm_moe_compress.kernels import base_delta_triton
 
         if self.triton_layout is None:  # built from host lists: no device sync, safe before graph capture
             ranks = [self.ranks[p] for p in PROJECTIONS]
@@ -112,8 +106,8 @@ class BaseDeltaScheme:
     def checkpoint_name(self, param: str, proj: str, expert: int | None) -> str:
         """The checkpoint tensor a parameter slice comes from, e.g. ``…experts.3.gate_proj.delta_v``."""
         if param.endswith("base"):
-            return f"{self.spec.prefix}.base.{self.proj_names[proj]}.weight"
-        return f"{self.spec.prefix}.{expert}.{self.proj_names[proj]}.{SUFFIX_OF_PARAM[param]}"
+            return base_name(self.spec.prefix, self.proj_names[proj])
+        return delta_name(self.spec.prefix, expert, self.proj_names[proj], SUFFIX_OF_PARAM[param])
 
     def load(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert: int) -> None:
         """Copy one checkpoint tensor into its slice of ``param``; raise naming the tensor if it does not fit."""
@@ -121,13 +115,12 @@ class BaseDeltaScheme:
         name = self.checkpoint_name(param_name, proj, expert)
         h, full_i = self.spec.hidden_size, self.spec.intermediate_size
         if param_name.endswith("base"):
-            c = self.spec.base_channels
-            expected = (h, c) if proj == "down" else (c, h)
+            expected = matrix_shape(proj, h, self.spec.base_channels)
         else:
             r = self.ranks[proj][expert]
             if r == 0:
                 raise ValueError(f"moe_compress: tensor {name} present but quantization_config gives expert {expert} rank 0")
-            out_dim, in_dim = (h, full_i) if proj == "down" else (full_i, h)
+            out_dim, in_dim = matrix_shape(proj, h, full_i)
             expected = (out_dim, r) if param_name.endswith("_u") else (r, in_dim)
         check_loaded(name, loaded, expected)
         positions = torch.tensor(self.local_positions, dtype=torch.long)

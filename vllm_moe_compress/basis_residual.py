@@ -23,14 +23,11 @@ import re
 
 import torch
 
-from kernels.basis_residual_torch import ACTIVATIONS, ProjectionWeights
-from kernels.grouped import offsets
-from kernels.residual_hash import bucket_counts, bucket_scales
-from offline.architectures import PROJECTIONS
-from offline.format import FormatError, LayerSpec
-from offline.schemes.basis_residual import (
-    basis_name, coef_name, counts_name, dense_name, eta_name, matrix_shape, mix_name,
-)
+from vllm_moe_compress.format import PROJECTIONS, BasisResidualSpec, FormatError, matrix_shape
+from vllm_moe_compress.format.names import basis_name, coef_name, counts_name, dense_name, eta_name, mix_name
+from vllm_moe_compress.kernels.basis_residual_torch import ACTIVATIONS, ProjectionWeights
+from vllm_moe_compress.kernels.grouped import offsets
+from vllm_moe_compress.kernels.residual_hash import bucket_counts, bucket_scales
 
 from .base_delta import PROJ_OF_SHARD
 from .tensor_checks import check_loaded
@@ -47,42 +44,35 @@ class BasisResidualScheme:
         re.compile(rf"\.experts\.basis\.(\d+)\.{PROJ}\.weight$"): r".experts.\1.\2.basis",
         re.compile(rf"\.experts\.basis\.{PROJ}\.mix$"): r".experts.0.\1.mix",
         re.compile(rf"\.experts\.residual\.(\d+)\.{PROJ}\.eta$"): r".experts.\1.\2.eta",
-        re.compile(r"\.experts\.residual\.counts$"): None,  # read at start-up (index_tensor_names)
+        re.compile(r"\.experts\.residual\.counts$"): None,  # read at start-up (spec.index_tensor_names)
     }
 
     @staticmethod
-    def index_tensor_names(spec: LayerSpec) -> list[str]:
-        return [counts_name(spec.prefix)] if spec.details.get("residual_size") else []
-
-    @staticmethod
-    def check_indices(spec: LayerSpec, indices: dict[str, list[int]]) -> None:
-        d = spec.details
-        if d.get("residual_size"):
-            k = len(d["groups"][0])
-            want = bucket_counts(k * spec.hidden_size * spec.intermediate_size, d["residual_seed"], d["residual_size"])
+    def check_indices(spec: BasisResidualSpec, indices: dict[str, list[int]]) -> None:
+        """The stored bucket counts must be those of the residual's seed (the hash: kernels/residual_hash.py)."""
+        if spec.residual_size:
+            want = bucket_counts(spec.group_size * spec.hidden_size * spec.intermediate_size, spec.residual_seed,
+                                 spec.residual_size)
             if indices[counts_name(spec.prefix)] != want.tolist():
                 raise FormatError(f"tensor {counts_name(spec.prefix)} does not match the bucket counts of "
-                                  f"residual_seed {d['residual_seed']}")
+                                  f"residual_seed {spec.residual_seed}")
 
-    def __init__(self, spec: LayerSpec, proj_names: dict[str, str], indices: dict[str, list[int]], tp_rank: int,
+    def __init__(self, spec: BasisResidualSpec, proj_names: dict[str, str], indices: dict[str, list[int]], tp_rank: int,
                  tp_size: int, dynamic_prune_ratio: float = 0.0):
         if spec.intermediate_size % tp_size:
             raise ValueError(f"moe_compress: intermediate size {spec.intermediate_size} of {spec.prefix} "
                              f"is not divisible by tensor-parallel size {tp_size}")
-        d = spec.details
-        self.factorized = [p for p in PROJECTIONS if p in d["basis_ranks"]]
+        self.factorized = spec.factorized
         if not set(GATE_UP) <= set(self.factorized):
             raise ValueError(f"moe_compress: {spec.prefix}: this plugin serves basis_residual layers whose gate and "
                              f"up are factorised; factorised here: {self.factorized}")
         self.spec, self.proj_names = spec, proj_names
         self.part = spec.intermediate_size // tp_size
         self.lo = tp_rank * self.part
-        self.mixed, self.residual = d["mixed"], d["residual_size"]
+        self.mixed, self.residual = spec.mixed, spec.residual_size
         self.triton_inputs = None  # (layout, right factors) of the Triton path, built at the first CUDA forward
-        self.num_bases = len(d["basis_ranks"]["gate"])
-        groups = d["groups"]
-        self.group_slot = [next((g, s) for g, m in enumerate(groups) for s, x in enumerate(m) if x == e)
-                           for e in range(spec.num_experts)]
+        self.num_bases = len(spec.basis_ranks["gate"])
+        self.group_slot = spec.group_and_slot()
         if self.residual:
             counts = torch.tensor(indices[counts_name(spec.prefix)], dtype=torch.int64)
             self.scales = bucket_scales(counts, torch.float32)
@@ -91,14 +81,14 @@ class BasisResidualScheme:
         self.coef_start, self.basis_start = {}, {}
         for projs in packed:
             coef_sizes = [r for p in projs if p in self.factorized for r in spec.ranks[p]]
-            basis_sizes = [r for p in projs if p in self.factorized for r in d["basis_ranks"][p]]
+            basis_sizes = [r for p in projs if p in self.factorized for r in spec.basis_ranks[p]]
             cs, bs = offsets(coef_sizes), offsets(basis_sizes)
             for i, p in enumerate(q for q in projs if q in self.factorized):
                 self.coef_start[p] = cs[i * spec.num_experts : (i + 1) * spec.num_experts]
                 self.basis_start[p] = bs[i * self.num_bases : (i + 1) * self.num_bases]
         h, e, m, a = spec.hidden_size, spec.num_experts, self.num_bases, self.residual
         gu = {"ranks": sum(spec.ranks["gate"]) + sum(spec.ranks["up"]),
-              "bases": sum(d["basis_ranks"]["gate"]) + sum(d["basis_ranks"]["up"])}
+              "bases": sum(spec.basis_ranks["gate"]) + sum(spec.basis_ranks["up"])}
         self.shapes = {"w13_coef": (self.part, gu["ranks"]), "w13_basis": (gu["bases"], h)}
         if self.mixed:
             self.shapes["w13_mix"] = (2, e, m)
@@ -106,7 +96,7 @@ class BasisResidualScheme:
             self.shapes["w13_eta"] = (2 * m, a)
         if "down" in self.factorized:
             self.shapes |= {"w2_coef": (h, sum(spec.ranks["down"])),
-                            "w2_basis": (sum(d["basis_ranks"]["down"]), self.part)}
+                            "w2_basis": (sum(spec.basis_ranks["down"]), self.part)}
             if self.mixed:
                 self.shapes["w2_mix"] = (e, m)
             if a:
@@ -116,9 +106,8 @@ class BasisResidualScheme:
 
     def register_buffers(self, layer: torch.nn.Module) -> None:
         """Ranks per (projection, expert) and per (projection, basis); group and slot of each expert."""
-        d = self.spec.details
         expert_ranks = [self.spec.ranks.get(p, [0] * self.spec.num_experts) for p in PROJECTIONS]
-        basis_ranks = [d["basis_ranks"].get(p, [0] * self.num_bases) for p in PROJECTIONS]
+        basis_ranks = [self.spec.basis_ranks.get(p, [0] * self.num_bases) for p in PROJECTIONS]
         groups, slots = zip(*self.group_slot)
         for name, values in (("expert_ranks", expert_ranks), ("basis_ranks", basis_ranks), ("expert_group", groups),
                              ("expert_slot", slots)):
@@ -126,7 +115,7 @@ class BasisResidualScheme:
 
     def process_loaded(self, layer: torch.nn.Module) -> None:
         """Weights-only precomputation: φ(B_g) in place of B_g (one basis per group), s ⊙ η in place of η."""
-        phi = ACTIVATIONS[self.spec.details["activation"]]
+        phi = ACTIVATIONS[self.spec.activation]
         with torch.no_grad():
             for prefix in ("w13", "w2"):
                 basis = getattr(layer, f"{prefix}_basis", None)
@@ -148,9 +137,8 @@ class BasisResidualScheme:
 
     def expected_shape(self, kind: str, proj: str, index: int) -> tuple[int, ...]:
         out_dim, in_dim = matrix_shape(proj, self.spec.hidden_size, self.spec.intermediate_size)
-        d = self.spec.details
         return {"coef": lambda: (out_dim, self.spec.ranks[proj][index]),
-                "basis": lambda: (d["basis_ranks"][proj][index], in_dim),
+                "basis": lambda: (self.spec.basis_ranks[proj][index], in_dim),
                 "mix": lambda: (self.spec.num_experts, self.num_bases),
                 "eta": lambda: (self.residual,), "weight": lambda: (out_dim, in_dim)}[kind]()
 
@@ -215,7 +203,7 @@ class BasisResidualScheme:
             return ProjectionWeights(empty, layer.w2_coef, expert_ranks, layer.w2_basis, basis_ranks,
                                      getattr(layer, "w2_mix", empty), getattr(layer, "w2_eta", empty))
         j = GATE_UP.index(proj)
-        split_coef, split_basis = sum(self.spec.ranks["gate"]), sum(self.spec.details["basis_ranks"]["gate"])
+        split_coef, split_basis = sum(self.spec.ranks["gate"]), sum(self.spec.basis_ranks["gate"])
         coef = layer.w13_coef[:, :split_coef] if j == 0 else layer.w13_coef[:, split_coef:]
         basis = layer.w13_basis[:split_basis] if j == 0 else layer.w13_basis[split_basis:]
         mix = layer.w13_mix[j] if self.mixed else empty
@@ -227,13 +215,13 @@ class BasisResidualScheme:
         weights = [t for p in PROJECTIONS for t in self.projection(layer, p, x)]
         return torch.ops.moe_compress.basis_residual_moe(
             x, topk_weights, topk_ids, weights, layer.moe_compress_expert_group, layer.moe_compress_expert_slot,
-            self.spec.details["activation"], self.spec.details["residual_seed"], self.spec.intermediate_size,
+            self.spec.activation, self.spec.residual_seed, self.spec.intermediate_size,
             self.lo,
         )
 
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
-        from kernels import basis_residual_triton as kernels
+        from vllm_moe_compress.kernels import basis_residual_triton as kernels
 
         if self.triton_inputs is None:  # from host lists (no device sync) and weights only: before graph capture
             self.triton_inputs = self._triton_inputs(layer, x.device)
@@ -247,19 +235,19 @@ class BasisResidualScheme:
     def _triton_inputs(self, layer, device) -> tuple:
         """The kernels' per-layer metadata and right factors: φ(B_g) as loaded, or MoBE's per-expert
         φ(Σ_j α_ej B_j) materialised once (GPU memory E·K·in per projection; kernels/basis_residual_triton.py)."""
-        from kernels import basis_residual_triton as kernels
+        from vllm_moe_compress.kernels import basis_residual_triton as kernels
 
-        d, e = self.spec.details, self.spec.num_experts
-        expert_ranks = [self.spec.ranks.get(p, [0] * e) for p in PROJECTIONS]
-        basis_ranks = [d["basis_ranks"].get(p, [0] * self.num_bases) for p in PROJECTIONS]
+        spec, e = self.spec, self.spec.num_experts
+        expert_ranks = [spec.ranks.get(p, [0] * e) for p in PROJECTIONS]
+        basis_ranks = [spec.basis_ranks.get(p, [0] * self.num_bases) for p in PROJECTIONS]
         groups, slots = zip(*self.group_slot)
         layout = kernels.BasisResidualLayout.from_lists(
             expert_ranks, basis_ranks, list(groups), list(slots), self.mixed, self.spec.hidden_size, self.part,
-            self.spec.intermediate_size, self.lo, self.residual, d["residual_seed"], device)
+            self.spec.intermediate_size, self.lo, self.residual, spec.residual_seed, device)
         gate_up_right = layer.w13_basis
         down_right = getattr(layer, "w2_basis", layer.w13_basis.new_zeros(0))
         if self.mixed:
-            activation, split = d["activation"], sum(d["basis_ranks"]["gate"])
+            activation, split = spec.activation, sum(spec.basis_ranks["gate"])
             gate_up_right = torch.cat([
                 kernels.materialise_mixed_right(basis, layer.w13_mix[j], activation)
                 for j, basis in enumerate((layer.w13_basis[:split], layer.w13_basis[split:]))])

@@ -19,7 +19,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from offline.format import QUANT_METHOD, CompressionInfo, FormatError
+from vllm_moe_compress.format import QUANT_METHOD, CompressionInfo, FormatError
 
 DYNAMIC_PRUNE_ENV = "VLLM_MOE_COMPRESS_DYNAMIC_PRUNE"
 """Set to 1 to run D²-MoE's dynamic base pruning per batch (default off: a request's output then never
@@ -84,7 +84,7 @@ class MoECompressConfig(QuantizationConfig):
         """Read the small int32 index tensors the schemes declare: parameter shapes per TP rank depend on them."""
         from .moe_method import scheme_class
 
-        wanted = {name: spec for spec in self.info.layers for name in scheme_class(spec).index_tensor_names(spec)}
+        wanted = {name: spec for spec in self.info.layers for name in spec.index_tensor_names()}
         files = sorted(Path(model_name).glob("*.safetensors"))
         if not files:
             raise ValueError(f"moe_compress: no safetensors files in {model_name} (only local checkpoints are supported)")
@@ -106,8 +106,7 @@ class MoECompressConfig(QuantizationConfig):
         if missing:
             raise ValueError(f"moe_compress: tensor {missing[0]} missing from the checkpoint")
         for spec in self.info.layers:
-            names = scheme_class(spec).index_tensor_names(spec)
-            self.indices[spec.layer] = {name: found[name] for name in names}
+            self.indices[spec.layer] = {name: found[name] for name in spec.index_tensor_names()}
             try:
                 scheme_class(spec).check_indices(spec, self.indices[spec.layer])
             except FormatError as err:

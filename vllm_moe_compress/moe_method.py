@@ -12,7 +12,7 @@ import torch
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
 
-from offline.format import LayerSpec
+from vllm_moe_compress.format import LayerSpec
 
 from .base_delta import BaseDeltaScheme
 from .basis_residual import BasisResidualScheme

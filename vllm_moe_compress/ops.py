@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.base_delta_torch import base_delta_moe
-from kernels.basis_residual_torch import ProjectionWeights, basis_residual_moe
-from kernels.sparse_lowrank_torch import sparse_lowrank_moe
+from vllm_moe_compress.kernels.base_delta_torch import base_delta_moe
+from vllm_moe_compress.kernels.basis_residual_torch import ProjectionWeights, basis_residual_moe
+from vllm_moe_compress.kernels.sparse_lowrank_torch import sparse_lowrank_moe
 
 
 @torch.library.custom_op("moe_compress::base_delta_moe", mutates_args=())

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.sparse_lowrank_torch import PackedOffsets
-from offline.architectures import PROJECTIONS
-from offline.format import LayerSpec
-from offline.schemes.sparse_lowrank import check_unit_channels, index_names, unit_channels_name
+from vllm_moe_compress.format import PROJECTIONS, SparseLowRankSpec, matrix_shape
+from vllm_moe_compress.format.names import base_name, unit_channels_name, unit_name
+from vllm_moe_compress.kernels.sparse_lowrank_torch import PackedOffsets
 
 from .base_delta import PROJ_OF_SHARD, BaseDeltaScheme
 from .tensor_checks import check_loaded
@@ -36,14 +35,10 @@ class SparseLowRankScheme:
     WEIGHT_RENAMES = BaseDeltaScheme.WEIGHT_RENAMES  # experts.base.down_proj.weight -> w2_base
 
     @staticmethod
-    def index_tensor_names(spec: LayerSpec) -> list[str]:
-        return index_names(spec)
+    def check_indices(spec: SparseLowRankSpec, indices: dict[str, list[int]]) -> None:
+        spec.check_indices(indices)
 
-    @staticmethod
-    def check_indices(spec: LayerSpec, indices: dict[str, list[int]]) -> None:
-        check_unit_channels(spec, indices)
-
-    def __init__(self, spec: LayerSpec, proj_names: dict[str, str], indices: dict[str, list[int]], tp_rank: int,
+    def __init__(self, spec: SparseLowRankSpec, proj_names: dict[str, str], indices: dict[str, list[int]], tp_rank: int,
                  tp_size: int, dynamic_prune_ratio: float = 0.0):
         if spec.intermediate_size % tp_size:
             raise ValueError(f"moe_compress: intermediate size {spec.intermediate_size} of {spec.prefix} "
@@ -73,7 +68,7 @@ class SparseLowRankScheme:
             "w13_lowrank_v": (totals["Kgu"], spec.hidden_size),
             "w2_lowrank_u": (spec.hidden_size, totals["Kd"]),
             "w2_lowrank_v": (totals["down_v"],),
-            "w2_base": (spec.hidden_size, self.part if spec.base_channels else 0),
+            "w2_base": (spec.hidden_size, self.part if spec.shared_down_base else 0),
         }
 
     def register_buffers(self, layer: torch.nn.Module) -> None:
@@ -103,7 +98,7 @@ class SparseLowRankScheme:
 
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
-        from kernels import sparse_lowrank_triton
+        from vllm_moe_compress.kernels import sparse_lowrank_triton
 
         if self.triton_layout is None:  # built from host lists: no device sync, safe before graph capture
             self.triton_layout = sparse_lowrank_triton.SparseLowrankLayout.from_lists(
@@ -114,18 +109,18 @@ class SparseLowRankScheme:
 
     def checkpoint_name(self, param: str, proj: str, expert: int | None) -> str:
         if param == "w2_base":
-            return f"{self.spec.prefix}.base.{self.proj_names[proj]}.weight"
-        return f"{self.spec.prefix}.{expert}.{self.proj_names[proj]}.{param.split('_', 1)[1]}"
+            return base_name(self.spec.prefix, self.proj_names[proj])
+        return unit_name(self.spec.prefix, expert, self.proj_names[proj], param.split("_", 1)[1])
 
     def _expected_shape(self, param: str, proj: str, e: int | None) -> tuple[int, ...]:
         """Shape of the whole checkpoint tensor (before TP slicing)."""
         h, spec = self.spec.hidden_size, self.spec
         if param == "w2_base":
             return (h, spec.intermediate_size)
-        s, m = spec.details["sparse_channels"][e], spec.details["lowrank_channels"][e]
+        s, m = spec.sparse_channels[e], spec.lowrank_channels[e]
         k = spec.ranks[proj][e]
         down = proj == "down"
-        return {"sparse": (h, s) if down else (s, h), "lowrank_u": (h, k) if down else (m, k),
+        return {"sparse": matrix_shape(proj, h, s), "lowrank_u": (h, k) if down else (m, k),
                 "lowrank_v": (k, m) if down else (k, h)}[param.split("_", 1)[1]]
 
     def _block(self, param_name: str, param: torch.Tensor, proj: str, e: int | None) -> torch.Tensor:

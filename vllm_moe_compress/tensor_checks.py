@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from vllm_moe_compress.format import FormatError, check_tensor
+
 
 def check_loaded(name: str, loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
-    """Refuse a wrong shape, a non-floating dtype or a NaN/Inf, naming the checkpoint tensor."""
-    if tuple(loaded.shape) != expected:
-        raise ValueError(f"moe_compress: tensor {name} has shape {tuple(loaded.shape)}, expected {expected}")
-    if not loaded.is_floating_point():
-        raise ValueError(f"moe_compress: tensor {name} has dtype {loaded.dtype}, expected a floating-point factor")
-    if not torch.isfinite(loaded).all():
-        raise ValueError(f"moe_compress: tensor {name} contains NaN or Inf")
+    """The format's tensor check (shape, floating-point dtype, no NaN/Inf), reported as vLLM start-up errors."""
+    try:
+        check_tensor(name, loaded, expected, floating=True)
+    except FormatError as err:
+        raise ValueError(f"moe_compress: {err}") from err

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..architectures import PROJECTIONS
+from vllm_moe_compress.format import PROJECTIONS
 from ..budget import LayerShape, allocate_ranks
 from ..calibration import ExpertStatistics
 from ..schemes.base import SchemeLayer

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kernels.residual_hash import bucket_counts, bucket_of, bucket_scales, project_onto_buckets
+from vllm_moe_compress.kernels.residual_hash import bucket_counts, bucket_of, bucket_scales, project_onto_buckets
 
 from .group_basis import group_matrix, truncated_group_svd
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-from ..architectures import PROJECTIONS
+from vllm_moe_compress.format import PROJECTIONS
 from ..budget import LayerShape
-from ..schemes.basis_residual import BasisProjection, BasisResidualLayer, matrix_shape
+from vllm_moe_compress.format import matrix_shape
+
+from ..schemes.basis_residual import BasisProjection, BasisResidualLayer
 from .base import CompressionMethod
 from .basis_fit import FitOptions, FittedProjection
 from .group_basis import check_group_size

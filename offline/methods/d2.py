@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..architectures import PROJECTIONS
+from vllm_moe_compress.format import PROJECTIONS
 from ..budget import LayerShape
 from ..schemes.base_delta import BaseDeltaLayer
 from .base import CompressionMethod, factorize_experts

@@ -3,7 +3,8 @@
 A scheme is the tensor layout of one compressed MoE layer (docs/format.md): the compressor builds a
 :class:`SchemeLayer`, writes it with :meth:`to_tensors`; the reference loader rebuilds it with
 :meth:`from_tensors` and runs :meth:`experts_module`; the vLLM plugin has a matching class per scheme in
-``vllm_moe_compress/``.
+``vllm_moe_compress/``. What a layer's ``quantization_config`` entry holds, its validation and its tensor names are
+the format package's (``vllm_moe_compress.format``: one ``LayerSpec`` subclass per scheme).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..format import FormatError, LayerSpec
+from vllm_moe_compress.format import LayerSpec, check_tensor
 
 TensorGetter = Callable[[str], torch.Tensor]
 
@@ -24,19 +25,9 @@ class SchemeLayer(ABC):
     hidden_size: int
     intermediate_size: int
 
-    @staticmethod
-    @abstractmethod
-    def validate_spec(spec: LayerSpec) -> None:
-        """Raise :class:`FormatError` if the scheme-specific fields of ``spec`` are inconsistent."""
-
     def num_params(self) -> int:
         """Stored weight parameters (index tensors are metadata, not counted)."""
         return sum(self.params_by_projection().values())
-
-    @staticmethod
-    @abstractmethod
-    def params_from_spec(spec: LayerSpec) -> int:
-        """What :meth:`num_params` counts, from a layer's spec alone (``moe-compress inspect``)."""
 
     @abstractmethod
     def spec(self, layer: int, prefix: str) -> LayerSpec:
@@ -69,18 +60,7 @@ class SchemeLayer(ABC):
         ``(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``."""
 
 
+
 def fetch_checked(get: TensorGetter, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """``get(name)``, refusing a wrong shape or a non-finite floating-point value (naming the tensor)."""
-    t = get(name)
-    if tuple(t.shape) != shape:
-        raise FormatError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise FormatError(f"tensor {name} contains NaN or Inf")
-    return t
-
-
-def check_channel_index(name: str, channels: list[int], count: int, limit: int) -> None:
-    """An index tensor must hold ``count`` strictly increasing channels in [0, limit)."""
-    if len(channels) != count or any(b <= a for a, b in zip(channels, channels[1:])) or (
-            channels and not 0 <= channels[0] <= channels[-1] < limit):
-        raise FormatError(f"tensor {name} must hold sorted distinct channels ({count} of them) in [0, {limit})")
+    """``get(name)`` through the format's tensor check (wrong shape or NaN/Inf raise ``FormatError``)."""
+    return check_tensor(name, get(name), shape)

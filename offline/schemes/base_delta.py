@@ -21,18 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.base_delta_torch import base_delta_moe
+from vllm_moe_compress.kernels.base_delta_torch import base_delta_moe
+from vllm_moe_compress.format import PROJECTIONS, BaseDeltaSpec, FormatError, matrix_shape
+from vllm_moe_compress.format.names import base_channels_name, base_name, delta_name
 
-from ..architectures import PROJECTIONS
-from ..format import FormatError, LayerSpec, base_channels_name, base_name, delta_name
-from .base import SchemeLayer, check_channel_index, fetch_checked
+from .base import SchemeLayer, fetch_checked
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (U [out, r], V [r, in])
-
-
-def check_base_channels(spec: LayerSpec, channels: list[int]) -> None:
-    """The stored channel index must hold ``spec.base_channels`` strictly increasing values in [0, I)."""
-    check_channel_index(base_channels_name(spec.prefix), channels, spec.base_channels, spec.intermediate_size)
 
 
 @dataclass
@@ -49,25 +44,6 @@ class BaseDeltaLayer(SchemeLayer):
     base: dict[str, torch.Tensor] | None = None
     base_channels: torch.Tensor | None = None  # int64 [C], sorted
     scheme = "base_delta"
-
-    @staticmethod
-    def validate_spec(spec: LayerSpec) -> None:
-        where = f"layer {spec.layer} ({spec.prefix})"
-        if not 0 <= spec.base_channels <= spec.intermediate_size:
-            raise FormatError(f"{where}: base_channels {spec.base_channels} outside [0, {spec.intermediate_size}]")
-        max_rank = min(spec.hidden_size, spec.intermediate_size)
-        for proj in PROJECTIONS:
-            ranks = spec.ranks.get(proj)
-            if ranks is None or len(ranks) != spec.num_experts:
-                raise FormatError(f"{where}: ranks[{proj!r}] must list one rank per expert ({spec.num_experts})")
-            bad = [r for r in ranks if not isinstance(r, int) or not 0 <= r <= max_rank]
-            if bad:
-                raise FormatError(f"{where}: ranks[{proj!r}] has {bad[0]!r}, outside [0, {max_rank}]")
-
-    @staticmethod
-    def params_from_spec(spec: LayerSpec) -> int:
-        h, i = spec.hidden_size, spec.intermediate_size
-        return sum(r * (h + i) for ranks in spec.ranks.values() for r in ranks) + 3 * h * spec.base_channels
 
     @property
     def num_experts(self) -> int:
@@ -88,8 +64,7 @@ class BaseDeltaLayer(SchemeLayer):
 
     def base_weight(self, proj: str) -> torch.Tensor:
         """scatter(B_p): the shared base on its kept channels, zero elsewhere (float64; zero without a base)."""
-        out_dim, in_dim = (self.intermediate_size, self.hidden_size) if proj != "down" else (
-            self.hidden_size, self.intermediate_size)
+        out_dim, in_dim = matrix_shape(proj, self.hidden_size, self.intermediate_size)
         w = torch.zeros(out_dim, in_dim, dtype=torch.float64)
         if self.base is not None:
             if proj == "down":
@@ -127,9 +102,9 @@ class BaseDeltaLayer(SchemeLayer):
             "base_channels": self.base_channels if base else torch.zeros(0, dtype=torch.int64),
         }
 
-    def spec(self, layer: int, prefix: str) -> LayerSpec:
-        return LayerSpec(
-            layer=layer, prefix=prefix, scheme=self.scheme, num_experts=self.num_experts,
+    def spec(self, layer: int, prefix: str) -> BaseDeltaSpec:
+        return BaseDeltaSpec(
+            layer=layer, prefix=prefix, num_experts=self.num_experts,
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             base_channels=0 if self.base is None else int(self.base_channels.numel()), ranks=self.ranks(),
         )
@@ -149,7 +124,7 @@ class BaseDeltaLayer(SchemeLayer):
         return out
 
     @classmethod
-    def from_tensors(cls, spec: LayerSpec, proj_names: dict[str, str], get) -> "BaseDeltaLayer":
+    def from_tensors(cls, spec: BaseDeltaSpec, proj_names: dict[str, str], get) -> "BaseDeltaLayer":
         h, i_size, prefix = spec.hidden_size, spec.intermediate_size, spec.prefix
 
         def fetch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -157,7 +132,7 @@ class BaseDeltaLayer(SchemeLayer):
 
         factors: dict[str, list[Factors | None]] = {}
         for p in PROJECTIONS:
-            out_dim, in_dim = (h, i_size) if p == "down" else (i_size, h)
+            out_dim, in_dim = matrix_shape(p, h, i_size)
             factors[p] = [
                 (fetch(delta_name(prefix, e, proj_names[p], "delta_u"), (out_dim, r)),
                  fetch(delta_name(prefix, e, proj_names[p], "delta_v"), (r, in_dim))) if r else None
@@ -170,8 +145,8 @@ class BaseDeltaLayer(SchemeLayer):
             if channels.is_floating_point():
                 raise FormatError(f"tensor {base_channels_name(prefix)} must be an integer index, got {channels.dtype}")
             channels = channels.long()
-            check_base_channels(spec, channels.tolist())
-            base = {p: fetch(base_name(prefix, proj_names[p]), (h, c) if p == "down" else (c, h)) for p in PROJECTIONS}
+            spec.check_indices({base_channels_name(prefix): channels.tolist()})
+            base = {p: fetch(base_name(prefix, proj_names[p]), matrix_shape(p, h, c)) for p in PROJECTIONS}
         return cls(h, i_size, factors, base, channels)
 
     def experts_module(self, dynamic_prune_ratio: float = 0.0) -> nn.Module:

@@ -3,13 +3,13 @@
 Per factorised projection p (gate and up by default; down too with ``--factorize-down``) expert i computes
 
     W_i = A_i · φ(B_g(i)) + R̂_i                 one basis per group (RFID-MoE)
-    W_i = A_i · φ(Σ_j α_ij B_j)                  mixed bases (MoBE, ``details.mixed``)
+    W_i = A_i · φ(Σ_j α_ij B_j)                  mixed bases (MoBE, ``spec.mixed``)
 
 with R̂_i member ``slot(i)`` of reshape(P η_g(i)), P the seeded one-hot projection of kernels/residual_hash.py.
 Projections that are not factorised keep the original dense expert matrices. φ(B_g) is computed once when
 the module is built (weights only), so the forward is a shared right factor per group and an expert-specific
 left factor; R̂_i is regenerated from (η, seed, counts) in bounded chunks and never stored per expert
-(kernels/basis_residual_torch.py). Tensors and ``details`` fields: docs/format.md §10.
+(kernels/basis_residual_torch.py). Tensors and spec fields: docs/format.md §10.
 """
 
 from __future__ import annotations
@@ -20,40 +20,12 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from kernels.basis_residual_torch import ACTIVATIONS, ProjectionWeights, basis_residual_moe
-from kernels.residual_hash import bucket_counts, bucket_scales, residual_block
+from vllm_moe_compress.format import PROJECTIONS, BasisResidualSpec, FormatError, matrix_shape
+from vllm_moe_compress.format.names import basis_name, coef_name, counts_name, dense_name, eta_name, mix_name
+from vllm_moe_compress.kernels.basis_residual_torch import ACTIVATIONS, ProjectionWeights, basis_residual_moe
+from vllm_moe_compress.kernels.residual_hash import bucket_counts, bucket_scales, residual_block
 
-from ..architectures import PROJECTIONS
-from ..format import FormatError, LayerSpec
 from .base import SchemeLayer, fetch_checked
-
-
-def coef_name(prefix: str, expert: int, proj: str) -> str:
-    return f"{prefix}.{expert}.{proj}.coef"
-
-
-def dense_name(prefix: str, expert: int, proj: str) -> str:
-    return f"{prefix}.{expert}.{proj}.weight"
-
-
-def basis_name(prefix: str, basis: int, proj: str) -> str:
-    return f"{prefix}.basis.{basis}.{proj}.weight"
-
-
-def mix_name(prefix: str, proj: str) -> str:
-    return f"{prefix}.basis.{proj}.mix"
-
-
-def eta_name(prefix: str, group: int, proj: str) -> str:
-    return f"{prefix}.residual.{group}.{proj}.eta"
-
-
-def counts_name(prefix: str) -> str:
-    return f"{prefix}.residual.counts"
-
-
-def matrix_shape(proj: str, hidden: int, intermediate: int) -> tuple[int, int]:
-    return (hidden, intermediate) if proj == "down" else (intermediate, hidden)
 
 
 @dataclass
@@ -91,11 +63,7 @@ class BasisResidualLayer(SchemeLayer):
     @property
     def group_of(self) -> list[tuple[int, int]]:
         """(group, slot in the group) per expert."""
-        where = {}
-        for g, members in enumerate(self.groups):
-            for slot, e in enumerate(members):
-                where[e] = (g, slot)
-        return [where[e] for e in range(self.num_experts)]
+        return self.spec(0, "").group_and_slot()
 
     @cached_property
     def residual_counts(self) -> torch.Tensor:
@@ -105,65 +73,14 @@ class BasisResidualLayer(SchemeLayer):
 
     # ------------------------------------------------------------------------------------ spec and sizes
 
-    @staticmethod
-    def validate_spec(spec: LayerSpec) -> None:
-        where = f"layer {spec.layer} ({spec.prefix})"
-        d = spec.details
-        required = ("activation", "groups", "basis_ranks", "mixed", "residual_size", "residual_seed")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise FormatError(f"{where}: details lacks {', '.join(missing)}")
-        if d["activation"] not in ACTIVATIONS:
-            raise FormatError(f"{where}: activation {d['activation']!r} is not one of {', '.join(ACTIVATIONS)}")
-        groups = d["groups"]
-        flat = sorted(e for g in groups for e in g) if isinstance(groups, list) and all(
-            isinstance(g, list) for g in groups) else None
-        if flat != list(range(spec.num_experts)) or len({len(g) for g in groups}) != 1:
-            raise FormatError(f"{where}: details.groups must split experts 0..{spec.num_experts - 1} into equal groups")
-        k = len(groups[0])
-        for proj, ranks in d["basis_ranks"].items():
-            if proj not in PROJECTIONS:
-                raise FormatError(f"{where}: basis_ranks has unknown projection {proj!r}")
-            out_dim, in_dim = matrix_shape(proj, spec.hidden_size, spec.intermediate_size)
-            cap = min(k * out_dim, in_dim)
-            if not ranks or any(not isinstance(r, int) or not 1 <= r <= cap for r in ranks):
-                raise FormatError(f"{where}: basis_ranks[{proj!r}] must hold ranks in [1, {cap}]")
-            if d["mixed"] and len(set(ranks)) != 1:
-                raise FormatError(f"{where}: mixed bases must share one rank, basis_ranks[{proj!r}] = {ranks}")
-            if not d["mixed"] and len(ranks) != len(groups):
-                raise FormatError(f"{where}: basis_ranks[{proj!r}] needs one rank per group ({len(groups)})")
-            want = [ranks[0]] * spec.num_experts if d["mixed"] else [
-                ranks[g] for e in range(spec.num_experts) for g, m in enumerate(groups) if e in m]
-            if spec.ranks.get(proj) != want:
-                raise FormatError(f"{where}: ranks[{proj!r}] must be each expert's basis rank")
-        a = d["residual_size"]
-        if not isinstance(a, int) or not 0 <= a <= k * spec.hidden_size * spec.intermediate_size:
-            raise FormatError(f"{where}: residual_size {a!r} outside [0, k·H·I]")
-        if a and d["mixed"]:
-            raise FormatError(f"{where}: a residual needs one basis per group (mixed is true)")
-
-    @staticmethod
-    def params_from_spec(spec: LayerSpec) -> int:
-        d, e = spec.details, spec.num_experts
-        total = 0
-        for p in PROJECTIONS:
-            out_dim, in_dim = matrix_shape(p, spec.hidden_size, spec.intermediate_size)
-            if p not in d["basis_ranks"]:
-                total += e * out_dim * in_dim
-                continue
-            bases = d["basis_ranks"][p]
-            total += out_dim * sum(spec.ranks[p]) + in_dim * sum(bases) + len(bases) * d["residual_size"]
-            total += e * len(bases) if d["mixed"] else 0
-        return total
-
-    def spec(self, layer: int, prefix: str) -> LayerSpec:
-        basis_ranks = {p: [b.shape[0] for b in f.bases] for p, f in self.factorized.items()}
-        return LayerSpec(
-            layer=layer, prefix=prefix, scheme=self.scheme, num_experts=self.num_experts,
+    def spec(self, layer: int, prefix: str) -> BasisResidualSpec:
+        return BasisResidualSpec(
+            layer=layer, prefix=prefix, num_experts=self.num_experts,
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             ranks={p: [c.shape[1] for c in f.coefs] for p, f in self.factorized.items()},
-            details={"activation": self.activation, "groups": self.groups, "basis_ranks": basis_ranks,
-                     "mixed": self.mixed, "residual_size": self.residual_size, "residual_seed": self.residual_seed},
+            activation=self.activation, groups=self.groups,
+            basis_ranks={p: [b.shape[0] for b in f.bases] for p, f in self.factorized.items()},
+            mixed=self.mixed, residual_size=self.residual_size, residual_seed=self.residual_seed,
         )
 
     @property
@@ -172,7 +89,7 @@ class BasisResidualLayer(SchemeLayer):
 
     def allocation(self) -> dict:
         spec = self.spec(0, "")
-        return {"ranks": spec.ranks, "basis_ranks": spec.details["basis_ranks"], "groups": self.groups,
+        return {"ranks": spec.ranks, "basis_ranks": spec.basis_ranks, "groups": self.groups,
                 "params": self.params_by_projection()}
 
     def params_by_projection(self) -> dict[str, int]:
@@ -201,26 +118,24 @@ class BasisResidualLayer(SchemeLayer):
         return out
 
     @classmethod
-    def from_tensors(cls, spec: LayerSpec, proj_names: dict[str, str], get) -> "BasisResidualLayer":
-        d, prefix = spec.details, spec.prefix
-        h, i_size = spec.hidden_size, spec.intermediate_size
-        groups = d["groups"]
+    def from_tensors(cls, spec: BasisResidualSpec, proj_names: dict[str, str], get) -> "BasisResidualLayer":
+        prefix, h, i_size = spec.prefix, spec.hidden_size, spec.intermediate_size
         factorized, dense = {}, {}
         for p in PROJECTIONS:
             name = proj_names[p]
             out_dim, in_dim = matrix_shape(p, h, i_size)
-            if p not in d["basis_ranks"]:
+            if p not in spec.basis_ranks:
                 dense[p] = torch.stack([fetch_checked(get, dense_name(prefix, e, name), (out_dim, in_dim))
                                         for e in range(spec.num_experts)])
                 continue
-            basis_ranks = d["basis_ranks"][p]
+            basis_ranks = spec.basis_ranks[p]
             bases = [fetch_checked(get, basis_name(prefix, j, name), (r, in_dim)) for j, r in enumerate(basis_ranks)]
             coefs = [fetch_checked(get, coef_name(prefix, e, name), (out_dim, r)) for e, r in enumerate(spec.ranks[p])]
-            mix = fetch_checked(get, mix_name(prefix, name), (spec.num_experts, len(bases))) if d["mixed"] else None
-            etas = [fetch_checked(get, eta_name(prefix, g, name), (d["residual_size"],))
-                    for g in range(len(groups))] if d["residual_size"] else None
+            mix = fetch_checked(get, mix_name(prefix, name), (spec.num_experts, len(bases))) if spec.mixed else None
+            etas = [fetch_checked(get, eta_name(prefix, g, name), (spec.residual_size,))
+                    for g in range(len(spec.groups))] if spec.residual_size else None
             factorized[p] = BasisProjection(bases, coefs, mix, etas)
-        layer = cls(h, i_size, groups, d["activation"], factorized, dense, d["residual_size"], d["residual_seed"])
+        layer = cls(h, i_size, spec.groups, spec.activation, factorized, dense, spec.residual_size, spec.residual_seed)
         if layer.residual_size:
             stored = fetch_checked(get, counts_name(prefix), (layer.residual_size,))
             if not torch.equal(stored.long(), layer.residual_counts):

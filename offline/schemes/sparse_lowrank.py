@@ -20,43 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.sparse_lowrank_torch import sparse_lowrank_moe
+from vllm_moe_compress.format import PROJECTIONS, SparseLowRankSpec, matrix_shape
+from vllm_moe_compress.format.names import base_name, unit_channels_name, unit_name
+from vllm_moe_compress.kernels.sparse_lowrank_torch import sparse_lowrank_moe
 
-from ..architectures import PROJECTIONS
-from ..format import FormatError, LayerSpec, base_name
-from .base import SchemeLayer, check_channel_index, fetch_checked
+from .base import SchemeLayer, fetch_checked
 
 Factors = tuple[torch.Tensor, torch.Tensor]
-
-
-def unit_channels_name(prefix: str, expert: int, kind: str) -> str:
-    """``kind`` is ``sparse`` or ``lowrank``: the int32 channel index of that kind of unit of one expert."""
-    return f"{prefix}.{expert}.{kind}.channels"
-
-
-def unit_name(prefix: str, expert: int, proj: str, part: str) -> str:
-    """``part`` is ``sparse``, ``lowrank_u`` or ``lowrank_v``; ``proj`` is the checkpoint projection name."""
-    return f"{prefix}.{expert}.{proj}.{part}"
-
-
-def check_unit_channels(spec: LayerSpec, indices: dict[str, list[int]]) -> None:
-    """Each expert's sparse and low-rank channel lists: sorted, distinct, in [0, I), and disjoint."""
-    for e in range(spec.num_experts):
-        lists = {}
-        for kind, key in (("sparse", "sparse_channels"), ("lowrank", "lowrank_channels")):
-            name = unit_channels_name(spec.prefix, e, kind)
-            lists[kind] = indices.get(name, [])
-            check_channel_index(name, lists[kind], spec.details[key][e], spec.intermediate_size)
-        if set(lists["sparse"]) & set(lists["lowrank"]):
-            raise FormatError(f"{spec.prefix}: expert {e} lists a channel as both sparse and low-rank")
-
-
-def index_names(spec: LayerSpec) -> list[str]:
-    """The index tensors a ``sparse_lowrank`` layer stores (one per expert and non-empty kind of unit)."""
-    return [unit_channels_name(spec.prefix, e, kind)
-            for e in range(spec.num_experts)
-            for kind, key in (("sparse", "sparse_channels"), ("lowrank", "lowrank_channels"))
-            if spec.details[key][e]]
 
 
 @dataclass
@@ -82,30 +52,6 @@ class SparseLowRankLayer(SchemeLayer):
     base_down: torch.Tensor | None = None  # [H, I]
     scheme = "sparse_lowrank"
 
-    @staticmethod
-    def validate_spec(spec: LayerSpec) -> None:
-        where = f"layer {spec.layer} ({spec.prefix})"
-        if spec.base_channels not in (0, spec.intermediate_size):
-            raise FormatError(f"{where}: base_channels must be 0 or {spec.intermediate_size} (a full down base)")
-        lists = {}
-        for key in ("sparse_channels", "lowrank_channels"):
-            values = spec.details.get(key)
-            if not isinstance(values, list) or len(values) != spec.num_experts or any(
-                    not isinstance(v, int) or v < 0 for v in values):
-                raise FormatError(f"{where}: details[{key!r}] must list one count >= 0 per expert")
-            lists[key] = values
-        for e, (s, m) in enumerate(zip(lists["sparse_channels"], lists["lowrank_channels"])):
-            if s + m > spec.intermediate_size:
-                raise FormatError(f"{where}: expert {e} has {s} sparse + {m} low-rank channels > {spec.intermediate_size}")
-        for proj in PROJECTIONS:
-            ranks = spec.ranks.get(proj)
-            if ranks is None or len(ranks) != spec.num_experts:
-                raise FormatError(f"{where}: ranks[{proj!r}] must list one rank per expert ({spec.num_experts})")
-            for e, r in enumerate(ranks):
-                m = lists["lowrank_channels"][e]
-                if not isinstance(r, int) or not 0 <= r <= min(m, spec.hidden_size):
-                    raise FormatError(f"{where}: ranks[{proj!r}][{e}] = {r!r} outside [0, {min(m, spec.hidden_size)}]")
-
     @property
     def num_experts(self) -> int:
         return len(self.experts)
@@ -129,22 +75,16 @@ class SparseLowRankLayer(SchemeLayer):
             counts["down"] += self.base_down.numel()
         return counts
 
-    @staticmethod
-    def params_from_spec(spec: LayerSpec) -> int:
-        h, lowrank = spec.hidden_size, spec.details["lowrank_channels"]
-        factors = sum(k * (h + m) for ranks in spec.ranks.values() for k, m in zip(ranks, lowrank))
-        return 3 * h * sum(spec.details["sparse_channels"]) + factors + h * spec.base_channels
-
     def allocation(self) -> dict:
         return {"ranks": self.ranks(), **self.counts(), "base_channels": self._base_channels()}
 
     def _base_channels(self) -> int:
         return 0 if self.base_down is None else self.intermediate_size
 
-    def spec(self, layer: int, prefix: str) -> LayerSpec:
-        return LayerSpec(layer=layer, prefix=prefix, scheme=self.scheme, num_experts=self.num_experts,
-                         hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                         base_channels=self._base_channels(), ranks=self.ranks(), details=self.counts())
+    def spec(self, layer: int, prefix: str) -> SparseLowRankSpec:
+        return SparseLowRankSpec(layer=layer, prefix=prefix, num_experts=self.num_experts,
+                                 hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                                 ranks=self.ranks(), **self.counts(), shared_down_base=self.base_down is not None)
 
     def dense_weight(self, expert: int, proj: str) -> torch.Tensor:
         """Materialise W_e,p in float64 (tests and analysis only; serving never does this)."""
@@ -179,25 +119,25 @@ class SparseLowRankLayer(SchemeLayer):
         return out
 
     @classmethod
-    def from_tensors(cls, spec: LayerSpec, proj_names: dict[str, str], get) -> "SparseLowRankLayer":
+    def from_tensors(cls, spec: SparseLowRankSpec, proj_names: dict[str, str], get) -> "SparseLowRankLayer":
         h, prefix = spec.hidden_size, spec.prefix
         indices = {}
         for e in range(spec.num_experts):
             for kind in ("sparse", "lowrank"):
-                count = spec.details[f"{kind}_channels"][e]
+                count = spec.unit_counts(kind)[e]
                 if count:
                     name = unit_channels_name(prefix, e, kind)
                     indices[name] = fetch_checked(get, name, (count,)).tolist()
-        check_unit_channels(spec, indices)
+        spec.check_indices(indices)
         experts = []
         for e in range(spec.num_experts):
-            s, m = spec.details["sparse_channels"][e], spec.details["lowrank_channels"][e]
+            s, m = spec.sparse_channels[e], spec.lowrank_channels[e]
             sparse = {}
             lowrank = {}
             for p in PROJECTIONS:
                 name = proj_names[p]
-                sparse[p] = (fetch_checked(get, unit_name(prefix, e, name, "sparse"), (h, s) if p == "down" else (s, h))
-                             if s else torch.zeros((h, 0) if p == "down" else (0, h), dtype=torch.float64))
+                sparse[p] = (fetch_checked(get, unit_name(prefix, e, name, "sparse"), matrix_shape(p, h, s))
+                             if s else torch.zeros(matrix_shape(p, h, 0), dtype=torch.float64))
                 r = spec.ranks[p][e]
                 u_shape, v_shape = ((h, r), (r, m)) if p == "down" else ((m, r), (r, h))
                 lowrank[p] = (fetch_checked(get, unit_name(prefix, e, name, "lowrank_u"), u_shape),
@@ -206,7 +146,7 @@ class SparseLowRankLayer(SchemeLayer):
                 torch.tensor(indices.get(unit_channels_name(prefix, e, "sparse"), []), dtype=torch.int64), sparse,
                 torch.tensor(indices.get(unit_channels_name(prefix, e, "lowrank"), []), dtype=torch.int64), lowrank))
         base = None
-        if spec.base_channels:
+        if spec.shared_down_base:
             base = fetch_checked(get, base_name(prefix, proj_names["down"]), (h, spec.intermediate_size))
         return cls(h, spec.intermediate_size, experts, base)
 
