@@ -152,27 +152,28 @@ def test_one_launch_align_equals_torch_align(num_experts, tokens, top_k, block_m
 PROJ_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-def load_scheme(scheme, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """One TP rank's parameters, filled through the scheme's own loader (TP slicing included)."""
-    from vllm_moe_compress.base_delta import PROJ_OF_SHARD
-
-    shard_of = {proj: shard for shard, proj in PROJ_OF_SHARD.items()}
+def load_scheme(scheme, tensors: dict[str, torch.Tensor], dtype=torch.float32) -> torch.nn.Module:
+    """One TP rank's parameters of any plugin scheme, filled through the scheme's own loader (TP slicing
+    included) from every checkpoint tensor they hold, and prepared for the Triton backend."""
     module = torch.nn.Module()
     for param_name, shape in scheme.shapes.items():
-        param = torch.full(shape, float("nan"))
+        param = torch.full(shape, float("nan"), dtype=dtype)
+        loaded = set()
         for proj in ("gate", "up") if param_name.startswith("w13") else ("down",):
-            experts = [None] if param_name.endswith("base") else [e for e, r in enumerate(scheme.ranks[proj]) if r]
-            for e in experts:
-                loaded = tensors[scheme.checkpoint_name(param_name, proj, e)]
-                scheme.load(param_name, param, loaded, shard_of[proj], e)
+            for index in range(scheme.spec.num_experts):  # an expert, basis or group; shared tensors ignore it
+                name = scheme.checkpoint_name(param_name, proj, index)
+                if name in tensors and name not in loaded:
+                    scheme.load(param_name, param, tensors[name], proj, index)
+                    loaded.add(name)
         assert not param.isnan().any(), param_name
         module.register_buffer(param_name, param)
     scheme.register_buffers(module)
+    scheme.prepare(module, backend="triton")
     return module
 
 
 def test_plugin_triton_branch_sums_over_tensor_parallel_ranks(poisoned_buffers):
-    """``BaseDeltaScheme.apply_triton`` (apply's CUDA branch) on each of 2 TP shards: its per-layer metadata
+    """``BaseDeltaScheme.apply_triton`` (the backend on CUDA devices) on each of 2 TP shards: its per-layer metadata
     comes from the config's host lists and this rank's local base channels; the shards sum to the layer."""
     from vllm_moe_compress.base_delta import BaseDeltaScheme
 

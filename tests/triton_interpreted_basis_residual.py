@@ -3,7 +3,7 @@
 Run by ``tests/test_kernels_triton.py`` in a subprocess with ``TRITON_INTERPRET=1`` (see ``triton_interpreted.py``).
 Each case builds a random ``BasisResidualLayer`` (fresh values, never zeros; the hashed residual as large as the
 low-rank part), writes its checkpoint tensors in the dtype under test, loads them through
-``BasisResidualScheme.load`` / ``process_loaded`` (the plugin's packing and TP slicing), and runs
+``BasisResidualScheme.load`` / ``prepare`` (the plugin's packing and TP slicing), and runs
 ``apply_triton`` against the plugin's torch path (the custom op, in float32 on the same loaded weights, per TP
 rank) and float64 dense math (the ranks' sum) on the materialised
 experts, with every float buffer NaN-poisoned first.
@@ -30,8 +30,7 @@ from vllm_moe_compress.format import PROJECTIONS  # noqa: E402
 from vllm_moe_compress.format import matrix_shape  # noqa: E402
 from vllm_moe_compress.format.names import counts_name  # noqa: E402
 from vllm_moe_compress.offline.schemes.basis_residual import BasisProjection, BasisResidualLayer  # noqa: E402
-from triton_interpreted import TOLERANCE, poisoned_buffers  # noqa: E402,F401  (a fixture)
-from vllm_moe_compress.base_delta import PROJ_OF_SHARD  # noqa: E402
+from triton_interpreted import TOLERANCE, load_scheme, poisoned_buffers  # noqa: E402,F401  (a fixture)
 from vllm_moe_compress.basis_residual import BasisResidualScheme  # noqa: E402
 
 PREFIX = "model.layers.0.mlp.experts"
@@ -89,21 +88,7 @@ def plugin_shard(layer: BasisResidualLayer, tensors: dict, dtype, tp_rank: int, 
     spec = layer.spec(0, PREFIX)
     indices = {counts_name(PREFIX): layer.residual_counts.tolist()} if layer.residual_size else {}
     scheme = BasisResidualScheme(spec, NAMES, indices, tp_rank, tp_size)
-    shard_of = {proj: shard for shard, proj in PROJ_OF_SHARD.items()}
-    module = torch.nn.Module()
-    for param_name, shape in scheme.shapes.items():
-        param = torch.full(shape, float("nan"), dtype=dtype)
-        kind = param_name.split("_", 1)[1]
-        count = {"basis": scheme.num_bases, "eta": scheme.num_bases, "mix": 1}.get(kind, spec.num_experts)
-        for proj in ("gate", "up") if param_name.startswith("w13") else ("down",):
-            for index in range(count):
-                loaded = tensors[scheme.checkpoint_name(param_name, proj, index)]
-                scheme.load(param_name, param, loaded, shard_of[proj], index)
-        assert not param.isnan().any(), param_name
-        module.register_buffer(param_name, param)
-    scheme.register_buffers(module)
-    scheme.process_loaded(module)
-    return scheme, module
+    return scheme, load_scheme(scheme, tensors, dtype)
 
 
 CASES = {

@@ -21,7 +21,7 @@ import vllm_moe_compress.kernels.sparse_lowrank_triton as triton_path  # noqa: E
 from vllm_moe_compress.kernels.routing import block_size_for  # noqa: E402
 from vllm_moe_compress.format.names import unit_channels_name  # noqa: E402
 from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer  # noqa: E402
-from triton_interpreted import PROJ_NAMES, TOLERANCE, dense_float64, poisoned_buffers  # noqa: E402, F401
+from triton_interpreted import PROJ_NAMES, TOLERANCE, dense_float64, load_scheme, poisoned_buffers  # noqa: E402, F401
 
 
 def random_layer(gen, hidden, intermediate, plan, with_base) -> SparseLowRankLayer:
@@ -104,26 +104,8 @@ def test_matches_torch_path_and_dense_float64(case, dtype, poisoned_buffers):
         assert error <= TOLERANCE[dtype], f"relative error {error:.2e}"
 
 
-def load_scheme(scheme, tensors: dict[str, torch.Tensor], num_experts: int) -> torch.nn.Module:
-    """One TP rank's parameters, filled through the scheme's own loader from every checkpoint tensor."""
-    from vllm_moe_compress.base_delta import PROJ_OF_SHARD
-
-    module = torch.nn.Module()
-    for param_name, shape in scheme.shapes.items():
-        param = torch.full(shape, float("nan"))
-        for shard, proj in PROJ_OF_SHARD.items():
-            for e in [None] if param_name == "w2_base" else range(num_experts):
-                name = scheme.checkpoint_name(param_name, proj, e)
-                if param_name.startswith("w13") == (proj != "down") and name in tensors:
-                    scheme.load(param_name, param, tensors[name], shard, e)
-        assert not param.isnan().any(), param_name
-        module.register_buffer(param_name, param)
-    scheme.register_buffers(module)
-    return module
-
-
 def test_plugin_triton_branch_sums_over_tensor_parallel_ranks(poisoned_buffers):
-    """``SparseLowRankScheme.apply_triton`` (apply's CUDA branch) on each of 2 TP shards, whose unit counts
+    """``SparseLowRankScheme.apply_triton`` (the backend on CUDA devices) on each of 2 TP shards, whose unit counts
     differ per expert and rank: its per-layer metadata comes from host lists; the shards sum to the layer."""
     from vllm_moe_compress.sparse_lowrank import SparseLowRankScheme
 
@@ -139,6 +121,6 @@ def test_plugin_triton_branch_sums_over_tensor_parallel_ranks(poisoned_buffers):
     total = torch.zeros(9, 32)
     for tp_rank in range(2):
         scheme = SparseLowRankScheme(spec, PROJ_NAMES, indices, tp_rank, 2)
-        total += scheme.apply_triton(load_scheme(scheme, tensors, len(plan)), x, weights, ids)
+        total += scheme.apply_triton(load_scheme(scheme, tensors), x, weights, ids)
     dense = dense_float64(layer, x, ids, weights)
     assert (total.double() - dense).norm() / dense.norm() <= TOLERANCE[torch.float32]

@@ -14,54 +14,32 @@ the full output, which vLLM's MoE runner all-reduces.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from vllm_moe_compress.format import PROJECTIONS, BaseDeltaSpec, matrix_shape
 from vllm_moe_compress.format.names import base_channels_name, base_name, delta_name
 from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
 
-from .tensor_checks import check_loaded
+from .scheme import SHARED_BASE_RENAME, CompressedMoEScheme
 
-PROJ_OF_SHARD = {"w1": "gate", "w3": "up", "w2": "down"}
 SUFFIX_OF_PARAM = {"w13_delta_u": "delta_u", "w13_delta_v": "delta_v", "w2_delta_u": "delta_u",
                    "w2_delta_v": "delta_v", "w13_base": "base", "w2_base": "base"}
 
 
-class BaseDeltaScheme:
-    """One plugin scheme. Every scheme class provides: ``scheme`` (its name), ``WEIGHT_RENAMES`` (checkpoint
-    name regex -> vLLM expert-mapping name, for tensors that are not per-expert), ``check_indices`` (of the int
-    index tensors ``spec.index_tensor_names()`` read at start-up), and per layer ``part`` (I per TP rank),
-    ``shapes`` (parameter name -> shape), ``register_buffers``, ``load``, ``first_unloaded``, ``process_loaded``
-    (weights-only precomputation after the checks), ``apply_torch`` (the torch custom op) and ``apply_triton``
-    (the GPU kernels); ``CompressedMoEMethod.apply`` picks one by device."""
-
+class BaseDeltaScheme(CompressedMoEScheme):
     scheme = "base_delta"
-    WEIGHT_RENAMES = {  # experts.base.<proj>.weight -> experts.0.<proj>.base (loaded into w13_base / w2_base)
-        re.compile(r"\.experts\.base\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$"): r".experts.0.\1.base",
-    }
-
-    @staticmethod
-    def check_indices(spec: BaseDeltaSpec, indices: dict[str, list[int]]) -> None:
-        spec.check_indices(indices)
+    WEIGHT_RENAMES = SHARED_BASE_RENAME
 
     def __init__(self, spec: BaseDeltaSpec, proj_names: dict[str, str], indices: dict[str, list[int]], tp_rank: int,
                  tp_size: int, dynamic_prune_ratio: float = 0.0):
-        if spec.intermediate_size % tp_size:
-            raise ValueError(f"moe_compress: intermediate size {spec.intermediate_size} of {spec.prefix} "
-                             f"is not divisible by tensor-parallel size {tp_size}")
-        self.spec = spec
-        self.proj_names = proj_names
-        self.part = spec.intermediate_size // tp_size
-        self.lo = tp_rank * self.part
+        super().__init__(spec, proj_names, tp_rank, tp_size)
         channels = indices.get(base_channels_name(spec.prefix), [])
         self.local_positions = [k for k, c in enumerate(channels) if self.lo <= c < self.lo + self.part]
         self.local_channels = [channels[k] - self.lo for k in self.local_positions]
         # Per TP rank: a rank drops its share of the channels, never more than it keeps (docs/format.md §7).
         self.num_dynamic_drop = min(round(dynamic_prune_ratio * self.part), len(self.local_channels))
         self.ranks = spec.ranks
-        self.triton_layout = None  # per-layer metadata of the Triton path, built at the first CUDA forward
+        self.triton_layout = None  # per-layer metadata of the Triton path (prepare_triton)
         totals = {p: sum(r) for p, r in spec.ranks.items()}
         starts = rank_offsets(torch.tensor([spec.ranks[p] for p in PROJECTIONS]))
         self.starts = dict(zip(PROJECTIONS, starts))
@@ -81,9 +59,6 @@ class BaseDeltaScheme:
         layer.register_buffer("moe_compress_channels", torch.tensor(self.local_channels, dtype=torch.int64),
                               persistent=False)
 
-    def process_loaded(self, layer: torch.nn.Module) -> None:
-        """Weights-only work once every tensor is loaded (none for this scheme)."""
-
     def _op_args(self, layer) -> tuple:
         return (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,
                 layer.w13_base, layer.w2_base, layer.moe_compress_channels, self.num_dynamic_drop)
@@ -92,14 +67,15 @@ class BaseDeltaScheme:
         """Σ_k w_k·expert_k(x) through the torch custom op (the CPU path)."""
         return torch.ops.moe_compress.base_delta_moe(x, topk_weights, topk_ids, *self._op_args(layer))
 
-    def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
+    def prepare_triton(self, layer, device) -> None:
         from vllm_moe_compress.kernels import base_delta_triton
 
-        if self.triton_layout is None:  # built from host lists: no device sync, safe before graph capture
-            ranks = [self.ranks[p] for p in PROJECTIONS]
-            self.triton_layout = base_delta_triton.BaseDeltaLayout.from_lists(ranks, self.local_channels, self.part,
-                                                                              x.device)
+        ranks = [self.ranks[p] for p in PROJECTIONS]
+        self.triton_layout = base_delta_triton.BaseDeltaLayout.from_lists(ranks, self.local_channels, self.part, device)
+
+    def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        from vllm_moe_compress.kernels import base_delta_triton
+
         return base_delta_triton.base_delta_moe(x, topk_ids, topk_weights, *self._op_args(layer),
                                                 layout=self.triton_layout)
 
@@ -109,9 +85,7 @@ class BaseDeltaScheme:
             return base_name(self.spec.prefix, self.proj_names[proj])
         return delta_name(self.spec.prefix, expert, self.proj_names[proj], SUFFIX_OF_PARAM[param])
 
-    def load(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert: int) -> None:
-        """Copy one checkpoint tensor into its slice of ``param``; raise naming the tensor if it does not fit."""
-        proj = PROJ_OF_SHARD[shard_id]
+    def load(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, proj: str, expert: int) -> None:
         name = self.checkpoint_name(param_name, proj, expert)
         h, full_i = self.spec.hidden_size, self.spec.intermediate_size
         if param_name.endswith("base"):
@@ -122,7 +96,7 @@ class BaseDeltaScheme:
                 raise ValueError(f"moe_compress: tensor {name} present but quantization_config gives expert {expert} rank 0")
             out_dim, in_dim = matrix_shape(proj, h, full_i)
             expected = (out_dim, r) if param_name.endswith("_u") else (r, in_dim)
-        check_loaded(name, loaded, expected)
+        self.check_loaded(name, loaded, expected)
         positions = torch.tensor(self.local_positions, dtype=torch.long)
         if param_name == "w13_base":
             half = len(self.local_positions)
@@ -140,11 +114,8 @@ class BaseDeltaScheme:
             else:
                 param[s : s + r].copy_(loaded)
 
-    def first_unloaded(self, param_name: str, param: torch.Tensor) -> str | None:
-        """Checkpoint name of a tensor whose slice still holds the NaN fill (missing, or NaN in the file)."""
+    def first_unloaded(self, param_name: str, param: torch.Tensor) -> str:
         bad = torch.isnan(param)
-        if not bad.any():
-            return None
         if param_name == "w2_base":
             return self.checkpoint_name(param_name, "down", None)
         if param_name == "w13_base":

@@ -10,7 +10,7 @@ vLLM shards experts on the intermediate dimension I (docs/format.md §10):
  or w2_coef [H, Σ_e K_e], w2_basis [Σ_j K_j, I/tp], w2_mix [E, m], w2_eta [m, a]   factorised down
 
 On CUDA devices ``apply_triton`` runs the Triton kernels (kernels/basis_residual_triton.py; MoBE's per-expert right
-factors are materialised there once, at the first CUDA forward); elsewhere ``apply_torch``, the torch custom op.
+factors are materialised there once, at load: ``prepare_triton``); elsewhere ``apply_torch``, the torch custom op.
 
 Group-shared tensors get an expert-style name from the config's weight mapper (the basis / η of group g as
 ``experts.{g}.{proj}.basis`` / ``.eta``, the mixing weights as ``experts.0.{proj}.mix``) so vLLM's expert
@@ -29,16 +29,12 @@ from vllm_moe_compress.kernels.basis_residual_torch import ACTIVATIONS, Projecti
 from vllm_moe_compress.kernels.grouped import offsets
 from vllm_moe_compress.kernels.residual_hash import bucket_counts, bucket_scales
 
-from .base_delta import PROJ_OF_SHARD
-from .tensor_checks import check_loaded
+from .scheme import CHECKPOINT_PROJ as PROJ, CompressedMoEScheme
 
-PROJ = r"(gate_proj|up_proj|down_proj|w1|w2|w3)"
 GATE_UP = ("gate", "up")
 
 
-class BasisResidualScheme:
-    """The plugin side of ``basis_residual`` (contract: :class:`vllm_moe_compress.base_delta.BaseDeltaScheme`)."""
-
+class BasisResidualScheme(CompressedMoEScheme):
     scheme = "basis_residual"
     WEIGHT_RENAMES = {
         re.compile(rf"\.experts\.basis\.(\d+)\.{PROJ}\.weight$"): r".experts.\1.\2.basis",
@@ -59,18 +55,13 @@ class BasisResidualScheme:
 
     def __init__(self, spec: BasisResidualSpec, proj_names: dict[str, str], indices: dict[str, list[int]], tp_rank: int,
                  tp_size: int, dynamic_prune_ratio: float = 0.0):
-        if spec.intermediate_size % tp_size:
-            raise ValueError(f"moe_compress: intermediate size {spec.intermediate_size} of {spec.prefix} "
-                             f"is not divisible by tensor-parallel size {tp_size}")
+        super().__init__(spec, proj_names, tp_rank, tp_size)
         self.factorized = spec.factorized
         if not set(GATE_UP) <= set(self.factorized):
             raise ValueError(f"moe_compress: {spec.prefix}: this plugin serves basis_residual layers whose gate and "
                              f"up are factorised; factorised here: {self.factorized}")
-        self.spec, self.proj_names = spec, proj_names
-        self.part = spec.intermediate_size // tp_size
-        self.lo = tp_rank * self.part
         self.mixed, self.residual = spec.mixed, spec.residual_size
-        self.triton_inputs = None  # (layout, right factors) of the Triton path, built at the first CUDA forward
+        self.triton_inputs = None  # (layout, right factors) of the Triton path (prepare_triton)
         self.num_bases = len(spec.basis_ranks["gate"])
         self.group_slot = spec.group_and_slot()
         if self.residual:
@@ -142,16 +133,14 @@ class BasisResidualScheme:
                 "mix": lambda: (self.spec.num_experts, self.num_bases),
                 "eta": lambda: (self.residual,), "weight": lambda: (out_dim, in_dim)}[kind]()
 
-    def load(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert: int) -> None:
-        """Copy one checkpoint tensor into its slice of ``param``; raise naming the tensor if it does not fit."""
-        proj = PROJ_OF_SHARD[shard_id]
+    def load(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, proj: str, expert: int) -> None:
         kind = param_name.split("_", 1)[1]
         limit = self.num_bases if kind in ("basis", "eta") else self.spec.num_experts
         if not 0 <= expert < limit:
             raise ValueError(f"moe_compress: {self.spec.prefix}: {proj} {kind} index {expert} outside [0, {limit})")
         name = self.checkpoint_name(param_name, proj, expert)
         expected = self.expected_shape(kind, proj, expert)
-        check_loaded(name, loaded, expected)
+        self.check_loaded(name, loaded, expected)
         sharded_rows = proj != "down"  # gate/up: rows of I; down: columns of I
         if kind == "coef":
             s, r = self.coef_start[proj][expert], expected[1]
@@ -167,11 +156,8 @@ class BasisResidualScheme:
         else:
             param[expert].copy_(loaded.narrow(1, self.lo, self.part))
 
-    def first_unloaded(self, param_name: str, param: torch.Tensor) -> str | None:
-        """Checkpoint name of a tensor whose slice still holds the NaN fill (missing, or NaN in the file)."""
+    def first_unloaded(self, param_name: str, param: torch.Tensor) -> str:
         bad = torch.isnan(param)
-        if not bad.any():
-            return None
         kind = param_name.split("_", 1)[1]
         projs = GATE_UP if param_name.startswith("w13") else ("down",)
         if kind == "weight":
@@ -220,11 +206,8 @@ class BasisResidualScheme:
         )
 
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
         from vllm_moe_compress.kernels import basis_residual_triton as kernels
 
-        if self.triton_inputs is None:  # from host lists (no device sync) and weights only: before graph capture
-            self.triton_inputs = self._triton_inputs(layer, x.device)
         layout, gate_up_right, down_right = self.triton_inputs
         empty = x.new_zeros(0)
         weights = kernels.BasisResidualWeights(
@@ -232,7 +215,7 @@ class BasisResidualScheme:
             getattr(layer, "w2_coef", empty), down_right, getattr(layer, "w2_eta", empty))
         return kernels.basis_residual_moe(x, topk_ids, topk_weights, weights, layout)
 
-    def _triton_inputs(self, layer, device) -> tuple:
+    def prepare_triton(self, layer, device) -> None:
         """The kernels' per-layer metadata and right factors: φ(B_g) as loaded, or MoBE's per-expert
         φ(Σ_j α_ej B_j) materialised once (GPU memory E·K·in per projection; kernels/basis_residual_triton.py)."""
         from vllm_moe_compress.kernels import basis_residual_triton as kernels
@@ -253,4 +236,4 @@ class BasisResidualScheme:
                 for j, basis in enumerate((layer.w13_basis[:split], layer.w13_basis[split:]))])
             if "down" in self.factorized:
                 down_right = kernels.materialise_mixed_right(layer.w2_basis, layer.w2_mix, activation)
-        return layout, gate_up_right, down_right
+        self.triton_inputs = layout, gate_up_right, down_right

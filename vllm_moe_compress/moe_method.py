@@ -19,7 +19,7 @@ from .basis_residual import BasisResidualScheme
 from .sparse_lowrank import SparseLowRankScheme
 
 SCHEMES = {cls.scheme: cls for cls in (BaseDeltaScheme, SparseLowRankScheme, BasisResidualScheme)}
-"""One class per checkpoint scheme (the contract is documented on :class:`BaseDeltaScheme`)."""
+"""One class per checkpoint scheme (the contract: :class:`vllm_moe_compress.scheme.CompressedMoEScheme`)."""
 
 
 def scheme_class(spec: LayerSpec):
@@ -55,23 +55,22 @@ class CompressedMoEMethod(FusedMoEMethodBase):
 
     def _loader(self, name: str):
         def load(param, loaded_weight, weight_name=None, shard_id=None, expert_id=None, return_success=False):
-            self.scheme.load(name, param.data, loaded_weight, shard_id, expert_id)
+            self.scheme.load_shard(name, param.data, loaded_weight, shard_id, expert_id)
             return True if return_success else None
 
         return load
 
     def process_weights_after_loading(self, layer) -> None:
         for name in self.scheme.shapes:
-            missing = self.scheme.first_unloaded(name, getattr(layer, name))
+            missing = self.scheme.unloaded(name, getattr(layer, name))
             if missing:
                 raise ValueError(f"moe_compress: tensor {missing} is missing from the checkpoint or contains NaN")
-        self.scheme.process_loaded(layer)
+        self.scheme.prepare(layer)
 
     def get_fused_moe_quant_config(self, layer) -> FusedMoEQuantConfig | None:
         return FusedMoEQuantConfig.make()
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
         """Σ_k w_k·expert_k(x) for this rank's intermediate slice; vLLM adds shared experts and all-reduces.
-        The scheme's Triton kernels on CUDA devices, its torch custom op elsewhere."""
-        forward = self.scheme.apply_triton if x.is_cuda else self.scheme.apply_torch
-        return forward(layer, x, topk_weights, topk_ids)
+        The backend (Triton kernels on CUDA devices, the torch custom op elsewhere) was chosen at load."""
+        return self.scheme.apply(layer, x, topk_weights, topk_ids)

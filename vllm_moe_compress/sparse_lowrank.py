@@ -24,28 +24,16 @@ from vllm_moe_compress.format import PROJECTIONS, SparseLowRankSpec, matrix_shap
 from vllm_moe_compress.format.names import base_name, unit_channels_name, unit_name
 from vllm_moe_compress.kernels.sparse_lowrank_torch import PackedOffsets
 
-from .base_delta import PROJ_OF_SHARD, BaseDeltaScheme
-from .tensor_checks import check_loaded
+from .scheme import SHARED_BASE_RENAME, CompressedMoEScheme
 
 
-class SparseLowRankScheme:
-    """The plugin scheme contract is documented on :class:`BaseDeltaScheme`."""
-
+class SparseLowRankScheme(CompressedMoEScheme):
     scheme = "sparse_lowrank"
-    WEIGHT_RENAMES = BaseDeltaScheme.WEIGHT_RENAMES  # experts.base.down_proj.weight -> w2_base
-
-    @staticmethod
-    def check_indices(spec: SparseLowRankSpec, indices: dict[str, list[int]]) -> None:
-        spec.check_indices(indices)
+    WEIGHT_RENAMES = SHARED_BASE_RENAME  # experts.base.down_proj.weight -> w2_base
 
     def __init__(self, spec: SparseLowRankSpec, proj_names: dict[str, str], indices: dict[str, list[int]], tp_rank: int,
                  tp_size: int, dynamic_prune_ratio: float = 0.0):
-        if spec.intermediate_size % tp_size:
-            raise ValueError(f"moe_compress: intermediate size {spec.intermediate_size} of {spec.prefix} "
-                             f"is not divisible by tensor-parallel size {tp_size}")
-        self.spec, self.proj_names = spec, proj_names
-        self.part = spec.intermediate_size // tp_size
-        self.lo = tp_rank * self.part
+        super().__init__(spec, proj_names, tp_rank, tp_size)
         # positions[kind][e]: which of expert e's stored units of that kind lie in this rank's slice
         self.positions: dict[str, list[list[int]]] = {}
         self.local_channels: dict[str, list[int]] = {}
@@ -57,7 +45,7 @@ class SparseLowRankScheme:
                 self.positions[kind].append(inside)
                 self.local_channels[kind] += [channels[k] - self.lo for k in inside]
         self.ranks = [spec.ranks[p] for p in PROJECTIONS]
-        self.triton_layout = None  # per-layer metadata of the Triton path, built at the first CUDA forward
+        self.triton_layout = None  # per-layer metadata of the Triton path (prepare_triton)
         self.at = PackedOffsets([len(p) for p in self.positions["sparse"]],
                                 [len(p) for p in self.positions["lowrank"]], self.ranks)
         totals = self.at.totals
@@ -82,9 +70,6 @@ class SparseLowRankScheme:
         int_buffer("moe_compress_sparse_channels", self.local_channels["sparse"])
         int_buffer("moe_compress_lowrank_channels", self.local_channels["lowrank"])
 
-    def process_loaded(self, layer: torch.nn.Module) -> None:
-        """Weights-only work once every tensor is loaded (none for this scheme)."""
-
     @staticmethod
     def _op_args(layer) -> tuple:
         return (layer.moe_compress_sparse_counts, layer.moe_compress_lowrank_counts, layer.moe_compress_ranks,
@@ -96,14 +81,16 @@ class SparseLowRankScheme:
         """Σ_k w_k·expert_k(x) through the torch custom op (the CPU path)."""
         return torch.ops.moe_compress.sparse_lowrank_moe(x, topk_weights, topk_ids, *self._op_args(layer))
 
-    def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """The GPU path (docs/kernels.md); Triton is imported only when a forward first needs it."""
+    def prepare_triton(self, layer, device) -> None:
         from vllm_moe_compress.kernels import sparse_lowrank_triton
 
-        if self.triton_layout is None:  # built from host lists: no device sync, safe before graph capture
-            self.triton_layout = sparse_lowrank_triton.SparseLowrankLayout.from_lists(
-                self.at.s, self.at.m, self.ranks, self.local_channels["sparse"], self.local_channels["lowrank"],
-                self.shapes["w2_base"][1], x.device)
+        self.triton_layout = sparse_lowrank_triton.SparseLowrankLayout.from_lists(
+            self.at.s, self.at.m, self.ranks, self.local_channels["sparse"], self.local_channels["lowrank"],
+            self.shapes["w2_base"][1], device)
+
+    def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        from vllm_moe_compress.kernels import sparse_lowrank_triton
+
         return sparse_lowrank_triton.sparse_lowrank_moe(x, topk_ids, topk_weights, *self._op_args(layer),
                                                         layout=self.triton_layout)
 
@@ -153,19 +140,14 @@ class SparseLowRankScheme:
         sliced_columns = param_name in ("w2_sparse", "w2_lowrank_v")
         return loaded[rows] if sliced_rows else loaded[:, rows] if sliced_columns else loaded
 
-    def load(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert: int) -> None:
-        """Copy one checkpoint tensor into its slice of ``param``; raise naming the tensor if it does not fit."""
-        proj = PROJ_OF_SHARD[shard_id]
+    def load(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, proj: str, expert: int) -> None:
         e = None if param_name == "w2_base" else expert
         name = self.checkpoint_name(param_name, proj, e)
         expected = self._expected_shape(param_name, proj, e)
-        check_loaded(name, loaded, expected)
+        self.check_loaded(name, loaded, expected)
         self._block(param_name, param, proj, e).copy_(self._local(param_name, proj, e, loaded))
 
-    def first_unloaded(self, param_name: str, param: torch.Tensor) -> str | None:
-        """Checkpoint name of a tensor whose slice still holds the NaN fill (missing, or NaN in the file)."""
-        if not torch.isnan(param).any():
-            return None
+    def first_unloaded(self, param_name: str, param: torch.Tensor) -> str:
         if param_name == "w2_base":
             return self.checkpoint_name(param_name, "down", None)
         projs = ("gate", "up") if param_name.startswith("w13") else ("down",)

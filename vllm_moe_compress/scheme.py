@@ -1,0 +1,122 @@
+"""What every plugin scheme provides: one subclass per checkpoint scheme (``base_delta.py``, ``sparse_lowrank.py``,
+``basis_residual.py``), on the model of vLLM's ``CompressedTensorsScheme``.
+
+``CompressedMoEMethod`` (moe_method.py) drives a scheme through a layer's life:
+
+1. ``__init__``: the tensor-parallel slice (this rank holds intermediate channels ``[lo, lo + part)``) and,
+   from the layer's ``LayerSpec`` and its index tensors, ``shapes`` (parameter name -> shape on this rank);
+2. ``register_buffers``: the small integer metadata the compute reads on the device;
+3. ``load_shard`` per checkpoint tensor (vLLM's expert mapping gives a shard id ``w1``/``w3``/``w2`` and an
+   expert index): the format's tensor check, then ``load`` copies this rank's part into its slice;
+4. ``unloaded``: the checkpoint name of a tensor whose slice still holds the NaN fill;
+5. ``prepare`` once every tensor is loaded: weights-only precomputation (``process_loaded``), then the backend,
+   chosen once: on CUDA devices the Triton kernels, whose per-layer layouts ``prepare_triton`` builds now (from
+   host lists, before any CUDA graph capture), elsewhere the torch custom op;
+6. ``apply``: Σ_k w_k·expert_k(x) for this rank's slice through that backend.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from vllm_moe_compress.format import FormatError, LayerSpec, check_tensor
+
+PROJ_OF_SHARD = {"w1": "gate", "w3": "up", "w2": "down"}
+"""vLLM's expert-mapping shard id -> canonical projection."""
+
+CHECKPOINT_PROJ = r"(gate_proj|up_proj|down_proj|w1|w2|w3)"
+"""A checkpoint projection name of any supported architecture, as a regex group (for ``WEIGHT_RENAMES``)."""
+
+SHARED_BASE_RENAME = {re.compile(rf"\.experts\.base\.{CHECKPOINT_PROJ}\.weight$"): r".experts.0.\1.base"}
+"""``experts.base.<proj>.weight`` -> ``experts.0.<proj>.base``: a shared base reaches vLLM's expert mapping as
+expert 0's (``base_delta``: w13_base / w2_base; ``sparse_lowrank``: w2_base)."""
+
+BACKENDS = ("torch", "triton")
+
+
+class CompressedMoEScheme(ABC):
+    scheme: ClassVar[str]
+    WEIGHT_RENAMES: ClassVar[dict[re.Pattern, str | None]] = {}
+    """Checkpoint name regex -> vLLM expert-mapping name, for tensors that are not per expert (``None``: dropped,
+    read at start-up instead)."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    def __init__(self, spec: LayerSpec, proj_names: dict[str, str], tp_rank: int, tp_size: int):
+        if spec.intermediate_size % tp_size:
+            raise ValueError(f"moe_compress: intermediate size {spec.intermediate_size} of {spec.prefix} "
+                             f"is not divisible by tensor-parallel size {tp_size}")
+        self.spec, self.proj_names = spec, proj_names
+        self.part = spec.intermediate_size // tp_size  # intermediate channels per TP rank
+        self.lo = tp_rank * self.part  # this rank's first channel
+        self.backend: str | None = None  # "torch" or "triton", chosen by prepare()
+
+    @staticmethod
+    def check_indices(spec: LayerSpec, indices: dict[str, list[int]]) -> None:
+        """Check the int index tensors ``spec.index_tensor_names()`` read at start-up."""
+        spec.check_indices(indices)
+
+    # ------------------------------------------------------------------------------------ loading
+
+    @abstractmethod
+    def register_buffers(self, layer: torch.nn.Module) -> None:
+        """Register the integer metadata the compute reads on the device (non-persistent buffers)."""
+
+    def load_shard(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, shard_id: str,
+                   expert: int) -> None:
+        """vLLM's weight loader: one checkpoint tensor into its slice of ``param``."""
+        self.load(param_name, param, loaded, PROJ_OF_SHARD[shard_id], expert)
+
+    @abstractmethod
+    def load(self, param_name: str, param: torch.Tensor, loaded: torch.Tensor, proj: str, index: int) -> None:
+        """Copy ``loaded`` (after :meth:`check_loaded`) into the slice of ``param`` that holds it on this rank."""
+
+    @staticmethod
+    def check_loaded(name: str, loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+        """The format's tensor check (shape, floating-point dtype, no NaN/Inf), reported as a start-up error."""
+        try:
+            check_tensor(name, loaded, expected, floating=True)
+        except FormatError as err:
+            raise ValueError(f"moe_compress: {err}") from err
+
+    def unloaded(self, param_name: str, param: torch.Tensor) -> str | None:
+        """Checkpoint name of a tensor whose slice still holds the NaN fill (missing, or NaN in the file)."""
+        return self.first_unloaded(param_name, param) if torch.isnan(param).any() else None
+
+    @abstractmethod
+    def first_unloaded(self, param_name: str, param: torch.Tensor) -> str:
+        """Which checkpoint tensor's slice of ``param`` (known to hold a NaN) is the first unloaded one."""
+
+    # ------------------------------------------------------------------------------------ compute
+
+    def prepare(self, layer: torch.nn.Module, backend: str | None = None) -> None:
+        """Once after loading: :meth:`process_loaded`, then the backend (default: Triton on CUDA, else torch)."""
+        self.process_loaded(layer)
+        device = getattr(layer, next(iter(self.shapes))).device
+        self.backend = backend or ("triton" if device.type == "cuda" else "torch")
+        if self.backend == "triton":
+            self.prepare_triton(layer, device)
+        self._forward = self.apply_triton if self.backend == "triton" else self.apply_torch
+
+    def process_loaded(self, layer: torch.nn.Module) -> None:
+        """Weights-only precomputation once every tensor is loaded and checked (none by default)."""
+
+    @abstractmethod
+    def prepare_triton(self, layer: torch.nn.Module, device: torch.device) -> None:
+        """Build the Triton path's per-layer layout (host lists only: no device sync)."""
+
+    def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Σ_k w_k·expert_k(x) for this rank's intermediate slice, through the backend chosen by :meth:`prepare`."""
+        return self._forward(layer, x, topk_weights, topk_ids)
+
+    @abstractmethod
+    def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """The torch custom op ``torch.ops.moe_compress.<scheme>_moe`` (CPU; opaque to Dynamo)."""
+
+    @abstractmethod
+    def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """The Triton kernels (GPU; docs/kernels.md) on the layout :meth:`prepare_triton` built."""
