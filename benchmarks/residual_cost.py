@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from vllm_moe_compress.format import CompressionInfo
 from vllm_moe_compress.offline.architectures import moe_block
 from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, read_config
-from vllm_moe_compress.format import CompressionInfo
 from vllm_moe_compress.offline.loading import load_model
 from vllm_moe_compress.offline.schemes.basis_residual import BasisResidualLayer
 

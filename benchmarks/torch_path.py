@@ -14,8 +14,8 @@ import time
 
 import torch
 
-import vllm_moe_compress.kernels.base_delta_torch as torch_path
 from vllm_moe_compress.offline.loading import load_compressed_model
+import vllm_moe_compress.kernels.base_delta_torch as torch_path
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Torch path of the ``base_delta`` MoE (CPU, and GPU until the Triton kernels land).
+"""Torch path of the ``base_delta`` MoE: the plugin's CPU backend (the custom op) and the reference forward.
 
 Packed layout (one MoE layer; ranks may differ per expert and projection, and no byte is padding):
 

@@ -38,7 +38,7 @@ recomputed for every tile entry (:func:`residual_bucket`); R̂_e never exists in
   RFID-MoE's residual (BENCHMARKS.md §8.2 measures the CPU path; GPU numbers pending).
 - **MoBE (mixed bases).** ``φ`` acts on the mixed matrix, so ``φ(Σ_j α_ej B_j)`` cannot be split over
   tokens; mixing inside the tile would read all ``m = E/k`` bases per expert block (32 at Qwen3 shapes).
-  The plugin therefore materialises every expert's right factor once at its first CUDA forward (weights
+  The plugin therefore materialises every expert's right factor once, at load (``prepare_triton``; weights
   only): GPU memory of ``E·K·in`` per factorised projection — the served model is then a plain per-expert
   low-rank model (owners = experts, stage 1 on expert blocks). MoBE has no residual.
 - **Tensor parallelism.** ``row_lo`` / ``col_lo`` place this rank's slice in the full matrix: gate/up

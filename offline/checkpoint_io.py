@@ -197,11 +197,13 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, stagi
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+def atomic_file(path: str | os.PathLike, suffix: str | None = None):
+    """Yield a temporary path beside ``path`` (ending in ``suffix``, default ``path``'s own, which e.g. matplotlib
+    reads the format from); rename it onto ``path`` only if the block succeeds: the file is complete or absent."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=path.suffix if suffix is None else suffix,
+                               dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -8,10 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
+from vllm_moe_compress.format import FormatError
+
 from .budget import UnreachableRatioError
 from .calibration import CalibrationError
 from .checkpoint_io import CheckpointError, DiskFullError
-from vllm_moe_compress.format import FormatError
 from .workdir import WorkDirError
 
 DEFAULT_CALIB_FILE = Path(__file__).parent / "data" / "brown-calibration-sample.txt"
@@ -34,7 +35,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .datasets import DATASETS
+    from .evaluation.datasets import DATASETS
     from .fisher import FISHER_GRANULARITY, FISHER_LABELS
     from .methods import METHODS
     from .layer_allocation import ALLOCATIONS
@@ -42,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods.d2 import MERGES
     from .methods.group_basis import EFFECTIVE_RANK_MODES
     from .methods.rs import BASES as RS_BASES, LOWRANK_SVDS as RS_LOWRANK_SVDS, SCORES as RS_SCORES
-    from .zeroshot import TASK_SOURCES
-    from .zeroshot import TASKS as ZEROSHOT_TASKS
+    from .evaluation.zeroshot import TASK_SOURCES
+    from .evaluation.zeroshot import TASKS as ZEROSHOT_TASKS
 
     parser = argparse.ArgumentParser(prog="moe-compress", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser(
         "eval-zeroshot", help="zero-shot accuracy (lm-evaluation-harness through vLLM) of a dense or compressed checkpoint",
         description="lm-evaluation-harness, 0-shot, with its vLLM backend (quantization=moe_compress for compressed "
-        "checkpoints). Tasks read the local copies in the data directory (offline/eval_tasks/*.yaml swap only the "
+        "checkpoints). Tasks read the local copies in the data directory (offline/evaluation/eval_tasks/*.yaml swap only the "
         "data source of lm-eval's own task configurations); --tasks-source hub uses the standard tasks unchanged. "
         "vLLM on CPU needs VLLM_CPU_KVCACHE_SPACE (GiB; default here 1).",
     )
@@ -243,7 +244,7 @@ def run_compress(args) -> int:
 
 
 def run_eval_ppl(args) -> int:
-    from .perplexity import checkpoint_perplexity
+    from .evaluation.perplexity import checkpoint_perplexity
 
     result = checkpoint_perplexity(args.model_dir, [args.dataset], args.data_dir, args.max_tokens, args.seqlen,
                                    args.batch_size, args.dtype, not args.no_dynamic_prune,
@@ -261,8 +262,8 @@ def _task_list(values: list[str]) -> tuple[str, ...]:
 
 def run_eval_zeroshot(args) -> int:
     from .checkpoint_io import write_json
-    from .datasets import resolve_data_dir
-    from .zeroshot import ZeroShotOptions, evaluate_zeroshot
+    from .evaluation.datasets import resolve_data_dir
+    from .evaluation.zeroshot import ZeroShotOptions, evaluate_zeroshot
 
     data_dir = resolve_data_dir(args.data_dir) if args.tasks_source == "local" else None
     options = ZeroShotOptions(tasks=_task_list(args.tasks), limit=args.limit, source=args.tasks_source,
@@ -277,8 +278,8 @@ def run_eval_zeroshot(args) -> int:
 
 
 def run_report(args) -> int:
-    from .datasets import resolve_data_dir
-    from .report import ReportOptions, build_report
+    from .evaluation.datasets import resolve_data_dir
+    from .evaluation.report import ReportOptions, build_report
 
     needs_data = args.ppl_datasets or (args.zeroshot_tasks and args.tasks_source == "local")
     options = ReportOptions(

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from vllm_moe_compress.format import PROJECTIONS
+from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 
 from .architectures import MoEArchitecture, architecture_for, moe_block
 from .budget import BudgetPlan, LayerShape, plan_budget
@@ -97,7 +97,7 @@ def find_moe_layers(ckpt: SafetensorsCheckpoint, arch: MoEArchitecture, config) 
             for p in PROJECTIONS:
                 if p not in projs:
                     raise CheckpointError(f"layer {layer} expert {e}: tensor for {arch.proj_names[p]} missing")
-                expected = [hidden, intermediate] if p == "down" else [intermediate, hidden]
+                expected = list(matrix_shape(p, hidden, intermediate))
                 if ckpt.shape(projs[p]) != expected:
                     raise CheckpointError(f"tensor {projs[p]} has shape {ckpt.shape(projs[p])}, expected {expected}")
                 layout.expert_keys.add(projs[p])

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from vllm_moe_compress.format import QUANT_METHOD, CompressionInfo, FormatError
+
 from .architectures import architecture_for, moe_block
 from .checkpoint_io import SafetensorsCheckpoint, read_config
-from vllm_moe_compress.format import QUANT_METHOD, CompressionInfo, FormatError
 from .schemes import SCHEME_LAYERS
 
 

@@ -38,7 +38,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,8 +45,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from .checkpoint_io import WEIGHT_FILE_SUFFIXES
 from vllm_moe_compress.format import FORMAT_VERSION
+
+from .checkpoint_io import WEIGHT_FILE_SUFFIXES, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +67,15 @@ def crash_point(name: str) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file and a rename: complete or absent, never partial."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            crash_point(f"write:{path.name}")
-            f.write(data[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` through :func:`atomic_file`, fsynced before the rename (a crash point between
+    the two halves lets the tests kill a run mid-write; the ``.tmp`` file it leaves is swept by the next run)."""
+    with atomic_file(path, suffix=".tmp") as tmp, open(tmp, "wb") as f:
+        half = len(data) // 2
+        f.write(data[:half])
+        crash_point(f"write:{path.name}")
+        f.write(data[half:])
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _sha256_file(path: Path) -> str:

@@ -24,12 +24,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from conftest import FAMILIES, TOKENIZER_FILES, write_tiny_model
+from vllm_moe_compress.format import CompressionInfo
 from vllm_moe_compress.offline.architectures import ARCHITECTURES, UnsupportedArchitectureError
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
-from vllm_moe_compress.format import CompressionInfo
 from vllm_moe_compress.offline.loading import load_compressed_model
+from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
+
+from conftest import FAMILIES, TOKENIZER_FILES, write_tiny_model
 
 RATIO = 0.05
 TOLERANCE = 0.005

@@ -4,7 +4,7 @@ import torch
 
 from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.calibration import ExpertStatistics
-from offline.methods.d2 import D2MoE, merge_base
+from vllm_moe_compress.offline.methods.d2 import D2MoE, merge_base
 
 E, H, I = 6, 20, 12
 

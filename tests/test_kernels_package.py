@@ -23,3 +23,33 @@ def test_one_top_level_package_and_transformers_import_stays_fast(tmp_path):
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout.strip()) < 20.0  # a generous bound: a Triton/torch import chain would show as an error above
+
+
+def test_no_import_of_the_folders_by_their_checkout_names():
+    """From the repository root the folders ``offline/`` and ``kernels/`` are also importable under their folder
+    names (a second copy of every module); the code must always use ``vllm_moe_compress.offline`` / ``.kernels``."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    pattern = re.compile(r"^\s*(from|import) (offline|kernels)\b", re.MULTILINE)
+    offenders = [str(p.relative_to(repo)) for folder in ("offline", "kernels", "vllm_moe_compress", "tests",
+                                                          "benchmarks", "loadtests")
+                 for p in (repo / folder).rglob("*.py") if pattern.search(p.read_text(encoding="utf-8"))]
+    assert not offenders, f"import offline/kernels by their folder names in {offenders}"
+
+
+def test_plugin_and_format_never_import_the_compressor():
+    """The plugin (vllm_moe_compress/*.py) imports the format package and the kernels, never the compressor; the
+    format package imports neither the plugin nor the compressor (issue 15)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "vllm_moe_compress"
+    compressor = re.compile(r"^\s*from (vllm_moe_compress\.offline|\.offline)\b|^\s*import vllm_moe_compress\.offline",
+                            re.MULTILINE)
+    plugin = re.compile(r"^\s*from (vllm_moe_compress\.(config|moe_method|scheme|base_delta|sparse_lowrank|"
+                        r"basis_residual|ops)|\.\.)\b", re.MULTILINE)
+    assert not [p.name for p in root.glob("*.py") if compressor.search(p.read_text(encoding="utf-8"))]
+    assert not [p.name for p in (root / "format").glob("*.py")
+                if compressor.search(p.read_text(encoding="utf-8")) or plugin.search(p.read_text(encoding="utf-8"))]

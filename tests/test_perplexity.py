@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from vllm_moe_compress.offline.datasets import DATASETS, load_eval_text, resolve_data_dir
-from vllm_moe_compress.offline.perplexity import default_seqlen, evaluate_perplexity
+from vllm_moe_compress.offline.evaluation.datasets import DATASETS, load_eval_text, resolve_data_dir
+from vllm_moe_compress.offline.evaluation.perplexity import default_seqlen, evaluate_perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "examples" / "tiny-qwen3-moe-demo"

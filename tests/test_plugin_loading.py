@@ -21,16 +21,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import vllm_moe_compress.kernels.base_delta_torch as torch_path
-import vllm_moe_compress
-from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+from vllm_moe_compress.config import MoECompressConfig, NotCompressedError
 from vllm_moe_compress.format import CompressionInfo, LayerSpec
 from vllm_moe_compress.format.names import base_channels_name, base_name, delta_name
-from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaExperts
-from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-from vllm_moe_compress.config import MoECompressConfig, NotCompressedError
 from vllm_moe_compress.moe_method import CompressedMoEMethod
+from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
+from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaExperts
+from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
+import vllm_moe_compress
+import vllm_moe_compress.kernels.base_delta_torch as torch_path
 
 from conftest import CALIBRATION_FILE
 

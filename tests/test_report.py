@@ -7,11 +7,11 @@ import matplotlib.image
 import pytest
 import torch
 
-from vllm_moe_compress.offline import perplexity, report
 from vllm_moe_compress.offline.cli import main
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from vllm_moe_compress.offline.plots import allocation_fields
-from vllm_moe_compress.offline.spectrum import cumulative_energy, layer_spectra
+from vllm_moe_compress.offline.evaluation import perplexity, report
+from vllm_moe_compress.offline.evaluation.plots import allocation_fields
+from vllm_moe_compress.offline.evaluation.spectrum import cumulative_energy, layer_spectra
 
 from conftest import CALIBRATION_FILE
 

@@ -8,17 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vllm_moe_compress.kernels.residual_hash as residual_hash
+from vllm_moe_compress.format import CompressionInfo, FormatError, LayerSpec
+from vllm_moe_compress.format.names import counts_name
 from vllm_moe_compress.kernels.residual_hash import bucket_counts, bucket_of, bucket_scales, project_onto_buckets
 from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.calibration import ExpertStatistics
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from vllm_moe_compress.format import CompressionInfo, FormatError, LayerSpec
 from vllm_moe_compress.offline.loading import load_compressed_model
 from vllm_moe_compress.offline.methods.basis_fit import FitOptions, fit_grouped, fit_mixed
 from vllm_moe_compress.offline.methods.group_basis import allocate_group_ranks, effective_rank, frequency_groups, index_groups
-from vllm_moe_compress.format.names import counts_name
 from vllm_moe_compress.offline.schemes.basis_residual import BasisProjection, BasisResidualExperts, BasisResidualLayer
+import vllm_moe_compress.kernels.residual_hash as residual_hash
 
 from conftest import CALIBRATION_FILE
 

@@ -5,15 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CALIBRATION_FILE, FAMILIES
 from vllm_moe_compress.offline.budget import LayerShape, plan_budget
 from vllm_moe_compress.offline.calibration import ActivationMoments, ExpertStatistics
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from vllm_moe_compress.offline.loading import load_compressed_model
 from vllm_moe_compress.offline.layer_allocation import MIOptions, mine_estimate, redundancy_scores, solve_save_ratios
 from vllm_moe_compress.offline.linalg import eigen_whitened_factors
+from vllm_moe_compress.offline.loading import load_compressed_model
 from vllm_moe_compress.offline.methods.rs import ACIWeights, RSMoE, aci_scores, ridge_down_base
 from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
+
+from conftest import CALIBRATION_FILE, FAMILIES
 
 E, H, I = 4, 20, 12
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from vllm_moe_compress.offline.zeroshot import TASKS, local_task_config, task_override
+from vllm_moe_compress.offline.evaluation.zeroshot import TASKS, local_task_config, task_override
 
 from conftest import CALIBRATION_FILE, vllm_tiny_config, write_tiny_model
 

@@ -35,9 +35,6 @@ SHARED_BASE_RENAME = {re.compile(rf"\.experts\.base\.{CHECKPOINT_PROJ}\.weight$"
 """``experts.base.<proj>.weight`` -> ``experts.0.<proj>.base``: a shared base reaches vLLM's expert mapping as
 expert 0's (``base_delta``: w13_base / w2_base; ``sparse_lowrank``: w2_base)."""
 
-BACKENDS = ("torch", "triton")
-
-
 class CompressedMoEScheme(ABC):
     scheme: ClassVar[str]
     WEIGHT_RENAMES: ClassVar[dict[re.Pattern, str | None]] = {}

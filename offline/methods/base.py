@@ -7,11 +7,12 @@ from abc import ABC, abstractmethod
 import torch
 
 from vllm_moe_compress.format import PROJECTIONS
+
 from ..budget import LayerShape, allocate_ranks
 from ..calibration import ExpertStatistics
+from ..linalg import low_rank_factors, whitening_factor
 from ..schemes.base import SchemeLayer
 from ..schemes.base_delta import Factors
-from ..linalg import low_rank_factors, whitening_factor
 
 ExpertWeights = dict[str, torch.Tensor]
 """Canonical projection -> stacked expert weights: gate/up [E, I, H], down [E, H, I] (float64)."""

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
-from vllm_moe_compress.format import PROJECTIONS
-from ..budget import LayerShape
-from vllm_moe_compress.format import matrix_shape
+from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 
+from ..budget import LayerShape
 from ..schemes.basis_residual import BasisProjection, BasisResidualLayer
 from .base import CompressionMethod
 from .basis_fit import FitOptions, FittedProjection

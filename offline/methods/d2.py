@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from vllm_moe_compress.format import PROJECTIONS
+
 from ..budget import LayerShape
 from ..schemes.base_delta import BaseDeltaLayer
 from .base import CompressionMethod, factorize_experts

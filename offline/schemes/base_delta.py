@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vllm_moe_compress.kernels.base_delta_torch import base_delta_moe
 from vllm_moe_compress.format import PROJECTIONS, BaseDeltaSpec, FormatError, matrix_shape
 from vllm_moe_compress.format.names import base_channels_name, base_name, delta_name
+from vllm_moe_compress.kernels.base_delta_torch import base_delta_moe
 
 from .base import SchemeLayer, fetch_checked
 

@@ -75,7 +75,7 @@ def checkpoint_perplexity(
     from transformers import AutoTokenizer
 
     from .datasets import load_eval_text, resolve_data_dir
-    from .loading import load_model
+    from ..loading import load_model
 
     texts = {name: load_eval_text(name, resolve_data_dir(data_dir)) for name in datasets}
     model = load_model(model_dir, getattr(torch, dtype), dynamic_pruning=dynamic_pruning)

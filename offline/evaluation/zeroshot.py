@@ -9,14 +9,14 @@ Task sources (``--tasks-source``):
 
 - ``local`` (default): lm-eval's standard task configuration (prompt, choices, metrics, split) with the data
   source swapped for the local copies in the shared data directory. The swap is described by the override
-  YAML files in ``offline/eval_tasks/`` (package data): ``dataset_path: json`` and ``data_files`` relative to
+  YAML files in ``offline/evaluation/eval_tasks/`` (package data): ``dataset_path: json`` and ``data_files`` relative to
   the data directory, plus the few field mappings a local file needs (BoolQ's gold field). Nothing touches a hub:
   ``HF_HUB_OFFLINE`` and ``HF_DATASETS_OFFLINE`` are set.
 - ``hub``: the standard task names unchanged (lm-eval downloads the datasets itself).
 
 vLLM runs inside this process through lm-eval's ``LLM`` object; vLLM starts its engine core in a spawned
 subprocess, so the caller's entry point must be guarded by ``if __name__ == "__main__"`` (the ``moe-compress``
-script and ``python -m offline.cli`` are). On CPU, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) defaults to 1 here.
+script and ``python -m vllm_moe_compress.offline.cli`` are). On CPU, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) defaults to 1 here.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint_io import read_config
 from vllm_moe_compress.format import QUANT_METHOD
+
+from ..checkpoint_io import read_config
 
 TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "mathqa", "boolq")
 """The papers' zero-shot suite, as lm-eval task names."""
@@ -53,7 +54,7 @@ class ZeroShotOptions:
 
 
 def task_override(task: str) -> dict:
-    """The local-data override of lm-eval's task ``task`` (from offline/eval_tasks/TASK.yaml)."""
+    """The local-data override of lm-eval's task ``task`` (from offline/evaluation/eval_tasks/TASK.yaml)."""
     path = OVERRIDES_DIR / f"{task}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in OVERRIDES_DIR.glob("*.yaml"))

@@ -7,7 +7,7 @@
   becomes a heat map; every per-layer scalar (``base_channels``, ...) a bar chart. Missing fields are skipped,
   so checkpoints of any scheme can be drawn.
 - :func:`plot_energy`: cumulative singular-value energy of original experts, shared base and deltas
-  (D²-MoE Figures 1–2; numbers from :mod:`offline.spectrum`).
+  (D²-MoE Figures 1–2; numbers from :mod:`.spectrum`).
 
 Every figure is written atomically (temporary file, then rename).
 """
@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from .checkpoint_io import atomic_file  # noqa: E402
+from ..checkpoint_io import atomic_file  # noqa: E402
 from .spectrum import ProjectionSpectra  # noqa: E402
 
 ROUTING_FIELDS = ("routing_counts", "routing_weight_sums")

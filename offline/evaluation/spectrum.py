@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from vllm_moe_compress.format import PROJECTIONS
-from .checkpoint_io import SafetensorsCheckpoint, read_config
-from vllm_moe_compress.format import CompressionInfo, FormatError
-from .schemes.base_delta import BaseDeltaLayer
+from vllm_moe_compress.format import PROJECTIONS, CompressionInfo, FormatError
+
+from ..checkpoint_io import SafetensorsCheckpoint, read_config
+from ..schemes.base_delta import BaseDeltaLayer
 
 
 def cumulative_energy(matrix: torch.Tensor) -> torch.Tensor:

@@ -5,14 +5,14 @@ bytes, perplexity per dataset and zero-shot accuracy per task. Numbers come from
 
 - result files given with ``--results`` (what ``eval-zeroshot --out`` writes, or the JSON line of
   ``eval-ppl --json``), matched to a model by its resolved path;
-- or are computed on request: ``--ppl-datasets`` (reference forward, :func:`offline.perplexity.checkpoint_perplexity`)
+- or are computed on request: ``--ppl-datasets`` (reference forward, :func:`.perplexity.checkpoint_perplexity`)
   and ``--zeroshot-tasks`` (``moe-compress eval-zeroshot`` in a subprocess per model, so every vLLM engine
   starts and ends with its own process).
 
 Computed results are cached in ``OUT_DIR/cache/`` under a key made of the model path, its config.json
 modification time and the evaluation settings, so re-running the report after adding checkpoints (e.g. new
 methods) evaluates only what is new. Outputs: ``report.md``, ``report.json`` and the PNG plots of
-:mod:`offline.plots` (routing, allocation, and singular-value energy when ``--original`` is given).
+:mod:`.plots` (routing, allocation, and singular-value energy when ``--original`` is given).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint_io import SafetensorsCheckpoint, atomic_file, read_config, write_json
 from vllm_moe_compress.format import QUANT_METHOD, STATS_FILE, FormatError
+
+from ..checkpoint_io import SafetensorsCheckpoint, atomic_file, read_config, write_json
 from .zeroshot import TASKS
 
 log = logging.getLogger(__name__)
