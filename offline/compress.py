@@ -35,6 +35,7 @@ from .fisher import expert_fisher
 from .format import STATS_FILE, CompressionInfo, LayerSpec
 from .methods import METHODS, CompressionMethod
 from .methods.base import expert_weights
+from .output_safety import check_output_path
 from .workdir import WorkDir, crash_point, run_arguments
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def compress_checkpoint(
     """Compress ``model_dir`` into ``out_dir``, resuming from the work directory of an interrupted run with the
     same arguments (offline/workdir.py). Every input is validated before anything is written."""
     started = time.perf_counter()
+    check_output_path(model_dir, out_dir, overwrite)
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     arch = architecture_for(config)
@@ -124,8 +126,6 @@ def compress_checkpoint(
         method=method.name, hint=method.unreachable_hint(),
     )
     plan = plan_for()
-    if Path(out_dir).exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} already exists (use --overwrite to replace it)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = read_calibration_text(calibration.file)
     samples = calibration_windows(tokenizer, text, calibration.samples, calibration.seqlen, calibration.seed)
