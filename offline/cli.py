@@ -262,8 +262,10 @@ def _task_list(values: list[str]) -> tuple[str, ...]:
 def run_eval_zeroshot(args) -> int:
     from .checkpoint_io import write_json
     from .datasets import resolve_data_dir
+    from .output_safety import check_result_file
     from .zeroshot import ZeroShotOptions, evaluate_zeroshot
 
+    check_result_file(args.out, "--out", "a previous eval-zeroshot result", lambda d: d.get("kind") == "zeroshot")
     data_dir = resolve_data_dir(args.data_dir) if args.tasks_source == "local" else None
     options = ZeroShotOptions(tasks=_task_list(args.tasks), limit=args.limit, source=args.tasks_source,
                               data_dir=data_dir, dtype=args.dtype, max_model_len=args.max_model_len)
@@ -278,8 +280,13 @@ def run_eval_zeroshot(args) -> int:
 
 def run_report(args) -> int:
     from .datasets import resolve_data_dir
+    from .output_safety import OutputPathError, check_result_file
     from .report import ReportOptions, build_report
 
+    check_result_file(args.out / "report.json", "--out", "a previous report", lambda d: "rows" in d)
+    if (args.out / "report.md").exists() and not (args.out / "report.json").exists():
+        raise OutputPathError(f"{args.out} holds a report.md that moe-compress report did not write (no report.json): "
+                              "choose another --out")
     needs_data = args.ppl_datasets or (args.zeroshot_tasks and args.tasks_source == "local")
     options = ReportOptions(
         out_dir=args.out, original=args.original, results=args.results, ppl_datasets=args.ppl_datasets,

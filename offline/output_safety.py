@@ -81,3 +81,21 @@ def check_output_path(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot create output directory {out_dir}: no write permission in {ancestor} "
                               "(or its file system is read-only)")
+
+
+def check_result_file(path: Path, option: str, what: str, is_previous) -> None:
+    """Refuse to replace an existing ``path`` unless ``is_previous(its JSON)`` says this command wrote it.
+
+    For the result files of ``eval-zeroshot --out`` and ``report --out``: checked before the (long) evaluation,
+    so a typo in ``--out`` costs nothing."""
+    if not os.path.lexists(path):
+        return
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path} is a directory, not a file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and is_previous(data)):
+        raise OutputPathError(f"{path} exists and is not {what}, so it will not be replaced: choose another {option}, "
+                              "or remove the file yourself if you really mean to")

@@ -120,3 +120,19 @@ def test_overwrite_replaces_a_previous_output(tmp_path, model):
     assert qc["quant_method"] == "moe_compress" and qc["method"] == "svd"
     assert (out / "model-00001-of-00001.safetensors").read_bytes() != b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "parent"]  # no work or old directory left
+
+
+def test_eval_zeroshot_out_replaces_only_its_own_results(tmp_path, capsys):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    code = main(["eval-zeroshot", str(DEMO), "--out", str(notes), "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a previous eval-zeroshot result" in err
+    assert notes.read_text() == '{"mine": 1}\n'
+
+
+def test_report_out_refuses_a_foreign_report(tmp_path, capsys):
+    (tmp_path / "report.md").write_text("my own report\n")
+    code = main(["report", str(DEMO), "--out", str(tmp_path)])
+    assert code == 2 and "did not write" in capsys.readouterr().err
+    assert (tmp_path / "report.md").read_text() == "my own report\n"
