@@ -20,16 +20,24 @@ USER_ERRORS = (CheckpointError, FormatError, UnreachableRatioError, CalibrationE
 
 
 def _ratio(text: str) -> float:
-    value = float(text)
+    """argparse type: a float in (0, 1); argparse prefixes the message with the option's name."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be strictly between 0 and 1, got {text}")
+        raise argparse.ArgumentTypeError(f"ratio must be a number strictly between 0 and 1, got {text!r}")
     return value
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
@@ -334,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"moe-compress {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # permission denied, read-only file system, a file where a directory should be...
+        message = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+        print(f"moe-compress {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"moe-compress {args.command}: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

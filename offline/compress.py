@@ -146,9 +146,30 @@ def compress_checkpoint(
                 f"nothing was written to {out_dir}; finished layers are kept in {work.path}, free some space and "
                 "run the same command again to resume"
             ) from err
-        raise
+        raise OutputWriteError(f"{err.strerror or err}: {err.filename or work.path}; nothing was written to "
+                               f"{out_dir}{_kept(job)}") from err
+    except KeyboardInterrupt:
+        raise CompressionInterrupted(f"nothing was written to {out_dir}{_kept(job)}") from None
     work.remove()
     return info
+
+
+class OutputWriteError(OSError):
+    """Writing the work directory or the output failed (read-only file system, permission denied...)."""
+
+
+class CompressionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what was kept and how to resume."""
+
+
+def _kept(job: "_Job") -> str:
+    """What an interrupted or failed run leaves for the next one, as the tail of a one-line message."""
+    layers = sorted(job.layout.shapes)
+    finished = job.work.finished_layers(layers) if job.work.path.is_dir() else []
+    if not finished:
+        return ""
+    return (f"; {len(finished)} of {len(layers)} MoE layers are kept in {job.work.path}: run the same command "
+            "again to resume")
 
 
 @dataclass
