@@ -2,7 +2,7 @@
 
     python -m loadtests.run --model ORIGINAL_DIR --model COMPRESSED_DIR --users 1 4 16 --duration 60 --out runs/load
 
-Each model gets its own `vllm serve DIR` on 127.0.0.1 (a free port unless --port is given). A *cell* is one
+Each model gets its own vllm serve DIR on 127.0.0.1 (a free port unless --port is given). A *cell* is one
 headless Locust run (loadtests/locustfile.py) of one model at one user count for --duration seconds. Cells are
 measured round-robin: in every round, for every user count, each model in turn (the model order reverses in
 odd rounds), so drift of the machine's speed during the run falls on all models alike. By default all servers
@@ -11,18 +11,18 @@ instead, for machines without memory for all.
 
 Written to --out:
 
-- ``csv/<model>_u<users>_r<round>_*.csv``: Locust's CSVs of every cell (``llm`` rows: latency, ttft, itl; see
-  loadtests/locustfile.py); ``logs/``: server and Locust logs;
-- ``summary.json`` (rewritten atomically after every cell; ``complete`` turns true at the end):
-  ``models.<model>.users.<U>`` holds requests_per_s, output_tokens_per_s, ttft_p50, ttft_p99, latency_p50,
+- csv/<model>_u<users>_r<round>_*.csv: Locust's CSVs of every cell (llm rows: latency, ttft, itl; see
+  loadtests/locustfile.py); logs/: server and Locust logs;
+- summary.json (rewritten atomically after every cell; complete turns true at the end):
+  models.<model>.users.<U> holds requests_per_s, output_tokens_per_s, ttft_p50, ttft_p99, latency_p50,
   latency_p99, itl_p50, itl_p99 (seconds), failures, server_peak_rss_bytes and more, as medians over rounds
-  (loadtests/summary.py); ``models.<model>`` also holds total failures and the peak RSS; ``ratios`` divides
+  (loadtests/summary.py); models.<model> also holds total failures and the peak RSS; ratios divides
   every model by the first (the baseline);
-- ``ratios.md``: the same comparison as a Markdown table (also printed); ``throughput_latency.png``.
+- ratios.md: the same comparison as a Markdown table (also printed); throughput_latency.png.
 
---soak (issue 8) is meant for one long cell at steady users: it adds --bad-users malformed-request users
+--soak is meant for one long cell at steady users: it adds --bad-users malformed-request users
 (default 1, on top of --users, kept out of the good users' metrics), and records the server's RSS and the
-failures over time (``soak`` in summary.json, ``soak.png``), with the RSS growth after the warm-up, the first
+failures over time (soak in summary.json, soak.png), with the RSS growth after the warm-up, the first
 --warmup-fraction of the run (default 10 %).
 """
 
@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--max-model-len", type=int, default=1024, help="context length of every server (1024)")
     server.add_argument("--enforce-eager", action="store_true", help="pass --enforce-eager (faster start-up)")
     server.add_argument("--server-arg", dest="server_args", action="append", default=[], metavar="ARG",
-                        help="extra argument for `vllm serve`, e.g. --server-arg=--dtype=float32 (repeatable)")
+                        help="extra argument for vllm serve, e.g. --server-arg=--dtype=float32 (repeatable)")
     server.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for a server (900)")
     server.add_argument("--one-server-at-a-time", action="store_true",
                         help="serve one model at a time (per round) instead of all at once")

@@ -1,4 +1,9 @@
-"""``moe-compress``: compress MoE checkpoints, evaluate perplexity and zero-shot accuracy, inspect and report."""
+"""moe-compress: compress the routed experts of MoE checkpoints, evaluate perplexity and zero-shot accuracy,
+inspect and report.
+
+Building the parser imports neither torch nor transformers (choices come from offline/choices.py), so
+``--help`` answers at once; each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,32 @@ import logging
 import sys
 from pathlib import Path
 
-from .budget import UnreachableRatioError
-from .calibration import CalibrationError
-from .checkpoint_io import CheckpointError, DiskFullError
-from .format import FormatError
-from .workdir import WorkDirError
-
 DEFAULT_CALIB_FILE = Path(__file__).parent / "data" / "brown-calibration-sample.txt"
-USER_ERRORS = (CheckpointError, FormatError, UnreachableRatioError, CalibrationError, FileExistsError,
-               FileNotFoundError, ValueError, DiskFullError, WorkDirError)
+DESCRIPTION = ("Compress the routed experts of a Hugging Face MoE checkpoint (D²-MoE, RS-MoE, MoBE, RFID-MoE, SVD "
+               "baselines) into a checkpoint vLLM serves with --quantization moe_compress; evaluate, inspect and "
+               "report on it.")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or environment: one line on stderr and exit 2, not a traceback.
+    Imported here, not at module level, because these modules import torch."""
+    from .budget import UnreachableRatioError
+    from .calibration import CalibrationError
+    from .checkpoint_io import CheckpointError, DiskFullError
+    from .format import FormatError
+    from .workdir import WorkDirError
+
+    return (CheckpointError, FormatError, UnreachableRatioError, CalibrationError, FileExistsError,
+            FileNotFoundError, ValueError, DiskFullError, WorkDirError)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm-moe-compress")
+    except PackageNotFoundError:
+        return "unknown (not installed; running from a source tree)"
 
 
 def _ratio(text: str) -> float:
@@ -42,18 +64,14 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .choices import (
+        ACTIVATION_NAMES, ALLOCATIONS, EFFECTIVE_RANK_MODES, FISHER_GRANULARITY, FISHER_LABELS, MERGES, METHOD_NAMES,
+        RS_BASES, RS_LOWRANK_SVDS, RS_SCORES, TASK_SOURCES, ZEROSHOT_TASKS,
+    )
     from .datasets import DATASETS
-    from .fisher import FISHER_GRANULARITY, FISHER_LABELS
-    from .methods import METHODS
-    from .layer_allocation import ALLOCATIONS
-    from .methods.basis_fit import ACTIVATIONS
-    from .methods.d2 import MERGES
-    from .methods.group_basis import EFFECTIVE_RANK_MODES
-    from .methods.rs import BASES as RS_BASES, LOWRANK_SVDS as RS_LOWRANK_SVDS, SCORES as RS_SCORES
-    from .zeroshot import TASK_SOURCES
-    from .zeroshot import TASKS as ZEROSHOT_TASKS
 
-    parser = argparse.ArgumentParser(prog="moe-compress", description=__doc__)
+    parser = argparse.ArgumentParser(prog="moe-compress", description=DESCRIPTION)
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -66,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (config.json + *.safetensors)")
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where to write the compressed checkpoint")
-    c.add_argument("--method", required=True, choices=sorted(METHODS),
+    c.add_argument("--method", required=True, choices=METHOD_NAMES,
                    help="d2: D²-MoE (Fisher-merged base + whitened low-rank deltas + semi-dynamic base pruning); "
                    "svd: plain per-expert SVD; whitened-svd: per-expert SVD-LLM; rs: RS-MoE (sparse dense units + "
                    "activation-aware low-rank units + ridge down base, MI layer budgets); mobe: MoBE (bases shared by "
@@ -118,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = c.add_argument_group("MoBE and RFID-MoE options (--method mobe, --method rfid)")
     b.add_argument("--group-size", type=_positive, default=4,
                    help="experts per group k (default 4); MoBE uses E/k bases, RFID-MoE E/k groups")
-    b.add_argument("--activation", choices=ACTIVATIONS, default="silu",
+    b.add_argument("--activation", choices=ACTIVATION_NAMES, default="silu",
                    help="φ applied to the bases (default silu; identity = plain grouped SVD, an ablation)")
     b.add_argument("--fit-steps", type=int, default=200, help="full-batch Adam steps per projection (default 200)")
     b.add_argument("--fit-lr", type=float, default=0.07, help="Adam learning rate on the scaled loss (default 0.07)")
@@ -139,33 +157,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the compressed factors (default bfloat16); other tensors keep theirs")
     o.add_argument("--max-shard-size", type=_positive, default=2048, metavar="MiB", help="safetensors shard size (default 2048 MiB)")
     o.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
-    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
     e = sub.add_parser(
         "eval-ppl", help="perplexity of a dense or compressed checkpoint on a local dataset",
         description="Perplexity over non-overlapping windows (GPTQ convention) of a local test text. "
         "Compressed checkpoints run through the pure-PyTorch reference forward.",
     )
-    e.add_argument("model_dir", metavar="MODEL_DIR")
-    e.add_argument("--dataset", choices=DATASETS, required=True)
+    e.add_argument("model_dir", metavar="MODEL_DIR", help="a dense Hugging Face model or a compressed checkpoint")
+    e.add_argument("--dataset", choices=DATASETS, required=True, help="test text, read from the data directory")
     e.add_argument("--data-dir", help="the shared data directory (default: $MOE_COMPRESS_DATA)")
     e.add_argument("--max-tokens", type=_positive, help="score only the first N tokens (whole windows)")
     e.add_argument("--seqlen", type=_positive, help="window length (default min(2048, model maximum))")
-    e.add_argument("--batch-size", type=_positive, default=1)
+    e.add_argument("--batch-size", type=_positive, default=1,
+                   help="windows per forward pass (default 1); with D²-MoE's dynamic pruning on, the batch is what "
+                   "the pruning sees")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (default float32)")
     e.add_argument("--no-dynamic-prune", action="store_true",
                    help="skip D²-MoE's per-batch dynamic base pruning (on by default, as the paper evaluates)")
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line of stdout")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     t = sub.add_parser(
         "generate", help="greedy text from a dense or compressed checkpoint (reference forward, no vLLM)",
         description="A quick check that a checkpoint still speaks: greedy decoding through transformers, "
         "compressed experts computed by the pure-PyTorch reference forward.",
     )
-    t.add_argument("model_dir", metavar="MODEL_DIR")
-    t.add_argument("--prompt", required=True)
-    t.add_argument("--max-new-tokens", type=_positive, default=32)
+    t.add_argument("model_dir", metavar="MODEL_DIR", help="a dense Hugging Face model or a compressed checkpoint")
+    t.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
+    t.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate (default 32)")
 
     z = sub.add_parser(
         "eval-zeroshot", help="zero-shot accuracy (lm-evaluation-harness through vLLM) of a dense or compressed checkpoint",
@@ -174,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data source of lm-eval's own task configurations); --tasks-source hub uses the standard tasks unchanged. "
         "vLLM on CPU needs VLLM_CPU_KVCACHE_SPACE (GiB; default here 1).",
     )
-    z.add_argument("model_dir", metavar="MODEL_DIR")
+    z.add_argument("model_dir", metavar="MODEL_DIR", help="a dense Hugging Face model or a compressed checkpoint")
     z.add_argument("--tasks", nargs="+", default=list(ZEROSHOT_TASKS), metavar="TASK",
                    help=f"lm-eval task names, space- or comma-separated (default: {','.join(ZEROSHOT_TASKS)})")
     z.add_argument("--limit", type=_positive, help="score only the first N documents of each task (default: all)")
@@ -207,13 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--zeroshot-tasks", nargs="+", default=[], metavar="TASK",
                    help="run eval-zeroshot on these tasks for every model (one subprocess each)")
     r.add_argument("--zeroshot-limit", type=_positive, help="first N documents per task for --zeroshot-tasks")
-    r.add_argument("--tasks-source", choices=TASK_SOURCES, default="local")
+    r.add_argument("--tasks-source", choices=TASK_SOURCES, default="local",
+                   help="local: the data directory's copies, no hub (default); hub: lm-eval's standard datasets")
     r.add_argument("--data-dir", help="the shared data directory (default: $MOE_COMPRESS_DATA)")
     r.add_argument("--energy-layer", type=int, help="MoE layer of the energy plot (default: the first compressed)")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    i = sub.add_parser("inspect", help="method, ratios, per-layer ranks and parameter counts of a compressed checkpoint")
-    i.add_argument("model_dir", metavar="DIR")
+    i = sub.add_parser(
+        "inspect", help="method, ratios, per-layer ranks and parameter counts of a compressed checkpoint",
+        description="Summarise a compressed checkpoint: method and options, target and achieved ratios, parameter "
+        "counts, per-layer base channels and rank statistics, calibration settings.",
+    )
+    i.add_argument("model_dir", metavar="DIR", help="a directory written by moe-compress compress")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
@@ -339,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 "report": run_report, "generate": run_generate, "inspect": run_inspect}
     try:
         return commands[args.command](args)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"moe-compress {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # permission denied, read-only file system, a file where a directory should be...

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .architectures import moe_block
-
-FISHER_LABELS = ("sampled", "empirical")
-FISHER_GRANULARITY = ("expert", "element")
+from .choices import FISHER_GRANULARITY, FISHER_LABELS
 
 
 def expert_fisher(
