@@ -235,11 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser(
         "inspect", help="method, ratios, per-layer ranks and parameter counts of a compressed checkpoint",
-        description="Summarise a compressed checkpoint: method and options, target and achieved ratios, parameter "
-        "counts, per-layer base channels and rank statistics, calibration settings.",
+        description="Check a compressed checkpoint as vllm serve does before starting its engine (a damaged one is "
+        "refused with one line naming the tensor or field; --verify also reads the values), then summarise it: "
+        "method and options, target and achieved ratios, parameter counts, per-layer base channels and rank "
+        "statistics, calibration settings.",
     )
     i.add_argument("model_dir", metavar="DIR", help="a directory written by moe-compress compress")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--verify", action="store_true",
+                   help="also read every factor and refuse NaN/Inf (default: files, tensor names, shapes and dtypes "
+                   "from the safetensors headers, format_version and schemes, as vllm serve checks at start-up)")
     return parser
 
 
@@ -349,9 +354,11 @@ def run_generate(args) -> int:
 
 
 def run_inspect(args) -> int:
+    from .checkpoint_check import check_checkpoint
     from .summary import format_summary, summarize
 
-    summary = summarize(args.model_dir)
+    check_checkpoint(args.model_dir, values=args.verify)
+    summary = {**summarize(args.model_dir), "checked": "headers and values" if args.verify else "headers"}
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 

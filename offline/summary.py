@@ -42,6 +42,9 @@ def format_summary(s: dict) -> str:
         f"parameters        {s['original_params']:,} -> {s['compressed_params']:,}  (stored as {s['dtype']})",
         f"dynamic pruning   {s['dynamic_prune_ratio']:.4f} of base channels per batch",
     ]
+    if "checked" in s:
+        values = "; values finite (no NaN/Inf)" if s["checked"] == "headers and values" else " (--verify: values too)"
+        lines.append(f"checks            passed: files, tensor names/shapes/dtypes, format_version, schemes{values}")
     if s["calibration"]:
         c = s["calibration"]
         lines.append(f"calibration       {c['samples']} x {c['seqlen']} tokens from {c['file']} (seed {c['seed']})")
