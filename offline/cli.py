@@ -173,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows per forward pass (default 1); with D²-MoE's dynamic pruning on, the batch is what "
                    "the pruning sees")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (default float32)")
-    e.add_argument("--no-dynamic-prune", action="store_true",
-                   help="skip D²-MoE's per-batch dynamic base pruning (on by default, as the paper evaluates)")
+    e.add_argument("--dynamic-prune", action="store_true",
+                   help="apply D²-MoE's per-batch dynamic base pruning, as the paper evaluates (default off, as vllm "
+                   "serve runs it unless VLLM_MOE_COMPRESS_DYNAMIC_PRUNE=1)")
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line of stdout")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -284,12 +285,14 @@ def run_eval_ppl(args) -> int:
     from .perplexity import checkpoint_perplexity
 
     result = checkpoint_perplexity(args.model_dir, [args.dataset], args.data_dir, args.max_tokens, args.seqlen,
-                                   args.batch_size, args.dtype, not args.no_dynamic_prune,
+                                   args.batch_size, args.dtype, args.dynamic_prune,
                                    not args.no_progress)[args.dataset]
+    forward = "dynamic pruning on" if args.dynamic_prune else "dynamic pruning off, as served"
     print(f"{args.model_dir} {args.dataset}: ppl {result.ppl:.4f} over {result.tokens:,} tokens "
-          f"({result.windows} windows of {result.seqlen})")
+          f"({result.windows} windows of {result.seqlen}; reference forward, {forward})")
     if args.json:
-        print(json.dumps({"model": str(args.model_dir), "dataset": args.dataset, **result.to_dict()}))
+        print(json.dumps({"model": str(args.model_dir), "dataset": args.dataset, **result.to_dict(),
+                          "dynamic_pruning": args.dynamic_prune}))
     return 0
 
 

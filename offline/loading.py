@@ -22,8 +22,9 @@ def is_compressed(model_dir: str | Path) -> bool:
     return (read_config(model_dir).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, dynamic_pruning: bool = True):
-    """Any supported checkpoint, dense or compressed, as an eval-mode transformers model."""
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, dynamic_pruning: bool = False):
+    """Any supported checkpoint, dense or compressed, as an eval-mode transformers model; D²-MoE's dynamic
+    pruning off by default, as the vLLM plugin serves it."""
     if is_compressed(model_dir):
         return load_compressed_model(model_dir, dtype, dynamic_pruning)
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
