@@ -216,8 +216,12 @@ class LoadTest:
                   bar_format="{desc}: {n}/{total} s |{bar}| {postfix}") as bar:
             while self.locust.poll() is None:
                 time.sleep(1.0)
-                bar.n = min(args.duration, int(time.time() - start))
-                bar.set_postfix_str(f"server RSS {_latest_rss(server) / 2**20:.0f} MiB")
+                elapsed = int(time.time() - start)
+                bar.n = min(args.duration, elapsed)
+                rss = f"server RSS {_latest_rss(server) / 2**20:.0f} MiB"
+                over = elapsed - args.duration
+                bar.set_postfix_str(rss if over < 0 else f"{rss}; load done, Locust stopping and writing its CSVs "
+                                    f"(+{over} s)")
         end = time.time()
         if self.locust.returncode != 0:
             raise RuntimeError(f"locust exited with {self.locust.returncode}; log {log_path}:\n"
@@ -226,9 +230,10 @@ class LoadTest:
         metrics = cell_metrics(args.out / "csv" / f"{cell.name}_stats.csv", max(rss for _, rss in samples))
         tqdm.write(f"  {metrics['output_tokens_per_s']:.1f} output tok/s, {metrics['requests']} requests, "
                    f"latency p50 {_seconds(metrics['latency_p50'])}, TTFT p50 {_seconds(metrics['ttft_p50'])}, "
-                   f"{metrics['failures']} failures, bad requests {metrics['bad_requests']} "
-                   f"({metrics['bad_request_failures']} failed), "
-                   f"peak RSS {metrics['server_peak_rss_bytes'] / 2**20:.0f} MiB")
+                   f"{metrics['failures']} failures, "
+                   + (f"bad requests {metrics['bad_requests']} ({metrics['bad_request_failures']} failed), "
+                      if args.soak else "")
+                   + f"peak RSS {metrics['server_peak_rss_bytes'] / 2**20:.0f} MiB")
         if args.soak:
             self.soak[f"{cell.model} u{cell.users} r{cell.round}"] = self._soak_record(cell, samples, metrics)
         return metrics
