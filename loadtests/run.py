@@ -44,6 +44,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from loadtests import plots
+from offline.output_safety import check_result_file
 from loadtests.server import VllmServer, stop_process_group
 from loadtests.summary import (cell_metrics, combine_rounds, failure_series, ratio_table, ratios, rss_growth,
                                write_json_atomic, write_text_atomic)
@@ -129,6 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"request options: {error}")
     if not 0 < args.warmup_fraction < 1:
         parser.error("--warmup-fraction must lie strictly between 0 and 1")
+    try:  # results are written under fixed names: replace only a previous load test's
+        check_result_file(args.out / "summary.json", "--out", "a previous load-test summary",
+                          lambda d: "models" in d and "ratios" in d)
+    except ValueError as error:
+        parser.error(str(error))
+    if (args.out / "ratios.md").exists() and not (args.out / "summary.json").exists():
+        parser.error(f"--out {args.out} holds a ratios.md that no load test wrote (no summary.json): choose another --out")
     if args.bad_users is None:
         args.bad_users = 1 if args.soak else 0
     if args.bad_users < 0:
