@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .architectures import moe_block
-from .choices import FISHER_GRANULARITY, FISHER_LABELS
 
 
 def expert_fisher(
