@@ -1,7 +1,7 @@
 """The names the command line offers for each choice option, torch-free so that building the parser (and
 ``moe-compress --help``) imports neither torch nor transformers.
 
-The modules that implement the choices import their names from here, so each list exists once; the two
+Modules that check a value against these names import them from here, so each list exists once; the two
 tables keyed by name (``offline.methods.METHODS``, ``offline.methods.basis_fit.ACTIVATIONS``) are checked
 against these names by tests/test_cli_help.py.
 """
