@@ -68,10 +68,11 @@ def evaluate_perplexity(
 
 def checkpoint_perplexity(
     model_dir: str | Path, datasets: list[str], data_dir: str | Path | None, max_tokens: int | None = None,
-    seqlen: int | None = None, batch_size: int = 1, dtype: str = "float32", dynamic_pruning: bool = True,
+    seqlen: int | None = None, batch_size: int = 1, dtype: str = "float32", dynamic_pruning: bool = False,
     progress: bool = True,
 ) -> dict[str, PerplexityResult]:
-    """Perplexity of a dense or compressed checkpoint on each local dataset (the model is loaded once)."""
+    """Perplexity of a dense or compressed checkpoint on each local dataset (the model is loaded once).
+    ``dynamic_pruning`` (D²-MoE's per-batch base pruning) is off by default, as ``vllm serve`` runs it."""
     from transformers import AutoTokenizer
 
     from .datasets import load_eval_text, resolve_data_dir

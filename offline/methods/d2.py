@@ -28,8 +28,7 @@ from ..architectures import PROJECTIONS
 from ..budget import LayerShape
 from ..schemes.base_delta import BaseDeltaLayer
 from .base import CompressionMethod, factorize_experts
-
-MERGES = ("fisher", "mean", "frequency")
+from ..choices import MERGES
 
 
 def merge_base(weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:

@@ -70,11 +70,12 @@ class SchemeLayer(ABC):
 
 
 def fetch_checked(get: TensorGetter, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """``get(name)``, refusing a wrong shape or a non-finite floating-point value (naming the tensor)."""
+    """``get(name)``, refusing a wrong shape or a non-finite floating-point value (naming the tensor).
+    A tensor on the meta device (header-only checks, offline/checkpoint_check.py) has no values to check."""
     t = get(name)
     if tuple(t.shape) != shape:
         raise FormatError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}")
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():
         raise FormatError(f"tensor {name} contains NaN or Inf")
     return t
 
