@@ -38,7 +38,7 @@ import torch
 
 from benchmarks.kernels import MODELS, SCHEMES, base_delta_factors, torch_dense_moe, write_atomically
 
-CPU_PATHS: dict[str, str] = {}
+CPU_PATHS = {"base_delta": "kernels.base_delta_cpu"}
 """Schemes that have a CPU path (``prepare`` + ``<scheme>_moe``) besides the torch op."""
 
 

@@ -1,0 +1,35 @@
+"""The C++ CPU MoE ops (``kernels/csrc/lowrank_moe_cpu.cpp``), compiled at first use and cached.
+
+``torch.utils.cpp_extension.load`` builds the source with the machine's C++ compiler (g++, which vLLM's CPU
+backend already needs for its compiled mode) into ``$MOE_COMPRESS_CPU_BUILD`` (default
+``~/.cache/vllm_moe_compress/cpu-<torch version>``), once per source change; later processes load the cached
+library (~0.1 s). Concurrent first builds (vLLM's worker processes, parallel tests) wait on torch's build
+lock. The ops register as ``torch.ops.moe_compress_cpu.*``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "lowrank_moe_cpu.cpp"
+
+
+def build_directory() -> Path:
+    default = Path.home() / ".cache" / "vllm_moe_compress" / f"cpu-{torch.__version__}"
+    path = Path(os.environ.get("MOE_COMPRESS_CPU_BUILD", default))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def cpu_ops():
+    """``torch.ops.moe_compress_cpu``, building the extension first if this machine has no cached build."""
+    from torch.utils.cpp_extension import load
+
+    load(name="moe_compress_cpu", sources=[str(SOURCE)], extra_cflags=["-O2"], is_python_module=False,
+         build_directory=str(build_directory()), verbose=False)
+    return torch.ops.moe_compress_cpu

@@ -1,0 +1,112 @@
+// CPU forward of the base_delta MoE over the active experts only (kernels/lowrank_moe_cpu.py documents the
+// layout and the equations). One call per layer: the loop over experts that received tokens runs here, each
+// product is one at::mm (MKL/oneDNN GEMM or GEMV on views of the prepared per-expert blocks, no copies of
+// factors), so the time follows the bytes of the routed experts' factors and their FLOPs.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace {
+
+// Routed (token, expert) pairs grouped by expert on the host: tokens[starts[e] .. starts[e+1]) are expert e's.
+struct Pairs {
+  std::vector<int64_t> starts, tokens, slots;
+};
+
+Pairs group_pairs(const at::Tensor& topk_ids, int64_t num_experts) {
+  auto ids = topk_ids.to(at::kLong).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t pairs = ids.numel(), top_k = ids.size(1);
+  Pairs p{std::vector<int64_t>(num_experts + 1, 0), std::vector<int64_t>(pairs), std::vector<int64_t>(pairs)};
+  for (int64_t i = 0; i < pairs; ++i) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < num_experts, "expert id ", id[i], " out of range");
+    ++p.starts[id[i] + 1];
+  }
+  for (int64_t e = 0; e < num_experts; ++e) p.starts[e + 1] += p.starts[e];
+  std::vector<int64_t> fill(p.starts.begin(), p.starts.end() - 1);
+  for (int64_t i = 0; i < pairs; ++i) {  // stable: a token's pairs keep their order
+    const int64_t at = fill[id[i]]++;
+    p.tokens[at] = i / top_k;
+    p.slots[at] = i;
+  }
+  return p;
+}
+
+// Σ_k w_k · expert_{id_k}(x), expert e: W_q = scatter(B_q) + U_e,q V_e,q (q = gate, up, down).
+// meta int64 [E, 5]: per expert (first row of its gate V in gu_v, gate rank, up rank, first row of its down V
+// in d_v, down rank). Projections to the ranks read V [r, in] rows (x Vᵀ); expansions from the ranks read
+// Uᵀ [r, out] rows (z Uᵀ): gu_ut and d_ut have the row order of gu_v and d_v. base_down_t is B_downᵀ [C, H].
+at::Tensor base_delta_forward(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                              const at::Tensor& meta_in, const at::Tensor& gu_v, const at::Tensor& gu_ut,
+                              const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
+                              const at::Tensor& base_down_t, const at::Tensor& base_channels,
+                              int64_t num_dynamic_drop) {
+  const auto dtype = gu_v.scalar_type();
+  const at::Tensor x = x_in.to(dtype).contiguous();
+  const int64_t T = x.size(0), H = x.size(1), I = d_v.size(1), E = meta_in.size(0);
+  const int64_t C = base_channels.numel();
+  const at::Tensor meta = meta_in.contiguous();
+  const int64_t* m = meta.data_ptr<int64_t>();
+  const Pairs pairs = group_pairs(topk_ids, E);
+  const at::Tensor token_of = at::tensor(pairs.tokens, at::kLong);
+  const at::Tensor weight_of = topk_weights.reshape({-1}).to(dtype).index_select(0, at::tensor(pairs.slots, at::kLong));
+
+  at::Tensor out = at::zeros({T, H}, x.options());
+  at::Tensor base_gate, base_up, weighted_h;
+  if (C) {
+    const at::Tensor b = at::mm(x, base_gu.t());  // base gate/up once per token: [T, 2C]
+    base_gate = b.narrow(1, 0, C);
+    base_up = b.narrow(1, C, C);
+    weighted_h = at::zeros({T, C}, x.options());
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = pairs.starts[e], n = pairs.starts[e + 1] - begin;
+    if (n == 0) continue;
+    const int64_t* r = m + 5 * e;  // v_row, rg, ru, d_row, rd
+    const int64_t rg = r[1], ru = r[2], rd = r[4];
+    const at::Tensor tokens = token_of.narrow(0, begin, n);
+    const at::Tensor w = weight_of.narrow(0, begin, n).unsqueeze(1);
+    const at::Tensor xe = n == T && T == 1 ? x : x.index_select(0, tokens);
+    at::Tensor gate, up;
+    if (rg + ru) {
+      const at::Tensor z = at::mm(xe, gu_v.narrow(0, r[0], rg + ru).t());  // [n, rg + ru]
+      gate = rg ? at::mm(z.narrow(1, 0, rg), gu_ut.narrow(0, r[0], rg)) : at::zeros({n, I}, x.options());
+      up = ru ? at::mm(z.narrow(1, rg, ru), gu_ut.narrow(0, r[0] + rg, ru)) : at::zeros({n, I}, x.options());
+    } else {
+      gate = at::zeros({n, I}, x.options());
+      up = at::zeros({n, I}, x.options());
+    }
+    if (C) {
+      gate.index_add_(1, base_channels, base_gate.index_select(0, tokens));
+      up.index_add_(1, base_channels, base_up.index_select(0, tokens));
+    }
+    at::Tensor h = at::silu_(gate).mul_(up);  // [n, I]
+    if (C) weighted_h.index_add_(0, tokens, h.index_select(1, base_channels).mul_(w));
+    if (rd) {
+      const at::Tensor zd = at::mm(h, d_v.narrow(0, r[3], rd).t()).mul_(w);  // routing weight on the rank side
+      out.index_add_(0, tokens, at::mm(zd, d_ut.narrow(0, r[3], rd)));
+    }
+  }
+  if (C) {
+    at::Tensor bd = base_down_t, wh = weighted_h;
+    if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
+      const at::Tensor score = base_down_t.to(at::kFloat).norm(2, {1}) * weighted_h.to(at::kFloat).norm(2, {0});
+      const at::Tensor keep = std::get<1>(score.topk(C - num_dynamic_drop));
+      bd = base_down_t.index_select(0, keep);
+      wh = weighted_h.index_select(1, keep);
+    }
+    out.addmm_(wh, bd);  // base down once per token, on the routing-weighted sum
+  }
+  return out.to(x_in.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moe_compress_cpu, m) {
+  m.def("base_delta(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor gu_v, Tensor gu_ut, "
+        "Tensor d_v, Tensor d_ut, Tensor base_gu, Tensor base_down_t, Tensor base_channels, int num_dynamic_drop) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_compress_cpu, CPU, m) { m.impl("base_delta", &base_delta_forward); }
