@@ -25,6 +25,21 @@ def _(x, *args) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("moe_compress::base_delta_moe_cpu", mutates_args=())
+def base_delta_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                          layout: list[torch.Tensor], num_dynamic_drop: int) -> torch.Tensor:
+    """``layout``: the fields of ``kernels.base_delta_cpu.BaseDeltaCpuLayout`` (prepared at load)."""
+    from kernels import base_delta_cpu
+
+    return base_delta_cpu.base_delta_moe(x, topk_ids, topk_weights, base_delta_cpu.BaseDeltaCpuLayout(*layout),
+                                         num_dynamic_drop)
+
+
+@base_delta_moe_cpu_op.register_fake
+def _(x, *args) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("moe_compress::sparse_lowrank_moe", mutates_args=())
 def sparse_lowrank_moe_op(
     x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, sparse_counts: torch.Tensor,
