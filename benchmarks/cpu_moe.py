@@ -18,8 +18,8 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
 Each call gets a fresh random routing (uniform top-k, softmax weights), cycled from ``--routings`` drawn
 ones, so the routed experts' weights are not cache-hot from the previous call. Timing: ``--rounds``
 alternating rounds (every path once per round, in turn); a round runs each path ``--calls`` times and keeps
-the mean; the table gives the median over rounds. The same run measures the copy bandwidth (a 512 MiB
-``copy_``: (read + write bytes) / time). Each row: ms, the bytes the path must read (the routed experts'
+the mean; the table gives the median over rounds. The copy bandwidth (a 512 MiB ``copy_``: (read + write
+bytes) / time) is one more path in the same rounds, so it sees the same machine load. Each row: ms, the bytes the path must read (the routed experts'
 weights or factors plus shared ones, in the dtype the path multiplies in: ``ours`` converts bf16 to fp32 at
 load on CPUs without native bf16, so its bytes are fp32 there; x and out included), achieved GB/s (those
 bytes / time) and its fraction of the copy bandwidth, and the speed-up of ``ours`` over vLLM dense.
@@ -36,23 +36,25 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.kernels import MODELS, SCHEMES, base_delta_factors, torch_dense_moe, write_atomically
+from benchmarks.kernels import MODELS, SCHEMES, torch_dense_moe, write_atomically
+from kernels.base_delta_cpu import compute_dtype
 
-CPU_PATHS = {"base_delta": "kernels.base_delta_cpu"}
+CPU_PATHS = {"base_delta": "kernels.base_delta_cpu", "sparse_lowrank": "kernels.sparse_lowrank_cpu"}
 """Schemes that have a CPU path (``prepare`` + ``<scheme>_moe``) besides the torch op."""
 
 
-def copy_bandwidth(rounds: int) -> float:
-    """GB/s of a 512 MiB tensor copy, (read + write bytes) / median time."""
-    src = torch.ones(2**27)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+class CopyBandwidth:
+    """A 512 MiB tensor copy, timed as one more path in every round: GB/s = (read + write bytes) / time."""
+
+    def __init__(self):
+        self.src = torch.ones(2**27)
+        self.dst = torch.empty_like(self.src)
+
+    def __call__(self, *inputs):
+        self.dst.copy_(self.src)
+
+    def gbs(self, ms: float) -> float:
+        return 2 * self.src.numel() * 4 / ms / 1e6
 
 
 def vllm_dense(w13: torch.Tensor, w2: torch.Tensor):
@@ -93,11 +95,10 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen):
     elem = {"torch op": dtype.itemsize}
     if scheme in CPU_PATHS:
         module = importlib.import_module(CPU_PATHS[scheme])
-        factors = base_delta_factors(model, ratio, seed, dtype, torch.device("cpu"),
-                                     torch.Generator().manual_seed(seed))
-        layout = module.prepare(*factors)
-        paths = {"ours": lambda x, ids, w: module.base_delta_moe(x, ids, w, layout), **paths}
-        elem["ours"] = module.compute_dtype(dtype).itemsize
+        layout = module.prepare(*layer.torch_args)
+        forward = getattr(module, f"{scheme}_moe")
+        paths = {"ours": lambda x, ids, w: forward(x, ids, w, layout), **paths}
+        elem["ours"] = compute_dtype(dtype).itemsize
 
     def read_bytes(used: torch.Tensor, name: str) -> int:
         return elem[name] * layer.read_params(used)
@@ -125,12 +126,13 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if l.startswith("Model name")), "?")
-    copy_gbs = copy_bandwidth(args.rounds)
-    header = [f"CPU: {cpu}; torch threads {args.threads}; load average before: {os.getloadavg()[0]:.1f}; copy "
-              f"bandwidth {copy_gbs:.1f} GB/s (read + write); median of {args.rounds} alternating rounds of "
-              f"{args.calls} calls.", "",
-              "| model | dtype | scheme | ratio | tokens | path | ms | MB read | GB/s | % copy | vLLM dense ms / path ms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    copy = CopyBandwidth()
+    header = [f"CPU: {cpu}; torch threads {args.threads}; load average before: {os.getloadavg()[0]:.1f}; median "
+              f"of {args.rounds} alternating rounds of {args.calls} calls; copy GB/s = a 512 MiB copy's (read + "
+              f"write) bytes / time, timed in the same rounds.", "",
+              "| model | dtype | scheme | ratio | tokens | path | ms | MB read | GB/s | copy GB/s | % copy "
+              "| vLLM dense ms / path ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines = list(header)
     for name in args.models:
         model = MODELS[name]
@@ -155,8 +157,8 @@ def main() -> None:
                             x = torch.randn(tokens, h, generator=gen).to(dtype)
                             top_logits, ids = torch.randn(tokens, num_experts, generator=gen).topk(model.top_k, dim=1)
                             inputs.append((x, ids.to(torch.int32), top_logits.softmax(dim=1)))
-                        ms = timed_rounds(all_paths, inputs, args.rounds, args.calls)
-                        dense_ms = ms[f"vLLM dense ({isa})"]
+                        ms = timed_rounds({**all_paths, "copy": copy}, inputs, args.rounds, args.calls)
+                        dense_ms, copy_gbs = ms[f"vLLM dense ({isa})"], copy.gbs(ms.pop("copy"))
                         for path, t in ms.items():
                             used = torch.zeros(num_experts, dtype=torch.bool)  # mean over the routings
                             read = []
@@ -169,7 +171,8 @@ def main() -> None:
                             mb = statistics.mean(read) / 1e6
                             gbs = mb / t
                             lines.append(f"| {name} | {dtype_name(dtype)} | {scheme} | {ratio:.0%} | {tokens} | {path} | "
-                                         f"{t:.2f} | {mb:.0f} | {gbs:.1f} | {gbs / copy_gbs:.0%} | {dense_ms / t:.2f}× |")
+                                         f"{t:.2f} | {mb:.0f} | {gbs:.1f} | {copy_gbs:.1f} | {gbs / copy_gbs:.0%} | "
+                                         f"{dense_ms / t:.2f}× |")
                             print(lines[-1], flush=True)
                     del paths
             del dense, dense_paths

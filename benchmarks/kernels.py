@@ -145,6 +145,9 @@ class CompressedLayer:
     pair_flops: torch.Tensor | None = None
     """int64 [E], on the device: operations per routed pair besides 2 per expert parameter (basis_residual: the
     group right factor's product and the hashed residual's GEMMs)."""
+    torch_args: tuple = ()
+    """The packed tensors the torch path takes after ``topk_weights`` (base_delta, sparse_lowrank): what the
+    CPU paths' ``prepare`` takes (benchmarks/cpu_moe.py)."""
 
     def read_params(self, used: torch.Tensor) -> int:
         """Parameters the layer reads when the experts ``used`` (bool [E]) get tokens."""
@@ -191,7 +194,7 @@ def base_delta_layer(model: ModelShape, ratio: float, seed: int, dtype, device, 
     return CompressedLayer(
         lambda x, ids, w: base_delta_triton.base_delta_moe(x, ids, w, *factors, layout=layout),
         lambda x, ids, w: base_delta_torch.base_delta_moe(x, ids, w, *factors),
-        rank_table[0] * 3 * (h + i), 3 * h * base_channels.numel())
+        rank_table[0] * 3 * (h + i), 3 * h * base_channels.numel(), torch_args=factors)
 
 
 def sparse_lowrank_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen) -> CompressedLayer:
@@ -212,7 +215,8 @@ def sparse_lowrank_layer(model: ModelShape, ratio: float, seed: int, dtype, devi
     return CompressedLayer(
         lambda x, ids, w: sparse_lowrank_triton.sparse_lowrank_moe(x, ids, w, *tensors, layout=layout),
         lambda x, ids, w: sparse_lowrank_torch.sparse_lowrank_moe(x, ids, w, *tensors),
-        torch.tensor([3 * h * a + 3 * r * (h + b) for a, b, r in zip(s, m, k)], device=device), h * i)
+        torch.tensor([3 * h * a + 3 * r * (h + b) for a, b, r in zip(s, m, k)], device=device), h * i,
+        torch_args=tensors)
 
 
 def basis_residual_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen,

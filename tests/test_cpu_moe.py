@@ -1,13 +1,17 @@
-"""The C++ CPU MoE path (kernels/base_delta_cpu.py) against float64 dense math on the materialised experts,
-with fresh random inputs: ragged ranks including 0, idle experts, no base, top-1 and top-k, a single token,
-dynamic base pruning, bf16 factors (computed in fp32 on CPUs without native bf16)."""
+"""The C++ CPU MoE paths (kernels/base_delta_cpu.py, kernels/sparse_lowrank_cpu.py) against float64 dense math on
+the materialised experts, with fresh random inputs: ragged ranks including 0, idle experts, no base, top-1 and
+top-k, a single token, dynamic base pruning; fp64, fp32 and bf16 factors (bf16 computed in fp32 on CPUs without
+native bf16)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import base_delta_cpu, base_delta_torch
+from kernels import base_delta_cpu, base_delta_torch, sparse_lowrank_cpu
 from kernels.base_delta_torch import rank_offsets
+from offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def packed_layer(ranks: list[list[int]], hidden: int, inter: int, channels: int, gen: torch.Generator):
@@ -72,7 +76,7 @@ def test_cpu_path_matches_float64_dense_math(case):
     x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
     ids, weights = routing(tokens, len(ranks[0]), top_k, gen, idle)
     reference = dense_moe(x, ids, weights, dense_experts(*tensors))
-    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    for dtype, tolerance in TOLERANCE.items():
         layout = base_delta_cpu.prepare(tensors[0], *(t.to(dtype) for t in tensors[1:7]), tensors[7])
         out = base_delta_cpu.base_delta_moe(x.to(dtype), ids, weights, layout)
         assert out.dtype == dtype
@@ -91,3 +95,45 @@ def test_dynamic_pruning_matches_the_torch_path():
         expected = base_delta_torch.base_delta_moe(x, ids, weights, *tensors, num_dynamic_drop=drop)
         out = base_delta_cpu.base_delta_moe(x, ids, weights, layout, num_dynamic_drop=drop)
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def random_units(gen, hidden, intermediate, plan, with_base) -> SparseLowRankLayer:
+    """``plan``: per expert (sparse units, low-rank units, (gate, up, down) rank); float64, every stage O(1)."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) / max(shape[-1], 1) ** 0.5
+
+    experts = []
+    for s, m, ranks in plan:
+        channels = torch.randperm(intermediate, generator=gen)
+        sparse = {p: randn(hidden, s) if p == "down" else randn(s, hidden) for p in ("gate", "up", "down")}
+        lowrank = {p: None if not k else (randn(hidden, k), randn(k, m)) if p == "down" else (randn(m, k), randn(k, hidden))
+                   for p, k in zip(("gate", "up", "down"), ranks)}
+        experts.append(ExpertUnits(channels[:s].sort().values, sparse, channels[s: s + m].sort().values, lowrank))
+    return SparseLowRankLayer(hidden, intermediate, experts, randn(hidden, intermediate) if with_base else None)
+
+
+UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units, ranks), base, idle experts)
+    "mixed, ragged, rank 0, nothing kept, idle expert": (13, 3, [
+        (5, 7, (3, 0, 4)), (6, 9, (2, 5, 0)), (12, 0, (0, 0, 0)), (0, 11, (4, 3, 6)), (0, 0, (0, 0, 0)),
+        (3, 4, (0, 0, 0))], True, {0}),
+    "no base": (9, 2, [(4, 6, (3, 2, 5)), (0, 9, (6, 6, 1)), (10, 3, (1, 0, 2)), (7, 0, (0, 0, 0))], False, set()),
+    "single token, top-5": (1, 5, [(e % 4, 6 + e % 5, (e % 3, 1 + e % 4, e % 5)) for e in range(6)], True, set()),
+    "top-1": (10, 1, [(3, 0, (0, 0, 0)), (0, 8, (2, 2, 2)), (4, 4, (1, 3, 2))], True, set()),
+}
+
+
+@pytest.mark.parametrize("case", UNIT_CASES)
+def test_sparse_lowrank_cpu_path_matches_float64_dense_math(case):
+    tokens, top_k, plan, with_base, idle = UNIT_CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    layer = random_units(gen, 24, 20, plan, with_base)
+    x = torch.randn(tokens, 24, generator=gen, dtype=torch.float64)
+    ids, weights = routing(tokens, len(plan), top_k, gen, idle)
+    experts = [tuple(layer.dense_weight(e, p) for p in ("gate", "up", "down")) for e in range(len(plan))]
+    reference = dense_moe(x, ids, weights, experts)
+    for dtype, tolerance in TOLERANCE.items():
+        packed = {k: t.to(dtype) if t.is_floating_point() else t for k, t in layer.packed().items()}
+        out = sparse_lowrank_cpu.sparse_lowrank_moe(x.to(dtype), ids, weights, sparse_lowrank_cpu.prepare(**packed))
+        assert out.dtype == dtype
+        error = float((out.double() - reference).norm() / reference.norm())
+        assert error <= tolerance, (dtype, error)

@@ -58,6 +58,21 @@ def _(x, *args) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("moe_compress::sparse_lowrank_moe_cpu", mutates_args=())
+def sparse_lowrank_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                              layout: list[torch.Tensor]) -> torch.Tensor:
+    """``layout``: the fields of ``kernels.sparse_lowrank_cpu.SparseLowrankCpuLayout`` (prepared at load)."""
+    from kernels import sparse_lowrank_cpu
+
+    return sparse_lowrank_cpu.sparse_lowrank_moe(x, topk_ids, topk_weights,
+                                                 sparse_lowrank_cpu.SparseLowrankCpuLayout(*layout))
+
+
+@sparse_lowrank_moe_cpu_op.register_fake
+def _(x, *args) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("moe_compress::basis_residual_moe", mutates_args=())
 def basis_residual_moe_op(
     x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: list[torch.Tensor],

@@ -1,5 +1,5 @@
-// CPU forward of the base_delta MoE over the active experts only (kernels/lowrank_moe_cpu.py documents the
-// layout and the equations). One call per layer: the loop over experts that received tokens runs here, each
+// CPU forwards of the base_delta and sparse_lowrank MoEs over the active experts only (kernels/base_delta_cpu.py
+// and kernels/sparse_lowrank_cpu.py document the layouts and the equations). One call per layer: the loop over experts that received tokens runs here, each
 // product is one at::mm (MKL/oneDNN GEMM or GEMV on views of the prepared per-expert blocks, no copies of
 // factors), so the time follows the bytes of the routed experts' factors and their FLOPs.
 #include <ATen/ATen.h>
@@ -101,12 +101,72 @@ at::Tensor base_delta_forward(const at::Tensor& x_in, const at::Tensor& topk_ids
   return out.to(x_in.scalar_type());
 }
 
+// RS-MoE: expert e keeps s sparse units (dense gate/up rows, down columns) and m low-rank units (rank-k
+// factors over them); a shared down base acts on the scattered weighted intermediate once per token.
+// meta int64 [E, 11]: per expert (first row in sgu / 2, s, first low-rank channel, m, first row in lv, kg, ku,
+// offset of Ugᵀ [kg, m] then Uuᵀ [ku, m] in lut, offset of Vd [kd, m] in ldv, first row in ldut, kd).
+at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                                  const at::Tensor& meta_in, const at::Tensor& sgu, const at::Tensor& sd_t,
+                                  const at::Tensor& lv, const at::Tensor& lut, const at::Tensor& ldv,
+                                  const at::Tensor& ldut, const at::Tensor& base_down_t,
+                                  const at::Tensor& sparse_channels, const at::Tensor& lowrank_channels) {
+  const auto dtype = sgu.scalar_type();
+  const at::Tensor x = x_in.to(dtype).contiguous();
+  const int64_t T = x.size(0), H = x.size(1), E = meta_in.size(0), I = base_down_t.size(0);
+  const at::Tensor meta = meta_in.contiguous();
+  const int64_t* m = meta.data_ptr<int64_t>();
+  const Pairs pairs = group_pairs(topk_ids, E);
+  const at::Tensor token_of = at::tensor(pairs.tokens, at::kLong);
+  const at::Tensor weight_of = topk_weights.reshape({-1}).to(dtype).index_select(0, at::tensor(pairs.slots, at::kLong));
+  at::Tensor out = at::zeros({T, H}, x.options());
+  at::Tensor weighted_h = I ? at::zeros({T, I}, x.options()) : at::Tensor();
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = pairs.starts[e], n = pairs.starts[e + 1] - begin;
+    const int64_t* r = m + 11 * e;  // sp, s, lc, m, lv_row, kg, ku, lu_off, dv_off, du_row, kd
+    const int64_t sp = r[0], ns = r[1], lc = r[2], nm = r[3], kg = r[5], ku = r[6], kd = r[10];
+    if (n == 0 || ns + nm == 0) continue;
+    const at::Tensor tokens = token_of.narrow(0, begin, n);
+    const at::Tensor w = weight_of.narrow(0, begin, n).unsqueeze(1);
+    const at::Tensor xe = n == T && T == 1 ? x : x.index_select(0, tokens);
+    at::Tensor y, h_full = I ? at::zeros({n, I}, x.options()) : at::Tensor();
+    if (ns) {  // h_S = w · silu(G_S x) ⊙ (U_S x); y = D_S h_S
+      const at::Tensor gu = at::mm(xe, sgu.narrow(0, 2 * sp, 2 * ns).t());
+      const at::Tensor h = at::silu(gu.narrow(1, 0, ns)).mul_(gu.narrow(1, ns, ns)).mul_(w);
+      y = at::mm(h, sd_t.narrow(0, sp, ns));
+      if (I) h_full.index_copy_(1, sparse_channels.narrow(0, sp, ns), h);
+    }
+    if (nm) {  // h_M = w · silu(Ug Vg x) ⊙ (Uu Vu x); y += Ud (Vd h_M)
+      at::Tensor gate, up;
+      const at::Tensor z = kg + ku ? at::mm(xe, lv.narrow(0, r[4], kg + ku).t()) : at::Tensor();
+      gate = kg ? at::mm(z.narrow(1, 0, kg), lut.narrow(0, r[7], kg * nm).view({kg, nm})) : at::zeros({n, nm}, x.options());
+      up = ku ? at::mm(z.narrow(1, kg, ku), lut.narrow(0, r[7] + kg * nm, ku * nm).view({ku, nm})) : at::zeros({n, nm}, x.options());
+      const at::Tensor h = at::silu_(gate).mul_(up).mul_(w);
+      if (kd) {
+        const at::Tensor zd = at::mm(h, ldv.narrow(0, r[8], kd * nm).view({kd, nm}).t());
+        const at::Tensor yl = at::mm(zd, ldut.narrow(0, r[9], kd));
+        y = y.defined() ? y.add_(yl) : yl;
+      }
+      if (I) h_full.index_copy_(1, lowrank_channels.narrow(0, lc, nm), h);
+    }
+    if (y.defined()) out.index_add_(0, tokens, y);
+    if (I) weighted_h.index_add_(0, tokens, h_full);
+  }
+  if (I) out.addmm_(weighted_h, base_down_t);  // the shared down base once per token
+  return out.to(x_in.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_compress_cpu, m) {
   m.def("base_delta(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor gu_v, Tensor gu_ut, "
         "Tensor d_v, Tensor d_ut, Tensor base_gu, Tensor base_down_t, Tensor base_channels, int num_dynamic_drop) "
         "-> Tensor");
+  m.def("sparse_lowrank(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor sgu, Tensor sd_t, "
+        "Tensor lv, Tensor lut, Tensor ldv, Tensor ldut, Tensor base_down_t, Tensor sparse_channels, "
+        "Tensor lowrank_channels) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(moe_compress_cpu, CPU, m) { m.impl("base_delta", &base_delta_forward); }
+TORCH_LIBRARY_IMPL(moe_compress_cpu, CPU, m) {
+  m.impl("base_delta", &base_delta_forward);
+  m.impl("sparse_lowrank", &sparse_lowrank_forward);
+}
