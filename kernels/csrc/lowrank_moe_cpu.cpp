@@ -52,14 +52,15 @@ at::Tensor base_delta_forward(const at::Tensor& x_in, const at::Tensor& topk_ids
   const at::Tensor token_of = at::tensor(pairs.tokens, at::kLong);
   const at::Tensor weight_of = topk_weights.reshape({-1}).to(dtype).index_select(0, at::tensor(pairs.slots, at::kLong));
 
-  at::Tensor out = at::zeros({T, H}, x.options());
-  at::Tensor base_gate, base_up, weighted_h;
-  if (C) {
-    const at::Tensor b = at::mm(x, base_gu.t());  // base gate/up once per token: [T, 2C]
-    base_gate = b.narrow(1, 0, C);
-    base_up = b.narrow(1, C, C);
-    weighted_h = at::zeros({T, C}, x.options());
+  const auto opts = x.options();
+  at::Tensor out = at::zeros({T, H}, opts);
+  at::Tensor base_full, weighted_h;
+  if (C) {  // base gate/up once per token, scattered onto the I channels: [T, 2I] = [S B_g x | S B_u x]
+    const at::Tensor b = at::mm(x, base_gu.t()).view({T, 2, C});
+    base_full = at::zeros({T, 2, I}, opts).index_copy_(2, base_channels, b).view({T, 2 * I});
+    weighted_h = at::zeros({T, I}, opts);
   }
+  const bool single = T == 1;  // decode: every pair is token 0, so no gather or scatter
   for (int64_t e = 0; e < E; ++e) {
     const int64_t begin = pairs.starts[e], n = pairs.starts[e + 1] - begin;
     if (n == 0) continue;
@@ -67,34 +68,30 @@ at::Tensor base_delta_forward(const at::Tensor& x_in, const at::Tensor& topk_ids
     const int64_t rg = r[1], ru = r[2], rd = r[4];
     const at::Tensor tokens = token_of.narrow(0, begin, n);
     const at::Tensor w = weight_of.narrow(0, begin, n).unsqueeze(1);
-    const at::Tensor xe = n == T && T == 1 ? x : x.index_select(0, tokens);
-    at::Tensor gate, up;
+    const at::Tensor xe = single ? x : x.index_select(0, tokens);
+    // gu starts as the base addend and receives U z in the GEMMs' accumulate (addmm): [n, 2I] = [g | u]
+    at::Tensor gu = !C ? at::zeros({n, 2 * I}, opts) : single ? base_full.clone() : base_full.index_select(0, tokens);
+    at::Tensor gate = gu.narrow(1, 0, I), up = gu.narrow(1, I, I);
     if (rg + ru) {
       const at::Tensor z = at::mm(xe, gu_v.narrow(0, r[0], rg + ru).t());  // [n, rg + ru]
-      gate = rg ? at::mm(z.narrow(1, 0, rg), gu_ut.narrow(0, r[0], rg)) : at::zeros({n, I}, x.options());
-      up = ru ? at::mm(z.narrow(1, rg, ru), gu_ut.narrow(0, r[0] + rg, ru)) : at::zeros({n, I}, x.options());
-    } else {
-      gate = at::zeros({n, I}, x.options());
-      up = at::zeros({n, I}, x.options());
+      if (rg) gate.addmm_(z.narrow(1, 0, rg), gu_ut.narrow(0, r[0], rg));
+      if (ru) up.addmm_(z.narrow(1, rg, ru), gu_ut.narrow(0, r[0] + rg, ru));
     }
-    if (C) {
-      gate.index_add_(1, base_channels, base_gate.index_select(0, tokens));
-      up.index_add_(1, base_channels, base_up.index_select(0, tokens));
-    }
-    at::Tensor h = at::silu_(gate).mul_(up);  // [n, I]
-    if (C) weighted_h.index_add_(0, tokens, h.index_select(1, base_channels).mul_(w));
+    const at::Tensor h = at::silu_(gate).mul_(up);  // [n, I]
+    if (C) single ? weighted_h.add_(h * w) : weighted_h.index_add_(0, tokens, h * w);
     if (rd) {
       const at::Tensor zd = at::mm(h, d_v.narrow(0, r[3], rd).t()).mul_(w);  // routing weight on the rank side
-      out.index_add_(0, tokens, at::mm(zd, d_ut.narrow(0, r[3], rd)));
+      const at::Tensor u_down = d_ut.narrow(0, r[3], rd);
+      single ? out.addmm_(zd, u_down) : out.index_add_(0, tokens, at::mm(zd, u_down));
     }
   }
   if (C) {
-    at::Tensor bd = base_down_t, wh = weighted_h;
+    at::Tensor bd = base_down_t, wh = weighted_h.index_select(1, base_channels);  // [T, C]
     if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
-      const at::Tensor score = base_down_t.to(at::kFloat).norm(2, {1}) * weighted_h.to(at::kFloat).norm(2, {0});
+      const at::Tensor score = base_down_t.to(at::kFloat).norm(2, {1}) * wh.to(at::kFloat).norm(2, {0});
       const at::Tensor keep = std::get<1>(score.topk(C - num_dynamic_drop));
       bd = base_down_t.index_select(0, keep);
-      wh = weighted_h.index_select(1, keep);
+      wh = wh.index_select(1, keep);
     }
     out.addmm_(wh, bd);  // base down once per token, on the routing-weighted sum
   }
