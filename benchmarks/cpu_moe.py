@@ -117,8 +117,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=4, help="calls per path per round (default 4)")
     parser.add_argument("--routings", type=int, default=4, help="random routings cycled through (default 4)")
-    parser.add_argument("--no-torch-loop", action="store_true", help="skip the dense torch loop (it needs an "
-                        "unpacked copy of the dense weights: 2x the dense memory)")
+    parser.add_argument("--skip", nargs="*", choices=["torch op", "torch loop"], default=[],
+                        help="paths not timed: the torch loop needs an unpacked copy of the dense weights (2x the "
+                        "dense memory); both run bf16 GEMMs, ~100x slower than fp32 on CPUs without native bf16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_moe.md"))
     args = parser.parse_args()
@@ -143,13 +144,15 @@ def main() -> None:
             dense_paths = {}
             dense, isa = vllm_dense(w13, w2)
             dense_paths[f"vLLM dense ({isa})"] = dense
-            if args.no_torch_loop:
+            if "torch loop" in args.skip:
                 del w13, w2
             else:
                 dense_paths["torch loop"] = lambda x, ids, w, w13=w13, w2=w2: torch_dense_moe(x, w13, w2, w, ids)
             for scheme in args.schemes:
                 for ratio in args.ratios:
                     paths, read_bytes = compressed_paths(scheme, model, ratio, dtype, args.seed, gen)
+                    if "torch op" in args.skip:
+                        del paths["torch op"]
                     all_paths = {**paths, **dense_paths}
                     for tokens in args.tokens:
                         inputs = []
