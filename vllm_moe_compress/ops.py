@@ -1,5 +1,6 @@
 """The compressed-MoE compute as torch custom ops: opaque to Dynamo, so vLLM's compiled CPU graph
-(fullgraph) can call code that loops over experts and reads ranks on the host."""
+(fullgraph) can call code that loops over experts and reads ranks on the host. ``<scheme>_moe_cpu``: the C++
+CPU path on the layout prepared at load (docs/kernels.md, CPU path); ``<scheme>_moe``: the torch path."""
 
 from __future__ import annotations
 
