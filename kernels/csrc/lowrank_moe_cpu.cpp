@@ -117,6 +117,7 @@ at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& topk
   const at::Tensor weight_of = topk_weights.reshape({-1}).to(dtype).index_select(0, at::tensor(pairs.slots, at::kLong));
   at::Tensor out = at::zeros({T, H}, x.options());
   at::Tensor weighted_h = I ? at::zeros({T, I}, x.options()) : at::Tensor();
+  const bool single = T == 1;  // decode: every pair is token 0, so no gather or scatter
   for (int64_t e = 0; e < E; ++e) {
     const int64_t begin = pairs.starts[e], n = pairs.starts[e + 1] - begin;
     const int64_t* r = m + 11 * e;  // sp, s, lc, m, lv_row, kg, ku, lu_off, dv_off, du_row, kd
@@ -124,29 +125,29 @@ at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& topk
     if (n == 0 || ns + nm == 0) continue;
     const at::Tensor tokens = token_of.narrow(0, begin, n);
     const at::Tensor w = weight_of.narrow(0, begin, n).unsqueeze(1);
-    const at::Tensor xe = n == T && T == 1 ? x : x.index_select(0, tokens);
-    at::Tensor y, h_full = I ? at::zeros({n, I}, x.options()) : at::Tensor();
-    if (ns) {  // h_S = w · silu(G_S x) ⊙ (U_S x); y = D_S h_S
+    const at::Tensor xe = single ? x : x.index_select(0, tokens);
+    auto add_out = [&](const at::Tensor& a, const at::Tensor& b) {  // out[tokens] += a b
+      single ? out.addmm_(a, b) : out.index_add_(0, tokens, at::mm(a, b));
+    };
+    auto add_weighted_h = [&](const at::Tensor& h, const at::Tensor& channels) {  // weighted_h[tokens, channels] += h
+      if (!I) return;
+      single ? weighted_h.index_add_(1, channels, h)
+             : weighted_h.index_put_({tokens.unsqueeze(1), channels.unsqueeze(0)}, h, /*accumulate=*/true);
+    };
+    if (ns) {  // h_S = w · silu(G_S x) ⊙ (U_S x); out += D_S h_S
       const at::Tensor gu = at::mm(xe, sgu.narrow(0, 2 * sp, 2 * ns).t());
       const at::Tensor h = at::silu(gu.narrow(1, 0, ns)).mul_(gu.narrow(1, ns, ns)).mul_(w);
-      y = at::mm(h, sd_t.narrow(0, sp, ns));
-      if (I) h_full.index_copy_(1, sparse_channels.narrow(0, sp, ns), h);
+      add_out(h, sd_t.narrow(0, sp, ns));
+      add_weighted_h(h, sparse_channels.narrow(0, sp, ns));
     }
-    if (nm) {  // h_M = w · silu(Ug Vg x) ⊙ (Uu Vu x); y += Ud (Vd h_M)
-      at::Tensor gate, up;
+    if (nm) {  // h_M = w · silu(Ug Vg x) ⊙ (Uu Vu x); out += Ud (Vd h_M)
       const at::Tensor z = kg + ku ? at::mm(xe, lv.narrow(0, r[4], kg + ku).t()) : at::Tensor();
-      gate = kg ? at::mm(z.narrow(1, 0, kg), lut.narrow(0, r[7], kg * nm).view({kg, nm})) : at::zeros({n, nm}, x.options());
-      up = ku ? at::mm(z.narrow(1, kg, ku), lut.narrow(0, r[7] + kg * nm, ku * nm).view({ku, nm})) : at::zeros({n, nm}, x.options());
+      at::Tensor gate = kg ? at::mm(z.narrow(1, 0, kg), lut.narrow(0, r[7], kg * nm).view({kg, nm})) : at::zeros({n, nm}, x.options());
+      const at::Tensor up = ku ? at::mm(z.narrow(1, kg, ku), lut.narrow(0, r[7] + kg * nm, ku * nm).view({ku, nm})) : at::zeros({n, nm}, x.options());
       const at::Tensor h = at::silu_(gate).mul_(up).mul_(w);
-      if (kd) {
-        const at::Tensor zd = at::mm(h, ldv.narrow(0, r[8], kd * nm).view({kd, nm}).t());
-        const at::Tensor yl = at::mm(zd, ldut.narrow(0, r[9], kd));
-        y = y.defined() ? y.add_(yl) : yl;
-      }
-      if (I) h_full.index_copy_(1, lowrank_channels.narrow(0, lc, nm), h);
+      if (kd) add_out(at::mm(h, ldv.narrow(0, r[8], kd * nm).view({kd, nm}).t()), ldut.narrow(0, r[9], kd));
+      add_weighted_h(h, lowrank_channels.narrow(0, lc, nm));
     }
-    if (y.defined()) out.index_add_(0, tokens, y);
-    if (I) weighted_h.index_add_(0, tokens, h_full);
   }
   if (I) out.addmm_(weighted_h, base_down_t);  // the shared down base once per token
   return out.to(x_in.scalar_type());
