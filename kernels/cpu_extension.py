@@ -10,10 +10,13 @@ lock. The ops register as ``torch.ops.moe_compress_cpu.*``.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "lowrank_moe_cpu.cpp"
 
@@ -33,3 +36,16 @@ def cpu_ops():
     load(name="moe_compress_cpu", sources=[str(SOURCE)], extra_cflags=["-O2"], is_python_module=False,
          build_directory=str(build_directory()), verbose=False)
     return torch.ops.moe_compress_cpu
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the ops build (or load) here; if not (no C++ compiler, no ninja), say why once: the plugin then
+    keeps the torch paths for its CPU layers."""
+    try:
+        cpu_ops()
+    except (OSError, RuntimeError, ImportError) as err:  # what cpp_extension raises for a missing/failed toolchain
+        logger.warning("moe_compress: the C++ CPU MoE ops could not be built (%s); CPU layers use the slower "
+                       "torch path", err)
+        return False
+    return True

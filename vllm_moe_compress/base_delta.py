@@ -89,7 +89,9 @@ class BaseDeltaScheme:
 
     def process_loaded(self, layer: torch.nn.Module) -> None:
         """On CPU: the CPU path's per-expert layout (kernels/base_delta_cpu.py), prepared once, as buffers."""
-        if layer.w13_delta_v.device.type != "cpu":
+        from kernels.cpu_extension import available
+
+        if layer.w13_delta_v.device.type != "cpu" or not available():
             return
         from kernels import base_delta_cpu
 

@@ -89,7 +89,9 @@ class SparseLowRankScheme:
 
     def process_loaded(self, layer: torch.nn.Module) -> None:
         """On CPU: the CPU path's per-expert layout (kernels/sparse_lowrank_cpu.py), prepared once, as buffers."""
-        if layer.w13_sparse.device.type != "cpu":
+        from kernels.cpu_extension import available
+
+        if layer.w13_sparse.device.type != "cpu" or not available():
             return
         from kernels import sparse_lowrank_cpu
 
