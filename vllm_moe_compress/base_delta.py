@@ -88,14 +88,29 @@ class BaseDeltaScheme:
                               persistent=False)
 
     def process_loaded(self, layer: torch.nn.Module) -> None:
-        """Weights-only work once every tensor is loaded (none for this scheme)."""
+        """On CPU: the CPU path's per-expert layout (kernels/base_delta_cpu.py), prepared once, as buffers."""
+        from kernels.cpu_extension import available
+
+        if layer.w13_delta_v.device.type != "cpu" or not available():
+            return
+        from kernels import base_delta_cpu
+
+        layout = base_delta_cpu.prepare(*self._op_args(layer)[:-1])
+        for name, tensor in layout._asdict().items():
+            layer.register_buffer(f"moe_compress_cpu_{name}", tensor, persistent=False)
 
     def _op_args(self, layer) -> tuple:
         return (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,
                 layer.w13_base, layer.w2_base, layer.moe_compress_channels, self.num_dynamic_drop)
 
     def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """Σ_k w_k·expert_k(x) through the torch custom op (the CPU path)."""
+        """Σ_k w_k·expert_k(x) through a torch custom op: the CPU path's C++ op on the layout prepared at load,
+        else the torch path."""
+        from kernels.base_delta_cpu import BaseDeltaCpuLayout
+
+        if hasattr(layer, "moe_compress_cpu_meta"):
+            layout = [getattr(layer, f"moe_compress_cpu_{name}") for name in BaseDeltaCpuLayout._fields]
+            return torch.ops.moe_compress.base_delta_moe_cpu(x, topk_weights, topk_ids, layout, self.num_dynamic_drop)
         return torch.ops.moe_compress.base_delta_moe(x, topk_weights, topk_ids, *self._op_args(layer))
 
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:

@@ -88,7 +88,16 @@ class SparseLowRankScheme:
         int_buffer("moe_compress_lowrank_channels", self.local_channels["lowrank"])
 
     def process_loaded(self, layer: torch.nn.Module) -> None:
-        """Weights-only work once every tensor is loaded (none for this scheme)."""
+        """On CPU: the CPU path's per-expert layout (kernels/sparse_lowrank_cpu.py), prepared once, as buffers."""
+        from kernels.cpu_extension import available
+
+        if layer.w13_sparse.device.type != "cpu" or not available():
+            return
+        from kernels import sparse_lowrank_cpu
+
+        layout = sparse_lowrank_cpu.prepare(*self._op_args(layer))
+        for name, tensor in layout._asdict().items():
+            layer.register_buffer(f"moe_compress_cpu_{name}", tensor, persistent=False)
 
     @staticmethod
     def _op_args(layer) -> tuple:
@@ -98,7 +107,13 @@ class SparseLowRankScheme:
                 layer.moe_compress_lowrank_channels)
 
     def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """Σ_k w_k·expert_k(x) through the torch custom op (the CPU path)."""
+        """Σ_k w_k·expert_k(x) through a torch custom op: the CPU path's C++ op on the layout prepared at load,
+        else the torch path."""
+        from kernels.sparse_lowrank_cpu import SparseLowrankCpuLayout
+
+        if hasattr(layer, "moe_compress_cpu_meta"):
+            layout = [getattr(layer, f"moe_compress_cpu_{name}") for name in SparseLowrankCpuLayout._fields]
+            return torch.ops.moe_compress.sparse_lowrank_moe_cpu(x, topk_weights, topk_ids, layout)
         return torch.ops.moe_compress.sparse_lowrank_moe(x, topk_weights, topk_ids, *self._op_args(layer))
 
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
