@@ -30,7 +30,7 @@ decode both are GEMVs over rows of ≥ 768 contiguous values, where the packed U
 (~200) values and measured ~2–3× slower per byte on one core.
 
 Compute dtype: the loaded dtype, except bf16/fp16 on CPUs without native support (no AVX512-BF16 / AMX):
-there a bf16 GEMV is ~100× slower than fp32 (measured: BENCHMARKS.md §9), so ``prepare`` converts the factors
+there a bf16 GEMV is ~100× slower than fp32 (measured: BENCHMARKS.md §10), so ``prepare`` converts the factors
 to fp32 and logs it; activations are converted per call and the output returned in x's dtype.
 """
 
