@@ -248,7 +248,9 @@ def run_eval_ppl(args) -> int:
     result = checkpoint_perplexity(args.model_dir, [args.dataset], args.data_dir, args.max_tokens, args.seqlen,
                                    args.batch_size, args.dtype, not args.no_dynamic_prune,
                                    not args.no_progress)[args.dataset]
-    print(f"{args.model_dir} {args.dataset}: ppl {result.ppl:.4f} over {result.tokens:,} tokens "
+    low, high = result.ppl_ci95
+    print(f"{args.model_dir} {args.dataset}: ppl {result.ppl:.4f} (95% CI {low:.4f}–{high:.4f}; mean NLL "
+          f"{result.nll:.5f} ± {result.nll_se:.5f} SE over windows) over {result.tokens:,} tokens "
           f"({result.windows} windows of {result.seqlen})")
     if args.json:
         print(json.dumps({"model": str(args.model_dir), "dataset": args.dataset, **result.to_dict()}))
