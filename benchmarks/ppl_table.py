@@ -64,7 +64,7 @@ def delta_cell(result: dict, base: dict) -> str:
     delta, se = paired_delta(base["window_nll"], result["window_nll"])
     pct, pct_se = 100 * math.expm1(delta), 100 * math.exp(delta) * se
     mark = "≈" if abs(pct) < 2 * pct_se else ""
-    return f"{result['ppl']:.1f} ({mark}{pct:+.1f} ± {pct_se:.1f})"
+    return f"{result['ppl']:.1f} ({mark}{pct:+.2f} ± {pct_se:.2f})"
 
 
 def main() -> None:
