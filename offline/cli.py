@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for window sampling and Fisher labels (default 0)")
     d = c.add_argument_group("D²-MoE options (--method d2)")
     d.add_argument("--merge", choices=MERGES, default="fisher", help="how the base is merged (default fisher, Eq. 5)")
-    d.add_argument("--base-prune", type=float, default=0.1,
+    d.add_argument("--base-prune", type=float, default=0.0,
                    help="base pruning ratio, half static (stored) and half dynamic (per batch at inference); "
-                   "default 0.1 = the paper's 5%%+5%% 'performance' setting")
+                   "default 0 (our choice, measured: BENCHMARKS.md §9.3); 0.1 = the paper's 5%%+5%% 'performance' setting")
     d.add_argument("--trim-experts", type=int, default=0, help="drop the deltas of the N least-routed experts per layer")
     d.add_argument("--fisher-samples", type=_positive, default=32, help="calibration windows used for Fisher (default 32)")
     d.add_argument("--fisher-labels", choices=FISHER_LABELS, default="sampled",

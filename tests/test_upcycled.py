@@ -101,10 +101,10 @@ def test_d2_beats_whitened_svd_by_the_predicted_margin(keep):
 
 
 def test_base_pruning_costs_the_pruned_channels_energy_on_an_upcycled_layer():
-    """D²'s default --base-prune 0.1 drops whole base channels (Eq. 9) after the deltas were fitted against
-    the full base; on an upcycled layer the base carries ≈ (1 − ε²) of the energy, so each pruned channel
-    costs a share of order 1/I of it (less: Eq. 9 picks the weakest channels) — far more than the deltas'
-    truncation."""
+    """The paper's --base-prune (0.1; our default is 0) drops whole base channels (Eq. 9) after the deltas
+    were fitted against the full base; on an upcycled layer the base carries ≈ (1 − ε²) of the energy, so each
+    pruned channel costs a share of order 1/I of it (less: Eq. 9 picks the weakest channels) — far more than
+    the deltas' truncation."""
     weights, stats = upcycled_layer()
     shape = LayerShape(E, H, I)
     total = int(0.5 * shape.dense_expert_params)
