@@ -18,11 +18,13 @@ Choices (the papers' code does the first three the same way, the fourth differen
   A·φ(B) matches the grouped SVD to first order (φ = SiLU has slope 1/2 at 0, and the basis entries are small);
   η starts at the closed form Pᵀ vec(R) of the initial residual (App. C.1) and is then trained jointly with A
   and B (the paper's "lightweight reconstruction training");
-- mixed (MoBE): A starts at the unscaled U_K Σ_K, exactly as inclusionAI/MoBE train.py. The softmax of the
-  one-hot logits puts only e/(e + m − 1) on the own basis, so no first-order match exists at step 0 anyway;
-  measured on the reference model (layer 0 gate, r = 44, m = 8) the official init ends lower after 200 and 400
-  steps (0.1694 / 0.1614 scaled MSE against 0.1707 / 0.1636 with the 1/φ'(0) scaling) and reproduces the
-  official code's own loss (0.1689 / 0.1606, BENCHMARKS.md §9.5).
+- mixed (MoBE): exactly inclusionAI/MoBE train.py's init: A = U_K Σ_K and B from the SVD of the *unscaled*
+  group matrix, although the fit targets W/s (s = std W), so the product starts about s times too small;
+  the softmax of the one-hot logits puts only e/(e + m − 1) on the own basis anyway, so no first-order match
+  exists. Measured on the reference model (r = 44, m = 8, 200 steps, scaled MSE): layer 0 gate / layer 2
+  gate / layer 3 up end at 0.1692 / 0.2193 / 0.2154, the official code's own 0.1689 / 0.2197 / 0.2158 (its
+  target is cast to fp16), against 0.1707 / 0.2289 / — with the first-order-matched init used before
+  issue 18 (BENCHMARKS.md §9.5).
 """
 
 from __future__ import annotations
@@ -163,9 +165,9 @@ def fit_mixed(weights: torch.Tensor, groups: list[list[int]], rank: int, options
     coefs = torch.zeros(num_experts, out_dim, rank)
     logits = torch.zeros(num_experts, len(groups))
     for j, group in enumerate(groups):
-        left, basis = truncated_group_svd(group_matrix(weights / scale, group), rank)
+        left, basis = truncated_group_svd(group_matrix(weights, group), rank)
         bases[j] = basis.float()
-        coefs[group] = left.view(len(group), out_dim, rank).float()  # unscaled, as MoBE train.py
+        coefs[group] = left.view(len(group), out_dim, rank).float()  # SVD of the unscaled W, as MoBE train.py
         logits[group, j] = 1.0
     params = [bases.requires_grad_(), coefs.requires_grad_(), logits.requires_grad_()]
 
