@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RFID-MoE: weight of information density vs routing frequency, C = ξE + (1−ξ)F (default 0.75)")
     b.add_argument("--effective-rank", choices=EFFECTIVE_RANK_MODES, default="energy",
                    help="RFID-MoE: spectrum normalisation of the effective rank, σ² (energy, the paper) or σ")
-    b.add_argument("--residual-fraction", type=float, default=0.03,
+    b.add_argument("--residual-fraction", type=float, default=0.0,
                    help="RFID-MoE: size of each group's residual vector η as a fraction of its parameters "
-                   "(default 0.03; 0 turns the residual off)")
+                   "(default 0 = off, our choice, measured: BENCHMARKS.md §9.4; the paper's 0.03 = 3 %%)")
     b.add_argument("--residual-seed", type=int, default=0, help="RFID-MoE: seed of the shared projection P")
     o = c.add_argument_group("output")
     o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
