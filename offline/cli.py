@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for window sampling and Fisher labels (default 0)")
     d = c.add_argument_group("D²-MoE options (--method d2)")
     d.add_argument("--merge", choices=MERGES, default="fisher", help="how the base is merged (default fisher, Eq. 5)")
-    d.add_argument("--base-prune", type=float, default=0.1,
+    d.add_argument("--base-prune", type=float, default=0.0,
                    help="base pruning ratio, half static (stored) and half dynamic (per batch at inference); "
-                   "default 0.1 = the paper's 5%%+5%% 'performance' setting")
+                   "default 0 (our choice, measured: BENCHMARKS.md §11.3); 0.1 = the paper's 5%%+5%% 'performance' setting")
     d.add_argument("--trim-experts", type=int, default=0, help="drop the deltas of the N least-routed experts per layer")
     d.add_argument("--fisher-samples", type=_positive, default=32, help="calibration windows used for Fisher (default 32)")
     d.add_argument("--fisher-labels", choices=FISHER_LABELS, default="sampled",
@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RFID-MoE: weight of information density vs routing frequency, C = ξE + (1−ξ)F (default 0.75)")
     b.add_argument("--effective-rank", choices=EFFECTIVE_RANK_MODES, default="energy",
                    help="RFID-MoE: spectrum normalisation of the effective rank, σ² (energy, the paper) or σ")
-    b.add_argument("--residual-fraction", type=float, default=0.03,
+    b.add_argument("--residual-fraction", type=float, default=0.0,
                    help="RFID-MoE: size of each group's residual vector η as a fraction of its parameters "
-                   "(default 0.03; 0 turns the residual off)")
+                   "(default 0 = off, our choice, measured: BENCHMARKS.md §11.4; the paper's 0.03 = 3 %%)")
     b.add_argument("--residual-seed", type=int, default=0, help="RFID-MoE: seed of the shared projection P")
     o = c.add_argument_group("output")
     o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
@@ -287,8 +287,10 @@ def run_eval_ppl(args) -> int:
     result = checkpoint_perplexity(args.model_dir, [args.dataset], args.data_dir, args.max_tokens, args.seqlen,
                                    args.batch_size, args.dtype, args.dynamic_prune,
                                    not args.no_progress)[args.dataset]
+    low, high = result.ppl_ci95
     forward = "dynamic pruning on" if args.dynamic_prune else "dynamic pruning off, as served"
-    print(f"{args.model_dir} {args.dataset}: ppl {result.ppl:.4f} over {result.tokens:,} tokens "
+    print(f"{args.model_dir} {args.dataset}: ppl {result.ppl:.4f} (95% CI {low:.4f}–{high:.4f}; mean NLL "
+          f"{result.nll:.5f} ± {result.nll_se:.5f} SE over windows) over {result.tokens:,} tokens "
           f"({result.windows} windows of {result.seqlen}; reference forward, {forward})")
     if args.json:
         print(json.dumps({"model": str(args.model_dir), "dataset": args.dataset, **result.to_dict(),
