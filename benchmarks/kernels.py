@@ -145,6 +145,9 @@ class CompressedLayer:
     pair_flops: torch.Tensor | None = None
     """int64 [E], on the device: operations per routed pair besides 2 per expert parameter (basis_residual: the
     group right factor's product and the hashed residual's GEMMs)."""
+    torch_args: tuple = ()
+    """The packed tensors the torch path takes after ``topk_weights`` (base_delta, sparse_lowrank): what the
+    CPU paths' ``prepare`` takes (benchmarks/cpu_moe.py)."""
 
     def read_params(self, used: torch.Tensor) -> int:
         """Parameters the layer reads when the experts ``used`` (bool [E]) get tokens."""
@@ -168,22 +171,30 @@ def random_tensors(gen: torch.Generator, dtype, device):
     return randn
 
 
-def base_delta_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen) -> CompressedLayer:
-    """Random packed factors and base in the plugin's layout at D²-MoE's ranks."""
-    from vllm_moe_compress.kernels import base_delta_torch, base_delta_triton
-
+def base_delta_factors(model: ModelShape, ratio: float, seed: int, dtype, device, gen) -> tuple:
+    """Random packed factors and base in the plugin's layout at D²-MoE's ranks: the arguments of
+    ``kernels.base_delta_torch.base_delta_moe`` after ``topk_weights``."""
     ranks, channels = d2_ranks(model, ratio, torch.Generator().manual_seed(seed))
     h, i, total = model.hidden, model.intermediate, sum(ranks)
     randn = random_tensors(gen, dtype, device)
     rank_table = torch.tensor([ranks] * 3, device=device)
     base_channels = torch.randperm(i, generator=gen, device=device)[:channels].sort().values
-    factors = (rank_table, randn(i, 2 * total), randn(2 * total, h), randn(h, total), randn(total, i),
-               randn(2 * channels, h), randn(h, channels), base_channels)
+    return (rank_table, randn(i, 2 * total), randn(2 * total, h), randn(h, total), randn(total, i),
+            randn(2 * channels, h), randn(h, channels), base_channels)
+
+
+def base_delta_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen) -> CompressedLayer:
+    """``base_delta_factors`` through the Triton and torch paths."""
+    from vllm_moe_compress.kernels import base_delta_torch, base_delta_triton
+
+    factors = base_delta_factors(model, ratio, seed, dtype, device, gen)
+    rank_table, base_channels = factors[0], factors[7]
+    h, i = model.hidden, model.intermediate
     layout = base_delta_triton.BaseDeltaLayout.from_tensors(rank_table, base_channels, i)
     return CompressedLayer(
         lambda x, ids, w: base_delta_triton.base_delta_moe(x, ids, w, *factors, layout=layout),
         lambda x, ids, w: base_delta_torch.base_delta_moe(x, ids, w, *factors),
-        torch.tensor(ranks, device=device) * 3 * (h + i), 3 * h * channels)
+        rank_table[0] * 3 * (h + i), 3 * h * base_channels.numel(), torch_args=factors)
 
 
 def sparse_lowrank_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen) -> CompressedLayer:
@@ -204,7 +215,8 @@ def sparse_lowrank_layer(model: ModelShape, ratio: float, seed: int, dtype, devi
     return CompressedLayer(
         lambda x, ids, w: sparse_lowrank_triton.sparse_lowrank_moe(x, ids, w, *tensors, layout=layout),
         lambda x, ids, w: sparse_lowrank_torch.sparse_lowrank_moe(x, ids, w, *tensors),
-        torch.tensor([3 * h * a + 3 * r * (h + b) for a, b, r in zip(s, m, k)], device=device), h * i)
+        torch.tensor([3 * h * a + 3 * r * (h + b) for a, b, r in zip(s, m, k)], device=device), h * i,
+        torch_args=tensors)
 
 
 def basis_residual_layer(model: ModelShape, ratio: float, seed: int, dtype, device, gen,

@@ -1,4 +1,5 @@
-"""Torch path of the ``base_delta`` MoE: the plugin's CPU backend (the custom op) and the reference forward.
+"""Torch path of the ``base_delta`` MoE (the reference forward; the plugin serves CPU layers with
+``kernels/base_delta_cpu.py`` and GPU layers with ``kernels/base_delta_triton.py``).
 
 Packed layout (one MoE layer; ranks may differ per expert and projection, and no byte is padding):
 

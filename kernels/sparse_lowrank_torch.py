@@ -1,4 +1,5 @@
-"""Torch path of the ``sparse_lowrank`` MoE (RS-MoE; CPU, used by the reference forward and the vLLM plugin).
+"""Torch path of the ``sparse_lowrank`` MoE (RS-MoE; the reference forward; the plugin serves CPU layers with
+``kernels/sparse_lowrank_cpu.py``).
 
 Expert e keeps three kinds of intermediate channels (collaborative units: row j of gate and up, column j of
 down): ``s_e`` sparse channels stored dense, ``m_e`` low-rank channels whose gate/up rows and down columns

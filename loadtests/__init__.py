@@ -1,1 +1,1 @@
-"""Locust load tests against vLLM's OpenAI-compatible server (added with the load-test issue)."""
+"""Locust load tests against vLLM's OpenAI-compatible server."""

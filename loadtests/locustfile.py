@@ -19,7 +19,7 @@ from Locust's CSVs):
 - ``itl``: inter-token latency of one streamed request, (latency - ttft) / (output tokens - 1), the mean gap
   between tokens after the first (vLLM's benchmark calls this TPOT).
 
-``BadRequestUser`` (issue 8's soak) sends, every 1-3 s, one of three malformed requests (invalid JSON,
+``BadRequestUser`` (the soak's) sends, every 1-3 s, one of three malformed requests (invalid JSON,
 ``max_tokens`` beyond the context, an unknown model name). A 4xx answer is a success, anything else a failure;
 its rows are named ``bad-request: ...`` and never mix with the ``llm`` rows.
 
@@ -158,7 +158,7 @@ class OpenAIUser(User):
 
 
 class BadRequestUser(HttpUser):
-    """Malformed requests that must get a 4xx answer without disturbing the other users (issue 8)."""
+    """Malformed requests that must get a 4xx answer without disturbing the other users."""
 
     fixed_count = 1
     wait_time = between(1, 3)

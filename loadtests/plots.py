@@ -20,7 +20,8 @@ def _save(figure, path: Path) -> None:
 
 
 def plot_concurrency(models: dict[str, dict], path: Path) -> None:
-    """Output tokens/s, TTFT and end-to-end latency (p50 solid, p99 dashed) against users, one line per model."""
+    """Output tokens/s, TTFT and end-to-end latency against users, one colour per model; p50 solid with circles,
+    p99 dashed with triangles (and a long legend handle, so the dashes show)."""
     figure, (throughput, ttft, latency) = plt.subplots(1, 3, figsize=(15, 4.5))
     for label, model in models.items():
         users = sorted(model["users"], key=int)
@@ -28,11 +29,11 @@ def plot_concurrency(models: dict[str, dict], path: Path) -> None:
         metrics = [model["users"][u] for u in users]
         line, = throughput.plot(x, [m["output_tokens_per_s"] for m in metrics], marker="o", label=label)
         for axis, name in ((ttft, "ttft"), (latency, "latency")):
-            for percentile, style in (("p50", "-"), ("p99", "--")):
+            for percentile, style, marker in (("p50", "-", "o"), ("p99", "--", "^")):
                 values = [m[f"{name}_{percentile}"] for m in metrics]
                 points = [(u, v) for u, v in zip(x, values) if v is not None]
                 if points:
-                    axis.plot(*zip(*points), marker="o", linestyle=style, color=line.get_color(),
+                    axis.plot(*zip(*points), marker=marker, linestyle=style, color=line.get_color(),
                               label=f"{label} {percentile}")
     all_users = sorted({int(u) for model in models.values() for u in model["users"]})
     for axis, title, unit in ((throughput, "throughput", "output tokens/s"), (ttft, "time to first token", "s"),
@@ -44,7 +45,7 @@ def plot_concurrency(models: dict[str, dict], path: Path) -> None:
         axis.set_ylabel(unit)
         axis.set_title(title)
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, handlelength=3.5)
     _save(figure, path)
 
 

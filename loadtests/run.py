@@ -2,7 +2,7 @@
 
     python -m loadtests.run --model ORIGINAL_DIR --model COMPRESSED_DIR --users 1 4 16 --duration 60 --out runs/load
 
-Each model gets its own `vllm serve DIR` on 127.0.0.1 (a free port unless --port is given). A *cell* is one
+Each model gets its own vllm serve DIR on 127.0.0.1 (a free port unless --port is given). A *cell* is one
 headless Locust run (loadtests/locustfile.py) of one model at one user count for --duration seconds. Cells are
 measured round-robin: in every round, for every user count, each model in turn (the model order reverses in
 odd rounds), so drift of the machine's speed during the run falls on all models alike. By default all servers
@@ -11,18 +11,18 @@ instead, for machines without memory for all.
 
 Written to --out:
 
-- ``csv/<model>_u<users>_r<round>_*.csv``: Locust's CSVs of every cell (``llm`` rows: latency, ttft, itl; see
-  loadtests/locustfile.py); ``logs/``: server and Locust logs;
-- ``summary.json`` (rewritten atomically after every cell; ``complete`` turns true at the end):
-  ``models.<model>.users.<U>`` holds requests_per_s, output_tokens_per_s, ttft_p50, ttft_p99, latency_p50,
+- csv/<model>_u<users>_r<round>_*.csv: Locust's CSVs of every cell (llm rows: latency, ttft, itl; see
+  loadtests/locustfile.py); logs/: server and Locust logs;
+- summary.json (rewritten atomically after every cell; complete turns true at the end):
+  models.<model>.users.<U> holds requests_per_s, output_tokens_per_s, ttft_p50, ttft_p99, latency_p50,
   latency_p99, itl_p50, itl_p99 (seconds), failures, server_peak_rss_bytes and more, as medians over rounds
-  (loadtests/summary.py); ``models.<model>`` also holds total failures and the peak RSS; ``ratios`` divides
+  (loadtests/summary.py); models.<model> also holds total failures and the peak RSS; ratios divides
   every model by the first (the baseline);
-- ``ratios.md``: the same comparison as a Markdown table (also printed); ``throughput_latency.png``.
+- ratios.md: the same comparison as a Markdown table (also printed); throughput_latency.png.
 
---soak (issue 8) is meant for one long cell at steady users: it adds --bad-users malformed-request users
+--soak is meant for one long cell at steady users: it adds --bad-users malformed-request users
 (default 1, on top of --users, kept out of the good users' metrics), and records the server's RSS and the
-failures over time (``soak`` in summary.json, ``soak.png``), with the RSS growth after the warm-up, the first
+failures over time (soak in summary.json, soak.png), with the RSS growth after the warm-up, the first
 --warmup-fraction of the run (default 10 %).
 """
 
@@ -44,6 +44,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from loadtests import plots
+from vllm_moe_compress.offline.output_safety import check_result_file
 from loadtests.server import VllmServer, stop_process_group
 from loadtests.summary import (cell_metrics, combine_rounds, failure_series, ratio_table, ratios, rss_growth,
                                write_json_atomic, write_text_atomic)
@@ -105,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     server.add_argument("--max-model-len", type=int, default=1024, help="context length of every server (1024)")
     server.add_argument("--enforce-eager", action="store_true", help="pass --enforce-eager (faster start-up)")
     server.add_argument("--server-arg", dest="server_args", action="append", default=[], metavar="ARG",
-                        help="extra argument for `vllm serve`, e.g. --server-arg=--dtype=float32 (repeatable)")
+                        help="extra argument for vllm serve, e.g. --server-arg=--dtype=float32 (repeatable)")
     server.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for a server (900)")
     server.add_argument("--one-server-at-a-time", action="store_true",
                         help="serve one model at a time (per round) instead of all at once")
@@ -129,6 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"request options: {error}")
     if not 0 < args.warmup_fraction < 1:
         parser.error("--warmup-fraction must lie strictly between 0 and 1")
+    try:  # results are written under fixed names: replace only a previous load test's
+        check_result_file(args.out / "summary.json", "--out", "a previous load-test summary",
+                          lambda d: "models" in d and "ratios" in d)
+    except ValueError as error:
+        parser.error(str(error))
+    if (args.out / "ratios.md").exists() and not (args.out / "summary.json").exists():
+        parser.error(f"--out {args.out} holds a ratios.md that no load test wrote (no summary.json): choose another --out")
     if args.bad_users is None:
         args.bad_users = 1 if args.soak else 0
     if args.bad_users < 0:
@@ -216,8 +224,12 @@ class LoadTest:
                   bar_format="{desc}: {n}/{total} s |{bar}| {postfix}") as bar:
             while self.locust.poll() is None:
                 time.sleep(1.0)
-                bar.n = min(args.duration, int(time.time() - start))
-                bar.set_postfix_str(f"server RSS {_latest_rss(server) / 2**20:.0f} MiB")
+                elapsed = int(time.time() - start)
+                bar.n = min(args.duration, elapsed)
+                rss = f"server RSS {_latest_rss(server) / 2**20:.0f} MiB"
+                over = elapsed - args.duration
+                bar.set_postfix_str(rss if over < 0 else f"{rss}; load done, Locust stopping and writing its CSVs "
+                                    f"(+{over} s)")
         end = time.time()
         if self.locust.returncode != 0:
             raise RuntimeError(f"locust exited with {self.locust.returncode}; log {log_path}:\n"
@@ -226,9 +238,10 @@ class LoadTest:
         metrics = cell_metrics(args.out / "csv" / f"{cell.name}_stats.csv", max(rss for _, rss in samples))
         tqdm.write(f"  {metrics['output_tokens_per_s']:.1f} output tok/s, {metrics['requests']} requests, "
                    f"latency p50 {_seconds(metrics['latency_p50'])}, TTFT p50 {_seconds(metrics['ttft_p50'])}, "
-                   f"{metrics['failures']} failures, bad requests {metrics['bad_requests']} "
-                   f"({metrics['bad_request_failures']} failed), "
-                   f"peak RSS {metrics['server_peak_rss_bytes'] / 2**20:.0f} MiB")
+                   f"{metrics['failures']} failures, "
+                   + (f"bad requests {metrics['bad_requests']} ({metrics['bad_request_failures']} failed), "
+                      if args.soak else "")
+                   + f"peak RSS {metrics['server_peak_rss_bytes'] / 2**20:.0f} MiB")
         if args.soak:
             self.soak[f"{cell.model} u{cell.users} r{cell.round}"] = self._soak_record(cell, samples, metrics)
         return metrics

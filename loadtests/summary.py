@@ -14,7 +14,7 @@ the locustfile writes to ``<prefix>_stats.csv``:
 
 Rounds are combined by the median of each rate and percentile; counts are summed and peaks maximised.
 
-Soak (issue 8): the *warm-up* is the first ``warmup_fraction`` (default 10 %) of a cell's duration, counted
+Soak: the *warm-up* is the first ``warmup_fraction`` (default 10 %) of a cell's duration, counted
 from the moment Locust starts the load. Growth after
 warm-up = (peak RSS after the warm-up - RSS at the end of the warm-up) / RSS at the end of the warm-up, where
 RSS is the server's whole process tree (see loadtests/server.py).

@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .output_safety import check_replaceable
+
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 INDEX_NAME = "model.safetensors.index.json"
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -169,13 +171,14 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, stagi
     """Yield a temporary directory next to ``out_dir``; rename it onto ``out_dir`` only on success.
 
     On any exception the temporary directory is removed, so a failed run never leaves a directory that
-    looks finished. With ``overwrite`` an existing ``out_dir`` is replaced only after the new one is complete.
+    looks finished. With ``overwrite`` an existing ``out_dir`` is replaced only after the new one is complete,
+    and only if it is empty or a previous moe-compress output (offline/output_safety.py), checked again just
+    before the rename.
     ``staging_dir`` (on the same filesystem, e.g. the run's work directory) holds the temporary directory
     instead of ``out_dir``'s parent, so a process killed mid-write leaves its remains there.
     """
     out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} already exists (use --overwrite to replace it)")
+    check_replaceable(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     if staging_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
@@ -184,6 +187,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, stagi
     try:
         yield tmp
         _make_readable(tmp)
+        check_replaceable(out_dir, overwrite)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "dir")

@@ -1,4 +1,9 @@
-"""``moe-compress``: compress MoE checkpoints, evaluate perplexity and zero-shot accuracy, inspect and report."""
+"""moe-compress: compress the routed experts of MoE checkpoints, evaluate perplexity and zero-shot accuracy,
+inspect and report.
+
+Building the parser imports neither torch nor transformers (choices come from offline/choices.py), so
+``--help`` answers at once; each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,45 +13,66 @@ import logging
 import sys
 from pathlib import Path
 
-from vllm_moe_compress.format import FormatError
-
-from .budget import UnreachableRatioError
-from .calibration import CalibrationError
-from .checkpoint_io import CheckpointError, DiskFullError
-from .workdir import WorkDirError
-
 DEFAULT_CALIB_FILE = Path(__file__).parent / "data" / "brown-calibration-sample.txt"
-USER_ERRORS = (CheckpointError, FormatError, UnreachableRatioError, CalibrationError, FileExistsError,
-               FileNotFoundError, ValueError, DiskFullError, WorkDirError)
+DESCRIPTION = ("Compress the routed experts of a Hugging Face MoE checkpoint (D²-MoE, RS-MoE, MoBE, RFID-MoE, SVD "
+               "baselines) into a checkpoint vLLM serves with --quantization moe_compress; evaluate, inspect and "
+               "report on it.")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or environment: one line on stderr and exit 2, not a traceback.
+    Imported here, not at module level, because these modules import torch."""
+    from .budget import UnreachableRatioError
+    from .calibration import CalibrationError
+    from .checkpoint_io import CheckpointError, DiskFullError
+    from vllm_moe_compress.format import FormatError
+
+    from .workdir import WorkDirError
+
+    return (CheckpointError, FormatError, UnreachableRatioError, CalibrationError, FileExistsError,
+            FileNotFoundError, ValueError, DiskFullError, WorkDirError)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm-moe-compress")
+    except PackageNotFoundError:
+        return "unknown (not installed; running from a source tree)"
 
 
 def _ratio(text: str) -> float:
-    value = float(text)
+    """argparse type: a float in (0, 1); argparse prefixes the message with the option's name."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"ratio must be strictly between 0 and 1, got {text}")
+        raise argparse.ArgumentTypeError(f"ratio must be a number strictly between 0 and 1, got {text!r}")
     return value
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .choices import (
+        ACTIVATION_NAMES, ALLOCATIONS, EFFECTIVE_RANK_MODES, FISHER_GRANULARITY, FISHER_LABELS, MERGES, METHOD_NAMES,
+        RS_BASES, RS_LOWRANK_SVDS, RS_SCORES, TASK_SOURCES, ZEROSHOT_TASKS,
+    )
     from .evaluation.datasets import DATASETS
-    from .fisher import FISHER_GRANULARITY, FISHER_LABELS
-    from .methods import METHODS
-    from .layer_allocation import ALLOCATIONS
-    from .methods.basis_fit import ACTIVATIONS
-    from .methods.d2 import MERGES
-    from .methods.group_basis import EFFECTIVE_RANK_MODES
-    from .methods.rs import BASES as RS_BASES, LOWRANK_SVDS as RS_LOWRANK_SVDS, SCORES as RS_SCORES
-    from .evaluation.zeroshot import TASK_SOURCES
-    from .evaluation.zeroshot import TASKS as ZEROSHOT_TASKS
 
-    parser = argparse.ArgumentParser(prog="moe-compress", description=__doc__)
+    parser = argparse.ArgumentParser(prog="moe-compress", description=DESCRIPTION)
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -59,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (config.json + *.safetensors)")
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where to write the compressed checkpoint")
-    c.add_argument("--method", required=True, choices=sorted(METHODS),
+    c.add_argument("--method", required=True, choices=METHOD_NAMES,
                    help="d2: D²-MoE (Fisher-merged base + whitened low-rank deltas + semi-dynamic base pruning); "
                    "svd: plain per-expert SVD; whitened-svd: per-expert SVD-LLM; rs: RS-MoE (sparse dense units + "
                    "activation-aware low-rank units + ridge down base, MI layer budgets); mobe: MoBE (bases shared by "
@@ -77,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for window sampling and Fisher labels (default 0)")
     d = c.add_argument_group("D²-MoE options (--method d2)")
     d.add_argument("--merge", choices=MERGES, default="fisher", help="how the base is merged (default fisher, Eq. 5)")
-    d.add_argument("--base-prune", type=float, default=0.1,
+    d.add_argument("--base-prune", type=float, default=0.0,
                    help="base pruning ratio, half static (stored) and half dynamic (per batch at inference); "
-                   "default 0.1 = the paper's 5%%+5%% 'performance' setting")
+                   "default 0 (our choice, measured: BENCHMARKS.md §11.3); 0.1 = the paper's 5%%+5%% 'performance' setting")
     d.add_argument("--trim-experts", type=int, default=0, help="drop the deltas of the N least-routed experts per layer")
     d.add_argument("--fisher-samples", type=_positive, default=32, help="calibration windows used for Fisher (default 32)")
     d.add_argument("--fisher-labels", choices=FISHER_LABELS, default="sampled",
@@ -111,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = c.add_argument_group("MoBE and RFID-MoE options (--method mobe, --method rfid)")
     b.add_argument("--group-size", type=_positive, default=4,
                    help="experts per group k (default 4); MoBE uses E/k bases, RFID-MoE E/k groups")
-    b.add_argument("--activation", choices=ACTIVATIONS, default="silu",
+    b.add_argument("--activation", choices=ACTIVATION_NAMES, default="silu",
                    help="φ applied to the bases (default silu; identity = plain grouped SVD, an ablation)")
     b.add_argument("--fit-steps", type=int, default=200, help="full-batch Adam steps per projection (default 200)")
     b.add_argument("--fit-lr", type=float, default=0.07, help="Adam learning rate on the scaled loss (default 0.07)")
@@ -123,42 +149,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RFID-MoE: weight of information density vs routing frequency, C = ξE + (1−ξ)F (default 0.75)")
     b.add_argument("--effective-rank", choices=EFFECTIVE_RANK_MODES, default="energy",
                    help="RFID-MoE: spectrum normalisation of the effective rank, σ² (energy, the paper) or σ")
-    b.add_argument("--residual-fraction", type=float, default=0.03,
+    b.add_argument("--residual-fraction", type=float, default=0.0,
                    help="RFID-MoE: size of each group's residual vector η as a fraction of its parameters "
-                   "(default 0.03; 0 turns the residual off)")
+                   "(default 0 = off, our choice, measured: BENCHMARKS.md §11.4; the paper's 0.03 = 3 %%)")
     b.add_argument("--residual-seed", type=int, default=0, help="RFID-MoE: seed of the shared projection P")
     o = c.add_argument_group("output")
     o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="dtype of the compressed factors (default bfloat16); other tensors keep theirs")
     o.add_argument("--max-shard-size", type=_positive, default=2048, metavar="MiB", help="safetensors shard size (default 2048 MiB)")
     o.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
-    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
     e = sub.add_parser(
         "eval-ppl", help="perplexity of a dense or compressed checkpoint on a local dataset",
         description="Perplexity over non-overlapping windows (GPTQ convention) of a local test text. "
         "Compressed checkpoints run through the pure-PyTorch reference forward.",
     )
-    e.add_argument("model_dir", metavar="MODEL_DIR")
-    e.add_argument("--dataset", choices=DATASETS, required=True)
+    e.add_argument("model_dir", metavar="MODEL_DIR", help="a dense Hugging Face model or a compressed checkpoint")
+    e.add_argument("--dataset", choices=DATASETS, required=True, help="test text, read from the data directory")
     e.add_argument("--data-dir", help="the shared data directory (default: $MOE_COMPRESS_DATA)")
     e.add_argument("--max-tokens", type=_positive, help="score only the first N tokens (whole windows)")
     e.add_argument("--seqlen", type=_positive, help="window length (default min(2048, model maximum))")
-    e.add_argument("--batch-size", type=_positive, default=1)
+    e.add_argument("--batch-size", type=_positive, default=1,
+                   help="windows per forward pass (default 1); with D²-MoE's dynamic pruning on, the batch is what "
+                   "the pruning sees")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype (default float32)")
-    e.add_argument("--no-dynamic-prune", action="store_true",
-                   help="skip D²-MoE's per-batch dynamic base pruning (on by default, as the paper evaluates)")
+    e.add_argument("--dynamic-prune", action="store_true",
+                   help="apply D²-MoE's per-batch dynamic base pruning, as the paper evaluates (default off, as vllm "
+                   "serve runs it unless VLLM_MOE_COMPRESS_DYNAMIC_PRUNE=1)")
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line of stdout")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     t = sub.add_parser(
         "generate", help="greedy text from a dense or compressed checkpoint (reference forward, no vLLM)",
         description="A quick check that a checkpoint still speaks: greedy decoding through transformers, "
         "compressed experts computed by the pure-PyTorch reference forward.",
     )
-    t.add_argument("model_dir", metavar="MODEL_DIR")
-    t.add_argument("--prompt", required=True)
-    t.add_argument("--max-new-tokens", type=_positive, default=32)
+    t.add_argument("model_dir", metavar="MODEL_DIR", help="a dense Hugging Face model or a compressed checkpoint")
+    t.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
+    t.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate (default 32)")
 
     z = sub.add_parser(
         "eval-zeroshot", help="zero-shot accuracy (lm-evaluation-harness through vLLM) of a dense or compressed checkpoint",
@@ -167,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data source of lm-eval's own task configurations); --tasks-source hub uses the standard tasks unchanged. "
         "vLLM on CPU needs VLLM_CPU_KVCACHE_SPACE (GiB; default here 1).",
     )
-    z.add_argument("model_dir", metavar="MODEL_DIR")
+    z.add_argument("model_dir", metavar="MODEL_DIR", help="a dense Hugging Face model or a compressed checkpoint")
     z.add_argument("--tasks", nargs="+", default=list(ZEROSHOT_TASKS), metavar="TASK",
                    help=f"lm-eval task names, space- or comma-separated (default: {','.join(ZEROSHOT_TASKS)})")
     z.add_argument("--limit", type=_positive, help="score only the first N documents of each task (default: all)")
@@ -200,14 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--zeroshot-tasks", nargs="+", default=[], metavar="TASK",
                    help="run eval-zeroshot on these tasks for every model (one subprocess each)")
     r.add_argument("--zeroshot-limit", type=_positive, help="first N documents per task for --zeroshot-tasks")
-    r.add_argument("--tasks-source", choices=TASK_SOURCES, default="local")
+    r.add_argument("--tasks-source", choices=TASK_SOURCES, default="local",
+                   help="local: the data directory's copies, no hub (default); hub: lm-eval's standard datasets")
     r.add_argument("--data-dir", help="the shared data directory (default: $MOE_COMPRESS_DATA)")
     r.add_argument("--energy-layer", type=int, help="MoE layer of the energy plot (default: the first compressed)")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    i = sub.add_parser("inspect", help="method, ratios, per-layer ranks and parameter counts of a compressed checkpoint")
-    i.add_argument("model_dir", metavar="DIR")
+    i = sub.add_parser(
+        "inspect", help="method, ratios, per-layer ranks and parameter counts of a compressed checkpoint",
+        description="Check a compressed checkpoint as vllm serve does before starting its engine (a damaged one is "
+        "refused with one line naming the tensor or field; --verify also reads the values), then summarise it: "
+        "method and options, target and achieved ratios, parameter counts, per-layer base channels and rank "
+        "statistics, calibration settings.",
+    )
+    i.add_argument("model_dir", metavar="DIR", help="a directory written by moe-compress compress")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.add_argument("--verify", action="store_true",
+                   help="also read every factor and refuse NaN/Inf (default: files, tensor names, shapes and dtypes "
+                   "from the safetensors headers, format_version and schemes, as vllm serve checks at start-up)")
     return parser
 
 
@@ -247,12 +286,16 @@ def run_eval_ppl(args) -> int:
     from .evaluation.perplexity import checkpoint_perplexity
 
     result = checkpoint_perplexity(args.model_dir, [args.dataset], args.data_dir, args.max_tokens, args.seqlen,
-                                   args.batch_size, args.dtype, not args.no_dynamic_prune,
+                                   args.batch_size, args.dtype, args.dynamic_prune,
                                    not args.no_progress)[args.dataset]
-    print(f"{args.model_dir} {args.dataset}: ppl {result.ppl:.4f} over {result.tokens:,} tokens "
-          f"({result.windows} windows of {result.seqlen})")
+    low, high = result.ppl_ci95
+    forward = "dynamic pruning on" if args.dynamic_prune else "dynamic pruning off, as served"
+    print(f"{args.model_dir} {args.dataset}: ppl {result.ppl:.4f} (95% CI {low:.4f}–{high:.4f}; mean NLL "
+          f"{result.nll:.5f} ± {result.nll_se:.5f} SE over windows) over {result.tokens:,} tokens "
+          f"({result.windows} windows of {result.seqlen}; reference forward, {forward})")
     if args.json:
-        print(json.dumps({"model": str(args.model_dir), "dataset": args.dataset, **result.to_dict()}))
+        print(json.dumps({"model": str(args.model_dir), "dataset": args.dataset, **result.to_dict(),
+                          "dynamic_pruning": args.dynamic_prune}))
     return 0
 
 
@@ -263,8 +306,10 @@ def _task_list(values: list[str]) -> tuple[str, ...]:
 def run_eval_zeroshot(args) -> int:
     from .checkpoint_io import write_json
     from .evaluation.datasets import resolve_data_dir
+    from .output_safety import check_result_file
     from .evaluation.zeroshot import ZeroShotOptions, evaluate_zeroshot
 
+    check_result_file(args.out, "--out", "a previous eval-zeroshot result", lambda d: d.get("kind") == "zeroshot")
     data_dir = resolve_data_dir(args.data_dir) if args.tasks_source == "local" else None
     options = ZeroShotOptions(tasks=_task_list(args.tasks), limit=args.limit, source=args.tasks_source,
                               data_dir=data_dir, dtype=args.dtype, max_model_len=args.max_model_len)
@@ -279,8 +324,13 @@ def run_eval_zeroshot(args) -> int:
 
 def run_report(args) -> int:
     from .evaluation.datasets import resolve_data_dir
+    from .output_safety import OutputPathError, check_result_file
     from .evaluation.report import ReportOptions, build_report
 
+    check_result_file(args.out / "report.json", "--out", "a previous report", lambda d: "rows" in d)
+    if (args.out / "report.md").exists() and not (args.out / "report.json").exists():
+        raise OutputPathError(f"{args.out} holds a report.md that moe-compress report did not write (no report.json): "
+                              "choose another --out")
     needs_data = args.ppl_datasets or (args.zeroshot_tasks and args.tasks_source == "local")
     options = ReportOptions(
         out_dir=args.out, original=args.original, results=args.results, ppl_datasets=args.ppl_datasets,
@@ -310,9 +360,11 @@ def run_generate(args) -> int:
 
 
 def run_inspect(args) -> int:
+    from .checkpoint_check import check_checkpoint
     from .summary import format_summary, summarize
 
-    summary = summarize(args.model_dir)
+    check_checkpoint(args.model_dir, values=args.verify)
+    summary = {**summarize(args.model_dir), "checked": "headers and values" if args.verify else "headers"}
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
@@ -325,9 +377,16 @@ def main(argv: list[str] | None = None) -> int:
                 "report": run_report, "generate": run_generate, "inspect": run_inspect}
     try:
         return commands[args.command](args)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"moe-compress {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # permission denied, read-only file system, a file where a directory should be...
+        message = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else str(err)
+        print(f"moe-compress {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"moe-compress {args.command}: interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from .fisher import expert_fisher
 from vllm_moe_compress.format import STATS_FILE, CompressionInfo, LayerSpec
 from .methods import METHODS, CompressionMethod
 from .methods.base import expert_weights
+from .output_safety import check_output_path
 from .workdir import WorkDir, crash_point, run_arguments
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def compress_checkpoint(
     """Compress ``model_dir`` into ``out_dir``, resuming from the work directory of an interrupted run with the
     same arguments (offline/workdir.py). Every input is validated before anything is written."""
     started = time.perf_counter()
+    check_output_path(model_dir, out_dir, overwrite)
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     arch = architecture_for(config)
@@ -126,8 +128,6 @@ def compress_checkpoint(
         method=method.name, hint=method.unreachable_hint(),
     )
     plan = plan_for()
-    if Path(out_dir).exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} already exists (use --overwrite to replace it)")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = read_calibration_text(calibration.file)
     samples = calibration_windows(tokenizer, text, calibration.samples, calibration.seqlen, calibration.seed)
@@ -148,9 +148,30 @@ def compress_checkpoint(
                 f"nothing was written to {out_dir}; finished layers are kept in {work.path}, free some space and "
                 "run the same command again to resume"
             ) from err
-        raise
+        raise OutputWriteError(f"{err.strerror or err}: {err.filename or work.path}; nothing was written to "
+                               f"{out_dir}{_kept(job)}") from err
+    except KeyboardInterrupt:
+        raise CompressionInterrupted(f"nothing was written to {out_dir}{_kept(job)}") from None
     work.remove()
     return info
+
+
+class OutputWriteError(OSError):
+    """Writing the work directory or the output failed (read-only file system, permission denied...)."""
+
+
+class CompressionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says what was kept and how to resume."""
+
+
+def _kept(job: "_Job") -> str:
+    """What an interrupted or failed run leaves for the next one, as the tail of a one-line message."""
+    layers = sorted(job.layout.shapes)
+    finished = job.work.finished_layers(layers) if job.work.path.is_dir() else []
+    if not finished:
+        return ""
+    return (f"; {len(finished)} of {len(layers)} MoE layers are kept in {job.work.path}: run the same command "
+            "again to resume")
 
 
 @dataclass

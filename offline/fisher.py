@@ -20,9 +20,6 @@ from tqdm import tqdm
 
 from .architectures import moe_block
 
-FISHER_LABELS = ("sampled", "empirical")
-FISHER_GRANULARITY = ("expert", "element")
-
 
 def expert_fisher(
     model, moe_layers: list[int], samples: torch.Tensor, labels: str = "sampled",

@@ -31,8 +31,7 @@ from torch import nn
 from .budget import LayerShape
 
 log = logging.getLogger(__name__)
-
-ALLOCATIONS = ("mi", "uniform", "reverse")
+from .choices import ALLOCATIONS
 
 
 @dataclass(frozen=True)

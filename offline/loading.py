@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from vllm_moe_compress.format import QUANT_METHOD, CompressionInfo, FormatError
 
 from .architectures import architecture_for, moe_block
+from .checkpoint_check import check_layer_tensors, check_model_sizes
 from .checkpoint_io import SafetensorsCheckpoint, read_config
 from .schemes import SCHEME_LAYERS
 
@@ -23,8 +24,9 @@ def is_compressed(model_dir: str | Path) -> bool:
     return (read_config(model_dir).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, dynamic_pruning: bool = True):
-    """Any supported checkpoint, dense or compressed, as an eval-mode transformers model."""
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, dynamic_pruning: bool = False):
+    """Any supported checkpoint, dense or compressed, as an eval-mode transformers model; D²-MoE's dynamic
+    pruning off by default, as the vLLM plugin serves it."""
     if is_compressed(model_dir):
         return load_compressed_model(model_dir, dtype, dynamic_pruning)
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
@@ -42,24 +44,10 @@ def load_compressed_model(model_dir: str | Path, dtype: torch.dtype = torch.floa
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     if getattr(config, "hidden_act", "silu") != "silu":
         raise FormatError(f"experts with activation {config.hidden_act!r} are not supported (only silu)")
-    sizes = {"num_experts": arch.num_experts(config), "hidden_size": int(config.hidden_size),
-             "intermediate_size": arch.intermediate_size(config)}
-    for spec in info.layers:
-        for field, value in sizes.items():
-            if getattr(spec, field) != value:
-                raise FormatError(f"quantization_config layer {spec.layer} ({spec.prefix}) has {field} "
-                                  f"{getattr(spec, field)}, but config.json builds {value}")
+    check_model_sizes(info, raw, config)
     expert_prefixes = tuple(spec.prefix + "." for spec in info.layers)
-    stored_dtype = getattr(torch, info.dtype)
     for spec in info.layers:
-        layer = SCHEME_LAYERS[spec.scheme].from_tensors(spec, info.proj_names, ckpt.get)
-        expected = layer.to_tensors(spec.prefix, info.proj_names, stored_dtype)
-        for key in ckpt.keys():
-            if key.startswith(spec.prefix + ".") and key not in expected:
-                raise FormatError(f"tensor {key} is not part of layer {spec.layer}'s {spec.scheme} factors")
-        for key, tensor in expected.items():
-            if tensor.is_floating_point() and ckpt.dtype(key) != stored_dtype:
-                raise FormatError(f"tensor {key} is {ckpt.dtype(key)}, quantization_config.dtype says {info.dtype}")
+        layer = check_layer_tensors(spec, info, ckpt, ckpt.get)
         ratio = info.dynamic_prune_ratio if dynamic_pruning else 0.0
         moe_block(model, spec.layer).experts = layer.experts_module(ratio).to(dtype)
 

@@ -41,8 +41,12 @@ def format_summary(s: dict) -> str:
         f"ratio             target {s['target_ratio']:.4f}  achieved {s['achieved_ratio']:.4f} of total parameters"
         f"  ({s['expert_ratio']:.4f} of routed-expert parameters)",
         f"parameters        {s['original_params']:,} -> {s['compressed_params']:,}  (stored as {s['dtype']})",
-        f"dynamic pruning   {s['dynamic_prune_ratio']:.4f} of base channels per batch",
+        f"dynamic pruning   {s['dynamic_prune_ratio']:.4f} of base channels per batch, stored; off by default in vllm "
+        "serve and eval-ppl (VLLM_MOE_COMPRESS_DYNAMIC_PRUNE=1, eval-ppl --dynamic-prune turn it on)",
     ]
+    if "checked" in s:
+        values = "; values finite (no NaN/Inf)" if s["checked"] == "headers and values" else " (--verify: values too)"
+        lines.append(f"checks            passed: files, tensor names/shapes/dtypes, format_version, schemes{values}")
     if s["calibration"]:
         c = s["calibration"]
         lines.append(f"calibration       {c['samples']} x {c['seqlen']} tokens from {c['file']} (seed {c['seed']})")

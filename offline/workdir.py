@@ -52,6 +52,7 @@ from .checkpoint_io import WEIGHT_FILE_SUFFIXES, atomic_file
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "MOE_COMPRESS_CRASH_AT"
+CRASH_SIGNAL_ENV = "MOE_COMPRESS_CRASH_SIGNAL"
 WORK_FORMAT = 1
 """Bump when the work directory's layout changes: older work directories then get a different key."""
 
@@ -61,9 +62,10 @@ class WorkDirError(RuntimeError):
 
 
 def crash_point(name: str) -> None:
-    """Fault injection for tests: SIGKILL this process if ``$MOE_COMPRESS_CRASH_AT == name``."""
+    """Fault injection for tests: SIGKILL this process if ``$MOE_COMPRESS_CRASH_AT == name`` (or send it the
+    signal named by ``$MOE_COMPRESS_CRASH_SIGNAL``, e.g. SIGINT for a Ctrl-C)."""
     if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get(CRASH_SIGNAL_ENV, "SIGKILL")))
 
 
 def atomic_write(path: Path, data: bytes) -> None:

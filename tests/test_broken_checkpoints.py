@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
+from vllm_moe_compress.offline.checkpoint_check import check_checkpoint
 from vllm_moe_compress.offline.checkpoint_io import INDEX_NAME
 from vllm_moe_compress.format.names import base_channels_name, base_name, delta_name
 from vllm_moe_compress.offline.loading import load_compressed_model
@@ -305,3 +306,57 @@ def test_plugin_refuses(case, broken):
 def test_reference_loader_refuses(case, broken):
     with pytest.raises(ValueError, match=case.reference):
         load_compressed_model(broken)
+
+
+# ------------------------------------------------------------------------------------------- the header check
+
+VALUE_CASES = {"nan-factor", "inf-base"}  # only reading the values finds these (inspect --verify)
+HEADER_MESSAGES = {  # where the header check words it differently from the reference loader
+    "layer-missing-from-quantization-config":
+        q("tensor model.layers.1.mlp.experts.") + r"\S+" + q(" belongs to a MoE layer that quantization_config.layers "
+                                                            "does not list"),
+}
+
+
+@pytest.mark.parametrize("case, broken", [(c, c) for c in CASES], ids=[c.id for c in CASES], indirect=["broken"])
+def test_header_check_refuses(case, broken):
+    """offline/checkpoint_check.py: what vLLM's front end and ``inspect`` run, without reading the factors."""
+    if case.id in VALUE_CASES:
+        check_checkpoint(broken)
+        with pytest.raises(ValueError, match=case.reference):
+            check_checkpoint(broken, values=True)
+    else:
+        with pytest.raises(ValueError, match=HEADER_MESSAGES.get(case.id, case.reference)):
+            check_checkpoint(broken)
+
+
+def test_header_check_passes_the_good_checkpoint(ckpt):  # noqa: F811
+    assert check_checkpoint(ckpt.dir, values=True).layers
+
+
+def test_vllm_front_end_refuses_before_the_engine(ckpt, tmp_path):  # noqa: F811
+    """vLLM calls override_quantization_method while building ModelConfig in the API-server process."""
+    hf = transformers.AutoConfig.from_pretrained(ckpt.dir)
+    qc = hf.quantization_config
+    assert MoECompressConfig.override_quantization_method(qc, "moe_compress", hf_config=hf) == "moe_compress"
+    directory = tmp_path / "broken"
+    shutil.copytree(ckpt.dir, directory)
+    edit_tensors(drop(factor(0, 3, "gate", "delta_v")))(directory)
+    hf = transformers.AutoConfig.from_pretrained(directory)
+    with pytest.raises(ValueError, match=q(f"cannot be served: tensor {factor(0, 3, 'gate', 'delta_v')} not found")):
+        MoECompressConfig.override_quantization_method(qc, None, hf_config=hf)
+    assert MoECompressConfig.override_quantization_method({"quant_method": "fp8"}, None, hf_config=hf) is None
+
+
+INSPECT_CASES = [(c, c, c.id in VALUE_CASES) for c in CASES if c.id in ("missing-factor", "nan-factor")]
+
+
+@pytest.mark.parametrize("case, broken, verify", INSPECT_CASES, ids=[c.id for c, _, _ in INSPECT_CASES],
+                         indirect=["broken"])
+def test_inspect_refuses_in_one_line(case, broken, verify, capsys):
+    from vllm_moe_compress.offline.cli import main
+
+    assert main(["inspect", str(broken), *(["--verify"] if verify else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-compress inspect: error: ") and err.count("\n") == 1
+    assert re.search(case.reference, err)

@@ -40,6 +40,7 @@ def test_compress_inspect_eval(tmp_path, capsys):
                  "--seqlen", "256", "--max-tokens", "1024", "--json", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"ppl", "dataset", "tokens"} <= set(result) and result["tokens"] == 4 * 255 and result["ppl"] > 1
+    assert result["dynamic_pruning"] is False  # as vllm serve runs it by default
 
 
 def test_console_script_help():

@@ -236,6 +236,17 @@ def test_runner_refuses_bad_options(tmp_path, capsys):
     assert parse_args(["--model", str(TOKENIZER_DIR), "--duration", "5", "--out", "o", "--soak"]).bad_users == 1
 
 
+def test_runner_out_replaces_only_its_own_results(tmp_path, capsys):
+    argv = ["--model", str(TOKENIZER_DIR), "--duration", "5", "--out", str(tmp_path)]
+    (tmp_path / "summary.json").write_text('{"mine": 1}\n')
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert "is not a previous load-test summary" in capsys.readouterr().err
+    assert (tmp_path / "summary.json").read_text() == '{"mine": 1}\n'
+    (tmp_path / "summary.json").write_text('{"models": {}, "ratios": {}}\n')
+    assert parse_args(argv).out == tmp_path
+
+
 # --- end to end ------------------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import transformers
 
 from vllm_moe_compress.offline.evaluation.datasets import DATASETS, load_eval_text, resolve_data_dir
-from vllm_moe_compress.offline.evaluation.perplexity import default_seqlen, evaluate_perplexity
+from vllm_moe_compress.offline.evaluation.perplexity import default_seqlen, evaluate_perplexity, paired_delta
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "examples" / "tiny-qwen3-moe-demo"
@@ -57,12 +57,16 @@ def test_matches_manual_cross_entropy(model, tokenizer):
     ids = tokenizer(TEXT, return_tensors="pt").input_ids[0]
     windows = ids.numel() // SEQLEN
     total = 0.0
+    means = []
     with torch.no_grad():
         for i in range(windows):
             window = ids[i * SEQLEN : (i + 1) * SEQLEN].unsqueeze(0)
             logits = model(window).logits[0, :-1].double()
             total += F.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+            means.append(F.cross_entropy(logits, window[0, 1:]).item())
     expected = math.exp(total / (windows * (SEQLEN - 1)))
+    mean = sum(means) / windows
+    expected_se = math.sqrt(sum((m - mean) ** 2 for m in means) / (windows - 1) / windows)
 
     assert windows >= 3
     assert result.windows == windows
@@ -70,7 +74,23 @@ def test_matches_manual_cross_entropy(model, tokenizer):
     assert result.seqlen == SEQLEN
     assert result.ppl == pytest.approx(expected, rel=1e-6)
     assert result.ppl == pytest.approx(math.exp(result.nll), rel=1e-12)
-    assert set(result.to_dict()) == {"ppl", "nll", "tokens", "windows", "seqlen"}
+    assert result.window_nll == pytest.approx(means, rel=1e-6)
+    assert result.nll_se == pytest.approx(expected_se, rel=1e-5)
+    low, high = result.ppl_ci95
+    assert low == pytest.approx(math.exp(mean - 1.96 * expected_se), rel=1e-6) and low < result.ppl < high
+    assert set(result.to_dict()) == {"ppl", "nll", "tokens", "windows", "seqlen", "nll_se", "ppl_ci95", "window_nll"}
+
+
+def test_paired_delta():
+    a = [2.0, 3.0, 4.0, 5.0]
+    b = [2.1, 3.3, 4.0, 5.2]
+    delta, se = paired_delta(a, b)
+    diffs = [0.1, 0.3, 0.0, 0.2]
+    m = sum(diffs) / 4
+    assert delta == pytest.approx(m)
+    assert se == pytest.approx(math.sqrt(sum((d - m) ** 2 for d in diffs) / 3 / 4))
+    with pytest.raises(ValueError, match="same windows"):
+        paired_delta(a, b[:3])
 
 
 def test_max_tokens_and_batching(model, tokenizer):
@@ -78,7 +98,7 @@ def test_max_tokens_and_batching(model, tokenizer):
     limited = evaluate_perplexity(model, tokenizer, TEXT, SEQLEN, max_tokens=2 * SEQLEN + 5, progress=False)
     assert limited.windows == 2 and limited.tokens == 2 * (SEQLEN - 1)
     tiny = evaluate_perplexity(model, tokenizer, TEXT, SEQLEN, max_tokens=1, progress=False)
-    assert tiny.windows == 1
+    assert tiny.windows == 1 and math.isnan(tiny.nll_se)
 
     batched = evaluate_perplexity(model, tokenizer, TEXT, SEQLEN, batch_size=3, progress=False)
     assert batched.windows == full.windows

@@ -107,7 +107,8 @@ def test_compiled_mode_svd_baseline_and_rs(method, tmp_path):
     assert_same(run_vllm(model), reference(model))
 
 
-@pytest.mark.parametrize("method,options,flags", [("rfid", {}, ()), ("rfid", {"factorize_down": True}, ("--eager",)),
+@pytest.mark.parametrize("method,options,flags", [("rfid", {"residual_fraction": 0.03}, ()),
+                                                  ("rfid", {"factorize_down": True, "residual_fraction": 0.03}, ("--eager",)),
                                                   ("mobe", {}, ("--eager",))], ids=["rfid-compiled", "rfid-down", "mobe"])
 def test_basis_residual_greedy_equals_reference(method, options, flags, tmp_path):
     """RFID-MoE (hashed residual, dense or factorised down) and MoBE (mixed bases); the first in vLLM's default

@@ -133,7 +133,8 @@ def test_layer_uses_its_budget_exactly(method, n, k, ratio_of_capacity, down):
 def test_unreachable_ratio_names_the_factorize_down_option(tiny_moe, tmp_path):
     calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=2, seqlen=32, batch_size=2)
     with pytest.raises(ValueError, match=r"reachable ratios are \[.*--factorize-down"):
-        compress_checkpoint(tiny_moe("qwen3_moe"), tmp_path / "out", build_method("rfid"), 0.5, calibration)
+        compress_checkpoint(tiny_moe("qwen3_moe"), tmp_path / "out", build_method("rfid", residual_fraction=0.03), 0.5,
+                            calibration)
     assert not (tmp_path / "out").exists()
 
 
@@ -270,7 +271,7 @@ def test_bad_details_are_rejected():
             LayerSpec.from_json(bad).validate()
 
 
-@pytest.mark.parametrize("method,options", [("rfid", {"factorize_down": True}), ("mobe", {})])
+@pytest.mark.parametrize("method,options", [("rfid", {"factorize_down": True, "residual_fraction": 0.03}), ("mobe", {})])
 def test_compressed_checkpoint_loads_and_matches_its_stats(tiny_moe, tmp_path, method, options):
     out = tmp_path / method
     calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=4, seqlen=64, batch_size=4)

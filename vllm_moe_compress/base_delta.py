@@ -59,12 +59,24 @@ class BaseDeltaScheme(CompressedMoEScheme):
         layer.register_buffer("moe_compress_channels", torch.tensor(self.local_channels, dtype=torch.int64),
                               persistent=False)
 
+    has_cpu_path = True
+
+    def prepare_cpu(self, layer: torch.nn.Module) -> None:
+        from vllm_moe_compress.kernels import base_delta_cpu
+
+        self.register_cpu_layout(layer, base_delta_cpu.prepare(*self._op_args(layer)[:-1]))
+
     def _op_args(self, layer) -> tuple:
         return (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,
                 layer.w13_base, layer.w2_base, layer.moe_compress_channels, self.num_dynamic_drop)
 
+    def apply_cpu(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        from vllm_moe_compress.kernels.base_delta_cpu import BaseDeltaCpuLayout
+
+        layout = self.cpu_layout(layer, BaseDeltaCpuLayout._fields)
+        return torch.ops.moe_compress.base_delta_moe_cpu(x, topk_weights, topk_ids, layout, self.num_dynamic_drop)
+
     def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """Σ_k w_k·expert_k(x) through the torch custom op (the CPU path)."""
         return torch.ops.moe_compress.base_delta_moe(x, topk_weights, topk_ids, *self._op_args(layer))
 
     def prepare_triton(self, layer, device) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,30 @@ class MoECompressConfig(QuantizationConfig):
     @staticmethod
     def get_config_filenames() -> list[str]:
         return []
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,
+                                     hf_config: Any = None) -> str | None:
+        """vLLM calls this in the API-server process while it builds the model config, before any engine
+        process starts: the place to refuse a broken checkpoint in seconds. Runs the header-level checks of
+        offline/checkpoint_check.py (names, shapes, dtypes, format_version, schemes) on the local model
+        directory; the values are checked by the weight loaders later."""
+        if (hf_quant_cfg or {}).get("quant_method") != QUANT_METHOD:
+            return None
+        model_dir = getattr(hf_config, "name_or_path", None) or getattr(hf_config, "_name_or_path", None)
+        if model_dir and Path(model_dir).is_dir():
+            from vllm_moe_compress.offline.checkpoint_check import CheckpointError, check_checkpoint
+
+            try:
+                check_checkpoint(model_dir, config=hf_config)
+            except (FormatError, CheckpointError) as err:
+                message = f"moe_compress: {model_dir} cannot be served: {err}"
+                if Path(sys.argv[0]).name == "vllm":
+                    # The vllm command: end with this line. A ValueError would reach the user wrapped in pydantic's
+                    # ValidationError of ModelConfig, under a traceback and above a link to pydantic's docs.
+                    raise SystemExit(message) from None
+                raise ValueError(message) from None
+        return QUANT_METHOD
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "MoECompressConfig":

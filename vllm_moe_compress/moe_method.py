@@ -1,9 +1,9 @@
 """The fused-MoE method for ``moe_compress`` layers: registers the scheme's parameters, loads, checks, applies.
 
 Modelled on vLLM's ``MoeWNA16Method``: parameters are created per layer in ``create_weights`` with a
-``weight_loader`` that vLLM's expert mapping calls per checkpoint tensor; they start as NaN, so a tensor
-vLLM silently dropped (or a NaN in the file) is caught in ``process_weights_after_loading`` with the
-tensor's name. Experts are computed from their factors; dense expert weights never exist.
+``weight_loader`` that vLLM's expert mapping calls per checkpoint tensor and that refuses a wrong shape, dtype
+or a NaN/Inf (tensor_checks.py); they start as NaN, so a tensor that never reached a loader is caught in
+``process_weights_after_loading`` with the tensor's name. Experts are computed from their factors; dense expert weights never exist.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class CompressedMoEMethod(FusedMoEMethodBase):
         for name in self.scheme.shapes:
             missing = self.scheme.unloaded(name, getattr(layer, name))
             if missing:
-                raise ValueError(f"moe_compress: tensor {missing} is missing from the checkpoint or contains NaN")
+                raise ValueError(f"moe_compress: tensor {missing} is missing from the checkpoint (no weight loader "
+                                 "received it)")
         self.scheme.prepare(layer)
 
     def get_fused_moe_quant_config(self, layer) -> FusedMoEQuantConfig | None:

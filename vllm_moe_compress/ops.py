@@ -1,5 +1,6 @@
 """The compressed-MoE compute as torch custom ops: opaque to Dynamo, so vLLM's compiled CPU graph
-(fullgraph) can call code that loops over experts and reads ranks on the host."""
+(fullgraph) can call code that loops over experts and reads ranks on the host. ``<scheme>_moe_cpu``: the C++
+CPU path on the layout prepared at load (docs/kernels.md, CPU path); ``<scheme>_moe``: the torch path."""
 
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ def _(x, *args) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("moe_compress::base_delta_moe_cpu", mutates_args=())
+def base_delta_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                          layout: list[torch.Tensor], num_dynamic_drop: int) -> torch.Tensor:
+    """``layout``: the fields of ``kernels.base_delta_cpu.BaseDeltaCpuLayout`` (prepared at load)."""
+    from vllm_moe_compress.kernels import base_delta_cpu
+
+    return base_delta_cpu.base_delta_moe(x, topk_ids, topk_weights, base_delta_cpu.BaseDeltaCpuLayout(*layout),
+                                         num_dynamic_drop)
+
+
+@base_delta_moe_cpu_op.register_fake
+def _(x, *args) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("moe_compress::sparse_lowrank_moe", mutates_args=())
 def sparse_lowrank_moe_op(
     x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, sparse_counts: torch.Tensor,
@@ -39,6 +55,21 @@ def sparse_lowrank_moe_op(
 
 
 @sparse_lowrank_moe_op.register_fake
+def _(x, *args) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("moe_compress::sparse_lowrank_moe_cpu", mutates_args=())
+def sparse_lowrank_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                              layout: list[torch.Tensor]) -> torch.Tensor:
+    """``layout``: the fields of ``kernels.sparse_lowrank_cpu.SparseLowrankCpuLayout`` (prepared at load)."""
+    from vllm_moe_compress.kernels import sparse_lowrank_cpu
+
+    return sparse_lowrank_cpu.sparse_lowrank_moe(x, topk_ids, topk_weights,
+                                                 sparse_lowrank_cpu.SparseLowrankCpuLayout(*layout))
+
+
+@sparse_lowrank_moe_cpu_op.register_fake
 def _(x, *args) -> torch.Tensor:
     return torch.empty_like(x)
 

@@ -11,7 +11,9 @@
 4. ``unloaded``: the checkpoint name of a tensor whose slice still holds the NaN fill;
 5. ``prepare`` once every tensor is loaded: weights-only precomputation (``process_loaded``), then the backend,
    chosen once: on CUDA devices the Triton kernels, whose per-layer layouts ``prepare_triton`` builds now (from
-   host lists, before any CUDA graph capture), elsewhere the torch custom op;
+   host lists, before any CUDA graph capture); on CPUs the C++ CPU op where the scheme has one and it builds
+   here (``prepare_cpu`` lays the factors out per expert now; kernels/cpu_extension.py), else the torch
+   custom op;
 6. ``apply``: Σ_k w_k·expert_k(x) for this rank's slice through that backend.
 """
 
@@ -37,6 +39,8 @@ expert 0's (``base_delta``: w13_base / w2_base; ``sparse_lowrank``: w2_base)."""
 
 class CompressedMoEScheme(ABC):
     scheme: ClassVar[str]
+    has_cpu_path: ClassVar[bool] = False
+    """Whether the scheme has a C++ CPU op (``prepare_cpu`` / ``apply_cpu``); without one CPUs use the torch op."""
     WEIGHT_RENAMES: ClassVar[dict[re.Pattern, str | None]] = {}
     """Checkpoint name regex -> vLLM expert-mapping name, for tensors that are not per expert (``None``: dropped,
     read at start-up instead)."""
@@ -50,7 +54,7 @@ class CompressedMoEScheme(ABC):
         self.spec, self.proj_names = spec, proj_names
         self.part = spec.intermediate_size // tp_size  # intermediate channels per TP rank
         self.lo = tp_rank * self.part  # this rank's first channel
-        self.backend: str | None = None  # "torch" or "triton", chosen by prepare()
+        self.backend: str | None = None  # "triton", "cpu" or "torch", chosen by prepare()
 
     @staticmethod
     def check_indices(spec: LayerSpec, indices: dict[str, list[int]]) -> None:
@@ -91,13 +95,26 @@ class CompressedMoEScheme(ABC):
     # ------------------------------------------------------------------------------------ compute
 
     def prepare(self, layer: torch.nn.Module, backend: str | None = None) -> None:
-        """Once after loading: :meth:`process_loaded`, then the backend (default: Triton on CUDA, else torch)."""
+        """Once after loading: :meth:`process_loaded`, then the backend (default: Triton on CUDA; on CPUs the C++
+        op where the scheme has one and it builds, else the torch op) and that backend's layout."""
         self.process_loaded(layer)
         device = getattr(layer, next(iter(self.shapes))).device
-        self.backend = backend or ("triton" if device.type == "cuda" else "torch")
+        self.backend = backend or self.default_backend(device)
         if self.backend == "triton":
             self.prepare_triton(layer, device)
-        self._forward = self.apply_triton if self.backend == "triton" else self.apply_torch
+        elif self.backend == "cpu":
+            self.prepare_cpu(layer)
+        self._forward = {"triton": self.apply_triton, "cpu": self.apply_cpu, "torch": self.apply_torch}[self.backend]
+
+    def default_backend(self, device: torch.device) -> str:
+        if device.type == "cuda":
+            return "triton"
+        if device.type == "cpu" and self.has_cpu_path:
+            from vllm_moe_compress.kernels.cpu_extension import available
+
+            if available():
+                return "cpu"
+        return "torch"
 
     def process_loaded(self, layer: torch.nn.Module) -> None:
         """Weights-only precomputation once every tensor is loaded and checked (none by default)."""
@@ -106,6 +123,22 @@ class CompressedMoEScheme(ABC):
     def prepare_triton(self, layer: torch.nn.Module, device: torch.device) -> None:
         """Build the Triton path's per-layer layout (host lists only: no device sync)."""
 
+    def prepare_cpu(self, layer: torch.nn.Module) -> None:
+        """Build the C++ CPU op's per-expert layout (schemes with ``has_cpu_path``), registered with
+        :meth:`register_cpu_layout`."""
+        raise NotImplementedError(f"scheme {self.scheme} has no C++ CPU path")
+
+    @staticmethod
+    def register_cpu_layout(layer: torch.nn.Module, layout) -> None:
+        """Keep a CPU layout (a NamedTuple of tensors) on the layer as non-persistent buffers."""
+        for name, tensor in layout._asdict().items():
+            layer.register_buffer(f"moe_compress_cpu_{name}", tensor, persistent=False)
+
+    @staticmethod
+    def cpu_layout(layer: torch.nn.Module, fields: tuple[str, ...]) -> list[torch.Tensor]:
+        """The buffers :meth:`register_cpu_layout` kept, in the layout's field order."""
+        return [getattr(layer, f"moe_compress_cpu_{name}") for name in fields]
+
     def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Σ_k w_k·expert_k(x) for this rank's intermediate slice, through the backend chosen by :meth:`prepare`."""
         return self._forward(layer, x, topk_weights, topk_ids)
@@ -113,6 +146,10 @@ class CompressedMoEScheme(ABC):
     @abstractmethod
     def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         """The torch custom op ``torch.ops.moe_compress.<scheme>_moe`` (CPU; opaque to Dynamo)."""
+
+    def apply_cpu(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        """The C++ CPU op ``torch.ops.moe_compress.<scheme>_moe_cpu`` on the layout :meth:`prepare_cpu` built."""
+        raise NotImplementedError(f"scheme {self.scheme} has no C++ CPU path")
 
     @abstractmethod
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:

@@ -70,6 +70,13 @@ class SparseLowRankScheme(CompressedMoEScheme):
         int_buffer("moe_compress_sparse_channels", self.local_channels["sparse"])
         int_buffer("moe_compress_lowrank_channels", self.local_channels["lowrank"])
 
+    has_cpu_path = True
+
+    def prepare_cpu(self, layer: torch.nn.Module) -> None:
+        from vllm_moe_compress.kernels import sparse_lowrank_cpu
+
+        self.register_cpu_layout(layer, sparse_lowrank_cpu.prepare(*self._op_args(layer)))
+
     @staticmethod
     def _op_args(layer) -> tuple:
         return (layer.moe_compress_sparse_counts, layer.moe_compress_lowrank_counts, layer.moe_compress_ranks,
@@ -77,8 +84,13 @@ class SparseLowRankScheme(CompressedMoEScheme):
                 layer.w2_lowrank_v, layer.w2_base, layer.moe_compress_sparse_channels,
                 layer.moe_compress_lowrank_channels)
 
+    def apply_cpu(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        from vllm_moe_compress.kernels.sparse_lowrank_cpu import SparseLowrankCpuLayout
+
+        layout = self.cpu_layout(layer, SparseLowrankCpuLayout._fields)
+        return torch.ops.moe_compress.sparse_lowrank_moe_cpu(x, topk_weights, topk_ids, layout)
+
     def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """Σ_k w_k·expert_k(x) through the torch custom op (the CPU path)."""
         return torch.ops.moe_compress.sparse_lowrank_moe(x, topk_weights, topk_ids, *self._op_args(layer))
 
     def prepare_triton(self, layer, device) -> None:

@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
 from ..checkpoint_io import atomic_file  # noqa: E402
 from .spectrum import ProjectionSpectra  # noqa: E402
 
@@ -100,25 +102,38 @@ def plot_allocation(layers: dict, title: str, path: Path) -> Path | None:
     order = _layer_order(layers)
     cols = min(3, panels)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 0.4 * len(order) * rows + 2.4 * rows), squeeze=False,
-                             layout="constrained")
-    flat = axes.ravel()
+    fig = plt.figure(figsize=(5.2 * cols, 0.4 * len(order) * rows + 2.4 * rows), layout="constrained")
+    flat = _panel_axes(fig, panels, cols)
     for ax, (name, grid) in zip(flat, grids.items()):
         image = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
         ax.set_yticks(range(len(order)), order)
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
         ax.set_title(name)
-        fig.colorbar(image, ax=ax)
+        integer = all(float(x).is_integer() for row in grid for x in row)
+        fig.colorbar(image, ax=ax, label=name, ticks=MaxNLocator(integer=True) if integer else None)
     for ax, (name, values) in zip(flat[len(grids):], bars.items()):
         ax.bar(range(len(order)), values, color="tab:blue")
         ax.set_xticks(range(len(order)), order)
         ax.set_xlabel("MoE layer")
+        ax.set_ylabel(name)
         ax.set_title(name)
-    for ax in flat[panels:]:
-        ax.axis("off")
     fig.suptitle(f"{title}: allocation per expert and layer")
     return _save(fig, path)
+
+
+def _panel_axes(fig, panels: int, cols: int) -> list:
+    """``panels`` axes, ``cols`` per row; the last row's panels widen to fill it, so no slot stays empty."""
+    rows = math.ceil(panels / cols)
+    units = 6  # divisible by every row length 1..3
+    grid = fig.add_gridspec(rows, units)
+    axes = []
+    for index in range(panels):
+        row, col = divmod(index, cols)
+        in_row = cols if row < rows - 1 else panels - cols * (rows - 1)
+        width = units // in_row
+        axes.append(fig.add_subplot(grid[row, col * width:(col + 1) * width]))
+    return axes
 
 
 def _band(ax, curves, label: str, color: str) -> None:

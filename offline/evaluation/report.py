@@ -120,7 +120,8 @@ def cached_perplexity(model_dir: Path, name: str, options: ReportOptions) -> lis
     """eval-ppl style results for ``options.ppl_datasets``, computed once and kept in OUT_DIR/cache."""
     from .perplexity import checkpoint_perplexity
 
-    settings = {"datasets": options.ppl_datasets, "max_tokens": options.ppl_max_tokens, "seqlen": options.ppl_seqlen}
+    settings = {"datasets": options.ppl_datasets, "max_tokens": options.ppl_max_tokens, "seqlen": options.ppl_seqlen,
+                "dynamic_pruning": False}
     path = options.out_dir / "cache" / f"ppl-{name}-{_cache_key(model_dir, **settings)}.json"
     if not path.is_file():
         log.info("perplexity of %s on %s", model_dir, ", ".join(options.ppl_datasets))
@@ -233,7 +234,8 @@ def markdown_table(rows: list[ModelRow]) -> str:
     tokens = sorted({n for r in rows for n in r.ppl_tokens.values() if n})
     if datasets:
         lines.append(f"\nPPL: non-overlapping windows (GPTQ convention), {', '.join(map(str, tokens))} predicted tokens "
-                     "per dataset.")
+                     "per dataset; computed ones (--ppl-datasets) by the reference forward with D²-MoE's dynamic pruning "
+                     "off, as vllm serve runs it by default.")
     if tasks:
         lines.append("Accuracy: lm-evaluation-harness, 0-shot, `acc`, vLLM backend (`quantization=moe_compress` for "
                      "compressed checkpoints); 'zero-shot limit' = first N documents per task.")

@@ -32,11 +32,8 @@ import yaml
 from vllm_moe_compress.format import QUANT_METHOD
 
 from ..checkpoint_io import read_config
+from ..choices import TASK_SOURCES, ZEROSHOT_TASKS as TASKS
 
-TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "mathqa", "boolq")
-"""The papers' zero-shot suite, as lm-eval task names."""
-
-TASK_SOURCES = ("local", "hub")
 OVERRIDES_DIR = Path(__file__).parent / "eval_tasks"
 DEFAULT_KVCACHE_GIB = "1"
 

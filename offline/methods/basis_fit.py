@@ -14,10 +14,17 @@ Choices (the papers' code does the first three the same way, the fourth differen
   early stop after ``patience`` steps without a new best;
 - the bases are the truncated SVD of each group matrix (Alg. 1 l.17) and MoBE's mixing logits start one-hot
   on the expert's own group;
-- A is initialised as U_K Σ_K / φ'(0) of the *scaled* group matrix, so that A·φ(B) matches the SVD to first
-  order (φ = SiLU has slope 1/2 at 0, and the basis entries are small); MoBE's code starts from the unscaled
-  U_K Σ_K and relies on 10⁴ epochs to recover. η starts at the closed form Pᵀ vec(R) of the initial residual
-  (App. C.1) and is then trained jointly with A and B (the paper's "lightweight reconstruction training").
+- one basis per group (RFID-MoE): A is initialised as U_K Σ_K / φ'(0) of the *scaled* group matrix, so that
+  A·φ(B) matches the grouped SVD to first order (φ = SiLU has slope 1/2 at 0, and the basis entries are small);
+  η starts at the closed form Pᵀ vec(R) of the initial residual (App. C.1) and is then trained jointly with A
+  and B (the paper's "lightweight reconstruction training");
+- mixed (MoBE): exactly inclusionAI/MoBE train.py's init: A = U_K Σ_K and B from the SVD of the *unscaled*
+  group matrix, although the fit targets W/s (s = std W), so the product starts about s times too small;
+  the softmax of the one-hot logits puts only e/(e + m − 1) on the own basis anyway, so no first-order match
+  exists. Measured on the reference model (r = 44, m = 8, 200 steps, scaled MSE): layer 0 gate / layer 2
+  gate / layer 3 up end at 0.1692 / 0.2193 / 0.2154, the official code's own 0.1689 / 0.2197 / 0.2158 (its
+  target is cast to fp16), against 0.1707 / 0.2289 / — with the first-order-matched init used before
+  issue 18 (BENCHMARKS.md §9.5).
 """
 
 from __future__ import annotations
@@ -154,14 +161,13 @@ def fit_mixed(weights: torch.Tensor, groups: list[list[int]], rank: int, options
     scale = float(weights.std())
     target = (weights / scale).float()
     num_experts, out_dim = weights.shape[0], weights.shape[1]
-    slope = SLOPE_AT_ZERO[options.activation]
     bases = torch.zeros(len(groups), rank, weights.shape[2])
     coefs = torch.zeros(num_experts, out_dim, rank)
     logits = torch.zeros(num_experts, len(groups))
     for j, group in enumerate(groups):
-        left, basis = truncated_group_svd(group_matrix(weights / scale, group), rank)
+        left, basis = truncated_group_svd(group_matrix(weights, group), rank)
         bases[j] = basis.float()
-        coefs[group] = (left / slope).view(len(group), out_dim, rank).float()
+        coefs[group] = left.view(len(group), out_dim, rank).float()  # SVD of the unscaled W, as MoBE train.py
         logits[group, j] = 1.0
     params = [bases.requires_grad_(), coefs.requires_grad_(), logits.requires_grad_()]
 

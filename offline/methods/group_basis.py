@@ -7,8 +7,7 @@ vertically into [k·out, in] (RFID-MoE Eq. 7). Everything here is float64.
 from __future__ import annotations
 
 import torch
-
-EFFECTIVE_RANK_MODES = ("energy", "singular")
+from ..choices import EFFECTIVE_RANK_MODES
 
 
 def frequency_groups(counts: torch.Tensor, group_size: int) -> list[list[int]]:

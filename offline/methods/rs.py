@@ -52,10 +52,7 @@ from ..linalg import eigen_whitened_factors
 from ..schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 from .base import CompressionMethod, ExpertWeights
 from .d2 import merge_base
-
-SCORES = ("aci", "weight", "activation", "peak")
-BASES = ("ridge", "mean", "frequency", "none")
-LOWRANK_SVDS = ("activation", "plain")
+from ..choices import RS_BASES as BASES, RS_LOWRANK_SVDS as LOWRANK_SVDS, RS_SCORES as SCORES
 
 
 @dataclass(frozen=True)

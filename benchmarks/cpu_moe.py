@@ -1,0 +1,194 @@
+"""CPU benchmark of one compressed MoE layer against vLLM CPU's dense fused-MoE op, at real layer shapes.
+
+    python -m benchmarks.cpu_moe --models qwen3-30b-a3b --dtypes float32 bfloat16 --threads 1 --out runs/cpu_moe.md
+
+One MoE layer at Qwen3-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8) and Mixtral-8x7B
+shapes (4096 / 14336, 8 experts, top-2), models one at a time (memory). The compressed layers are
+``benchmarks/kernels.py``'s builders (random factors at the shapes the compressor's budget gives each scheme
+at ``--ratios``); the paths timed, with the same inputs and routings:
+
+- ``ours``: the CPU path of the scheme (``kernels/<scheme>_cpu.py``: layout prepared once, one C++ op per
+  layer), where the scheme has one;
+- ``torch op``: the scheme's torch path (``kernels/<scheme>_torch.py``, what the plugin called before);
+- ``vLLM dense``: vLLM CPU's own unquantized fused MoE, as ``CPUUnquantizedExperts`` calls it: weights
+  prepacked once with ``cpu_prepack_moe_weight(w, isa)``, then ``cpu_fused_moe(out, x, w13, w2, None, None,
+  topk_weights, topk_ids, "silu", isa)`` (``isa`` "amx" where AMX exists, else "vec");
+- ``torch loop``: a plain per-expert loop over the dense weights (``benchmarks.kernels.torch_dense_moe``).
+
+Each call gets a fresh random routing (uniform top-k, softmax weights), cycled from ``--routings`` drawn
+ones, so the routed experts' weights are not cache-hot from the previous call. Timing: ``--rounds``
+alternating rounds (every path once per round, in turn); a round runs each path ``--calls`` times and keeps
+the mean; the table gives the median over rounds. The copy bandwidth (a 512 MiB ``copy_``: (read + write
+bytes) / time) is one more path in the same rounds, so it sees the same machine load. Each row: ms, the bytes the path must read (the routed experts'
+weights or factors plus shared ones, in the dtype the path multiplies in: ``ours`` converts bf16 to fp32 at
+load on CPUs without native bf16, so its bytes are fp32 there; x and out included), achieved GB/s (those
+bytes / time) and its fraction of the copy bandwidth, and the speed-up of ``ours`` over vLLM dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.kernels import MODELS, SCHEMES, torch_dense_moe, write_atomically
+from vllm_moe_compress.kernels.base_delta_cpu import compute_dtype
+
+CPU_PATHS = {"base_delta": "vllm_moe_compress.kernels.base_delta_cpu", "sparse_lowrank": "vllm_moe_compress.kernels.sparse_lowrank_cpu"}
+"""Schemes that have a CPU path (``prepare`` + ``<scheme>_moe``) besides the torch op."""
+
+
+class CopyBandwidth:
+    """A 512 MiB tensor copy, timed as one more path in every round: GB/s = (read + write bytes) / time."""
+
+    def __init__(self):
+        self.src = torch.ones(2**27)
+        self.dst = torch.empty_like(self.src)
+
+    def __call__(self, *inputs):
+        self.dst.copy_(self.src)
+
+    def gbs(self, ms: float) -> float:
+        return 2 * self.src.numel() * 4 / ms / 1e6
+
+
+def vllm_dense(w13: torch.Tensor, w2: torch.Tensor):
+    """vLLM CPU's unquantized fused MoE on prepacked weights (``CPUUnquantizedExperts``'s call)."""
+    from vllm import _custom_ops as ops
+
+    isa = "amx" if torch.cpu._is_amx_tile_supported() and w13.dtype == torch.bfloat16 else "vec"
+    p13, p2 = ops.cpu_prepack_moe_weight(w13, isa), ops.cpu_prepack_moe_weight(w2, isa)
+
+    def forward(x, ids, weights):
+        out = torch.empty_like(x)
+        ops.cpu_fused_moe(out, x, p13, p2, None, None, weights, ids, "silu", isa)
+        return out
+
+    return forward, isa
+
+
+def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int) -> dict[str, float]:
+    """Median over ``rounds`` of each path's mean ms per call; paths alternate within every round."""
+    for fn in paths.values():  # warm-up (and first-call allocations)
+        fn(*inputs[0])
+    samples = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            for c in range(calls):
+                fn(*inputs[c % len(inputs)])
+            samples[name].append((time.perf_counter() - start) / calls * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen):
+    """``{name: forward}`` of the scheme's paths and ``read_bytes(used, name)``."""
+    import importlib
+
+    layer = SCHEMES[scheme](model, ratio, seed, dtype, torch.device("cpu"), gen)
+    paths = {"torch op": layer.torch_moe}
+    elem = {"torch op": dtype.itemsize}
+    if scheme in CPU_PATHS:
+        module = importlib.import_module(CPU_PATHS[scheme])
+        layout = module.prepare(*layer.torch_args)
+        forward = getattr(module, f"{scheme}_moe")
+        paths = {"ours": lambda x, ids, w: forward(x, ids, w, layout), **paths}
+        elem["ours"] = compute_dtype(dtype).itemsize
+
+    def read_bytes(used: torch.Tensor, name: str) -> int:
+        return elem[name] * layer.read_params(used)
+
+    return paths, read_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["qwen3-30b-a3b", "mixtral-8x7b"])
+    parser.add_argument("--schemes", nargs="+", choices=sorted(SCHEMES), default=["base_delta"])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.6])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 256])
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=4, help="calls per path per round (default 4)")
+    parser.add_argument("--routings", type=int, default=4, help="random routings cycled through (default 4)")
+    parser.add_argument("--skip", nargs="*", choices=["torch op", "torch loop"], default=[],
+                        help="paths not timed: the torch loop needs an unpacked copy of the dense weights (2x the "
+                        "dense memory); both run bf16 GEMMs, ~100x slower than fp32 on CPUs without native bf16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/cpu_moe.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
+                .stdout.splitlines() if l.startswith("Model name")), "?")
+    copy = CopyBandwidth()
+    header = [f"CPU: {cpu}; torch threads {args.threads}; load average before: {os.getloadavg()[0]:.1f}; median "
+              f"of {args.rounds} alternating rounds of {args.calls} calls; copy GB/s = a 512 MiB copy's (read + "
+              f"write) bytes / time, timed in the same rounds.", "",
+              "| model | dtype | scheme | ratio | tokens | path | ms | MB read | GB/s | copy GB/s | % copy "
+              "| vLLM dense ms / path ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = list(header)
+    for name in args.models:
+        model = MODELS[name]
+        h, i, num_experts = model.hidden, model.intermediate, model.experts
+        for dtype in (getattr(torch, d) for d in args.dtypes):
+            w13 = torch.randn(num_experts, 2 * i, h, generator=gen).div_(h**0.5).to(dtype)
+            w2 = torch.randn(num_experts, h, i, generator=gen).div_(i**0.5).to(dtype)
+            dense_paths = {}
+            dense, isa = vllm_dense(w13, w2)
+            dense_paths[f"vLLM dense ({isa})"] = dense
+            if "torch loop" in args.skip:
+                del w13, w2
+            else:
+                dense_paths["torch loop"] = lambda x, ids, w, w13=w13, w2=w2: torch_dense_moe(x, w13, w2, w, ids)
+            for scheme in args.schemes:
+                for ratio in args.ratios:
+                    paths, read_bytes = compressed_paths(scheme, model, ratio, dtype, args.seed, gen)
+                    if "torch op" in args.skip:
+                        del paths["torch op"]
+                    all_paths = {**paths, **dense_paths}
+                    for tokens in args.tokens:
+                        inputs = []
+                        for _ in range(args.routings):
+                            x = torch.randn(tokens, h, generator=gen).to(dtype)
+                            top_logits, ids = torch.randn(tokens, num_experts, generator=gen).topk(model.top_k, dim=1)
+                            inputs.append((x, ids.to(torch.int32), top_logits.softmax(dim=1)))
+                        ms = timed_rounds({**all_paths, "copy": copy}, inputs, args.rounds, args.calls)
+                        dense_ms, copy_gbs = ms[f"vLLM dense ({isa})"], copy.gbs(ms.pop("copy"))
+                        for path, t in ms.items():
+                            used = torch.zeros(num_experts, dtype=torch.bool)  # mean over the routings
+                            read = []
+                            for _, ids, _ in inputs:
+                                used.zero_()
+                                used[ids.long().flatten()] = True
+                                io = 2 * tokens * h * dtype.itemsize
+                                read.append(io + (read_bytes(used, path) if path in paths
+                                                  else dtype.itemsize * 3 * h * i * int(used.sum())))
+                            mb = statistics.mean(read) / 1e6
+                            gbs = mb / t
+                            lines.append(f"| {name} | {dtype_name(dtype)} | {scheme} | {ratio:.0%} | {tokens} | {path} | "
+                                         f"{t:.2f} | {mb:.0f} | {gbs:.1f} | {copy_gbs:.1f} | {gbs / copy_gbs:.0%} | "
+                                         f"{dense_ms / t:.2f}× |")
+                            print(lines[-1], flush=True)
+                    del paths
+            del dense, dense_paths
+    lines.append("")
+    lines.append(f"Load average after: {os.getloadavg()[0]:.1f}.")
+    write_atomically(args.out, "\n".join(lines) + "\n")
+    print(lines[-1])
+    print(f"wrote {args.out}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+if __name__ == "__main__":
+    main()

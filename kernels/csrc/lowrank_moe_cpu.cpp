@@ -1,0 +1,170 @@
+// CPU forwards of the base_delta and sparse_lowrank MoEs over the active experts only (kernels/base_delta_cpu.py
+// and kernels/sparse_lowrank_cpu.py document the layouts and the equations). One call per layer: the loop over experts that received tokens runs here, each
+// product is one at::mm (MKL/oneDNN GEMM or GEMV on views of the prepared per-expert blocks, no copies of
+// factors), so the time follows the bytes of the routed experts' factors and their FLOPs.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace {
+
+// Routed (token, expert) pairs grouped by expert on the host: tokens[starts[e] .. starts[e+1]) are expert e's.
+struct Pairs {
+  std::vector<int64_t> starts, tokens, slots;
+};
+
+Pairs group_pairs(const at::Tensor& topk_ids, int64_t num_experts) {
+  auto ids = topk_ids.to(at::kLong).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t pairs = ids.numel(), top_k = ids.size(1);
+  Pairs p{std::vector<int64_t>(num_experts + 1, 0), std::vector<int64_t>(pairs), std::vector<int64_t>(pairs)};
+  for (int64_t i = 0; i < pairs; ++i) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < num_experts, "expert id ", id[i], " out of range");
+    ++p.starts[id[i] + 1];
+  }
+  for (int64_t e = 0; e < num_experts; ++e) p.starts[e + 1] += p.starts[e];
+  std::vector<int64_t> fill(p.starts.begin(), p.starts.end() - 1);
+  for (int64_t i = 0; i < pairs; ++i) {  // stable: a token's pairs keep their order
+    const int64_t at = fill[id[i]]++;
+    p.tokens[at] = i / top_k;
+    p.slots[at] = i;
+  }
+  return p;
+}
+
+// Σ_k w_k · expert_{id_k}(x), expert e: W_q = scatter(B_q) + U_e,q V_e,q (q = gate, up, down).
+// meta int64 [E, 5]: per expert (first row of its gate V in gu_v, gate rank, up rank, first row of its down V
+// in d_v, down rank). Projections to the ranks read V [r, in] rows (x Vᵀ); expansions from the ranks read
+// Uᵀ [r, out] rows (z Uᵀ): gu_ut and d_ut have the row order of gu_v and d_v. base_down_t is B_downᵀ [C, H].
+at::Tensor base_delta_forward(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                              const at::Tensor& meta_in, const at::Tensor& gu_v, const at::Tensor& gu_ut,
+                              const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
+                              const at::Tensor& base_down_t, const at::Tensor& base_channels,
+                              int64_t num_dynamic_drop) {
+  const auto dtype = gu_v.scalar_type();
+  const at::Tensor x = x_in.to(dtype).contiguous();
+  const int64_t T = x.size(0), H = x.size(1), I = d_v.size(1), E = meta_in.size(0);
+  const int64_t C = base_channels.numel();
+  const at::Tensor meta = meta_in.contiguous();
+  const int64_t* m = meta.data_ptr<int64_t>();
+  const Pairs pairs = group_pairs(topk_ids, E);
+  const at::Tensor token_of = at::tensor(pairs.tokens, at::kLong);
+  const at::Tensor weight_of = topk_weights.reshape({-1}).to(dtype).index_select(0, at::tensor(pairs.slots, at::kLong));
+
+  const auto opts = x.options();
+  at::Tensor out = at::zeros({T, H}, opts);
+  at::Tensor base_full, weighted_h;
+  if (C) {  // base gate/up once per token, scattered onto the I channels: [T, 2I] = [S B_g x | S B_u x]
+    const at::Tensor b = at::mm(x, base_gu.t()).view({T, 2, C});
+    base_full = at::zeros({T, 2, I}, opts).index_copy_(2, base_channels, b).view({T, 2 * I});
+    weighted_h = at::zeros({T, I}, opts);
+  }
+  const bool single = T == 1;  // decode: every pair is token 0, so no gather or scatter
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = pairs.starts[e], n = pairs.starts[e + 1] - begin;
+    if (n == 0) continue;
+    const int64_t* r = m + 5 * e;  // v_row, rg, ru, d_row, rd
+    const int64_t rg = r[1], ru = r[2], rd = r[4];
+    const at::Tensor tokens = token_of.narrow(0, begin, n);
+    const at::Tensor w = weight_of.narrow(0, begin, n).unsqueeze(1);
+    const at::Tensor xe = single ? x : x.index_select(0, tokens);
+    // gu starts as the base addend and receives U z in the GEMMs' accumulate (addmm): [n, 2I] = [g | u]
+    at::Tensor gu = !C ? at::zeros({n, 2 * I}, opts) : single ? base_full.clone() : base_full.index_select(0, tokens);
+    at::Tensor gate = gu.narrow(1, 0, I), up = gu.narrow(1, I, I);
+    if (rg + ru) {
+      const at::Tensor z = at::mm(xe, gu_v.narrow(0, r[0], rg + ru).t());  // [n, rg + ru]
+      if (rg) gate.addmm_(z.narrow(1, 0, rg), gu_ut.narrow(0, r[0], rg));
+      if (ru) up.addmm_(z.narrow(1, rg, ru), gu_ut.narrow(0, r[0] + rg, ru));
+    }
+    const at::Tensor h = at::silu_(gate).mul_(up);  // [n, I]
+    if (C) single ? weighted_h.add_(h * w) : weighted_h.index_add_(0, tokens, h * w);
+    if (rd) {
+      const at::Tensor zd = at::mm(h, d_v.narrow(0, r[3], rd).t()).mul_(w);  // routing weight on the rank side
+      const at::Tensor u_down = d_ut.narrow(0, r[3], rd);
+      single ? out.addmm_(zd, u_down) : out.index_add_(0, tokens, at::mm(zd, u_down));
+    }
+  }
+  if (C) {
+    at::Tensor bd = base_down_t, wh = weighted_h.index_select(1, base_channels);  // [T, C]
+    if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
+      const at::Tensor score = base_down_t.to(at::kFloat).norm(2, {1}) * wh.to(at::kFloat).norm(2, {0});
+      const at::Tensor keep = std::get<1>(score.topk(C - num_dynamic_drop));
+      bd = base_down_t.index_select(0, keep);
+      wh = wh.index_select(1, keep);
+    }
+    out.addmm_(wh, bd);  // base down once per token, on the routing-weighted sum
+  }
+  return out.to(x_in.scalar_type());
+}
+
+// RS-MoE: expert e keeps s sparse units (dense gate/up rows, down columns) and m low-rank units (rank-k
+// factors over them); a shared down base acts on the scattered weighted intermediate once per token.
+// meta int64 [E, 11]: per expert (first row in sgu / 2, s, first low-rank channel, m, first row in lv, kg, ku,
+// offset of Ugᵀ [kg, m] then Uuᵀ [ku, m] in lut, offset of Vd [kd, m] in ldv, first row in ldut, kd).
+at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                                  const at::Tensor& meta_in, const at::Tensor& sgu, const at::Tensor& sd_t,
+                                  const at::Tensor& lv, const at::Tensor& lut, const at::Tensor& ldv,
+                                  const at::Tensor& ldut, const at::Tensor& base_down_t,
+                                  const at::Tensor& sparse_channels, const at::Tensor& lowrank_channels) {
+  const auto dtype = sgu.scalar_type();
+  const at::Tensor x = x_in.to(dtype).contiguous();
+  const int64_t T = x.size(0), H = x.size(1), E = meta_in.size(0), I = base_down_t.size(0);
+  const at::Tensor meta = meta_in.contiguous();
+  const int64_t* m = meta.data_ptr<int64_t>();
+  const Pairs pairs = group_pairs(topk_ids, E);
+  const at::Tensor token_of = at::tensor(pairs.tokens, at::kLong);
+  const at::Tensor weight_of = topk_weights.reshape({-1}).to(dtype).index_select(0, at::tensor(pairs.slots, at::kLong));
+  at::Tensor out = at::zeros({T, H}, x.options());
+  at::Tensor weighted_h = I ? at::zeros({T, I}, x.options()) : at::Tensor();
+  const bool single = T == 1;  // decode: every pair is token 0, so no gather or scatter
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t begin = pairs.starts[e], n = pairs.starts[e + 1] - begin;
+    const int64_t* r = m + 11 * e;  // sp, s, lc, m, lv_row, kg, ku, lu_off, dv_off, du_row, kd
+    const int64_t sp = r[0], ns = r[1], lc = r[2], nm = r[3], kg = r[5], ku = r[6], kd = r[10];
+    if (n == 0 || ns + nm == 0) continue;
+    const at::Tensor tokens = token_of.narrow(0, begin, n);
+    const at::Tensor w = weight_of.narrow(0, begin, n).unsqueeze(1);
+    const at::Tensor xe = single ? x : x.index_select(0, tokens);
+    auto add_out = [&](const at::Tensor& a, const at::Tensor& b) {  // out[tokens] += a b
+      single ? out.addmm_(a, b) : out.index_add_(0, tokens, at::mm(a, b));
+    };
+    auto add_weighted_h = [&](const at::Tensor& h, const at::Tensor& channels) {  // weighted_h[tokens, channels] += h
+      if (!I) return;
+      single ? weighted_h.index_add_(1, channels, h)
+             : weighted_h.index_put_({tokens.unsqueeze(1), channels.unsqueeze(0)}, h, /*accumulate=*/true);
+    };
+    if (ns) {  // h_S = w · silu(G_S x) ⊙ (U_S x); out += D_S h_S
+      const at::Tensor gu = at::mm(xe, sgu.narrow(0, 2 * sp, 2 * ns).t());
+      const at::Tensor h = at::silu(gu.narrow(1, 0, ns)).mul_(gu.narrow(1, ns, ns)).mul_(w);
+      add_out(h, sd_t.narrow(0, sp, ns));
+      add_weighted_h(h, sparse_channels.narrow(0, sp, ns));
+    }
+    if (nm) {  // h_M = w · silu(Ug Vg x) ⊙ (Uu Vu x); out += Ud (Vd h_M)
+      const at::Tensor z = kg + ku ? at::mm(xe, lv.narrow(0, r[4], kg + ku).t()) : at::Tensor();
+      at::Tensor gate = kg ? at::mm(z.narrow(1, 0, kg), lut.narrow(0, r[7], kg * nm).view({kg, nm})) : at::zeros({n, nm}, x.options());
+      const at::Tensor up = ku ? at::mm(z.narrow(1, kg, ku), lut.narrow(0, r[7] + kg * nm, ku * nm).view({ku, nm})) : at::zeros({n, nm}, x.options());
+      const at::Tensor h = at::silu_(gate).mul_(up).mul_(w);
+      if (kd) add_out(at::mm(h, ldv.narrow(0, r[8], kd * nm).view({kd, nm}).t()), ldut.narrow(0, r[9], kd));
+      add_weighted_h(h, lowrank_channels.narrow(0, lc, nm));
+    }
+  }
+  if (I) out.addmm_(weighted_h, base_down_t);  // the shared down base once per token
+  return out.to(x_in.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moe_compress_cpu, m) {
+  m.def("base_delta(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor gu_v, Tensor gu_ut, "
+        "Tensor d_v, Tensor d_ut, Tensor base_gu, Tensor base_down_t, Tensor base_channels, int num_dynamic_drop) "
+        "-> Tensor");
+  m.def("sparse_lowrank(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor sgu, Tensor sd_t, "
+        "Tensor lv, Tensor lut, Tensor ldv, Tensor ldut, Tensor base_down_t, Tensor sparse_channels, "
+        "Tensor lowrank_channels) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moe_compress_cpu, CPU, m) {
+  m.impl("base_delta", &base_delta_forward);
+  m.impl("sparse_lowrank", &sparse_lowrank_forward);
+}

@@ -1,0 +1,21 @@
+"""The names the command line offers for each choice option, torch-free so that building the parser (and
+``moe-compress --help``) imports neither torch nor transformers.
+
+Modules that check a value against these names import them from here, so each list exists once; the two
+tables keyed by name (``offline.methods.METHODS``, ``offline.methods.basis_fit.ACTIVATIONS``) are checked
+against these names by tests/test_cli_help.py.
+"""
+
+METHOD_NAMES = ("d2", "mobe", "rfid", "rs", "svd", "whitened-svd")
+MERGES = ("fisher", "mean", "frequency")
+FISHER_LABELS = ("sampled", "empirical")
+FISHER_GRANULARITY = ("expert", "element")
+ALLOCATIONS = ("mi", "uniform", "reverse")
+ACTIVATION_NAMES = ("silu", "tanh", "identity")
+EFFECTIVE_RANK_MODES = ("energy", "singular")
+RS_SCORES = ("aci", "weight", "activation", "peak")
+RS_BASES = ("ridge", "mean", "frequency", "none")
+RS_LOWRANK_SVDS = ("activation", "plain")
+ZEROSHOT_TASKS = (  # the papers' zero-shot suite, as lm-eval task names
+    "arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "openbookqa", "mathqa", "boolq")
+TASK_SOURCES = ("local", "hub")

@@ -1,0 +1,139 @@
+"""The C++ CPU MoE paths (kernels/base_delta_cpu.py, kernels/sparse_lowrank_cpu.py) against float64 dense math on
+the materialised experts, with fresh random inputs: ragged ranks including 0, idle experts, no base, top-1 and
+top-k, a single token, dynamic base pruning; fp64, fp32 and bf16 factors (bf16 computed in fp32 on CPUs without
+native bf16)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vllm_moe_compress.kernels import base_delta_cpu, base_delta_torch, sparse_lowrank_cpu
+from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
+from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def packed_layer(ranks: list[list[int]], hidden: int, inter: int, channels: int, gen: torch.Generator):
+    """Random packed base_delta tensors (kernels/base_delta_torch.py layout), float64."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) / shape[-1] ** 0.5
+
+    table = torch.tensor(ranks)
+    rgu, rd = sum(ranks[0]) + sum(ranks[1]), sum(ranks[2])
+    base_channels = torch.randperm(inter, generator=gen)[:channels].sort().values
+    return (table, randn(inter, max(rgu, 1))[:, :rgu], randn(rgu, hidden), randn(hidden, max(rd, 1))[:, :rd],
+            randn(rd, inter), randn(2 * channels, hidden), randn(hidden, channels), base_channels)
+
+
+def dense_experts(table, gate_up_u, gate_up_v, down_u, down_v, base_gate_up, base_down, base_channels):
+    """W_gate, W_up [E, I, H] and W_down [E, H, I] in float64: scatter(B) + U V per expert."""
+    (gate, up, down), starts = table.tolist(), rank_offsets(table)
+    inter, hidden = gate_up_u.shape[0], gate_up_v.shape[1]
+    c = base_channels.numel()
+    full = [torch.zeros(inter, hidden, dtype=torch.float64) for _ in range(2)] + [torch.zeros(hidden, inter, dtype=torch.float64)]
+    full[0][base_channels], full[1][base_channels] = base_gate_up[:c], base_gate_up[c:]
+    full[2][:, base_channels] = base_down
+    weights = []
+    for e in range(len(gate)):
+        (gs, us, ds), (rg, ru, rd) = (s[e] for s in starts), (gate[e], up[e], down[e])
+        weights.append((full[0] + gate_up_u[:, gs:gs + rg] @ gate_up_v[gs:gs + rg],
+                        full[1] + gate_up_u[:, us:us + ru] @ gate_up_v[us:us + ru],
+                        full[2] + down_u[:, ds:ds + rd] @ down_v[ds:ds + rd]))
+    return weights
+
+
+def dense_moe(x, ids, weights, experts):
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(ids[t].tolist(), weights[t].tolist()):
+            g, u, d = experts[e]
+            out[t] += w * (d @ (F.silu(g @ x[t]) * (u @ x[t])))
+    return out
+
+
+def routing(tokens, num_experts, top_k, gen, idle=()):
+    allowed = torch.tensor([e for e in range(num_experts) if e not in idle])
+    ids = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:top_k]] for _ in range(tokens)])
+    return ids.to(torch.int32), torch.rand(tokens, top_k, generator=gen).softmax(1)
+
+
+CASES = {  # name: (ranks [gate, up, down] per expert, base channels, tokens, top_k, idle experts)
+    "ragged ranks with zeros, idle expert": ([[5, 0, 3, 7, 2], [4, 6, 0, 7, 1], [3, 0, 5, 0, 8]], 13, 9, 2, {4}),
+    "no base": ([[5, 2, 3, 7, 2], [5, 2, 3, 7, 2], [4, 4, 4, 4, 4]], 0, 7, 3, set()),
+    "single token, top-k over all experts": ([[3, 4, 5, 6, 0], [3, 4, 5, 6, 0], [1, 2, 3, 0, 4]], 10, 1, 5, set()),
+    "top-1": ([[2, 8, 1, 3, 4], [2, 8, 1, 3, 4], [2, 8, 1, 3, 4]], 16, 11, 1, {0, 2}),
+    "all ranks zero (base only)": ([[0] * 5, [0] * 5, [0] * 5], 12, 6, 2, set()),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_path_matches_float64_dense_math(case):
+    ranks, channels, tokens, top_k, idle = CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    hidden, inter = 24, 20
+    tensors = packed_layer(ranks, hidden, inter, channels, gen)
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    ids, weights = routing(tokens, len(ranks[0]), top_k, gen, idle)
+    reference = dense_moe(x, ids, weights, dense_experts(*tensors))
+    for dtype, tolerance in TOLERANCE.items():
+        layout = base_delta_cpu.prepare(tensors[0], *(t.to(dtype) for t in tensors[1:7]), tensors[7])
+        out = base_delta_cpu.base_delta_moe(x.to(dtype), ids, weights, layout)
+        assert out.dtype == dtype
+        error = float((out.double() - reference).norm() / reference.norm())
+        assert error <= tolerance, (dtype, error)
+
+
+def test_dynamic_pruning_matches_the_torch_path():
+    """D²-MoE Eq. 9: the same base-down columns dropped per batch as kernels/base_delta_torch.py."""
+    gen = torch.Generator().manual_seed(1)
+    tensors = packed_layer([[3, 1, 4, 2], [2, 2, 2, 2], [1, 3, 0, 2]], 16, 18, 14, gen)
+    x = torch.randn(5, 16, generator=gen, dtype=torch.float64)
+    ids, weights = routing(5, 4, 2, gen)
+    layout = base_delta_cpu.prepare(*tensors)
+    for drop in (0, 3, 14):
+        expected = base_delta_torch.base_delta_moe(x, ids, weights, *tensors, num_dynamic_drop=drop)
+        out = base_delta_cpu.base_delta_moe(x, ids, weights, layout, num_dynamic_drop=drop)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def random_units(gen, hidden, intermediate, plan, with_base) -> SparseLowRankLayer:
+    """``plan``: per expert (sparse units, low-rank units, (gate, up, down) rank); float64, every stage O(1)."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) / max(shape[-1], 1) ** 0.5
+
+    experts = []
+    for s, m, ranks in plan:
+        channels = torch.randperm(intermediate, generator=gen)
+        sparse = {p: randn(hidden, s) if p == "down" else randn(s, hidden) for p in ("gate", "up", "down")}
+        lowrank = {p: None if not k else (randn(hidden, k), randn(k, m)) if p == "down" else (randn(m, k), randn(k, hidden))
+                   for p, k in zip(("gate", "up", "down"), ranks)}
+        experts.append(ExpertUnits(channels[:s].sort().values, sparse, channels[s: s + m].sort().values, lowrank))
+    return SparseLowRankLayer(hidden, intermediate, experts, randn(hidden, intermediate) if with_base else None)
+
+
+UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units, ranks), base, idle experts)
+    "mixed, ragged, rank 0, nothing kept, idle expert": (13, 3, [
+        (5, 7, (3, 0, 4)), (6, 9, (2, 5, 0)), (12, 0, (0, 0, 0)), (0, 11, (4, 3, 6)), (0, 0, (0, 0, 0)),
+        (3, 4, (0, 0, 0))], True, {0}),
+    "no base": (9, 2, [(4, 6, (3, 2, 5)), (0, 9, (6, 6, 1)), (10, 3, (1, 0, 2)), (7, 0, (0, 0, 0))], False, set()),
+    "single token, top-5": (1, 5, [(e % 4, 6 + e % 5, (e % 3, 1 + e % 4, e % 5)) for e in range(6)], True, set()),
+    "top-1": (10, 1, [(3, 0, (0, 0, 0)), (0, 8, (2, 2, 2)), (4, 4, (1, 3, 2))], True, set()),
+}
+
+
+@pytest.mark.parametrize("case", UNIT_CASES)
+def test_sparse_lowrank_cpu_path_matches_float64_dense_math(case):
+    tokens, top_k, plan, with_base, idle = UNIT_CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    layer = random_units(gen, 24, 20, plan, with_base)
+    x = torch.randn(tokens, 24, generator=gen, dtype=torch.float64)
+    ids, weights = routing(tokens, len(plan), top_k, gen, idle)
+    experts = [tuple(layer.dense_weight(e, p) for p in ("gate", "up", "down")) for e in range(len(plan))]
+    reference = dense_moe(x, ids, weights, experts)
+    for dtype, tolerance in TOLERANCE.items():
+        packed = {k: t.to(dtype) if t.is_floating_point() else t for k, t in layer.packed().items()}
+        out = sparse_lowrank_cpu.sparse_lowrank_moe(x.to(dtype), ids, weights, sparse_lowrank_cpu.prepare(**packed))
+        assert out.dtype == dtype
+        error = float((out.double() - reference).norm() / reference.norm())
+        assert error <= tolerance, (dtype, error)
