@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-QUANT_METHOD = "moe_compress"  # offline.format.QUANT_METHOD; repeated here to keep this module import-free
+QUANT_METHOD = "moe_compress"  # vllm_moe_compress.format.QUANT_METHOD; repeated here so this module imports no torch
 
 
 class OutputPathError(ValueError):
