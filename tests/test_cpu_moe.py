@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from vllm_moe_compress.kernels import base_delta_cpu, base_delta_torch, sparse_lowrank_cpu
 from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
-from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
+
+from random_layers import random_sparse_lowrank_layer
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -97,21 +98,6 @@ def test_dynamic_pruning_matches_the_torch_path():
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-def random_units(gen, hidden, intermediate, plan, with_base) -> SparseLowRankLayer:
-    """``plan``: per expert (sparse units, low-rank units, (gate, up, down) rank); float64, every stage O(1)."""
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) / max(shape[-1], 1) ** 0.5
-
-    experts = []
-    for s, m, ranks in plan:
-        channels = torch.randperm(intermediate, generator=gen)
-        sparse = {p: randn(hidden, s) if p == "down" else randn(s, hidden) for p in ("gate", "up", "down")}
-        lowrank = {p: None if not k else (randn(hidden, k), randn(k, m)) if p == "down" else (randn(m, k), randn(k, hidden))
-                   for p, k in zip(("gate", "up", "down"), ranks)}
-        experts.append(ExpertUnits(channels[:s].sort().values, sparse, channels[s: s + m].sort().values, lowrank))
-    return SparseLowRankLayer(hidden, intermediate, experts, randn(hidden, intermediate) if with_base else None)
-
-
 UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units, ranks), base, idle experts)
     "mixed, ragged, rank 0, nothing kept, idle expert": (13, 3, [
         (5, 7, (3, 0, 4)), (6, 9, (2, 5, 0)), (12, 0, (0, 0, 0)), (0, 11, (4, 3, 6)), (0, 0, (0, 0, 0)),
@@ -126,7 +112,7 @@ UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units
 def test_sparse_lowrank_cpu_path_matches_float64_dense_math(case):
     tokens, top_k, plan, with_base, idle = UNIT_CASES[case]
     gen = torch.Generator().manual_seed(len(case))
-    layer = random_units(gen, 24, 20, plan, with_base)
+    layer = random_sparse_lowrank_layer(gen, 24, 20, plan, with_base)
     x = torch.randn(tokens, 24, generator=gen, dtype=torch.float64)
     ids, weights = routing(tokens, len(plan), top_k, gen, idle)
     experts = [tuple(layer.dense_weight(e, p) for p in ("gate", "up", "down")) for e in range(len(plan))]

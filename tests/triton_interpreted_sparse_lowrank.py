@@ -21,22 +21,8 @@ import vllm_moe_compress.kernels.sparse_lowrank_triton as triton_path  # noqa: E
 from vllm_moe_compress.kernels.routing import block_size_for  # noqa: E402
 from vllm_moe_compress.format.names import unit_channels_name  # noqa: E402
 from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer  # noqa: E402
+from random_layers import random_sparse_lowrank_layer  # noqa: E402
 from triton_interpreted import PROJ_NAMES, TOLERANCE, dense_float64, load_scheme, poisoned_buffers  # noqa: E402, F401
-
-
-def random_layer(gen, hidden, intermediate, plan, with_base) -> SparseLowRankLayer:
-    """``plan``: per expert (s, m, (gate, up, down rank)); float64 weights scaled so every stage is O(1)."""
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) / max(shape[-1], 1) ** 0.5
-
-    experts = []
-    for s, m, ranks in plan:
-        channels = torch.randperm(intermediate, generator=gen)
-        sparse = {p: randn(hidden, s) if p == "down" else randn(s, hidden) for p in PROJ_NAMES}
-        lowrank = {p: None if not k else (randn(hidden, k), randn(k, m)) if p == "down" else (randn(m, k), randn(k, hidden))
-                   for p, k in zip(PROJ_NAMES, ranks)}
-        experts.append(ExpertUnits(channels[:s].sort().values, sparse, channels[s: s + m].sort().values, lowrank))
-    return SparseLowRankLayer(hidden, intermediate, experts, randn(hidden, intermediate) if with_base else None)
 
 
 def rounded(layer: SparseLowRankLayer, dtype) -> SparseLowRankLayer:
@@ -86,7 +72,7 @@ def routing(gen, tokens, top_k, num_experts, first_expert):
 def test_matches_torch_path_and_dense_float64(case, dtype, poisoned_buffers):
     tokens, top_k, hidden, intermediate, plan, with_base = CASES[case]
     gen = torch.Generator().manual_seed(zlib.crc32(f"{case} {dtype}".encode()))
-    layer = rounded(random_layer(gen, hidden, intermediate, plan, with_base), dtype)
+    layer = rounded(random_sparse_lowrank_layer(gen, hidden, intermediate, plan, with_base), dtype)
     packed = {name: t.to(dtype) if t.is_floating_point() else t for name, t in layer.packed().items()}
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
     ids, weights = routing(gen, tokens, top_k, len(plan), first_expert=1 if "idle" in case else 0)
@@ -111,7 +97,7 @@ def test_plugin_triton_branch_sums_over_tensor_parallel_ranks(poisoned_buffers):
 
     gen = torch.Generator().manual_seed(5)
     plan = [(5, 7, (3, 2, 4)), (0, 11, (4, 3, 6)), (12, 0, (0, 0, 0)), (6, 9, (2, 5, 0))]
-    layer = rounded(random_layer(gen, 32, 24, plan, True), torch.float32)
+    layer = rounded(random_sparse_lowrank_layer(gen, 32, 24, plan, True), torch.float32)
     spec = layer.spec(0, "model.layers.0.mlp.experts")
     tensors = layer.to_tensors(spec.prefix, PROJ_NAMES, torch.float32)
     indices = {name: tensors[name].tolist() for e in range(len(plan)) for kind in ("sparse", "lowrank")
