@@ -25,8 +25,9 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks.random_checkpoint import write_random_checkpoint
 from benchmarks.kernels import MODELS
+from benchmarks.random_checkpoint import write_random_checkpoint
+from loadtests.server import tree_rss_bytes
 
 GIB = 2**30
 
@@ -38,16 +39,6 @@ def layer_stored_bytes(checkpoint: Path) -> int:
     return (checkpoint / shard).stat().st_size
 
 
-def tree_rss(process: psutil.Process) -> int:
-    total = 0
-    for p in [process, *process.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def run_measured(command: list[str], log_path: Path, rss_limit: int) -> dict:
     """Run ``command``; wall time, peak tree RSS and how it ended ("ok", "exit N", "stopped at the limit")."""
     started = time.perf_counter()
@@ -55,7 +46,7 @@ def run_measured(command: list[str], log_path: Path, rss_limit: int) -> dict:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         process, peak, ended = psutil.Process(child.pid), 0, None
         while child.poll() is None:
-            peak = max(peak, tree_rss(process))
+            peak = max(peak, tree_rss_bytes(process))
             if peak > rss_limit:
                 for p in [*process.children(recursive=True), process]:
                     p.kill()
