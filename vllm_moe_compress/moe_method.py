@@ -2,8 +2,8 @@
 
 Modelled on vLLM's ``MoeWNA16Method``: parameters are created per layer in ``create_weights`` with a
 ``weight_loader`` that vLLM's expert mapping calls per checkpoint tensor and that refuses a wrong shape, dtype
-or a NaN/Inf (`CompressedMoEScheme.check_loaded`, the format's `check_tensor`); they start as NaN, so a tensor that never reached a loader is caught in
-``process_weights_after_loading`` with the tensor's name. Experts are computed from their factors; dense expert weights never exist.
+or a NaN/Inf (``CompressedMoEScheme.check_loaded``, the format's ``check_tensor``); they start as NaN, so a
+tensor that never reached a loader is caught in ``process_weights_after_loading`` with the tensor's name. Experts are computed from their factors; dense expert weights never exist.
 """
 
 from __future__ import annotations
