@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_moe_compress.offline.budget import LayerShape, allocate_ranks, plan_budget
+from vllm_moe_compress.offline.method_options import RFIDOptions
 from vllm_moe_compress.offline.methods.base import CompressionMethod
 from vllm_moe_compress.offline.methods.d2 import D2MoE
 from vllm_moe_compress.offline.methods.group_basis import allocate_group_ranks
@@ -113,20 +114,20 @@ def rs_units(model: ModelShape, ratio: float, gen: torch.Generator) -> UnitPlan:
     method, shape = RSMoE(), model.layer
     scores = torch.rand(shape.num_experts, shape.intermediate_size, generator=gen)
     frequencies = torch.rand(shape.num_experts, generator=gen).tolist()
-    return partition_units(scores, layer_budget(model, ratio, method), shape.hidden_size, method.sparse_share,
-                           method.lowrank_share, frequencies)
+    return partition_units(scores, layer_budget(model, ratio, method), shape.hidden_size, method.opts.sparse_share,
+                           method.opts.lowrank_share, frequencies)
 
 
 def rfid_group_ranks(model: ModelShape, ratio: float, residual: bool, gen: torch.Generator):
     """RFID-MoE's per-group basis ranks of gate and up (down dense), its residual size a and group size k for
     one layer at ``ratio``, on random group importances."""
-    method, shape = RFIDMoE(residual_fraction=0.03 if residual else 0.0), model.layer
+    method, shape = RFIDMoE(RFIDOptions(residual_fraction=0.03 if residual else 0.0)), model.layer
     extra = method.extra_ranks(layer_budget(model, ratio, method), shape)
     num_groups = method.num_groups(shape)
     importance = torch.rand(num_groups, generator=gen).tolist()
     ranks = {p: allocate_group_ranks(num_groups + extra[p], importance, method.max_rank(p, shape))
              for p in method.factorized}
-    return ranks, method.residual_size(shape), method.group_size
+    return ranks, method.residual_size(shape), method.opts.group_size
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from vllm_moe_compress.offline.architectures import PROJECTIONS, architecture_for, moe_block
+from vllm_moe_compress.format import PROJECTIONS
+from vllm_moe_compress.offline.architectures import architecture_for, moe_block
 from vllm_moe_compress.offline.budget import plan_budget
 from vllm_moe_compress.offline.calibration import calibration_windows, read_calibration_text, run_layerwise
 from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, read_config
 from vllm_moe_compress.offline.compress import build_method, find_moe_layers
-from vllm_moe_compress.offline.methods.base import expert_weights, input_gram
+from vllm_moe_compress.offline.methods.base import LayerInputs, expert_weights, input_gram
 
 
 def parse_method(entry: str):
@@ -114,7 +115,8 @@ def main() -> None:
         weights = expert_weights(moe_block(model, layer).experts)
         row = {"energy": energy_split(weights, stats), "error": {}}
         for (entry, ratio), plan in plans.items():
-            compressed = methods[entry].compress_layer(weights, stats, None, plan.layer_budgets[layer], shape)
+            compressed = methods[entry].compress_layer(
+                LayerInputs(weights, stats, None, plan.layer_budgets[layer], shape)).layer
             errors = output_errors(compressed, weights, stats)
             row["error"][f"{entry}@{ratio}"] = errors
             print(f"layer {layer} {entry} @ {ratio}: " + " ".join(f"{p} {v:.4f}" for p, v in errors.items()), flush=True)

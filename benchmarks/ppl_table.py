@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--compress-args", default="",
                         help="extra options for every compression; give it with '=' since it starts with a dash, e.g. "
-                             "--compress-args='--xi 0.5 --fit-steps 100'")
+                             "--compress-args='--xi 0.5 --fit-steps 100'. Every listed method must take them (compress "
+                             "refuses another method's option); METHOD:--flag=value sets one method's")
     parser.add_argument("--label", default="", help="appended to each row's method name and output directory (--label=-xi0.5)")
     parser.add_argument("--no-original", action="store_true",
                         help="leave the original's row out of the table (it is still scored once, for the Δ column)")

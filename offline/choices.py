@@ -1,12 +1,11 @@
 """The names the command line offers for each choice option, torch-free so that building the parser (and
 ``moe-compress --help``) imports neither torch nor transformers.
 
-Modules that check a value against these names import them from here, so each list exists once; the two
-tables keyed by name (``offline.methods.METHODS``, ``offline.methods.basis_fit.ACTIVATIONS``) are checked
-against these names by tests/test_cli_help.py.
+Modules that check a value against these names import them from here, so each list exists once; the table
+keyed by activation name (``offline.methods.basis_fit.ACTIVATIONS``) is checked against these names by
+tests/test_cli_help.py. Method names are the keys of offline/method_options.py's ``METHOD_OPTIONS``.
 """
 
-METHOD_NAMES = ("d2", "mobe", "rfid", "rs", "svd", "whitened-svd")
 MERGES = ("fisher", "mean", "frequency")
 FISHER_LABELS = ("sampled", "empirical")
 FISHER_GRANULARITY = ("expert", "element")

@@ -65,11 +65,10 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .choices import (
-        ACTIVATION_NAMES, ALLOCATIONS, EFFECTIVE_RANK_MODES, FISHER_GRANULARITY, FISHER_LABELS, MERGES, METHOD_NAMES,
-        RS_BASES, RS_LOWRANK_SVDS, RS_SCORES, TASK_SOURCES, ZEROSHOT_TASKS,
-    )
+    from .choices import FISHER_GRANULARITY, FISHER_LABELS, TASK_SOURCES, ZEROSHOT_TASKS
     from .evaluation.datasets import DATASETS
+    from .method_options import METHOD_OPTIONS
+    from .option_args import add_method_flags
 
     parser = argparse.ArgumentParser(prog="moe-compress", description=DESCRIPTION)
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {_version()}")
@@ -85,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (config.json + *.safetensors)")
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where to write the compressed checkpoint")
-    c.add_argument("--method", required=True, choices=METHOD_NAMES,
+    c.add_argument("--method", required=True, choices=list(METHOD_OPTIONS),
                    help="d2: D²-MoE (Fisher-merged base + whitened low-rank deltas + semi-dynamic base pruning); "
                    "svd: plain per-expert SVD; whitened-svd: per-expert SVD-LLM; rs: RS-MoE (sparse dense units + "
                    "activation-aware low-rank units + ridge down base, MI layer budgets); mobe: MoBE (bases shared by "
@@ -100,59 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-samples", type=_positive, default=128, help="number of token windows (default 128)")
     g.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
     g.add_argument("--calib-batch-size", type=_positive, default=8, help="windows per forward pass (default 8)")
-    g.add_argument("--seed", type=int, default=0, help="seed for window sampling and Fisher labels (default 0)")
-    d = c.add_argument_group("D²-MoE options (--method d2)")
-    d.add_argument("--merge", choices=MERGES, default="fisher", help="how the base is merged (default fisher, Eq. 5)")
-    d.add_argument("--base-prune", type=float, default=0.0,
-                   help="base pruning ratio, half static (stored) and half dynamic (per batch at inference); "
-                   "default 0 (our choice, measured: BENCHMARKS.md §11.3); 0.1 = the paper's 5%%+5%% 'performance' setting")
-    d.add_argument("--trim-experts", type=int, default=0, help="drop the deltas of the N least-routed experts per layer")
-    d.add_argument("--fisher-samples", type=_positive, default=32, help="calibration windows used for Fisher (default 32)")
-    d.add_argument("--fisher-labels", choices=FISHER_LABELS, default="sampled",
+    g.add_argument("--seed", type=int, default=0, help="seed for window sampling, Fisher labels and RS-MoE's MINE (default 0)")
+    g.add_argument("--fisher-samples", type=_positive, default=32,
+                   help="calibration windows for D²-MoE's Fisher merge (--method d2 --merge fisher; default 32)")
+    g.add_argument("--fisher-labels", choices=FISHER_LABELS, default="sampled",
                    help="labels for the Fisher gradients: sampled from the model (Eq. 4, default) or the true tokens")
-    d.add_argument("--fisher-granularity", choices=FISHER_GRANULARITY, default="expert",
+    g.add_argument("--fisher-granularity", choices=FISHER_GRANULARITY, default="expert",
                    help="one Fisher scalar per expert and projection (default), or a full diagonal per weight")
-    r = c.add_argument_group("RS-MoE options (--method rs; docs/methods.md)")
-    r.add_argument("--rs-score", choices=RS_SCORES, default="aci",
-                   help="unit importance: aci (Algorithm 1, default) or the Figure 3 ablations weight / activation / peak")
-    r.add_argument("--rs-base", choices=RS_BASES, default="ridge",
-                   help="shared down base: ridge regression (§3.4, default), mean / frequency merge (Table 4), none")
-    r.add_argument("--rs-allocation", choices=ALLOCATIONS, default="mi",
-                   help="layer budgets: mi (MINE + QP, §3.5, default), uniform, reverse (Table 2)")
-    r.add_argument("--rs-sparse-share", type=float, default=0.8,
-                   help="fraction of each layer's budget spent on dense (sparse-component) units (default 0.8)")
-    r.add_argument("--rs-lowrank-share", type=float, default=0.5,
-                   help="fraction of the remaining units approximated low-rank; the rest are pruned (default 0.5)")
-    r.add_argument("--rs-lowrank-svd", choices=RS_LOWRANK_SVDS, default="activation",
-                   help="SVD of the low-rank units: activation-aware via EVD of XᵀX (§3.4, default) or plain (Table 3)")
-    r.add_argument("--rs-ridge-lambda", type=float, default=1e-3, help="ridge λ, relative to the Gram's mean diagonal")
-    r.add_argument("--rs-ridge-samples", type=_positive, default=2048, help="routed tokens per expert for the ridge fit")
-    r.add_argument("--rs-aci", type=float, nargs=4, default=[0.4, 0.05, 0.8, 0.05],
-                   metavar=("W_MEAN", "W_VAR", "W_PEAK", "GAMMA"), help="ACI weights (default 0.4 0.05 0.8 0.05)")
-    r.add_argument("--rs-mi-bound", type=float, default=0.1,
-                   help="largest deviation of a layer's kept fraction from the mean (default 0.1)")
-    r.add_argument("--rs-mi-smooth", type=float, default=0.5, help="QP smoothness weight λ_smooth (default 0.5)")
-    r.add_argument("--rs-mi-reg", type=float, default=0.1, help="QP regularisation weight λ_reg (default 0.1)")
-    r.add_argument("--rs-mine-steps", type=_positive, default=300, help="MINE training steps per layer pair (default 300)")
-    b = c.add_argument_group("MoBE and RFID-MoE options (--method mobe, --method rfid)")
-    b.add_argument("--group-size", type=_positive, default=4,
-                   help="experts per group k (default 4); MoBE uses E/k bases, RFID-MoE E/k groups")
-    b.add_argument("--activation", choices=ACTIVATION_NAMES, default="silu",
-                   help="φ applied to the bases (default silu; identity = plain grouped SVD, an ablation)")
-    b.add_argument("--fit-steps", type=int, default=200, help="full-batch Adam steps per projection (default 200)")
-    b.add_argument("--fit-lr", type=float, default=0.07, help="Adam learning rate on the scaled loss (default 0.07)")
-    b.add_argument("--fit-patience", type=_positive, default=50,
-                   help="stop after this many steps without a new best loss (default 50); the best state is kept")
-    b.add_argument("--factorize-down", action="store_true",
-                   help="factorise down_proj too (default: dense, as the papers); needed for high total ratios")
-    b.add_argument("--xi", type=float, default=0.75,
-                   help="RFID-MoE: weight of information density vs routing frequency, C = ξE + (1−ξ)F (default 0.75)")
-    b.add_argument("--effective-rank", choices=EFFECTIVE_RANK_MODES, default="energy",
-                   help="RFID-MoE: spectrum normalisation of the effective rank, σ² (energy, the paper) or σ")
-    b.add_argument("--residual-fraction", type=float, default=0.0,
-                   help="RFID-MoE: size of each group's residual vector η as a fraction of its parameters "
-                   "(default 0 = off, our choice, measured: BENCHMARKS.md §11.4; the paper's 0.03 = 3 %%)")
-    b.add_argument("--residual-seed", type=int, default=0, help="RFID-MoE: seed of the shared projection P")
+    add_method_flags(c)
     o = c.add_argument_group("output")
     o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="dtype of the compressed factors (default bfloat16); other tensors keep theirs")
@@ -251,23 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_compress(args) -> int:
+    from .option_args import options_from_args
+
+    options = options_from_args(args.method, args)  # refuses another method's option before torch is imported
+
     from .compress import CalibrationOptions, build_method, compress_checkpoint
 
-    from .layer_allocation import MIOptions
-    from .methods.rs import ACIWeights
-
-    method = build_method(
-        args.method, merge=args.merge, base_prune=args.base_prune, trim_experts=args.trim_experts,
-        score=args.rs_score, rs_base=args.rs_base, allocation=args.rs_allocation, sparse_share=args.rs_sparse_share,
-        lowrank_share=args.rs_lowrank_share, lowrank_svd=args.rs_lowrank_svd, ridge_lambda=args.rs_ridge_lambda,
-        ridge_samples=args.rs_ridge_samples,
-        aci=ACIWeights(*args.rs_aci),
-        mi=MIOptions(steps=args.rs_mine_steps, seed=args.seed, bound=args.rs_mi_bound, smooth=args.rs_mi_smooth,
-                     reg=args.rs_mi_reg),
-        group_size=args.group_size, activation=args.activation, fit_steps=args.fit_steps, fit_lr=args.fit_lr,
-        fit_patience=args.fit_patience, factorize_down=args.factorize_down, xi=args.xi,
-        effective_rank=args.effective_rank, residual_fraction=args.residual_fraction, residual_seed=args.residual_seed,
-    )
+    method = build_method(args.method, options)
     calibration = CalibrationOptions(
         file=args.calib_file, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
         batch_size=args.calib_batch_size, fisher_samples=args.fisher_samples, fisher_labels=args.fisher_labels,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import inspect
 import json
 import logging
 import shutil
@@ -35,8 +34,9 @@ from .checkpoint_io import (
 )
 from .fisher import expert_fisher
 from vllm_moe_compress.format import STATS_FILE, CompressionInfo, LayerSpec
+from .method_options import MethodOptions, method_options
 from .methods import METHODS, CompressionMethod
-from .methods.base import expert_weights
+from .methods.base import LayerInputs, expert_weights
 from .output_safety import check_output_path
 from .workdir import WorkDir, crash_point, run_arguments
 
@@ -221,17 +221,18 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
     def on_moe_layer(layer: int, stats, hidden) -> None:
         shape, prefix = layout.shapes[layer], layout.prefixes[layer]
         weights = expert_weights(moe_block(model, layer).experts)
-        extra = {}
-        if method.needs_next_layer:  # RS-MoE's downstream influence reads the next MoE layer's experts
-            following = [l for l in moe_layers if l > layer]
-            extra["next_weights"] = expert_weights(moe_block(model, following[0]).experts) if following else None
-        compressed = method.compress_layer(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer], shape,
-                                           **extra)
+        following = [l for l in moe_layers if l > layer]
+        next_weights = (expert_weights(moe_block(model, following[0]).experts)
+                        if method.needs_next_layer and following else None)
+        result = method.compress_layer(LayerInputs(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer],
+                                                   shape, next_weights))
+        compressed = result.layer
+        keep = {"keep_fraction": round(layer_weights[layer], 6)} if layer_weights else {}
         record = {
             "spec": compressed.spec(layer, prefix).to_json(),
             "params_by_projection": compressed.params_by_projection(),
             "stats": {"routing_counts": stats.counts.tolist(), "routing_weight_sums": stats.weight_sums.tolist(),
-                      **compressed.allocation(), **method.layer_log()},
+                      **keep, **compressed.allocation(), **result.log},
         }
         work.commit_layer(layer, compressed.to_tensors(prefix, job.arch.proj_names, DTYPES[job.dtype]), record, hidden)
 
@@ -317,9 +318,11 @@ def _log_to(path: Path):
         handler.close()
 
 
-def build_method(name: str, **options) -> CompressionMethod:
+def build_method(name: str, options: MethodOptions | None = None, **fields) -> CompressionMethod:
+    """The method called ``name`` (``--method``) with its ``options``, or with options built from ``fields``
+    (method_options.method_options: a field of another method is refused)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-    cls = METHODS[name]
-    accepted = {p for c in cls.__mro__ if "__init__" in vars(c) for p in inspect.signature(c.__init__).parameters}
-    return cls(**{k: v for k, v in options.items() if k in accepted})
+    if options is not None and fields:
+        raise TypeError("pass options or fields, not both")
+    return METHODS[name](method_options(name, **fields) if options is None else options)

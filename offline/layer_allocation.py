@@ -21,7 +21,6 @@ allocation around s̄ (s_l → 2s̄ − s_l: the redundant layers get more), the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,17 +31,7 @@ from .budget import LayerShape
 
 log = logging.getLogger(__name__)
 from .choices import ALLOCATIONS
-
-
-@dataclass(frozen=True)
-class MIOptions:
-    steps: int = 300
-    hidden: int = 64
-    lr: float = 1e-3
-    seed: int = 0
-    bound: float = 0.1
-    smooth: float = 0.5
-    reg: float = 0.1
+from .method_options import MIOptions
 
 
 @torch.no_grad()

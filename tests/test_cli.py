@@ -25,6 +25,9 @@ def test_compress_inspect_eval(tmp_path, capsys):
     assert "layer 1 done; peak RSS" in (out / "compress.log").read_text()
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "moe_compress" and qc["method"] == "d2" and abs(qc["achieved_ratio"] - 0.4) <= 0.005
+    assert list(qc["method_options"].items())[:4] == [("merge", "fisher"), ("base_prune", 0.0),
+                                                      ("static_prune_ratio", 0.0), ("trim_experts", 0)]
+    assert list(qc["method_options"])[4:] == ["gate_up_ratio"]
     stats = json.loads((out / "moe_compress_stats.json").read_text())
     assert set(stats["layers"]) == {"0", "1"} and sum(stats["layers"]["0"]["routing_counts"]) == 8 * 64 * 2
 

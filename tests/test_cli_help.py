@@ -50,11 +50,13 @@ def test_version():
 
 
 def test_choices_match_the_implementations():
-    from vllm_moe_compress.offline.choices import ACTIVATION_NAMES, METHOD_NAMES
+    from vllm_moe_compress.offline.choices import ACTIVATION_NAMES
+    from vllm_moe_compress.offline.method_options import METHOD_OPTIONS
     from vllm_moe_compress.offline.methods import METHODS
     from vllm_moe_compress.offline.methods.basis_fit import ACTIVATIONS
 
-    assert sorted(METHOD_NAMES) == sorted(METHODS) and list(ACTIVATION_NAMES) == list(ACTIVATIONS)
+    assert sorted(METHOD_OPTIONS) == sorted(METHODS) and list(ACTIVATION_NAMES) == list(ACTIVATIONS)
+    assert all(METHODS[name].Options is options for name, options in METHOD_OPTIONS.items())
 
 
 def test_loadtest_help_has_no_issue_numbers_or_markup():

@@ -4,6 +4,8 @@ import torch
 
 from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.calibration import ExpertStatistics
+from vllm_moe_compress.offline.method_options import D2Options
+from vllm_moe_compress.offline.methods.base import LayerInputs
 from vllm_moe_compress.offline.methods.d2 import D2MoE, merge_base
 
 E, H, I = 6, 20, 12
@@ -45,8 +47,8 @@ def test_fisher_merge_weights_experts():
 def test_full_rank_without_pruning_reconstructs_every_expert():
     weights, stats = synthetic_layer()
     shape = LayerShape(E, H, I)
-    method = D2MoE(merge="frequency", base_prune=0.0)
-    layer = method.compress_layer(weights, stats, None, budget=10**9, shape=shape)
+    method = D2MoE(D2Options(merge="frequency", base_prune=0.0))
+    layer = method.compress_layer(LayerInputs(weights, stats, None, budget=10**9, shape=shape)).layer
     assert layer.base_channels.tolist() == list(range(I))
     for e in range(E):
         for p in ("gate", "up", "down"):
@@ -58,8 +60,8 @@ def test_static_pruning_drops_the_lowest_eq9_channels():
     stats.inter_gram[:, 3, :] = 0.0  # channel 3 never active: C_3 = 0
     stats.inter_gram[:, :, 3] = 0.0
     shape = LayerShape(E, H, I)
-    method = D2MoE(merge="mean", base_prune=2 / I * 2)  # static half removes 2 channels
-    layer = method.compress_layer(weights, stats, None, budget=10**9, shape=shape)
+    method = D2MoE(D2Options(merge="mean", base_prune=2 / I * 2))  # static half removes 2 channels
+    layer = method.compress_layer(LayerInputs(weights, stats, None, budget=10**9, shape=shape)).layer
     kept = layer.base_channels.tolist()
     assert len(kept) == I - 2 and 3 not in kept
     base_down = weights["down"].mean(0)
@@ -72,8 +74,8 @@ def test_static_pruning_drops_the_lowest_eq9_channels():
 
 def test_trimming_removes_deltas_of_least_routed_experts():
     weights, stats = synthetic_layer()  # expert 0 is the least routed, then 1
-    method = D2MoE(merge="mean", base_prune=0.0, trim_experts=2)
-    layer = method.compress_layer(weights, stats, None, budget=10**9, shape=LayerShape(E, H, I))
+    method = D2MoE(D2Options(merge="mean", base_prune=0.0, trim_experts=2))
+    layer = method.compress_layer(LayerInputs(weights, stats, None, budget=10**9, shape=LayerShape(E, H, I))).layer
     ranks = layer.ranks()["down"]
     assert ranks[:2] == [0, 0] and all(r == min(H, I) for r in ranks[2:])
     torch.testing.assert_close(layer.dense_weight(0, "down"), weights["down"].mean(0))

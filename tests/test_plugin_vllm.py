@@ -34,8 +34,8 @@ def compress_for_vllm(family: str, root: Path, method: str = "d2", **options) ->
     source = write_tiny_model(vllm_tiny_config(family), root / family)
     out = root / f"{family}-{method}"
     calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=8, seqlen=64, batch_size=4, fisher_samples=4)
-    method_options = {"base_prune": 0.2, "fit_steps": 5, **options}
-    compress_checkpoint(source, out, build_method(method, **method_options), 0.05, calibration, dtype="float32",
+    fast = {"d2": {"base_prune": 0.2}, "rfid": {"fit_steps": 5}, "mobe": {"fit_steps": 5}}.get(method, {})
+    compress_checkpoint(source, out, build_method(method, **fast, **options), 0.05, calibration, dtype="float32",
                         progress=False)
     return out
 

@@ -15,6 +15,7 @@ from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.calibration import ExpertStatistics
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
 from vllm_moe_compress.offline.loading import load_compressed_model
+from vllm_moe_compress.offline.methods.base import LayerInputs
 from vllm_moe_compress.offline.methods.basis_fit import FitOptions, fit_grouped, fit_mixed
 from vllm_moe_compress.offline.methods.group_basis import allocate_group_ranks, effective_rank, frequency_groups, index_groups
 from vllm_moe_compress.offline.schemes.basis_residual import BasisProjection, BasisResidualExperts, BasisResidualLayer
@@ -123,7 +124,7 @@ def test_layer_uses_its_budget_exactly(method, n, k, ratio_of_capacity, down):
     m = build_method(method, group_size=k, fit_steps=0, factorize_down=down)
     budget = int(ratio_of_capacity * m.capacity(shape))
     weights, stats = random_layer_inputs(n, seed=n + k)
-    layer = m.compress_layer(weights, stats, None, budget, shape)
+    layer = m.compress_layer(LayerInputs(weights, stats, None, budget, shape)).layer
     used = layer.num_params() - m.fixed_params(shape)
     slack = max(m.rank_cost(p, shape) for p in m.factorized)
     assert 0 <= budget - used < slack

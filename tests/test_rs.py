@@ -1,17 +1,23 @@
 """RS-MoE steps on constructed inputs where the answer is known."""
 
+import json
+from unittest.mock import ANY
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from vllm_moe_compress.format import STATS_FILE
 from vllm_moe_compress.offline.budget import LayerShape, plan_budget
 from vllm_moe_compress.offline.calibration import ActivationMoments, ExpertStatistics
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from vllm_moe_compress.offline.layer_allocation import MIOptions, mine_estimate, redundancy_scores, solve_save_ratios
+from vllm_moe_compress.offline.layer_allocation import mine_estimate, redundancy_scores, solve_save_ratios
 from vllm_moe_compress.offline.linalg import eigen_whitened_factors
+from vllm_moe_compress.offline.method_options import ACIWeights, MIOptions, RSOptions
+from vllm_moe_compress.offline.methods.base import LayerInputs
 from vllm_moe_compress.offline.loading import load_compressed_model
-from vllm_moe_compress.offline.methods.rs import ACIWeights, RSMoE, aci_scores, ridge_down_base
+from vllm_moe_compress.offline.methods.rs import RSMoE, aci_scores, ridge_down_base
 from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 
 from conftest import CALIBRATION_FILE, FAMILIES
@@ -92,9 +98,9 @@ def test_exactly_sparse_plus_rank_k_layer_is_recovered(lowrank_svd):
     shape = LayerShape(E, H, I)
     sparse_cost = 3 * H * s * E
     budget = sparse_cost + E * 3 * k * (H + I - s)
-    method = RSMoE(score="peak", rs_base="none", sparse_share=(sparse_cost + 0.5) / budget, lowrank_share=1.0,
-                   lowrank_svd=lowrank_svd)
-    layer = method.compress_layer(weights, stats, None, budget, shape)
+    method = RSMoE(RSOptions(score="peak", base="none", sparse_share=(sparse_cost + 0.5) / budget, lowrank_share=1.0,
+                             lowrank_svd=lowrank_svd))
+    layer = method.compress_layer(LayerInputs(weights, stats, None, budget, shape)).layer
     assert layer.num_params() == budget
     assert sorted((e, int(j)) for e, ex in enumerate(layer.experts) for j in ex.sparse_channels) == sorted(planted)
     for e in range(E):
@@ -107,7 +113,8 @@ def test_layer_spends_its_budget_exactly_and_prunes_the_least_important():
     stats = statistics(weights, 200, seed=6, planted=planted)
     shape = LayerShape(E, H, I)
     budget = shape.dense_expert_params // 3
-    layer = RSMoE(rs_base="ridge", lowrank_share=0.5).compress_layer(weights, stats, None, budget, shape, weights)
+    layer = RSMoE(RSOptions(base="ridge", lowrank_share=0.5)).compress_layer(
+        LayerInputs(weights, stats, None, budget, shape, weights)).layer
     params = layer.num_params() - H * I  # the ridge base is the fixed part
     assert budget - 3 * (H + I) < params <= budget
     counts = layer.counts()
@@ -195,6 +202,9 @@ def test_every_family_compresses_to_the_ratio_and_runs(family, tiny_moe, tmp_pat
                                progress=False)
     assert abs(info.achieved_ratio - 0.05) <= 0.005
     assert all(spec.scheme == "sparse_lowrank" for spec in info.layers)
-    assert len(info.method_options["layer_keep_fractions"]) == len(info.layers) or len(info.layers) == 1
+    assert info.method_options == {**RSOptions(mi=MIOptions(steps=50)).record(), "gate_up_ratio": ANY}
+    layers = json.loads((tmp_path / "rs" / STATS_FILE).read_text())["layers"]
+    keep = [stats["keep_fraction"] for stats in layers.values() if "keep_fraction" in stats]  # MI allocation (§3.5)
+    assert (len(keep) == len(layers) and all(0 < k <= 1 for k in keep)) or (keep == [] and len(layers) == 1)
     logits = load_compressed_model(tmp_path / "rs")(torch.tensor([[5, 17, 300, 42]])).logits
     assert torch.isfinite(logits).all()

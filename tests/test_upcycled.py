@@ -16,7 +16,8 @@ import torch
 
 from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.calibration import ExpertStatistics
-from vllm_moe_compress.offline.methods.base import input_gram
+from vllm_moe_compress.offline.method_options import BasisOptions, D2Options, RFIDOptions
+from vllm_moe_compress.offline.methods.base import LayerInputs, input_gram
 from vllm_moe_compress.offline.methods.d2 import D2MoE
 from vllm_moe_compress.offline.methods.mobe import MoBE
 from vllm_moe_compress.offline.methods.rfid import RFIDMoE
@@ -76,9 +77,9 @@ def test_d2_beats_whitened_svd_by_the_predicted_margin(keep):
     weights, stats = upcycled_layer()
     shape = LayerShape(E, H, I)
     total = int(keep * shape.dense_expert_params)  # equal total parameters for both methods
-    d2 = D2MoE(merge="mean", base_prune=0.0)
-    d2_layer = d2.compress_layer(weights, stats, None, total - d2.fixed_params(shape), shape)
-    svd_layer = WhitenedSVD().compress_layer(weights, stats, None, total, shape)
+    d2 = D2MoE(D2Options(merge="mean", base_prune=0.0))
+    d2_layer = d2.compress_layer(LayerInputs(weights, stats, None, total - d2.fixed_params(shape), shape)).layer
+    svd_layer = WhitenedSVD().compress_layer(LayerInputs(weights, stats, None, total, shape)).layer
     assert d2_layer.num_params() <= total and svd_layer.num_params() <= total
 
     full = whitened_energy(weights, stats)
@@ -108,10 +109,10 @@ def test_base_pruning_costs_the_pruned_channels_energy_on_an_upcycled_layer():
     weights, stats = upcycled_layer()
     shape = LayerShape(E, H, I)
     total = int(0.5 * shape.dense_expert_params)
-    unpruned, pruned = D2MoE(merge="mean", base_prune=0.0), D2MoE(merge="mean", base_prune=0.2)
-    err0 = layer_error(unpruned.compress_layer(weights, stats, None, total - unpruned.fixed_params(shape), shape),
+    unpruned, pruned = D2MoE(D2Options(merge="mean", base_prune=0.0)), D2MoE(D2Options(merge="mean", base_prune=0.2))
+    err0 = layer_error(unpruned.compress_layer(LayerInputs(weights, stats, None, total - unpruned.fixed_params(shape), shape)).layer,
                        weights, stats)
-    err1 = layer_error(pruned.compress_layer(weights, stats, None, total - pruned.fixed_params(shape), shape),
+    err1 = layer_error(pruned.compress_layer(LayerInputs(weights, stats, None, total - pruned.fixed_params(shape), shape)).layer,
                        weights, stats)
     removed = I - pruned.static_channels(shape)
     assert removed == 2
@@ -126,9 +127,9 @@ def test_few_experts_two_groups_share_the_planted_structure():
     basis of rank K_g per group keeps far more than per-expert SVD of the same parameter count."""
     weights, stats = upcycled_layer()
     shape = LayerShape(E, H, I)
-    method = RFIDMoE(residual_fraction=0.0, fit_steps=0, activation="identity")
+    method = RFIDMoE(RFIDOptions(residual_fraction=0.0, fit_steps=0, activation="identity"))
     total = int(0.6 * 2 * E * H * I) + E * H * I  # gate/up 40 % removed, down dense
-    layer = method.compress_layer(weights, stats, None, total - method.fixed_params(shape), shape)
+    layer = method.compress_layer(LayerInputs(weights, stats, None, total - method.fixed_params(shape), shape)).layer
     assert layer.groups == [[0, 1, 2, 3], [4, 5, 6, 7]]  # routing counts fall with the index here
     assert 0 <= total - layer.num_params() < method.rank_cost("gate", shape)
     basis_ranks = layer.spec(0, "x").basis_ranks
@@ -149,8 +150,8 @@ def test_few_experts_two_groups_share_the_planted_structure():
 def test_mobe_runs_on_two_groups():
     weights, stats = upcycled_layer()
     shape = LayerShape(E, H, I)
-    method = MoBE(fit_steps=5)
+    method = MoBE(BasisOptions(fit_steps=5))
     total = int(0.6 * 2 * E * H * I) + E * H * I
-    layer = method.compress_layer(weights, stats, None, total - method.fixed_params(shape), shape)
+    layer = method.compress_layer(LayerInputs(weights, stats, None, total - method.fixed_params(shape), shape)).layer
     assert len(layer.spec(0, "x").basis_ranks["gate"]) == 2
     assert 0 <= total - layer.num_params() < method.rank_cost("gate", shape)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -11,6 +13,7 @@ from vllm_moe_compress.format import PROJECTIONS
 from ..budget import LayerShape, allocate_ranks
 from ..calibration import ExpertStatistics
 from ..linalg import low_rank_factors, whitening_factor
+from ..method_options import MethodOptions
 from ..schemes.base import SchemeLayer
 from ..schemes.base_delta import Factors
 
@@ -47,16 +50,63 @@ def factorize_experts(
     return factors
 
 
-class CompressionMethod(ABC):
-    """A method compresses one MoE layer at a time, given its calibration statistics and a budget."""
+@dataclass
+class LayerInputs:
+    """Everything a method compresses one MoE layer from."""
 
-    name: str
-    needs_fisher: bool = False
-    dynamic_prune_ratio: float = 0.0
-    needs_next_layer: bool = False
-    """When True, compress_layer also receives ``next_weights``: the next MoE layer's ExpertWeights (None for the last)."""
-    moment_samples: int | None = None
-    """When set, calibration also collects ActivationMoments (keeping this many routed inputs per expert)."""
+    weights: ExpertWeights
+    stats: ExpertStatistics
+    fisher: dict[str, torch.Tensor] | None
+    """Per projection the Fisher importance (fisher.py), when the method ``needs_fisher``; else None."""
+    budget: int
+    """Rank-dependent parameters the layer may use (budget.py)."""
+    shape: LayerShape
+    next_weights: ExpertWeights | None = None
+    """The next MoE layer's experts when the method ``needs_next_layer`` (None for the last MoE layer)."""
+
+
+@dataclass
+class LayerResult:
+    """A compressed layer and its diagnostics for moe_compress_stats.json (e.g. loss curves)."""
+
+    layer: SchemeLayer
+    log: dict = field(default_factory=dict)
+
+
+class CompressionMethod(ABC):
+    """A method compresses one MoE layer at a time, given its calibration statistics and a budget.
+
+    Its settings are one frozen ``Options`` dataclass (offline/method_options.py, torch-free: the command line
+    is built from it); everything else a method reports is derived from them, and ``compress_layer`` returns its
+    log with the layer, so a method holds no state between layers."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, options: MethodOptions | None = None):
+        if options is not None and type(options) is not self.Options:
+            raise TypeError(f"method {self.name} takes {self.Options.__name__}, got {type(options).__name__}")
+        self.opts = self.Options() if options is None else options
+
+    @property
+    def needs_fisher(self) -> bool:
+        """Whether ``LayerInputs.fisher`` is needed (computed before calibration, fisher.py)."""
+        return False
+
+    @property
+    def needs_next_layer(self) -> bool:
+        """Whether ``LayerInputs.next_weights`` is needed."""
+        return False
+
+    @property
+    def moment_samples(self) -> int | None:
+        """When set, calibration also collects ActivationMoments (keeping this many routed inputs per expert)."""
+        return None
+
+    @property
+    def dynamic_prune_ratio(self) -> float:
+        """Fraction of base channels pruned per batch at inference (quantization_config.dynamic_prune_ratio)."""
+        return 0.0
 
     def fixed_params(self, shape: LayerShape) -> int:
         """Parameters the layer stores whatever the ranks (e.g. a shared base)."""
@@ -68,7 +118,7 @@ class CompressionMethod(ABC):
 
     def options(self) -> dict:
         """Method options recorded in quantization_config.method_options."""
-        return {}
+        return self.opts.record()
 
     def layer_budget_weights(self, model, samples, shapes: dict[int, LayerShape], keep_fraction: float,
                              batch_size: int) -> dict[int, float] | None:
@@ -85,17 +135,10 @@ class CompressionMethod(ABC):
         """Appended to the error for a ratio out of reach (an option that would reach further)."""
         return ""
 
-    def layer_log(self) -> dict:
-        """Diagnostics of the last compressed layer for moe_compress_stats.json (e.g. loss curves)."""
-        return {}
-
     def ranks_for(self, budget: int, shape: LayerShape, stats: ExpertStatistics) -> list[int]:
         trimmed = set(torch.argsort(stats.counts, stable=True)[: self.num_trimmed(shape)].tolist())
         return allocate_ranks(budget, shape, stats.frequencies, trimmed)
 
     @abstractmethod
-    def compress_layer(
-        self, weights: ExpertWeights, stats: ExpertStatistics, fisher: dict[str, torch.Tensor] | None,
-        budget: int, shape: LayerShape,
-    ) -> SchemeLayer:
-        """Compress one layer using at most ``budget`` rank-dependent parameters."""
+    def compress_layer(self, inputs: LayerInputs) -> LayerResult:
+        """Compress one layer using at most ``inputs.budget`` rank-dependent parameters."""

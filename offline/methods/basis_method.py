@@ -17,33 +17,30 @@ from abc import abstractmethod
 from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 
 from ..budget import LayerShape
+from ..method_options import BasisOptions
 from ..schemes.basis_residual import BasisProjection, BasisResidualLayer
-from .base import CompressionMethod
+from .base import CompressionMethod, LayerResult
 from .basis_fit import FitOptions, FittedProjection
 from .group_basis import check_group_size
 
 
 class BasisMethod(CompressionMethod):
-    """Common options; subclasses define the per-projection cost model and the fit."""
+    """Common options (method_options.BasisOptions); subclasses define the per-projection cost model and the fit."""
 
-    def __init__(self, group_size: int = 4, activation: str = "silu", fit_steps: int = 200, fit_lr: float = 0.07,
-                 fit_patience: int = 50, factorize_down: bool = False):
-        self.group_size = group_size
-        self.fit = FitOptions(activation, fit_steps, fit_lr, fit_patience)
-        self.factorized = ("gate", "up", "down") if factorize_down else ("gate", "up")
-        self.last_log: dict = {}
+    Options = BasisOptions
 
-    def options(self) -> dict:
-        return {"group_size": self.group_size, "activation": self.fit.activation, "fit_steps": self.fit.steps,
-                "fit_lr": self.fit.lr, "fit_patience": self.fit.patience, "factorized": list(self.factorized)}
+    @property
+    def fit(self) -> FitOptions:
+        return FitOptions(self.opts.activation, self.opts.fit_steps, self.opts.fit_lr, self.opts.fit_patience)
+
+    @property
+    def factorized(self) -> tuple[str, ...]:
+        return self.opts.factorized
 
     def unreachable_hint(self) -> str:
         if "down" in self.factorized:
             return ""
         return "down_proj stays dense; --factorize-down factorises it too and reaches higher ratios"
-
-    def layer_log(self) -> dict:
-        return self.last_log
 
     def dims(self, proj: str, shape: LayerShape) -> tuple[int, int]:
         return matrix_shape(proj, shape.hidden_size, shape.intermediate_size)
@@ -51,11 +48,11 @@ class BasisMethod(CompressionMethod):
     def max_rank(self, proj: str, shape: LayerShape) -> int:
         """A basis cannot exceed the rank of its group matrix [k·out, in]."""
         out_dim, in_dim = self.dims(proj, shape)
-        return min(self.group_size * out_dim, in_dim)
+        return min(self.opts.group_size * out_dim, in_dim)
 
     def num_groups(self, shape: LayerShape) -> int:
-        check_group_size(shape.num_experts, self.group_size)
-        return shape.num_experts // self.group_size
+        check_group_size(shape.num_experts, self.opts.group_size)
+        return shape.num_experts // self.opts.group_size
 
     @abstractmethod
     def rank_cost(self, proj: str, shape: LayerShape) -> int:
@@ -97,11 +94,13 @@ class BasisMethod(CompressionMethod):
         return units
 
     def build_layer(self, weights, fitted: dict[str, FittedProjection], shape: LayerShape, groups,
-                    residual_size: int = 0, seed: int = 0) -> BasisResidualLayer:
-        self.last_log = {"fit": {p: {"loss_curve": [round(v, 8) for v in f.loss_curve], "best_step": f.best_step}
-                                 for p, f in fitted.items()}}
+                    residual_size: int = 0, seed: int = 0) -> LayerResult:
+        """The layer, and its log: per fitted projection the loss curve and the best step."""
+        log = {"fit": {p: {"loss_curve": [round(v, 8) for v in f.loss_curve], "best_step": f.best_step}
+                       for p, f in fitted.items()}}
         factorized = {p: BasisProjection(f.bases, f.coefs, f.mix, f.etas) for p, f in fitted.items()}
         dense = {p: weights[p] for p in PROJECTIONS if p not in self.factorized}
-        return BasisResidualLayer(shape.hidden_size, shape.intermediate_size, groups, self.fit.activation,
-                                  factorized, dense, residual_size, seed)
+        layer = BasisResidualLayer(shape.hidden_size, shape.intermediate_size, groups, self.opts.activation,
+                                   factorized, dense, residual_size, seed)
+        return LayerResult(layer, log)
 

@@ -30,9 +30,9 @@ import torch
 from vllm_moe_compress.format import PROJECTIONS
 
 from ..budget import LayerShape
+from ..method_options import D2Options
 from ..schemes.base_delta import BaseDeltaLayer
-from .base import CompressionMethod, factorize_experts
-from ..choices import MERGES
+from .base import CompressionMethod, LayerInputs, LayerResult, factorize_experts
 
 
 def merge_base(weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
@@ -49,50 +49,45 @@ def merge_base(weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
 
 class D2MoE(CompressionMethod):
     name = "d2"
+    Options = D2Options
 
-    def __init__(self, merge: str = "fisher", base_prune: float = 0.0, trim_experts: int = 0):
-        if merge not in MERGES:
-            raise ValueError(f"merge must be one of {', '.join(MERGES)}, got {merge!r}")
-        if not 0.0 <= base_prune < 1.0:
-            raise ValueError(f"base prune ratio must be in [0, 1), got {base_prune}")
-        if trim_experts < 0:
-            raise ValueError(f"trim_experts must be >= 0, got {trim_experts}")
-        self.merge = merge
-        self.base_prune = base_prune
-        self.trim_experts = trim_experts
-        self.needs_fisher = merge == "fisher"
-        self.dynamic_prune_ratio = base_prune / 2
+    @property
+    def needs_fisher(self) -> bool:
+        """Only the Fisher merge (Eq. 4–5) needs the Fisher pass."""
+        return self.opts.merge == "fisher"
 
-    def options(self) -> dict:
-        return {"merge": self.merge, "base_prune": self.base_prune, "static_prune_ratio": self.base_prune / 2,
-                "trim_experts": self.trim_experts}
+    @property
+    def dynamic_prune_ratio(self) -> float:
+        """The dynamic half of ``base_prune``, applied per batch at inference (§3.4)."""
+        return self.opts.base_prune / 2
 
     def static_channels(self, shape: LayerShape) -> int:
-        return shape.intermediate_size - round(self.base_prune / 2 * shape.intermediate_size)
+        return shape.intermediate_size - round(self.opts.base_prune / 2 * shape.intermediate_size)
 
     def fixed_params(self, shape: LayerShape) -> int:
         return 3 * shape.hidden_size * self.static_channels(shape)
 
     def num_trimmed(self, shape: LayerShape) -> int:
-        if self.trim_experts >= shape.num_experts:
-            raise ValueError(f"cannot trim {self.trim_experts} of {shape.num_experts} experts")
-        return self.trim_experts
+        if self.opts.trim_experts >= shape.num_experts:
+            raise ValueError(f"cannot trim {self.opts.trim_experts} of {shape.num_experts} experts")
+        return self.opts.trim_experts
 
     def importance(self, proj: str, stats, fisher) -> torch.Tensor:
-        if self.merge == "fisher":
+        if self.opts.merge == "fisher":
             return fisher[proj]
-        if self.merge == "frequency":
+        if self.opts.merge == "frequency":
             return stats.counts.double()
         return torch.ones(stats.counts.numel(), dtype=torch.float64)
 
-    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape) -> BaseDeltaLayer:
-        base = {p: merge_base(weights[p], self.importance(p, stats, fisher)) for p in PROJECTIONS}
+    def compress_layer(self, inputs: LayerInputs) -> LayerResult:
+        weights, stats, shape = inputs.weights, inputs.stats, inputs.shape
+        base = {p: merge_base(weights[p], self.importance(p, stats, inputs.fisher)) for p in PROJECTIONS}
         deltas = {p: weights[p] - base[p] for p in PROJECTIONS}
-        ranks = self.ranks_for(budget, shape, stats)
+        ranks = self.ranks_for(inputs.budget, shape, stats)
         factors = factorize_experts(deltas, ranks, stats)
 
         activation_norm = stats.inter_gram.diagonal(dim1=1, dim2=2).sum(0).clamp_min(0).sqrt()
         score = base["down"].norm(dim=0) * activation_norm  # Eq. 9, C_j
         keep = torch.sort(torch.topk(score, self.static_channels(shape)).indices).values
         pruned = {"gate": base["gate"][keep], "up": base["up"][keep], "down": base["down"][:, keep]}
-        return BaseDeltaLayer(shape.hidden_size, shape.intermediate_size, factors, pruned, keep)
+        return LayerResult(BaseDeltaLayer(shape.hidden_size, shape.intermediate_size, factors, pruned, keep))

@@ -11,6 +11,7 @@ budget pays for (the leftover, less than one rank, stays unspent). Stored as sch
 from __future__ import annotations
 
 from ..budget import LayerShape
+from .base import LayerInputs, LayerResult
 from .basis_fit import fit_mixed
 from .basis_method import BasisMethod
 from .group_basis import index_groups
@@ -26,8 +27,9 @@ class MoBE(BasisMethod):
     def floor_params(self, proj: str, shape: LayerShape) -> int:
         return self.rank_cost(proj, shape) + shape.num_experts * self.num_groups(shape)
 
-    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape):
-        groups = index_groups(shape.num_experts, self.group_size)
-        extra = self.extra_ranks(budget, shape)
-        fitted = {p: fit_mixed(weights[p], groups, 1 + extra[p], self.fit) for p in self.factorized}
-        return self.build_layer(weights, fitted, shape, groups)
+    def compress_layer(self, inputs: LayerInputs) -> LayerResult:
+        shape = inputs.shape
+        groups = index_groups(shape.num_experts, self.opts.group_size)
+        extra = self.extra_ranks(inputs.budget, shape)
+        fitted = {p: fit_mixed(inputs.weights[p], groups, 1 + extra[p], self.fit) for p in self.factorized}
+        return self.build_layer(inputs.weights, fitted, shape, groups)

@@ -20,62 +20,46 @@ Per MoE layer (docs/methods.md has the full reading of the paper and every choic
 
 from __future__ import annotations
 
-import torch
-
 from ..budget import LayerShape
+from ..method_options import RFIDOptions
+from .base import LayerInputs, LayerResult
 from .basis_fit import fit_grouped
 from .basis_method import BasisMethod
-from .group_basis import (
-    EFFECTIVE_RANK_MODES, allocate_group_ranks, effective_rank, frequency_groups, fused_importance, group_matrix,
-)
+from .group_basis import allocate_group_ranks, effective_rank, frequency_groups, fused_importance, group_matrix
 
 
 class RFIDMoE(BasisMethod):
     name = "rfid"
-
-    def __init__(self, xi: float = 0.75, effective_rank: str = "energy", residual_fraction: float = 0.0,
-                 residual_seed: int = 0, **common):
-        super().__init__(**common)
-        if not 0.0 <= xi <= 1.0:
-            raise ValueError(f"xi must be in [0, 1], got {xi}")
-        if effective_rank not in EFFECTIVE_RANK_MODES:
-            raise ValueError(f"effective rank must be one of {', '.join(EFFECTIVE_RANK_MODES)}, got {effective_rank!r}")
-        if not 0.0 <= residual_fraction < 1.0:
-            raise ValueError(f"residual fraction must be in [0, 1), got {residual_fraction}")
-        self.xi, self.effective_rank = xi, effective_rank
-        self.residual_fraction, self.residual_seed = residual_fraction, residual_seed
-
-    def options(self) -> dict:
-        return {**super().options(), "xi": self.xi, "effective_rank": self.effective_rank,
-                "residual_fraction": self.residual_fraction, "residual_seed": self.residual_seed}
+    Options = RFIDOptions
 
     def residual_size(self, shape: LayerShape) -> int:
         """a = round(fraction · k·H·I): the same for every group and projection, so one P serves them all."""
-        return round(self.residual_fraction * self.group_size * shape.hidden_size * shape.intermediate_size)
+        return round(self.opts.residual_fraction * self.opts.group_size * shape.hidden_size * shape.intermediate_size)
 
     def rank_units(self, shape: LayerShape) -> int:
         return self.num_groups(shape)
 
     def rank_cost(self, proj: str, shape: LayerShape) -> int:
         out_dim, in_dim = self.dims(proj, shape)
-        return self.group_size * out_dim + in_dim
+        return self.opts.group_size * out_dim + in_dim
 
     def floor_params(self, proj: str, shape: LayerShape) -> int:
         return self.num_groups(shape) * (self.rank_cost(proj, shape) + self.residual_size(shape))
 
-    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape):
-        groups = frequency_groups(stats.counts, self.group_size)
-        frequencies = [float(stats.counts[g].sum()) for g in groups]
+    def compress_layer(self, inputs: LayerInputs) -> LayerResult:
+        weights, counts, shape, opts = inputs.weights, inputs.stats.counts, inputs.shape, self.opts
+        groups = frequency_groups(counts, opts.group_size)
+        frequencies = [float(counts[g].sum()) for g in groups]
         m, residual = len(groups), self.residual_size(shape)
         fitted, importance_log = {}, {}
-        extra = self.extra_ranks(budget, shape)
+        extra = self.extra_ranks(inputs.budget, shape)
         for p in self.factorized:
-            densities = [effective_rank(group_matrix(weights[p], g), self.effective_rank) for g in groups]
-            importance = fused_importance(densities, frequencies, self.xi)
+            densities = [effective_rank(group_matrix(weights[p], g), opts.effective_rank) for g in groups]
+            importance = fused_importance(densities, frequencies, opts.xi)
             ranks = allocate_group_ranks(m + extra[p], importance, self.max_rank(p, shape))
-            fitted[p] = fit_grouped(weights[p], groups, ranks, self.fit, residual, self.residual_seed)
+            fitted[p] = fit_grouped(weights[p], groups, ranks, self.fit, residual, opts.residual_seed)
             importance_log[p] = {"effective_rank": [round(d, 3) for d in densities],
                                  "importance": [round(c, 6) for c in importance], "group_ranks": ranks}
-        layer = self.build_layer(weights, fitted, shape, groups, residual, self.residual_seed)
-        self.last_log.update({"group_frequency": frequencies, "groups": importance_log})
-        return layer
+        result = self.build_layer(weights, fitted, shape, groups, residual, opts.residual_seed)
+        result.log.update({"group_frequency": frequencies, "groups": importance_log})
+        return result

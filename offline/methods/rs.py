@@ -47,22 +47,12 @@ import torch.nn.functional as F
 
 from ..budget import LayerShape
 from ..calibration import ActivationMoments, ExpertStatistics
-from ..layer_allocation import ALLOCATIONS, MIOptions, layer_keep_fractions
+from ..layer_allocation import layer_keep_fractions
 from ..linalg import eigen_whitened_factors
+from ..method_options import ACIWeights, RSOptions
 from ..schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
-from .base import CompressionMethod, ExpertWeights
+from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult
 from .d2 import merge_base
-from ..choices import RS_BASES as BASES, RS_LOWRANK_SVDS as LOWRANK_SVDS, RS_SCORES as SCORES
-
-
-@dataclass(frozen=True)
-class ACIWeights:
-    """Algorithm 1's hyperparameters, App. A.2 defaults."""
-
-    w_mean: float = 0.4
-    w_var: float = 0.05
-    w_peak: float = 0.8
-    gamma: float = 0.05
 
 
 def _by_max(t: torch.Tensor) -> torch.Tensor:
@@ -94,7 +84,7 @@ def aci_scores(weights: ExpertWeights, moments: ActivationMoments, counts: torch
 
 def unit_scores(metric: str, weights: ExpertWeights, stats: ExpertStatistics,
                 next_weights: ExpertWeights | None, aci: ACIWeights) -> torch.Tensor:
-    """Importance of every collaborative unit, [E, I], by ``metric`` (one of SCORES)."""
+    """Importance of every collaborative unit, [E, I], by ``metric`` (one of choices.RS_SCORES)."""
     down_norm_sq = weights["down"].pow(2).sum(1)
     if metric == "weight":
         return weights["gate"].pow(2).sum(2) + weights["up"].pow(2).sum(2) + down_norm_sq
@@ -193,51 +183,33 @@ def ridge_down_base(layer: SparseLowRankLayer, weights: ExpertWeights, moments: 
 
 class RSMoE(CompressionMethod):
     name = "rs"
-    needs_next_layer = True
+    Options = RSOptions
 
-    def __init__(self, score: str = "aci", rs_base: str = "ridge", allocation: str = "mi",
-                 sparse_share: float = 0.8, lowrank_share: float = 0.5, ridge_lambda: float = 1e-3,
-                 ridge_samples: int = 2048, lowrank_svd: str = "activation", aci: ACIWeights = ACIWeights(),
-                 mi: MIOptions = MIOptions()):
-        for value, allowed, what in ((score, SCORES, "score"), (rs_base, BASES, "base"),
-                                     (allocation, ALLOCATIONS, "allocation"), (lowrank_svd, LOWRANK_SVDS, "lowrank_svd")):
-            if value not in allowed:
-                raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
-        for value, what in ((sparse_share, "sparse_share"), (lowrank_share, "lowrank_share")):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{what} must be in [0, 1], got {value}")
-        if ridge_lambda < 0 or ridge_samples <= 0:
-            raise ValueError("ridge_lambda must be >= 0 and ridge_samples > 0")
-        self.score, self.base, self.allocation = score, rs_base, allocation
-        self.sparse_share, self.lowrank_share = sparse_share, lowrank_share
-        self.ridge_lambda, self.lowrank_svd, self.aci, self.mi = ridge_lambda, lowrank_svd, aci, mi
-        self.moment_samples = ridge_samples
-        self.layer_keep: dict[int, float] = {}
+    @property
+    def needs_next_layer(self) -> bool:
+        """Only ACI's downstream influence reads the next MoE layer."""
+        return self.opts.score == "aci"
 
-    def options(self) -> dict:
-        return {"score": self.score, "base": self.base, "allocation": self.allocation,
-                "sparse_share": self.sparse_share, "lowrank_share": self.lowrank_share,
-                "ridge_lambda": self.ridge_lambda, "ridge_samples": self.moment_samples,
-                "lowrank_svd": self.lowrank_svd, "aci": vars(self.aci),
-                "mi": vars(self.mi), "layer_keep_fractions": {str(k): round(v, 6) for k, v in self.layer_keep.items()}}
+    @property
+    def moment_samples(self) -> int:
+        return self.opts.ridge_samples
 
     def fixed_params(self, shape: LayerShape) -> int:
-        return 0 if self.base == "none" else shape.hidden_size * shape.intermediate_size
+        return 0 if self.opts.base == "none" else shape.hidden_size * shape.intermediate_size
 
     def layer_budget_weights(self, model, samples, shapes, keep_fraction, batch_size):
-        self.layer_keep = layer_keep_fractions(self.allocation, model, samples, shapes, keep_fraction, batch_size,
-                                               self.mi)
-        return self.layer_keep or None
+        return layer_keep_fractions(self.opts.allocation, model, samples, shapes, keep_fraction, batch_size,
+                                    self.opts.mi) or None
 
-    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape,
-                       next_weights: ExpertWeights | None = None) -> SparseLowRankLayer:
-        scores = unit_scores(self.score, weights, stats, next_weights, self.aci)
-        plan = partition_units(scores, budget, shape.hidden_size, self.sparse_share, self.lowrank_share,
+    def compress_layer(self, inputs: LayerInputs) -> LayerResult:
+        opts, weights, stats, shape = self.opts, inputs.weights, inputs.stats, inputs.shape
+        scores = unit_scores(opts.score, weights, stats, inputs.next_weights, opts.aci)
+        plan = partition_units(scores, inputs.budget, shape.hidden_size, opts.sparse_share, opts.lowrank_share,
                                stats.frequencies)
         base = None
         down = weights["down"]
-        if self.base in ("mean", "frequency"):
-            importance = stats.counts.double() if self.base == "frequency" else torch.ones(shape.num_experts)
+        if opts.base in ("mean", "frequency"):
+            importance = stats.counts.double() if opts.base == "frequency" else torch.ones(shape.num_experts)
             base = merge_base(down, importance)
             down = down - base
         experts = []
@@ -247,13 +219,13 @@ class RSMoE(CompressionMethod):
             lowrank = dict.fromkeys(sparse)
             if k:
                 input_gram, inter_gram = stats.input_gram[e], stats.inter_gram[e][m][:, m]
-                if self.lowrank_svd == "plain":  # a zero Gram makes eigen_whitened_factors the plain SVD
+                if opts.lowrank_svd == "plain":  # a zero Gram makes eigen_whitened_factors the plain SVD
                     input_gram, inter_gram = torch.zeros_like(input_gram), torch.zeros_like(inter_gram)
                 for p in ("gate", "up"):
                     lowrank[p] = eigen_whitened_factors(weights[p][e][m], input_gram, k)
                 lowrank["down"] = eigen_whitened_factors(down[e][:, m], inter_gram, k)
             experts.append(ExpertUnits(s, sparse, torch.tensor(m, dtype=torch.int64), lowrank))
         layer = SparseLowRankLayer(shape.hidden_size, shape.intermediate_size, experts, base)
-        if self.base == "ridge":
-            layer.base_down = ridge_down_base(layer, weights, stats.moments, self.ridge_lambda)
-        return layer
+        if opts.base == "ridge":
+            layer.base_down = ridge_down_base(layer, weights, stats.moments, opts.ridge_lambda)
+        return LayerResult(layer)

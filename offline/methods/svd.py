@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..budget import LayerShape
 from ..schemes.base_delta import BaseDeltaLayer
-from .base import CompressionMethod, factorize_experts
+from .base import CompressionMethod, LayerInputs, LayerResult, factorize_experts
 
 
 class PlainSVD(CompressionMethod):
@@ -13,10 +12,11 @@ class PlainSVD(CompressionMethod):
     name = "svd"
     whitened = False
 
-    def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape) -> BaseDeltaLayer:
-        ranks = self.ranks_for(budget, shape, stats)
-        factors = factorize_experts(weights, ranks, stats if self.whitened else None)
-        return BaseDeltaLayer(shape.hidden_size, shape.intermediate_size, factors)
+    def compress_layer(self, inputs: LayerInputs) -> LayerResult:
+        shape, stats = inputs.shape, inputs.stats
+        ranks = self.ranks_for(inputs.budget, shape, stats)
+        factors = factorize_experts(inputs.weights, ranks, stats if self.whitened else None)
+        return LayerResult(BaseDeltaLayer(shape.hidden_size, shape.intermediate_size, factors))
 
 
 class WhitenedSVD(PlainSVD):
