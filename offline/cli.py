@@ -1,8 +1,9 @@
 """moe-compress: compress the routed experts of MoE checkpoints, evaluate perplexity and zero-shot accuracy,
 inspect and report.
 
-Building the parser imports neither torch nor transformers (choices come from offline/choices.py), so
-``--help`` answers at once; each command imports what it needs when it runs.
+Building the parser imports neither torch nor transformers (choices come from offline/choices.py, the methods'
+options from offline/method_options.py), so ``--help`` answers at once; each command imports what it needs when
+it runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import json
 import logging
 import sys
 from pathlib import Path
+
+from .choices import FISHER_GRANULARITY, FISHER_LABELS, TASK_SOURCES, ZEROSHOT_TASKS
+from .evaluation.datasets import DATASETS
+from .method_options import METHOD_OPTIONS
+from .option_args import add_method_flags, options_from_args
 
 DEFAULT_CALIB_FILE = Path(__file__).parent / "data" / "brown-calibration-sample.txt"
 DESCRIPTION = ("Compress the routed experts of a Hugging Face MoE checkpoint (D²-MoE, RS-MoE, MoBE, RFID-MoE, SVD "
@@ -65,16 +71,20 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .choices import FISHER_GRANULARITY, FISHER_LABELS, TASK_SOURCES, ZEROSHOT_TASKS
-    from .evaluation.datasets import DATASETS
-    from .method_options import METHOD_OPTIONS
-    from .option_args import add_method_flags
-
     parser = argparse.ArgumentParser(prog="moe-compress", description=DESCRIPTION)
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_compress(sub)
+    _add_eval_ppl(sub)
+    _add_generate(sub)
+    _add_eval_zeroshot(sub)
+    _add_report(sub)
+    _add_inspect(sub)
+    return parser
 
+
+def _add_compress(sub) -> None:
     c = sub.add_parser(
         "compress", help="compress the routed experts of a Hugging Face MoE checkpoint",
         description="Calibrate on text, compress every routed expert with METHOD so that RATIO of the model's "
@@ -114,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
+
+def _add_eval_ppl(sub) -> None:
     e = sub.add_parser(
         "eval-ppl", help="perplexity of a dense or compressed checkpoint on a local dataset",
         description="Perplexity over non-overlapping windows (GPTQ convention) of a local test text. "
@@ -134,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print a JSON object as the last line of stdout")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_generate(sub) -> None:
     t = sub.add_parser(
         "generate", help="greedy text from a dense or compressed checkpoint (reference forward, no vLLM)",
         description="A quick check that a checkpoint still speaks: greedy decoding through transformers, "
@@ -143,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
     t.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate (default 32)")
 
+
+def _add_eval_zeroshot(sub) -> None:
     z = sub.add_parser(
         "eval-zeroshot", help="zero-shot accuracy (lm-evaluation-harness through vLLM) of a dense or compressed checkpoint",
         description="lm-evaluation-harness, 0-shot, with its vLLM backend (quantization=moe_compress for compressed "
@@ -162,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vLLM compute dtype (default auto: the checkpoint's)")
     z.add_argument("--max-model-len", type=_positive, help="vLLM context length (default: the model's)")
 
+
+def _add_report(sub) -> None:
     r = sub.add_parser(
         "report", help="table (Markdown + JSON) and PNG plots for an original model and its compressed checkpoints",
         description="One row per model: method, target/achieved ratio, parameters, bytes, perplexity per dataset, "
@@ -189,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--energy-layer", type=int, help="MoE layer of the energy plot (default: the first compressed)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_inspect(sub) -> None:
     i = sub.add_parser(
         "inspect", help="method, ratios, per-layer ranks and parameter counts of a compressed checkpoint",
         description="Check a compressed checkpoint as vllm serve does before starting its engine (a damaged one is "
@@ -201,12 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--verify", action="store_true",
                    help="also read every factor and refuse NaN/Inf (default: files, tensor names, shapes and dtypes "
                    "from the safetensors headers, format_version and schemes, as vllm serve checks at start-up)")
-    return parser
 
 
 def run_compress(args) -> int:
-    from .option_args import options_from_args
-
     options = options_from_args(args.method, args)  # refuses another method's option before torch is imported
 
     from .compress import CalibrationOptions, build_method, compress_checkpoint
