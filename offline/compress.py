@@ -34,7 +34,7 @@ from .checkpoint_io import (
 )
 from .fisher import expert_fisher
 from vllm_moe_compress.format import STATS_FILE, CompressionInfo, LayerSpec
-from .method_options import MethodOptions, method_options
+from .method_options import MethodOptions, options_for
 from .methods import METHODS, CompressionMethod
 from .methods.base import LayerInputs, expert_weights
 from .output_safety import check_output_path
@@ -320,9 +320,9 @@ def _log_to(path: Path):
 
 def build_method(name: str, options: MethodOptions | None = None, **fields) -> CompressionMethod:
     """The method called ``name`` (``--method``) with its ``options``, or with options built from ``fields``
-    (method_options.method_options: a field of another method is refused)."""
+    (method_options.options_for: a field of another method is refused)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
     if options is not None and fields:
         raise TypeError("pass options or fields, not both")
-    return METHODS[name](method_options(name, **fields) if options is None else options)
+    return METHODS[name](options_for(name, **fields) if options is None else options)

@@ -198,17 +198,18 @@ METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
 """Method name (``--method``) -> its options; ``offline.methods.METHODS`` has the same names (tested)."""
 
 
-def field_names(cls: type) -> set[str]:
+def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclass_fields(cls)}
 
 
-def method_options(method: str, **fields) -> MethodOptions:
+def options_for(method: str, **fields) -> MethodOptions:
     """``method``'s options from keyword ``fields``, refusing a field that belongs to another method."""
     if method not in METHOD_OPTIONS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(METHOD_OPTIONS)}")
     for name in fields:
-        if name not in field_names(METHOD_OPTIONS[method]):
-            owners = [m for m, cls in METHOD_OPTIONS.items() if name in field_names(cls)]
-            where = f"an option of {', '.join(owners)}" if owners else "not an option of any method"
-            raise ValueError(f"{name!r} is {where}, not of method {method}")
+        if name not in _field_names(METHOD_OPTIONS[method]):
+            owners = [m for m, cls in METHOD_OPTIONS.items() if name in _field_names(cls)]
+            if not owners:
+                raise ValueError(f"{name!r} is not an option of any method")
+            raise ValueError(f"{name!r} is an option of {', '.join(owners)}, not of method {method}")
     return METHOD_OPTIONS[method](**fields)
