@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -163,36 +164,43 @@ struct Projection {
   at::Tensor dense, right, coef_t, eta;  // [E, out, in] | [rows, in], [Σ K_e, out] (A_eᵀ), [m, a] (s ⊙ η)
 };
 
-// π(t) of kernels/residual_hash.py: the 32-bit hash of position t (< 2^32), modulo the residual size a.
-inline int64_t residual_bucket(uint64_t t, uint32_t seed_term, uint64_t a) {
-  uint32_t h = static_cast<uint32_t>(t) + seed_term;
-  h = ((h >> 16) ^ h) * 0x045D9F3Bu;
-  h = ((h >> 16) ^ h) * 0x045D9F3Bu;
-  h = (h >> 16) ^ h;
-  return static_cast<int64_t>(h % a);
-}
+// π(t) of kernels/residual_hash.py: the 32-bit hash of position t (< 2^32), modulo the residual size a; the
+// modulo by Lemire's exact multiply-shift for 32-bit operands ("Faster remainder by direct computation", 2019).
+struct ResidualHash {
+  uint32_t seed_term;  // seed · 0x9E3779B9 mod 2^32
+  uint64_t a, inverse;  // inverse = ⌊(2^64 − 1) / a⌋ + 1 (a < 2^32)
+  ResidualHash(uint64_t seed, uint64_t size)
+      : seed_term(static_cast<uint32_t>(seed * 0x9E3779B9ull)), a(size), inverse(~0ull / size + 1) {}
+  int64_t operator()(uint64_t t) const {
+    uint32_t h = static_cast<uint32_t>(t) + seed_term;
+    h = ((h >> 16) ^ h) * 0x045D9F3Bu;
+    h = ((h >> 16) ^ h) * 0x045D9F3Bu;
+    h = (h >> 16) ^ h;
+    if (a > 0xFFFFFFFFull) return h;  // a = 2^32: every h < a
+    return static_cast<int64_t>((static_cast<unsigned __int128>(inverse * h) * a) >> 64);
+  }
+};
 
-// y [n, out] += inp [n, in] R̂ᵀ, R̂[r, c] = eta[π(offset + (row_lo + r)·full_in + col_lo + c)]: one row of R̂
-// regenerated at a time (in values), then n dot products with it.
+constexpr int64_t kResidualBlock = 1 << 14;  // entries of R̂ regenerated at a time (64 KiB in fp32)
+
+// y [n, out] += inp [n, in] R̂ᵀ, R̂[r, c] = eta[π(offset + (row_lo + r)·full_in + col_lo + c)]: blocks of rows of R̂
+// regenerated into a small buffer, each multiplied in by one GEMM.
 template <typename T>
-void add_residual(at::Tensor& y, const at::Tensor& inp, const at::Tensor& eta, uint32_t seed_term, int64_t offset,
-                  int64_t full_in, int64_t row_lo, int64_t col_lo) {
-  const int64_t n = inp.size(0), in = inp.size(1), out = y.size(1);
-  const uint64_t a = static_cast<uint64_t>(eta.numel());
+void add_residual(at::Tensor& y, const at::Tensor& inp, const at::Tensor& eta, const ResidualHash& bucket,
+                  int64_t offset, int64_t full_in, int64_t row_lo, int64_t col_lo) {
+  const int64_t in = inp.size(1), out = y.size(1);
+  const int64_t rows = std::max<int64_t>(1, kResidualBlock / in);
   const T* e = eta.data_ptr<T>();
-  const T* x = inp.data_ptr<T>();
-  T* py = y.data_ptr<T>();
-  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
-    std::vector<T> row(in);
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint64_t first = static_cast<uint64_t>(offset + (row_lo + r) * full_in + col_lo);
-      for (int64_t c = 0; c < in; ++c) row[c] = e[residual_bucket(first + c, seed_term, a)];
-      for (int64_t j = 0; j < n; ++j) {
-        const T* xj = x + j * in;
-        T acc = 0;
-        for (int64_t c = 0; c < in; ++c) acc += row[c] * xj[c];
-        py[j * out + r] += acc;
+  at::parallel_for(0, (out + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor block = at::empty({rows, in}, eta.options());
+    T* v = block.data_ptr<T>();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * rows, nr = std::min(rows, out - r0);
+      for (int64_t r = 0; r < nr; ++r) {
+        const uint64_t first = static_cast<uint64_t>(offset + (row_lo + r0 + r) * full_in + col_lo);
+        for (int64_t c = 0; c < in; ++c) v[r * in + c] = e[bucket(first + c)];
       }
+      y.narrow(1, r0, nr).addmm_(inp, block.narrow(0, 0, nr).t());
     }
   });
 }
@@ -219,7 +227,6 @@ at::Tensor basis_residual_forward(const at::Tensor& x_in, const at::Tensor& topk
   const at::Tensor meta = meta_in.contiguous(), order = order_in.contiguous(), geo = geometry.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
   const int64_t* g = geo.data_ptr<int64_t>();
-  const uint32_t seed_term = static_cast<uint32_t>(static_cast<uint64_t>(g[0]) * 0x9E3779B9ull);
   const int64_t full_i = g[1], lo = g[2];
   const Pairs pairs = group_pairs(topk_ids, E);
   const at::Tensor token_of = at::tensor(pairs.tokens, at::kLong);
@@ -248,8 +255,9 @@ at::Tensor basis_residual_forward(const at::Tensor& x_in, const at::Tensor& topk
       const int64_t out_full = down ? H : full_i, in_full = down ? full_i : H;
       const int64_t offset = r[1] * out_full * in_full;
       const at::Tensor eta = p.eta[r[0]];
+      const ResidualHash bucket(static_cast<uint64_t>(g[0]), static_cast<uint64_t>(eta.numel()));
       AT_DISPATCH_FLOATING_TYPES(dtype, "basis_residual_residual", [&] {
-        add_residual<scalar_t>(y, inp.contiguous(), eta, seed_term, offset, in_full, down ? 0 : lo, down ? lo : 0);
+        add_residual<scalar_t>(y, inp, eta, bucket, offset, in_full, down ? 0 : lo, down ? lo : 0);
       });
     }
     return y;
