@@ -4,7 +4,6 @@ experts, no base, top-1 and top-k, a single token, dynamic base pruning; basis_r
 bases, hashed residual, dense and factorised down, TP 2; fp64, fp32 and bf16 factors (bf16 computed in fp32 on
 CPUs without native bf16)."""
 
-import copy
 import dataclasses
 
 import pytest
@@ -187,7 +186,8 @@ def test_basis_residual_cpu_path_matches_float64_dense_math(case):
             assert got.dtype == dtype
             # The torch path on the same loaded weights, in at least float32: a wrong packing or slice shows per rank.
             wide = torch.promote_types(dtype, torch.float32)
-            torch_path = scheme.apply_torch(copy.deepcopy(module).to(wide), x.to(wide), weights, ids).double()
+            torch_scheme, torch_module = basis_residual_shard(layer, tensors, dtype, tp_rank, tp, "torch")
+            torch_path = torch_scheme.apply_torch(torch_module.to(wide), x.to(wide), weights, ids).double()
             error = float((got.double() - torch_path).norm() / torch_path.norm())
             assert error <= tolerance, (dtype, tp_rank, "vs torch path", error)
             total += got.double()
