@@ -25,7 +25,8 @@ Prepared layout (``BasisResidualCpuLayout``):
     order       int64 [E]       experts in visiting order (by right factor, then expert)
     geometry    int64 [3]       residual seed, full intermediate size, this TP rank's first intermediate channel
     per projection (gate, up, down), empty where unused:
-    dense       [E, out, in]    as loaded (the parameter itself when its dtype is the compute dtype)
+    dense_t     [E, in, out]    W_eᵀ (GEMV over rows of out values: at Qwen3-30B's down [2048, 768], 1.2× faster
+                                than over W_e's rows of 768 at one token, 1.5× at two; one core)
     right       [rows, in]      φ(B_j) stacked (as loaded), or MoBE's per-expert φ(Σ_j α_ej B_j) [E·K, in]
     coef_t      [Σ_e K_e, out]  A_eᵀ stacked per expert
     eta         [m, a]          s ⊙ η per group
@@ -43,22 +44,19 @@ from .base_delta_cpu import compute_dtype
 from .basis_residual_torch import PackedStarts, ProjectionWeights, materialise_mixed_right
 from .cpu_extension import cpu_ops
 
-PROJECTION_FIELDS = ("dense", "right", "coef_t", "eta")
-
-
 class BasisResidualCpuLayout(NamedTuple):
     meta: torch.Tensor
     order: torch.Tensor
     geometry: torch.Tensor
-    gate_dense: torch.Tensor
+    gate_dense_t: torch.Tensor
     gate_right: torch.Tensor
     gate_coef_t: torch.Tensor
     gate_eta: torch.Tensor
-    up_dense: torch.Tensor
+    up_dense_t: torch.Tensor
     up_right: torch.Tensor
     up_coef_t: torch.Tensor
     up_eta: torch.Tensor
-    down_dense: torch.Tensor
+    down_dense_t: torch.Tensor
     down_right: torch.Tensor
     down_coef_t: torch.Tensor
     down_eta: torch.Tensor
@@ -79,7 +77,7 @@ def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeig
     for w in weights:
         empty = w.coef.new_zeros(0, dtype=dtype)
         if w.dense.numel():
-            fields += [w.dense.to(dtype).contiguous(), empty, empty, empty]
+            fields += [w.dense.transpose(1, 2).to(dtype).contiguous(), empty, empty, empty]
             for row in meta:
                 row += [0, 0, 0]
             continue

@@ -158,10 +158,10 @@ at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& topk
 
 
 // RFID-MoE / MoBE (kernels/basis_residual_cpu.py documents the layout): per projection q either a dense
-// W_e [out, in] or W_e = A_e R_e + R̂_e, with R_e a right factor shared by a group (or MoBE's per expert, made
+// W_e (stored W_eᵀ [in, out]) or W_e = A_e R_e + R̂_e, with R_e a right factor shared by a group (or MoBE's per expert, made
 // at load) and R̂_e the hashed residual, regenerated here entry by entry (never stored).
 struct Projection {
-  at::Tensor dense, right, coef_t, eta;  // [E, out, in] | [rows, in], [Σ K_e, out] (A_eᵀ), [m, a] (s ⊙ η)
+  at::Tensor dense_t, right, coef_t, eta;  // [E, in, out] (W_eᵀ) | [rows, in], [Σ K_e, out] (A_eᵀ), [m, a] (s ⊙ η)
 };
 
 // π(t) of kernels/residual_hash.py: the 32-bit hash of position t (< 2^32), modulo the residual size a; the
@@ -212,16 +212,16 @@ void add_residual(at::Tensor& y, const at::Tensor& inp, const at::Tensor& eta, c
 // first intermediate channel.
 at::Tensor basis_residual_forward(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                                   const at::Tensor& meta_in, const at::Tensor& order_in, const at::Tensor& geometry,
-                                  const at::Tensor& gate_dense, const at::Tensor& gate_right,
+                                  const at::Tensor& gate_dense_t, const at::Tensor& gate_right,
                                   const at::Tensor& gate_coef_t, const at::Tensor& gate_eta,
-                                  const at::Tensor& up_dense, const at::Tensor& up_right, const at::Tensor& up_coef_t,
-                                  const at::Tensor& up_eta, const at::Tensor& down_dense,
+                                  const at::Tensor& up_dense_t, const at::Tensor& up_right, const at::Tensor& up_coef_t,
+                                  const at::Tensor& up_eta, const at::Tensor& down_dense_t,
                                   const at::Tensor& down_right, const at::Tensor& down_coef_t,
                                   const at::Tensor& down_eta) {
-  const Projection projs[3] = {{gate_dense, gate_right, gate_coef_t, gate_eta},
-                               {up_dense, up_right, up_coef_t, up_eta},
-                               {down_dense, down_right, down_coef_t, down_eta}};
-  const auto dtype = (gate_dense.numel() ? gate_dense : gate_coef_t).scalar_type();
+  const Projection projs[3] = {{gate_dense_t, gate_right, gate_coef_t, gate_eta},
+                               {up_dense_t, up_right, up_coef_t, up_eta},
+                               {down_dense_t, down_right, down_coef_t, down_eta}};
+  const auto dtype = (gate_dense_t.numel() ? gate_dense_t : gate_coef_t).scalar_type();
   const at::Tensor x = x_in.to(dtype).contiguous();
   const int64_t T = x.size(0), H = x.size(1), E = meta_in.size(0);
   const at::Tensor meta = meta_in.contiguous(), order = order_in.contiguous(), geo = geometry.contiguous();
@@ -239,7 +239,7 @@ at::Tensor basis_residual_forward(const at::Tensor& x_in, const at::Tensor& topk
   // W_e,q inp for expert e's rows inp [n, in] -> [n, out]
   auto project = [&](const at::Tensor& inp, int q, int64_t e) -> at::Tensor {
     const Projection& p = projs[q];
-    if (p.dense.numel()) return at::mm(inp, p.dense[e].t());
+    if (p.dense_t.numel()) return at::mm(inp, p.dense_t[e]);
     const int64_t* r = m + 11 * e;
     const int64_t right_row = r[2 + 3 * q], rank = r[3 + 3 * q], coef_row = r[4 + 3 * q];
     at::Tensor z;
@@ -288,8 +288,9 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
         "Tensor lv, Tensor lut, Tensor ldv, Tensor ldut, Tensor base_down_t, Tensor sparse_channels, "
         "Tensor lowrank_channels) -> Tensor");
   m.def("basis_residual(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor order, Tensor geometry, "
-        "Tensor gate_dense, Tensor gate_right, Tensor gate_coef_t, Tensor gate_eta, Tensor up_dense, Tensor up_right, "
-        "Tensor up_coef_t, Tensor up_eta, Tensor down_dense, Tensor down_right, Tensor down_coef_t, Tensor down_eta) "
+        "Tensor gate_dense_t, Tensor gate_right, Tensor gate_coef_t, Tensor gate_eta, Tensor up_dense_t, "
+        "Tensor up_right, Tensor up_coef_t, Tensor up_eta, Tensor down_dense_t, Tensor down_right, Tensor down_coef_t, "
+        "Tensor down_eta) "
         "-> Tensor");
 }
 
