@@ -68,7 +68,8 @@ def basis_residual_dense_float64(layer: BasisResidualLayer, x, ids, weights) -> 
     return out
 
 
-def load_scheme(scheme, tensors: dict[str, torch.Tensor], dtype=torch.float32, backend: str = "triton") -> torch.nn.Module:
+def load_scheme(scheme, tensors: dict[str, torch.Tensor], dtype=torch.float32,
+                backend: str = "triton") -> torch.nn.Module:
     """One TP rank's parameters of any plugin scheme, filled through the scheme's own loader (TP slicing
     included) from every checkpoint tensor they hold, and prepared for ``backend``."""
     module = torch.nn.Module()

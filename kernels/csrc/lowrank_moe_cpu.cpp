@@ -157,9 +157,9 @@ at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& topk
 }
 
 
-// RFID-MoE / MoBE (kernels/basis_residual_cpu.py documents the layout): per projection q either a dense
-// W_e (stored W_eᵀ [in, out]) or W_e = A_e R_e + R̂_e, with R_e a right factor shared by a group (or MoBE's per expert, made
-// at load) and R̂_e the hashed residual, regenerated here entry by entry (never stored).
+// RFID-MoE / MoBE (kernels/basis_residual_cpu.py documents the layout): per projection q either a dense W_e
+// (stored W_eᵀ [in, out]) or W_e = A_e R_e + R̂_e, with R_e a right factor shared by a group (or MoBE's per
+// expert, made at load) and R̂_e the hashed residual, regenerated here block by block (never stored).
 struct Projection {
   at::Tensor dense_t, right, coef_t, eta;  // [E, in, out] (W_eᵀ) | [rows, in], [Σ K_e, out] (A_eᵀ), [m, a] (s ⊙ η)
 };
