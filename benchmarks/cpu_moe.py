@@ -39,8 +39,9 @@ import torch
 from benchmarks.kernels import MODELS, SCHEMES, torch_dense_moe, write_atomically
 from vllm_moe_compress.kernels.base_delta_cpu import compute_dtype
 
-CPU_PATHS = {"base_delta": "vllm_moe_compress.kernels.base_delta_cpu", "sparse_lowrank": "vllm_moe_compress.kernels.sparse_lowrank_cpu"}
-"""Schemes that have a CPU path (``prepare`` + ``<scheme>_moe``) besides the torch op."""
+CPU_PATHS = {"base_delta": "base_delta", "sparse_lowrank": "sparse_lowrank", "basis_residual": "basis_residual",
+             "basis_residual_no_residual": "basis_residual"}
+"""Benchmarked layer -> its scheme's CPU path (``kernels/<scheme>_cpu.py``: ``prepare`` + ``<scheme>_moe``)."""
 
 
 class CopyBandwidth:
@@ -94,9 +95,9 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen):
     paths = {"torch op": layer.torch_moe}
     elem = {"torch op": dtype.itemsize}
     if scheme in CPU_PATHS:
-        module = importlib.import_module(CPU_PATHS[scheme])
+        module = importlib.import_module(f"vllm_moe_compress.kernels.{CPU_PATHS[scheme]}_cpu")
         layout = module.prepare(*layer.torch_args)
-        forward = getattr(module, f"{scheme}_moe")
+        forward = getattr(module, f"{CPU_PATHS[scheme]}_moe")
         paths = {"ours": lambda x, ids, w: forward(x, ids, w, layout), **paths}
         elem["ours"] = compute_dtype(dtype).itemsize
 

@@ -147,8 +147,8 @@ class CompressedLayer:
     """int64 [E], on the device: operations per routed pair besides 2 per expert parameter (basis_residual: the
     group right factor's product and the hashed residual's GEMMs)."""
     torch_args: tuple = ()
-    """The packed tensors the torch path takes after ``topk_weights`` (base_delta, sparse_lowrank): what the
-    CPU paths' ``prepare`` takes (benchmarks/cpu_moe.py)."""
+    """What the torch path takes after ``topk_weights``: what the CPU paths' ``prepare`` takes
+    (benchmarks/cpu_moe.py)."""
 
     def read_params(self, used: torch.Tensor) -> int:
         """Parameters the layer reads when the experts ``used`` (bool [E]) get tokens."""
@@ -252,12 +252,12 @@ def basis_residual_layer(model: ModelShape, ratio: float, seed: int, dtype, devi
     group_of, slot_of = torch.tensor(groups), torch.tensor(slots)
     group_rank = torch.tensor(ranks["gate"], device=device) + torch.tensor(ranks["up"], device=device)
     expert_rank = group_rank[group_of.to(device)]
+    torch_args = (*projections, group_of, slot_of, "silu", seed, i, 0)
     return CompressedLayer(
         lambda x, ids, w: basis_residual_triton.basis_residual_moe(x, ids, w, weights, layout),
-        lambda x, ids, w: basis_residual_torch.basis_residual_moe(x, ids, w, *projections, group_of, slot_of, "silu",
-                                                                  seed, i, 0),
+        lambda x, ids, w: basis_residual_torch.basis_residual_moe(x, ids, w, *torch_args),
         expert_rank * i + h * i, 0, group_rank * h + 2 * size,
-        2 * expert_rank * h + (4 * h * i if residual else 0))
+        2 * expert_rank * h + (4 * h * i if residual else 0), torch_args)
 
 
 SCHEMES = {"base_delta": base_delta_layer, "sparse_lowrank": sparse_lowrank_layer,

@@ -36,6 +36,7 @@ to fp32 and logs it; activations are converted per call and the output returned 
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple
 
@@ -53,9 +54,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
               torch.float16: torch.cpu._is_amx_fp16_supported()}
     if native.get(dtype, True):
         return dtype
-    logger.info("moe_compress: this CPU has no native %s matmul (no AVX512-BF16/AMX); the CPU MoE path "
-                "converts the expert factors to float32 at load (2x their %s memory)", dtype, dtype)
+    _log_conversion(dtype)
     return torch.float32
+
+
+@functools.cache
+def _log_conversion(dtype: torch.dtype) -> None:
+    """Once per process and dtype, not once per layer."""
+    logger.info("moe_compress: this CPU has no native %s matmul (no AVX512-BF16/AMX); the CPU MoE path "
+                "converts the expert weights to float32 once at load (2x their %s bytes; the loaded %s copies "
+                "are freed)", dtype, dtype, dtype)
 
 
 class BaseDeltaCpuLayout(NamedTuple):

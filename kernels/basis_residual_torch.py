@@ -73,6 +73,15 @@ def expert_right_factor(w: ProjectionWeights, at: PackedStarts, e: int, group: i
     return ACTIVATIONS[activation](torch.einsum("m,mri->ri", w.mix[e].to(bases.dtype), bases))
 
 
+def materialise_mixed_right(bases: torch.Tensor, mix: torch.Tensor, activation: str) -> torch.Tensor:
+    """MoBE's per-expert right factors φ(Σ_j α_ej B_j), stacked once at load by the GPU and C++ CPU paths:
+    bases [m·K, in], mix [E, m] → [E·K, in] (math in float32 or float64, stored in the bases' dtype)."""
+    num_bases, math = mix.shape[1], torch.promote_types(bases.dtype, torch.float32)
+    stacked = bases.to(math).view(num_bases, -1, bases.shape[1])
+    mixed = torch.einsum("em,mri->eri", mix.to(math), stacked)
+    return ACTIVATIONS[activation](mixed).reshape(-1, bases.shape[1]).to(bases.dtype)
+
+
 def project(inp: torch.Tensor, w: ProjectionWeights, at: PackedStarts, e: int, group: int, slot: int,
             activation: str, seed: int, geometry: ResidualGeometry) -> torch.Tensor:
     """W_e inp for one expert's tokens: inp [N, in] -> [N, out]."""

@@ -7,7 +7,7 @@ Expert ``e`` of group ``g`` at position ``s`` of its group computes, per factori
 
 where ``R_o`` is the right factor of the expert's *owner*: its group's ``φ(B_g)`` (one basis per group,
 precomputed at load) or, for MoBE's mixed bases, the expert's own ``φ(Σ_j α_ej B_j)`` (materialised once
-by :func:`materialise_mixed_right`, see "MoBE" below). ``π`` is kernels/residual_hash.py's 32-bit hash,
+by ``basis_residual_torch.materialise_mixed_right``, see "MoBE" below). ``π`` is kernels/residual_hash.py's 32-bit hash,
 recomputed for every tile entry (:func:`residual_bucket`); R̂_e never exists in memory. With ``T`` tokens,
 ``P = T·top_k`` routed pairs and the routing weight ``w`` of each pair, the forward is:
 
@@ -60,7 +60,6 @@ import triton
 import triton.language as tl
 
 from vllm_moe_compress.kernels import residual_hash
-from vllm_moe_compress.kernels.basis_residual_torch import ACTIVATIONS
 from vllm_moe_compress.kernels.grouped import offsets
 from vllm_moe_compress.kernels.lowrank_moe_triton import (
     block_pairs, round_to, segment_products, dot_config, expand_ranks, nonempty, num_warps_for, project_ranks,
@@ -226,15 +225,6 @@ class BasisResidualWeights(NamedTuple):
     """[Σ owner K_down, I/tp]."""
     down_eta: torch.Tensor
     """[m, a]."""
-
-
-def materialise_mixed_right(bases: torch.Tensor, mix: torch.Tensor, activation: str) -> torch.Tensor:
-    """MoBE's per-expert right factors φ(Σ_j α_ej B_j), stacked: bases [m·K, in], mix [E, m] → [E·K, in]
-    (float32 math, stored in the bases' dtype)."""
-    num_bases = mix.shape[1]
-    stacked = bases.float().view(num_bases, -1, bases.shape[1])
-    mixed = torch.einsum("em,mri->eri", mix.float(), stacked)
-    return ACTIVATIONS[activation](mixed).reshape(-1, bases.shape[1]).to(bases.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ kernels

@@ -1,16 +1,22 @@
-"""The C++ CPU MoE paths (kernels/base_delta_cpu.py, kernels/sparse_lowrank_cpu.py) against float64 dense math on
-the materialised experts, with fresh random inputs: ragged ranks including 0, idle experts, no base, top-1 and
-top-k, a single token, dynamic base pruning; fp64, fp32 and bf16 factors (bf16 computed in fp32 on CPUs without
-native bf16)."""
+"""The C++ CPU MoE paths (kernels/base_delta_cpu.py, kernels/sparse_lowrank_cpu.py, kernels/basis_residual_cpu.py)
+against float64 dense math on the materialised experts, with fresh random inputs: ragged ranks including 0, idle
+experts, no base, top-1 and top-k, a single token, dynamic base pruning; basis_residual's shared and MoBE-mixed
+bases, hashed residual, dense and factorised down, TP 2; fp64, fp32 and bf16 factors (bf16 computed in fp32 on
+CPUs without native bf16)."""
+
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import vllm_moe_compress.ops  # noqa: F401  (registers the custom ops the plugin calls)
 from vllm_moe_compress.kernels import base_delta_cpu, base_delta_torch, sparse_lowrank_cpu
 from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
+from vllm_moe_compress.offline.schemes.basis_residual import BasisResidualLayer
 
-from random_layers import random_sparse_lowrank_layer
+from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_residual_shard,
+                           random_basis_residual_layer, random_sparse_lowrank_layer)
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -122,4 +128,68 @@ def test_sparse_lowrank_cpu_path_matches_float64_dense_math(case):
         out = sparse_lowrank_cpu.sparse_lowrank_moe(x.to(dtype), ids, weights, sparse_lowrank_cpu.prepare(**packed))
         assert out.dtype == dtype
         error = float((out.double() - reference).norm() / reference.norm())
+        assert error <= tolerance, (dtype, error)
+
+
+BASIS_CASES = {
+    # name: (tokens, top_k, experts, group size, hidden, intermediate, ranks, mixed, residual size, activation,
+    #        tp, residual seed or None for the layer's own)
+    "rfid, residual, ragged ranks, idle group": (13, 3, 8, 2, 48, 40, {"gate": [3, 17, 1, 6], "up": [5, 2, 9, 4]},
+                                                  False, 97, "silu", 1, None),
+    "rfid, no residual, factorised down": (9, 2, 6, 3, 32, 24, {"gate": [4, 11], "up": [7, 2], "down": [5, 3]},
+                                           False, 0, "silu", 1, None),
+    "rfid, residual, factorised down, TP 2, 32-bit seed": (10, 2, 6, 2, 40, 48, {"gate": [3, 8, 5], "up": [6, 2, 7],
+                                                                                 "down": [4, 9, 2]}, False, 61, "silu",
+                                                           2, 2**32 - 5),
+    "mobe, factorised down, TP 2": (11, 2, 6, 2, 32, 40, {"gate": [5], "up": [6], "down": [4]}, True, 0, "tanh", 2,
+                                    None),
+    "mobe, dense down": (7, 3, 8, 4, 48, 24, {"gate": [9], "up": [3]}, True, 0, "silu", 1, None),
+    "single token, top-8, idle group": (1, 8, 10, 2, 32, 24, {"gate": [2, 5, 3, 1, 7], "up": [4, 4, 6, 2, 3]},
+                                        False, 30, "silu", 1, None),
+    "top-1, identity": (20, 1, 4, 2, 24, 32, {"gate": [6, 3], "up": [2, 5], "down": [3, 4]}, False, 40, "identity",
+                        1, None),
+}
+
+
+@pytest.mark.parametrize("case", BASIS_CASES)
+def test_basis_residual_cpu_path_matches_float64_dense_math(case):
+    """kernels/basis_residual_cpu.py through the plugin's loader and ``prepare`` (backend "cpu", TP slicing) on a
+    random RFID-MoE / MoBE layer, against float64 dense math on the materialised experts (the TP ranks' sum) and,
+    per rank, the torch path on the same loaded weights."""
+    (tokens, top_k, num_experts, group_size, hidden, inter, ranks, mixed, residual, activation, tp,
+     seed) = BASIS_CASES[case]
+    gen = torch.Generator().manual_seed(len(case))
+    layer = random_basis_residual_layer(gen, num_experts, group_size, hidden, inter, ranks, mixed, residual,
+                                        activation)
+    if seed is not None:
+        layer = dataclasses.replace(layer, residual_seed=seed)
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    idle = set(layer.groups[0]) if "idle" in case else set()
+    ids, weights = routing(tokens, num_experts, top_k, gen, idle)
+    reference = basis_residual_dense_float64(layer, x, ids, weights)
+    assert reference.norm() > 0.1 * tokens**0.5  # not a vacuous comparison
+    if residual:  # the residual is a large part of the output, so ignoring or misplacing it fails
+        without = basis_residual_dense_float64(dataclasses.replace(layer, residual_size=0), x, ids, weights)
+        assert (reference - without).norm() > 0.2 * reference.norm()
+    for dtype, tolerance in TOLERANCE.items():
+        # The float64 reference sees the weights rounded to dtype, so only the compute's rounding is measured.
+        tensors = layer.to_tensors(PREFIX, NAMES, dtype)
+        stored = BasisResidualLayer.from_tensors(layer.spec(0, PREFIX), NAMES,
+                                                 lambda n: tensors[n].double() if tensors[n].is_floating_point()
+                                                 else tensors[n])
+        expected = basis_residual_dense_float64(stored, x, ids, weights)
+        total = torch.zeros_like(x)
+        for tp_rank in range(tp):
+            scheme, module = basis_residual_shard(layer, tensors, dtype, tp_rank, tp, "cpu")
+            assert scheme.backend == "cpu"
+            got = scheme.apply(module, x.to(dtype), weights, ids)
+            assert got.dtype == dtype
+            # The torch path on the same loaded weights, in at least float32: a wrong packing or slice shows per rank.
+            wide = torch.promote_types(dtype, torch.float32)
+            torch_scheme, torch_module = basis_residual_shard(layer, tensors, dtype, tp_rank, tp, "torch")
+            torch_path = torch_scheme.apply_torch(torch_module.to(wide), x.to(wide), weights, ids).double()
+            error = float((got.double() - torch_path).norm() / torch_path.norm())
+            assert error <= tolerance, (dtype, tp_rank, "vs torch path", error)
+            total += got.double()
+        error = float((total - expected).norm() / expected.norm())
         assert error <= tolerance, (dtype, error)

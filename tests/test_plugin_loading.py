@@ -27,6 +27,7 @@ from vllm_moe_compress.config import MoECompressConfig, NotCompressedError
 from vllm_moe_compress.format import CompressionInfo, LayerSpec
 from vllm_moe_compress.format.names import base_channels_name, base_name, delta_name
 from vllm_moe_compress.moe_method import CompressedMoEMethod
+from vllm_moe_compress.scheme import CompressedMoEScheme
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
 from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaExperts
 from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
@@ -175,6 +176,13 @@ def strategy(request, monkeypatch) -> str:
     return request.param
 
 
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """Layers prepared for the torch op, which computes from the loaded parameters (the C++ CPU backend frees
+    the parameters its layout copied): for tests that inspect the parameters as loaded."""
+    monkeypatch.setattr(CompressedMoEScheme, "default_backend", lambda self, device: "torch")
+
+
 def plugin_forward(method, module, x, ids, weights) -> torch.Tensor:
     return method.apply(module, x, weights, ids.to(torch.int32), None, None)
 
@@ -269,7 +277,7 @@ def restrict_base(ckpt: Checkpoint, keep_channel) -> tuple[dict, dict[str, torch
     return qc, tensors, len(keep)
 
 
-def test_tensor_parallel_rank_without_base_channels(ckpt, tmp_path, strategy):
+def test_tensor_parallel_rank_without_base_channels(ckpt, tmp_path, strategy, torch_backend):
     """Every kept channel in rank 0's half: rank 1 holds an empty base ([0, H] and [H, 0])."""
     spec = ckpt.spec(LAYER)
     part = spec.intermediate_size // 2
@@ -323,17 +331,27 @@ def test_dynamic_pruning_matches_reference_at_tp1(ckpt, strategy):
 # ---------------------------------------------------------------------------------------------- 2. memory
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("layer", LAYERS)
-def test_resident_bytes_equal_checkpoint_bytes(ckpt, layer):
+def test_resident_bytes_equal_checkpoint_bytes(ckpt, layer, backend, monkeypatch):
+    """The floating-point bytes a layer keeps (its parameters, plus the C++ CPU op's layout, which replaces the
+    parameters it copies) are the checkpoint's: no second copy of the weights."""
+    monkeypatch.setattr(CompressedMoEScheme, "default_backend", lambda self, device: backend)
     cfg = make_config(ckpt.qc, ckpt.dir)
     method, module = make_layer(cfg, layer)
     tensors = ckpt.layer_tensors(layer)
     loaded = load_layer(method, module, tensors)
     method.process_weights_after_loading(module)
+    assert method.scheme.backend == backend
     floating = {k: v for k, v in tensors.items() if v.is_floating_point()}
     assert sorted(loaded) == sorted(floating)  # only the int32 channel index is not loaded into a parameter
     assert [k for k in tensors if k not in floating] == [base_channels_name(ckpt.spec(layer).prefix)]
-    assert param_bytes(module) == sum(nbytes(t) for t in floating.values())
+    layout = [b for name, b in module.named_buffers(remove_duplicate=False)
+              if name.startswith("moe_compress_cpu_") and b.is_floating_point()]
+    assert bool(layout) == (backend == "cpu")
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # a layout tensor may be a parameter
+                for t in [*module.parameters(), *layout] if t.numel()}
+    assert sum(storages.values()) == sum(nbytes(t) for t in floating.values())
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in module.parameters())
 
 
@@ -345,7 +363,7 @@ REPLICATED = ("w13_delta_v", "w2_delta_u")
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_tensor_parallel_ranks_sum_to_full_output(ckpt, layer, strategy):
+def test_tensor_parallel_ranks_sum_to_full_output(ckpt, layer, strategy, torch_backend):
     tp = 2
     cfg = make_config(ckpt.qc, ckpt.dir)
     spec = ckpt.spec(layer)

@@ -19,7 +19,7 @@ from vllm_moe_compress.format.names import base_name, unit_channels_name, unit_n
 from vllm_moe_compress.offline.schemes.sparse_lowrank import SparseLowRankExperts, SparseLowRankLayer
 from test_plugin_loading import (
     CALIBRATION_FILE, Checkpoint, dense_forward, load_layer, loaded_layer, make_config, make_layer, nbytes,
-    plugin_forward, routings, write_variant,
+    plugin_forward, routings, torch_backend, write_variant,  # noqa: F401  (torch_backend: a fixture)
 )
 
 LAYERS = (0, 1)
@@ -62,7 +62,7 @@ def test_apply_equals_reference_and_dense_math(ckpt, layer):
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_tensor_parallel_ranks_sum_to_full_output(ckpt, layer):
+def test_tensor_parallel_ranks_sum_to_full_output(ckpt, layer, torch_backend):
     tp = 2
     cfg = make_config(ckpt.qc, ckpt.dir)
     spec = ckpt.spec(layer)

@@ -112,7 +112,7 @@ def test_compiled_mode_svd_baseline_and_rs(method, tmp_path):
                                                   ("mobe", {}, ("--eager",))], ids=["rfid-compiled", "rfid-down", "mobe"])
 def test_basis_residual_greedy_equals_reference(method, options, flags, tmp_path):
     """RFID-MoE (hashed residual, dense or factorised down) and MoBE (mixed bases); the first in vLLM's default
-    compiled mode (the op and its cached residual index table under Dynamo), the others eager."""
+    compiled mode (the C++ CPU op under Dynamo), the others eager."""
     model = compress_for_vllm("qwen3_moe", tmp_path, method, **options)
     assert_same(run_vllm(model, *flags), reference(model))
 

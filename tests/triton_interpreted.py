@@ -29,6 +29,7 @@ import vllm_moe_compress.kernels.routing_triton as routing_triton  # noqa: E402
 from vllm_moe_compress.kernels.routing import align_pairs_by_expert  # noqa: E402
 from vllm_moe_compress.format.names import base_channels_name  # noqa: E402
 from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer  # noqa: E402
+from random_layers import load_scheme  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 """Bound on ‖out − ref‖_F / ‖ref‖_F."""
@@ -152,26 +153,6 @@ def test_one_launch_align_equals_torch_align(num_experts, tokens, top_k, block_m
 PROJ_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-def load_scheme(scheme, tensors: dict[str, torch.Tensor], dtype=torch.float32) -> torch.nn.Module:
-    """One TP rank's parameters of any plugin scheme, filled through the scheme's own loader (TP slicing
-    included) from every checkpoint tensor they hold, and prepared for the Triton backend."""
-    module = torch.nn.Module()
-    for param_name, shape in scheme.shapes.items():
-        param = torch.full(shape, float("nan"), dtype=dtype)
-        loaded = set()
-        for proj in ("gate", "up") if param_name.startswith("w13") else ("down",):
-            for index in range(scheme.spec.num_experts):  # an expert, basis or group; shared tensors ignore it
-                name = scheme.checkpoint_name(param_name, proj, index)
-                if name in tensors and name not in loaded:
-                    scheme.load(param_name, param, tensors[name], proj, index)
-                    loaded.add(name)
-        assert not param.isnan().any(), param_name
-        module.register_buffer(param_name, param)
-    scheme.register_buffers(module)
-    scheme.prepare(module, backend="triton")
-    return module
-
-
 def test_plugin_triton_branch_sums_over_tensor_parallel_ranks(poisoned_buffers):
     """``BaseDeltaScheme.apply_triton`` (the backend on CUDA devices) on each of 2 TP shards: its per-layer metadata
     comes from the config's host lists and this rank's local base channels; the shards sum to the layer."""
@@ -187,6 +168,6 @@ def test_plugin_triton_branch_sums_over_tensor_parallel_ranks(poisoned_buffers):
     total = torch.zeros(9, 32)
     for tp_rank in range(2):
         scheme = BaseDeltaScheme(spec, PROJ_NAMES, {base_channels_name(spec.prefix): channels}, tp_rank, 2)
-        total += scheme.apply_triton(load_scheme(scheme, tensors), x, weights, ids)
+        total += scheme.apply_triton(load_scheme(scheme, tensors, backend="triton"), x, weights, ids)
     dense = dense_float64(layer, x, ids, weights)
     assert (total.double() - dense).norm() / dense.norm() <= TOLERANCE[torch.float32]

@@ -16,7 +16,6 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run through tests/test_kernels_triton.py (needs TRITON_INTERPRET=1 before Triton loads)",
@@ -26,15 +25,10 @@ import vllm_moe_compress.kernels.basis_residual_triton as triton_path  # noqa: E
 from vllm_moe_compress.kernels.routing import block_size_for  # noqa: E402
 import vllm_moe_compress.ops  # noqa: E402,F401  (registers the torch path's custom op)
 from vllm_moe_compress.kernels.residual_hash import MAX_POSITIONS, bucket_of  # noqa: E402
-from vllm_moe_compress.format import PROJECTIONS  # noqa: E402
-from vllm_moe_compress.format import matrix_shape  # noqa: E402
-from vllm_moe_compress.format.names import counts_name  # noqa: E402
-from vllm_moe_compress.offline.schemes.basis_residual import BasisProjection, BasisResidualLayer  # noqa: E402
-from triton_interpreted import TOLERANCE, load_scheme, poisoned_buffers  # noqa: E402,F401  (a fixture)
-from vllm_moe_compress.basis_residual import BasisResidualScheme  # noqa: E402
-
-PREFIX = "model.layers.0.mlp.experts"
-NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+from vllm_moe_compress.offline.schemes.basis_residual import BasisResidualLayer  # noqa: E402
+from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_residual_shard,  # noqa: E402
+                           random_basis_residual_layer)
+from triton_interpreted import TOLERANCE, poisoned_buffers  # noqa: E402,F401  (a fixture)
 
 
 @pytest.mark.parametrize("seed, size", [(0, 1), (1, 7), (3, 97), (2**31 + 11, 189_001), (123456789, 2**31 - 1),
@@ -44,51 +38,6 @@ def test_in_kernel_hash_equals_bucket_of(seed, size):
     positions = torch.cat([torch.randint(0, MAX_POSITIONS, (3000,), generator=gen),
                            torch.arange(MAX_POSITIONS - 300, MAX_POSITIONS), torch.arange(300)])
     assert torch.equal(triton_path.residual_buckets(positions, seed, size), bucket_of(positions, seed, size))
-
-
-def random_layer(gen, num_experts: int, group_size: int, hidden: int, intermediate: int, ranks: dict,
-                 mixed: bool, residual_size: int, activation: str) -> BasisResidualLayer:
-    """``ranks[proj]``: one basis rank per group (or the common rank when mixed); down absent = dense down.
-    Values scaled so every projection's output is O(1), the residual's entries as large as A φ(B)'s."""
-    perm = torch.randperm(num_experts, generator=gen).tolist()
-    groups = [perm[i: i + group_size] for i in range(0, num_experts, group_size)]
-    group_of = {e: g for g, members in enumerate(groups) for e in members}
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    factorized = {}
-    for proj, proj_ranks in ranks.items():
-        out_dim, in_dim = matrix_shape(proj, hidden, intermediate)
-        basis_ranks = proj_ranks if not mixed else [proj_ranks[0]] * len(groups)
-        expert_ranks = [basis_ranks[0] if mixed else basis_ranks[group_of[e]] for e in range(num_experts)]
-        entries_per_bucket = group_size * hidden * intermediate / max(residual_size, 1)
-        factorized[proj] = BasisProjection(
-            bases=[randn(r, in_dim) * 2 / in_dim**0.5 for r in basis_ranks],
-            coefs=[randn(out_dim, r) / r**0.5 for r in expert_ranks],
-            mix=(randn(num_experts, len(groups)) * 2).softmax(dim=1) if mixed else None,
-            etas=[randn(residual_size) * (entries_per_bucket / in_dim) ** 0.5 for _ in groups]
-            if residual_size else None)
-    dense = {} if "down" in ranks else {"down": randn(num_experts, hidden, intermediate) / intermediate**0.5}
-    return BasisResidualLayer(hidden, intermediate, groups, activation, factorized, dense, residual_size,
-                              int(torch.randint(0, 2**31, (1,), generator=gen)))
-
-
-def dense_float64(layer: BasisResidualLayer, x, ids, weights) -> torch.Tensor:
-    """Σ_k w_k · W_down (silu(W_gate x) ⊙ W_up x) on the materialised float64 experts."""
-    x64, out = x.double(), torch.zeros(x.shape, dtype=torch.float64)
-    for e in range(layer.num_experts):
-        gate, up, down = (layer.dense_weight(e, p) for p in PROJECTIONS)
-        out += (weights.double() * (ids == e)).sum(1, keepdim=True) * ((F.silu(x64 @ gate.T) * (x64 @ up.T)) @ down.T)
-    return out
-
-
-def plugin_shard(layer: BasisResidualLayer, tensors: dict, dtype, tp_rank: int, tp_size: int):
-    """One TP rank's scheme and parameters, filled through the plugin's own loader and post-processing."""
-    spec = layer.spec(0, PREFIX)
-    indices = {counts_name(PREFIX): layer.residual_counts.tolist()} if layer.residual_size else {}
-    scheme = BasisResidualScheme(spec, NAMES, indices, tp_rank, tp_size)
-    return scheme, load_scheme(scheme, tensors, dtype)
 
 
 CASES = {
@@ -113,7 +62,7 @@ CASES = {
 def test_matches_torch_path_and_dense_float64(case, dtype, poisoned_buffers):
     tokens, top_k, num_experts, group_size, hidden, intermediate, ranks, mixed, residual, activation, tp = CASES[case]
     gen = torch.Generator().manual_seed(zlib.crc32(f"{case} {dtype}".encode()))
-    layer = random_layer(gen, num_experts, group_size, hidden, intermediate, ranks, mixed, residual, activation)
+    layer = random_basis_residual_layer(gen, num_experts, group_size, hidden, intermediate, ranks, mixed, residual, activation)
     tensors = layer.to_tensors(PREFIX, NAMES, dtype)
     # The float64 reference sees the stored (rounded) weights, so only the compute's rounding is measured.
     stored = BasisResidualLayer.from_tensors(layer.spec(0, PREFIX), NAMES,
@@ -129,7 +78,7 @@ def test_matches_torch_path_and_dense_float64(case, dtype, poisoned_buffers):
 
     total = torch.zeros(tokens, hidden, dtype=torch.float64)
     for tp_rank in range(tp):
-        scheme, module = plugin_shard(layer, tensors, dtype, tp_rank, tp)
+        scheme, module = basis_residual_shard(layer, tensors, dtype, tp_rank, tp, "triton")
         got = scheme.apply_triton(module, x, weights, ids)
         assert got.dtype == dtype and got.shape == x.shape
         # The torch path in float32 on the same loaded (rounded, post-processed) weights: the difference is the
@@ -139,10 +88,10 @@ def test_matches_torch_path_and_dense_float64(case, dtype, poisoned_buffers):
         assert error <= TOLERANCE[dtype], f"TP rank {tp_rank}: relative error vs torch path {error:.2e}"
         total += got.double()
 
-    dense = dense_float64(stored, x, ids, weights)
+    dense = basis_residual_dense_float64(stored, x, ids, weights)
     assert dense.norm() > 0.1 * tokens**0.5  # not a vacuous comparison
     if residual:  # the residual is a large part of the output, so ignoring or misplacing it fails
-        without = dense_float64(dataclasses.replace(stored, residual_size=0), x, ids, weights)
+        without = basis_residual_dense_float64(dataclasses.replace(stored, residual_size=0), x, ids, weights)
         assert (dense - without).norm() > 0.2 * dense.norm()
     error = (total - dense).norm() / dense.norm()
     assert error <= TOLERANCE[dtype], f"relative error vs float64 dense {error:.2e}"

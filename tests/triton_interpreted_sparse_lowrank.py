@@ -22,7 +22,8 @@ from vllm_moe_compress.kernels.routing import block_size_for  # noqa: E402
 from vllm_moe_compress.format.names import unit_channels_name  # noqa: E402
 from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer  # noqa: E402
 from random_layers import random_sparse_lowrank_layer  # noqa: E402
-from triton_interpreted import PROJ_NAMES, TOLERANCE, dense_float64, load_scheme, poisoned_buffers  # noqa: E402, F401
+from random_layers import load_scheme  # noqa: E402
+from triton_interpreted import PROJ_NAMES, TOLERANCE, dense_float64, poisoned_buffers  # noqa: E402, F401
 
 
 def rounded(layer: SparseLowRankLayer, dtype) -> SparseLowRankLayer:
@@ -107,6 +108,6 @@ def test_plugin_triton_branch_sums_over_tensor_parallel_ranks(poisoned_buffers):
     total = torch.zeros(9, 32)
     for tp_rank in range(2):
         scheme = SparseLowRankScheme(spec, PROJ_NAMES, indices, tp_rank, 2)
-        total += scheme.apply_triton(load_scheme(scheme, tensors), x, weights, ids)
+        total += scheme.apply_triton(load_scheme(scheme, tensors, backend="triton"), x, weights, ids)
     dense = dense_float64(layer, x, ids, weights)
     assert (total.double() - dense).norm() / dense.norm() <= TOLERANCE[torch.float32]

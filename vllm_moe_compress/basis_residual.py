@@ -10,7 +10,9 @@ vLLM shards experts on the intermediate dimension I (docs/format.md §10):
  or w2_coef [H, Σ_e K_e], w2_basis [Σ_j K_j, I/tp], w2_mix [E, m], w2_eta [m, a]   factorised down
 
 On CUDA devices ``apply_triton`` runs the Triton kernels (kernels/basis_residual_triton.py; MoBE's per-expert right
-factors are materialised there once, at load: ``prepare_triton``); elsewhere ``apply_torch``, the torch custom op.
+factors are materialised there once, at load: ``prepare_triton``); on CPUs ``apply_cpu``, the C++ op
+(kernels/basis_residual_cpu.py, layout made in ``prepare_cpu``), or ``apply_torch``, the torch custom op, where
+the C++ op cannot be built.
 
 Group-shared tensors get an expert-style name from the config's weight mapper (the basis / η of group g as
 ``experts.{g}.{proj}.basis`` / ``.eta``, the mixing weights as ``experts.0.{proj}.mix``) so vLLM's expert
@@ -25,7 +27,7 @@ import torch
 
 from vllm_moe_compress.format import PROJECTIONS, BasisResidualSpec, FormatError, matrix_shape
 from vllm_moe_compress.format.names import basis_name, coef_name, counts_name, dense_name, eta_name, mix_name
-from vllm_moe_compress.kernels.basis_residual_torch import ACTIVATIONS, ProjectionWeights
+from vllm_moe_compress.kernels.basis_residual_torch import ACTIVATIONS, ProjectionWeights, materialise_mixed_right
 from vllm_moe_compress.kernels.grouped import offsets
 from vllm_moe_compress.kernels.residual_hash import bucket_counts, bucket_scales
 
@@ -66,7 +68,7 @@ class BasisResidualScheme(CompressedMoEScheme):
         self.group_slot = spec.group_and_slot()
         if self.residual:
             counts = torch.tensor(indices[counts_name(spec.prefix)], dtype=torch.int64)
-            self.scales = bucket_scales(counts, torch.float32)
+            self.scales = bucket_scales(counts)  # float64; rounded to the weights' dtype when applied
         # Column (coef) and row (basis) starts of each (projection, expert / basis) in the packed w13 tensors.
         packed = (("gate", "up"), ("down",))
         self.coef_start, self.basis_start = {}, {}
@@ -205,6 +207,25 @@ class BasisResidualScheme(CompressedMoEScheme):
             self.lo,
         )
 
+    has_cpu_path = True
+
+    def prepare_cpu(self, layer: torch.nn.Module) -> None:
+        """The C++ CPU op's layout (kernels/basis_residual_cpu.py): Aᵀ per expert, MoBE's right factors made once."""
+        from vllm_moe_compress.kernels import basis_residual_cpu
+
+        empty = layer.w13_coef.new_zeros(0)
+        layout = basis_residual_cpu.prepare(
+            *(self.projection(layer, p, empty) for p in PROJECTIONS), layer.moe_compress_expert_group,
+            layer.moe_compress_expert_slot, self.spec.activation, self.spec.residual_seed,
+            self.spec.intermediate_size, self.lo)
+        self.register_cpu_layout(layer, layout)
+
+    def apply_cpu(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
+        from vllm_moe_compress.kernels.basis_residual_cpu import BasisResidualCpuLayout
+
+        layout = self.cpu_layout(layer, BasisResidualCpuLayout._fields)
+        return torch.ops.moe_compress.basis_residual_moe_cpu(x, topk_weights, topk_ids, layout)
+
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         from vllm_moe_compress.kernels import basis_residual_triton as kernels
 
@@ -232,8 +253,8 @@ class BasisResidualScheme(CompressedMoEScheme):
         if self.mixed:
             activation, split = spec.activation, sum(spec.basis_ranks["gate"])
             gate_up_right = torch.cat([
-                kernels.materialise_mixed_right(basis, layer.w13_mix[j], activation)
+                materialise_mixed_right(basis, layer.w13_mix[j], activation)
                 for j, basis in enumerate((layer.w13_basis[:split], layer.w13_basis[split:]))])
             if "down" in self.factorized:
-                down_right = kernels.materialise_mixed_right(layer.w2_basis, layer.w2_mix, activation)
+                down_right = materialise_mixed_right(layer.w2_basis, layer.w2_mix, activation)
         self.triton_inputs = layout, gate_up_right, down_right

@@ -90,3 +90,18 @@ def basis_residual_moe_op(
 @basis_residual_moe_op.register_fake
 def _(x, *args) -> torch.Tensor:
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("moe_compress::basis_residual_moe_cpu", mutates_args=())
+def basis_residual_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                              layout: list[torch.Tensor]) -> torch.Tensor:
+    """``layout``: the fields of ``kernels.basis_residual_cpu.BasisResidualCpuLayout`` (prepared at load)."""
+    from vllm_moe_compress.kernels import basis_residual_cpu
+
+    return basis_residual_cpu.basis_residual_moe(x, topk_ids, topk_weights,
+                                                 basis_residual_cpu.BasisResidualCpuLayout(*layout))
+
+
+@basis_residual_moe_cpu_op.register_fake
+def _(x, *args) -> torch.Tensor:
+    return torch.empty_like(x)

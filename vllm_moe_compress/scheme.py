@@ -12,8 +12,8 @@
 5. ``prepare`` once every tensor is loaded: weights-only precomputation (``process_loaded``), then the backend,
    chosen once: on CUDA devices the Triton kernels, whose per-layer layouts ``prepare_triton`` builds now (from
    host lists, before any CUDA graph capture); on CPUs the C++ CPU op where the scheme has one and it builds
-   here (``prepare_cpu`` lays the factors out per expert now; kernels/cpu_extension.py), else the torch
-   custom op;
+   here (``prepare_cpu`` lays the factors out per expert now, and the parameters it copied are freed:
+   ``release_copied_parameters``; kernels/cpu_extension.py), else the torch custom op;
 6. ``apply``: Σ_k w_k·expert_k(x) for this rank's slice through that backend.
 """
 
@@ -104,6 +104,7 @@ class CompressedMoEScheme(ABC):
             self.prepare_triton(layer, device)
         elif self.backend == "cpu":
             self.prepare_cpu(layer)
+            self.release_copied_parameters(layer)
         self._forward = {"triton": self.apply_triton, "cpu": self.apply_cpu, "torch": self.apply_torch}[self.backend]
 
     def default_backend(self, device: torch.device) -> str:
@@ -133,6 +134,18 @@ class CompressedMoEScheme(ABC):
         """Keep a CPU layout (a NamedTuple of tensors) on the layer as non-persistent buffers."""
         for name, tensor in layout._asdict().items():
             layer.register_buffer(f"moe_compress_cpu_{name}", tensor, persistent=False)
+
+    def release_copied_parameters(self, layer: torch.nn.Module) -> None:
+        """Free the loaded parameters whose values the CPU layout copied (reordered, transposed or converted):
+        each becomes an empty tensor of its dtype, so one copy of the weights stays alive, not two. Parameters the
+        layout holds as they are (same storage) are kept."""
+        layout = [t for name, t in layer.named_buffers(recurse=False, remove_duplicate=False)  # a layout field may be
+                  if name.startswith("moe_compress_cpu_")]  # a parameter itself
+        shared = {t.untyped_storage().data_ptr() for t in layout if t.numel()}
+        for name in self.shapes:
+            param = getattr(layer, name)
+            if param.numel() and param.untyped_storage().data_ptr() not in shared:
+                param.data = param.data.new_empty((0,) * param.dim())
 
     @staticmethod
     def cpu_layout(layer: torch.nn.Module, fields: tuple[str, ...]) -> list[torch.Tensor]:

@@ -1,10 +1,13 @@
-// CPU forwards of the base_delta and sparse_lowrank MoEs over the active experts only (kernels/base_delta_cpu.py
-// and kernels/sparse_lowrank_cpu.py document the layouts and the equations). One call per layer: the loop over experts that received tokens runs here, each
-// product is one at::mm (MKL/oneDNN GEMM or GEMV on views of the prepared per-expert blocks, no copies of
-// factors), so the time follows the bytes of the routed experts' factors and their FLOPs.
+// CPU forwards of the base_delta, sparse_lowrank and basis_residual MoEs over the active experts only
+// (kernels/base_delta_cpu.py, kernels/sparse_lowrank_cpu.py and kernels/basis_residual_cpu.py document the layouts
+// and the equations). One call per layer: the loop over experts that received tokens runs here, each product is
+// one at::mm (MKL/oneDNN GEMM or GEMV on views of the prepared per-expert blocks, no copies of factors), so the
+// time follows the bytes of the routed experts' factors and their FLOPs.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -153,6 +156,128 @@ at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& topk
   return out.to(x_in.scalar_type());
 }
 
+
+// RFID-MoE / MoBE (kernels/basis_residual_cpu.py documents the layout): per projection q either a dense W_e
+// (stored W_eᵀ [in, out]) or W_e = A_e R_e + R̂_e, with R_e a right factor shared by a group (or MoBE's per
+// expert, made at load) and R̂_e the hashed residual, regenerated here block by block (never stored).
+struct Projection {
+  at::Tensor dense_t, right, coef_t, eta;  // [E, in, out] (W_eᵀ) | [rows, in], [Σ K_e, out] (A_eᵀ), [m, a] (s ⊙ η)
+};
+
+// π(t) of kernels/residual_hash.py: the 32-bit hash of position t (< 2^32), modulo the residual size a; the
+// modulo by Lemire's exact multiply-shift for 32-bit operands ("Faster remainder by direct computation", 2019).
+struct ResidualHash {
+  uint32_t seed_term;  // seed · 0x9E3779B9 mod 2^32
+  uint64_t a, inverse;  // inverse = ⌊(2^64 − 1) / a⌋ + 1 (a < 2^32)
+  ResidualHash(uint64_t seed, uint64_t size)
+      : seed_term(static_cast<uint32_t>(seed * 0x9E3779B9ull)), a(size), inverse(~0ull / size + 1) {}
+  int64_t operator()(uint64_t t) const {
+    uint32_t h = static_cast<uint32_t>(t) + seed_term;
+    h = ((h >> 16) ^ h) * 0x045D9F3Bu;
+    h = ((h >> 16) ^ h) * 0x045D9F3Bu;
+    h = (h >> 16) ^ h;
+    if (a > 0xFFFFFFFFull) return h;  // a = 2^32: every h < a
+    return static_cast<int64_t>((static_cast<unsigned __int128>(inverse * h) * a) >> 64);
+  }
+};
+
+constexpr int64_t kResidualBlock = 1 << 14;  // entries of R̂ regenerated at a time (64 KiB in fp32)
+
+// y [n, out] += inp [n, in] R̂ᵀ, R̂[r, c] = eta[π(offset + (row_lo + r)·full_in + col_lo + c)]: blocks of rows of R̂
+// regenerated into a small buffer, each multiplied in by one GEMM.
+template <typename T>
+void add_residual(at::Tensor& y, const at::Tensor& inp, const at::Tensor& eta, const ResidualHash& bucket,
+                  int64_t offset, int64_t full_in, int64_t row_lo, int64_t col_lo) {
+  const int64_t in = inp.size(1), out = y.size(1);
+  const int64_t rows = std::max<int64_t>(1, kResidualBlock / in);
+  const T* e = eta.data_ptr<T>();
+  at::parallel_for(0, (out + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor block = at::empty({rows, in}, eta.options());
+    T* v = block.data_ptr<T>();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * rows, nr = std::min(rows, out - r0);
+      for (int64_t r = 0; r < nr; ++r) {
+        const uint64_t first = static_cast<uint64_t>(offset + (row_lo + r0 + r) * full_in + col_lo);
+        for (int64_t c = 0; c < in; ++c) v[r * in + c] = e[bucket(first + c)];
+      }
+      y.narrow(1, r0, nr).addmm_(inp, block.narrow(0, 0, nr).t());
+    }
+  });
+}
+
+// Σ_k w_k · expert_{id_k}(x). meta int64 [E, 11]: per expert its group, its slot in the group, then per
+// projection (gate, up, down) the first row of its right factor, its rank K_e and the first row of its A_eᵀ.
+// order int64 [E]: the experts in visiting order (sharers of a right factor adjacent: at decode z = R x is
+// computed once per right factor). geometry int64 [3]: residual seed, full intermediate size, this rank's
+// first intermediate channel.
+at::Tensor basis_residual_forward(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                                  const at::Tensor& meta_in, const at::Tensor& order_in, const at::Tensor& geometry,
+                                  const at::Tensor& gate_dense_t, const at::Tensor& gate_right,
+                                  const at::Tensor& gate_coef_t, const at::Tensor& gate_eta,
+                                  const at::Tensor& up_dense_t, const at::Tensor& up_right, const at::Tensor& up_coef_t,
+                                  const at::Tensor& up_eta, const at::Tensor& down_dense_t,
+                                  const at::Tensor& down_right, const at::Tensor& down_coef_t,
+                                  const at::Tensor& down_eta) {
+  const Projection projs[3] = {{gate_dense_t, gate_right, gate_coef_t, gate_eta},
+                               {up_dense_t, up_right, up_coef_t, up_eta},
+                               {down_dense_t, down_right, down_coef_t, down_eta}};
+  const auto dtype = (gate_dense_t.numel() ? gate_dense_t : gate_coef_t).scalar_type();
+  const at::Tensor x = x_in.to(dtype).contiguous();
+  const int64_t T = x.size(0), H = x.size(1), E = meta_in.size(0);
+  const at::Tensor meta = meta_in.contiguous(), order = order_in.contiguous(), geo = geometry.contiguous();
+  const int64_t* m = meta.data_ptr<int64_t>();
+  const int64_t* g = geo.data_ptr<int64_t>();
+  const int64_t full_i = g[1], lo = g[2];
+  const Pairs pairs = group_pairs(topk_ids, E);
+  const at::Tensor token_of = at::tensor(pairs.tokens, at::kLong);
+  const at::Tensor weight_of = topk_weights.reshape({-1}).to(dtype).index_select(0, at::tensor(pairs.slots, at::kLong));
+  at::Tensor out = at::zeros({T, H}, x.options());
+  const bool single = T == 1;  // decode: every pair is token 0, so no gather or scatter, and z = R x is shared
+  int64_t cached_row[2] = {-1, -1};
+  at::Tensor cached_z[2];
+
+  // W_e,q inp for expert e's rows inp [n, in] -> [n, out]
+  auto project = [&](const at::Tensor& inp, int q, int64_t e) -> at::Tensor {
+    const Projection& p = projs[q];
+    if (p.dense_t.numel()) return at::mm(inp, p.dense_t[e]);
+    const int64_t* r = m + 11 * e;
+    const int64_t right_row = r[2 + 3 * q], rank = r[3 + 3 * q], coef_row = r[4 + 3 * q];
+    at::Tensor z;
+    if (single && q < 2 && cached_row[q] == right_row) {
+      z = cached_z[q];
+    } else {
+      z = at::mm(inp, p.right.narrow(0, right_row, rank).t());  // [n, K]
+      if (single && q < 2) cached_row[q] = right_row, cached_z[q] = z;
+    }
+    at::Tensor y = at::mm(z, p.coef_t.narrow(0, coef_row, rank));  // [n, out]
+    if (p.eta.numel()) {  // gate/up: rows of the full I × H matrix from lo; down: columns of H × I from lo
+      const bool down = q == 2;
+      const int64_t out_full = down ? H : full_i, in_full = down ? full_i : H;
+      const int64_t offset = r[1] * out_full * in_full;
+      const at::Tensor eta = p.eta[r[0]];
+      const ResidualHash bucket(static_cast<uint64_t>(g[0]), static_cast<uint64_t>(eta.numel()));
+      AT_DISPATCH_FLOATING_TYPES(dtype, "basis_residual_residual", [&] {
+        add_residual<scalar_t>(y, inp, eta, bucket, offset, in_full, down ? 0 : lo, down ? lo : 0);
+      });
+    }
+    return y;
+  };
+
+  const int64_t* visit = order.data_ptr<int64_t>();
+  for (int64_t k = 0; k < E; ++k) {
+    const int64_t e = visit[k], begin = pairs.starts[e], n = pairs.starts[e + 1] - begin;
+    if (n == 0) continue;
+    const at::Tensor tokens = token_of.narrow(0, begin, n);
+    const at::Tensor w = weight_of.narrow(0, begin, n).unsqueeze(1);
+    const at::Tensor xe = single ? x : x.index_select(0, tokens);
+    at::Tensor gate = project(xe, 0, e);
+    const at::Tensor h = at::silu_(gate).mul_(project(xe, 1, e)).mul_(w);  // routing weight on h
+    const at::Tensor y = project(h, 2, e);
+    single ? out.add_(y) : out.index_add_(0, tokens, y);
+  }
+  return out.to(x_in.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_compress_cpu, m) {
@@ -162,9 +287,15 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
   m.def("sparse_lowrank(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor sgu, Tensor sd_t, "
         "Tensor lv, Tensor lut, Tensor ldv, Tensor ldut, Tensor base_down_t, Tensor sparse_channels, "
         "Tensor lowrank_channels) -> Tensor");
+  m.def("basis_residual(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor order, Tensor geometry, "
+        "Tensor gate_dense_t, Tensor gate_right, Tensor gate_coef_t, Tensor gate_eta, Tensor up_dense_t, "
+        "Tensor up_right, Tensor up_coef_t, Tensor up_eta, Tensor down_dense_t, Tensor down_right, Tensor down_coef_t, "
+        "Tensor down_eta) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_compress_cpu, CPU, m) {
   m.impl("base_delta", &base_delta_forward);
   m.impl("sparse_lowrank", &sparse_lowrank_forward);
+  m.impl("basis_residual", &basis_residual_forward);
 }
