@@ -40,7 +40,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def vllm(models) -> dict[str, dict]:
+def engines(models) -> dict[str, dict]:
     """Each model's vLLM result, by the names of ``models``; all engines eager but ``every-scheme`` (compiled)."""
     jobs = {name: job(models[name], eager=True) for name in [*GREEDY_FAMILIES, *BASIS_RESIDUAL_VARIANTS]}
     jobs["every-scheme"] = job(models["every-scheme"])
@@ -50,34 +50,34 @@ def vllm(models) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("family", GREEDY_FAMILIES)
-def test_greedy_equals_reference(family, models, vllm):
-    assert_same(outputs(vllm[family]), reference(models[family]))
+def test_greedy_equals_reference(family, models, engines):
+    assert_same(outputs(engines[family]), reference(models[family]))
 
 
-def test_deepseek_equals_vllm_dense_reconstruction(vllm):
+def test_deepseek_equals_vllm_dense_reconstruction(engines):
     """vLLM's DeepSeek-V2 differs from transformers' even uncompressed (MLA), so the oracle here is vLLM's own
     dense path on the materialised experts (a plain checkpoint: the plugin installed must not get in its way)."""
-    assert_same(outputs(vllm["deepseek_v2"]), outputs(vllm["deepseek-dense"]))
+    assert_same(outputs(engines["deepseek_v2"]), outputs(engines["deepseek-dense"]))
 
 
-def test_compiled_mode_every_scheme(models, vllm):
+def test_compiled_mode_every_scheme(models, engines):
     """vLLM's default CPU mode compiles the model (Dynamo fullgraph): every scheme's custom op must hold there,
     in one model whose layers are whitened-svd (base_delta without a base), rs (sparse_lowrank) and rfid
     (basis_residual, with its cached residual index table)."""
     assert [layer["scheme"] for layer in _layers(models["every-scheme"])] == ["base_delta", "sparse_lowrank",
                                                                               "basis_residual"]
-    assert_same(outputs(vllm["every-scheme"]), reference(models["every-scheme"]))
+    assert_same(outputs(engines["every-scheme"]), reference(models["every-scheme"]))
 
 
 @pytest.mark.parametrize("variant", list(BASIS_RESIDUAL_VARIANTS))
-def test_basis_residual_variants_equal_reference(variant, models, vllm):
-    assert_same(outputs(vllm[variant]), reference(models[variant]))
+def test_basis_residual_variants_equal_reference(variant, models, engines):
+    assert_same(outputs(engines[variant]), reference(models[variant]))
 
 
-def test_quantization_method_comes_from_config(vllm):
+def test_quantization_method_comes_from_config(engines):
     """No job names a quantization method: vLLM reads it from config.json (and leaves a plain checkpoint alone)."""
-    assert {name: result.get("quantization") for name, result in vllm.items()} == {
-        name: None if name == "deepseek-dense" else "moe_compress" for name in vllm}
+    assert {name: result.get("quantization") for name, result in engines.items()} == {
+        name: None if name == "deepseek-dense" else "moe_compress" for name in engines}
 
 
 def test_tensor_parallel_2_equals_reference(models):
