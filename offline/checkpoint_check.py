@@ -7,14 +7,17 @@ safetensors headers and the small integer index tensors:
   every layer's fields: :meth:`CompressionInfo.from_config`), and each layer's expert count and sizes match
   what config.json builds;
 - every safetensors file is readable and the index lists only tensors that are there;
-- per MoE layer, the scheme's own reader (:meth:`SchemeLayer.from_tensors`) is run on shape-only (meta)
-  tensors, so every expected tensor must exist with its shape, no stray tensor may sit under the layer's
-  prefix, and the factors must have the stored dtype (:func:`check_layer_tensors`, shared with the reference
-  loader), and no MoE layer's expert tensors may be left out of ``quantization_config.layers``.
+- per MoE layer, the format's table of its tensors (``LayerSpec.expected_tensors``, checked by
+  ``vllm_moe_compress.format.check_layer_headers``): every expected tensor must exist with its shape and
+  dtype, and no stray tensor may sit under the layer's prefix; then the scheme's own reader
+  (:meth:`SchemeLayer.from_tensors`) on shape-only (meta) tensors checks the index values
+  (:func:`check_layer_tensors`, shared with the reference loader); and no MoE layer's expert tensors may be
+  left out of ``quantization_config.layers``.
 
 With ``values=True`` the factors are read as well and refused if they hold NaN or Inf (``moe-compress inspect
---verify``). The vLLM plugin runs the header checks in the API-server process before the engine starts
-(``MoECompressConfig.override_quantization_method``), so a broken checkpoint fails in seconds.
+--verify``). The vLLM plugin runs the format's part (``format.check_checkpoint_headers``) in the API-server
+process before the engine starts, so a broken checkpoint fails in seconds; the model sizes and the unlisted
+layers, which need this package's architecture adapters, it refuses when the engine builds the layers.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_moe_compress.format import CompressionInfo, FormatError, LayerSpec
+from vllm_moe_compress.format import CompressionInfo, FormatError, LayerSpec, check_layer_headers
 
 from .architectures import architecture_for
 from .checkpoint_io import CheckpointError, SafetensorsCheckpoint, read_config
@@ -33,18 +36,11 @@ from .schemes.base import TensorGetter
 
 
 def check_layer_tensors(spec: LayerSpec, info: CompressionInfo, ckpt: SafetensorsCheckpoint, get: TensorGetter):
-    """Rebuild one layer with ``get`` (its scheme checks names and shapes), then refuse stray tensors under its
-    prefix and factors not stored in ``quantization_config.dtype``. Returns the rebuilt layer."""
-    layer = SCHEME_LAYERS[spec.scheme].from_tensors(spec, info.proj_names, get)
-    stored_dtype = getattr(torch, info.dtype)
-    expected = layer.to_tensors(spec.prefix, info.proj_names, stored_dtype)
-    for key in ckpt.keys():
-        if key.startswith(spec.prefix + ".") and key not in expected:
-            raise FormatError(f"tensor {key} is not part of layer {spec.layer}'s {spec.scheme} factors")
-    for key, tensor in expected.items():
-        if tensor.is_floating_point() and ckpt.dtype(key) != stored_dtype:
-            raise FormatError(f"tensor {key} is {ckpt.dtype(key)}, quantization_config.dtype says {info.dtype}")
-    return layer
+    """Check the layer's tensor headers against the format's table (names, shapes, stored dtype, no stray tensor
+    under its prefix: ``format.check_layer_headers``), then rebuild it with ``get``, which checks the index values
+    and, with real tensors, NaN/Inf. Returns the rebuilt layer."""
+    check_layer_headers(spec, info, ckpt, ckpt.model_dir)
+    return SCHEME_LAYERS[spec.scheme].from_tensors(spec, info.proj_names, get)
 
 
 def check_model_sizes(info: CompressionInfo, raw_config: dict, config) -> None:

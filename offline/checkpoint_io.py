@@ -18,13 +18,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from vllm_moe_compress.format.headers import SAFETENSORS_DTYPES
+
 from .output_safety import check_replaceable
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 INDEX_NAME = "model.safetensors.index.json"
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                       "I32": torch.int32, "I64": torch.int64, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class CheckpointError(ValueError):
@@ -98,7 +97,7 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"tensor {name} in {self._file_of[name]} is corrupt: {err}") from err
 
     def dtype(self, name: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._handles[self._file_of[name]].get_slice(name).get_dtype()]
+        return SAFETENSORS_DTYPES[self._handles[self._file_of[name]].get_slice(name).get_dtype()]
 
     def shape(self, name: str) -> list[int]:
         return list(self._handles[self._file_of[name]].get_slice(name).get_shape())

@@ -221,6 +221,30 @@ def test_dynamic_pruning_changes_qwen3_logits(compressed):
     assert (static - dynamic).abs().max() > 1e-3
 
 
+EVERY_SCHEME_LAYOUT = [("d2", {"base_prune": 0.2}), ("whitened-svd", {}), ("rs", {}), ("rs", {"base": "none"}),
+                       ("rfid", {"residual_fraction": 0.03, "fit_steps": 5}),
+                       ("rfid", {"factorize_down": True, "residual_fraction": 0.03, "fit_steps": 5}),
+                       ("mobe", {"fit_steps": 5})]
+"""Every tensor layout: base_delta with and without a base, sparse_lowrank with and without the shared down base,
+basis_residual with a dense or a factorised down and with MoBE's mixed bases."""
+
+
+@pytest.mark.parametrize("method,options", EVERY_SCHEME_LAYOUT, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={x}" for k, x in v.items()) or "default")
+def test_expected_tensors_are_exactly_the_written_ones(compressed, method, options):
+    """The format's table of a layer's tensors (LayerSpec.expected_tensors, which the plugin checks before vLLM
+    starts an engine) lists exactly the names and shapes the compressor wrote, read from the safetensors headers."""
+    _, out = compressed("qwen3_moe", method, **options)
+    info = CompressionInfo.from_config(read_config(out)["quantization_config"])
+    written = {}
+    for path in sorted(out.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            written.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    for spec in info.layers:
+        under_prefix = {name: shape for name, shape in written.items() if name.startswith(spec.prefix + ".")}
+        assert spec.expected_tensors(info.proj_names) == under_prefix, spec.where
+
+
 def test_every_supported_family_is_covered():
     """The families built here are exactly the architectures the compressor supports."""
     assert sorted(FAMILIES) == sorted(ARCHITECTURES)

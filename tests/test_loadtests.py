@@ -254,7 +254,7 @@ def test_runner_out_replaces_only_its_own_results(tmp_path, capsys):
 def test_runner_against_a_tiny_compressed_model(tmp_path):
     """A few seconds of load (soak mode, so the bad-request user and RSS series run too): a complete, well-formed
     summary with zero failures, Locust's CSVs, the plots, and no server process left behind."""
-    from test_plugin_vllm import compress_for_vllm
+    from vllm_models import compress_for_vllm
 
     model = compress_for_vllm("qwen3_moe", tmp_path)
     out = tmp_path / "load"

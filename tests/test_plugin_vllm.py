@@ -1,125 +1,92 @@
-"""The vLLM plugin against the reference forward: greedy tokens and prompt logprobs, every architecture.
+"""The vLLM plugin against the reference forward: greedy tokens and prompt logprobs, every architecture and scheme.
 
-Each vLLM run is a subprocess (tests/vllm_generate.py): vLLM spawns its engine and workers, and one
-pytest process cannot host several engines. Dynamic base pruning is off on both sides (the plugin's
-default), so outputs must not depend on batching.
+Every model below runs in ONE vLLM subprocess (tests/vllm_models.py: vLLM imports once, each engine starts in
+seconds), except TP=2, which needs its worker processes. Dynamic base pruning is off on both sides (the plugin's
+default), so outputs must not depend on batching. None of the jobs passes a quantization method: vLLM must take
+``moe_compress`` from config.json.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from safetensors.torch import save_file
-
-from vllm_moe_compress.format import CompressionInfo
-from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, copy_side_files
-from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from vllm_moe_compress.offline.loading import load_compressed_model
-from vllm_moe_compress.offline.schemes import SCHEME_LAYERS
-
-from conftest import CALIBRATION_FILE, FAMILIES, vllm_tiny_config, write_tiny_model
+from conftest import FAMILIES
+from vllm_models import (EVERY_SCHEME, assert_same, compress_for_vllm, job, materialize_dense, mixed_scheme_checkpoint,
+                         outputs, reference, run_vllm)
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).resolve().parent
-PROMPTS = [[17, 905, 33, 2048, 7, 311], [1200, 5, 88], list(range(100, 160))]
-LOGPROB_TOLERANCE = 2e-3  # float32 on both sides; vLLM's attention kernels differ from transformers' SDPA
+
+GREEDY_FAMILIES = [f for f in FAMILIES if f != "deepseek_v2"]
+"""D²-MoE (base_delta with a pruned base) in eager mode, one model per family; DeepSeek-V2 has its own oracle."""
+
+BASIS_RESIDUAL_VARIANTS = {"rfid-down": ("rfid", {"factorize_down": True, "residual_fraction": 0.03}),
+                           "mobe": ("mobe", {})}
+"""basis_residual beyond the hashed residual with a dense down (in EVERY_SCHEME): factorised down, MoBE's mixed bases."""
+
+DEEPSEEK = dict(eager=True, max_num_seqs=1, cpu_mla=True)
+"""One sequence at a time (batched MLA on CPU is not deterministic), reference MLA backend in float32."""
 
 
-def compress_for_vllm(family: str, root: Path, method: str = "d2", **options) -> Path:
-    source = write_tiny_model(vllm_tiny_config(family), root / family)
-    out = root / f"{family}-{method}"
-    calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=8, seqlen=64, batch_size=4, fisher_samples=4)
-    fast = {"d2": {"base_prune": 0.2}, "rfid": {"fit_steps": 5}, "mobe": {"fit_steps": 5}}.get(method, {})
-    compress_checkpoint(source, out, build_method(method, **fast, **options), 0.05, calibration, dtype="float32",
-                        progress=False)
-    return out
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vllm-models")
+    models = {family: compress_for_vllm(family, root) for family in FAMILIES}
+    models["every-scheme"] = mixed_scheme_checkpoint(root / "every-scheme", EVERY_SCHEME)
+    for name, (method, options) in BASIS_RESIDUAL_VARIANTS.items():
+        models[name] = compress_for_vllm("qwen3_moe", root / name, method, **options)
+    models["deepseek-dense"] = materialize_dense(models["deepseek_v2"], root / "deepseek-dense")
+    return models
 
 
-def run_vllm(model: Path, *flags: str, env: dict | None = None) -> list[dict]:
-    done = subprocess.run([sys.executable, str(HERE / "vllm_generate.py"), str(model), json.dumps(PROMPTS), *flags],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
-    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+@pytest.fixture(scope="module")
+def engines(models) -> dict[str, dict]:
+    """Each model's vLLM result, by the names of ``models``; all engines eager but ``every-scheme`` (compiled)."""
+    jobs = {name: job(models[name], eager=True) for name in [*GREEDY_FAMILIES, *BASIS_RESIDUAL_VARIANTS]}
+    jobs["every-scheme"] = job(models["every-scheme"])
+    jobs["deepseek_v2"] = job(models["deepseek_v2"], **DEEPSEEK)
+    jobs["deepseek-dense"] = job(models["deepseek-dense"], **DEEPSEEK)
+    return dict(zip(jobs, run_vllm(list(jobs.values())), strict=True))
 
 
-def reference(model_dir: Path) -> list[dict]:
-    model = load_compressed_model(model_dir, torch.float32, dynamic_pruning=False)
-    out = []
-    with torch.no_grad():
-        for ids in PROMPTS:
-            x = torch.tensor([ids])
-            tokens = model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
-            logp = model(x).logits[0, :-1].log_softmax(-1).gather(1, x[0, 1:, None])[:, 0].tolist()
-            out.append({"tokens": tokens, "prompt_logprobs": logp})
-    return out
+@pytest.mark.parametrize("family", GREEDY_FAMILIES)
+def test_greedy_equals_reference(family, models, engines):
+    assert_same(outputs(engines[family]), reference(models[family]))
 
 
-def assert_same(got: list[dict], want: list[dict]) -> None:
-    for g, w in zip(got, want, strict=True):
-        assert g["tokens"] == w["tokens"]
-        assert max(abs(a - b) for a, b in zip(g["prompt_logprobs"], w["prompt_logprobs"], strict=True)) < LOGPROB_TOLERANCE
+def test_deepseek_equals_vllm_dense_reconstruction(engines):
+    """vLLM's DeepSeek-V2 differs from transformers' even uncompressed (MLA), so the oracle here is vLLM's own
+    dense path on the materialised experts (a plain checkpoint: the plugin installed must not get in its way)."""
+    assert_same(outputs(engines["deepseek_v2"]), outputs(engines["deepseek-dense"]))
 
 
-def materialize_dense(compressed: Path, out: Path) -> Path:
-    """The compressed model as a plain checkpoint: every expert weight replaced by its dense reconstruction."""
-    out.mkdir()
-    config = json.loads((compressed / "config.json").read_text())
-    info = CompressionInfo.from_config(config.pop("quantization_config"))
-    ckpt = SafetensorsCheckpoint(compressed)
-    tensors = {k: ckpt.get(k) for k in ckpt.keys() if not k.startswith(tuple(s.prefix + "." for s in info.layers))}
-    for spec in info.layers:
-        layer = SCHEME_LAYERS[spec.scheme].from_tensors(spec, info.proj_names, ckpt.get)
-        for e in range(spec.num_experts):
-            for proj, name in info.proj_names.items():
-                tensors[f"{spec.prefix}.{e}.{name}.weight"] = layer.dense_weight(e, proj).float().contiguous()
-    save_file(tensors, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(config))
-    copy_side_files(compressed, out)
-    return out
+def test_compiled_mode_every_scheme(models, engines):
+    """vLLM's default CPU mode compiles the model (Dynamo fullgraph): every scheme's custom op must hold there,
+    in one model whose layers are whitened-svd (base_delta without a base), rs (sparse_lowrank) and rfid
+    (basis_residual, with its cached residual index table)."""
+    assert [layer["scheme"] for layer in _layers(models["every-scheme"])] == ["base_delta", "sparse_lowrank",
+                                                                              "basis_residual"]
+    assert_same(outputs(engines["every-scheme"]), reference(models["every-scheme"]))
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "deepseek_v2"])
-def test_greedy_equals_reference(family, tmp_path):
-    model = compress_for_vllm(family, tmp_path)
-    assert_same(run_vllm(model, "--eager"), reference(model))
+@pytest.mark.parametrize("variant", list(BASIS_RESIDUAL_VARIANTS))
+def test_basis_residual_variants_equal_reference(variant, models, engines):
+    assert_same(outputs(engines[variant]), reference(models[variant]))
 
 
-def test_deepseek_equals_vllm_dense_reconstruction(tmp_path):
-    """vLLM's DeepSeek-V2 differs from transformers' even uncompressed (MLA), so the oracle here is vLLM's
-    own dense path on the materialised experts; one sequence at a time (batched MLA on CPU is not
-    deterministic), reference MLA backend in float32."""
-    model = compress_for_vllm("deepseek_v2", tmp_path)
-    flags = ["--eager", "--max-num-seqs", "1", "--cpu-mla"]
-    assert_same(run_vllm(model, *flags), run_vllm(materialize_dense(model, tmp_path / "dense"), *flags))
+def test_quantization_method_comes_from_config(engines):
+    """No job names a quantization method: vLLM reads it from config.json (and leaves a plain checkpoint alone)."""
+    assert {name: result.get("quantization") for name, result in engines.items()} == {
+        name: None if name == "deepseek-dense" else "moe_compress" for name in engines}
 
 
-@pytest.mark.parametrize("method", ["whitened-svd", "rs"])
-def test_compiled_mode_svd_baseline_and_rs(method, tmp_path):
-    """vLLM's default CPU mode compiles the model (Dynamo fullgraph): the custom ops must hold there too
-    (``rs`` writes the sparse_lowrank scheme, with its own op)."""
-    model = compress_for_vllm("qwen3_moe", tmp_path, method=method)
-    assert_same(run_vllm(model), reference(model))
-
-
-@pytest.mark.parametrize("method,options,flags", [("rfid", {"residual_fraction": 0.03}, ()),
-                                                  ("rfid", {"factorize_down": True, "residual_fraction": 0.03}, ("--eager",)),
-                                                  ("mobe", {}, ("--eager",))], ids=["rfid-compiled", "rfid-down", "mobe"])
-def test_basis_residual_greedy_equals_reference(method, options, flags, tmp_path):
-    """RFID-MoE (hashed residual, dense or factorised down) and MoBE (mixed bases); the first in vLLM's default
-    compiled mode (the C++ CPU op under Dynamo), the others eager."""
-    model = compress_for_vllm("qwen3_moe", tmp_path, method, **options)
-    assert_same(run_vllm(model, *flags), reference(model))
-
-
-def test_tensor_parallel_2_equals_tp_1(tmp_path):
+def test_tensor_parallel_2_equals_reference(models):
     """Compressed factors sharded on the intermediate dimension: TP=2 on the CPU backend (one core per rank)."""
-    model = compress_for_vllm("mixtral", tmp_path)
-    tp2 = run_vllm(model, "--eager", "--tp", "2",
-                   env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
-    assert_same(tp2, run_vllm(model, "--eager"))
+    (tp2,) = run_vllm([job(models["mixtral"], eager=True, tp=2)],
+                      env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+    assert_same(outputs(tp2), reference(models["mixtral"]))
+
+
+def _layers(model: Path) -> list[dict]:
+    layers = json.loads((model / "config.json").read_text())["quantization_config"]["layers"]
+    return [layers[key] for key in sorted(layers, key=int)]

@@ -7,6 +7,7 @@ experts, routers) stay unquantized.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import sys
@@ -20,7 +21,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from vllm_moe_compress.format import QUANT_METHOD, CompressionInfo, FormatError
+from vllm_moe_compress.format import QUANT_METHOD, CompressionInfo, FormatError, check_checkpoint_headers
 
 DYNAMIC_PRUNE_ENV = "VLLM_MOE_COMPRESS_DYNAMIC_PRUNE"
 """Set to 1 to run D²-MoE's dynamic base pruning per batch (default off: a request's output then never
@@ -65,18 +66,17 @@ class MoECompressConfig(QuantizationConfig):
     def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,
                                      hf_config: Any = None) -> str | None:
         """vLLM calls this in the API-server process while it builds the model config, before any engine
-        process starts: the place to refuse a broken checkpoint in seconds. Runs the header-level checks of
-        offline/checkpoint_check.py (names, shapes, dtypes, format_version, schemes) on the local model
-        directory; the values are checked by the weight loaders later."""
+        process starts: the place to refuse a broken checkpoint in seconds. Runs the format's header-level check
+        (``format.check_checkpoint_headers``: format_version, schemes, every layer's tensor names, shapes and
+        dtypes) on the local model directory; the values are checked by the weight loaders later, the model's
+        sizes when the engine builds each layer."""
         if (hf_quant_cfg or {}).get("quant_method") != QUANT_METHOD:
             return None
         model_dir = getattr(hf_config, "name_or_path", None) or getattr(hf_config, "_name_or_path", None)
         if model_dir and Path(model_dir).is_dir():
-            from vllm_moe_compress.offline.checkpoint_check import CheckpointError, check_checkpoint
-
             try:
-                check_checkpoint(model_dir, config=hf_config)
-            except (FormatError, CheckpointError) as err:
+                check_checkpoint_headers(model_dir, CompressionInfo.from_config(copy.deepcopy(hf_quant_cfg)))
+            except FormatError as err:
                 message = f"moe_compress: {model_dir} cannot be served: {err}"
                 if Path(sys.argv[0]).name == "vllm":
                     # The vllm command: end with this line. A ValueError would reach the user wrapped in pydantic's

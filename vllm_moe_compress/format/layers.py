@@ -93,6 +93,12 @@ class LayerSpec:
         """The small integer tensors a loader reads before building parameters (shapes may depend on them)."""
         return []
 
+    def expected_tensors(self, proj_names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint tensor of the layer, name -> shape: the floating-point factors (stored in
+        ``quantization_config.dtype``) and the integer :meth:`index_tensor_names`. ``proj_names`` maps a
+        canonical projection to its checkpoint name. Nothing else may sit under :attr:`prefix`."""
+        raise NotImplementedError
+
     def _validate_scheme(self) -> None:
         raise NotImplementedError
 
@@ -130,6 +136,22 @@ class BaseDeltaSpec(LayerSpec):
 
     def index_tensor_names(self) -> list[str]:
         return [names.base_channels_name(self.prefix)] if self.base_channels else []
+
+    def expected_tensors(self, proj_names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+        """Per expert and projection of rank r > 0: ``delta_u`` [out, r], ``delta_v`` [r, in]; with a base, the
+        channel index [C] and per projection the base on the kept channels (gate/up [C, H], down [H, C])."""
+        h, i, c = self.hidden_size, self.intermediate_size, self.base_channels
+        out: dict[str, tuple[int, ...]] = {}
+        for p in PROJECTIONS:
+            out_dim, in_dim = matrix_shape(p, h, i)
+            for e, r in enumerate(self.ranks[p]):
+                if r:
+                    out[names.delta_name(self.prefix, e, proj_names[p], "delta_u")] = (out_dim, r)
+                    out[names.delta_name(self.prefix, e, proj_names[p], "delta_v")] = (r, in_dim)
+        if c:
+            out[names.base_channels_name(self.prefix)] = (c,)
+            out.update({names.base_name(self.prefix, proj_names[p]): matrix_shape(p, h, c) for p in PROJECTIONS})
+        return out
 
     def check_indices(self, indices: dict[str, list[int]]) -> None:
         """The stored channel index must hold ``base_channels`` strictly increasing values in [0, I)."""
@@ -193,6 +215,28 @@ class SparseLowRankSpec(LayerSpec):
         """One index tensor per expert and non-empty kind of unit."""
         return [names.unit_channels_name(self.prefix, e, kind)
                 for e in range(self.num_experts) for kind in ("sparse", "lowrank") if self.unit_counts(kind)[e]]
+
+    def expected_tensors(self, proj_names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+        """Per expert: each non-empty kind's channel index [s] / [m]; per projection the ``sparse`` units
+        (gate/up [s, H], down [H, s]) and, at rank r > 0, ``lowrank_u``/``lowrank_v`` (gate/up [m, r], [r, H];
+        down [H, r], [r, m]); with a shared down base, ``base`` [H, I]."""
+        h = self.hidden_size
+        out: dict[str, tuple[int, ...]] = {}
+        for e, (s, m) in enumerate(zip(self.sparse_channels, self.lowrank_channels)):
+            for kind, count in (("sparse", s), ("lowrank", m)):
+                if count:
+                    out[names.unit_channels_name(self.prefix, e, kind)] = (count,)
+            for p in PROJECTIONS:
+                name, r = proj_names[p], self.ranks[p][e]
+                if s:
+                    out[names.unit_name(self.prefix, e, name, "sparse")] = matrix_shape(p, h, s)
+                if r:
+                    u_shape, v_shape = ((h, r), (r, m)) if p == "down" else ((m, r), (r, h))
+                    out[names.unit_name(self.prefix, e, name, "lowrank_u")] = u_shape
+                    out[names.unit_name(self.prefix, e, name, "lowrank_v")] = v_shape
+        if self.shared_down_base:
+            out[names.base_name(self.prefix, proj_names["down"])] = (h, self.intermediate_size)
+        return out
 
     def check_indices(self, indices: dict[str, list[int]]) -> None:
         """Each expert's sparse and low-rank channel lists: sorted, distinct, in [0, I), and disjoint."""
@@ -293,6 +337,29 @@ class BasisResidualSpec(LayerSpec):
     def index_tensor_names(self) -> list[str]:
         """The residual's bucket counts (checked against the seed by the loader, which owns the hash)."""
         return [names.counts_name(self.prefix)] if self.residual_size else []
+
+    def expected_tensors(self, proj_names: dict[str, str]) -> dict[str, tuple[int, ...]]:
+        """Per factorised projection q ([out, in]): bases [K_j, in], per expert ``coef`` [out, K], MoBE's ``mix``
+        [E, m], per group the residual ``eta`` [a]; a projection kept dense: per expert ``weight`` [out, in];
+        with a residual, its bucket counts [a]."""
+        a = self.residual_size
+        out: dict[str, tuple[int, ...]] = {}
+        for p in PROJECTIONS:
+            name = proj_names[p]
+            out_dim, in_dim = matrix_shape(p, self.hidden_size, self.intermediate_size)
+            if p not in self.basis_ranks:
+                out.update({names.dense_name(self.prefix, e, name): (out_dim, in_dim) for e in range(self.num_experts)})
+                continue
+            bases = self.basis_ranks[p]
+            out.update({names.basis_name(self.prefix, j, name): (r, in_dim) for j, r in enumerate(bases)})
+            out.update({names.coef_name(self.prefix, e, name): (out_dim, r) for e, r in enumerate(self.ranks[p])})
+            if self.mixed:
+                out[names.mix_name(self.prefix, name)] = (self.num_experts, len(bases))
+            if a:
+                out.update({names.eta_name(self.prefix, g, name): (a,) for g in range(len(self.groups))})
+        if a:
+            out[names.counts_name(self.prefix)] = (a,)
+        return out
 
 
 LAYER_SPECS: dict[str, type[LayerSpec]] = {cls.scheme: cls for cls in (BaseDeltaSpec, SparseLowRankSpec,
