@@ -6,10 +6,19 @@ import time
 
 
 def weight_bytes(model) -> tuple[int, int]:
-    """Bytes of all parameters and of the MoE expert parameters of the loaded model (runs in the worker)."""
+    """Bytes of all weights and of the MoE expert weights of the loaded model (runs in the worker): the
+    parameters, plus the layouts the plugin's C++ CPU backend keeps as ``moe_compress_cpu_*`` buffers (it frees
+    the parameters those copied, scheme.py ``release_copied_parameters``); a tensor shared by both counts once."""
     total = experts = 0
-    for name, p in model.named_parameters():
-        n = p.numel() * p.element_size()
+    seen = set()
+    tensors = [*model.named_parameters(remove_duplicate=False),
+               *((n, b) for n, b in model.named_buffers(remove_duplicate=False) if "moe_compress_cpu_" in n)]
+    for name, t in tensors:
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if not t.numel() or key in seen:
+            continue
+        seen.add(key)
+        n = t.numel() * t.element_size()
         total += n
         experts += n if ".experts." in name else 0
     return total, experts
