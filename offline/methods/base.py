@@ -70,12 +70,17 @@ class CompressionMethod(ABC):
         """Method options recorded in quantization_config.method_options."""
         return {}
 
-    def layer_budget_weights(self, model, samples, shapes: dict[int, LayerShape], keep_fraction: float,
+    def layer_budget_weights(self, source, samples, shapes: dict[int, LayerShape], keep_fraction: float,
                              batch_size: int) -> dict[int, float] | None:
         """Relative per-layer budgets (kept fraction of each layer's expert parameters, averaging
-        ``keep_fraction``), or None for the even split. Called once with the loaded model and the calibration
-        windows, before calibration."""
+        ``keep_fraction``), or None for the even split. Called once with the streamed source model
+        (offline/source_model.py) and the calibration windows, before calibration."""
         return None
+
+    def use_layer_budget_weights(self, weights: dict[int, float] | None) -> None:
+        """The per-layer budget weights this run uses: just computed by :meth:`layer_budget_weights`, or read
+        back from the journal of an interrupted run (offline/workdir.py). Methods that record them in
+        :meth:`options` keep them here."""
 
     def capacity(self, shape: LayerShape) -> int:
         """The most rank-dependent parameters a layer can use (the ratio's lower bound, budget.py)."""

@@ -224,10 +224,12 @@ class RSMoE(CompressionMethod):
     def fixed_params(self, shape: LayerShape) -> int:
         return 0 if self.base == "none" else shape.hidden_size * shape.intermediate_size
 
-    def layer_budget_weights(self, model, samples, shapes, keep_fraction, batch_size):
-        self.layer_keep = layer_keep_fractions(self.allocation, model, samples, shapes, keep_fraction, batch_size,
-                                               self.mi)
-        return self.layer_keep or None
+    def layer_budget_weights(self, source, samples, shapes, keep_fraction, batch_size):
+        return layer_keep_fractions(self.allocation, source, samples, shapes, keep_fraction, batch_size,
+                                    self.mi) or None
+
+    def use_layer_budget_weights(self, weights):
+        self.layer_keep = dict(weights or {})
 
     def compress_layer(self, weights, stats, fisher, budget: int, shape: LayerShape,
                        next_weights: ExpertWeights | None = None) -> SparseLowRankLayer:
