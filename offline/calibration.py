@@ -319,6 +319,7 @@ def forward_layerwise(
             finally:
                 if remove is not None:
                     remove()
+        del layer  # the layer's weights are freed before the caller compresses it
         after_layer(index, hidden)
 
 

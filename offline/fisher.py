@@ -92,6 +92,7 @@ def expert_fisher(
                     acc = sums.setdefault(index, {k: torch.zeros_like(v) for k, v in squares.items()})
                     for k, v in squares.items():
                         acc[k] += v
+        del layer, experts  # free this layer before the next one is built
         inputs[index] = []
     count = samples.shape[0]
     return {layer: {k: v / count for k, v in sums[layer].items()} for layer in moe_layers}

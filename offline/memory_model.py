@@ -77,7 +77,7 @@ def check_memory(estimate: MemoryEstimate, available: int | None = None) -> None
     """Log the estimate; refuse (one line, naming the options that lower it) when it exceeds ``available``
     (default: the memory the OS reports available now)."""
     available = psutil.virtual_memory().available if available is None else available
-    log.info("expected peak memory %.2f GiB (%s, runtime %.2f; GiB), available %.2f GiB",
+    log.info("expected peak memory %.2f GiB (GiB: %s, runtime %.2f); available %.2f GiB",
              estimate.total / GIB, estimate.describe(), RUNTIME_ALLOWANCE / GIB, available / GIB)
     if estimate.total > available:
         largest = max(estimate.parts, key=estimate.parts.get)

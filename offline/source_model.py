@@ -144,8 +144,13 @@ class StreamedModel:
         experts = self._expert_keys.get(index)
         if not experts:
             raise CheckpointError(f"layer {index} of {self.model_dir} has no routed experts")
-        return {p: torch.stack([self.ckpt.get(experts[e][p]).double() for e in range(len(experts))])
-                for p in PROJECTIONS}
+        weights = {}
+        for p in PROJECTIONS:
+            first = self.ckpt.get(experts[0][p])
+            weights[p] = torch.empty(len(experts), *first.shape, dtype=torch.float64)
+            for e in range(len(experts)):  # filled in place: no second copy of the layer while stacking
+                weights[p][e].copy_(self.ckpt.get(experts[e][p]))
+        return weights
 
     def fused_gate_up(self, index: int, expert: int) -> torch.Tensor:
         """Expert ``expert`` of MoE layer ``index``: its gate and up weights stacked, [2I, H] float32 (one row
