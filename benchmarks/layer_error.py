@@ -25,15 +25,16 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from vllm_moe_compress.format import PROJECTIONS
-from vllm_moe_compress.offline.architectures import architecture_for, moe_block
+from vllm_moe_compress.offline.architectures import architecture_for
 from vllm_moe_compress.offline.budget import plan_budget
 from vllm_moe_compress.offline.calibration import calibration_windows, read_calibration_text, run_layerwise
 from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, read_config
 from vllm_moe_compress.offline.compress import build_method, find_moe_layers
-from vllm_moe_compress.offline.methods.base import LayerInputs, expert_weights, input_gram
+from vllm_moe_compress.offline.methods.base import LayerInputs, input_gram
+from vllm_moe_compress.offline.source_model import StreamedModel
 
 
 def parse_method(entry: str):
@@ -107,12 +108,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     samples = calibration_windows(tokenizer, read_calibration_text(args.calib_file), args.calib_samples,
                                   args.calib_seqlen, 0)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    source = StreamedModel(args.model, ckpt)
     result = {"settings": vars(args) | {"out": str(args.out)}, "layers": {}}
 
     def on_layer(layer, stats, hidden) -> None:
         shape = layout.shapes[layer]
-        weights = expert_weights(moe_block(model, layer).experts)
+        weights = source.expert_weights(layer)
         row = {"energy": energy_split(weights, stats), "error": {}}
         for (entry, ratio), plan in plans.items():
             compressed = methods[entry].compress_layer(
@@ -124,7 +125,7 @@ def main() -> None:
             f"{p} {v['base']:.3f}/{v['delta']:.3f}" for p, v in row["energy"].items()), flush=True)
         result["layers"][layer] = row
 
-    run_layerwise(model, {l: (s.num_experts, s.hidden_size, s.intermediate_size) for l, s in layout.shapes.items()},
+    run_layerwise(source, {l: (s.num_experts, s.hidden_size, s.intermediate_size) for l, s in layout.shapes.items()},
                   samples, 8, on_layer, progress=False)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

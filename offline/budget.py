@@ -118,3 +118,27 @@ def allocate_ranks(budget: int, shape: LayerShape, frequencies: list[float], tri
         ranks[e] += 1
         leftover -= cost
     return ranks
+
+
+@dataclass(frozen=True)
+class BudgetPlanner:
+    """One run's arguments to :func:`plan_budget`, fixed when the run starts; :meth:`plan` plans with them,
+    with a method's per-layer weights (RS-MoE's MI allocation) once those are known."""
+
+    total_params: int
+    shapes: dict[int, LayerShape]
+    ratio: float
+    fixed_params: dict[int, int]
+    capacity: dict[int, int]
+    method: str
+    hint: str = ""
+
+    @classmethod
+    def for_method(cls, total_params: int, shapes: dict[int, LayerShape], ratio: float, method) -> "BudgetPlanner":
+        """The planner of a compression method (offline/methods/base.py: fixed_params, capacity, hint)."""
+        return cls(total_params, shapes, ratio, {l: method.fixed_params(s) for l, s in shapes.items()},
+                   {l: method.capacity(s) for l, s in shapes.items()}, method.name, method.unreachable_hint())
+
+    def plan(self, layer_weights: dict[int, float] | None = None) -> BudgetPlan:
+        return plan_budget(self.total_params, self.shapes, self.ratio, self.fixed_params, self.capacity,
+                           self.method, self.hint, layer_weights)

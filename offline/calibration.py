@@ -4,9 +4,10 @@ The pass follows GPTQ / llm-compressor sequential pipelines: the calibration bat
 embedding once (the arguments decoder layer 0 receives are captured, so masks and rotary embeddings are
 the model's own), then through one decoder layer at a time. While an MoE layer runs, a hook on its
 experts module sees the model's own routing and accumulates that layer's statistics; after the layer,
-the caller compresses it and the statistics are dropped. Only the hidden states of the calibration set
-and one layer's statistics are alive at any time. Hidden states are propagated through the *original*
-layers (as lliai/D2MoE's get_scale does).
+the caller compresses it and the statistics are dropped. The layers come from a streamed source
+(offline/source_model.py): only the hidden states of the calibration set (in RAM; they are not spilled to
+disk), one decoder layer and one layer's statistics are alive at any time. Hidden states are propagated
+through the *original* layers (as lliai/D2MoE's get_scale does).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .architectures import moe_block
 
 log = logging.getLogger(__name__)
 
@@ -95,32 +95,120 @@ class ActivationMoments:
 
 
 @dataclass
+class RoutedBatch:
+    """What an MoE layer's experts module received for one calibration batch, grouped by expert: the inputs
+    ``hidden`` [T, H] and, per expert e, its routed token indices ``tokens[starts[e]:starts[e] + counts[e]]``."""
+
+    hidden: torch.Tensor
+    tokens: torch.Tensor
+    counts: list[int]
+    starts: list[int]
+
+    def inputs(self, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s routed inputs in this batch, [n, H] float32."""
+        start = self.starts[expert]
+        return self.hidden[self.tokens[start : start + self.counts[expert]]].float()
+
+
+def intermediate(gate_up: torch.Tensor, act_fn, x: torch.Tensor) -> torch.Tensor:
+    """act(x W_gateᵀ) ⊙ x W_upᵀ for one expert's fused ``gate_up`` [2I, H] (gate rows first), float64."""
+    gate, up = (x @ gate_up.float().T).chunk(2, dim=-1)
+    return (act_fn(gate) * up).double()
+
+
+class ExpertGrams:
+    """One MoE layer's per-expert Grams, computed on demand ``chunk`` experts at a time (float64).
+
+    ``grams[e]`` is Σ over calibration batches of vₑᵀ vₑ, with vₑ expert e's routed inputs (``kind="input"``,
+    [H, H]) or its intermediate act(g)·u (``kind="inter"``, [I, I], from ``gate_up(e)``, the expert's fused
+    weights). Only the chunk holding the last expert asked for is kept: a pass over a layer's experts costs
+    one pass over the cached routed inputs per chunk and [chunk, H, H] memory, whatever the number of experts.
+    Each Gram is summed batch by batch in calibration order, so the values do not depend on ``chunk``.
+    Float64 stays: the Grams are Cholesky-factorised or eigendecomposed (linalg.py) and are sums of up to
+    millions of rank-one terms whose small eigenvalues decide the whitening; float32 would lose them.
+    """
+
+    def __init__(self, kind: str, num_experts: int, size: int, batches: list[RoutedBatch], chunk: int,
+                 gate_up=None, act_fn=None):
+        self.kind, self.num_experts, self.size, self.batches, self.chunk = kind, num_experts, size, batches, chunk
+        self.gate_up, self.act_fn = gate_up, act_fn
+        self._first, self._cached = -1, None
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        first = expert - expert % self.chunk
+        if first != self._first:
+            self._cached, self._first = None, first  # free the previous chunk before computing the next
+            self._cached = self._compute(range(first, min(first + self.chunk, self.num_experts)))
+        return self._cached[expert - first]
+
+    @torch.no_grad()
+    def _compute(self, experts: range) -> torch.Tensor:
+        grams = torch.zeros(len(experts), self.size, self.size, dtype=torch.float64)
+        weights = {e: self.gate_up(e) for e in experts} if self.kind == "inter" else {}
+        for batch in self.batches:
+            for i, e in enumerate(experts):
+                if batch.counts[e] == 0:
+                    continue
+                x = batch.inputs(e)
+                v = intermediate(weights[e], self.act_fn, x) if self.kind == "inter" else x.double()
+                grams[i] += v.T @ v
+        return grams
+
+    def diagonal(self, dim1: int = 1, dim2: int = 2) -> torch.Tensor:
+        """[E, size]: every expert's Gram diagonal (as ``Tensor.diagonal(dim1=1, dim2=2)`` of the stacked Grams)."""
+        if (dim1, dim2) != (1, 2):
+            raise ValueError("ExpertGrams.diagonal is over each expert's Gram (dim1=1, dim2=2)")
+        return torch.stack([self[e].diagonal() for e in range(self.num_experts)])
+
+
+@dataclass
 class ExpertStatistics:
-    """Statistics of one MoE layer over the calibration set (float64 accumulators).
+    """Statistics of one MoE layer over the calibration set (float64).
 
     counts[e]        tokens routed to expert e
     weight_sums[e]   sum of the routing weights those tokens gave e
-    input_gram[e]    Xₑᵀ Xₑ over e's routed inputs           [E, H, H]
-    inter_gram[e]    Hₑᵀ Hₑ over e's intermediate act(g)·u   [E, I, I]
+    input_gram[e]    Xₑᵀ Xₑ over e's routed inputs           [H, H]  (ExpertGrams: computed per chunk of experts)
+    inter_gram[e]    Hₑᵀ Hₑ over e's intermediate act(g)·u   [I, I]
     moments          per-channel activation moments (only for methods that ask, e.g. RS-MoE)
     """
 
     counts: torch.Tensor
     weight_sums: torch.Tensor
-    input_gram: torch.Tensor
-    inter_gram: torch.Tensor
+    input_gram: torch.Tensor | ExpertGrams
+    inter_gram: torch.Tensor | ExpertGrams
     moments: ActivationMoments | None = None
+    batches: list[RoutedBatch] | None = None
 
     @classmethod
-    def zeros(cls, num_experts: int, hidden: int, intermediate: int,
+    def zeros(cls, num_experts: int, hidden: int, intermediate_size: int,
               moment_samples: int | None = None) -> "ExpertStatistics":
-        """``moment_samples``: also collect :class:`ActivationMoments`, keeping that many inputs per expert."""
+        """Zero statistics with dense [E, H, H] / [E, I, I] Gram tensors, to be filled directly (synthetic layers)."""
         f64 = torch.float64
         return cls(
             torch.zeros(num_experts, dtype=torch.int64), torch.zeros(num_experts, dtype=f64),
             torch.zeros(num_experts, hidden, hidden, dtype=f64),
-            torch.zeros(num_experts, intermediate, intermediate, dtype=f64),
-            None if moment_samples is None else ActivationMoments.zeros(num_experts, intermediate, moment_samples),
+            torch.zeros(num_experts, intermediate_size, intermediate_size, dtype=f64),
+            None if moment_samples is None else ActivationMoments.zeros(num_experts, intermediate_size, moment_samples),
+        )
+
+    @classmethod
+    def collect(cls, num_experts: int, hidden: int, intermediate_size: int, gate_up, moment_samples: int | None = None,
+                chunk: int | None = None) -> "ExpertStatistics":
+        """Empty statistics to :meth:`accumulate` into; the Grams are computed afterwards, ``chunk`` experts at a
+        time (all at once when None), from the routed inputs kept per batch and ``gate_up(e)``, expert e's fused
+        gate/up weights [2I, H]. ``moment_samples``: also collect :class:`ActivationMoments`, keeping that many
+        inputs per expert."""
+        chunk = num_experts if chunk is None else max(1, min(chunk, num_experts))
+        batches: list[RoutedBatch] = []
+        return cls(
+            torch.zeros(num_experts, dtype=torch.int64), torch.zeros(num_experts, dtype=torch.float64),
+            ExpertGrams("input", num_experts, hidden, batches, chunk),
+            ExpertGrams("inter", num_experts, intermediate_size, batches, chunk, gate_up),
+            None if moment_samples is None else ActivationMoments.zeros(num_experts, intermediate_size, moment_samples),
+            batches,
         )
 
     @property
@@ -129,7 +217,8 @@ class ExpertStatistics:
         return (self.counts.double() / total).tolist()
 
     def accumulate(self, experts_module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """Hook body: ``experts_module`` is transformers' fused experts (gate_up_proj [E, 2I, H], down_proj)."""
+        """Hook body: ``experts_module`` is transformers' fused experts (gate_up_proj [E, 2I, H], down_proj).
+        Counts, routing weights and moments are summed now; the batch's inputs are kept for the Grams."""
         num_experts = self.counts.numel()
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -137,25 +226,25 @@ class ExpertStatistics:
         weights = top_k_weights.reshape(-1)[order].double()
         counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
         self.counts += counts
-        start = 0
-        for e, n in enumerate(counts.tolist()):
+        counts = counts.tolist()
+        starts = [0, *torch.tensor(counts).cumsum(0).tolist()[:-1]]
+        batch = RoutedBatch(hidden.detach(), tokens, counts, starts)
+        self.batches.append(batch)
+        self.inter_gram.act_fn = experts_module.act_fn
+        for e, n in enumerate(counts):
             if n == 0:
                 continue
-            idx, routing = tokens[start : start + n], weights[start : start + n]
+            routing = weights[starts[e] : starts[e] + n]
             self.weight_sums[e] += routing.sum()
-            start += n
-            x = hidden[idx].float()
-            gate, up = (x @ experts_module.gate_up_proj[e].float().T).chunk(2, dim=-1)
-            inter = (experts_module.act_fn(gate) * up).double()
-            x = x.double()
-            self.input_gram[e] += x.T @ x
-            self.inter_gram[e] += inter.T @ inter
             if self.moments is not None:
-                self.moments.add(e, inter, x, routing)
+                x = batch.inputs(e)
+                inter = intermediate(experts_module.gate_up_proj[e], experts_module.act_fn, x)
+                self.moments.add(e, inter, x.double(), routing)
 
 
-def _capture_layer0_inputs(model, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
-    """Run the embedding and capture what decoder layer 0 is called with, per batch."""
+def capture_layer0_inputs(model, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
+    """Run the embedding and capture what decoder layer 0 is called with, per batch (the layers are never
+    reached, so they may stay on the ``meta`` device)."""
 
     class _Stop(Exception):
         pass
@@ -178,16 +267,64 @@ def _capture_layer0_inputs(model, batches: list[torch.Tensor]) -> list[tuple[tup
     return captured
 
 
-def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable]:
-    """The hidden-state argument and a function that rebuilds (args, kwargs) around a new one."""
+def call_layer(layer, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor:
+    """``layer`` on ``hidden`` with the other arguments layer 0 received in ``call`` (mask, rotary...)."""
+    args, kwargs = call
     if args:
-        return args[0], lambda h: ((h, *args[1:]), kwargs)
-    return kwargs["hidden_states"], lambda h: (args, {**kwargs, "hidden_states": h})
+        args = (hidden, *args[1:])
+    else:
+        kwargs = {**kwargs, "hidden_states": hidden}
+    out = layer(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _layer0_hidden(call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
 
 
 @torch.no_grad()
+def forward_layerwise(
+    source,
+    samples: torch.Tensor,
+    batch_size: int,
+    after_layer: Callable[[int, list[torch.Tensor]], None],
+    *,
+    observe: Callable[[int, torch.nn.Module], Callable[[], None] | None] | None = None,
+    start_layer: int = 0,
+    start_hidden: list[torch.Tensor] | None = None,
+    progress: bool = True,
+    desc: str = "calibrating layers",
+) -> None:
+    """Push ``samples`` [N, L] through ``source`` (offline/source_model.py) one decoder layer at a time.
+
+    Only one decoder layer is materialised at a time. ``observe(index, layer)``, called with each layer
+    before the batches go through it, may install hooks and return a function that removes them;
+    ``after_layer(index, hidden)`` receives the hidden states leaving layer ``index`` (one tensor per batch)
+    after the layer is freed. To resume, pass ``start_layer`` and the hidden states entering it.
+    """
+    calls = capture_layer0_inputs(source.model, list(samples.split(batch_size)))
+    hidden = start_hidden if start_hidden is not None else [_layer0_hidden(c) for c in calls]
+    if len(hidden) != len(calls):
+        raise ValueError(f"{len(hidden)} hidden-state batches to resume from, expected {len(calls)}")
+    hidden = list(hidden)
+    total = source.num_layers
+    for index in tqdm(range(start_layer, total), desc=desc, unit="layer", disable=not progress,
+                      initial=start_layer, total=total):
+        with source.layer(index) as layer:
+            remove = observe(index, layer) if observe is not None else None
+            try:
+                for b, call in enumerate(calls):
+                    hidden[b] = call_layer(layer, call, hidden[b])
+            finally:
+                if remove is not None:
+                    remove()
+        del layer  # the layer's weights are freed before the caller compresses it
+        after_layer(index, hidden)
+
+
 def run_layerwise(
-    model,
+    source,
     moe_layers: dict[int, tuple[int, int, int]],
     samples: torch.Tensor,
     batch_size: int,
@@ -197,39 +334,28 @@ def run_layerwise(
     *,
     start_layer: int = 0,
     start_hidden: list[torch.Tensor] | None = None,
+    expert_chunk: int | None = None,
 ) -> None:
-    """Push ``samples`` [N, L] through ``model`` one decoder layer at a time.
+    """Calibrate: :func:`forward_layerwise` with a hook on every MoE layer's experts collecting its statistics.
 
-    ``moe_layers[L] = (num_experts, hidden, intermediate)``; after MoE layer L has seen every batch,
-    ``on_moe_layer(L, stats, hidden)`` is called (compress and write it there) with the hidden states
-    leaving layer L, one tensor per batch. To resume, pass ``start_layer`` and the hidden states entering it
-    (``start_hidden``, as ``on_moe_layer`` received them after the layer before). ``moment_samples``: see
-    :meth:`ExpertStatistics.zeros`.
+    ``moe_layers[L] = (num_experts, hidden, intermediate)``; after MoE layer L has seen every batch (and has
+    been freed), ``on_moe_layer(L, stats, hidden)`` is called (compress and write it there) with the hidden
+    states leaving layer L. ``moment_samples``, ``expert_chunk``: see :meth:`ExpertStatistics.collect` (the
+    experts' gate/up weights for the intermediate Grams are read back from ``source`` per chunk).
     """
-    batches = list(samples.split(batch_size))
-    calls = _capture_layer0_inputs(model, batches)
-    hidden = start_hidden if start_hidden is not None else [_split_hidden(a, k)[0] for a, k in calls]
-    if len(hidden) != len(calls):
-        raise ValueError(f"{len(hidden)} hidden-state batches to resume from, expected {len(calls)}")
-    layers = model.model.layers
-    for index in tqdm(range(start_layer, len(layers)), desc="calibrating layers", unit="layer",
-                      disable=not progress, initial=start_layer, total=len(layers)):
-        stats = handle = None
-        if index in moe_layers:
-            stats = ExpertStatistics.zeros(*moe_layers[index], moment_samples)
-            experts = moe_block(model, index).experts
-            handle = experts.register_forward_pre_hook(
-                lambda module, args: stats.accumulate(module, *args)
-            )
-        try:
-            for b, (args, kwargs) in enumerate(calls):
-                _, rebuild = _split_hidden(args, kwargs)
-                call_args, call_kwargs = rebuild(hidden[b])
-                out = layers[index](*call_args, **call_kwargs)
-                hidden[b] = out[0] if isinstance(out, tuple) else out
-        finally:
-            if handle is not None:
-                handle.remove()
-        if stats is not None:
-            on_moe_layer(index, stats, hidden)
+    current: dict[int, ExpertStatistics] = {}
+
+    def observe(index: int, layer) -> Callable[[], None] | None:
+        if index not in moe_layers:
+            return None
+        stats = current[index] = ExpertStatistics.collect(
+            *moe_layers[index], lambda e: source.fused_gate_up(index, e), moment_samples, expert_chunk)
+        return layer.mlp.experts.register_forward_pre_hook(lambda module, args: stats.accumulate(module, *args)).remove
+
+    def after_layer(index: int, hidden: list[torch.Tensor]) -> None:
+        if index in current:
+            on_moe_layer(index, current.pop(index), hidden)
             log.info("layer %d done; peak RSS %.1f MiB", index, peak_rss_bytes() / 2**20)
+
+    forward_layerwise(source, samples, batch_size, after_layer, observe=observe, start_layer=start_layer,
+                      start_hidden=start_hidden, progress=progress)

@@ -110,6 +110,9 @@ def _add_compress(sub) -> None:
     g.add_argument("--calib-seqlen", type=_positive, default=512, help="tokens per window (default 512)")
     g.add_argument("--calib-batch-size", type=_positive, default=8, help="windows per forward pass (default 8)")
     g.add_argument("--seed", type=int, default=0, help="seed for window sampling, Fisher labels and RS-MoE's MINE (default 0)")
+    g.add_argument("--expert-chunk", type=_positive, default=16,
+                   help="experts whose Grams are in memory at once (default 16; any value gives the same result, "
+                   "smaller needs less memory and more passes over the layer's calibration inputs)")
     g.add_argument("--fisher-samples", type=_positive, default=32,
                    help="calibration windows for D²-MoE's Fisher merge (--method d2 --merge fisher; default 32)")
     g.add_argument("--fisher-labels", choices=FISHER_LABELS, default="sampled",
@@ -236,7 +239,7 @@ def run_compress(args) -> int:
     )
     info = compress_checkpoint(
         args.model_dir, args.output, method, args.ratio, calibration, dtype=args.dtype, overwrite=args.overwrite,
-        max_shard_bytes=args.max_shard_size * 2**20, progress=not args.no_progress,
+        max_shard_bytes=args.max_shard_size * 2**20, progress=not args.no_progress, expert_chunk=args.expert_chunk,
     )
     print(f"wrote {args.output}: {args.method}, {info.original_params:,} -> {info.compressed_params:,} parameters, "
           f"ratio {info.achieved_ratio:.4f} (target {info.target_ratio}), routed experts {info.expert_ratio:.4f}")

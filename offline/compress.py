@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import json
 import logging
 import shutil
@@ -19,24 +18,25 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 
-from .architectures import MoEArchitecture, architecture_for, moe_block
-from .budget import BudgetPlan, LayerShape, plan_budget
+from .architectures import MoEArchitecture, architecture_for
+from .budget import BudgetPlan, BudgetPlanner, LayerShape
 from .calibration import calibration_windows, peak_rss_bytes, read_calibration_text, run_layerwise
 from .checkpoint_io import (
     CheckpointError, DiskFullError, SafetensorsCheckpoint, ShardedWriter, atomic_output_dir, copy_side_files, read_config,
 )
 from .fisher import expert_fisher
+from .memory_model import check_memory, estimate_peak
+from .source_model import StreamedModel
 from vllm_moe_compress.format import STATS_FILE, CompressionInfo, LayerSpec
 from .method_options import MethodOptions, options_for
 from .methods import METHODS, CompressionMethod
-from .methods.base import LayerInputs, expert_weights
+from .methods.base import LayerInputs
 from .output_safety import check_output_path
 from .workdir import WorkDir, crash_point, run_arguments
 
@@ -109,10 +109,12 @@ def find_moe_layers(ckpt: SafetensorsCheckpoint, arch: MoEArchitecture, config) 
 def compress_checkpoint(
     model_dir: str | Path, out_dir: str | Path, method: CompressionMethod, ratio: float,
     calibration: CalibrationOptions, dtype: str = "bfloat16", overwrite: bool = False,
-    max_shard_bytes: int = 2 * 1024**3, progress: bool = True,
+    max_shard_bytes: int = 2 * 1024**3, progress: bool = True, expert_chunk: int | None = 16,
 ) -> CompressionInfo:
     """Compress ``model_dir`` into ``out_dir``, resuming from the work directory of an interrupted run with the
-    same arguments (offline/workdir.py). Every input is validated before anything is written."""
+    same arguments (offline/workdir.py). Every input is validated before anything is written. ``expert_chunk``:
+    experts whose Grams are computed at once (calibration.ExpertGrams; None = a whole layer), a memory/time
+    trade-off that does not change the result (so it is not part of the work directory's key)."""
     started = time.perf_counter()
     check_output_path(model_dir, out_dir, overwrite)
     model_dir = Path(model_dir)
@@ -121,19 +123,17 @@ def compress_checkpoint(
     ckpt = SafetensorsCheckpoint(model_dir)
     layout = find_moe_layers(ckpt, arch, AutoConfig.from_pretrained(model_dir))
     total = sum(ckpt.numel(k) for k in ckpt.keys())
-    plan_for = functools.partial(
-        plan_budget, total, layout.shapes, ratio,
-        fixed_params={l: method.fixed_params(s) for l, s in layout.shapes.items()},
-        capacity={l: method.capacity(s) for l, s in layout.shapes.items()},
-        method=method.name, hint=method.unreachable_hint(),
-    )
-    plan = plan_for()
+    planner = BudgetPlanner.for_method(total, layout.shapes, ratio, method)
+    plan = planner.plan()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = read_calibration_text(calibration.file)
     samples = calibration_windows(tokenizer, text, calibration.samples, calibration.seqlen, calibration.seed)
+    # logs the expected peak; refuses before anything is written when it cannot fit the available memory
+    check_memory(estimate_peak(ckpt, layout, int(config.get("num_hidden_layers", 0)), method, calibration,
+                               expert_chunk))
     work = WorkDir(out_dir, run_arguments(model_dir, method, ratio, calibration, dtype))
-    job = _Job(model_dir, Path(out_dir), config, arch, ckpt, layout, method, plan, plan_for, ratio, calibration, dtype,
-               work)
+    job = _Job(model_dir, Path(out_dir), config, arch, ckpt, layout, method, plan, planner, ratio, calibration, dtype,
+               work, expert_chunk)
     try:
         with work, _log_to(work.log_path):
             log.info("%s: %d MoE layers, %s parameters; calibration %d x %d tokens from %s",
@@ -186,11 +186,12 @@ class _Job:
     layout: MoELayout
     method: CompressionMethod
     plan: BudgetPlan
-    plan_for: Callable[..., BudgetPlan]  # plan_budget with this run's arguments; layer_weights may be added
+    planner: BudgetPlanner  # re-plans once the method's per-layer budget weights are known
     ratio: float
     calibration: CalibrationOptions
     dtype: str
     work: WorkDir
+    expert_chunk: int | None
 
 
 def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
@@ -200,30 +201,31 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
     moe_layers = sorted(layout.shapes)
     finished = work.finished_layers(moe_layers)
     todo = moe_layers[len(finished):]
+    source = StreamedModel(job.model_dir, job.ckpt, job.arch)  # one decoder layer in memory at a time
+    # The per-layer budgets are journaled before any layer; a resumed run reads them back (and hands them to
+    # the per-layer records) even when every layer is already finished.
+    layer_weights = work.layer_weights(lambda: method.layer_budget_weights(
+        source, samples, layout.shapes, job.plan.kept_fraction, calibration.batch_size))
+    if layer_weights:
+        job.plan = job.planner.plan(layer_weights)
     if not todo:
         log.info("resuming: all %d MoE layers already compressed in %s", len(moe_layers), work.path)
         return True
     if finished:
         log.info("resuming from layer %d: %d of %d MoE layers already compressed in %s",
                  todo[0], len(finished), len(moe_layers), work.path)
-    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32).eval()
-    layer_weights = work.layer_weights(lambda: method.layer_budget_weights(
-        model, samples, layout.shapes, job.plan.kept_fraction, calibration.batch_size))
-    if layer_weights:
-        job.plan = job.plan_for(layer_weights=layer_weights)
     fisher = {}
     if method.needs_fisher:
         fisher = work.fisher(lambda: expert_fisher(
-            model, moe_layers, samples[: calibration.fisher_samples], calibration.fisher_labels,
+            source, moe_layers, samples[: calibration.fisher_samples], calibration.fisher_labels,
             calibration.fisher_granularity, calibration.seed, progress,
         ))
 
     def on_moe_layer(layer: int, stats, hidden) -> None:
         shape, prefix = layout.shapes[layer], layout.prefixes[layer]
-        weights = expert_weights(moe_block(model, layer).experts)
+        weights = source.expert_weights(layer)
         following = [l for l in moe_layers if l > layer]
-        next_weights = (expert_weights(moe_block(model, following[0]).experts)
-                        if method.needs_next_layer and following else None)
+        next_weights = source.expert_weights(following[0]) if method.needs_next_layer and following else None
         result = method.compress_layer(LayerInputs(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer],
                                                    shape, next_weights))
         compressed = result.layer
@@ -237,11 +239,11 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
         work.commit_layer(layer, compressed.to_tensors(prefix, job.arch.proj_names, DTYPES[job.dtype]), record, hidden)
 
     run_layerwise(
-        model, {l: (layout.shapes[l].num_experts, layout.shapes[l].hidden_size, layout.shapes[l].intermediate_size)
+        source, {l: (layout.shapes[l].num_experts, layout.shapes[l].hidden_size, layout.shapes[l].intermediate_size)
                 for l in todo},
         samples, calibration.batch_size, on_moe_layer, progress, method.moment_samples,
         start_layer=finished[-1] + 1 if finished else 0,
-        start_hidden=work.hidden_after(finished[-1]) if finished else None,
+        start_hidden=work.hidden_after(finished[-1]) if finished else None, expert_chunk=job.expert_chunk,
     )
     work.drop_hidden_states()
     return bool(finished)

@@ -1,7 +1,8 @@
 """Layer-wise parameter budgets from mutual information (RS-MoE §3.5, App. A.3).
 
-1. Feed the calibration windows through the original model; the output of every MoE layer l is mean-pooled
-   over each window's tokens (masked pooling; our windows have no padding) into z^l [N, H].
+1. Feed the calibration windows through the original model (streamed layer by layer); the output of every
+   MoE layer l is mean-pooled over each window's tokens (masked pooling; our windows have no padding) into
+   z^l [N, H].
 2. For each pair of adjacent MoE layers train a MINE statistics network T(z^l, z^{l+1}) (Belghazi et al.
    2018) on the Donsker–Varadhan bound  I ≥ E_joint[T] − log E_marginal[e^T]  (marginal pairs: z^{l+1}
    shuffled across windows) and keep the bound on all windows as the MI estimate. Choices: features are
@@ -28,28 +29,24 @@ from scipy.optimize import minimize
 from torch import nn
 
 from .budget import LayerShape
+from .calibration import forward_layerwise
 
 log = logging.getLogger(__name__)
 from .choices import ALLOCATIONS
 from .method_options import MIOptions
 
 
-@torch.no_grad()
-def pooled_layer_outputs(model, samples: torch.Tensor, layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
-    """z^l [N, H]: every MoE layer's output hidden states, mean-pooled over each window's tokens."""
-    pooled: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    handles = [
-        model.model.layers[l].register_forward_hook(
-            lambda _m, _a, out, l=l: pooled[l].append((out[0] if isinstance(out, tuple) else out).float().mean(1)))
-        for l in layers
-    ]
-    try:
-        for batch in samples.split(batch_size):
-            model(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {l: torch.cat(chunks) for l, chunks in pooled.items()}
+def pooled_layer_outputs(source, samples: torch.Tensor, layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
+    """z^l [N, H]: every MoE layer's output hidden states, mean-pooled over each window's tokens, from one
+    layer-streamed pass through ``source`` (offline/source_model.py)."""
+    pooled: dict[int, torch.Tensor] = {}
+
+    def after_layer(index: int, hidden: list[torch.Tensor]) -> None:
+        if index in layers:
+            pooled[index] = torch.cat([h.float().mean(1) for h in hidden])
+
+    forward_layerwise(source, samples, batch_size, after_layer, progress=False)
+    return pooled
 
 
 def _standardise(z: torch.Tensor) -> torch.Tensor:
@@ -126,13 +123,13 @@ def solve_save_ratios(redundancy: list[float], sizes: list[int], mean_keep: floa
     return result.x.tolist()
 
 
-def layer_keep_fractions(allocation: str, model, samples: torch.Tensor, shapes: dict[int, LayerShape],
+def layer_keep_fractions(allocation: str, source, samples: torch.Tensor, shapes: dict[int, LayerShape],
                          mean_keep: float, batch_size: int, options: MIOptions) -> dict[int, float]:
     """Per-layer kept fraction of expert parameters (``allocation`` one of ALLOCATIONS); {} for uniform."""
     layers = sorted(shapes)
     if allocation == "uniform" or len(layers) < 2:
         return {}
-    pooled = pooled_layer_outputs(model, samples, layers, batch_size)
+    pooled = pooled_layer_outputs(source, samples, layers, batch_size)
     mi = [mine_estimate(pooled[a], pooled[b], options) for a, b in zip(layers, layers[1:])]
     redundancy = redundancy_scores(mi)
     keep = solve_save_ratios(redundancy, [shapes[l].dense_expert_params for l in layers], mean_keep, options)

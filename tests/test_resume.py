@@ -30,12 +30,12 @@ ARGS = ["--method", "d2", "--ratio", "0.05", "--calib-samples", "8", "--calib-se
 INFORMATIONAL_STATS = ("wall_time_s", "peak_rss_bytes", "resumed")
 
 
-def cli_run(model: Path, out: Path, crash_at: str | None) -> subprocess.CompletedProcess:
+def cli_run(model: Path, out: Path, crash_at: str | None, args: list[str] = ARGS) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop(CRASH_ENV, None)
     if crash_at:
         env[CRASH_ENV] = crash_at
-    return subprocess.run([sys.executable, "-m", "vllm_moe_compress.offline.cli", "compress", str(model), "-o", str(out), *ARGS],
+    return subprocess.run([sys.executable, "-m", "vllm_moe_compress.offline.cli", "compress", str(model), "-o", str(out), *args],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -100,6 +100,31 @@ def test_killed_runs_resume_to_identical_checkpoint(tiny_moe, reference, tmp_pat
     log = (out / "compress.log").read_text()
     assert log.count("method d2") == 4  # the log of every attempt is kept
     assert_same_checkpoint(out, reference)
+
+
+@pytest.mark.parametrize("method", [
+    # MI layer budgets: journaled once, read back on resume (and recorded per layer as keep_fraction)
+    ["--method", "rs", "--rs-mine-steps", "20"],
+    ["--method", "rfid", "--fit-steps", "10"],
+])
+def test_rs_and_rfid_resume_to_identical_checkpoint(tiny_moe, tmp_path, method):
+    model = tiny_moe("qwen3_moe")
+    args = [*method, *ARGS[ARGS.index("--ratio"):]]
+    run = cli_run(model, tmp_path / "ref", None, args)
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "out"
+    for crash_at in ("committed:0", "assembled"):
+        run = cli_run(model, out, crash_at, args)
+        assert run.returncode == -signal.SIGKILL, run.stderr
+    run = cli_run(model, out, None, args)
+    assert run.returncode == 0, run.stderr
+    assert "resuming: all 2 MoE layers already compressed" in run.stderr
+    assert_same_checkpoint(out, tmp_path / "ref")
+    if method[1] == "rs":
+        def keep(path):
+            layers = json.loads((path / "moe_compress_stats.json").read_text())["layers"]
+            return [layers[layer]["keep_fraction"] for layer in ("0", "1")]
+        assert keep(out) == keep(tmp_path / "ref")
 
 
 def test_different_arguments_never_share_work(tiny_moe, tmp_path):

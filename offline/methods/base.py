@@ -120,11 +120,11 @@ class CompressionMethod(ABC):
         """Method options recorded in quantization_config.method_options."""
         return self.opts.record()
 
-    def layer_budget_weights(self, model, samples, shapes: dict[int, LayerShape], keep_fraction: float,
+    def layer_budget_weights(self, source, samples, shapes: dict[int, LayerShape], keep_fraction: float,
                              batch_size: int) -> dict[int, float] | None:
         """Relative per-layer budgets (kept fraction of each layer's expert parameters, averaging
-        ``keep_fraction``), or None for the even split. Called once with the loaded model and the calibration
-        windows, before calibration."""
+        ``keep_fraction``), or None for the even split. Called once with the streamed source model
+        (offline/source_model.py) and the calibration windows, before calibration."""
         return None
 
     def capacity(self, shape: LayerShape) -> int:

@@ -197,8 +197,8 @@ class RSMoE(CompressionMethod):
     def fixed_params(self, shape: LayerShape) -> int:
         return 0 if self.opts.base == "none" else shape.hidden_size * shape.intermediate_size
 
-    def layer_budget_weights(self, model, samples, shapes, keep_fraction, batch_size):
-        return layer_keep_fractions(self.opts.allocation, model, samples, shapes, keep_fraction, batch_size,
+    def layer_budget_weights(self, source, samples, shapes, keep_fraction, batch_size):
+        return layer_keep_fractions(self.opts.allocation, source, samples, shapes, keep_fraction, batch_size,
                                     self.opts.mi) or None
 
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:

@@ -1,0 +1,60 @@
+"""The memory model (offline/memory_model.py): what it counts, and the refusal before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_moe_compress.offline import memory_model
+from vllm_moe_compress.offline.architectures import architecture_for
+from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, read_config
+from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint, find_moe_layers
+from vllm_moe_compress.offline.memory_model import MemoryBudgetError, check_memory, estimate_peak
+
+from conftest import CALIBRATION_FILE, tiny_config, write_tiny_model
+
+
+def estimate(path, method="whitened-svd", samples=8, chunk=4):
+    from transformers import AutoConfig
+
+    ckpt = SafetensorsCheckpoint(path)
+    layout = find_moe_layers(ckpt, architecture_for(read_config(path)), AutoConfig.from_pretrained(path))
+    calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=samples, seqlen=32, fisher_samples=4)
+    return estimate_peak(ckpt, layout, read_config(path)["num_hidden_layers"], build_method(method), calibration,
+                         chunk)
+
+
+@pytest.fixture(scope="module")
+def depths(tmp_path_factory):
+    models = {}
+    for layers in (2, 6):
+        config = tiny_config("qwen3_moe")
+        config.num_hidden_layers = layers
+        models[layers] = write_tiny_model(config, tmp_path_factory.mktemp(f"depth{layers}") / "m")
+    return models
+
+
+def test_estimate_does_not_grow_with_depth_but_with_samples_and_chunk(depths):
+    shallow, deep = estimate(depths[2]), estimate(depths[6])
+    assert shallow.parts == deep.parts  # one layer's worth, whatever the depth (no Fisher)
+    bigger = estimate(depths[2], samples=64)
+    assert bigger.parts["calibration activations (float32)"] == 8 * shallow.parts["calibration activations (float32)"]
+    assert estimate(depths[2], chunk=8).total > shallow.total
+    # H = 64, I = 32, hidden states and cached expert inputs in float32
+    assert shallow.parts["Grams of 4 experts (float64)"] == 4 * (64**2 + 32**2) * 8
+    assert shallow.parts["calibration activations (float32)"] == 2 * 8 * 32 * 64 * 4
+    fisher = estimate(depths[6], method="d2")
+    assert fisher.parts["Fisher layer inputs (float32)"] == 7 * 4 * 32 * 64 * 4
+
+
+def test_refusal_names_the_options_and_writes_nothing(depths, tmp_path, monkeypatch):
+    with pytest.raises(MemoryBudgetError, match="--calib-samples or --expert-chunk"):
+        check_memory(estimate(depths[2]), available=1)
+
+    class Tiny:
+        available = 1
+
+    monkeypatch.setattr(memory_model.psutil, "virtual_memory", lambda: Tiny)
+    calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=4, seqlen=32)
+    with pytest.raises(MemoryBudgetError, match=r"expected peak memory [\d.]+ GiB exceeds"):
+        compress_checkpoint(depths[2], tmp_path / "out", build_method("svd"), 0.1, calibration, progress=False)
+    assert list(tmp_path.iterdir()) == []
