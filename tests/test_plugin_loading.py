@@ -33,6 +33,7 @@ from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaExperts
 from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
 import vllm_moe_compress
 import vllm_moe_compress.kernels.base_delta_torch as torch_path
+from vllm_moe_compress.kernels.cpu_extension import available
 
 from conftest import CALIBRATION_FILE
 
@@ -169,10 +170,16 @@ def routings(spec: LayerSpec, seed: int):
         yield x, ids, weights
 
 
-@pytest.fixture(params=["masked", "grouped"])
-def strategy(request, monkeypatch) -> str:
-    """Force one of the torch path's two strategies (masked GEMMs for few pairs, grouped loop for many)."""
-    monkeypatch.setattr(torch_path, "MASKED_PATH_MAX_MACS", 2**62 if request.param == "masked" else -1)
+@pytest.fixture(params=["cpu", "masked", "grouped"])
+def backend(request, monkeypatch) -> str:
+    """Force the plugin's compute path: the C++ CPU op (the default on CPUs, scheme.py ``default_backend``), or
+    the torch op with one of its two strategies (masked GEMMs for few pairs, grouped loop for many)."""
+    if request.param == "cpu":
+        assert available(), "the C++ CPU op did not build (kernels/cpu_extension.py)"
+        monkeypatch.setattr(CompressedMoEScheme, "default_backend", lambda self, device: "cpu")
+    else:
+        monkeypatch.setattr(CompressedMoEScheme, "default_backend", lambda self, device: "torch")
+        monkeypatch.setattr(torch_path, "MASKED_PATH_MAX_MACS", 2**62 if request.param == "masked" else -1)
     return request.param
 
 
@@ -181,6 +188,13 @@ def torch_backend(monkeypatch):
     """Layers prepared for the torch op, which computes from the loaded parameters (the C++ CPU backend frees
     the parameters its layout copied): for tests that inspect the parameters as loaded."""
     monkeypatch.setattr(CompressedMoEScheme, "default_backend", lambda self, device: "torch")
+
+
+@pytest.fixture(params=["masked", "grouped"])
+def torch_strategy(request, torch_backend, monkeypatch) -> str:
+    """The torch op with each of base_delta's two strategies forced."""
+    monkeypatch.setattr(torch_path, "MASKED_PATH_MAX_MACS", 2**62 if request.param == "masked" else -1)
+    return request.param
 
 
 def plugin_forward(method, module, x, ids, weights) -> torch.Tensor:
@@ -209,7 +223,7 @@ def param_bytes(module: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_apply_equals_reference_and_dense_math(ckpt, layer, strategy):
+def test_apply_equals_reference_and_dense_math(ckpt, layer, backend):
     cfg = make_config(ckpt.qc, ckpt.dir)
     method, module = loaded_layer(cfg, ckpt, layer)
     spec = ckpt.spec(layer)
@@ -248,7 +262,7 @@ def check_variant(qc: dict, model_dir: Path, tensors: dict[str, torch.Tensor], l
     return ranks
 
 
-def test_rank_zero_projections_and_trimmed_expert(ckpt, tmp_path, strategy):
+def test_rank_zero_projections_and_trimmed_expert(ckpt, tmp_path, backend):
     """Ragged packing with holes: single projections of rank 0, and an expert with no factors (the base alone)."""
     qc = copy.deepcopy(ckpt.qc)
     ranks = qc["layers"][str(LAYER)]["ranks"]
@@ -277,7 +291,7 @@ def restrict_base(ckpt: Checkpoint, keep_channel) -> tuple[dict, dict[str, torch
     return qc, tensors, len(keep)
 
 
-def test_tensor_parallel_rank_without_base_channels(ckpt, tmp_path, strategy, torch_backend):
+def test_tensor_parallel_rank_without_base_channels(ckpt, tmp_path, torch_strategy):
     """Every kept channel in rank 0's half: rank 1 holds an empty base ([0, H] and [H, 0])."""
     spec = ckpt.spec(LAYER)
     part = spec.intermediate_size // 2
@@ -287,7 +301,7 @@ def test_tensor_parallel_rank_without_base_channels(ckpt, tmp_path, strategy, to
     assert ranks[0][1].w2_base.shape == (spec.hidden_size, kept)
 
 
-def test_dynamic_pruning_on_rank_with_few_base_channels(ckpt, tmp_path, strategy):
+def test_dynamic_pruning_on_rank_with_few_base_channels(ckpt, tmp_path, backend):
     """VLLM_MOE_COMPRESS_DYNAMIC_PRUNE=1 under TP: rank 1 keeps one channel but is asked to drop more."""
     spec = ckpt.spec(LAYER)
     part = spec.intermediate_size // 2
@@ -307,7 +321,7 @@ def test_dynamic_pruning_on_rank_with_few_base_channels(ckpt, tmp_path, strategy
         assert torch.isfinite(plugin_forward(method, module, x, ids, weights)).all()
 
 
-def test_dynamic_pruning_matches_reference_at_tp1(ckpt, strategy):
+def test_dynamic_pruning_matches_reference_at_tp1(ckpt, backend):
     """With the config's dynamic_prune_ratio (the plugin's opt-in), T=1 drops what the reference drops."""
     cfg = make_config(ckpt.qc, ckpt.dir)
     ratio = cfg.info.dynamic_prune_ratio
@@ -363,7 +377,7 @@ REPLICATED = ("w13_delta_v", "w2_delta_u")
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_tensor_parallel_ranks_sum_to_full_output(ckpt, layer, strategy, torch_backend):
+def test_tensor_parallel_ranks_sum_to_full_output(ckpt, layer, torch_strategy):
     tp = 2
     cfg = make_config(ckpt.qc, ckpt.dir)
     spec = ckpt.spec(layer)
