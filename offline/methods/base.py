@@ -37,16 +37,22 @@ def input_gram(stats: ExpertStatistics, proj: str) -> torch.Tensor:
 def factorize_experts(
     matrices: ExpertWeights, ranks: list[int], stats: ExpertStatistics | None
 ) -> dict[str, list[Factors | None]]:
-    """Rank-rᵢ factors of every expert matrix, whitened by the expert's own input Gram when ``stats``."""
-    factors: dict[str, list[Factors | None]] = {}
-    for p in PROJECTIONS:
-        factors[p] = []
-        for e, rank in enumerate(ranks):
-            if rank == 0:
+    """Rank-rᵢ factors of every expert matrix, whitened by the expert's own input Gram when ``stats``.
+
+    Expert by expert, so each Gram chunk (calibration.ExpertGrams) is computed once, and gate and up share one
+    whitening factor of the input Gram."""
+    factors: dict[str, list[Factors | None]] = {p: [] for p in PROJECTIONS}
+    for e, rank in enumerate(ranks):
+        if rank == 0:
+            for p in PROJECTIONS:
                 factors[p].append(None)
-                continue
-            whitening = whitening_factor(input_gram(stats, p)[e]) if stats is not None else None
-            factors[p].append(low_rank_factors(matrices[p][e], rank, whitening))
+            continue
+        whitening = {}
+        if stats is not None:
+            whitening["gate"] = whitening["up"] = whitening_factor(input_gram(stats, "gate")[e])
+            whitening["down"] = whitening_factor(input_gram(stats, "down")[e])
+        for p in PROJECTIONS:
+            factors[p].append(low_rank_factors(matrices[p][e], rank, whitening.get(p)))
     return factors
 
 
