@@ -17,10 +17,14 @@ Task sources (``--tasks-source``):
 vLLM runs inside this process through lm-eval's ``LLM`` object; vLLM starts its engine core in a spawned
 subprocess, so the caller's entry point must be guarded by ``if __name__ == "__main__"`` (the ``moe-compress``
 script and ``python -m vllm_moe_compress.offline.cli`` are). On CPU, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) defaults to 1 here.
+The engine is shut down explicitly once the scores are in (``_shut_down``): left to the interpreter's exit, its
+teardown raced other finalisers and once aborted the process (SIGABRT, "terminate called without an active
+exception") after a complete evaluation, which a caller sees as a failed run.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -117,6 +121,13 @@ def summarize(results: dict, tasks: tuple[str, ...]) -> dict[str, dict]:
     return out
 
 
+def _shut_down(lm) -> None:
+    """Stop lm-eval's vLLM engine (its engine-core process and client threads) now, not at interpreter exit."""
+    lm.model.llm_engine.engine_core.shutdown()
+    del lm.model
+    gc.collect()
+
+
 def evaluate_zeroshot(model_dir: str | Path, options: ZeroShotOptions) -> dict:
     """Run lm-eval (0-shot, vLLM backend) on ``model_dir``; return a JSON-ready summary."""
     if options.source not in TASK_SOURCES:
@@ -133,11 +144,17 @@ def evaluate_zeroshot(model_dir: str | Path, options: ZeroShotOptions) -> dict:
         tasks = [local_task_config(t, options.data_dir, task_manager) for t in options.tasks]
     else:
         tasks = list(options.tasks)
+    from lm_eval.models.vllm_causallms import VLLM
+
     args = model_args(model_dir, options)
     started = time.perf_counter()
-    results = simple_evaluate(model="vllm", model_args=args, tasks=tasks, num_fewshot=0, limit=options.limit,
-                              task_manager=task_manager, log_samples=False, random_seed=0,
-                              numpy_random_seed=options.seed, torch_random_seed=options.seed)
+    lm = VLLM(**args)
+    try:
+        results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=options.limit,
+                                  task_manager=task_manager, log_samples=False, random_seed=0,
+                                  numpy_random_seed=options.seed, torch_random_seed=options.seed)
+    finally:
+        _shut_down(lm)
     return {
         "model": str(Path(model_dir).resolve()), "kind": "zeroshot", "source": options.source,
         "data_dir": str(options.data_dir) if options.source == "local" else None, "limit": options.limit,
