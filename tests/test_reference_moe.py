@@ -68,7 +68,9 @@ def test_single_token_and_float32():
     idx, w = torch.tensor([[4, 2, 0]]), torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64)
     expected = dense_moe(layer, x, idx, w)
     module = BaseDeltaExperts(layer).float()
-    torch.testing.assert_close(module(x.float(), idx, w.float()).double(), expected, rtol=1e-4, atol=1e-4)
+    # fp32 against float64: an element near zero after cancellation carries the rounding of the output's scale
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(module(x.float(), idx, w.float()).double(), expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_dynamic_pruning_skips_lowest_scoring_base_columns():
