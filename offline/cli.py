@@ -2,7 +2,7 @@
 inspect and report.
 
 Building the parser imports neither torch nor transformers (choices come from offline/choices.py, the methods'
-options from offline/method_options.py), so ``--help`` answers at once; each command imports what it needs when
+names and options from their registry, offline/methods/__init__.py), so ``--help`` answers at once; each command imports what it needs when
 it runs.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .choices import FISHER_GRANULARITY, FISHER_LABELS, TASK_SOURCES, ZEROSHOT_TASKS
 from .evaluation.datasets import DATASETS
-from .method_options import METHOD_OPTIONS
+from .methods import METHODS
 from .option_args import add_method_flags, options_from_args
 
 DEFAULT_CALIB_FILE = Path(__file__).parent / "data" / "brown-calibration-sample.txt"
@@ -94,7 +94,7 @@ def _add_compress(sub) -> None:
     )
     c.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (config.json + *.safetensors)")
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where to write the compressed checkpoint")
-    c.add_argument("--method", required=True, choices=list(METHOD_OPTIONS),
+    c.add_argument("--method", required=True, choices=list(METHODS),
                    help="d2: D²-MoE (Fisher-merged base + whitened low-rank deltas + semi-dynamic base pruning); "
                    "svd: plain per-expert SVD; whitened-svd: per-expert SVD-LLM; rs: RS-MoE (sparse dense units + "
                    "activation-aware low-rank units + ridge down base, MI layer budgets); mobe: MoBE (bases shared by "
