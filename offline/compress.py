@@ -36,8 +36,7 @@ from .source_model import StreamedModel
 from vllm_moe_compress.format import STATS_FILE, CompressionInfo, LayerSpec
 from .method_options import MethodOptions
 from .methods import METHODS, options_for
-from .methods.base import CompressionMethod
-from .methods.base import LayerInputs
+from .methods.base import CompressionMethod, LayerInputs
 from .output_safety import check_output_path
 from .workdir import WorkDir, crash_point, run_arguments
 
