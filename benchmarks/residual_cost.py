@@ -22,7 +22,7 @@ from vllm_moe_compress.format import CompressionInfo
 from vllm_moe_compress.offline.architectures import moe_block
 from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, read_config
 from vllm_moe_compress.offline.loading import load_model
-from vllm_moe_compress.offline.schemes.basis_residual import BasisResidualLayer
+from vllm_moe_compress.format.schemes.basis_residual import BasisResidualLayer
 
 
 def median_seconds(modules: dict, x, ids, weights, repeats: int) -> dict[str, float]:

@@ -46,18 +46,10 @@ def _own_columns(z, column_expert, experts):
 
 
 def base_delta_moe(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    ranks: torch.Tensor,
-    gate_up_u: torch.Tensor,
-    gate_up_v: torch.Tensor,
-    down_u: torch.Tensor,
-    down_v: torch.Tensor,
-    base_gate_up: torch.Tensor | None = None,
-    base_down: torch.Tensor | None = None,
-    base_channels: torch.Tensor | None = None,
-    num_dynamic_drop: int = 0,
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, ranks: torch.Tensor,
+    gate_up_u: torch.Tensor, gate_up_v: torch.Tensor, down_u: torch.Tensor, down_v: torch.Tensor,
+    base_gate_up: torch.Tensor | None = None, base_down: torch.Tensor | None = None,
+    base_channels: torch.Tensor | None = None, num_dynamic_drop: int = 0
 ) -> torch.Tensor:
     """Σ_k w_k · expert_{id_k}(x) for every token; x [T, H], topk_* [T, k] → [T, H] in x's dtype.
 

@@ -73,19 +73,10 @@ class BaseDeltaLayout:
 
 
 def base_delta_moe(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    ranks: torch.Tensor,
-    gate_up_u: torch.Tensor,
-    gate_up_v: torch.Tensor,
-    down_u: torch.Tensor,
-    down_v: torch.Tensor,
-    base_gate_up: torch.Tensor | None = None,
-    base_down: torch.Tensor | None = None,
-    base_channels: torch.Tensor | None = None,
-    num_dynamic_drop: int = 0,
-    layout: BaseDeltaLayout | None = None,
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, ranks: torch.Tensor,
+    gate_up_u: torch.Tensor, gate_up_v: torch.Tensor, down_u: torch.Tensor, down_v: torch.Tensor,
+    base_gate_up: torch.Tensor | None = None, base_down: torch.Tensor | None = None,
+    base_channels: torch.Tensor | None = None, num_dynamic_drop: int = 0, layout: BaseDeltaLayout | None = None
 ) -> torch.Tensor:
     """Σ_k w_k · expert_{id_k}(x), same arguments and result as ``base_delta_torch.base_delta_moe``;
     ``layout`` (built once per layer) avoids reading ``ranks``/``base_channels`` on the host."""

@@ -71,21 +71,11 @@ def _low_rank_rows(x, flat_u, u_start, v, v_start, rows: int, rank: int):
 
 
 def sparse_lowrank_moe(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    sparse_counts: torch.Tensor,
-    lowrank_counts: torch.Tensor,
-    ranks: torch.Tensor,
-    sparse_gate_up: torch.Tensor,
-    sparse_down: torch.Tensor,
-    lowrank_gate_up_u: torch.Tensor,
-    lowrank_gate_up_v: torch.Tensor,
-    lowrank_down_u: torch.Tensor,
-    lowrank_down_v: torch.Tensor,
-    base_down: torch.Tensor,
-    sparse_channels: torch.Tensor,
-    lowrank_channels: torch.Tensor,
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, sparse_counts: torch.Tensor,
+    lowrank_counts: torch.Tensor, ranks: torch.Tensor, sparse_gate_up: torch.Tensor, sparse_down: torch.Tensor,
+    lowrank_gate_up_u: torch.Tensor, lowrank_gate_up_v: torch.Tensor, lowrank_down_u: torch.Tensor,
+    lowrank_down_v: torch.Tensor, base_down: torch.Tensor, sparse_channels: torch.Tensor,
+    lowrank_channels: torch.Tensor
 ) -> torch.Tensor:
     """Σ_k w_k · expert_{id_k}(x) for every token (module docstring); x [T, H], topk_* [T, k] → [T, H]."""
     num_experts = ranks.shape[1]

@@ -226,22 +226,11 @@ def _down_units_kernel(
 
 
 def sparse_lowrank_moe(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    sparse_counts: torch.Tensor,
-    lowrank_counts: torch.Tensor,
-    ranks: torch.Tensor,
-    sparse_gate_up: torch.Tensor,
-    sparse_down: torch.Tensor,
-    lowrank_gate_up_u: torch.Tensor,
-    lowrank_gate_up_v: torch.Tensor,
-    lowrank_down_u: torch.Tensor,
-    lowrank_down_v: torch.Tensor,
-    base_down: torch.Tensor,
-    sparse_channels: torch.Tensor,
-    lowrank_channels: torch.Tensor,
-    layout: SparseLowrankLayout | None = None,
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, sparse_counts: torch.Tensor,
+    lowrank_counts: torch.Tensor, ranks: torch.Tensor, sparse_gate_up: torch.Tensor, sparse_down: torch.Tensor,
+    lowrank_gate_up_u: torch.Tensor, lowrank_gate_up_v: torch.Tensor, lowrank_down_u: torch.Tensor,
+    lowrank_down_v: torch.Tensor, base_down: torch.Tensor, sparse_channels: torch.Tensor,
+    lowrank_channels: torch.Tensor, layout: SparseLowrankLayout | None = None
 ) -> torch.Tensor:
     """Σ_k w_k · expert_{id_k}(x), same arguments and result as ``sparse_lowrank_torch.sparse_lowrank_moe``;
     ``layout`` (built once per layer) avoids reading counts, ranks and channels on the host."""

@@ -31,8 +31,8 @@ from vllm_moe_compress.format import CompressionInfo, FormatError, LayerSpec, ch
 
 from .architectures import architecture_for
 from .checkpoint_io import CheckpointError, SafetensorsCheckpoint, read_config
-from .schemes import SCHEME_LAYERS
-from .schemes.base import TensorGetter
+from vllm_moe_compress.format.schemes import SCHEME_LAYERS
+from vllm_moe_compress.format.schemes.base import TensorGetter
 
 
 def check_layer_tensors(spec: LayerSpec, info: CompressionInfo, ckpt: SafetensorsCheckpoint, get: TensorGetter):

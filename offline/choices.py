@@ -3,7 +3,7 @@
 
 Modules that check a value against these names import them from here, so each list exists once; the table
 keyed by activation name (``offline.methods.basis_fit.ACTIVATIONS``) is checked against these names by
-tests/test_cli_help.py. Method names are the keys of offline/method_options.py's ``METHOD_OPTIONS``.
+tests/test_cli_help.py. Method names are the keys of ``offline.methods.METHODS``.
 """
 
 MERGES = ("fisher", "mean", "frequency")

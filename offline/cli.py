@@ -2,7 +2,7 @@
 inspect and report.
 
 Building the parser imports neither torch nor transformers (choices come from offline/choices.py, the methods'
-options from offline/method_options.py), so ``--help`` answers at once; each command imports what it needs when
+names and options from their registry, offline/methods/__init__.py), so ``--help`` answers at once; each command imports what it needs when
 it runs.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .choices import FISHER_GRANULARITY, FISHER_LABELS, TASK_SOURCES, ZEROSHOT_TASKS
 from .evaluation.datasets import DATASETS
-from .method_options import METHOD_OPTIONS
+from .methods import METHODS
 from .option_args import add_method_flags, options_from_args
 
 DEFAULT_CALIB_FILE = Path(__file__).parent / "data" / "brown-calibration-sample.txt"
@@ -75,26 +75,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_compress(sub)
-    _add_eval_ppl(sub)
-    _add_generate(sub)
-    _add_eval_zeroshot(sub)
-    _add_report(sub)
-    _add_inspect(sub)
+    for name, (add_arguments, _) in COMMANDS.items():
+        summary, _, description = add_arguments.__doc__.partition("\n\n")
+        add_arguments(sub.add_parser(name, help=summary, description=description))  # argparse refills the text
     return parser
 
 
-def _add_compress(sub) -> None:
-    c = sub.add_parser(
-        "compress", help="compress the routed experts of a Hugging Face MoE checkpoint",
-        description="Calibrate on text, compress every routed expert with METHOD so that RATIO of the model's "
-        "total parameters is removed, and write a safetensors checkpoint vLLM can serve with "
-        "--quantization moe_compress. Non-expert weights are copied unchanged. The output directory "
-        "appears only when complete.",
-    )
+def _add_checkpoint_dir(parser: argparse.ArgumentParser) -> None:
+    """The MODEL_DIR positional of the commands that read a dense or compressed checkpoint."""
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a dense Hugging Face model or a compressed checkpoint")
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    """The shared data directory (evaluation texts and task files)."""
+    parser.add_argument("--data-dir", help="the shared data directory (default: $MOE_COMPRESS_DATA)")
+
+
+def _add_task_data(parser: argparse.ArgumentParser) -> None:
+    """Where zero-shot tasks read their documents: --tasks-source and --data-dir."""
+    parser.add_argument("--tasks-source", choices=TASK_SOURCES, default="local",
+                        help="local: the data directory's copies, no hub (default); hub: lm-eval's standard datasets")
+    _add_data_dir(parser)
+
+
+def _add_compress(c: argparse.ArgumentParser) -> None:
+    """compress the routed experts of a Hugging Face MoE checkpoint
+
+    Calibrate on text, compress every routed expert with METHOD so that RATIO of the model's total parameters is
+    removed, and write a safetensors checkpoint vLLM can serve with --quantization moe_compress. Non-expert weights
+    are copied unchanged. The output directory appears only when complete.
+    """
     c.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (config.json + *.safetensors)")
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where to write the compressed checkpoint")
-    c.add_argument("--method", required=True, choices=list(METHOD_OPTIONS),
+    c.add_argument("--method", required=True, choices=list(METHODS),
                    help="d2: D²-MoE (Fisher-merged base + whitened low-rank deltas + semi-dynamic base pruning); "
                    "svd: plain per-expert SVD; whitened-svd: per-expert SVD-LLM; rs: RS-MoE (sparse dense units + "
                    "activation-aware low-rank units + ridge down base, MI layer budgets); mobe: MoBE (bases shared by "
@@ -128,15 +141,15 @@ def _add_compress(sub) -> None:
     o.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
 
-def _add_eval_ppl(sub) -> None:
-    e = sub.add_parser(
-        "eval-ppl", help="perplexity of a dense or compressed checkpoint on a local dataset",
-        description="Perplexity over non-overlapping windows (GPTQ convention) of a local test text. "
-        "Compressed checkpoints run through the pure-PyTorch reference forward.",
-    )
-    e.add_argument("model_dir", metavar="MODEL_DIR", help="a dense Hugging Face model or a compressed checkpoint")
+def _add_eval_ppl(e: argparse.ArgumentParser) -> None:
+    """perplexity of a dense or compressed checkpoint on a local dataset
+
+    Perplexity over non-overlapping windows (GPTQ convention) of a local test text. Compressed checkpoints run
+    through the pure-PyTorch reference forward.
+    """
+    _add_checkpoint_dir(e)
     e.add_argument("--dataset", choices=DATASETS, required=True, help="test text, read from the data directory")
-    e.add_argument("--data-dir", help="the shared data directory (default: $MOE_COMPRESS_DATA)")
+    _add_data_dir(e)
     e.add_argument("--max-tokens", type=_positive, help="score only the first N tokens (whole windows)")
     e.add_argument("--seqlen", type=_positive, help="window length (default min(2048, model maximum))")
     e.add_argument("--batch-size", type=_positive, default=1,
@@ -150,47 +163,45 @@ def _add_eval_ppl(sub) -> None:
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _add_generate(sub) -> None:
-    t = sub.add_parser(
-        "generate", help="greedy text from a dense or compressed checkpoint (reference forward, no vLLM)",
-        description="A quick check that a checkpoint still speaks: greedy decoding through transformers, "
-        "compressed experts computed by the pure-PyTorch reference forward.",
-    )
-    t.add_argument("model_dir", metavar="MODEL_DIR", help="a dense Hugging Face model or a compressed checkpoint")
+def _add_generate(t: argparse.ArgumentParser) -> None:
+    """greedy text from a dense or compressed checkpoint (reference forward, no vLLM)
+
+    A quick check that a checkpoint still speaks: greedy decoding through transformers, compressed experts computed
+    by the pure-PyTorch reference forward.
+    """
+    _add_checkpoint_dir(t)
     t.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
     t.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate (default 32)")
 
 
-def _add_eval_zeroshot(sub) -> None:
-    z = sub.add_parser(
-        "eval-zeroshot", help="zero-shot accuracy (lm-evaluation-harness through vLLM) of a dense or compressed checkpoint",
-        description="lm-evaluation-harness, 0-shot, with its vLLM backend (quantization=moe_compress for compressed "
-        "checkpoints). Tasks read the local copies in the data directory (offline/evaluation/eval_tasks/*.yaml swap only the "
-        "data source of lm-eval's own task configurations); --tasks-source hub uses the standard tasks unchanged. "
-        "vLLM on CPU needs VLLM_CPU_KVCACHE_SPACE (GiB; default here 1).",
-    )
-    z.add_argument("model_dir", metavar="MODEL_DIR", help="a dense Hugging Face model or a compressed checkpoint")
+def _add_eval_zeroshot(z: argparse.ArgumentParser) -> None:
+    """zero-shot accuracy (lm-evaluation-harness through vLLM) of a dense or compressed checkpoint
+
+    lm-evaluation-harness, 0-shot, with its vLLM backend (quantization=moe_compress for compressed checkpoints).
+    Tasks read the local copies in the data directory (offline/evaluation/eval_tasks/*.yaml swap only the data
+    source of lm-eval's own task configurations); --tasks-source hub uses the standard tasks unchanged. vLLM on CPU
+    needs VLLM_CPU_KVCACHE_SPACE (GiB; default here 1).
+    """
+    _add_checkpoint_dir(z)
     z.add_argument("--tasks", nargs="+", default=list(ZEROSHOT_TASKS), metavar="TASK",
                    help=f"lm-eval task names, space- or comma-separated (default: {','.join(ZEROSHOT_TASKS)})")
     z.add_argument("--limit", type=_positive, help="score only the first N documents of each task (default: all)")
     z.add_argument("--out", type=Path, required=True, metavar="FILE.json", help="where to write the results (JSON)")
-    z.add_argument("--tasks-source", choices=TASK_SOURCES, default="local",
-                   help="local: the data directory's copies, no hub (default); hub: lm-eval's standard datasets")
-    z.add_argument("--data-dir", help="the shared data directory (default: $MOE_COMPRESS_DATA)")
+    _add_task_data(z)
     z.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="vLLM compute dtype (default auto: the checkpoint's)")
     z.add_argument("--max-model-len", type=_positive, help="vLLM context length (default: the model's)")
 
 
-def _add_report(sub) -> None:
-    r = sub.add_parser(
-        "report", help="table (Markdown + JSON) and PNG plots for an original model and its compressed checkpoints",
-        description="One row per model: method, target/achieved ratio, parameters, bytes, perplexity per dataset, "
-        "zero-shot accuracy per task; plots of routing frequency, rank/channel allocation and (with --original) "
-        "singular-value energy of original, base and delta weights. Results come from --results files or are "
-        "computed with --ppl-datasets / --zeroshot-tasks and cached in OUT_DIR/cache, so re-running after adding "
-        "checkpoints evaluates only the new ones.",
-    )
+def _add_report(r: argparse.ArgumentParser) -> None:
+    """table (Markdown + JSON) and PNG plots for an original model and its compressed checkpoints
+
+    One row per model: method, target/achieved ratio, parameters, bytes, perplexity per dataset, zero-shot accuracy
+    per task; plots of routing frequency, rank/channel allocation and (with --original) singular-value energy of
+    original, base and delta weights. Results come from --results files or are computed with --ppl-datasets /
+    --zeroshot-tasks and cached in OUT_DIR/cache, so re-running after adding checkpoints evaluates only the new
+    ones.
+    """
     r.add_argument("dirs", nargs="*", metavar="DIR", help="compressed (or dense) checkpoint directories")
     r.add_argument("--out", type=Path, required=True, metavar="OUT_DIR", help="where report.md, report.json and PNGs go")
     r.add_argument("--original", type=Path, metavar="DIR",
@@ -204,21 +215,18 @@ def _add_report(sub) -> None:
     r.add_argument("--zeroshot-tasks", nargs="+", default=[], metavar="TASK",
                    help="run eval-zeroshot on these tasks for every model (one subprocess each)")
     r.add_argument("--zeroshot-limit", type=_positive, help="first N documents per task for --zeroshot-tasks")
-    r.add_argument("--tasks-source", choices=TASK_SOURCES, default="local",
-                   help="local: the data directory's copies, no hub (default); hub: lm-eval's standard datasets")
-    r.add_argument("--data-dir", help="the shared data directory (default: $MOE_COMPRESS_DATA)")
+    _add_task_data(r)
     r.add_argument("--energy-layer", type=int, help="MoE layer of the energy plot (default: the first compressed)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _add_inspect(sub) -> None:
-    i = sub.add_parser(
-        "inspect", help="method, ratios, per-layer ranks and parameter counts of a compressed checkpoint",
-        description="Check a compressed checkpoint as vllm serve does before starting its engine (a damaged one is "
-        "refused with one line naming the tensor or field; --verify also reads the values), then summarise it: "
-        "method and options, target and achieved ratios, parameter counts, per-layer base channels and rank "
-        "statistics, calibration settings.",
-    )
+def _add_inspect(i: argparse.ArgumentParser) -> None:
+    """method, ratios, per-layer ranks and parameter counts of a compressed checkpoint
+
+    Check a compressed checkpoint as vllm serve does before starting its engine (a damaged one is refused with one
+    line naming the tensor or field; --verify also reads the values), then summarise it: method and options, target
+    and achieved ratios, parameter counts, per-layer base channels and rank statistics, calibration settings.
+    """
     i.add_argument("model_dir", metavar="DIR", help="a directory written by moe-compress compress")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--verify", action="store_true",
@@ -333,14 +341,19 @@ def run_inspect(args) -> int:
     return 0
 
 
+COMMANDS = {"compress": (_add_compress, run_compress), "eval-ppl": (_add_eval_ppl, run_eval_ppl),
+            "generate": (_add_generate, run_generate), "eval-zeroshot": (_add_eval_zeroshot, run_eval_zeroshot),
+            "report": (_add_report, run_report), "inspect": (_add_inspect, run_inspect)}
+"""Sub-command -> (the function that adds its arguments, whose docstring is its help and description; the function
+that runs it)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    commands = {"compress": run_compress, "eval-ppl": run_eval_ppl, "eval-zeroshot": run_eval_zeroshot,
-                "report": run_report, "generate": run_generate, "inspect": run_inspect}
     try:
-        return commands[args.command](args)
+        return COMMANDS[args.command][1](args)
     except user_errors() as err:
         print(f"moe-compress {args.command}: error: {err}", file=sys.stderr)
         return 2

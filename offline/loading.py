@@ -1,7 +1,7 @@
 """Load a checkpoint into transformers: dense as is, ``moe_compress`` with the reference experts.
 
 The compressed loader builds the original architecture from config.json, swaps each compressed MoE
-layer's ``experts`` module for its scheme's reference forward (offline/schemes/) and loads every other
+layer's ``experts`` module for its scheme's reference forward (vllm_moe_compress/format/schemes/) and loads every other
 tensor by name, refusing a checkpoint that leaves any model parameter unloaded or has unknown tensors.
 """
 
@@ -17,7 +17,7 @@ from vllm_moe_compress.format import QUANT_METHOD, CompressionInfo, FormatError
 from .architectures import architecture_for, moe_block
 from .checkpoint_check import check_layer_tensors, check_model_sizes
 from .checkpoint_io import SafetensorsCheckpoint, read_config
-from .schemes import SCHEME_LAYERS
+from vllm_moe_compress.format.schemes import SCHEME_LAYERS
 
 
 def is_compressed(model_dir: str | Path) -> bool:

@@ -1,7 +1,7 @@
 """The options of every compression method: one frozen dataclass per method, torch-free.
 
-Each method class (``offline/methods/``) names its dataclass as ``Options`` and reads its settings from it; the
-command line builds ``moe-compress compress``'s per-method arguments from these fields (offline/option_args.py:
+Each method class (``offline/methods/``) names its dataclass as ``Options`` and reads its settings from it, and the
+methods' registry (``offline.methods.METHODS``) pairs each method name with its dataclass; the command line builds ``moe-compress compress``'s per-method arguments from these fields (offline/option_args.py:
 help, choices and defaults come from here), and ``record()`` is what the checkpoint keeps in
 ``quantization_config.method_options`` (docs/format.md). Nothing here imports torch, so ``--help`` stays fast.
 
@@ -14,7 +14,7 @@ one flag with a value per sub-field when ``flag`` is given (``ACIWeights``). Val
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields as dataclass_fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from .choices import ACTIVATION_NAMES, ALLOCATIONS, EFFECTIVE_RANK_MODES, MERGES, RS_BASES, RS_LOWRANK_SVDS, RS_SCORES
@@ -189,27 +189,3 @@ class RFIDOptions(BasisOptions):
     def record(self) -> dict:
         return {**super().record(), "xi": self.xi, "effective_rank": self.effective_rank,
                 "residual_fraction": self.residual_fraction, "residual_seed": self.residual_seed}
-
-
-METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
-    "d2": D2Options, "mobe": BasisOptions, "rfid": RFIDOptions, "rs": RSOptions, "svd": MethodOptions,
-    "whitened-svd": MethodOptions,
-}
-"""Method name (``--method``) -> its options; ``offline.methods.METHODS`` has the same names (tested)."""
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclass_fields(cls)}
-
-
-def options_for(method: str, **fields) -> MethodOptions:
-    """``method``'s options from keyword ``fields``, refusing a field that belongs to another method."""
-    if method not in METHOD_OPTIONS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(METHOD_OPTIONS)}")
-    for name in fields:
-        if name not in _field_names(METHOD_OPTIONS[method]):
-            owners = [m for m, cls in METHOD_OPTIONS.items() if name in _field_names(cls)]
-            if not owners:
-                raise ValueError(f"{name!r} is not an option of any method")
-            raise ValueError(f"{name!r} is an option of {', '.join(owners)}, not of method {method}")
-    return METHOD_OPTIONS[method](**fields)

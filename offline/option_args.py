@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import Field, dataclass, fields, is_dataclass, replace
 
-from .method_options import METHOD_OPTIONS, MethodOptions
+from .method_options import MethodOptions
+from .methods import METHODS
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ def _leaves(cls: type, prefix: str, path: tuple[str, ...] = (), group: type | No
 def method_flags() -> dict[str, Flag]:
     """Every method option's flag, by flag."""
     found: dict[str, Flag] = {}
-    for method, cls in METHOD_OPTIONS.items():
+    for method, entry in METHODS.items():
+        cls = entry.options
         for flag, path, spec, group in _leaves(cls, cls.flag_prefix):
             if flag not in found:
                 found[flag] = Flag(flag, path, (method,), group, spec)
@@ -96,7 +98,7 @@ def options_from_args(method: str, args: argparse.Namespace) -> MethodOptions:
     for flag in given.values():
         if method not in flag.owners:
             raise ValueError(f"{flag.flag} is an option of --method {' / '.join(flag.owners)}, not of --method {method}")
-    return _with_args(METHOD_OPTIONS[method](), (), given, args)
+    return _with_args(METHODS[method].options(), (), given, args)
 
 
 def _with_args(options, path: tuple[str, ...], given: dict[tuple[str, ...], Flag], args: argparse.Namespace):

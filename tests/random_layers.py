@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from vllm_moe_compress.basis_residual import BasisResidualScheme
 from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 from vllm_moe_compress.format.names import counts_name
-from vllm_moe_compress.offline.schemes.basis_residual import BasisProjection, BasisResidualLayer
-from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
+from vllm_moe_compress.format.schemes.basis_residual import BasisProjection, BasisResidualLayer
+from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 
 PREFIX = "model.layers.0.mlp.experts"
 NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}

@@ -28,7 +28,7 @@ from vllm_moe_compress.format import CompressionInfo
 from vllm_moe_compress.offline.architectures import ARCHITECTURES, UnsupportedArchitectureError
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
 from vllm_moe_compress.offline.loading import load_compressed_model
-from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
+from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
 
 from conftest import FAMILIES, TOKENIZER_FILES, write_tiny_model
 

@@ -7,7 +7,7 @@ import pytest
 
 from vllm_moe_compress.offline.cli import build_parser, main
 from vllm_moe_compress.offline.compress import build_method
-from vllm_moe_compress.offline.method_options import METHOD_OPTIONS
+from vllm_moe_compress.offline.methods import METHODS
 from vllm_moe_compress.offline.option_args import method_flags, options_from_args
 
 BASIS_ARGV = ["--group-size", "2", "--activation", "tanh", "--fit-steps", "3", "--fit-lr", "0.01", "--fit-patience", "4",
@@ -40,7 +40,7 @@ def compress_argv(method: str, *options: str) -> list[str]:
 
 
 def test_every_method_has_a_round_trip_case_with_all_its_flags():
-    assert set(ROUND_TRIPS) == set(METHOD_OPTIONS)
+    assert set(ROUND_TRIPS) == set(METHODS)
     for method, (argv, _) in ROUND_TRIPS.items():
         owned = {f.flag for f in method_flags().values() if method in f.owners}
         assert owned == {a for a in argv if a.startswith("--") and a != "--seed"}, method
@@ -54,7 +54,7 @@ def test_options_round_trip_from_argv_to_method_options(method):
     assert json.dumps(compressor.options()) == json.dumps(record)  # same keys, values and order
     # No flag given: the dataclass defaults, the same as the method built without options.
     defaults = options_from_args(method, build_parser().parse_args(compress_argv(method)))
-    assert defaults == METHOD_OPTIONS[method]() and build_method(method).options() == defaults.record()
+    assert defaults == METHODS[method].options() and build_method(method).options() == defaults.record()
 
 
 @pytest.mark.parametrize("method,option,owner", [

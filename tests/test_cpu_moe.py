@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import vllm_moe_compress.ops  # noqa: F401  (registers the custom ops the plugin calls)
 from vllm_moe_compress.kernels import base_delta_cpu, base_delta_torch, sparse_lowrank_cpu
 from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
-from vllm_moe_compress.offline.schemes.basis_residual import BasisResidualLayer
+from vllm_moe_compress.format.schemes.basis_residual import BasisResidualLayer
 
 from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_residual_shard,
                            random_basis_residual_layer, random_sparse_lowrank_layer)

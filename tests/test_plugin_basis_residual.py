@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from vllm_moe_compress.format import CompressionInfo
 from vllm_moe_compress.format.names import coef_name, counts_name, eta_name
 from vllm_moe_compress.moe_method import CompressedMoEMethod
-from vllm_moe_compress.offline.schemes.basis_residual import BasisResidualExperts
+from vllm_moe_compress.format.schemes.basis_residual import BasisResidualExperts
 
 from test_plugin_loading import fake_moe, load_layer, make_config, route
 from test_rfid import LAYER_KINDS, random_basis_layer

@@ -29,8 +29,8 @@ from vllm_moe_compress.format.names import base_channels_name, base_name, delta_
 from vllm_moe_compress.moe_method import CompressedMoEMethod
 from vllm_moe_compress.scheme import CompressedMoEScheme
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaExperts
-from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
+from vllm_moe_compress.format.schemes.base_delta import BaseDeltaExperts
+from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
 import vllm_moe_compress
 import vllm_moe_compress.kernels.base_delta_torch as torch_path
 from vllm_moe_compress.kernels.cpu_extension import available

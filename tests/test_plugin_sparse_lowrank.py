@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
 from vllm_moe_compress.format import CompressionInfo
 from vllm_moe_compress.format.names import base_name, unit_channels_name, unit_name
-from vllm_moe_compress.offline.schemes.sparse_lowrank import SparseLowRankExperts, SparseLowRankLayer
+from vllm_moe_compress.format.schemes.sparse_lowrank import SparseLowRankExperts, SparseLowRankLayer
 from test_plugin_loading import (
     CALIBRATION_FILE, Checkpoint, dense_forward, load_layer, loaded_layer, make_config, make_layer, nbytes,
     plugin_forward, routings, torch_backend, write_variant,  # noqa: F401  (torch_backend: a fixture)

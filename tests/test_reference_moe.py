@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaExperts
-from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer
+from vllm_moe_compress.format.schemes.base_delta import BaseDeltaExperts
+from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
 import vllm_moe_compress.kernels.base_delta_torch as base_delta_torch
 
 E, H, I, T, K = 6, 16, 10, 40, 3

@@ -18,7 +18,7 @@ from vllm_moe_compress.offline.loading import load_compressed_model
 from vllm_moe_compress.offline.methods.base import LayerInputs
 from vllm_moe_compress.offline.methods.basis_fit import FitOptions, fit_grouped, fit_mixed
 from vllm_moe_compress.offline.methods.group_basis import allocate_group_ranks, effective_rank, frequency_groups, index_groups
-from vllm_moe_compress.offline.schemes.basis_residual import BasisProjection, BasisResidualExperts, BasisResidualLayer
+from vllm_moe_compress.format.schemes.basis_residual import BasisProjection, BasisResidualExperts, BasisResidualLayer
 import vllm_moe_compress.kernels.residual_hash as residual_hash
 
 from conftest import CALIBRATION_FILE

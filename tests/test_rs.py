@@ -18,7 +18,7 @@ from vllm_moe_compress.offline.method_options import ACIWeights, MIOptions, RSOp
 from vllm_moe_compress.offline.methods.base import LayerInputs
 from vllm_moe_compress.offline.loading import load_compressed_model
 from vllm_moe_compress.offline.methods.rs import RSMoE, aci_scores, ridge_down_base
-from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
+from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 
 from conftest import CALIBRATION_FILE, FAMILIES
 

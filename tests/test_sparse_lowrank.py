@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from vllm_moe_compress.format import FormatError
 from vllm_moe_compress.format.names import unit_channels_name, unit_name
-from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
+from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 
 E, H, I, T, K = 5, 16, 12, 40, 3
 PROJ_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}

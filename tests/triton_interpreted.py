@@ -28,7 +28,7 @@ import vllm_moe_compress.kernels.routing as routing  # noqa: E402
 import vllm_moe_compress.kernels.routing_triton as routing_triton  # noqa: E402
 from vllm_moe_compress.kernels.routing import align_pairs_by_expert  # noqa: E402
 from vllm_moe_compress.format.names import base_channels_name  # noqa: E402
-from vllm_moe_compress.offline.schemes.base_delta import BaseDeltaLayer  # noqa: E402
+from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer  # noqa: E402
 from random_layers import load_scheme  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}

@@ -20,7 +20,7 @@ import vllm_moe_compress.kernels.sparse_lowrank_torch as torch_path  # noqa: E40
 import vllm_moe_compress.kernels.sparse_lowrank_triton as triton_path  # noqa: E402
 from vllm_moe_compress.kernels.routing import block_size_for  # noqa: E402
 from vllm_moe_compress.format.names import unit_channels_name  # noqa: E402
-from vllm_moe_compress.offline.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer  # noqa: E402
+from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer  # noqa: E402
 from random_layers import random_sparse_lowrank_layer  # noqa: E402
 from random_layers import load_scheme  # noqa: E402
 from triton_interpreted import PROJ_NAMES, TOLERANCE, dense_float64, poisoned_buffers  # noqa: E402, F401

@@ -20,7 +20,7 @@ from vllm_moe_compress.format import CompressionInfo
 from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, copy_side_files
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
 from vllm_moe_compress.offline.loading import load_compressed_model
-from vllm_moe_compress.offline.schemes import SCHEME_LAYERS
+from vllm_moe_compress.format.schemes import SCHEME_LAYERS
 
 from conftest import CALIBRATION_FILE, vllm_tiny_config, write_tiny_model
 

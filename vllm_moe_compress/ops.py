@@ -21,11 +21,6 @@ def base_delta_moe_op(
                           base_gate_up, base_down, base_channels, num_dynamic_drop)
 
 
-@base_delta_moe_op.register_fake
-def _(x, *args) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("moe_compress::base_delta_moe_cpu", mutates_args=())
 def base_delta_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                           layout: list[torch.Tensor], num_dynamic_drop: int) -> torch.Tensor:
@@ -34,11 +29,6 @@ def base_delta_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
 
     return base_delta_cpu.base_delta_moe(x, topk_ids, topk_weights, base_delta_cpu.BaseDeltaCpuLayout(*layout),
                                          num_dynamic_drop)
-
-
-@base_delta_moe_cpu_op.register_fake
-def _(x, *args) -> torch.Tensor:
-    return torch.empty_like(x)
 
 
 @torch.library.custom_op("moe_compress::sparse_lowrank_moe", mutates_args=())
@@ -54,11 +44,6 @@ def sparse_lowrank_moe_op(
                               base_down, sparse_channels, lowrank_channels)
 
 
-@sparse_lowrank_moe_op.register_fake
-def _(x, *args) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("moe_compress::sparse_lowrank_moe_cpu", mutates_args=())
 def sparse_lowrank_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                               layout: list[torch.Tensor]) -> torch.Tensor:
@@ -67,11 +52,6 @@ def sparse_lowrank_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_
 
     return sparse_lowrank_cpu.sparse_lowrank_moe(x, topk_ids, topk_weights,
                                                  sparse_lowrank_cpu.SparseLowrankCpuLayout(*layout))
-
-
-@sparse_lowrank_moe_cpu_op.register_fake
-def _(x, *args) -> torch.Tensor:
-    return torch.empty_like(x)
 
 
 @torch.library.custom_op("moe_compress::basis_residual_moe", mutates_args=())
@@ -87,11 +67,6 @@ def basis_residual_moe_op(
                               full_intermediate, intermediate_lo)
 
 
-@basis_residual_moe_op.register_fake
-def _(x, *args) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("moe_compress::basis_residual_moe_cpu", mutates_args=())
 def basis_residual_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                               layout: list[torch.Tensor]) -> torch.Tensor:
@@ -102,6 +77,11 @@ def basis_residual_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_
                                                  basis_residual_cpu.BasisResidualCpuLayout(*layout))
 
 
-@basis_residual_moe_cpu_op.register_fake
-def _(x, *args) -> torch.Tensor:
+def _output_like_x(x, *args) -> torch.Tensor:
+    """What every op returns, for tracing (torch.compile's fake tensors): a tensor shaped like ``x``."""
     return torch.empty_like(x)
+
+
+for _op in (base_delta_moe_op, base_delta_moe_cpu_op, sparse_lowrank_moe_op, sparse_lowrank_moe_cpu_op,
+            basis_residual_moe_op, basis_residual_moe_cpu_op):
+    _op.register_fake(_output_like_x)

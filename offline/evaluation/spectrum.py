@@ -24,7 +24,7 @@ import torch
 from vllm_moe_compress.format import PROJECTIONS, CompressionInfo, FormatError
 
 from ..checkpoint_io import SafetensorsCheckpoint, read_config
-from ..schemes.base_delta import BaseDeltaLayer
+from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
 
 
 def cumulative_energy(matrix: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ from ..budget import LayerShape, allocate_ranks
 from ..calibration import ExpertStatistics
 from ..linalg import low_rank_factors, whitening_factor
 from ..method_options import MethodOptions
-from ..schemes.base import SchemeLayer
-from ..schemes.base_delta import Factors
+from vllm_moe_compress.format.schemes.base import SchemeLayer
+from vllm_moe_compress.format.schemes.base_delta import Factors
 
 ExpertWeights = dict[str, torch.Tensor]
 """Canonical projection -> stacked expert weights: gate/up [E, I, H], down [E, H, I] (float64)."""

@@ -18,7 +18,7 @@ from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 
 from ..budget import LayerShape
 from ..method_options import BasisOptions
-from ..schemes.basis_residual import BasisProjection, BasisResidualLayer
+from vllm_moe_compress.format.schemes.basis_residual import BasisProjection, BasisResidualLayer
 from .base import CompressionMethod, LayerResult
 from .basis_fit import FitOptions, FittedProjection
 from .group_basis import check_group_size

@@ -13,7 +13,7 @@ Per MoE layer and projection p ∈ {gate, up, down}:
    how lliai/D2MoE prunes — scored with C_j = ‖W_b,down[:, j]‖₂ · ‖X[j, :]‖₂ where X is the experts'
    intermediate activation over every routed calibration token. The lowest half of ``base_prune`` is
    removed here (static, saves storage); the other half is stored as ``dynamic_prune_ratio`` and applied
-   per batch at inference (schemes/base_delta.py, the plugin). Order as in the paper: merge, deltas against
+   per batch at inference (format/schemes/base_delta.py, the plugin). Order as in the paper: merge, deltas against
    the full base, then prune the base. Default 0 (no pruning), our choice: at an equal total ratio the
    pruned channels cost more than the delta ranks their parameters buy, on the reference model (brown PPL
    −0.28 ± 0.04 % at 40 %, −0.31 ± 0.04 % at 60 % against the paper's 0.1) and on an upcycled layer
@@ -31,7 +31,7 @@ from vllm_moe_compress.format import PROJECTIONS
 
 from ..budget import LayerShape
 from ..method_options import D2Options
-from ..schemes.base_delta import BaseDeltaLayer
+from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
 from .base import CompressionMethod, LayerInputs, LayerResult, factorize_experts
 
 

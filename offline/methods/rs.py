@@ -35,7 +35,7 @@ Per MoE layer (§3.2–3.4):
    experts' down deltas W_down,e − B are decomposed instead); ``none`` stores no base.
 
 Layer budgets (§3.5) come from offline/layer_allocation.py (``allocation``: ``mi``, ``uniform``, ``reverse``).
-The checkpoint scheme is ``sparse_lowrank`` (offline/schemes/sparse_lowrank.py, docs/format.md §9).
+The checkpoint scheme is ``sparse_lowrank`` (vllm_moe_compress/format/schemes/sparse_lowrank.py, docs/format.md §9).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from ..calibration import ActivationMoments, ExpertStatistics
 from ..layer_allocation import layer_keep_fractions
 from ..linalg import eigen_whitened_factors
 from ..method_options import ACIWeights, RSOptions
-from ..schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
+from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult
 from .d2 import merge_base
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..schemes.base_delta import BaseDeltaLayer
+from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
 from .base import CompressionMethod, LayerInputs, LayerResult, factorize_experts
 
 

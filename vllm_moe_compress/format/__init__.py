@@ -4,8 +4,10 @@ The contract between the compressor (``vllm_moe_compress.offline``) and every lo
 the vLLM plugin): the ``quantization_config`` schema (:mod:`.config`), one typed :class:`LayerSpec` per
 scheme with its validation and its table of tensors (:mod:`.layers`), the name of every checkpoint tensor
 (:mod:`.names`), the checks a loader runs on the tensors it reads (:mod:`.checks`) and the header-level check
-of a whole checkpoint (:mod:`.headers`). Like ``compressed-tensors`` between llm-compressor and vLLM, this
-package imports neither side (only the standard library, torch and safetensors).
+of a whole checkpoint (:mod:`.headers`), and per scheme the layer the compressor packs and the reference loader
+unpacks (:mod:`.schemes`, imported on its own: its reference forwards use the torch kernels of
+``vllm_moe_compress.kernels``). Like ``compressed-tensors`` between llm-compressor and vLLM, this package imports
+neither side (only the standard library, torch, safetensors and those kernels).
 """
 
 from .checks import check_channel_index, check_tensor, matrix_shape
