@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vllm_moe_compress.ops  # noqa: F401  (registers the custom ops the plugin calls)
+import vllm_moe_compress.base_delta  # noqa: F401  (each scheme module registers the custom ops the plugin calls)
+import vllm_moe_compress.basis_residual  # noqa: F401
+import vllm_moe_compress.sparse_lowrank  # noqa: F401
 from vllm_moe_compress.kernels import base_delta_cpu, base_delta_torch, sparse_lowrank_cpu
 from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
 from vllm_moe_compress.format.schemes.basis_residual import BasisResidualLayer

@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import vllm_moe_compress.kernels.basis_residual_triton as triton_path  # noqa: E402
 from vllm_moe_compress.kernels.routing import block_size_for  # noqa: E402
-import vllm_moe_compress.ops  # noqa: E402,F401  (registers the torch path's custom op)
+import vllm_moe_compress.basis_residual  # noqa: E402,F401  (registers the torch path's custom op)
 from vllm_moe_compress.kernels.residual_hash import MAX_POSITIONS, bucket_of  # noqa: E402
 from vllm_moe_compress.format.schemes.basis_residual import BasisResidualLayer  # noqa: E402
 from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_residual_shard,  # noqa: E402

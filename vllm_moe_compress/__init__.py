@@ -8,4 +8,6 @@ import-light: vLLM only logs a failing plugin import, so the real imports happen
 
 def register() -> None:
     """Register the ``moe_compress`` quantization method with vLLM (idempotent)."""
-    from . import config, ops  # noqa: F401  (registration happens at import)
+    # config registers the quantization method; moe_method imports the scheme modules, which declare their
+    # custom ops (torch.ops.moe_compress.*)
+    from . import config, moe_method  # noqa: F401  (registration happens at import)

@@ -18,9 +18,30 @@ import torch
 
 from vllm_moe_compress.format import PROJECTIONS, BaseDeltaSpec, matrix_shape
 from vllm_moe_compress.format.names import base_channels_name, base_name, delta_name
-from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
+from vllm_moe_compress.kernels.base_delta_torch import base_delta_moe, rank_offsets
 
-from .scheme import SHARED_BASE_RENAME, CompressedMoEScheme
+from .scheme import SHARED_BASE_RENAME, CompressedMoEScheme, scheme_op
+
+
+@scheme_op("base_delta_moe")
+def base_delta_moe_op(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, ranks: torch.Tensor,
+    gate_up_u: torch.Tensor, gate_up_v: torch.Tensor, down_u: torch.Tensor, down_v: torch.Tensor,
+    base_gate_up: torch.Tensor, base_down: torch.Tensor, base_channels: torch.Tensor, num_dynamic_drop: int,
+) -> torch.Tensor:
+    return base_delta_moe(x, topk_ids, topk_weights, ranks, gate_up_u, gate_up_v, down_u, down_v,
+                          base_gate_up, base_down, base_channels, num_dynamic_drop)
+
+
+@scheme_op("base_delta_moe_cpu")
+def base_delta_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                          layout: list[torch.Tensor], num_dynamic_drop: int) -> torch.Tensor:
+    """``layout``: the fields of ``kernels.base_delta_cpu.BaseDeltaCpuLayout`` (prepared at load)."""
+    from vllm_moe_compress.kernels import base_delta_cpu
+
+    return base_delta_cpu.base_delta_moe(x, topk_ids, topk_weights, base_delta_cpu.BaseDeltaCpuLayout(*layout),
+                                         num_dynamic_drop)
+
 
 SUFFIX_OF_PARAM = {"w13_delta_u": "delta_u", "w13_delta_v": "delta_v", "w2_delta_u": "delta_u",
                    "w2_delta_v": "delta_v", "w13_base": "base", "w2_base": "base"}

@@ -27,11 +27,36 @@ import torch
 
 from vllm_moe_compress.format import PROJECTIONS, BasisResidualSpec, FormatError, matrix_shape
 from vllm_moe_compress.format.names import basis_name, coef_name, counts_name, dense_name, eta_name, mix_name
-from vllm_moe_compress.kernels.basis_residual_torch import ACTIVATIONS, ProjectionWeights, materialise_mixed_right
+from vllm_moe_compress.kernels.basis_residual_torch import (ACTIVATIONS, ProjectionWeights, basis_residual_moe,
+                                                            materialise_mixed_right)
 from vllm_moe_compress.kernels.grouped import offsets
 from vllm_moe_compress.kernels.residual_hash import bucket_counts, bucket_scales
 
-from .scheme import CHECKPOINT_PROJ as PROJ, CompressedMoEScheme
+from .scheme import CHECKPOINT_PROJ as PROJ, CompressedMoEScheme, scheme_op
+
+
+@scheme_op("basis_residual_moe")
+def basis_residual_moe_op(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: list[torch.Tensor],
+    expert_group: torch.Tensor, expert_slot: torch.Tensor, activation: str, seed: int, full_intermediate: int,
+    intermediate_lo: int,
+) -> torch.Tensor:
+    """``weights``: the ProjectionWeights fields of gate, then up, then down (7 tensors each)."""
+    n = len(ProjectionWeights._fields)
+    gate, up, down = (ProjectionWeights(*weights[i * n : (i + 1) * n]) for i in range(3))
+    return basis_residual_moe(x, topk_ids, topk_weights, gate, up, down, expert_group, expert_slot, activation, seed,
+                              full_intermediate, intermediate_lo)
+
+
+@scheme_op("basis_residual_moe_cpu")
+def basis_residual_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                              layout: list[torch.Tensor]) -> torch.Tensor:
+    """``layout``: the fields of ``kernels.basis_residual_cpu.BasisResidualCpuLayout`` (prepared at load)."""
+    from vllm_moe_compress.kernels import basis_residual_cpu
+
+    return basis_residual_cpu.basis_residual_moe(x, topk_ids, topk_weights,
+                                                 basis_residual_cpu.BasisResidualCpuLayout(*layout))
+
 
 GATE_UP = ("gate", "up")
 

@@ -37,6 +37,25 @@ SHARED_BASE_RENAME = {re.compile(rf"\.experts\.base\.{CHECKPOINT_PROJ}\.weight$"
 """``experts.base.<proj>.weight`` -> ``experts.0.<proj>.base``: a shared base reaches vLLM's expert mapping as
 expert 0's (``base_delta``: w13_base / w2_base; ``sparse_lowrank``: w2_base)."""
 
+def _output_like_x(x: torch.Tensor, *args) -> torch.Tensor:
+    """What every scheme op returns, for tracing (torch.compile's fake tensors): a tensor shaped like ``x``."""
+    return torch.empty_like(x)
+
+
+def scheme_op(name: str):
+    """Declare ``torch.ops.moe_compress.<name>``: a torch custom op, so the compressed-MoE compute is opaque to
+    Dynamo and vLLM's compiled CPU graph (fullgraph) can call code that loops over experts and reads ranks on
+    the host. Each scheme module declares the ops it calls (``<scheme>_moe``: the torch path,
+    ``<scheme>_moe_cpu``: the C++ CPU path on the layout prepared at load); importing the module registers them."""
+
+    def declare(function):
+        op = torch.library.custom_op(f"moe_compress::{name}", mutates_args=())(function)
+        op.register_fake(_output_like_x)
+        return op
+
+    return declare
+
+
 class CompressedMoEScheme(ABC):
     scheme: ClassVar[str]
     has_cpu_path: ClassVar[bool] = False

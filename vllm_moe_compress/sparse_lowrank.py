@@ -22,9 +22,32 @@ import torch
 
 from vllm_moe_compress.format import PROJECTIONS, SparseLowRankSpec, matrix_shape
 from vllm_moe_compress.format.names import base_name, unit_channels_name, unit_name
-from vllm_moe_compress.kernels.sparse_lowrank_torch import PackedOffsets
+from vllm_moe_compress.kernels.sparse_lowrank_torch import PackedOffsets, sparse_lowrank_moe
 
-from .scheme import SHARED_BASE_RENAME, CompressedMoEScheme
+from .scheme import SHARED_BASE_RENAME, CompressedMoEScheme, scheme_op
+
+
+@scheme_op("sparse_lowrank_moe")
+def sparse_lowrank_moe_op(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, sparse_counts: torch.Tensor,
+    lowrank_counts: torch.Tensor, ranks: torch.Tensor, sparse_gate_up: torch.Tensor, sparse_down: torch.Tensor,
+    lowrank_gate_up_u: torch.Tensor, lowrank_gate_up_v: torch.Tensor, lowrank_down_u: torch.Tensor,
+    lowrank_down_v: torch.Tensor, base_down: torch.Tensor, sparse_channels: torch.Tensor,
+    lowrank_channels: torch.Tensor,
+) -> torch.Tensor:
+    return sparse_lowrank_moe(x, topk_ids, topk_weights, sparse_counts, lowrank_counts, ranks, sparse_gate_up,
+                              sparse_down, lowrank_gate_up_u, lowrank_gate_up_v, lowrank_down_u, lowrank_down_v,
+                              base_down, sparse_channels, lowrank_channels)
+
+
+@scheme_op("sparse_lowrank_moe_cpu")
+def sparse_lowrank_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                              layout: list[torch.Tensor]) -> torch.Tensor:
+    """``layout``: the fields of ``kernels.sparse_lowrank_cpu.SparseLowrankCpuLayout`` (prepared at load)."""
+    from vllm_moe_compress.kernels import sparse_lowrank_cpu
+
+    return sparse_lowrank_cpu.sparse_lowrank_moe(x, topk_ids, topk_weights,
+                                                 sparse_lowrank_cpu.SparseLowrankCpuLayout(*layout))
 
 
 class SparseLowRankScheme(CompressedMoEScheme):
