@@ -48,6 +48,8 @@ def merge_base(weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
 
 
 class D2MoE(CompressionMethod):
+    """D²-MoE on one layer: Fisher-merged base, whitened low-rank deltas, base pruning (module docstring)."""
+
     name = "d2"
     Options = D2Options
 

@@ -182,6 +182,8 @@ def ridge_down_base(layer: SparseLowRankLayer, weights: ExpertWeights, moments: 
 
 
 class RSMoE(CompressionMethod):
+    """RS-MoE on one layer: ridge down base, ACI-scored sparse + low-rank units, MI layer budgets (module docstring)."""
+
     name = "rs"
     Options = RSOptions
 
