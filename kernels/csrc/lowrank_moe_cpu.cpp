@@ -256,7 +256,7 @@ at::Tensor basis_residual_forward(const at::Tensor& x_in, const at::Tensor& topk
       const int64_t offset = r[1] * out_full * in_full;
       const at::Tensor eta = p.eta[r[0]];
       const ResidualHash bucket(static_cast<uint64_t>(g[0]), static_cast<uint64_t>(eta.numel()));
-      AT_DISPATCH_FLOATING_TYPES(dtype, "basis_residual_residual", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "basis_residual_residual", [&] {
         add_residual<scalar_t>(y, inp, eta, bucket, offset, in_full, down ? 0 : lo, down ? lo : 0);
       });
     }
