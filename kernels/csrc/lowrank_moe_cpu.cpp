@@ -17,42 +17,59 @@ namespace {
 
 // ---- Products with few activation rows -------------------------------------------------------------------------
 // Every product of an expert's activations [n, in] (n = the tokens routed to it) with one of its factors goes
-// through product / add_product. For n ≤ small_row_limit (fp32/fp64) these loops read each factor row once from
+// through product / add_product. For n ≤ small_row_limit these loops read each factor row once from
 // memory and use it for all n rows while it is in registers or L1: the dot form (b = Wᵀ of a row-major W: x Vᵀ)
 // keeps kRowBlock × 4 vector accumulators in registers; the axpy form (row-major b: z Uᵀ) updates a column block
 // of y that stays in L1, four rows of b per load/store of y. Written with ATen's at::vec::Vectorized (the ISA torch
-// dispatches to here: kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n, and
-// bf16/fp16 (native on CPUs where prepare keeps them), take at::mm.
+// dispatches to here: kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take
+// at::mm. bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16) are read as such, summed in fp32.
 
 int64_t small_row_limit = 8;  // set_small_row_limit (process-wide; not for use during a forward): tests and
                               // benchmarks compare with 0 (at::mm everywhere)
+
+// Sums are formed in AccT<T>: T for fp32/fp64, fp32 for bf16/fp16 (converted as they are loaded: the factor's
+// bytes stay 16-bit, as in vLLM's own bf16 kernels).
+template <typename T>
+using AccT = std::conditional_t<c10::is_reduced_floating_point_v<T>, float, T>;
+
+template <typename T>
+at::vec::Vectorized<AccT<T>> load_acc(const T* p) {
+  if constexpr (c10::is_reduced_floating_point_v<T>) {
+    at::vec::Vectorized<float> v;
+    at::vec::load_to_float(p, v);
+    return v;
+  } else {
+    return at::vec::Vectorized<T>::loadu(p);
+  }
+}
 
 // y[t, j] (+)= Σ_k a[t, k] b[j, k] for t < R and J rows j0 ≤ j < j0 + J: a [R, K] with row stride lda, b [N, K]
 // contiguous rows, y with row stride ldy. The J rows of b are read once for all R tokens; J·R vector
 // accumulators stay in registers (independent FMA chains), and each vector load of a or b feeds J or R FMAs.
 template <typename T, int R, int J>
 void dot_block(const T* a, int64_t lda, const T* b, int64_t j0, int64_t K, T* y, int64_t ldy, bool accumulate) {
-  using V = at::vec::Vectorized<T>;
+  using A = AccT<T>;
+  using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
   const int64_t body = K - K % W;
   V acc[J][R];
   for (int q = 0; q < J; ++q)
-    for (int t = 0; t < R; ++t) acc[q][t] = V(T(0));
+    for (int t = 0; t < R; ++t) acc[q][t] = V(A(0));
   for (int64_t k = 0; k < body; k += W) {
     V w[J];
-    for (int q = 0; q < J; ++q) w[q] = V::loadu(b + (j0 + q) * K + k);
+    for (int q = 0; q < J; ++q) w[q] = load_acc(b + (j0 + q) * K + k);
     for (int t = 0; t < R; ++t) {
-      const V x = V::loadu(a + t * lda + k);
+      const V x = load_acc(a + t * lda + k);
       for (int q = 0; q < J; ++q) acc[q][t] = at::vec::fmadd(x, w[q], acc[q][t]);
     }
   }
   for (int q = 0; q < J; ++q) {
     const T* row = b + (j0 + q) * K;
     for (int t = 0; t < R; ++t) {
-      T sum = at::vec::vec_reduce_all<T>([](V& u, V& v) { return u + v; }, acc[q][t]);
-      for (int64_t k = body; k < K; ++k) sum += a[t * lda + k] * row[k];
+      A sum = at::vec::vec_reduce_all<A>([](V& u, V& v) { return u + v; }, acc[q][t]);
+      for (int64_t k = body; k < K; ++k) sum += A(a[t * lda + k]) * A(row[k]);
       T& out = y[t * ldy + j0 + q];
-      out = accumulate ? out + sum : sum;
+      out = T(accumulate ? A(out) + sum : sum);
     }
   }
 }
@@ -92,9 +109,39 @@ void dots_rows(const T* a, int64_t lda, int64_t n, const T* b, int64_t N, int64_
 
 // y[t, :] (+)= Σ_k a[t, k] b[k, :] for t < n: a [n, K] with row stride lda, b [K, N] with row stride ldb. b is
 // streamed row by row, four rows per load and store of y (n × N values: ≤ 64 KiB at n = 8, N = 2048, in L2).
+// axpys for bf16/fp16: the n × N sums in an fp32 buffer (≤ 64 KiB, in L2), each row of b converted as it is loaded
+// and used for all n rows; y rounded once at the end.
+template <typename T>
+void axpys_reduced(const T* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t N, int64_t K, T* y,
+                   int64_t ldy, bool accumulate) {
+  using V = at::vec::Vectorized<float>;
+  constexpr int64_t W = V::size();
+  const int64_t body = N - N % W;
+  std::vector<float> sums(n * N, 0.0f);
+  if (accumulate)
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t c = 0; c < N; ++c) sums[t * N + c] = float(y[t * ldy + c]);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* w = b + k * ldb;
+    for (int64_t t = 0; t < n; ++t) {
+      const float s = float(a[t * lda + k]);
+      const V sv(s);
+      float* st = sums.data() + t * N;
+      for (int64_t c = 0; c < body; c += W) at::vec::fmadd(sv, load_acc(w + c), V::loadu(st + c)).store(st + c);
+      for (int64_t c = body; c < N; ++c) st[c] += s * float(w[c]);
+    }
+  }
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < N; ++c) y[t * ldy + c] = T(sums[t * N + c]);
+}
+
 template <typename T>
 void axpys(const T* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t N, int64_t K, T* y, int64_t ldy,
            bool accumulate) {
+  if constexpr (c10::is_reduced_floating_point_v<T>) {
+    axpys_reduced(a, lda, n, b, ldb, N, K, y, ldy, accumulate);
+    return;
+  }
   if (!accumulate)
     for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, T(0));
   int64_t k = 0;
@@ -121,17 +168,17 @@ void axpys(const T* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t 
 constexpr int64_t kColumns = 256;
 
 // y (+)= a b for a [n, K], b [K, N] given as a view: b = W.t() of a row-major W [N, K] (dot form) or a row-major
-// [K, N] (axpy form). The loops above for fp32/fp64 with n ≤ small_row_limit and unit inner strides, split over
+// [K, N] (axpy form). The loops above for floating types with n ≤ small_row_limit and unit inner strides, split over
 // the threads by columns of y; at::mm / addmm_ otherwise.
 bool small_product(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t n = a.size(0), K = a.size(1), N = b.size(1);
   const auto dtype = a.scalar_type();
-  if (n > small_row_limit || (dtype != at::kFloat && dtype != at::kDouble) || b.scalar_type() != dtype ||
+  if (n > small_row_limit || !at::isFloatingType(dtype) || b.scalar_type() != dtype ||
       y.scalar_type() != dtype || a.stride(1) != 1 || y.stride(1) != 1)
     return false;
   const bool dot_form = b.stride(0) == 1 && (N == 1 || b.stride(1) == K);
   if (!dot_form && !(b.stride(1) == 1 && (K == 1 || b.stride(0) == N))) return false;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "small_product", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "small_product", [&] {
     const scalar_t* pa = a.data_ptr<scalar_t>();
     const scalar_t* pb = b.data_ptr<scalar_t>();
     scalar_t* py = y.data_ptr<scalar_t>();
