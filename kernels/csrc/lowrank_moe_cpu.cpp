@@ -24,6 +24,11 @@ namespace {
 // dispatches to here: kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take
 // at::mm. bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16) are read as such, summed in fp32.
 
+// bf16/fp16: fp32 FMAs on converted values become compute-bound sooner than a native bf16 GEMM (AVX512-BF16
+// dot products: 2 products per lane and instruction): on the AVX-512 EPYC oneDNN was faster at 8 rows, the
+// loops at ≤ 4 (docs/kernels.md).
+constexpr int64_t kReducedRowLimit = 4;
+
 int64_t small_row_limit = 8;  // set_small_row_limit (process-wide; not for use during a forward): tests and
                               // benchmarks compare with 0 (at::mm everywhere)
 
@@ -43,11 +48,12 @@ at::vec::Vectorized<AccT<T>> load_acc(const T* p) {
   }
 }
 
-// y[t, j] (+)= Σ_k a[t, k] b[j, k] for t < R and J rows j0 ≤ j < j0 + J: a [R, K] with row stride lda, b [N, K]
+// y[t, j] (+)= Σ_k a[t, k] b[j, k] for t < R and J rows j0 ≤ j < j0 + J: a [R, K] (in AccT) with row stride lda, b [N, K]
 // contiguous rows, y with row stride ldy. The J rows of b are read once for all R tokens; J·R vector
 // accumulators stay in registers (independent FMA chains), and each vector load of a or b feeds J or R FMAs.
 template <typename T, int R, int J>
-void dot_block(const T* a, int64_t lda, const T* b, int64_t j0, int64_t K, T* y, int64_t ldy, bool accumulate) {
+void dot_block(const AccT<T>* a, int64_t lda, const T* b, int64_t j0, int64_t K, T* y, int64_t ldy,
+               bool accumulate) {
   using A = AccT<T>;
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
@@ -59,7 +65,7 @@ void dot_block(const T* a, int64_t lda, const T* b, int64_t j0, int64_t K, T* y,
     V w[J];
     for (int q = 0; q < J; ++q) w[q] = load_acc(b + (j0 + q) * K + k);
     for (int t = 0; t < R; ++t) {
-      const V x = load_acc(a + t * lda + k);
+      const V x = V::loadu(a + t * lda + k);
       for (int q = 0; q < J; ++q) acc[q][t] = at::vec::fmadd(x, w[q], acc[q][t]);
     }
   }
@@ -67,7 +73,7 @@ void dot_block(const T* a, int64_t lda, const T* b, int64_t j0, int64_t K, T* y,
     const T* row = b + (j0 + q) * K;
     for (int t = 0; t < R; ++t) {
       A sum = at::vec::vec_reduce_all<A>([](V& u, V& v) { return u + v; }, acc[q][t]);
-      for (int64_t k = body; k < K; ++k) sum += A(a[t * lda + k]) * A(row[k]);
+      for (int64_t k = body; k < K; ++k) sum += a[t * lda + k] * A(row[k]);
       T& out = y[t * ldy + j0 + q];
       out = T(accumulate ? A(out) + sum : sum);
     }
@@ -80,12 +86,12 @@ constexpr int kRowBlock = at::vec::Vectorized<float>::size() >= 16 ? 4 : 2;
 // y = a bᵀ for any n: per block of rows of b, the tokens 4 at a time (the block, ≤ 32 KiB, is read from memory once
 // and from L1 by the later token groups).
 template <typename T>
-void dots_rows(const T* a, int64_t lda, int64_t n, const T* b, int64_t N, int64_t K, T* y, int64_t ldy,
+void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, int64_t K, T* y, int64_t ldy,
                bool accumulate) {
   for (int64_t j = 0; j < N; j += kRowBlock) {
     const int64_t rows = std::min<int64_t>(kRowBlock, N - j);
     for (int64_t t = 0; t < n; t += 4) {
-      const T* at = a + t * lda;
+      const AccT<T>* at = a + t * lda;
       T* yt = y + t * ldy;
       const int64_t tokens = std::min<int64_t>(4, n - t);
       if (rows == kRowBlock) {
@@ -109,27 +115,37 @@ void dots_rows(const T* a, int64_t lda, int64_t n, const T* b, int64_t N, int64_
 
 // y[t, :] (+)= Σ_k a[t, k] b[k, :] for t < n: a [n, K] with row stride lda, b [K, N] with row stride ldb. b is
 // streamed row by row, four rows per load and store of y (n × N values: ≤ 64 KiB at n = 8, N = 2048, in L2).
-// axpys for bf16/fp16: the n × N sums in an fp32 buffer (≤ 64 KiB, in L2), each row of b converted as it is loaded
-// and used for all n rows; y rounded once at the end.
+// axpys for bf16/fp16: the n × N sums in an fp32 buffer (≤ 64 KiB, in L2); four rows of b at a time, each
+// vector of them converted once and used for all n rows; y rounded once at the end.
 template <typename T>
 void axpys_reduced(const T* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t N, int64_t K, T* y,
                    int64_t ldy, bool accumulate) {
   using V = at::vec::Vectorized<float>;
   constexpr int64_t W = V::size();
   const int64_t body = N - N % W;
-  std::vector<float> sums(n * N, 0.0f);
+  std::vector<float> sums(n * N, 0.0f), coef(4 * n);
   if (accumulate)
     for (int64_t t = 0; t < n; ++t)
       for (int64_t c = 0; c < N; ++c) sums[t * N + c] = float(y[t * ldy + c]);
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0; k < K; k += 4) {
+    const int64_t rows = std::min<int64_t>(4, K - k);
     const T* w = b + k * ldb;
-    for (int64_t t = 0; t < n; ++t) {
-      const float s = float(a[t * lda + k]);
-      const V sv(s);
-      float* st = sums.data() + t * N;
-      for (int64_t c = 0; c < body; c += W) at::vec::fmadd(sv, load_acc(w + c), V::loadu(st + c)).store(st + c);
-      for (int64_t c = body; c < N; ++c) st[c] += s * float(w[c]);
+    for (int64_t t = 0; t < n; ++t)
+      for (int q = 0; q < 4; ++q) coef[4 * t + q] = q < rows ? float(a[t * lda + k + q]) : 0.0f;
+    for (int64_t c = 0; c < body; c += W) {
+      V wv[4];
+      for (int q = 0; q < 4; ++q) wv[q] = q < rows ? load_acc(w + q * ldb + c) : V(0.0f);
+      for (int64_t t = 0; t < n; ++t) {
+        const float* s = coef.data() + 4 * t;
+        float* st = sums.data() + t * N + c;
+        V acc = V::loadu(st);
+        for (int q = 0; q < 4; ++q) acc = at::vec::fmadd(V(s[q]), wv[q], acc);
+        acc.store(st);
+      }
     }
+    for (int64_t c = body; c < N; ++c)
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t q = 0; q < rows; ++q) sums[t * N + c] += coef[4 * t + q] * float(w[q * ldb + c]);
   }
   for (int64_t t = 0; t < n; ++t)
     for (int64_t c = 0; c < N; ++c) y[t * ldy + c] = T(sums[t * N + c]);
@@ -173,12 +189,20 @@ constexpr int64_t kColumns = 256;
 bool small_product(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t n = a.size(0), K = a.size(1), N = b.size(1);
   const auto dtype = a.scalar_type();
-  if (n > small_row_limit || !at::isFloatingType(dtype) || b.scalar_type() != dtype ||
+  const int64_t limit = at::isReducedFloatingType(dtype) ? std::min(small_row_limit, kReducedRowLimit) : small_row_limit;
+  if (n > limit || !at::isFloatingType(dtype) || b.scalar_type() != dtype ||
       y.scalar_type() != dtype || a.stride(1) != 1 || y.stride(1) != 1)
     return false;
   const bool dot_form = b.stride(0) == 1 && (N == 1 || b.stride(1) == K);
   if (!dot_form && !(b.stride(1) == 1 && (K == 1 || b.stride(0) == N))) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "small_product", [&] {
+    using acc_t = AccT<scalar_t>;
+    // The dot form reads a once per row block of b: a bf16/fp16 a is converted to fp32 once here (n × K values).
+    at::Tensor a_acc = a;
+    if constexpr (!std::is_same_v<acc_t, scalar_t>)
+      if (dot_form) a_acc = a.to(at::kFloat);
+    const acc_t* pa_acc = dot_form ? a_acc.data_ptr<acc_t>() : nullptr;
+    const int64_t lda_acc = a_acc.stride(0);
     const scalar_t* pa = a.data_ptr<scalar_t>();
     const scalar_t* pb = b.data_ptr<scalar_t>();
     scalar_t* py = y.data_ptr<scalar_t>();
@@ -186,7 +210,7 @@ bool small_product(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b
     at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
       const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
       if (dot_form)
-        dots_rows<scalar_t>(pa, lda, n, pb + lo * K, cols, K, py + lo, ldy, accumulate);
+        dots_rows<scalar_t>(pa_acc, lda_acc, n, pb + lo * K, cols, K, py + lo, ldy, accumulate);
       else
         axpys<scalar_t>(pa, lda, n, pb + lo, N, cols, K, py + lo, ldy, accumulate);
     });
