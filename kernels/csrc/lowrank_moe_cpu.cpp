@@ -19,8 +19,8 @@ namespace {
 // Every product of an expert's activations [n, in] (n = the tokens routed to it) with one of its factors goes
 // through product / add_product. For n ≤ small_row_limit these loops read each factor row once from
 // memory and use it for all n rows while it is in registers or L1: the dot form (b = Wᵀ of a row-major W: x Vᵀ)
-// keeps kRowBlock × 4 vector accumulators in registers; the axpy form (row-major b: z Uᵀ) updates a column block
-// of y that stays in L1, four rows of b per load/store of y. Written with ATen's at::vec::Vectorized (the ISA torch
+// keeps kRowBlock × 4 vector accumulators in registers; the axpy form (row-major b: z Uᵀ) streams the rows of b in
+// order into y (≤ 64 KiB, in L2), four rows of b per load/store of y. Written with ATen's at::vec::Vectorized (the ISA torch
 // dispatches to here: kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take
 // at::mm. bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16) are read as such, summed in fp32.
 
