@@ -9,6 +9,8 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
 
 - ``ours``: the CPU path of the scheme (``kernels/<scheme>_cpu.py``: layout prepared once, one C++ op per
   layer), where the scheme has one;
+- ``ours (at::mm only)``: the same op with its small-row loops off (``set_small_row_limit(0)``: every product
+  an ``at::mm``, as before the loops), with ``--compare-at-mm``;
 - ``torch op``: the scheme's torch path (``kernels/<scheme>_torch.py``, what the plugin called before);
 - ``vLLM dense``: vLLM CPU's own unquantized fused MoE, as ``CPUUnquantizedExperts`` calls it: weights
   prepacked once with ``cpu_prepack_moe_weight(w, isa)``, then ``cpu_fused_moe(out, x, w13, w2, None, None,
@@ -87,9 +89,11 @@ def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int) -> dict[str
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen):
+def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, compare_at_mm: bool = False):
     """``{name: forward}`` of the scheme's paths and ``read_bytes(used, name)``."""
     import importlib
+
+    from vllm_moe_compress.kernels.cpu_extension import cpu_ops
 
     layer = SCHEMES[scheme](model, ratio, seed, dtype, torch.device("cpu"), gen)
     paths = {"torch op": layer.torch_moe}
@@ -100,6 +104,16 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen):
         forward = getattr(module, f"{CPU_PATHS[scheme]}_moe")
         paths = {"ours": lambda x, ids, w: forward(x, ids, w, layout), **paths}
         elem["ours"] = compute_dtype(dtype).itemsize
+        if compare_at_mm:
+            def at_mm_only(x, ids, w):
+                previous = cpu_ops().set_small_row_limit(0)
+                try:
+                    return forward(x, ids, w, layout)
+                finally:
+                    cpu_ops().set_small_row_limit(previous)
+
+            paths = {"ours": paths.pop("ours"), "ours (at::mm only)": at_mm_only, **paths}
+            elem["ours (at::mm only)"] = elem["ours"]
 
     def read_bytes(used: torch.Tensor, name: str) -> int:
         return elem[name] * layer.read_params(used)
@@ -121,6 +135,8 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", choices=["torch op", "torch loop"], default=[],
                         help="paths not timed: the torch loop needs an unpacked copy of the dense weights (2x the "
                         "dense memory); both run bf16 GEMMs, ~100x slower than fp32 on CPUs without native bf16")
+    parser.add_argument("--compare-at-mm", action="store_true",
+                        help="also time ours with the small-row loops off (every product an at::mm)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_moe.md"))
     args = parser.parse_args()
@@ -151,7 +167,8 @@ def main() -> None:
                 dense_paths["torch loop"] = lambda x, ids, w, w13=w13, w2=w2: torch_dense_moe(x, w13, w2, w, ids)
             for scheme in args.schemes:
                 for ratio in args.ratios:
-                    paths, read_bytes = compressed_paths(scheme, model, ratio, dtype, args.seed, gen)
+                    paths, read_bytes = compressed_paths(scheme, model, ratio, dtype, args.seed, gen,
+                                                           args.compare_at_mm)
                     if "torch op" in args.skip:
                         del paths["torch op"]
                     all_paths = {**paths, **dense_paths}

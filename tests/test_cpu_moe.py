@@ -2,7 +2,8 @@
 against float64 dense math on the materialised experts, with fresh random inputs: ragged ranks including 0, idle
 experts, no base, top-1 and top-k, a single token, dynamic base pruning; basis_residual's shared and MoBE-mixed
 bases, hashed residual, dense and factorised down, TP 2; fp64, fp32 and bf16 factors (bf16 computed in fp32 on
-CPUs without native bf16)."""
+CPUs without native bf16). Every op test runs twice: with the small-row loops (products of ≤ 8 activation rows,
+kernels/csrc/lowrank_moe_cpu.cpp) and with at::mm everywhere (limit 0)."""
 
 import dataclasses
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 import vllm_moe_compress.base_delta  # noqa: F401  (each scheme module registers the custom ops the plugin calls)
 import vllm_moe_compress.basis_residual  # noqa: F401
 import vllm_moe_compress.sparse_lowrank  # noqa: F401
-from vllm_moe_compress.kernels import base_delta_cpu, base_delta_torch, sparse_lowrank_cpu
+from vllm_moe_compress.kernels import base_delta_cpu, base_delta_torch, cpu_extension, sparse_lowrank_cpu
 from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
 from vllm_moe_compress.format.schemes.basis_residual import BasisResidualLayer
 
@@ -21,6 +22,35 @@ from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_re
                            random_basis_residual_layer, random_sparse_lowrank_layer)
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(params=[8, 0], ids=["small-row loops", "at::mm only"])
+def small_row_limit(request):
+    """The C++ ops' products of ≤ limit activation rows use the single-pass loops; 0 sends all to at::mm."""
+    ops = cpu_extension.cpu_ops()
+    previous = ops.set_small_row_limit(request.param)
+    yield request.param
+    ops.set_small_row_limit(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9])
+def test_small_product_matches_float64(rows, dtype):
+    """The loops alone (``torch.ops.moe_compress_cpu.product``: a b for b = Wᵀ of a row-major W, or a row-major
+    b) against float64 matmul: lengths with vector tails, row counts off the row block, more columns than one
+    column block, a strided a; 9 rows and bf16 take at::mm (the same answer)."""
+    ops = cpu_extension.cpu_ops()
+    gen = torch.Generator().manual_seed(rows)
+    for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1)):
+        wide = torch.randn(rows, inner + 3, generator=gen, dtype=torch.float64)
+        a = wide[:, 2:2 + inner]  # row stride inner + 3
+        w = torch.randn(outer, inner, generator=gen, dtype=torch.float64)
+        for b in (w.t(), w.t().contiguous()):  # dot form, axpy form
+            expected = a.to(dtype).double() @ b.to(dtype).double()  # only the product's rounding is measured
+            got = ops.product(a.to(dtype), b.to(dtype) if b.is_contiguous() else w.to(dtype).t())
+            assert got.dtype == dtype and got.shape == expected.shape
+            error = float((got.double() - expected).norm() / expected.norm())
+            assert error <= TOLERANCE[dtype] / 4, (inner, outer, b.is_contiguous(), error)
 
 
 def packed_layer(ranks: list[list[int]], hidden: int, inter: int, channels: int, gen: torch.Generator):
@@ -73,11 +103,12 @@ CASES = {  # name: (ranks [gate, up, down] per expert, base channels, tokens, to
     "single token, top-k over all experts": ([[3, 4, 5, 6, 0], [3, 4, 5, 6, 0], [1, 2, 3, 0, 4]], 10, 1, 5, set()),
     "top-1": ([[2, 8, 1, 3, 4], [2, 8, 1, 3, 4], [2, 8, 1, 3, 4]], 16, 11, 1, {0, 2}),
     "all ranks zero (base only)": ([[0] * 5, [0] * 5, [0] * 5], 12, 6, 2, set()),
+    "2-8 tokens per expert": ([[9, 4, 17, 6, 11], [5, 12, 3, 8, 16], [7, 2, 13, 19, 4]], 9, 16, 2, set()),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_cpu_path_matches_float64_dense_math(case):
+def test_cpu_path_matches_float64_dense_math(case, small_row_limit):
     ranks, channels, tokens, top_k, idle = CASES[case]
     gen = torch.Generator().manual_seed(len(case))
     hidden, inter = 24, 20
@@ -113,11 +144,13 @@ UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units
     "no base": (9, 2, [(4, 6, (3, 2, 5)), (0, 9, (6, 6, 1)), (10, 3, (1, 0, 2)), (7, 0, (0, 0, 0))], False, set()),
     "single token, top-5": (1, 5, [(e % 4, 6 + e % 5, (e % 3, 1 + e % 4, e % 5)) for e in range(6)], True, set()),
     "top-1": (10, 1, [(3, 0, (0, 0, 0)), (0, 8, (2, 2, 2)), (4, 4, (1, 3, 2))], True, set()),
+    "2-8 tokens per expert": (14, 2, [(5, 9, (4, 3, 6)), (3, 11, (7, 2, 5)), (8, 6, (2, 6, 3)), (6, 7, (3, 3, 3))],
+                              True, set()),
 }
 
 
 @pytest.mark.parametrize("case", UNIT_CASES)
-def test_sparse_lowrank_cpu_path_matches_float64_dense_math(case):
+def test_sparse_lowrank_cpu_path_matches_float64_dense_math(case, small_row_limit):
     tokens, top_k, plan, with_base, idle = UNIT_CASES[case]
     gen = torch.Generator().manual_seed(len(case))
     layer = random_sparse_lowrank_layer(gen, 24, 20, plan, with_base)
@@ -148,13 +181,15 @@ BASIS_CASES = {
     "mobe, dense down": (7, 3, 8, 4, 48, 24, {"gate": [9], "up": [3]}, True, 0, "silu", 1, None),
     "single token, top-8, idle group": (1, 8, 10, 2, 32, 24, {"gate": [2, 5, 3, 1, 7], "up": [4, 4, 6, 2, 3]},
                                         False, 30, "silu", 1, None),
+    "2-8 tokens per expert, factorised down": (20, 2, 6, 2, 40, 36, {"gate": [5, 7, 3], "up": [4, 6, 8],
+                                                                      "down": [3, 5, 2]}, False, 0, "silu", 1, None),
     "top-1, identity": (20, 1, 4, 2, 24, 32, {"gate": [6, 3], "up": [2, 5], "down": [3, 4]}, False, 40, "identity",
                         1, None),
 }
 
 
 @pytest.mark.parametrize("case", BASIS_CASES)
-def test_basis_residual_cpu_path_matches_float64_dense_math(case):
+def test_basis_residual_cpu_path_matches_float64_dense_math(case, small_row_limit):
     """kernels/basis_residual_cpu.py through the plugin's loader and ``prepare`` (backend "cpu", TP slicing) on a
     random RFID-MoE / MoBE layer, against float64 dense math on the materialised experts (the TP ranks' sum) and,
     per rank, the torch path on the same loaded weights."""
