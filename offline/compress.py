@@ -130,7 +130,7 @@ def compress_checkpoint(
     samples = calibration_windows(tokenizer, text, calibration.samples, calibration.seqlen, calibration.seed)
     # logs the expected peak; refuses before anything is written when it cannot fit the available memory
     check_memory(estimate_peak(ckpt, layout, int(config.get("num_hidden_layers", 0)), method, calibration,
-                               expert_chunk))
+                               expert_chunk, ratio))
     work = WorkDir(out_dir, run_arguments(model_dir, method, ratio, calibration, dtype))
     job = _Job(model_dir, Path(out_dir), config, arch, ckpt, layout, method, plan, planner, ratio, calibration, dtype,
                work, expert_chunk)
