@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,18 @@ def calibration_windows(tokenizer, text: str, num_samples: int, seqlen: int, see
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (num_samples,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now. The CPU time is this process's, all threads together: on a shared machine it is
+    the cost of a phase, and the wall time what the phase took under the machine's load."""
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(since: tuple[float, float]) -> tuple[float, float]:
+    """(wall, CPU) seconds since ``since``, a :func:`clock` reading."""
+    wall, cpu = clock()
+    return wall - since[0], cpu - since[1]
 
 
 def peak_rss_bytes() -> int:
@@ -133,6 +146,8 @@ class ExpertGrams:
         self.kind, self.num_experts, self.size, self.batches, self.chunk = kind, num_experts, size, batches, chunk
         self.gate_up, self.act_fn = gate_up, act_fn
         self._first, self._cached = -1, None
+        self.seconds = (0.0, 0.0)
+        """(wall, CPU) seconds spent computing Grams so far (the "statistics" phase of compress.py's log)."""
 
     def __len__(self) -> int:
         return self.num_experts
@@ -146,6 +161,12 @@ class ExpertGrams:
 
     @torch.no_grad()
     def _compute(self, experts: range) -> torch.Tensor:
+        started = clock()
+        grams = self._sum_over_batches(experts)
+        self.seconds = tuple(total + part for total, part in zip(self.seconds, elapsed(started)))
+        return grams
+
+    def _sum_over_batches(self, experts: range) -> torch.Tensor:
         grams = torch.zeros(len(experts), self.size, self.size, dtype=torch.float64)
         weights = {e: self.gate_up(e) for e in experts} if self.kind == "inter" else {}
         for batch in self.batches:
@@ -181,6 +202,15 @@ class ExpertStatistics:
     inter_gram: torch.Tensor | ExpertGrams
     moments: ActivationMoments | None = None
     batches: list[RoutedBatch] | None = None
+    calibration_seconds: tuple[float, float] = (0.0, 0.0)
+    """(wall, CPU) seconds from the end of the previous MoE layer's step to the end of this layer's forward pass
+    (reading the decoder layers in between and running the calibration set through them; run_layerwise)."""
+
+    @property
+    def gram_seconds(self) -> tuple[float, float]:
+        """(wall, CPU) seconds spent so far computing this layer's Grams (ExpertGrams computes them on demand)."""
+        grams = [g.seconds for g in (self.input_gram, self.inter_gram) if isinstance(g, ExpertGrams)]
+        return sum(g[0] for g in grams), sum(g[1] for g in grams)
 
     @classmethod
     def zeros(cls, num_experts: int, hidden: int, intermediate_size: int,
@@ -344,6 +374,7 @@ def run_layerwise(
     experts' gate/up weights for the intermediate Grams are read back from ``source`` per chunk).
     """
     current: dict[int, ExpertStatistics] = {}
+    step_started = [clock()]  # end of the previous MoE layer's step
 
     def observe(index: int, layer) -> Callable[[], None] | None:
         if index not in moe_layers:
@@ -354,8 +385,11 @@ def run_layerwise(
 
     def after_layer(index: int, hidden: list[torch.Tensor]) -> None:
         if index in current:
-            on_moe_layer(index, current.pop(index), hidden)
+            stats = current.pop(index)
+            stats.calibration_seconds = elapsed(step_started[0])
+            on_moe_layer(index, stats, hidden)
             log.info("layer %d done; peak RSS %.1f MiB", index, peak_rss_bytes() / 2**20)
+            step_started[0] = clock()
 
     forward_layerwise(source, samples, batch_size, after_layer, observe=observe, start_layer=start_layer,
                       start_hidden=start_hidden, progress=progress)

@@ -46,6 +46,12 @@ def read_config(model_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
 
 
+RELEASE_BYTES = 256 * 2**20
+"""Bytes read from one file after which it is reopened. ``safe_open`` maps a whole shard, and every page a read
+touched stays in the process's resident memory until the file is closed (1.2 GiB for one Qwen3-30B-A3B-shaped
+layer); reopening bounds that to about this much per file. Tensors already returned stay valid."""
+
+
 class SafetensorsCheckpoint:
     """All tensors of a model directory (single file or sharded with an index), opened lazily."""
 
@@ -57,6 +63,7 @@ class SafetensorsCheckpoint:
             hint = f" (found {', '.join(pickles)}: pickle files are never loaded; convert to safetensors)" if pickles else ""
             raise CheckpointError(f"no *.safetensors files in {self.model_dir}{hint}")
         self._handles = {}
+        self._read_since_open: dict[Path, int] = {}  # bytes read through each handle (RELEASE_BYTES)
         self._file_of: dict[str, Path] = {}
         for path in files:
             try:
@@ -64,6 +71,7 @@ class SafetensorsCheckpoint:
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
             self._handles[path] = handle
+            self._read_since_open[path] = 0
             for key in handle.keys():
                 self._file_of[key] = path
         self._check_index()
@@ -89,12 +97,23 @@ class SafetensorsCheckpoint:
         return name in self._file_of
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as stored (a view of the mapped file, which it keeps mapped while it lives)."""
         try:
-            return self._handles[self._file_of[name]].get_tensor(name)
+            path = self._file_of[name]
+            if self._read_since_open[path] > RELEASE_BYTES:
+                self._handles[path] = safe_open(str(path), framework="pt")  # unmaps the pages read so far
+                self._read_since_open[path] = 0
+            tensor = self._handles[path].get_tensor(name)
+            self._read_since_open[path] += tensor.nbytes
+            return tensor
         except KeyError:
             raise CheckpointError(f"tensor {name} not found in {self.model_dir}") from None
         except SafetensorError as err:
             raise CheckpointError(f"tensor {name} in {self._file_of[name]} is corrupt: {err}") from err
+
+    def file_of(self, name: str) -> Path:
+        """The file holding tensor ``name``."""
+        return self._file_of[name]
 
     def dtype(self, name: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self._handles[self._file_of[name]].get_slice(name).get_dtype()]

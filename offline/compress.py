@@ -26,7 +26,7 @@ from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 
 from .architectures import MoEArchitecture, architecture_for
 from .budget import BudgetPlan, BudgetPlanner, LayerShape
-from .calibration import calibration_windows, peak_rss_bytes, read_calibration_text, run_layerwise
+from .calibration import calibration_windows, clock, elapsed, peak_rss_bytes, read_calibration_text, run_layerwise
 from .checkpoint_io import (
     CheckpointError, DiskFullError, SafetensorsCheckpoint, ShardedWriter, atomic_output_dir, copy_side_files, read_config,
 )
@@ -130,7 +130,7 @@ def compress_checkpoint(
     samples = calibration_windows(tokenizer, text, calibration.samples, calibration.seqlen, calibration.seed)
     # logs the expected peak; refuses before anything is written when it cannot fit the available memory
     check_memory(estimate_peak(ckpt, layout, int(config.get("num_hidden_layers", 0)), method, calibration,
-                               expert_chunk))
+                               expert_chunk, ratio))
     work = WorkDir(out_dir, run_arguments(model_dir, method, ratio, calibration, dtype))
     job = _Job(model_dir, Path(out_dir), config, arch, ckpt, layout, method, plan, planner, ratio, calibration, dtype,
                work, expert_chunk)
@@ -223,12 +223,14 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
 
     def on_moe_layer(layer: int, stats, hidden) -> None:
         shape, prefix = layout.shapes[layer], layout.prefixes[layer]
+        started = clock()
         weights = source.expert_weights(layer)
         following = [l for l in moe_layers if l > layer]
         next_weights = source.expert_weights(following[0]) if method.needs_next_layer and following else None
         result = method.compress_layer(LayerInputs(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer],
                                                    shape, next_weights))
         compressed = result.layer
+        compression, statistics = elapsed(started), stats.gram_seconds
         keep = {"keep_fraction": round(layer_weights[layer], 6)} if layer_weights else {}
         record = {
             "spec": compressed.spec(layer, prefix).to_json(),
@@ -236,7 +238,17 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
             "stats": {"routing_counts": stats.counts.tolist(), "routing_weight_sums": stats.weight_sums.tolist(),
                       **keep, **compressed.allocation(), **result.log},
         }
-        work.commit_layer(layer, compressed.to_tensors(prefix, job.arch.proj_names, DTYPES[job.dtype]), record, hidden)
+        tensors = compressed.to_tensors(prefix, job.arch.proj_names, DTYPES[job.dtype])
+        del compressed, result  # the method's float64 factors, before the layer is serialised
+        # (wall, CPU) seconds per phase; the Grams are computed on demand inside the method: counted as statistics
+        seconds = {"calibration": stats.calibration_seconds, "statistics": statistics,
+                   "factorisation": tuple(c - s for c, s in zip(compression, statistics))}
+        record["seconds"] = {phase: {"wall": round(w, 2), "cpu": round(c, 2)} for phase, (w, c) in seconds.items()}
+        write_started = clock()
+        work.commit_layer(layer, tensors, record, hidden)
+        seconds["write"] = elapsed(write_started)
+        log.info("layer %d, seconds wall (CPU): %s", layer,
+                 ", ".join(f"{phase} {w:.1f} ({c:.1f})" for phase, (w, c) in seconds.items()))
 
     run_layerwise(
         source, {l: (layout.shapes[l].num_experts, layout.shapes[l].hidden_size, layout.shapes[l].intermediate_size)
@@ -285,6 +297,7 @@ def _write_checkpoint(job: _Job, overwrite: bool, max_shard_bytes: int, started:
             "method": method.name, "calibration": calib, "projection_ratios": removed,
             "layers": {str(l): r["stats"] for l, r in records.items()},
             "wall_time_s": round(time.perf_counter() - started, 2), "peak_rss_bytes": peak_rss_bytes(),
+            "layer_seconds": {str(l): r.get("seconds") for l, r in records.items()},  # as journaled
             "resumed": resumed,
         }, indent=1) + "\n")
         log.info("wrote %s: ratio %.4f (target %.4f), expert ratio %.4f, peak RSS %.1f MiB",

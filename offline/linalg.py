@@ -6,7 +6,9 @@ error of an approximation Ŵ is ‖(W − Ŵ)Xᵀ‖²_F = ‖(W − Ŵ)S‖²_F
 
     W S = U Σ Vᵀ,   ΔU = U_k √Σ_k,   ΔV = √Σ_k V_kᵀ S⁻¹            (D²-MoE Eq. 6–8)
 
-All arithmetic here is float64.
+All arithmetic here is float64: the Grams are sums of many rank-one terms whose small eigenvalues decide the
+whitening, and the whitened factors come from the eigendecomposition of (W S)(W S)ᵀ or (W S)ᵀ(W S), whose
+eigenvalues are the squared singular values (float32 would keep only the largest few digits of them).
 """
 
 from __future__ import annotations
@@ -44,18 +46,52 @@ def low_rank_factors(
     """Rank-``rank`` factors (U [out, r], V [r, in]) with U V ≈ ``weight``.
 
     Without ``whitening`` this is the plain truncated SVD (Eckart–Young in the Frobenius norm); with
-    the Cholesky factor S of the input Gram it minimises the output error on the calibration inputs.
+    the Cholesky factor S of the input Gram it minimises the output error on the calibration inputs
+    (:func:`whitened_factors`).
     """
     weight = weight.to(torch.float64)
-    scaled = weight if whitening is None else weight @ whitening
-    u, s, vh = torch.linalg.svd(scaled, full_matrices=False)
-    root = s[:rank].sqrt()
-    left = u[:, :rank] * root
-    right = root[:, None] * vh[:rank]
     if whitening is not None:
-        # right · S⁻¹ without forming the inverse: solve Sᵀ Xᵀ = rightᵀ (Sᵀ is upper triangular).
-        right = torch.linalg.solve_triangular(whitening.T, right.T, upper=True).T
-    return left, right
+        return whitened_factors(weight, rank, whitening)
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+def whitened_factors(weight: torch.Tensor, rank: int, whitening: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The truncation-aware factors ΔU = U_k √Σ_k, ΔV = √Σ_k V_kᵀ S⁻¹ of A = W S (module docstring), float64.
+
+    The top-k singular triplets come from the eigendecomposition of the smaller of A Aᵀ and Aᵀ A rather than
+    from an SVD of A: LAPACK's SVD of A took 20–40× longer when S comes from a rank-deficient Gram (an expert
+    with fewer routed calibration tokens than input channels: its singular values fall into one large cluster
+    at the damping level), measured on one Qwen3-30B-A3B-shaped expert. The result is the same truncation
+    (same singular values and subspaces, to float64 rounding; within a cluster of equal singular values any
+    basis is optimal), but a singular vector's sign is LAPACK's choice in the SVD and ours here: the largest
+    entry of each vector of U is made positive. For a wide A (out ≤ in): ΔV = Σ_k^{-1/2} U_kᵀ W, because
+    V_kᵀ = Σ_k⁻¹ U_kᵀ A; no inverse of S is needed. Singular values below the float64 noise of the largest
+    (A rank-deficient, rank above its rank) get zero factors instead of noise.
+    """
+    scaled = weight @ whitening
+    wide = scaled.shape[0] <= scaled.shape[1]
+    evals, evecs = torch.linalg.eigh(scaled @ scaled.T if wide else scaled.T @ scaled)
+    evals, evecs = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]  # descending
+    noise = evals[:1].clamp_min(0) * max(scaled.shape) * torch.finfo(torch.float64).eps
+    sigma = torch.where(evals > noise, evals, torch.zeros_like(evals)).sqrt()
+    root = sigma.sqrt()
+    inv_root = torch.where(root > 0, 1 / root, torch.zeros_like(root))
+    if wide:
+        u = evecs * _positive_peak_signs(evecs)
+        return u * root, inv_root[:, None] * (u.T @ weight)
+    left = (scaled @ evecs) * inv_root  # A V_k Σ_k^{-1/2} = U_k √Σ_k
+    signs = _positive_peak_signs(left)
+    left, right = left * signs, (root * signs)[:, None] * evecs.T
+    # right · S⁻¹ without forming the inverse: solve Sᵀ Xᵀ = rightᵀ (Sᵀ is upper triangular).
+    return left, torch.linalg.solve_triangular(whitening.T, right.T, upper=True).T
+
+
+def _positive_peak_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """±1 per column of ``vectors`` making each column's largest-magnitude entry positive (a canonical sign)."""
+    peak = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))[0]
+    return torch.where(peak < 0, -1.0, 1.0).to(vectors.dtype)
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:

@@ -1,16 +1,27 @@
 """The expected peak memory of a compression run, logged before it starts and checked against the machine.
 
-With the source model streamed (offline/source_model.py) and Grams computed a chunk of experts at a time
-(calibration.ExpertGrams), the peak is one MoE layer's worth, whatever the depth of the model:
+With the source model streamed (offline/source_model.py), Grams computed a chunk of experts at a time
+(calibration.ExpertGrams) and expert weights read an expert at a time (source_model.ExpertStack), the peak is
+one MoE layer's worth, whatever the depth of the model. Alive for the whole run:
 
-* the embedding and head, in float32, alive for the whole run;
-* one decoder layer's weights in float32 (during its calibration pass);
-* the method's copy of one layer's routed experts in float64 (``source.expert_weights``; RS-MoE also holds
-  the next MoE layer's), plus as much again for what a method derives from them (bases, deltas, factors);
-* one chunk of per-expert Grams in float64 (``--expert-chunk`` experts of [H, H] and of [I, I]);
+* the embedding and head, in float32;
 * the calibration activations: the hidden states of every window (float32), kept twice while an MoE layer
   runs (the states entering it and the inputs its experts received, cached for the Gram passes);
-* for D²-MoE's Fisher, every decoder layer's input for ``--fisher-samples`` windows (offline/fisher.py).
+* for D²-MoE's Fisher, every decoder layer's input for ``--fisher-samples`` windows (offline/fisher.py;
+  counted for the whole run, an over-estimate after the Fisher pass).
+
+Then the larger of two phases of each MoE layer, which are never alive together (the layer is freed before
+its compression starts):
+
+* **calibration**: one decoder layer's weights in float32, and the pages of the checkpoint file that reading
+  it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in: a bound, not reached by
+  small models);
+* **compression**: one chunk of per-expert Grams in float64 (``--expert-chunk`` experts of [H, H] and of
+  [I, I]); the layer's compressed tensors, as the method's float64 factors plus the float32 (at most) copy
+  written to the work directory; and the weights the method holds: for methods that take a layer's experts
+  one at a time (``CompressionMethod.stacks_experts`` false: svd, whitened-svd, d2) a few expert-sized
+  float64 matrices, otherwise the layer's routed experts stacked in float64 (RS-MoE also the next MoE
+  layer's) plus as much again for what the method derives from them.
 
 This is an estimate of the tensors, not of allocator slack or the interpreter (a fixed allowance below).
 """
@@ -21,6 +32,8 @@ import logging
 from dataclasses import dataclass
 
 import psutil
+
+from .checkpoint_io import RELEASE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -33,44 +46,74 @@ class MemoryBudgetError(ValueError):
     """The run's expected peak memory exceeds what the machine has available."""
 
 
+EXPERT_WORKING_SET = 8
+"""Expert-sized float64 matrices a per-expert method holds at once (the weight or delta, its whitened product,
+the SVD's factors; D²-MoE's three base matrices)."""
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     parts: dict[str, int]
+    """Alive for the whole run."""
+    phases: dict[str, dict[str, int]]
+    """Alive in turn, per MoE layer: the peak counts the largest phase."""
 
     @property
     def total(self) -> int:
-        return RUNTIME_ALLOWANCE + sum(self.parts.values())
+        return RUNTIME_ALLOWANCE + sum(self.parts.values()) + max(
+            (sum(p.values()) for p in self.phases.values()), default=0)
 
     def describe(self) -> str:
-        return ", ".join(f"{name} {size / GIB:.2f}" for name, size in self.parts.items())
+        def listed(parts: dict[str, int]) -> str:
+            return ", ".join(f"{name} {size / GIB:.2f}" for name, size in parts.items())
+
+        phases = "; ".join(f"{phase}: {listed(parts)}" for phase, parts in self.phases.items())
+        return f"{listed(self.parts)}; the larger of [{phases}]"
 
 
-def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chunk: int | None) -> MemoryEstimate:
-    """The expected peak (module docstring) of compressing ``layout``'s MoE layers of checkpoint ``ckpt``."""
-    layer_params = {}
+def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chunk: int | None,
+                  ratio: float = 0.0) -> MemoryEstimate:
+    """The expected peak (module docstring) of compressing ``layout``'s MoE layers of checkpoint ``ckpt`` at
+    ``ratio`` (the compressed tensors are counted as 1 − ratio of the dense experts)."""
+    layer_params, layer_files = {}, {}
     outer = 0
     for key in ckpt.keys():
         parts = key.split(".")
         if "layers" in parts and parts[parts.index("layers") + 1].isdigit():
             index = int(parts[parts.index("layers") + 1])
             layer_params[index] = layer_params.get(index, 0) + ckpt.numel(key)
+            layer_files.setdefault(index, set()).add(ckpt.file_of(key))
         else:
             outer += ckpt.numel(key)
     shape = max(layout.shapes.values(), key=lambda s: s.dense_expert_params)
-    experts = shape.dense_expert_params * 8 * (2 if method.needs_next_layer else 1)
     chunk = shape.num_experts if expert_chunk is None else min(expert_chunk, shape.num_experts)
     tokens = calibration.samples * calibration.seqlen
     parts = {
         "embedding and head (float32)": outer * 4,
-        "one decoder layer (float32)": max(layer_params.values(), default=0) * 4,
-        "routed experts for the method (float64, x2 for derived tensors)": 2 * experts,
-        f"Grams of {chunk} experts (float64)": chunk * (shape.hidden_size**2 + shape.intermediate_size**2) * 8,
         "calibration activations (float32)": 2 * tokens * shape.hidden_size * 4,
     }
     if method.needs_fisher:
         fisher_tokens = min(calibration.fisher_samples, calibration.samples) * calibration.seqlen
         parts["Fisher layer inputs (float32)"] = (num_layers + 1) * fisher_tokens * shape.hidden_size * 4
-    return MemoryEstimate(parts)
+    expert_size = shape.hidden_size * shape.intermediate_size * 8
+    if method.stacks_experts:
+        stacked = shape.dense_expert_params * 8 * (2 if method.needs_next_layer else 1)
+        weights = {"routed experts stacked (float64, x2 for derived tensors)": 2 * stacked}
+    else:
+        weights = {f"{EXPERT_WORKING_SET} expert-sized matrices (float64)": EXPERT_WORKING_SET * expert_size}
+    phases = {
+        "calibration": {
+            "one decoder layer (float32)": max(layer_params.values(), default=0) * 4,
+            "mapped checkpoint pages": RELEASE_BYTES * max(map(len, layer_files.values()), default=0),
+        },
+        "compression": {
+            f"Grams of {chunk} experts (float64)": chunk * (shape.hidden_size**2 + shape.intermediate_size**2) * 8,
+            "compressed layer (float64 factors + float32 copy)": round(
+                (1 - ratio) * shape.dense_expert_params * (8 + 4)),
+            **weights,
+        },
+    }
+    return MemoryEstimate(parts, phases)
 
 
 def check_memory(estimate: MemoryEstimate, available: int | None = None) -> None:

@@ -12,8 +12,10 @@ dtype) as they are read, so only one layer's float32 weights are alive at a time
 Checkpoints store routed experts one tensor per expert (``…experts.{i}.gate_proj.weight``); transformers 5
 modules fuse them (``gate_up_proj [E, 2I, H]``, gate rows first, and ``down_proj [E, H, I]``), which is
 what transformers' own loader does for these families (its ``conversion_mapping``: MergeModulelist +
-Concatenate). :meth:`StreamedModel.expert_weights` reads one layer's experts straight from the checkpoint in
-the methods' float64 layout, without building the rest of the layer (RS-MoE's next-layer weights).
+Concatenate). :meth:`StreamedModel.expert_weights` gives one layer's experts to the methods without building
+the rest of the layer: per projection an :class:`ExpertStack`, which reads one expert's matrix from the
+checkpoint (float64) each time it is indexed, so a method never holds a layer's float64 [E, out, in] stack
+(4.5 GiB for the three projections of one Qwen3-30B-A3B layer) unless it asks for it (``stacked``).
 """
 
 from __future__ import annotations
@@ -139,18 +141,12 @@ class StreamedModel:
             layers[index] = placeholder
 
     def expert_weights(self, index: int) -> ExpertWeights:
-        """MoE layer ``index``'s routed experts as the methods take them: gate/up [E, I, H], down [E, H, I],
-        float64 (the values transformers' loader gives, upcast)."""
+        """MoE layer ``index``'s routed experts as the methods take them: per projection an :class:`ExpertStack`
+        (gate/up [E, I, H], down [E, H, I], float64 per expert: the values transformers' loader gives, upcast)."""
         experts = self._expert_keys.get(index)
         if not experts:
             raise CheckpointError(f"layer {index} of {self.model_dir} has no routed experts")
-        weights = {}
-        for p in PROJECTIONS:
-            first = self.ckpt.get(experts[0][p])
-            weights[p] = torch.empty(len(experts), *first.shape, dtype=torch.float64)
-            for e in range(len(experts)):  # filled in place: no second copy of the layer while stacking
-                weights[p][e].copy_(self.ckpt.get(experts[e][p]))
-        return weights
+        return {p: ExpertStack(self.ckpt, [experts[e][p] for e in range(len(experts))]) for p in PROJECTIONS}
 
     def fused_gate_up(self, index: int, expert: int) -> torch.Tensor:
         """Expert ``expert`` of MoE layer ``index``: its gate and up weights stacked, [2I, H] float32 (one row
@@ -161,3 +157,32 @@ class StreamedModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on the hidden states leaving the last decoder layer (final norm, then head)."""
         return self.model.lm_head(self.model.model.norm(hidden))
+
+
+class ExpertStack:
+    """One projection's routed experts of one MoE layer, read from the checkpoint an expert at a time.
+
+    ``stack[e]`` is expert e's matrix in float64 (gate/up [I, H], down [H, I]), read and upcast on every access
+    and owned by the caller; ``len`` and ``shape`` are those of the stacked [E, out, in] tensor it stands for.
+    Methods that index it expert by expert hold one expert's matrix at a time; :meth:`stacked` builds the
+    whole stack for those that need it at once."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, keys: list[str]):
+        self.ckpt, self.keys = ckpt, keys
+        self.shape = torch.Size([len(keys), *ckpt.shape(keys[0])])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        if not isinstance(expert, int):
+            raise TypeError(f"an ExpertStack is indexed by one expert number, got {type(expert).__name__}; "
+                            "use .stacked() for the whole [E, out, in] tensor")
+        return self.ckpt.get(self.keys[expert]).to(torch.float64)
+
+    def stacked(self) -> torch.Tensor:
+        """All experts as one [E, out, in] float64 tensor (filled in place: no second copy while stacking)."""
+        out = torch.empty(self.shape, dtype=torch.float64)
+        for e, key in enumerate(self.keys):
+            out[e].copy_(self.ckpt.get(key))
+        return out

@@ -35,13 +35,21 @@ def depths(tmp_path_factory):
 
 def test_estimate_does_not_grow_with_depth_but_with_samples_and_chunk(depths):
     shallow, deep = estimate(depths[2]), estimate(depths[6])
-    assert shallow.parts == deep.parts  # one layer's worth, whatever the depth (no Fisher)
+    assert (shallow.parts, shallow.phases) == (deep.parts, deep.phases)  # one layer's worth, whatever the depth
     bigger = estimate(depths[2], samples=64)
     assert bigger.parts["calibration activations (float32)"] == 8 * shallow.parts["calibration activations (float32)"]
-    assert estimate(depths[2], chunk=8).total > shallow.total
-    # H = 64, I = 32, hidden states and cached expert inputs in float32
-    assert shallow.parts["Grams of 4 experts (float64)"] == 4 * (64**2 + 32**2) * 8
+    assert sum(estimate(depths[2], chunk=8).phases["compression"].values()) > sum(
+        shallow.phases["compression"].values())
+    # H = 64, I = 32, E = 8; hidden states and cached expert inputs in float32
+    compression = shallow.phases["compression"]
+    assert compression["Grams of 4 experts (float64)"] == 4 * (64**2 + 32**2) * 8
+    assert compression["8 expert-sized matrices (float64)"] == 8 * 64 * 32 * 8  # per expert, not the layer
     assert shallow.parts["calibration activations (float32)"] == 2 * 8 * 32 * 64 * 4
+    stacked = estimate(depths[2], method="rs").phases["compression"]
+    assert stacked["routed experts stacked (float64, x2 for derived tensors)"] == 2 * 2 * 8 * 3 * 64 * 32 * 8
+    # the larger phase counts, not their sum
+    assert shallow.total == memory_model.RUNTIME_ALLOWANCE + sum(shallow.parts.values()) + max(
+        sum(p.values()) for p in shallow.phases.values())
     fisher = estimate(depths[6], method="d2")
     assert fisher.parts["Fisher layer inputs (float32)"] == 7 * 4 * 32 * 64 * 4
 

@@ -5,7 +5,7 @@ killed (SIGKILL, through offline/workdir.py's fault-injection hook) mid-write of
 after layer 0 is committed, and after the output is assembled but before its rename; each next run resumes
 from what the last one left, and the last run completes. Every output file must equal the reference
 byte for byte, except compress.log (timestamps) and moe_compress_stats.json, whose informational keys
-(wall time, peak RSS, whether the run resumed) may differ.
+(wall time, peak RSS, per-layer times, whether the run resumed) may differ.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from conftest import CALIBRATION_FILE, REPO
 
 ARGS = ["--method", "d2", "--ratio", "0.05", "--calib-samples", "8", "--calib-seqlen", "64",
         "--calib-batch-size", "4", "--fisher-samples", "4", "--seed", "3", "--dtype", "float32", "--no-progress"]
-INFORMATIONAL_STATS = ("wall_time_s", "peak_rss_bytes", "resumed")
+INFORMATIONAL_STATS = ("wall_time_s", "peak_rss_bytes", "layer_seconds", "resumed")
 
 
 def cli_run(model: Path, out: Path, crash_at: str | None, args: list[str] = ARGS) -> subprocess.CompletedProcess:

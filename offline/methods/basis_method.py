@@ -37,6 +37,10 @@ class BasisMethod(CompressionMethod):
     def factorized(self) -> tuple[str, ...]:
         return self.opts.factorized
 
+    @property
+    def stacks_experts(self) -> bool:
+        return True
+
     def unreachable_hint(self) -> str:
         if "down" in self.factorized:
             return ""

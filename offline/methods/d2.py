@@ -35,16 +35,37 @@ from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
 from .base import CompressionMethod, LayerInputs, LayerResult, factorize_experts
 
 
-def merge_base(weights: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
-    """W_b = Σ_i F_i W_i / Σ_i F_i (Eq. 5). ``importance`` is [E] or element-wise [E, ...]."""
-    importance = importance.to(weights.dtype)
-    if importance.dim() == 1:
-        importance = importance.view(-1, *([1] * (weights.dim() - 1)))
-    importance = importance.expand_as(weights)
-    total = importance.sum(0)
-    merged = (importance * weights).sum(0) / total.clamp_min(torch.finfo(weights.dtype).tiny)
+def merge_base(weights, importance: torch.Tensor) -> torch.Tensor:
+    """W_b = Σ_i F_i W_i / Σ_i F_i (Eq. 5). ``weights``: [E, out, in] stacked or a source_model.ExpertStack,
+    summed expert by expert in float64 (one expert's matrix in memory at a time); ``importance`` is [E] or
+    element-wise [E, out, in]."""
+    weighted = total = plain = None
+    for e in range(len(weights)):
+        w = weights[e]
+        f = importance[e].to(w.dtype)
+        if weighted is None:
+            weighted, total, plain = f * w, f.expand_as(w).clone(), w.clone()
+        else:
+            weighted += f * w
+            total += f
+            plain += w
+    merged = weighted / total.clamp_min(torch.finfo(weighted.dtype).tiny)
     # Where no expert carries importance (all-zero gradients or counts) fall back to the plain mean.
-    return torch.where(total > 0, merged, weights.mean(0))
+    return torch.where(total > 0, merged, plain / len(weights))
+
+
+class DeltaStack:
+    """The deltas W_i − W_b of one projection, formed an expert at a time when indexed (``weights`` as in
+    :func:`merge_base`), so the layer's deltas are never all in memory."""
+
+    def __init__(self, weights, base: torch.Tensor):
+        self.weights, self.base = weights, base
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        return self.weights[expert] - self.base
 
 
 class D2MoE(CompressionMethod):
@@ -84,7 +105,7 @@ class D2MoE(CompressionMethod):
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
         weights, stats, shape = inputs.weights, inputs.stats, inputs.shape
         base = {p: merge_base(weights[p], self.importance(p, stats, inputs.fisher)) for p in PROJECTIONS}
-        deltas = {p: weights[p] - base[p] for p in PROJECTIONS}
+        deltas = {p: DeltaStack(weights[p], base[p]) for p in PROJECTIONS}
         ranks = self.ranks_for(inputs.budget, shape, stats)
         factors = factorize_experts(deltas, ranks, stats)
 

@@ -193,6 +193,10 @@ class RSMoE(CompressionMethod):
         return self.opts.score == "aci"
 
     @property
+    def stacks_experts(self) -> bool:
+        return True
+
+    @property
     def moment_samples(self) -> int:
         return self.opts.ridge_samples
 
@@ -204,6 +208,7 @@ class RSMoE(CompressionMethod):
                                     self.opts.mi) or None
 
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
+        inputs = inputs.stacked()  # whole projections (scores and the ridge base span the layer): not yet per expert
         opts, weights, stats, shape = self.opts, inputs.weights, inputs.stats, inputs.shape
         scores = unit_scores(opts.score, weights, stats, inputs.next_weights, opts.aci)
         plan = partition_units(scores, inputs.budget, shape.hidden_size, opts.sparse_share, opts.lowrank_share,

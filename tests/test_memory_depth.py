@@ -1,0 +1,57 @@
+"""Peak memory of a compression run does not grow with the model's depth (issue 16's CI check).
+
+A model with many experts and wide enough layers that holding every layer would show: 32 experts of width 128
+on hidden 256 (3.1 M expert parameters, 12.6 MB in float32, per layer). Each run is a fresh process (the peak
+RSS, ``moe_compress_stats.json``'s ``peak_rss_bytes``, is a process high-water mark); 2 and 6 decoder layers
+are compressed with the same arguments, and the deeper model may not peak more than a fraction of one layer
+higher, where keeping the 4 extra layers would add at least 50 MB. The output is assembled shard by shard, and
+the writer holds one shard (``--max-shard-size``): a small shard here, so that the measured peak is the
+compression's, not the size of the output.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vllm_moe_compress.format import STATS_FILE
+
+from conftest import CALIBRATION_FILE, tiny_config, write_tiny_model
+
+MIB = 2**20
+SLACK = 12 * MIB
+"""Allowed growth from 2 to 6 layers: allocator noise and the per-layer records (one layer is 12.6 MB)."""
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
+    models = {}
+    for layers in (2, 6):
+        config = tiny_config("qwen3_moe")
+        config.num_hidden_layers, config.hidden_size, config.num_experts = layers, 256, 32
+        config.moe_intermediate_size, config.num_attention_heads, config.num_key_value_heads = 128, 4, 2
+        config.head_dim = 64
+        models[layers] = write_tiny_model(config, tmp_path_factory.mktemp(f"wide{layers}") / "model")
+    return models
+
+
+def peak_rss(model, out, method: str) -> int:
+    """Compress ``model`` in a fresh process; its peak RSS from the stats file."""
+    subprocess.run(
+        [sys.executable, "-m", "vllm_moe_compress.offline.cli", "compress", str(model), "-o", str(out),
+         "--method", method, "--ratio", "0.4", "--calib-file", str(CALIBRATION_FILE), "--calib-samples", "4",
+         "--calib-seqlen", "32", "--dtype", "float32", "--max-shard-size", "4", "--no-progress",
+         *(["--merge", "mean"] if method == "d2" else [])],
+        check=True, capture_output=True,
+    )
+    return json.loads((out / STATS_FILE).read_text())["peak_rss_bytes"]
+
+
+@pytest.mark.parametrize("method", ["whitened-svd", "d2"])
+def test_peak_rss_does_not_grow_with_depth(wide_models, tmp_path, method):
+    shallow = peak_rss(wide_models[2], tmp_path / "two", method)
+    deep = peak_rss(wide_models[6], tmp_path / "six", method)
+    assert deep < shallow + SLACK, f"{method}: {shallow / MIB:.0f} MiB at 2 layers, {deep / MIB:.0f} MiB at 6"
