@@ -143,7 +143,7 @@ def _add_compress(c: argparse.ArgumentParser) -> None:
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the calibration forward, the Grams and the SVD-based factorisations run (default auto: "
                    "cuda when torch.cuda.is_available(), else cpu; cuda without a visible GPU is refused). The output "
-                   "does not record it; the Fisher pass, per-layer budgets and the rs/mobe/rfid fits stay on the CPU")
+                   "does not record it; the Fisher pass, per-layer budgets, rs's ridge base and the mobe/rfid fits stay on the CPU")
 
 
 def _add_eval_ppl(e: argparse.ArgumentParser) -> None:

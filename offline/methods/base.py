@@ -43,6 +43,11 @@ def stacked_weights(weights: ExpertWeights | None) -> dict[str, torch.Tensor] | 
     return {p: w if isinstance(w, torch.Tensor) else w.stacked() for p, w in weights.items()}
 
 
+def on_cpu(factors: Factors) -> Factors:
+    """``factors`` moved to the CPU (the same tensors when they are there already)."""
+    return factors[0].cpu(), factors[1].cpu()
+
+
 def factorize_experts(
     matrices: ExpertWeights, ranks: list[int], stats: ExpertStatistics | None, device: torch.device | str = "cpu"
 ) -> dict[str, list[Factors | None]]:
@@ -62,8 +67,7 @@ def factorize_experts(
             whitening["gate"] = whitening["up"] = whitening_factor(input_gram(stats, "gate")[e].to(device))
             whitening["down"] = whitening_factor(input_gram(stats, "down")[e].to(device))
         for p in PROJECTIONS:
-            u, v = low_rank_factors(matrices[p][e].to(device), rank, whitening.get(p))
-            factors[p].append((u.cpu(), v.cpu()))
+            factors[p].append(on_cpu(low_rank_factors(matrices[p][e].to(device), rank, whitening.get(p))))
     return factors
 
 
