@@ -8,6 +8,10 @@ the caller compresses it and the statistics are dropped. The layers come from a 
 (offline/source_model.py): only the hidden states of the calibration set (in RAM; they are not spilled to
 disk), one decoder layer and one layer's statistics are alive at any time. Hidden states are propagated
 through the *original* layers (as lliai/D2MoE's get_scale does).
+
+With a ``device`` (``compress --device``), the decoder layer, the hidden states going through it and the Gram
+accumulation live on that device; the embedding stays on the CPU (its outputs are moved once), and what the
+methods receive (counts, routing weights, moments, each Gram) is on the CPU, as the same code computes it there.
 """
 
 from __future__ import annotations
@@ -136,15 +140,16 @@ class ExpertGrams:
     [H, H]) or its intermediate act(g)·u (``kind="inter"``, [I, I], from ``gate_up(e)``, the expert's fused
     weights). Only the chunk holding the last expert asked for is kept: a pass over a layer's experts costs
     one pass over the cached routed inputs per chunk and [chunk, H, H] memory, whatever the number of experts.
-    Each Gram is summed batch by batch in calibration order, so the values do not depend on ``chunk``.
+    Each Gram is summed batch by batch in calibration order, so the values do not depend on ``chunk``. The sums
+    run on ``device`` (where the batches' inputs and ``gate_up(e)`` are); the chunk is kept on the CPU.
     Float64 stays: the Grams are Cholesky-factorised or eigendecomposed (linalg.py) and are sums of up to
     millions of rank-one terms whose small eigenvalues decide the whitening; float32 would lose them.
     """
 
     def __init__(self, kind: str, num_experts: int, size: int, batches: list[RoutedBatch], chunk: int,
-                 gate_up=None, act_fn=None):
+                 gate_up=None, act_fn=None, device: torch.device | str = "cpu"):
         self.kind, self.num_experts, self.size, self.batches, self.chunk = kind, num_experts, size, batches, chunk
-        self.gate_up, self.act_fn = gate_up, act_fn
+        self.gate_up, self.act_fn, self.device = gate_up, act_fn, torch.device(device)
         self._first, self._cached = -1, None
         self.seconds = (0.0, 0.0)
         """(wall, CPU) seconds spent computing Grams so far (the "statistics" phase of compress.py's log)."""
@@ -162,12 +167,12 @@ class ExpertGrams:
     @torch.no_grad()
     def _compute(self, experts: range) -> torch.Tensor:
         started = clock()
-        grams = self._sum_over_batches(experts)
+        grams = self._sum_over_batches(experts).cpu()
         self.seconds = tuple(total + part for total, part in zip(self.seconds, elapsed(started)))
         return grams
 
     def _sum_over_batches(self, experts: range) -> torch.Tensor:
-        grams = torch.zeros(len(experts), self.size, self.size, dtype=torch.float64)
+        grams = torch.zeros(len(experts), self.size, self.size, dtype=torch.float64, device=self.device)
         weights = {e: self.gate_up(e) for e in experts} if self.kind == "inter" else {}
         for batch in self.batches:
             for i, e in enumerate(experts):
@@ -226,17 +231,18 @@ class ExpertStatistics:
 
     @classmethod
     def collect(cls, num_experts: int, hidden: int, intermediate_size: int, gate_up, moment_samples: int | None = None,
-                chunk: int | None = None) -> "ExpertStatistics":
+                chunk: int | None = None, device: torch.device | str = "cpu") -> "ExpertStatistics":
         """Empty statistics to :meth:`accumulate` into; the Grams are computed afterwards, ``chunk`` experts at a
         time (all at once when None), from the routed inputs kept per batch and ``gate_up(e)``, expert e's fused
         gate/up weights [2I, H]. ``moment_samples``: also collect :class:`ActivationMoments`, keeping that many
-        inputs per expert."""
+        inputs per expert. ``device``: where the routed inputs arrive and the Grams are summed (``gate_up(e)`` must
+        return its weights there); the statistics themselves are kept on the CPU."""
         chunk = num_experts if chunk is None else max(1, min(chunk, num_experts))
         batches: list[RoutedBatch] = []
         return cls(
             torch.zeros(num_experts, dtype=torch.int64), torch.zeros(num_experts, dtype=torch.float64),
-            ExpertGrams("input", num_experts, hidden, batches, chunk),
-            ExpertGrams("inter", num_experts, intermediate_size, batches, chunk, gate_up),
+            ExpertGrams("input", num_experts, hidden, batches, chunk, device=device),
+            ExpertGrams("inter", num_experts, intermediate_size, batches, chunk, gate_up, device=device),
             None if moment_samples is None else ActivationMoments.zeros(num_experts, intermediate_size, moment_samples),
             batches,
         )
@@ -252,9 +258,9 @@ class ExpertStatistics:
         num_experts = self.counts.numel()
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        tokens = torch.arange(hidden.shape[0]).repeat_interleave(top_k_index.shape[1])[order]
-        weights = top_k_weights.reshape(-1)[order].double()
-        counts = torch.bincount(flat, minlength=num_experts)[:num_experts]
+        tokens = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(top_k_index.shape[1])[order]
+        weights = top_k_weights.reshape(-1)[order].double().cpu()
+        counts = torch.bincount(flat, minlength=num_experts)[:num_experts].cpu()
         self.counts += counts
         counts = counts.tolist()
         starts = [0, *torch.tensor(counts).cumsum(0).tolist()[:-1]]
@@ -269,7 +275,7 @@ class ExpertStatistics:
             if self.moments is not None:
                 x = batch.inputs(e)
                 inter = intermediate(experts_module.gate_up_proj[e], experts_module.act_fn, x)
-                self.moments.add(e, inter, x.double(), routing)
+                self.moments.add(e, inter.cpu(), x.double().cpu(), routing)
 
 
 def capture_layer0_inputs(model, batches: list[torch.Tensor]) -> list[tuple[tuple, dict]]:
@@ -308,6 +314,17 @@ def call_layer(layer, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.T
     return out[0] if isinstance(out, tuple) else out
 
 
+def _to_device(value, device: torch.device | str):
+    """``value`` (a captured call: tensors inside tuples, lists and dicts) with every tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
 def _layer0_hidden(call: tuple[tuple, dict]) -> torch.Tensor:
     args, kwargs = call
     return args[0] if args else kwargs["hidden_states"]
@@ -325,23 +342,26 @@ def forward_layerwise(
     start_hidden: list[torch.Tensor] | None = None,
     progress: bool = True,
     desc: str = "calibrating layers",
+    device: torch.device | str = "cpu",
 ) -> None:
     """Push ``samples`` [N, L] through ``source`` (offline/source_model.py) one decoder layer at a time.
 
     Only one decoder layer is materialised at a time. ``observe(index, layer)``, called with each layer
     before the batches go through it, may install hooks and return a function that removes them;
     ``after_layer(index, hidden)`` receives the hidden states leaving layer ``index`` (one tensor per batch)
-    after the layer is freed. To resume, pass ``start_layer`` and the hidden states entering it.
+    after the layer is freed. To resume, pass ``start_layer`` and the hidden states entering it. The layers run on
+    ``device``: layer 0's other arguments and the hidden states are moved there once (``after_layer`` receives
+    them there).
     """
-    calls = capture_layer0_inputs(source.model, list(samples.split(batch_size)))
+    calls = [_to_device(c, device) for c in capture_layer0_inputs(source.model, list(samples.split(batch_size)))]
     hidden = start_hidden if start_hidden is not None else [_layer0_hidden(c) for c in calls]
     if len(hidden) != len(calls):
         raise ValueError(f"{len(hidden)} hidden-state batches to resume from, expected {len(calls)}")
-    hidden = list(hidden)
+    hidden = [h.to(device) for h in hidden]
     total = source.num_layers
     for index in tqdm(range(start_layer, total), desc=desc, unit="layer", disable=not progress,
                       initial=start_layer, total=total):
-        with source.layer(index) as layer:
+        with source.layer(index, device) as layer:
             remove = observe(index, layer) if observe is not None else None
             try:
                 for b, call in enumerate(calls):
@@ -365,13 +385,15 @@ def run_layerwise(
     start_layer: int = 0,
     start_hidden: list[torch.Tensor] | None = None,
     expert_chunk: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> None:
     """Calibrate: :func:`forward_layerwise` with a hook on every MoE layer's experts collecting its statistics.
 
     ``moe_layers[L] = (num_experts, hidden, intermediate)``; after MoE layer L has seen every batch (and has
     been freed), ``on_moe_layer(L, stats, hidden)`` is called (compress and write it there) with the hidden
     states leaving layer L. ``moment_samples``, ``expert_chunk``: see :meth:`ExpertStatistics.collect` (the
-    experts' gate/up weights for the intermediate Grams are read back from ``source`` per chunk).
+    experts' gate/up weights for the intermediate Grams are read back from ``source`` per chunk). ``device``: where
+    the layers run and the Grams are summed (:func:`forward_layerwise`, :meth:`ExpertStatistics.collect`).
     """
     current: dict[int, ExpertStatistics] = {}
     step_started = [clock()]  # end of the previous MoE layer's step
@@ -380,7 +402,8 @@ def run_layerwise(
         if index not in moe_layers:
             return None
         stats = current[index] = ExpertStatistics.collect(
-            *moe_layers[index], lambda e: source.fused_gate_up(index, e), moment_samples, expert_chunk)
+            *moe_layers[index], lambda e: source.fused_gate_up(index, e).to(device), moment_samples, expert_chunk,
+            device)
         return layer.mlp.experts.register_forward_pre_hook(lambda module, args: stats.accumulate(module, *args)).remove
 
     def after_layer(index: int, hidden: list[torch.Tensor]) -> None:
@@ -392,4 +415,4 @@ def run_layerwise(
             step_started[0] = clock()
 
     forward_layerwise(source, samples, batch_size, after_layer, observe=observe, start_layer=start_layer,
-                      start_hidden=start_hidden, progress=progress)
+                      start_hidden=start_hidden, progress=progress, device=device)

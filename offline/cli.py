@@ -139,6 +139,11 @@ def _add_compress(c: argparse.ArgumentParser) -> None:
     o.add_argument("--max-shard-size", type=_positive, default=2048, metavar="MiB", help="safetensors shard size (default 2048 MiB)")
     o.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    r = c.add_argument_group("compute")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the calibration forward, the Grams and the SVD-based factorisations run (default auto: "
+                   "cuda when torch.cuda.is_available(), else cpu; cuda without a visible GPU is refused). The output "
+                   "does not record it; the Fisher pass, per-layer budgets, rs's ridge base and the mobe/rfid fits stay on the CPU")
 
 
 def _add_eval_ppl(e: argparse.ArgumentParser) -> None:
@@ -237,8 +242,9 @@ def _add_inspect(i: argparse.ArgumentParser) -> None:
 def run_compress(args) -> int:
     options = options_from_args(args.method, args)  # refuses another method's option before torch is imported
 
-    from .compress import CalibrationOptions, build_method, compress_checkpoint
+    from .compress import CalibrationOptions, build_method, compress_checkpoint, resolve_device
 
+    device = resolve_device(args.device)  # before anything is read or written
     method = build_method(args.method, options)
     calibration = CalibrationOptions(
         file=args.calib_file, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
@@ -248,6 +254,7 @@ def run_compress(args) -> int:
     info = compress_checkpoint(
         args.model_dir, args.output, method, args.ratio, calibration, dtype=args.dtype, overwrite=args.overwrite,
         max_shard_bytes=args.max_shard_size * 2**20, progress=not args.no_progress, expert_chunk=args.expert_chunk,
+        device=device,
     )
     print(f"wrote {args.output}: {args.method}, {info.original_params:,} -> {info.compressed_params:,} parameters, "
           f"ratio {info.achieved_ratio:.4f} (target {info.target_ratio}), routed experts {info.expert_ratio:.4f}")

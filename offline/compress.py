@@ -110,12 +110,16 @@ def compress_checkpoint(
     model_dir: str | Path, out_dir: str | Path, method: CompressionMethod, ratio: float,
     calibration: CalibrationOptions, dtype: str = "bfloat16", overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3, progress: bool = True, expert_chunk: int | None = 16,
+    device: torch.device | str = "cpu",
 ) -> CompressionInfo:
     """Compress ``model_dir`` into ``out_dir``, resuming from the work directory of an interrupted run with the
     same arguments (offline/workdir.py). Every input is validated before anything is written. ``expert_chunk``:
     experts whose Grams are computed at once (calibration.ExpertGrams; None = a whole layer), a memory/time
-    trade-off that does not change the result (so it is not part of the work directory's key)."""
+    trade-off that does not change the result (so it is not part of the work directory's key). ``device``: where
+    the calibration forward, the Grams and the methods' decompositions run (:func:`_compress_layers`); not part of
+    the key either (a run resumed on another device is the same run), nor of the checkpoint's config."""
     started = time.perf_counter()
+    device = torch.device(device)
     check_output_path(model_dir, out_dir, overwrite)
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -133,12 +137,13 @@ def compress_checkpoint(
                                expert_chunk, ratio))
     work = WorkDir(out_dir, run_arguments(model_dir, method, ratio, calibration, dtype))
     job = _Job(model_dir, Path(out_dir), config, arch, ckpt, layout, method, plan, planner, ratio, calibration, dtype,
-               work, expert_chunk)
+               work, expert_chunk, device)
     try:
         with work, _log_to(work.log_path):
             log.info("%s: %d MoE layers, %s parameters; calibration %d x %d tokens from %s",
                      model_dir, len(layout.shapes), f"{total:,}", *samples.shape, calibration.file)
-            log.info("method %s %s, target ratio %s, calibration %s", method.name, method.options(), ratio, calibration)
+            log.info("method %s %s, target ratio %s, calibration %s, device %s", method.name, method.options(), ratio,
+                     calibration, device)
             resumed = _compress_layers(job, samples, progress)
             info = _write_checkpoint(job, overwrite, max_shard_bytes, started, resumed)
     except OSError as err:
@@ -154,6 +159,19 @@ def compress_checkpoint(
         raise CompressionInterrupted(f"nothing was written to {out_dir}{_kept(job)}") from None
     work.remove()
     return info
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``compress --device NAME`` runs on: ``auto`` is cuda when a GPU is visible, else cpu; ``cuda``
+    without a visible GPU is refused (a ValueError: one line and exit 2 from the command line)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
+                         "use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
 
 
 class OutputWriteError(OSError):
@@ -192,11 +210,15 @@ class _Job:
     dtype: str
     work: WorkDir
     expert_chunk: int | None
+    device: torch.device
 
 
 def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
     """Calibrate and compress every MoE layer not yet in the work directory; True if an earlier attempt had
-    done some."""
+    done some. The calibration forward, the Grams and the decompositions of the methods that use
+    methods.base.factorize_experts (svd, whitened-svd, d2's deltas) and of rs's low-rank units run on
+    ``job.device``; the Fisher pass, the per-layer budget pass and the other fits (rs's ridge base, mobe, rfid)
+    run on the CPU. What is journaled is on the CPU."""
     layout, method, calibration, work = job.layout, job.method, job.calibration, job.work
     moe_layers = sorted(layout.shapes)
     finished = work.finished_layers(moe_layers)
@@ -228,7 +250,7 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
         following = [l for l in moe_layers if l > layer]
         next_weights = source.expert_weights(following[0]) if method.needs_next_layer and following else None
         result = method.compress_layer(LayerInputs(weights, stats, fisher.get(layer), job.plan.layer_budgets[layer],
-                                                   shape, next_weights))
+                                                   shape, next_weights, job.device))
         compressed = result.layer
         compression, statistics = elapsed(started), stats.gram_seconds
         keep = {"keep_fraction": round(layer_weights[layer], 6)} if layer_weights else {}
@@ -245,7 +267,7 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
                    "factorisation": tuple(c - s for c, s in zip(compression, statistics))}
         record["seconds"] = {phase: {"wall": round(w, 2), "cpu": round(c, 2)} for phase, (w, c) in seconds.items()}
         write_started = clock()
-        work.commit_layer(layer, tensors, record, hidden)
+        work.commit_layer(layer, tensors, record, [h.cpu() for h in hidden])
         seconds["write"] = elapsed(write_started)
         log.info("layer %d, seconds wall (CPU): %s", layer,
                  ", ".join(f"{phase} {w:.1f} ({c:.1f})" for phase, (w, c) in seconds.items()))
@@ -256,6 +278,7 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
         samples, calibration.batch_size, on_moe_layer, progress, method.moment_samples,
         start_layer=finished[-1] + 1 if finished else 0,
         start_hidden=work.hidden_after(finished[-1]) if finished else None, expert_chunk=job.expert_chunk,
+        device=job.device,
     )
     work.drop_hidden_states()
     return bool(finished)
@@ -294,7 +317,7 @@ def _write_checkpoint(job: _Job, overwrite: bool, max_shard_bytes: int, started:
         copy_side_files(job.model_dir, tmp)
         calib = {k: str(v) if isinstance(v, Path) else v for k, v in vars(job.calibration).items()}
         (tmp / STATS_FILE).write_text(json.dumps({
-            "method": method.name, "calibration": calib, "projection_ratios": removed,
+            "method": method.name, "device": str(job.device), "calibration": calib, "projection_ratios": removed,
             "layers": {str(l): r["stats"] for l, r in records.items()},
             "wall_time_s": round(time.perf_counter() - started, 2), "peak_rss_bytes": peak_rss_bytes(),
             "layer_seconds": {str(l): r.get("seconds") for l, r in records.items()},  # as journaled

@@ -24,6 +24,10 @@ its compression starts):
   layer's) plus as much again for what the method derives from them.
 
 This is an estimate of the tensors, not of allocator slack or the interpreter (a fixed allowance below).
+It counts every part as host memory, as a ``--device cpu`` run holds it, and is checked against the available
+RAM whatever the device: with ``--device cuda`` the decoder layer, the calibration activations going through
+it and the Gram chunk being summed are on the GPU instead (the Grams and factors handed to the methods are
+copied back), so the estimate is an upper bound of the host peak there and GPU memory is not checked.
 """
 
 from __future__ import annotations

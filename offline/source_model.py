@@ -100,9 +100,9 @@ class StreamedModel:
             raise CheckpointError(f"tensor {self._keys[name]} has shape {tuple(tensor.shape)}, expected {shape}")
         return tensor
 
-    def build_layer(self, index: int) -> torch.nn.Module:
-        """Decoder layer ``index`` with its weights read from the checkpoint (float32, CPU, eval mode)."""
-        layer = copy.deepcopy(self.model.model.layers[index]).to_empty(device="cpu")
+    def build_layer(self, index: int, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """Decoder layer ``index`` with its weights read from the checkpoint (float32, on ``device``, eval mode)."""
+        layer = copy.deepcopy(self.model.model.layers[index]).to_empty(device=device)
         prefix = f"model.layers.{index}."
         experts = self._expert_keys.get(index)
         with torch.no_grad():
@@ -130,11 +130,12 @@ class StreamedModel:
         return tensor
 
     @contextlib.contextmanager
-    def layer(self, index: int):
-        """``with streamed.layer(i) as layer``: layer i materialised and in the skeleton, freed on exit."""
+    def layer(self, index: int, device: torch.device | str = "cpu"):
+        """``with streamed.layer(i) as layer``: layer i materialised on ``device`` and in the skeleton, freed on
+        exit (the rest of the model stays on the CPU: callers move the layer's inputs, calibration.forward_layerwise)."""
         layers = self.model.model.layers
         placeholder = layers[index]
-        layers[index] = self.build_layer(index)
+        layers[index] = self.build_layer(index, device)
         try:
             yield layers[index]
         finally:

@@ -100,7 +100,8 @@ def model_identity(model_dir: Path) -> dict:
 
 
 def run_arguments(model_dir: Path, method, ratio: float, calibration, dtype: str) -> dict:
-    """Everything a compression result depends on (output-only settings such as shard size excluded)."""
+    """Everything a compression result depends on (output-only settings such as shard size excluded, and
+    ``compress --device``: a run resumed on another device is the same run)."""
     calib = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(calibration).items()}
     calib["file_sha256"] = _sha256_file(Path(calibration.file))
     return {

@@ -43,13 +43,19 @@ def stacked_weights(weights: ExpertWeights | None) -> dict[str, torch.Tensor] | 
     return {p: w if isinstance(w, torch.Tensor) else w.stacked() for p, w in weights.items()}
 
 
+def on_cpu(factors: Factors) -> Factors:
+    """``factors`` moved to the CPU (the same tensors when they are there already)."""
+    return factors[0].cpu(), factors[1].cpu()
+
+
 def factorize_experts(
-    matrices: ExpertWeights, ranks: list[int], stats: ExpertStatistics | None
+    matrices: ExpertWeights, ranks: list[int], stats: ExpertStatistics | None, device: torch.device | str = "cpu"
 ) -> dict[str, list[Factors | None]]:
     """Rank-rᵢ factors of every expert matrix, whitened by the expert's own input Gram when ``stats``.
 
     Expert by expert, so each Gram chunk (calibration.ExpertGrams) is computed once, and gate and up share one
-    whitening factor of the input Gram."""
+    whitening factor of the input Gram. The Cholesky factorisations and decompositions run on ``device`` (each
+    expert's matrix and Grams are moved there); the factors are returned on the CPU."""
     factors: dict[str, list[Factors | None]] = {p: [] for p in PROJECTIONS}
     for e, rank in enumerate(ranks):
         if rank == 0:
@@ -58,10 +64,10 @@ def factorize_experts(
             continue
         whitening = {}
         if stats is not None:
-            whitening["gate"] = whitening["up"] = whitening_factor(input_gram(stats, "gate")[e])
-            whitening["down"] = whitening_factor(input_gram(stats, "down")[e])
+            whitening["gate"] = whitening["up"] = whitening_factor(input_gram(stats, "gate")[e].to(device))
+            whitening["down"] = whitening_factor(input_gram(stats, "down")[e].to(device))
         for p in PROJECTIONS:
-            factors[p].append(low_rank_factors(matrices[p][e], rank, whitening.get(p)))
+            factors[p].append(on_cpu(low_rank_factors(matrices[p][e].to(device), rank, whitening.get(p))))
     return factors
 
 
@@ -78,6 +84,9 @@ class LayerInputs:
     shape: LayerShape
     next_weights: ExpertWeights | None = None
     """The next MoE layer's experts when the method ``needs_next_layer`` (None for the last MoE layer)."""
+    device: torch.device = torch.device("cpu")
+    """Where the method may run its decompositions (``compress --device``); every input above is on the CPU,
+    and the layer it returns must be too."""
 
     def stacked(self) -> "LayerInputs":
         """These inputs with every projection of ``weights`` and ``next_weights`` as one [E, out, in] tensor

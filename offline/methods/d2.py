@@ -107,7 +107,7 @@ class D2MoE(CompressionMethod):
         base = {p: merge_base(weights[p], self.importance(p, stats, inputs.fisher)) for p in PROJECTIONS}
         deltas = {p: DeltaStack(weights[p], base[p]) for p in PROJECTIONS}
         ranks = self.ranks_for(inputs.budget, shape, stats)
-        factors = factorize_experts(deltas, ranks, stats)
+        factors = factorize_experts(deltas, ranks, stats, inputs.device)
 
         activation_norm = stats.inter_gram.diagonal(dim1=1, dim2=2).sum(0).clamp_min(0).sqrt()
         score = base["down"].norm(dim=0) * activation_norm  # Eq. 9, C_j

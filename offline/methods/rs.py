@@ -51,7 +51,7 @@ from ..layer_allocation import layer_keep_fractions
 from ..linalg import eigen_whitened_factors
 from ..method_options import ACIWeights, RSOptions
 from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
-from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult
+from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult, on_cpu
 from .d2 import merge_base
 
 
@@ -219,18 +219,18 @@ class RSMoE(CompressionMethod):
             importance = stats.counts.double() if opts.base == "frequency" else torch.ones(shape.num_experts)
             base = merge_base(down, importance)
             down = down - base
-        experts = []
+        experts, device = [], inputs.device  # the per-expert decompositions run there, their factors come back
         for e in range(shape.num_experts):
             s, m, k = torch.tensor(plan.sparse[e], dtype=torch.int64), plan.lowrank[e], plan.ranks[e]
             sparse = {"gate": weights["gate"][e][s], "up": weights["up"][e][s], "down": down[e][:, s]}
             lowrank = dict.fromkeys(sparse)
             if k:
-                input_gram, inter_gram = stats.input_gram[e], stats.inter_gram[e][m][:, m]
+                input_gram, inter_gram = stats.input_gram[e].to(device), stats.inter_gram[e][m][:, m].to(device)
                 if opts.lowrank_svd == "plain":  # a zero Gram makes eigen_whitened_factors the plain SVD
                     input_gram, inter_gram = torch.zeros_like(input_gram), torch.zeros_like(inter_gram)
                 for p in ("gate", "up"):
-                    lowrank[p] = eigen_whitened_factors(weights[p][e][m], input_gram, k)
-                lowrank["down"] = eigen_whitened_factors(down[e][:, m], inter_gram, k)
+                    lowrank[p] = on_cpu(eigen_whitened_factors(weights[p][e][m].to(device), input_gram, k))
+                lowrank["down"] = on_cpu(eigen_whitened_factors(down[e][:, m].to(device), inter_gram, k))
             experts.append(ExpertUnits(s, sparse, torch.tensor(m, dtype=torch.int64), lowrank))
         layer = SparseLowRankLayer(shape.hidden_size, shape.intermediate_size, experts, base)
         if opts.base == "ridge":

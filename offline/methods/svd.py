@@ -15,7 +15,7 @@ class PlainSVD(CompressionMethod):
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
         shape, stats = inputs.shape, inputs.stats
         ranks = self.ranks_for(inputs.budget, shape, stats)
-        factors = factorize_experts(inputs.weights, ranks, stats if self.whitened else None)
+        factors = factorize_experts(inputs.weights, ranks, stats if self.whitened else None, inputs.device)
         return LayerResult(BaseDeltaLayer(shape.hidden_size, shape.intermediate_size, factors))
 
 
