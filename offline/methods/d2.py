@@ -39,16 +39,13 @@ def merge_base(weights, importance: torch.Tensor) -> torch.Tensor:
     """W_b = Σ_i F_i W_i / Σ_i F_i (Eq. 5). ``weights``: [E, out, in] stacked or a source_model.ExpertStack,
     summed expert by expert in float64 (one expert's matrix in memory at a time); ``importance`` is [E] or
     element-wise [E, out, in]."""
-    weighted = total = plain = None
+    weighted, total, plain = (torch.zeros(weights.shape[1:], dtype=torch.float64) for _ in range(3))
     for e in range(len(weights)):
         w = weights[e]
         f = importance[e].to(w.dtype)
-        if weighted is None:
-            weighted, total, plain = f * w, f.expand_as(w).clone(), w.clone()
-        else:
-            weighted += f * w
-            total += f
-            plain += w
+        weighted += f * w
+        total += f
+        plain += w
     merged = weighted / total.clamp_min(torch.finfo(weighted.dtype).tiny)
     # Where no expert carries importance (all-zero gradients or counts) fall back to the plain mean.
     return torch.where(total > 0, merged, plain / len(weights))
