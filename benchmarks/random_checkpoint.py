@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.kernels import MODELS, ModelShape
+from vllm_moe_compress.offline.checkpoint_io import atomic_output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / "examples" / "tiny-qwen3-moe-demo"
@@ -108,27 +109,23 @@ def write_random_checkpoint(name: str, layers: int, out: Path, tokenizer: Path =
     vocab = len(AutoTokenizer.from_pretrained(tokenizer))
     config = config_for(name, layers, vocab, shape)
     shapes = tensor_shapes(config)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # our own leftover from an interrupted run of this function
-    tmp.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(seed)
-    shards = sorted({shard_of(n) for n in shapes})
-    weight_map, total = {}, 0
-    for index, shard in enumerate(shards):
-        filename = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: random_tensor(n, s, generator) for n, s in shapes.items() if shard_of(n) == shard}
-        save_file(tensors, tmp / filename, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, filename))
-        total += sum(t.numel() for t in tensors.values())
-        del tensors
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": 2 * total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for file in TOKENIZER_FILES:
-        if (tokenizer / file).is_file():
-            shutil.copyfile(tokenizer / file, tmp / file)
-    tmp.rename(out)
+    with atomic_output_dir(out) as tmp:  # a staging folder of its own, renamed onto ``out`` on success
+        generator = torch.Generator().manual_seed(seed)
+        shards = sorted({shard_of(n) for n in shapes})
+        weight_map, total = {}, 0
+        for index, shard in enumerate(shards):
+            filename = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {n: random_tensor(n, s, generator) for n, s in shapes.items() if shard_of(n) == shard}
+            save_file(tensors, tmp / filename, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, filename))
+            total += sum(t.numel() for t in tensors.values())
+            del tensors
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": 2 * total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for file in TOKENIZER_FILES:
+            if (tokenizer / file).is_file():
+                shutil.copyfile(tokenizer / file, tmp / file)
     return total
 
 
