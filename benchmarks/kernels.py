@@ -48,11 +48,10 @@ import torch
 import torch.nn.functional as F
 
 from vllm_moe_compress.offline.budget import LayerShape, allocate_ranks, plan_budget
-from vllm_moe_compress.offline.method_options import RFIDOptions
 from vllm_moe_compress.offline.methods.base import CompressionMethod
 from vllm_moe_compress.offline.methods.d2 import D2MoE
 from vllm_moe_compress.offline.methods.group_basis import allocate_group_ranks
-from vllm_moe_compress.offline.methods.rfid import RFIDMoE
+from vllm_moe_compress.offline.methods.rfid import RFIDMoE, RFIDOptions
 from vllm_moe_compress.offline.methods.rs import RSMoE, UnitPlan, partition_units
 
 

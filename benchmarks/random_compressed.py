@@ -30,7 +30,7 @@ from vllm_moe_compress.offline.architectures import architecture_for
 from vllm_moe_compress.offline.checkpoint_io import (SafetensorsCheckpoint, ShardedWriter, atomic_output_dir,
                                                       copy_side_files, read_config)
 from vllm_moe_compress.offline.compress import find_moe_layers
-from vllm_moe_compress.offline.method_options import D2Options
+from vllm_moe_compress.offline.methods.d2 import D2Options
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -1,5 +1,6 @@
 """The names the command line offers for each choice option, torch-free so that building the parser (and
-``moe-compress --help``) imports neither torch nor transformers.
+``moe-compress --help``) imports neither torch nor transformers; the methods' options dataclasses (in the method
+modules, which import torch) take their choices from here too.
 
 Modules that check a value against these names import them from here, so each list exists once; the table
 keyed by activation name (``offline.methods.basis_fit.ACTIVATIONS``) is checked against these names by

@@ -2,8 +2,9 @@
 inspect and report.
 
 Building the parser imports neither torch nor transformers (choices come from offline/choices.py, the methods'
-names and options from their registry, offline/methods/__init__.py), so ``--help`` answers at once; each command imports what it needs when
-it runs.
+names from their registry, offline/methods/__init__.py), except compress's per-method options: they are read from
+the method modules, which import torch. So ``main`` builds the arguments of the sub-command it runs only, and
+``--help``, ``--version`` and every other command answer at once; each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from .choices import FISHER_GRANULARITY, FISHER_LABELS, TASK_SOURCES, ZEROSHOT_TASKS
@@ -70,14 +72,18 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The command line, with the arguments of the sub-commands in ``commands`` (default: all of them; the others
+    are listed, without their arguments)."""
     parser = argparse.ArgumentParser(prog="moe-compress", description=DESCRIPTION)
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_arguments, _) in COMMANDS.items():
         summary, _, description = add_arguments.__doc__.partition("\n\n")
-        add_arguments(sub.add_parser(name, help=summary, description=description))  # argparse refills the text
+        command = sub.add_parser(name, help=summary, description=description)  # argparse refills the text
+        if commands is None or name in commands:
+            add_arguments(command)
     return parser
 
 
@@ -240,7 +246,7 @@ def _add_inspect(i: argparse.ArgumentParser) -> None:
 
 
 def run_compress(args) -> int:
-    options = options_from_args(args.method, args)  # refuses another method's option before torch is imported
+    options = options_from_args(args.method, args)  # refuses another method's option before anything is read
 
     from .compress import CalibrationOptions, build_method, compress_checkpoint, resolve_device
 
@@ -356,7 +362,11 @@ that runs it)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # The sub-command is the first word that is not an option (moe-compress's own options take no value); only
+    # its arguments are built, so that nothing but compress imports the method modules (and torch).
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(commands=[command]).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

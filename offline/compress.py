@@ -34,9 +34,9 @@ from .fisher import expert_fisher
 from .memory_model import check_memory, estimate_peak
 from .source_model import StreamedModel
 from vllm_moe_compress.format import STATS_FILE, CompressionInfo, LayerSpec
-from .method_options import MethodOptions
-from .methods import METHODS, options_for
+from .methods import method_class, options_for
 from .methods.base import CompressionMethod, LayerInputs
+from .options import MethodOptions
 from .output_safety import check_output_path
 from .workdir import WorkDir, crash_point, run_arguments
 
@@ -359,8 +359,7 @@ def _log_to(path: Path):
 def build_method(name: str, options: MethodOptions | None = None, **fields) -> CompressionMethod:
     """The method called ``name`` (``--method``) with its ``options``, or with options built from ``fields``
     (methods.options_for: a field of another method is refused)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    method = method_class(name)  # ValueError for an unknown name
     if options is not None and fields:
         raise TypeError("pass options or fields, not both")
-    return METHODS[name].load()(options_for(name, **fields) if options is None else options)
+    return method(options_for(name, **fields) if options is None else options)

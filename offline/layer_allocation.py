@@ -22,10 +22,10 @@ allocation around s̄ (s_l → 2s̄ − s_l: the redundant layers get more), the
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import nn
 
 from .budget import LayerShape
@@ -33,7 +33,27 @@ from .calibration import forward_layerwise
 
 log = logging.getLogger(__name__)
 from .choices import ALLOCATIONS
-from .method_options import MIOptions
+from .options import check_positive, option
+
+
+@dataclass(frozen=True)
+class MIOptions:
+    """RS-MoE's mutual-information layer budgets (``RSOptions.mi``): the settings of this module's MINE and QP."""
+
+    steps: int = option(300, "MINE training steps per layer pair", flag="--rs-mine-steps")
+    hidden: int = option(64, "hidden units of the MINE statistics network", cli=False)
+    lr: float = option(1e-3, "Adam learning rate of MINE", cli=False)
+    seed: int = option(0, "seed of MINE's initialisation and shuffles", from_arg="seed")
+    bound: float = option(0.1, "largest deviation of a layer's kept fraction from the mean")
+    smooth: float = option(0.5, "QP smoothness weight λ_smooth")
+    reg: float = option(0.1, "QP regularisation weight λ_reg")
+
+    def __post_init__(self):
+        check_positive(self.steps, "MINE steps")
+        check_positive(self.hidden, "MINE hidden units")
+        if not (self.bound >= 0 and self.smooth >= 0 and self.reg >= 0 and self.lr > 0):
+            raise ValueError(f"MI bound, smooth and reg must be >= 0 and lr > 0, got {self.bound}, {self.smooth}, "
+                             f"{self.reg}, {self.lr}")
 
 
 def pooled_layer_outputs(source, samples: torch.Tensor, layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
@@ -98,6 +118,8 @@ def redundancy_scores(adjacent_mi: list[float]) -> list[float]:
 
 def solve_save_ratios(redundancy: list[float], sizes: list[int], mean_keep: float, options: MIOptions) -> list[float]:
     """The constrained QP of §3.5 (module docstring, step 4) with scipy SLSQP."""
+    from scipy.optimize import minimize  # not at the top: every compress command imports MIOptions from here
+
     r = np.asarray(redundancy, dtype=np.float64)
     n = np.asarray(sizes, dtype=np.float64) / np.sum(sizes)
     spread = r.max() - r.min()

@@ -1,12 +1,13 @@
-"""Command-line flags from the methods' options dataclasses (offline/method_options.py), and options back from
-the parsed arguments.
+"""Command-line flags from the methods' options dataclasses (each method class's ``Options``, declared as
+offline/options.py describes), and options back from the parsed arguments.
 
 Every command-line field of every method's options becomes one flag; a field several methods share (MoBE's
 and RFID-MoE's ``--group-size``) becomes one flag owned by all of them. Help, choices, type and default come from
 the field; the help groups are titled by the first docstring line of the class that defines the field. Flags are
 added without a default (``argparse.SUPPRESS``), so the parsed arguments hold only what was given:
 ``options_from_args`` refuses a flag that belongs to another method and takes the rest from the dataclass
-defaults. Torch-free, like the rest of the parser.
+defaults. Reading the dataclasses imports the method modules, and so torch: the command line adds these flags
+only to a ``compress`` command (offline/cli.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import Field, dataclass, fields, is_dataclass, replace
 
-from .method_options import MethodOptions
-from .methods import METHODS
+from .methods import METHODS, method_class
+from .options import MethodOptions
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ def _leaves(cls: type, prefix: str, path: tuple[str, ...] = (), group: type | No
 def method_flags() -> dict[str, Flag]:
     """Every method option's flag, by flag."""
     found: dict[str, Flag] = {}
-    for method, entry in METHODS.items():
-        cls = entry.options
+    for method in METHODS:
+        cls = method_class(method).Options
         for flag, path, spec, group in _leaves(cls, cls.flag_prefix):
             if flag not in found:
                 found[flag] = Flag(flag, path, (method,), group, spec)
@@ -98,7 +99,7 @@ def options_from_args(method: str, args: argparse.Namespace) -> MethodOptions:
     for flag in given.values():
         if method not in flag.owners:
             raise ValueError(f"{flag.flag} is an option of --method {' / '.join(flag.owners)}, not of --method {method}")
-    return _with_args(METHODS[method].options(), (), given, args)
+    return _with_args(method_class(method).Options(), (), given, args)
 
 
 def _with_args(options, path: tuple[str, ...], given: dict[tuple[str, ...], Flag], args: argparse.Namespace):

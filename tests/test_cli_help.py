@@ -1,4 +1,7 @@
-"""``--help`` is fast because building the parser imports no torch, and the help reads as terminal text."""
+"""``--help`` is fast because building the parser imports no torch, and the help reads as terminal text.
+
+Only ``compress`` reads its per-method options from the method modules, which import torch: its help and parsing
+may import it; ``moe-compress --help``, ``--version`` and every other command's help and parsing may not."""
 
 import json
 import os
@@ -8,7 +11,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["", "compress", "eval-ppl", "eval-zeroshot", "generate", "inspect", "report"]
+COMMANDS = ["", "eval-ppl", "eval-zeroshot", "generate", "inspect", "report"]  # all but compress
 HEAVY = ("torch", "transformers", "vllm", "safetensors", "numpy")
 
 CHILD = """
@@ -19,7 +22,7 @@ for command in sys.argv[1:]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         try:
-            main([command, "--help"] if command else ["--help"])
+            main([*command.split(), "--help"])
         except SystemExit:
             pass
     helps[command] = out.getvalue()
@@ -34,27 +37,57 @@ def run_child(code: str, *args: str) -> str:
     return done.stdout
 
 
-def test_help_imports_no_torch_and_reads_as_plain_text():
-    result = json.loads(run_child(CHILD, *COMMANDS))
-    heavy = [m for m in result["modules"] if m.split(".")[0] in HEAVY]
-    assert heavy == [], f"--help imported {heavy[:5]}"
-    for command, text in result["helps"].items():
+def heavy_modules(modules: list[str]) -> list[str]:
+    return [m for m in modules if m.split(".")[0] in HEAVY]
+
+
+def assert_plain_text(helps: dict[str, str]) -> None:
+    for command, text in helps.items():
         assert text.startswith("usage: moe-compress"), command
         assert "`" not in text and not re.search(r"\bissue \d", text), command
+
+
+def test_help_imports_no_torch_and_reads_as_plain_text():
+    result = json.loads(run_child(CHILD, *COMMANDS))
+    assert heavy_modules(result["modules"]) == [], f"--help imported {heavy_modules(result['modules'])[:5]}"
+    assert_plain_text(result["helps"])
     assert "--version" in result["helps"][""]
 
 
-def test_parsing_a_compress_command_imports_no_torch():
+def test_compress_help_has_every_method_option_and_reads_as_plain_text():
+    from vllm_moe_compress.offline.option_args import method_flags
+
+    helps = json.loads(run_child(CHILD, "compress", "-v compress"))["helps"]
+    assert_plain_text(helps)
+    assert helps["compress"] == helps["-v compress"]  # the sub-command is found after moe-compress's own options
+    assert [f for f in method_flags() if f not in helps["compress"]] == []
+
+
+def test_parsing_any_other_command_imports_no_torch():
     code = """
-import json, sys
-from vllm_moe_compress.offline.cli import build_parser
-from vllm_moe_compress.offline.option_args import options_from_args
-args = build_parser().parse_args(["compress", "M", "-o", "O", "--method", "rs", "--ratio", "0.4", "--rs-mine-steps", "7"])
-assert options_from_args("rs", args).mi.steps == 7
+import contextlib, io, json, sys
+from vllm_moe_compress.offline.cli import main
+for argv in (["eval-ppl", "M", "--dataset", "nonsense"], ["-v", "generate", "M"], ["inspect"], ["report", "D"],
+             ["eval-zeroshot", "M", "--limit", "0", "--out", "F"], ["compres"], []):
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit as exit:
+            assert exit.code == 2, argv  # refused by argparse, before the command runs
+        else:
+            raise AssertionError(argv)
 print(json.dumps(sorted(sys.modules)))
 """
-    heavy = [m for m in json.loads(run_child(code)) if m.split(".")[0] in HEAVY]
+    heavy = heavy_modules(json.loads(run_child(code)))
     assert heavy == [], f"parsing imported {heavy[:5]}"
+
+
+def test_parsing_a_compress_command_reaches_the_method_options():
+    from vllm_moe_compress.offline.cli import build_parser
+    from vllm_moe_compress.offline.option_args import options_from_args
+
+    argv = ["compress", "M", "-o", "O", "--method", "rs", "--ratio", "0.4", "--rs-mine-steps", "7"]
+    assert options_from_args("rs", build_parser(commands=["compress"]).parse_args(argv)).mi.steps == 7
 
 
 def test_version():
@@ -70,11 +103,12 @@ def test_choices_match_the_implementations():
 
 
 def test_each_registered_method_class_has_its_name_and_options():
-    from vllm_moe_compress.offline.methods import METHODS
+    from vllm_moe_compress.offline.methods import METHODS, method_class
+    from vllm_moe_compress.offline.options import MethodOptions
 
-    for name, entry in METHODS.items():
-        method = entry.load()
-        assert (method.name, method.Options) == (name, entry.options), name
+    for name in METHODS:
+        method = method_class(name)
+        assert method.name == name and issubclass(method.Options, MethodOptions), name
 
 
 def test_loadtest_help_has_no_issue_numbers_or_markup():

@@ -7,7 +7,7 @@ import pytest
 
 from vllm_moe_compress.offline.cli import build_parser, main
 from vllm_moe_compress.offline.compress import build_method
-from vllm_moe_compress.offline.methods import METHODS
+from vllm_moe_compress.offline.methods import METHODS, method_class
 from vllm_moe_compress.offline.option_args import method_flags, options_from_args
 
 BASIS_ARGV = ["--group-size", "2", "--activation", "tanh", "--fit-steps", "3", "--fit-lr", "0.01", "--fit-patience", "4",
@@ -54,7 +54,7 @@ def test_options_round_trip_from_argv_to_method_options(method):
     assert json.dumps(compressor.options()) == json.dumps(record)  # same keys, values and order
     # No flag given: the dataclass defaults, the same as the method built without options.
     defaults = options_from_args(method, build_parser().parse_args(compress_argv(method)))
-    assert defaults == METHODS[method].options() and build_method(method).options() == defaults.record()
+    assert defaults == method_class(method).Options() and build_method(method).options() == defaults.record()
 
 
 @pytest.mark.parametrize("method,option,owner", [

@@ -4,9 +4,8 @@ import torch
 
 from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.calibration import ExpertStatistics
-from vllm_moe_compress.offline.method_options import D2Options
 from vllm_moe_compress.offline.methods.base import LayerInputs
-from vllm_moe_compress.offline.methods.d2 import D2MoE, merge_base
+from vllm_moe_compress.offline.methods.d2 import D2MoE, D2Options, merge_base
 
 E, H, I = 6, 20, 12
 

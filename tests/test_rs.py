@@ -12,12 +12,11 @@ from vllm_moe_compress.format import STATS_FILE
 from vllm_moe_compress.offline.budget import LayerShape, plan_budget
 from vllm_moe_compress.offline.calibration import ActivationMoments, ExpertStatistics
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
-from vllm_moe_compress.offline.layer_allocation import mine_estimate, redundancy_scores, solve_save_ratios
+from vllm_moe_compress.offline.layer_allocation import MIOptions, mine_estimate, redundancy_scores, solve_save_ratios
 from vllm_moe_compress.offline.linalg import eigen_whitened_factors
-from vllm_moe_compress.offline.method_options import ACIWeights, MIOptions, RSOptions
 from vllm_moe_compress.offline.methods.base import LayerInputs
 from vllm_moe_compress.offline.loading import load_compressed_model
-from vllm_moe_compress.offline.methods.rs import RSMoE, aci_scores, ridge_down_base
+from vllm_moe_compress.offline.methods.rs import ACIWeights, RSMoE, RSOptions, aci_scores, ridge_down_base
 from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 
 from conftest import CALIBRATION_FILE, FAMILIES

@@ -16,11 +16,11 @@ import torch
 
 from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.calibration import ExpertStatistics
-from vllm_moe_compress.offline.method_options import BasisOptions, D2Options, RFIDOptions
 from vllm_moe_compress.offline.methods.base import LayerInputs, input_gram
-from vllm_moe_compress.offline.methods.d2 import D2MoE
+from vllm_moe_compress.offline.methods.basis_method import BasisOptions
+from vllm_moe_compress.offline.methods.d2 import D2MoE, D2Options
 from vllm_moe_compress.offline.methods.mobe import MoBE
-from vllm_moe_compress.offline.methods.rfid import RFIDMoE
+from vllm_moe_compress.offline.methods.rfid import RFIDMoE, RFIDOptions
 from vllm_moe_compress.offline.methods.svd import WhitenedSVD
 
 E, H, I, TOKENS = 8, 48, 24, 400  # Mixtral layout: 8 experts (top-2 routing only shapes the token counts)

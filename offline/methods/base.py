@@ -13,7 +13,7 @@ from vllm_moe_compress.format import PROJECTIONS
 from ..budget import LayerShape, allocate_ranks
 from ..calibration import ExpertStatistics
 from ..linalg import low_rank_factors, whitening_factor
-from ..method_options import MethodOptions
+from ..options import MethodOptions
 from vllm_moe_compress.format.schemes.base import SchemeLayer
 from vllm_moe_compress.format.schemes.base_delta import Factors
 
@@ -106,12 +106,15 @@ class LayerResult:
 class CompressionMethod(ABC):
     """A method compresses one MoE layer at a time, given its calibration statistics and a budget.
 
-    Its settings are one frozen ``Options`` dataclass (offline/method_options.py, torch-free: the command line
-    is built from it); everything else a method reports is derived from them, and ``compress_layer`` returns its
-    log with the layer, so a method holds no state between layers."""
+    Its settings are one frozen ``Options`` dataclass, defined in the method's module as offline/options.py
+    describes (the command line is built from it); everything else a method reports is derived from them, and
+    ``compress_layer`` returns its log with the layer, so a method holds no state between layers."""
 
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    stacks_experts: ClassVar[bool] = False
+    """Whether ``compress_layer`` takes whole projections of the layer's experts at once (``LayerInputs.stacked``)
+    rather than one expert at a time (offline/memory_model.py counts it)."""
 
     def __init__(self, options: MethodOptions | None = None):
         if options is not None and type(options) is not self.Options:
@@ -126,12 +129,6 @@ class CompressionMethod(ABC):
     @property
     def needs_next_layer(self) -> bool:
         """Whether ``LayerInputs.next_weights`` is needed."""
-        return False
-
-    @property
-    def stacks_experts(self) -> bool:
-        """Whether ``compress_layer`` takes whole projections of the layer's experts at once
-        (``LayerInputs.stacked``) rather than one expert at a time (offline/memory_model.py counts it)."""
         return False
 
     @property

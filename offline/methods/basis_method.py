@@ -13,21 +13,54 @@ whatever the budget (its rank-1 floor, MoBE's mixing weights, RFID's residual ve
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 
 from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 
 from ..budget import LayerShape
-from ..method_options import BasisOptions
+from ..choices import ACTIVATION_NAMES
+from ..options import MethodOptions, check_choice, check_positive, option
 from vllm_moe_compress.format.schemes.basis_residual import BasisProjection, BasisResidualLayer
 from .base import CompressionMethod, LayerResult
 from .basis_fit import FitOptions, FittedProjection
 from .group_basis import check_group_size
 
 
+@dataclass(frozen=True)
+class BasisOptions(MethodOptions):
+    """MoBE and RFID-MoE options (--method mobe, --method rfid)"""
+
+    group_size: int = option(4, "experts per group k; MoBE uses E/k bases, RFID-MoE E/k groups")
+    activation: str = option("silu", "φ applied to the bases (identity = plain grouped SVD, an ablation)",
+                             choices=ACTIVATION_NAMES)
+    fit_steps: int = option(200, "full-batch Adam steps per projection")
+    fit_lr: float = option(0.07, "Adam learning rate on the scaled loss")
+    fit_patience: int = option(50, "stop after this many steps without a new best loss; the best state is kept")
+    factorize_down: bool = option(False, "factorise down_proj too (default: dense, as the papers); needed for high "
+                                  "total ratios")
+
+    def __post_init__(self):
+        check_positive(self.group_size, "group size")
+        check_choice(self.activation, ACTIVATION_NAMES, "activation")
+        if self.fit_steps < 0 or self.fit_patience < 1 or not self.fit_lr > 0:
+            raise ValueError(f"need fit_steps >= 0, fit_patience >= 1 and fit_lr > 0, got {self.fit_steps}, "
+                             f"{self.fit_patience}, {self.fit_lr}")
+
+    @property
+    def factorized(self) -> tuple[str, ...]:
+        """The projections replaced by bases; the others stay dense."""
+        return ("gate", "up", "down") if self.factorize_down else ("gate", "up")
+
+    def record(self) -> dict:
+        return {"group_size": self.group_size, "activation": self.activation, "fit_steps": self.fit_steps,
+                "fit_lr": self.fit_lr, "fit_patience": self.fit_patience, "factorized": list(self.factorized)}
+
+
 class BasisMethod(CompressionMethod):
-    """Common options (method_options.BasisOptions); subclasses define the per-projection cost model and the fit."""
+    """Common options (BasisOptions); subclasses define the per-projection cost model and the fit."""
 
     Options = BasisOptions
+    stacks_experts = True
 
     @property
     def fit(self) -> FitOptions:
@@ -36,10 +69,6 @@ class BasisMethod(CompressionMethod):
     @property
     def factorized(self) -> tuple[str, ...]:
         return self.opts.factorized
-
-    @property
-    def stacks_experts(self) -> bool:
-        return True
 
     def unreachable_hint(self) -> str:
         if "down" in self.factorized:

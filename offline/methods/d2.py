@@ -25,12 +25,15 @@ Per MoE layer and projection p ∈ {gate, up, down}:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vllm_moe_compress.format import PROJECTIONS
 
 from ..budget import LayerShape
-from ..method_options import D2Options
+from ..choices import MERGES
+from ..options import MethodOptions, check_choice, check_range, option
 from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
 from .base import CompressionMethod, LayerInputs, LayerResult, factorize_experts
 
@@ -63,6 +66,28 @@ class DeltaStack:
 
     def __getitem__(self, expert: int) -> torch.Tensor:
         return self.weights[expert] - self.base
+
+
+@dataclass(frozen=True)
+class D2Options(MethodOptions):
+    """D²-MoE options (--method d2; docs/methods.md)"""
+
+    merge: str = option("fisher", "how the base is merged: fisher (Eq. 5), or the Table 5 ablations mean / "
+                        "frequency", choices=MERGES)
+    base_prune: float = option(0.0, "base pruning ratio, half static (stored) and half dynamic (per batch at "
+                               "inference); 0 is our choice, measured (BENCHMARKS.md §11.3); 0.1 = the paper's "
+                               "5%+5% 'performance' setting")
+    trim_experts: int = option(0, "drop the deltas of the N least-routed experts per layer")
+
+    def __post_init__(self):
+        check_choice(self.merge, MERGES, "merge")
+        check_range(self.base_prune, 0.0, 1.0, "base prune ratio", high_open=True)
+        if self.trim_experts < 0:
+            raise ValueError(f"trim_experts must be >= 0, got {self.trim_experts}")
+
+    def record(self) -> dict:
+        return {"merge": self.merge, "base_prune": self.base_prune, "static_prune_ratio": self.base_prune / 2,
+                "trim_experts": self.trim_experts}
 
 
 class D2MoE(CompressionMethod):

@@ -20,12 +20,37 @@ Per MoE layer (docs/methods.md has the full reading of the paper and every choic
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..budget import LayerShape
-from ..method_options import RFIDOptions
+from ..choices import EFFECTIVE_RANK_MODES
+from ..options import check_choice, check_range, option
 from .base import LayerInputs, LayerResult
 from .basis_fit import fit_grouped
-from .basis_method import BasisMethod
+from .basis_method import BasisMethod, BasisOptions
 from .group_basis import allocate_group_ranks, effective_rank, frequency_groups, fused_importance, group_matrix
+
+
+@dataclass(frozen=True)
+class RFIDOptions(BasisOptions):
+    """RFID-MoE options (--method rfid)"""
+
+    xi: float = option(0.75, "weight of information density vs routing frequency, C = ξE + (1−ξ)F")
+    effective_rank: str = option("energy", "spectrum normalisation of the effective rank: σ² (energy, the paper) "
+                                 "or σ (singular)", choices=EFFECTIVE_RANK_MODES)
+    residual_fraction: float = option(0.0, "size of each group's residual vector η as a fraction of its parameters; "
+                                      "0 = off is our choice, measured (BENCHMARKS.md §11.4); the paper's 0.03 = 3 %")
+    residual_seed: int = option(0, "seed of the shared projection P")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range(self.xi, 0.0, 1.0, "xi")
+        check_choice(self.effective_rank, EFFECTIVE_RANK_MODES, "effective rank")
+        check_range(self.residual_fraction, 0.0, 1.0, "residual fraction", high_open=True)
+
+    def record(self) -> dict:
+        return {**super().record(), "xi": self.xi, "effective_rank": self.effective_rank,
+                "residual_fraction": self.residual_fraction, "residual_seed": self.residual_seed}
 
 
 class RFIDMoE(BasisMethod):

@@ -41,15 +41,17 @@ The checkpoint scheme is ``sparse_lowrank`` (vllm_moe_compress/format/schemes/sp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ..budget import LayerShape
 from ..calibration import ActivationMoments, ExpertStatistics
-from ..layer_allocation import layer_keep_fractions
+from ..choices import ALLOCATIONS, RS_BASES, RS_LOWRANK_SVDS, RS_SCORES
+from ..layer_allocation import MIOptions, layer_keep_fractions
 from ..linalg import eigen_whitened_factors
-from ..method_options import ACIWeights, RSOptions
+from ..options import MethodOptions, check_choice, check_positive, check_range, option
 from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult, on_cpu
 from .d2 import merge_base
@@ -181,20 +183,60 @@ def ridge_down_base(layer: SparseLowRankLayer, weights: ExpertWeights, moments: 
     return torch.linalg.solve(regularised, cross.T).T
 
 
+@dataclass(frozen=True)
+class ACIWeights:
+    """Algorithm 1's hyperparameters (RS-MoE), App. A.2 defaults."""
+
+    w_mean: float = 0.4
+    w_var: float = 0.05
+    w_peak: float = 0.8
+    gamma: float = 0.05
+
+
+@dataclass(frozen=True)
+class RSOptions(MethodOptions):
+    """RS-MoE options (--method rs; docs/methods.md)"""
+
+    flag_prefix: ClassVar[str] = "rs-"
+
+    score: str = option("aci", "unit importance: aci (Algorithm 1) or the Figure 3 ablations weight / activation / "
+                        "peak", choices=RS_SCORES)
+    base: str = option("ridge", "shared down base: ridge regression (§3.4), mean / frequency merge (Table 4), none",
+                       choices=RS_BASES)
+    allocation: str = option("mi", "layer budgets: mi (MINE + QP, §3.5), uniform, reverse (Table 2)",
+                             choices=ALLOCATIONS)
+    sparse_share: float = option(0.8, "fraction of each layer's budget spent on dense (sparse-component) units")
+    lowrank_share: float = option(0.5, "fraction of the remaining units approximated low-rank; the rest are pruned")
+    ridge_lambda: float = option(1e-3, "ridge λ, relative to the Gram's mean diagonal")
+    ridge_samples: int = option(2048, "routed tokens kept per expert for the ridge fit and the unit scores")
+    lowrank_svd: str = option("activation", "SVD of the low-rank units: activation-aware via the EVD of XᵀX "
+                              "(§3.4) or plain (Table 3)", choices=RS_LOWRANK_SVDS)
+    aci: ACIWeights = option(ACIWeights(), "ACI weights", flag="--rs-aci")
+    mi: MIOptions = option(MIOptions(), "MI layer budgets")
+
+    def __post_init__(self):
+        for value, allowed, what in ((self.score, RS_SCORES, "score"), (self.base, RS_BASES, "base"),
+                                     (self.allocation, ALLOCATIONS, "allocation"),
+                                     (self.lowrank_svd, RS_LOWRANK_SVDS, "lowrank_svd")):
+            check_choice(value, allowed, what)
+        check_range(self.sparse_share, 0.0, 1.0, "sparse_share")
+        check_range(self.lowrank_share, 0.0, 1.0, "lowrank_share")
+        if self.ridge_lambda < 0:
+            raise ValueError(f"ridge_lambda must be >= 0, got {self.ridge_lambda}")
+        check_positive(self.ridge_samples, "ridge_samples")
+
+
 class RSMoE(CompressionMethod):
     """RS-MoE on one layer: ridge down base, ACI-scored sparse + low-rank units, MI layer budgets (module docstring)."""
 
     name = "rs"
     Options = RSOptions
+    stacks_experts = True
 
     @property
     def needs_next_layer(self) -> bool:
         """Only ACI's downstream influence reads the next MoE layer."""
         return self.opts.score == "aci"
-
-    @property
-    def stacks_experts(self) -> bool:
-        return True
 
     @property
     def moment_samples(self) -> int:
