@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
+import torch
+
 from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 
 from ..budget import LayerShape
@@ -22,6 +24,15 @@ from vllm_moe_compress.format.schemes.basis_residual import BasisProjection, Bas
 from .base import CompressionMethod, LayerResult
 from .basis_fit import FitOptions, FittedProjection
 from .group_basis import check_group_size
+
+
+def stacked_float32(weights) -> torch.Tensor:
+    """A projection kept dense, [E, out, in] in float32, filled an expert at a time: half the float64 copy, and
+    exact for the float32/bfloat16/float16 checkpoints the output (at most float32) is written from."""
+    out = torch.empty(weights.shape, dtype=torch.float32)
+    for e in range(len(weights)):
+        out[e].copy_(weights[e])
+    return out
 
 
 class BasisMethod(CompressionMethod):
@@ -36,10 +47,6 @@ class BasisMethod(CompressionMethod):
     @property
     def factorized(self) -> tuple[str, ...]:
         return self.opts.factorized
-
-    @property
-    def stacks_experts(self) -> bool:
-        return True
 
     def unreachable_hint(self) -> str:
         if "down" in self.factorized:
@@ -103,7 +110,7 @@ class BasisMethod(CompressionMethod):
         log = {"fit": {p: {"loss_curve": [round(v, 8) for v in f.loss_curve], "best_step": f.best_step}
                        for p, f in fitted.items()}}
         factorized = {p: BasisProjection(f.bases, f.coefs, f.mix, f.etas) for p, f in fitted.items()}
-        dense = {p: weights[p] for p in PROJECTIONS if p not in self.factorized}
+        dense = {p: stacked_float32(weights[p]) for p in PROJECTIONS if p not in self.factorized}
         layer = BasisResidualLayer(shape.hidden_size, shape.intermediate_size, groups, self.opts.activation,
                                    factorized, dense, residual_size, seed)
         return LayerResult(layer, log)
