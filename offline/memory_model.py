@@ -17,7 +17,7 @@ its compression starts):
   it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in: a bound, not reached by
   small models);
 * **compression**: one chunk of per-expert Grams in float64 (``--expert-chunk`` experts of [H, H] and of
-  [I, I]); the layer's compressed tensors, as the method's float64 factors plus the float32 (at most) copy
+  [I, I]); the layer's compressed tensors, as the method's factors (float64; float32 for MoBE / RFID-MoE, which fit in float32) plus the float32 (at most) copy
   written to the work directory; and what the method holds besides (:func:`method_working_set`). Every
   method reads the layer's experts an expert (or a group of experts) at a time and never stacks a
   projection, so this is a few expert-sized float64 matrices, plus for RS-MoE's downstream influence one
@@ -105,6 +105,7 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
     if method.needs_fisher:
         fisher_tokens = min(calibration.fisher_samples, calibration.samples) * calibration.seqlen
         parts["Fisher layer inputs (float32)"] = (num_layers + 1) * fisher_tokens * shape.hidden_size * 4
+    factor_bytes = 4 if isinstance(method, BasisMethod) else 8  # MoBE / RFID-MoE fit and keep float32 factors
     phases = {
         "calibration": {
             "one decoder layer (float32)": max(layer_params.values(), default=0) * 4,
@@ -112,8 +113,8 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
         },
         "compression": {
             f"Grams of {chunk} experts (float64)": chunk * (shape.hidden_size**2 + shape.intermediate_size**2) * 8,
-            "compressed layer (float64 factors + float32 copy)": round(
-                (1 - ratio) * shape.dense_expert_params * (8 + 4)),
+            f"compressed layer (float{8 * factor_bytes} factors + float32 copy)": round(
+                (1 - ratio) * shape.dense_expert_params * (factor_bytes + 4)),
             **method_working_set(method, shape, ratio),
         },
     }
