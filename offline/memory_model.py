@@ -17,11 +17,14 @@ its compression starts):
   it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in: a bound, not reached by
   small models);
 * **compression**: one chunk of per-expert Grams in float64 (``--expert-chunk`` experts of [H, H] and of
-  [I, I]); the layer's compressed tensors, as the method's float64 factors plus the float32 (at most) copy
-  written to the work directory; and the weights the method holds: for methods that take a layer's experts
-  one at a time (``CompressionMethod.stacks_experts`` false: svd, whitened-svd, d2) a few expert-sized
-  float64 matrices, otherwise the layer's routed experts stacked in float64 (RS-MoE also the next MoE
-  layer's) plus as much again for what the method derives from them.
+  [I, I]); the layer's compressed tensors, as the method's factors (float64; float32 for MoBE / RFID-MoE, which fit in float32) plus the float32 (at most) copy
+  written to the work directory; and what the method holds besides (:func:`method_working_set`). Every
+  method reads the layer's experts an expert (or a group of experts) at a time and never stacks a
+  projection, so this is a few expert-sized float64 matrices, plus for RS-MoE's downstream influence one
+  chunk of the next layer's V_in rows (float32, rs.NEXT_EXPERT_CHUNK experts) and its products, and for
+  MoBE / RFID-MoE the Adam state of one projection's fit (float32 parameters, gradients, two moments and
+  the best state, each at most the projection's share of the compressed layer) and one group's SVD
+  (float64) and target, prediction and error (float32).
 
 This is an estimate of the tensors, not of allocator slack or the interpreter (a fixed allowance below).
 It counts every part as host memory, as a ``--device cpu`` run holds it, and is checked against the available
@@ -37,7 +40,10 @@ from dataclasses import dataclass
 
 import psutil
 
+from .budget import LayerShape
 from .checkpoint_io import RELEASE_BYTES
+from .methods.basis_method import BasisMethod
+from .methods.rs import NEXT_EXPERT_CHUNK, RSMoE
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +105,7 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
     if method.needs_fisher:
         fisher_tokens = min(calibration.fisher_samples, calibration.samples) * calibration.seqlen
         parts["Fisher layer inputs (float32)"] = (num_layers + 1) * fisher_tokens * shape.hidden_size * 4
-    expert_size = shape.hidden_size * shape.intermediate_size * 8
-    if method.stacks_experts:
-        stacked = shape.dense_expert_params * 8 * (2 if method.needs_next_layer else 1)
-        weights = {"routed experts stacked (float64, x2 for derived tensors)": 2 * stacked}
-    else:
-        weights = {f"{EXPERT_WORKING_SET} expert-sized matrices (float64)": EXPERT_WORKING_SET * expert_size}
+    factor_bytes = 4 if isinstance(method, BasisMethod) else 8  # MoBE / RFID-MoE fit and keep float32 factors
     phases = {
         "calibration": {
             "one decoder layer (float32)": max(layer_params.values(), default=0) * 4,
@@ -112,12 +113,28 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
         },
         "compression": {
             f"Grams of {chunk} experts (float64)": chunk * (shape.hidden_size**2 + shape.intermediate_size**2) * 8,
-            "compressed layer (float64 factors + float32 copy)": round(
-                (1 - ratio) * shape.dense_expert_params * (8 + 4)),
-            **weights,
+            f"compressed layer (float{8 * factor_bytes} factors + float32 copy)": round(
+                (1 - ratio) * shape.dense_expert_params * (factor_bytes + 4)),
+            **method_working_set(method, shape, ratio),
         },
     }
     return MemoryEstimate(parts, phases)
+
+
+def method_working_set(method, shape: LayerShape, ratio: float) -> dict[str, int]:
+    """What ``method`` holds while compressing a layer of ``shape``, besides the Grams and its output (module
+    docstring): named parts in bytes."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    parts = {f"{EXPERT_WORKING_SET} expert-sized matrices (float64)": EXPERT_WORKING_SET * h * i * 8}
+    if isinstance(method, RSMoE) and method.needs_next_layer:
+        parts[f"next layer's V_in for {NEXT_EXPERT_CHUNK} experts and 2 products (float32)"] = (
+            NEXT_EXPERT_CHUNK * i * (h + 2 * i) * 4)
+    if isinstance(method, BasisMethod):
+        fitted = round((1 - ratio) * shape.num_experts * h * i)
+        parts["one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)"] = 5 * fitted * 4
+        group = method.opts.group_size * h * i
+        parts["one group's SVD (float64 x3) and target, prediction, error (float32)"] = group * (3 * 8 + 3 * 4)
+    return parts
 
 
 def check_memory(estimate: MemoryEstimate, available: int | None = None) -> None:

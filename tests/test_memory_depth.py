@@ -50,19 +50,23 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+METHOD_ARGS = {"d2": ["--merge", "mean"], "rfid": ["--fit-steps", "10"], "mobe": ["--fit-steps", "10"]}
+"""Short fits: the memory of a fit does not depend on its number of steps."""
+
+
 def peak_rss(model, out, method: str) -> int:
     """Compress ``model`` in a fresh process; its peak RSS from the stats file."""
     subprocess.run(
         [sys.executable, "-c", CHILD, "compress", str(model), "-o", str(out),
          "--method", method, "--ratio", "0.4", "--calib-file", str(CALIBRATION_FILE), "--calib-samples", "4",
          "--calib-seqlen", "32", "--dtype", "float32", "--max-shard-size", "4", "--no-progress",
-         *(["--merge", "mean"] if method == "d2" else [])],
+         *METHOD_ARGS.get(method, [])],
         check=True, capture_output=True,
     )
     return json.loads((out / STATS_FILE).read_text())["peak_rss_bytes"]
 
 
-@pytest.mark.parametrize("method", ["whitened-svd", "d2"])
+@pytest.mark.parametrize("method", ["whitened-svd", "d2", "rs", "rfid", "mobe"])
 def test_peak_rss_does_not_grow_with_depth(wide_models, tmp_path, method):
     shallow = peak_rss(wide_models[2], tmp_path / "two", method)
     deep = peak_rss(wide_models[6], tmp_path / "six", method)

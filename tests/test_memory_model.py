@@ -6,6 +6,7 @@ import pytest
 
 from vllm_moe_compress.offline import memory_model
 from vllm_moe_compress.offline.architectures import architecture_for
+from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, read_config
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint, find_moe_layers
 from vllm_moe_compress.offline.memory_model import MemoryBudgetError, check_memory, estimate_peak
@@ -45,8 +46,12 @@ def test_estimate_does_not_grow_with_depth_but_with_samples_and_chunk(depths):
     assert compression["Grams of 4 experts (float64)"] == 4 * (64**2 + 32**2) * 8
     assert compression["8 expert-sized matrices (float64)"] == 8 * 64 * 32 * 8  # per expert, not the layer
     assert shallow.parts["calibration activations (float32)"] == 2 * 8 * 32 * 64 * 4
-    stacked = estimate(depths[2], method="rs").phases["compression"]
-    assert stacked["routed experts stacked (float64, x2 for derived tensors)"] == 2 * 2 * 8 * 3 * 64 * 32 * 8
+    rs = estimate(depths[2], method="rs").phases["compression"]  # the next layer's V_in, 16 of its experts
+    assert rs["next layer's V_in for 16 experts and 2 products (float32)"] == 16 * 32 * (64 + 2 * 32) * 4
+    rfid = estimate(depths[2], method="rfid").phases["compression"]  # ratio 0: the fit's state at full size
+    assert rfid["one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)"] == (
+        5 * 8 * 64 * 32 * 4)
+    assert rfid["one group's SVD (float64 x3) and target, prediction, error (float32)"] == 4 * 64 * 32 * (24 + 12)
     # the larger phase counts, not their sum
     assert shallow.total == memory_model.RUNTIME_ALLOWANCE + sum(shallow.parts.values()) + max(
         sum(p.values()) for p in shallow.phases.values())
@@ -66,3 +71,12 @@ def test_refusal_names_the_options_and_writes_nothing(depths, tmp_path, monkeypa
     with pytest.raises(MemoryBudgetError, match=r"expected peak memory [\d.]+ GiB exceeds"):
         compress_checkpoint(depths[2], tmp_path / "out", build_method("svd"), 0.1, calibration, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened-svd", "d2", "rs", "rfid", "mobe"])
+def test_working_set_does_not_grow_with_the_experts(method):
+    """Only the fit's parameters (the compressed projection itself) may scale with the experts of a layer."""
+    few, many = (memory_model.method_working_set(build_method(method), LayerShape(e, 64, 32), 0.5) for e in (8, 128))
+    grows = {name for name in few if many[name] != few[name]}
+    assert grows == ({"one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)"}
+                     if method in ("rfid", "mobe") else set())

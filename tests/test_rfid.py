@@ -153,10 +153,35 @@ def test_exactly_low_rank_group_is_recovered():
     assert all(effective_rank(weights[grp].reshape(-1, H)) <= r + 1e-9 for grp in groups)
     exact = fit_grouped(weights, groups, [r, r], FitOptions(activation="identity", steps=0))
     for e in range(8):
-        torch.testing.assert_close(exact.coefs[e] @ exact.bases[e // k], weights[e], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(exact.coefs[e].double() @ exact.bases[e // k].double(), weights[e],
+                                   rtol=1e-5, atol=1e-5)  # the fitted factors are float32
     assert exact.loss_curve[0] < 1e-10  # the fit runs in float32
     silu = fit_grouped(weights, groups, [r, r], FitOptions(steps=40, lr=0.01))
     assert min(silu.loss_curve) < silu.loss_curve[0] < 0.1  # scaled MSE: 1 would be no fit at all
+
+
+def test_mobe_fit_by_groups_follows_the_whole_loss_adam():
+    """fit_mixed backpropagates group by group (its target read a group at a time); Adam on the whole loss at
+    once (MoBE train.py's loop, written out here) follows the same loss curve within float32 rounding."""
+    g = torch.Generator().manual_seed(9)
+    weights = torch.randn(8, I, 6, generator=g, dtype=torch.float64) @ torch.randn(6, H, generator=g, dtype=torch.float64)
+    groups, rank, options = index_groups(8, 4), 4, FitOptions(steps=30, lr=0.01, patience=100)
+    scale, target = float(weights.std()), (weights / float(weights.std())).float()
+    bases, coefs, logits = torch.zeros(2, rank, H), torch.zeros(8, I, rank), torch.zeros(8, 2)
+    for j, group in enumerate(groups):
+        u, s, vh = torch.linalg.svd(weights[group].reshape(-1, H), full_matrices=False)
+        bases[j], coefs[group], logits[group, j] = vh[:rank].float(), (u[:, :rank] * s[:rank]).view(4, I, rank).float(), 1
+    params = [bases.requires_grad_(), coefs.requires_grad_(), logits.requires_grad_()]
+    optimizer, want = torch.optim.Adam(params, lr=options.lr), []
+    for step in range(options.steps + 1):
+        optimizer.zero_grad()
+        loss = ((coefs @ F.silu(torch.einsum("em,mri->eri", logits.softmax(dim=1), bases)) - target) ** 2).mean()
+        want.append(float(loss.detach()))
+        loss.backward()
+        optimizer.step()
+    got = fit_mixed(weights, groups, rank, options).loss_curve
+    assert scale > 0 and want[-1] < 0.5 * want[0]  # a fit that moves
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
 
 
 def test_mobe_fit_reduces_the_loss_on_average():

@@ -16,7 +16,7 @@ from vllm_moe_compress.offline.layer_allocation import MIOptions, mine_estimate,
 from vllm_moe_compress.offline.linalg import eigen_whitened_factors
 from vllm_moe_compress.offline.methods.base import LayerInputs
 from vllm_moe_compress.offline.loading import load_compressed_model
-from vllm_moe_compress.offline.methods.rs import ACIWeights, RSMoE, RSOptions, aci_scores, ridge_down_base
+from vllm_moe_compress.offline.methods.rs import ACIWeights, RSMoE, RSOptions, aci_scores, downstream_influence, ridge_down_base
 from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 
 from conftest import CALIBRATION_FILE, FAMILIES
@@ -68,6 +68,56 @@ def test_aci_ranks_a_planted_peak_channel_first():
     stats = statistics(weights, 300, seed=2, planted=[(2, 7)])
     scores = aci_scores(weights, stats.moments, stats.counts, weights, ACIWeights())
     assert int(scores.flatten().argmax()) == 2 * I + 7
+
+
+class OneExpertAtATime:
+    """A projection's experts that can only be read one at a time, as source_model.ExpertStack."""
+
+    def __init__(self, stacked: torch.Tensor):
+        self.stacked_tensor, self.shape, self.reads = stacked, stacked.shape, 0
+
+    def __len__(self):
+        return len(self.stacked_tensor)
+
+    def __getitem__(self, e):
+        assert isinstance(e, int), "a method indexed more than one expert"
+        self.reads += 1
+        return self.stacked_tensor[e].clone()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_downstream_influence_in_chunks_equals_the_whole_next_layer_formula(chunk):
+    """Algorithm 1 l.7–9 in float64 with V_in stacked from all next-layer experts, against the chunked float32
+    computation reading experts one at a time (a chunk that does not divide the 5 next experts included)."""
+    g = gen(7)
+    down = torch.randn(E, H, I, generator=g, dtype=torch.float64)
+    next_layer = {p: torch.randn(5, 9, H, generator=g, dtype=torch.float64) for p in ("gate", "up")}
+    v_in = ((next_layer["gate"] + next_layer["up"]) / 2).reshape(-1, H)
+    want = torch.stack([(down[e].T @ v_in.T).abs() @ v_in.norm(dim=1) for e in range(E)])
+    one_at_a_time = {p: OneExpertAtATime(t) for p, t in next_layer.items()}
+    got = downstream_influence(OneExpertAtATime(down), one_at_a_time, chunk)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    assert one_at_a_time["gate"].reads == 5  # each next-layer expert read once
+
+
+def test_rs_layer_reads_experts_one_at_a_time():
+    """compress_layer on experts readable one at a time gives the layer it gives on stacked tensors."""
+    weights, _ = sparse_plus_low_rank_layer(2, 2, seed=11)
+    stats = statistics(weights, 64, seed=12)
+    next_weights = {p: w.flip(0).clone() for p, w in weights.items()}
+    shape = LayerShape(E, H, I)
+    method = RSMoE(RSOptions(base="mean"))
+    budget = E * 3 * (H + I) * 3
+
+    def layer(wrap):
+        inputs = LayerInputs({p: wrap(w) for p, w in weights.items()}, stats, None, budget, shape,
+                             {p: wrap(w) for p, w in next_weights.items()})
+        return method.compress_layer(inputs).layer.to_tensors("x.", {"gate": "g", "up": "u", "down": "d"},
+                                                             torch.float64)
+
+    stacked, one_at_a_time = layer(lambda w: w), layer(OneExpertAtATime)
+    assert stacked.keys() == one_at_a_time.keys()
+    assert all(torch.equal(stacked[k], one_at_a_time[k]) for k in stacked)
 
 
 def sparse_plus_low_rank_layer(sparse_channels: int, rank: int, seed: int):

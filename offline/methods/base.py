@@ -19,7 +19,8 @@ from vllm_moe_compress.format.schemes.base_delta import Factors
 
 ExpertWeights = dict[str, torch.Tensor]
 """Canonical projection -> expert weights gate/up [E, I, H], down [E, H, I] (float64): a stacked tensor, or a
-source_model.ExpertStack read an expert at a time (``weights[p][e]`` works on both; see ``stacked_weights``)."""
+source_model.ExpertStack read an expert at a time (``weights[p][e]``, ``len`` and ``shape`` work on both; every
+method reads them an expert, or a group of experts, at a time)."""
 
 
 def expert_weights(experts_module) -> ExpertWeights:
@@ -33,14 +34,6 @@ def expert_weights(experts_module) -> ExpertWeights:
 def input_gram(stats: ExpertStatistics, proj: str) -> torch.Tensor:
     """Gram of what ``proj`` multiplies: the expert input for gate/up, the intermediate for down."""
     return stats.inter_gram if proj == "down" else stats.input_gram
-
-
-def stacked_weights(weights: ExpertWeights | None) -> dict[str, torch.Tensor] | None:
-    """``weights`` with every projection as one [E, out, in] float64 tensor, for methods that need a whole
-    projection at once (an ExpertStack is read into memory; tensors pass through)."""
-    if weights is None:
-        return None
-    return {p: w if isinstance(w, torch.Tensor) else w.stacked() for p, w in weights.items()}
 
 
 def on_cpu(factors: Factors) -> Factors:
@@ -88,12 +81,6 @@ class LayerInputs:
     """Where the method may run its decompositions (``compress --device``); every input above is on the CPU,
     and the layer it returns must be too."""
 
-    def stacked(self) -> "LayerInputs":
-        """These inputs with every projection of ``weights`` and ``next_weights`` as one [E, out, in] tensor
-        (``stacked_weights``), for methods that need a whole projection at once."""
-        return LayerInputs(**{**vars(self), "weights": stacked_weights(self.weights),
-                              "next_weights": stacked_weights(self.next_weights)})
-
 
 @dataclass
 class LayerResult:
@@ -112,9 +99,6 @@ class CompressionMethod(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
-    stacks_experts: ClassVar[bool] = False
-    """Whether ``compress_layer`` takes whole projections of the layer's experts at once (``LayerInputs.stacked``)
-    rather than one expert at a time (offline/memory_model.py counts it)."""
 
     def __init__(self, options: MethodOptions | None = None):
         if options is not None and type(options) is not self.Options:

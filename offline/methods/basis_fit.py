@@ -25,6 +25,15 @@ Choices (the papers' code does the first three the same way, the fourth differen
   gate / layer 3 up end at 0.1692 / 0.2193 / 0.2154, the official code's own 0.1689 / 0.2197 / 0.2158 (its
   target is cast to fp16), against 0.1707 / 0.2289 / — with the first-order-matched init used before
   issue 18 (BENCHMARKS.md §9.5).
+
+Memory: ``weights`` is the layer's projection as the methods get it (an ExpertStack, read an expert at a time,
+or a stacked tensor) and is never stacked whole. The scale s is summed expert by expert (float64), each
+group's SVD is taken of its own group matrix (float64, [k·out, in]: the decomposition's accuracy), and each
+Adam step re-reads the targets a group at a time and backpropagates the group's share of the loss before
+forming the next, so besides the parameters (float32, with their gradients, Adam's two moments and the best
+state) one group's target and autograd graph are alive. The gradients are those of the whole loss: RFID-MoE's
+groups share no parameter (the same floats as one backward), MoBE's bases sum their gradient over the groups
+(within float32 rounding of one backward).
 """
 
 from __future__ import annotations
@@ -59,7 +68,8 @@ class FitOptions:
 
 @dataclass
 class FittedProjection:
-    """One projection's fitted factors in the units of W (float64)."""
+    """One projection's fitted factors in the units of W, float32 as fitted (the unscaling is computed in float64
+    and rounded once; the output is stored in at most float32)."""
 
     groups: list[list[int]]
     bases: list[torch.Tensor]  # per basis [K_j, in], before the activation
@@ -80,16 +90,42 @@ def residual_positions(group_size: int, out_dim: int, in_dim: int, seed: int, si
     return bucket_of(t, seed, size).view(group_size, out_dim, in_dim)
 
 
-def _adam(params: list[torch.Tensor], loss_fn, options: FitOptions) -> tuple[list[float], int, list[torch.Tensor]]:
-    """Full-batch Adam; returns the loss per step (step 0 = start), the best step and the best parameters."""
+def projection_std(weights) -> float:
+    """The standard deviation (unbiased) of every entry of ``weights`` [E, out, in], a stacked tensor or an
+    ExpertStack: two passes (mean, then squared deviations) summed an expert at a time in float64."""
+    count = math.prod(weights.shape)
+    mean = sum(float(weights[e].sum()) for e in range(len(weights))) / count
+    return math.sqrt(sum(float((weights[e] - mean).pow(2).sum()) for e in range(len(weights))) / (count - 1))
+
+
+def scaled_members(weights, members: list[int], scale: float) -> torch.Tensor:
+    """The fit's target for experts ``members``: their matrices divided by ``scale``, [len, out, in] float32."""
+    return (torch.stack([weights[e] for e in members]) / scale).float()
+
+
+def unscaled(fitted: torch.Tensor, scale: float) -> torch.Tensor:
+    """A fitted float32 tensor back in the units of W: multiplied by ``scale`` in float64, rounded to float32."""
+    return (fitted.double() * scale).float()
+
+
+def _adam(params: list[torch.Tensor], loss_terms, count: int,
+          options: FitOptions) -> tuple[list[float], int, list[torch.Tensor]]:
+    """Full-batch Adam on Σ(terms)/``count``, ``loss_terms()`` yielding the loss's squared-error sums part by part
+    (a group or a chunk of experts): each part is backpropagated before the next is formed, so one part's autograd
+    graph and target are alive at a time, and the gradients add up to the whole loss's. Returns the loss per
+    step (step 0 = start), the best step and the best parameters."""
     optimizer = torch.optim.Adam(params, lr=options.lr)
     curve: list[float] = []
     best, best_step, best_state = math.inf, 0, [p.detach().clone() for p in params]
     for step in range(options.steps + 1):
         optimizer.zero_grad()
-        with torch.enable_grad():  # compression runs inside the calibration pass's no_grad
-            loss = loss_fn()
-        value = float(loss.detach())
+        total, learning = 0.0, step < options.steps  # the last step's loss is only recorded
+        with torch.set_grad_enabled(learning):  # compression runs inside the calibration pass's no_grad
+            for term in loss_terms():
+                if learning:
+                    (term / count).backward()
+                total = total + term.detach()
+        value = float(total / count)
         curve.append(value)
         if value < best:
             best, best_step, best_state = value, step, [p.detach().clone() for p in params]
@@ -97,25 +133,24 @@ def _adam(params: list[torch.Tensor], loss_fn, options: FitOptions) -> tuple[lis
             break
         if step == options.steps or not math.isfinite(value):
             break
-        loss.backward()
         optimizer.step()
     return curve, best_step, best_state
 
 
-def fit_grouped(weights: torch.Tensor, groups: list[list[int]], ranks: list[int], options: FitOptions,
+def fit_grouped(weights, groups: list[list[int]], ranks: list[int], options: FitOptions,
                 residual_size: int = 0, seed: int = 0) -> FittedProjection:
-    """RFID-MoE's model: one basis B_g of rank K_g per group, optional residual η_g of size ``residual_size``."""
-    scale = float(weights.std())
-    target = weights / scale
+    """RFID-MoE's model: one basis B_g of rank K_g per group, optional residual η_g of size ``residual_size``.
+
+    ``weights`` [E, out, in] is read a group at a time (an ExpertStack is never stacked): the groups share no
+    parameter, so the loss is summed and backpropagated group by group, each group's target re-read every step."""
+    scale = projection_std(weights)
     k, out_dim, in_dim = len(groups[0]), weights.shape[1], weights.shape[2]
     slope = SLOPE_AT_ZERO[options.activation]
-    bases, coefs, targets = [], [], []
+    bases, coefs = [], []
     for group, rank in zip(groups, ranks):
-        matrix = group_matrix(target, group)
-        left, basis = truncated_group_svd(matrix, rank)
+        left, basis = truncated_group_svd(group_matrix(weights, group) / scale, rank)
         bases.append(basis.float().requires_grad_())
         coefs.append((left / slope).view(k, out_dim, rank).float().requires_grad_())
-        targets.append(matrix.view(k, out_dim, in_dim).float())
 
     def low_rank(g):
         return coefs[g] @ activate(bases[g], options.activation)
@@ -127,40 +162,41 @@ def fit_grouped(weights: torch.Tensor, groups: list[list[int]], ranks: list[int]
         scales = bucket_scales(counts, torch.float32)
         positions = residual_positions(k, out_dim, in_dim, seed, residual_size)
         with torch.no_grad():
-            init = [project_onto_buckets((targets[g] - low_rank(g)).reshape(-1).double(), seed, residual_size, counts)
-                    for g in range(len(groups))]
+            init = [project_onto_buckets((scaled_members(weights, group, scale) - low_rank(g)).reshape(-1).double(),
+                                         seed, residual_size, counts) for g, group in enumerate(groups)]
         etas = torch.stack(init).float().requires_grad_()
         params.append(etas)
 
-    def loss_fn():
-        total = 0.0
-        for g in range(len(groups)):
+    def loss_terms():
+        for g, group in enumerate(groups):
             pred = low_rank(g)
             if etas is not None:
                 pred = pred + (etas[g] * scales)[positions]
-            total = total + ((pred - targets[g]) ** 2).sum()
-        return total / weights.numel()
+            yield ((pred - scaled_members(weights, group, scale)) ** 2).sum()
 
-    curve, best_step, best = _adam(params, loss_fn, options)
+    curve, best_step, best = _adam(params, loss_terms, math.prod(weights.shape), options)
     m = len(groups)
     best_bases, best_coefs = best[:m], best[m : 2 * m]
     coef_of: dict[int, torch.Tensor] = {}
     for group, coef in zip(groups, best_coefs):
         for j, e in enumerate(group):
-            coef_of[e] = coef[j].double() * scale
+            coef_of[e] = unscaled(coef[j], scale)
     return FittedProjection(
-        groups=groups, bases=[b.double() for b in best_bases],
-        coefs=[coef_of[e] for e in range(weights.shape[0])],
-        etas=[eta.double() * scale for eta in best[2 * m]] if residual_size else None,
+        groups=groups, bases=best_bases,
+        coefs=[coef_of[e] for e in range(len(weights))],
+        etas=[unscaled(eta, scale) for eta in best[2 * m]] if residual_size else None,
         loss_curve=curve, best_step=best_step,
     )
 
 
-def fit_mixed(weights: torch.Tensor, groups: list[list[int]], rank: int, options: FitOptions) -> FittedProjection:
-    """MoBE's model: m = len(groups) bases of one rank shared by all experts through softmax mixing weights."""
-    scale = float(weights.std())
-    target = (weights / scale).float()
-    num_experts, out_dim = weights.shape[0], weights.shape[1]
+def fit_mixed(weights, groups: list[list[int]], rank: int, options: FitOptions) -> FittedProjection:
+    """MoBE's model: m = len(groups) bases of one rank shared by all experts through softmax mixing weights.
+
+    ``weights`` [E, out, in] is read a group at a time (an ExpertStack is never stacked): the loss is summed
+    and backpropagated over the groups' experts in turn (the bases' gradients accumulate over them), each
+    group's target re-read every step."""
+    scale = projection_std(weights)
+    num_experts, out_dim = len(weights), weights.shape[1]
     bases = torch.zeros(len(groups), rank, weights.shape[2])
     coefs = torch.zeros(num_experts, out_dim, rank)
     logits = torch.zeros(num_experts, len(groups))
@@ -171,12 +207,14 @@ def fit_mixed(weights: torch.Tensor, groups: list[list[int]], rank: int, options
         logits[group, j] = 1.0
     params = [bases.requires_grad_(), coefs.requires_grad_(), logits.requires_grad_()]
 
-    def loss_fn():
-        right = activate(torch.einsum("em,mri->eri", logits.softmax(dim=1), bases), options.activation)
-        return ((coefs @ right - target) ** 2).mean()
+    def loss_terms():
+        for group in groups:  # softmax is row-wise: each group's mixing weights on their own
+            right = activate(torch.einsum("em,mri->eri", logits[group].softmax(dim=1), bases), options.activation)
+            yield ((coefs[group] @ right - scaled_members(weights, group, scale)) ** 2).sum()
 
-    curve, best_step, (best_bases, best_coefs, best_logits) = _adam(params, loss_fn, options)
+    curve, best_step, (best_bases, best_coefs, best_logits) = _adam(params, loss_terms, math.prod(weights.shape),
+                                                                    options)
     return FittedProjection(
-        groups=groups, bases=list(best_bases.double()), coefs=list(best_coefs.double() * scale),
+        groups=groups, bases=list(best_bases), coefs=[unscaled(c, scale) for c in best_coefs],
         mix=best_logits.double().softmax(dim=1), loss_curve=curve, best_step=best_step,
     )

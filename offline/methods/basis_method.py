@@ -15,6 +15,8 @@ from __future__ import annotations
 from abc import abstractmethod
 from dataclasses import dataclass
 
+import torch
+
 from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 
 from ..budget import LayerShape
@@ -56,11 +58,19 @@ class BasisOptions(MethodOptions):
                 "fit_lr": self.fit_lr, "fit_patience": self.fit_patience, "factorized": list(self.factorized)}
 
 
+def stacked_float32(weights) -> torch.Tensor:
+    """A projection kept dense, [E, out, in] in float32, filled an expert at a time: half the float64 copy, and
+    exact for the float32/bfloat16/float16 checkpoints the output (at most float32) is written from."""
+    out = torch.empty(weights.shape, dtype=torch.float32)
+    for e in range(len(weights)):
+        out[e].copy_(weights[e])
+    return out
+
+
 class BasisMethod(CompressionMethod):
     """Common options (BasisOptions); subclasses define the per-projection cost model and the fit."""
 
     Options = BasisOptions
-    stacks_experts = True
 
     @property
     def fit(self) -> FitOptions:
@@ -132,7 +142,7 @@ class BasisMethod(CompressionMethod):
         log = {"fit": {p: {"loss_curve": [round(v, 8) for v in f.loss_curve], "best_step": f.best_step}
                        for p, f in fitted.items()}}
         factorized = {p: BasisProjection(f.bases, f.coefs, f.mix, f.etas) for p, f in fitted.items()}
-        dense = {p: weights[p] for p in PROJECTIONS if p not in self.factorized}
+        dense = {p: stacked_float32(weights[p]) for p in PROJECTIONS if p not in self.factorized}
         layer = BasisResidualLayer(shape.hidden_size, shape.intermediate_size, groups, self.opts.activation,
                                    factorized, dense, residual_size, seed)
         return LayerResult(layer, log)

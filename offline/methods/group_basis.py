@@ -27,9 +27,10 @@ def check_group_size(num_experts: int, group_size: int) -> None:
         raise ValueError(f"group size {group_size} must divide the {num_experts} experts of a layer")
 
 
-def group_matrix(weights: torch.Tensor, group: list[int]) -> torch.Tensor:
-    """[k·out, in]: the members' matrices stacked in group order (``weights`` is [E, out, in])."""
-    return weights[group].reshape(-1, weights.shape[-1])
+def group_matrix(weights, group: list[int]) -> torch.Tensor:
+    """[k·out, in]: the members' matrices stacked in group order (``weights`` is [E, out, in], a tensor or an
+    ExpertStack: only the members are read)."""
+    return torch.cat([weights[e] for e in group])
 
 
 def effective_rank(matrix: torch.Tensor, mode: str = "energy") -> float:

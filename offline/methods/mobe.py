@@ -28,7 +28,6 @@ class MoBE(BasisMethod):
         return self.rank_cost(proj, shape) + shape.num_experts * self.num_groups(shape)
 
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
-        inputs = inputs.stacked()  # whole projections (the mixed fit spans the layer): not yet per expert
         shape = inputs.shape
         groups = index_groups(shape.num_experts, self.opts.group_size)
         extra = self.extra_ranks(inputs.budget, shape)

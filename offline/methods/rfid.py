@@ -72,7 +72,6 @@ class RFIDMoE(BasisMethod):
         return self.num_groups(shape) * (self.rank_cost(proj, shape) + self.residual_size(shape))
 
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
-        inputs = inputs.stacked()  # whole projections (group matrices and the fit): not yet per expert
         weights, counts, shape, opts = inputs.weights, inputs.stats.counts, inputs.shape, self.opts
         groups = frequency_groups(counts, opts.group_size)
         frequencies = [float(counts[g].sum()) for g in groups]

@@ -34,6 +34,13 @@ Per MoE layer (§3.2–3.4):
    tokens of each expert. ``mean``/``frequency`` are the merged-base ablations of Table 4 (D²-style: the
    experts' down deltas W_down,e − B are decomposed instead); ``none`` stores no base.
 
+Memory: nothing above needs a whole projection, so the layer's experts are read an expert at a time from
+their ``ExpertStack``s (offline/source_model.py) and never stacked: the unit scores per expert, the downstream
+influence a chunk of the next layer's experts at a time (:func:`downstream_influence`, float32 as before), the
+merged bases and deltas as D²-MoE forms them (d2.merge_base, d2.DeltaStack), the decompositions and the ridge
+fit's sums expert by expert. Float64 is kept for the per-expert matrices (the source's values, exactly) and
+the ridge fit's Gram [I, I] and cross term [H, I], summed over every expert's tokens before one solve.
+
 Layer budgets (§3.5) come from offline/layer_allocation.py (``allocation``: ``mi``, ``uniform``, ``reverse``).
 The checkpoint scheme is ``sparse_lowrank`` (vllm_moe_compress/format/schemes/sparse_lowrank.py, docs/format.md §9).
 """
@@ -54,7 +61,7 @@ from ..linalg import eigen_whitened_factors
 from ..options import MethodOptions, check_choice, check_positive, check_range, option
 from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult, on_cpu
-from .d2 import merge_base
+from .d2 import DeltaStack, merge_base
 
 
 def _by_max(t: torch.Tensor) -> torch.Tensor:
@@ -63,11 +70,32 @@ def _by_max(t: torch.Tensor) -> torch.Tensor:
     return t / top if top > 0 else t
 
 
-def downstream_influence(down: torch.Tensor, next_weights: ExpertWeights) -> torch.Tensor:
-    """Algorithm 1 lines 7–9: I_down[e] = |W_down,eᵀ V_inᵀ| ‖rows of V_in‖, V_in = next layer's (gate+up)/2. [E, I]"""
-    v_in = ((next_weights["gate"] + next_weights["up"]) / 2).reshape(-1, down.shape[1]).float()
-    row_norms = v_in.norm(dim=1)
-    return torch.stack([(down[e].T.float() @ v_in.T).abs() @ row_norms for e in range(down.shape[0])]).double()
+NEXT_EXPERT_CHUNK = 16
+"""Next-layer experts whose V_in rows are formed at once by :func:`downstream_influence` (float32, 16·I·H·4 B:
+0.1 GiB at Qwen3-30B-A3B's shapes)."""
+
+
+def down_norms_sq(down) -> torch.Tensor:
+    """‖W_down[:, j]‖² of every unit, [E, I], read an expert at a time (``down``: [E, H, I] or an ExpertStack)."""
+    return torch.stack([down[e].pow(2).sum(0) for e in range(len(down))])
+
+
+def downstream_influence(down, next_weights: ExpertWeights, chunk: int = NEXT_EXPERT_CHUNK) -> torch.Tensor:
+    """Algorithm 1 lines 7–9: I_down[e] = |W_down,eᵀ V_inᵀ| ‖rows of V_in‖, V_in = next layer's (gate+up)/2. [E, I]
+
+    V_in has one row per unit of the next layer (all its experts), so it is never formed whole: its rows are
+    built ``chunk`` next-layer experts at a time (float32, as the product is computed), every expert of this
+    layer is multiplied by them (its W_down read again per chunk) and the chunks' sums are added in float64.
+    Neither layer's experts are stacked."""
+    num_next = len(next_weights["gate"])
+    influence = torch.zeros(len(down), down.shape[2], dtype=torch.float64)
+    for start in range(0, num_next, chunk):
+        v_in = torch.cat([((next_weights["gate"][n] + next_weights["up"][n]) / 2).float()
+                          for n in range(start, min(start + chunk, num_next))])
+        row_norms = v_in.norm(dim=1)
+        for e in range(len(down)):
+            influence[e] += ((down[e].T.float() @ v_in.T).abs() @ row_norms).double()
+    return influence
 
 
 def aci_scores(weights: ExpertWeights, moments: ActivationMoments, counts: torch.Tensor,
@@ -77,7 +105,7 @@ def aci_scores(weights: ExpertWeights, moments: ActivationMoments, counts: torch
     mean_sq = moments.sum_sq / n
     var_sq = (moments.sum_quad / n - mean_sq**2).clamp_min(0)
     hybrid = aci.w_mean * _by_max(mean_sq) + aci.w_var * _by_max(var_sq) + aci.w_peak * _by_max(moments.peak)
-    inner = _by_max(hybrid * weights["down"].pow(2).sum(1))
+    inner = _by_max(hybrid * down_norms_sq(weights["down"]))
     if next_weights is None:
         return inner
     downstream = downstream_influence(weights["down"], next_weights)
@@ -86,12 +114,14 @@ def aci_scores(weights: ExpertWeights, moments: ActivationMoments, counts: torch
 
 def unit_scores(metric: str, weights: ExpertWeights, stats: ExpertStatistics,
                 next_weights: ExpertWeights | None, aci: ACIWeights) -> torch.Tensor:
-    """Importance of every collaborative unit, [E, I], by ``metric`` (one of choices.RS_SCORES)."""
-    down_norm_sq = weights["down"].pow(2).sum(1)
+    """Importance of every collaborative unit, [E, I], by ``metric`` (one of choices.RS_SCORES), computed an
+    expert at a time."""
     if metric == "weight":
-        return weights["gate"].pow(2).sum(2) + weights["up"].pow(2).sum(2) + down_norm_sq
+        gate, up = weights["gate"], weights["up"]
+        row_norms_sq = torch.stack([gate[e].pow(2).sum(1) + up[e].pow(2).sum(1) for e in range(len(gate))])
+        return row_norms_sq + down_norms_sq(weights["down"])
     if metric == "activation":
-        return stats.moments.sum_sq.sqrt() * down_norm_sq.sqrt()
+        return stats.moments.sum_sq.sqrt() * down_norms_sq(weights["down"]).sqrt()
     if metric == "peak":
         return stats.moments.peak.clone()
     return aci_scores(weights, stats.moments, stats.counts, next_weights, aci)
@@ -231,7 +261,6 @@ class RSMoE(CompressionMethod):
 
     name = "rs"
     Options = RSOptions
-    stacks_experts = True
 
     @property
     def needs_next_layer(self) -> bool:
@@ -250,7 +279,6 @@ class RSMoE(CompressionMethod):
                                     self.opts.mi) or None
 
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
-        inputs = inputs.stacked()  # whole projections (scores and the ridge base span the layer): not yet per expert
         opts, weights, stats, shape = self.opts, inputs.weights, inputs.stats, inputs.shape
         scores = unit_scores(opts.score, weights, stats, inputs.next_weights, opts.aci)
         plan = partition_units(scores, inputs.budget, shape.hidden_size, opts.sparse_share, opts.lowrank_share,
@@ -260,19 +288,20 @@ class RSMoE(CompressionMethod):
         if opts.base in ("mean", "frequency"):
             importance = stats.counts.double() if opts.base == "frequency" else torch.ones(shape.num_experts)
             base = merge_base(down, importance)
-            down = down - base
+            down = DeltaStack(down, base)
         experts, device = [], inputs.device  # the per-expert decompositions run there, their factors come back
-        for e in range(shape.num_experts):
+        for e in range(shape.num_experts):  # one expert's matrices at a time
             s, m, k = torch.tensor(plan.sparse[e], dtype=torch.int64), plan.lowrank[e], plan.ranks[e]
-            sparse = {"gate": weights["gate"][e][s], "up": weights["up"][e][s], "down": down[e][:, s]}
+            matrices = {"gate": weights["gate"][e], "up": weights["up"][e], "down": down[e]}
+            sparse = {"gate": matrices["gate"][s], "up": matrices["up"][s], "down": matrices["down"][:, s]}
             lowrank = dict.fromkeys(sparse)
             if k:
                 input_gram, inter_gram = stats.input_gram[e].to(device), stats.inter_gram[e][m][:, m].to(device)
                 if opts.lowrank_svd == "plain":  # a zero Gram makes eigen_whitened_factors the plain SVD
                     input_gram, inter_gram = torch.zeros_like(input_gram), torch.zeros_like(inter_gram)
                 for p in ("gate", "up"):
-                    lowrank[p] = on_cpu(eigen_whitened_factors(weights[p][e][m].to(device), input_gram, k))
-                lowrank["down"] = on_cpu(eigen_whitened_factors(down[e][:, m].to(device), inter_gram, k))
+                    lowrank[p] = on_cpu(eigen_whitened_factors(matrices[p][m].to(device), input_gram, k))
+                lowrank["down"] = on_cpu(eigen_whitened_factors(matrices["down"][:, m].to(device), inter_gram, k))
             experts.append(ExpertUnits(s, sparse, torch.tensor(m, dtype=torch.int64), lowrank))
         layer = SparseLowRankLayer(shape.hidden_size, shape.intermediate_size, experts, base)
         if opts.base == "ridge":
