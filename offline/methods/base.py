@@ -72,8 +72,9 @@ def factorize_experts(
         with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             for first in range(0, len(ranks), workers):
                 experts = range(first, min(first + workers, len(ranks)))
-                inputs = [_expert_inputs(matrices, ranks[e], stats, e, device) for e in experts]
-                for result in (pool.map if workers > 1 else map)(_factorize_expert, inputs):
+                # The inputs list is not kept: each expert's inputs are freed once it is factorised.
+                inputs = (_expert_inputs(matrices, ranks[e], stats, e, device) for e in experts)
+                for result in (pool.map if workers > 1 else map)(_factorize_expert, list(inputs)):
                     for p in PROJECTIONS:
                         factors[p].append(None if result is None else result[p])
     finally:
