@@ -58,10 +58,10 @@ def factorize_experts(
     whitening factor of the input Gram. The Cholesky factorisations and decompositions run on ``device`` (each
     expert's matrix and Grams are moved there); the factors are returned on the CPU.
 
-    On the CPU, ``torch.get_num_threads()`` experts are factorised at once, each on one thread: the
-    factorisation is many mid-sized LAPACK calls (Cholesky, eigh) that keep two threads of one call waiting on
-    each other, which cost 3–4× the CPU time of one thread on the shared 2-core machine (BENCHMARKS.md §12.3).
-    The inputs of a round of experts are read here, in the calling thread (ExpertGrams and ExpertStack are read
+    On the CPU, ``torch.get_num_threads()`` experts are factorised at once, each on one thread. The
+    factorisation is many mid-sized LAPACK calls (Cholesky, eigh) whose threads wait on each other when one
+    call is split over two: on the loaded 2-core machine that cost several times the CPU time of one thread
+    (BENCHMARKS.md §12.3). The inputs of a round of experts are read here, in the calling thread (ExpertGrams and ExpertStack are read
     in order), then factorised in parallel; each expert's result does not depend on the number of threads.
     On another device the experts are factorised one after the other."""
     device = torch.device(device)
