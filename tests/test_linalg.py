@@ -2,7 +2,9 @@
 
 import torch
 
-from vllm_moe_compress.offline.linalg import low_rank_factors, output_error, whitening_factor
+from vllm_moe_compress.offline.linalg import (
+    _positive_peak_signs, low_rank_factors, output_error, times_lower_triangular, whitened_factors, whitening_factor,
+)
 
 
 def correlated_inputs(tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -41,3 +43,64 @@ def test_whitening_damps_singular_gram_and_skips_empty():
     assert s is not None and torch.isfinite(s).all()
     torch.testing.assert_close(s @ s.T, x.T @ x, rtol=0, atol=1e-3 * (x.T @ x).diagonal().mean().item())
     assert whitening_factor(torch.zeros(16, 16, dtype=torch.float64)) is None
+
+
+def previous_whitening_factor(gram: torch.Tensor) -> torch.Tensor | None:
+    """whitening_factor as it was before the damping was added in place (a3b0189): the reference."""
+    gram = 0.5 * (gram + gram.T)
+    scale = gram.diagonal().mean().item()
+    if scale <= 0.0:
+        return None
+    eye = torch.eye(gram.shape[0], dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    damping = 1e-6
+    while info.item() != 0:
+        factor, info = torch.linalg.cholesky_ex(gram + damping * scale * eye)
+        damping *= 10.0
+    return factor
+
+
+def test_times_lower_triangular_is_the_dense_product():
+    g = torch.Generator().manual_seed(6)
+    for rows, n in ((7, 1), (5, 3), (33, 40), (40, 129)):  # fewer and more columns than TRIANGLE_BLOCKS
+        lower = torch.randn(n, n, generator=g, dtype=torch.float64).tril()
+        matrix = torch.randn(rows, n, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(times_lower_triangular(matrix, lower), matrix @ lower, rtol=1e-12, atol=1e-12)
+
+
+def test_factors_equal_the_previous_formula_on_rank_deficient_and_full_grams():
+    """whitened_factors and whitening_factor against the dense formula of a3b0189 (W @ S, damping with an identity
+    matrix), wide and tall weights, Grams from fewer tokens than channels (damped) and from more."""
+    g = torch.Generator().manual_seed(7)
+    for out, dim, tokens, rank in ((48, 96, 12, 20), (96, 48, 10, 20), (40, 64, 400, 16), (64, 40, 400, 16)):
+        w = torch.randn(out, dim, generator=g, dtype=torch.float64)
+        x = torch.randn(tokens, dim, generator=g, dtype=torch.float64)
+        gram = x.T @ x
+        original = gram.clone()
+        s, reference_s = whitening_factor(gram), previous_whitening_factor(gram)
+        assert torch.equal(gram, original)  # the damping is added to a copy
+        torch.testing.assert_close(s, reference_s, rtol=1e-12, atol=1e-12 * reference_s.abs().max().item())
+        u, v = whitened_factors(w, rank, s)
+        ru, rv = previous_whitened_factors(w, rank, reference_s)
+        scale = (ru @ rv).abs().max().item()
+        torch.testing.assert_close(u @ v, ru @ rv, rtol=0, atol=1e-9 * scale)
+        torch.testing.assert_close(u, ru, rtol=0, atol=1e-7 * ru.abs().max().item())  # same canonical signs
+
+
+def previous_whitened_factors(weight: torch.Tensor, rank: int, whitening: torch.Tensor):
+    """whitened_factors as of a3b0189 (dense W @ S), the reference."""
+    scaled = weight @ whitening
+    wide = scaled.shape[0] <= scaled.shape[1]
+    evals, evecs = torch.linalg.eigh(scaled @ scaled.T if wide else scaled.T @ scaled)
+    evals, evecs = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
+    noise = evals[:1].clamp_min(0) * max(scaled.shape) * torch.finfo(torch.float64).eps
+    sigma = torch.where(evals > noise, evals, torch.zeros_like(evals)).sqrt()
+    root = sigma.sqrt()
+    inv_root = torch.where(root > 0, 1 / root, torch.zeros_like(root))
+    if wide:
+        u = evecs * _positive_peak_signs(evecs)
+        return u * root, inv_root[:, None] * (u.T @ weight)
+    left = (scaled @ evecs) * inv_root
+    signs = _positive_peak_signs(left)
+    left, right = left * signs, (root * signs)[:, None] * evecs.T
+    return left, torch.linalg.solve_triangular(whitening.T, right.T, upper=True).T

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -48,20 +49,55 @@ def factorize_experts(
 
     Expert by expert, so each Gram chunk (calibration.ExpertGrams) is computed once, and gate and up share one
     whitening factor of the input Gram. The Cholesky factorisations and decompositions run on ``device`` (each
-    expert's matrix and Grams are moved there); the factors are returned on the CPU."""
+    expert's matrix and Grams are moved there); the factors are returned on the CPU.
+
+    On the CPU, ``torch.get_num_threads()`` experts are factorised at once, each on one thread. The
+    factorisation is many mid-sized LAPACK calls (Cholesky, eigh) whose threads wait on each other when one
+    call is split over two: on the loaded 2-core machine that cost several times the CPU time of one thread
+    (BENCHMARKS.md §12.3). The inputs of a round of experts are read here, in the calling thread (ExpertGrams and ExpertStack are read
+    in order), then factorised in parallel; each expert's result does not depend on the number of threads.
+    On another device the experts are factorised one after the other."""
+    device = torch.device(device)
+    threads = torch.get_num_threads()
+    workers = threads if device.type == "cpu" else 1
     factors: dict[str, list[Factors | None]] = {p: [] for p in PROJECTIONS}
-    for e, rank in enumerate(ranks):
-        if rank == 0:
-            for p in PROJECTIONS:
-                factors[p].append(None)
-            continue
-        whitening = {}
-        if stats is not None:
-            whitening["gate"] = whitening["up"] = whitening_factor(input_gram(stats, "gate")[e].to(device))
-            whitening["down"] = whitening_factor(input_gram(stats, "down")[e].to(device))
-        for p in PROJECTIONS:
-            factors[p].append(on_cpu(low_rank_factors(matrices[p][e].to(device), rank, whitening.get(p))))
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for first in range(0, len(ranks), workers):
+                experts = range(first, min(first + workers, len(ranks)))
+                # The inputs list is not kept: each expert's inputs are freed once it is factorised.
+                inputs = (_expert_inputs(matrices, ranks[e], stats, e, device) for e in experts)
+                for result in (pool.map if workers > 1 else map)(_factorize_expert, list(inputs)):
+                    for p in PROJECTIONS:
+                        factors[p].append(None if result is None else result[p])
+    finally:
+        torch.set_num_threads(threads)  # torch keeps the workers' setting for threads started later
     return factors
+
+
+def _expert_inputs(matrices: ExpertWeights, rank: int, stats: ExpertStatistics | None, expert: int,
+                   device: torch.device) -> tuple | None:
+    """(rank, {projection: matrix}, input Gram, intermediate Gram) of one expert on ``device`` (Grams None without
+    ``stats``), or None for rank 0. The Grams are copies, so the chunk they come from is not kept alive."""
+    if rank == 0:
+        return None
+    weights = {p: matrices[p][expert].to(device) for p in PROJECTIONS}
+    if stats is None:
+        return rank, weights, None, None
+    grams = (input_gram(stats, p)[expert].to(device, copy=True) for p in ("gate", "down"))
+    return rank, weights, *grams
+
+
+def _factorize_expert(inputs: tuple | None) -> dict[str, Factors] | None:
+    """One expert's factors per projection (CPU) from :func:`_expert_inputs`."""
+    if inputs is None:
+        return None
+    rank, weights, input_gram_, inter_gram = inputs
+    whitening = {}
+    if input_gram_ is not None:
+        whitening["gate"] = whitening["up"] = whitening_factor(input_gram_)
+        whitening["down"] = whitening_factor(inter_gram)
+    return {p: on_cpu(low_rank_factors(weights[p], rank, whitening.get(p))) for p in PROJECTIONS}
 
 
 @dataclass
