@@ -21,7 +21,7 @@ namespace {
 // ---- Products with few activation rows -------------------------------------------------------------------------
 // Every product of an expert's activations a [n, in] (n = the tokens routed to it) with one of its factor blocks
 // goes through project (y = a Bᵀ, B [out, in] row-major: x Vᵀ) or expand (y = a B, B [in, out] row-major: z Uᵀ).
-// For n ≤ small_row_limit these loops read each factor row once from memory and use it for all n rows while it
+// For n ≤ small_row_limit (and up to kCachedBlockRows rows of a small block: on_loops) these loops read each factor row once from memory and use it for all n rows while it
 // is in registers or L1: the dot form keeps kRowBlock × 4 vector accumulators in registers; the axpy form streams
 // the rows of B in order into y (≤ 64 KiB, in L2), four rows of B per load/store of y. Written with ATen's
 // at::vec::Vectorized (the ISA torch dispatches to here: kernels/cpu_extension.py); measured against at::mm (MKL)
@@ -162,6 +162,20 @@ int64_t row_limit() {
   return c10::is_reduced_floating_point_v<T> ? std::min(small_row_limit, kReducedRowLimit) : small_row_limit;
 }
 
+// A factor block of at most kCachedBlockBytes (the reference model's: hidden 256, expert width 128) stays in
+// L1/L2 while the loops re-read it per 4 tokens, so they also take up to kCachedBlockRows rows of it: at these
+// sizes at::mm costs more than the product (on the AVX-512 EPYC oneDNN's bf16 GEMM took milliseconds for a
+// [8, 256] × [256, 256] product; BENCHMARKS.md §10.3).
+constexpr int64_t kCachedBlockBytes = 128 << 10;
+constexpr int64_t kCachedBlockRows = 64;
+
+// Whether y = a B for a of n rows and the block b goes through the loops (else at::mm).
+template <typename T>
+bool on_loops(int64_t n, Block<T> b) {
+  return n <= row_limit<T>() || (small_row_limit > 0 && n <= kCachedBlockRows &&
+                                 b.rows * b.cols * static_cast<int64_t>(sizeof(T)) <= kCachedBlockBytes);
+}
+
 template <typename T>
 at::TensorOptions options_of() {
   return at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
@@ -195,7 +209,7 @@ template <typename T>
 void project(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, int64_t ldy, bool accumulate) {
   const int64_t N = b.rows, K = b.cols;
   if (n == 0 || N == 0) return;
-  if (K == 0 || n > row_limit<T>()) {
+  if (K == 0 || !on_loops<T>(n, b)) {
     if (K == 0) {
       if (!accumulate)
         for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, AccT<T>(0));
@@ -215,7 +229,7 @@ template <typename T>
 void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, int64_t ldy, bool accumulate) {
   const int64_t N = b.cols, K = b.rows;
   if (n == 0 || N == 0) return;
-  if (K > 0 && n > row_limit<T>()) return gemm<T>(a, lda, n, b, false, y, ldy, accumulate);
+  if (K > 0 && !on_loops<T>(n, b)) return gemm<T>(a, lda, n, b, false, y, ldy, accumulate);
   at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
     const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
     axpys<T>(a, lda, n, b.p + lo, N, cols, K, y + lo, ldy, accumulate);
