@@ -48,7 +48,8 @@ def small_row_limit(request):
 def test_small_product_matches_float64(rows, dtype):
     """The loops alone (``torch.ops.moe_compress_cpu.product``: a b for b = Wᵀ of a row-major W, or a row-major
     b) against float64 matmul: lengths with vector tails, row counts off the row block, more columns than one
-    column block, a strided a; 9 rows and bf16 take at::mm (the same answer)."""
+    column block, a strided a; 9 rows stay on the loops (every block here is under 128 KiB: on_loops); at::mm is
+    covered by the op tests' "at::mm only" runs."""
     ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(rows)
     for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1)):
