@@ -2,8 +2,9 @@
 
     python -m benchmarks.cpu_moe --models qwen3-30b-a3b --dtypes float32 bfloat16 --threads 1 --out runs/cpu_moe.md
 
-One MoE layer at Qwen3-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8) and Mixtral-8x7B
-shapes (4096 / 14336, 8 experts, top-2), models one at a time (memory). The compressed layers are
+One MoE layer at Qwen3-30B-A3B shapes (hidden 2048, moe_intermediate 768, 128 experts, top-8), Mixtral-8x7B
+shapes (4096 / 14336, 8 experts, top-2) or the reference model's (``brown-qwen3-moe``: 256 / 128, 32 experts,
+top-4; its parameter accounting counts untied embeddings), models one at a time (memory). The compressed layers are
 ``benchmarks/kernels.py``'s builders (random factors at the shapes the compressor's budget gives each scheme
 at ``--ratios``); the paths timed, with the same inputs and routings:
 
@@ -11,6 +12,11 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
   layer), where the scheme has one;
 - ``ours (at::mm only)``: the same op with its small-row loops off (``set_small_row_limit(0)``: every product
   an ``at::mm``, as before the loops), with ``--compare-at-mm``;
+- ``ours (experts split)``: the same op with the active experts split over the threads
+  (``set_expert_parallel(1)``), with ``--compare-expert-parallel`` (only differs from ``ours`` at ``--threads`` > 1);
+- ``ours (<file>)``: the same layouts through the ops compiled from another ``lowrank_moe_cpu.cpp`` (e.g. an
+  earlier commit's), registered as ``torch.ops.moe_compress_cpu_other``, with ``--compare-source <file>``: a
+  before/after comparison in the same rounds;
 - ``torch op``: the scheme's torch path (``kernels/<scheme>_torch.py``, what the plugin called before);
 - ``vLLM dense``: vLLM CPU's own unquantized fused MoE, as ``CPUUnquantizedExperts`` calls it: weights
   prepacked once with ``cpu_prepack_moe_weight(w, isa)``, then ``cpu_fused_moe(out, x, w13, w2, None, None,
@@ -38,8 +44,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.kernels import MODELS, SCHEMES, torch_dense_moe, write_atomically
+from benchmarks.kernels import MODELS, SCHEMES, ModelShape, torch_dense_moe, write_atomically
 from vllm_moe_compress.kernels.base_delta_cpu import compute_dtype
+
+MODELS = {**MODELS, "brown-qwen3-moe": ModelShape(4, 256, 128, 32, 4, 8192, 4, 2, 64, qk_norm=True)}
 
 CPU_PATHS = {"base_delta": "base_delta", "sparse_lowrank": "sparse_lowrank", "basis_residual": "basis_residual",
              "basis_residual_no_residual": "basis_residual"}
@@ -75,21 +83,44 @@ def vllm_dense(w13: torch.Tensor, w2: torch.Tensor):
     return forward, isa
 
 
-def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int) -> dict[str, float]:
-    """Median over ``rounds`` of each path's mean ms per call; paths alternate within every round."""
+def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int, clock=time.perf_counter) -> dict[str, float]:
+    """Median over ``rounds`` of each path's mean ms per call; paths alternate within every round. ``clock``:
+    wall time (``time.perf_counter``) or this process's CPU time (``time.process_time``: on a loaded machine
+    it leaves out the time the process waited for a core)."""
     for fn in paths.values():  # warm-up (and first-call allocations)
         fn(*inputs[0])
     samples = {name: [] for name in paths}
     for _ in range(rounds):
         for name, fn in paths.items():
-            start = time.perf_counter()
+            start = clock()
             for c in range(calls):
                 fn(*inputs[c % len(inputs)])
-            samples[name].append((time.perf_counter() - start) / calls * 1e3)
+            samples[name].append((clock() - start) / calls * 1e3)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, compare_at_mm: bool = False):
+def other_ops(source: Path):
+    """The ops compiled from another ``lowrank_moe_cpu.cpp``, registered as ``torch.ops.moe_compress_cpu_other``
+    (same compiler flags as kernels/cpu_extension.py, built next to this checkout's build)."""
+    from torch.utils.cpp_extension import load
+
+    from vllm_moe_compress.kernels import cpu_extension
+
+    text = source.read_text()
+    for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
+        text = text.replace(f"{macro}(moe_compress_cpu,", f"{macro}(moe_compress_cpu_other,")
+    build = cpu_extension.build_directory() / "other"
+    build.mkdir(exist_ok=True)
+    copy = build / "other.cpp"
+    if not copy.exists() or copy.read_text() != text:
+        copy.write_text(text)
+    load(name="moe_compress_cpu_other", sources=[str(copy)], is_python_module=False, build_directory=str(build),
+         extra_cflags=["-O3", "-march=native", *cpu_extension._vector_flags()], verbose=False)
+    return torch.ops.moe_compress_cpu_other
+
+
+def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, compare_at_mm: bool = False,
+                     compare_split: bool = False, compare_source: Path | None = None):
     """``{name: forward}`` of the scheme's paths and ``read_bytes(used, name)``."""
     import importlib
 
@@ -114,6 +145,22 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
 
             paths = {"ours": paths.pop("ours"), "ours (at::mm only)": at_mm_only, **paths}
             elem["ours (at::mm only)"] = elem["ours"]
+        if compare_split:
+            def split(x, ids, w):
+                previous = cpu_ops().set_expert_parallel(1)
+                try:
+                    return forward(x, ids, w, layout)
+                finally:
+                    cpu_ops().set_expert_parallel(previous)
+
+            paths = {"ours": paths.pop("ours"), "ours (experts split)": split, **paths}
+            elem["ours (experts split)"] = elem["ours"]
+        if compare_source is not None:
+            other = getattr(other_ops(compare_source), CPU_PATHS[scheme])
+            extra = (0,) if CPU_PATHS[scheme] == "base_delta" else ()  # num_dynamic_drop, as ``forward``'s default
+            name = f"ours ({compare_source.name})"
+            paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *layout, *extra), **paths}
+            elem[name] = elem["ours"]
 
     def read_bytes(used: torch.Tensor, name: str) -> int:
         return elem[name] * layer.read_params(used)
@@ -137,6 +184,14 @@ def main() -> None:
                         "dense memory); both run bf16 GEMMs, ~100x slower than fp32 on CPUs without native bf16")
     parser.add_argument("--compare-at-mm", action="store_true",
                         help="also time ours with the small-row loops off (every product an at::mm)")
+    parser.add_argument("--compare-expert-parallel", action="store_true",
+                        help="also time ours with the active experts split over the threads")
+    parser.add_argument("--compare-source", type=Path,
+                        help="also time the same layouts through the ops compiled from this lowrank_moe_cpu.cpp "
+                        "(e.g. `git show <commit>:kernels/csrc/lowrank_moe_cpu.cpp > old.cpp`)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="time per call: wall (default) or this process's CPU time (all its threads; on a "
+                        "loaded machine it leaves out the waits for a core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_moe.md"))
     args = parser.parse_args()
@@ -145,7 +200,8 @@ def main() -> None:
     cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if l.startswith("Model name")), "?")
     copy = CopyBandwidth()
-    header = [f"CPU: {cpu}; torch threads {args.threads}; load average before: {os.getloadavg()[0]:.1f}; median "
+    header = [f"CPU: {cpu}; torch threads {args.threads}; clock {args.clock}; load average before: "
+              f"{os.getloadavg()[0]:.1f}; median "
               f"of {args.rounds} alternating rounds of {args.calls} calls; copy GB/s = a 512 MiB copy's (read + "
               f"write) bytes / time, timed in the same rounds.", "",
               "| model | dtype | scheme | ratio | tokens | path | ms | MB read | GB/s | copy GB/s | % copy "
@@ -168,7 +224,8 @@ def main() -> None:
             for scheme in args.schemes:
                 for ratio in args.ratios:
                     paths, read_bytes = compressed_paths(scheme, model, ratio, dtype, args.seed, gen,
-                                                           args.compare_at_mm)
+                                                           args.compare_at_mm, args.compare_expert_parallel,
+                                                           args.compare_source)
                     if "torch op" in args.skip:
                         del paths["torch op"]
                     all_paths = {**paths, **dense_paths}
@@ -178,7 +235,8 @@ def main() -> None:
                             x = torch.randn(tokens, h, generator=gen).to(dtype)
                             top_logits, ids = torch.randn(tokens, num_experts, generator=gen).topk(model.top_k, dim=1)
                             inputs.append((x, ids.to(torch.int32), top_logits.softmax(dim=1)))
-                        ms = timed_rounds({**all_paths, "copy": copy}, inputs, args.rounds, args.calls)
+                        ms = timed_rounds({**all_paths, "copy": copy}, inputs, args.rounds, args.calls,
+                                          time.process_time if args.clock == "cpu" else time.perf_counter)
                         dense_ms, copy_gbs = ms[f"vLLM dense ({isa})"], copy.gbs(ms.pop("copy"))
                         for path, t in ms.items():
                             used = torch.zeros(num_experts, dtype=torch.bool)  # mean over the routings
@@ -192,7 +250,7 @@ def main() -> None:
                             mb = statistics.mean(read) / 1e6
                             gbs = mb / t
                             lines.append(f"| {name} | {dtype_name(dtype)} | {scheme} | {ratio:.0%} | {tokens} | {path} | "
-                                         f"{t:.2f} | {mb:.0f} | {gbs:.1f} | {copy_gbs:.1f} | {gbs / copy_gbs:.0%} | "
+                                         f"{ms_text(t)} | {mb:.0f} | {gbs:.1f} | {copy_gbs:.1f} | {gbs / copy_gbs:.0%} | "
                                          f"{dense_ms / t:.2f}× |")
                             print(lines[-1], flush=True)
                     del paths
@@ -202,6 +260,11 @@ def main() -> None:
     write_atomically(args.out, "\n".join(lines) + "\n")
     print(lines[-1])
     print(f"wrote {args.out}")
+
+
+def ms_text(ms: float) -> str:
+    """Two decimals, four below 1 ms (the reference model's layer takes tens of µs)."""
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.4f}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -8,9 +8,11 @@ channels onto the I intermediate channels:
     out += U_d,e (w_e ⊙ V_d,e h)             (routing weight applied on the rank side: r_d values per pair)
     out += B_down (Σ_pairs w h[channels])    (base down once per token on the weighted sum, D²-MoE §3.5)
 
-``B_gu x`` runs once per token for the whole batch. Every product is one ``at::mm`` on a view of a prepared
-block (no copy of factors per call, no multiply by another expert's factors), so a call reads the base once
-plus each routed expert's factors once: at decode that is ~2–3× fewer bytes than the dense experts.
+``B_gu x`` runs once per token for the whole batch. Every product reads a prepared block in place (the op's
+small-row loops for an expert's few tokens, ``at::mm`` for many; no copy of factors per call, no multiply by
+another expert's factors), so a call reads the base once plus each routed expert's factors once: at decode
+that is ~2–3× fewer bytes than the dense experts. Activations and intermediates are fp32 in the op (fp64 for
+fp64 factors) whatever the factors' dtype.
 
 Prepared layout (``BaseDeltaCpuLayout``, built by ``prepare`` from the packed tensors of
 ``kernels/base_delta_torch.py``):

@@ -2,8 +2,9 @@
 against float64 dense math on the materialised experts, with fresh random inputs: ragged ranks including 0, idle
 experts, no base, top-1 and top-k, a single token, dynamic base pruning; basis_residual's shared and MoBE-mixed
 bases, hashed residual, dense and factorised down, TP 2; fp64, fp32 and bf16 factors (bf16 computed in fp32 on
-CPUs without native bf16). Every op test runs twice: with the small-row loops (products of ≤ 8 activation rows,
-kernels/csrc/lowrank_moe_cpu.cpp) and with at::mm everywhere (limit 0)."""
+CPUs without native bf16). Every op test runs three times: with the small-row loops (products of ≤ 8 activation
+rows, kernels/csrc/lowrank_moe_cpu.cpp), the same with the active experts split over 2 threads, and with at::mm
+everywhere (limit 0); the "~10 tokens per expert" cases put experts over the limit (GEMM) in the loops' runs."""
 
 import dataclasses
 
@@ -24,13 +25,22 @@ from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_re
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(params=[8, 0], ids=["small-row loops", "at::mm only"])
+@pytest.fixture(params=[(8, False), (8, True), (0, False)],
+                ids=["small-row loops", "small-row loops, experts split over 2 threads", "at::mm only"])
 def small_row_limit(request):
-    """The C++ ops' products of ≤ limit activation rows use the single-pass loops; 0 sends all to at::mm."""
+    """The C++ ops' products of ≤ limit activation rows use the single-pass loops; 0 sends all to at::mm. With
+    the split, two threads take the active experts in turn when every product is on the loops (each its own
+    partial sums, added at the end), as set_expert_parallel(1) does."""
     ops = cpu_extension.cpu_ops()
-    previous = ops.set_small_row_limit(request.param)
-    yield request.param
+    limit, split = request.param
+    previous, previous_split, threads = ops.set_small_row_limit(limit), ops.set_expert_parallel(int(split)), \
+        torch.get_num_threads()
+    if split:
+        torch.set_num_threads(2)
+    yield limit
     ops.set_small_row_limit(previous)
+    ops.set_expert_parallel(previous_split)
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -38,7 +48,8 @@ def small_row_limit(request):
 def test_small_product_matches_float64(rows, dtype):
     """The loops alone (``torch.ops.moe_compress_cpu.product``: a b for b = Wᵀ of a row-major W, or a row-major
     b) against float64 matmul: lengths with vector tails, row counts off the row block, more columns than one
-    column block, a strided a; 9 rows and bf16 take at::mm (the same answer)."""
+    column block, a strided a; 9 rows stay on the loops (every block here is under 128 KiB: on_loops); at::mm is
+    covered by the op tests' "at::mm only" runs."""
     ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(rows)
     for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1)):
@@ -104,6 +115,7 @@ CASES = {  # name: (ranks [gate, up, down] per expert, base channels, tokens, to
     "top-1": ([[2, 8, 1, 3, 4], [2, 8, 1, 3, 4], [2, 8, 1, 3, 4]], 16, 11, 1, {0, 2}),
     "all ranks zero (base only)": ([[0] * 5, [0] * 5, [0] * 5], 12, 6, 2, set()),
     "2-8 tokens per expert": ([[9, 4, 17, 6, 11], [5, 12, 3, 8, 16], [7, 2, 13, 19, 4]], 9, 16, 2, set()),
+    "~10 tokens per expert (GEMM)": ([[6, 3, 8, 2], [4, 7, 1, 5], [3, 6, 2, 9]], 11, 40, 1, set()),
 }
 
 
@@ -146,6 +158,8 @@ UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units
     "top-1": (10, 1, [(3, 0, (0, 0, 0)), (0, 8, (2, 2, 2)), (4, 4, (1, 3, 2))], True, set()),
     "2-8 tokens per expert": (14, 2, [(5, 9, (4, 3, 6)), (3, 11, (7, 2, 5)), (8, 6, (2, 6, 3)), (6, 7, (3, 3, 3))],
                               True, set()),
+    "~10 tokens per expert (GEMM)": (30, 1, [(5, 9, (4, 3, 6)), (3, 11, (7, 2, 5)), (8, 6, (2, 6, 3))],
+                                                 True, set()),
 }
 
 
@@ -185,6 +199,9 @@ BASIS_CASES = {
                                                                       "down": [3, 5, 2]}, False, 0, "silu", 1, None),
     "top-1, identity": (20, 1, 4, 2, 24, 32, {"gate": [6, 3], "up": [2, 5], "down": [3, 4]}, False, 40, "identity",
                         1, None),
+    "~10 tokens per expert (GEMM), residual": (30, 1, 3, 1, 32, 24, {"gate": [4, 6, 3], "up": [5, 2, 7],
+                                                                                  "down": [3, 4, 2]}, False, 37,
+                                                          "silu", 1, None),
 }
 
 

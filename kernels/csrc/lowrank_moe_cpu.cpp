@@ -1,9 +1,11 @@
 // CPU forwards of the base_delta, sparse_lowrank and basis_residual MoEs over the active experts only
 // (kernels/base_delta_cpu.py, kernels/sparse_lowrank_cpu.py and kernels/basis_residual_cpu.py document the layouts
-// and the equations). One call per layer: the loop over experts that received tokens runs here, each product is
-// one call on views of the prepared per-expert blocks (no copies of factors): the small-row loops below for an
-// expert's 1–8 tokens, at::mm (MKL/oneDNN GEMM) for more, so the time follows the bytes of the routed experts'
-// factors and their FLOPs.
+// and the equations). One call per layer. The loop over the experts that received tokens calls no ATen op when an
+// expert's product has at most small_row_limit activation rows (decode and small batches): raw pointers into the
+// prepared per-expert factor blocks, activations and intermediates in fp32 (fp64 for fp64 factors) scratch
+// buffers allocated once per call, SiLU·mul and the routing weight fused into one pass, outputs added with plain
+// loops. Larger experts (prefill) take at::mm (MKL/oneDNN GEMM) on views of the same buffers. The time follows
+// the bytes of the routed experts' factors and their FLOPs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -11,18 +13,20 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
 
 // ---- Products with few activation rows -------------------------------------------------------------------------
-// Every product of an expert's activations [n, in] (n = the tokens routed to it) with one of its factors goes
-// through product / add_product. For n ≤ small_row_limit these loops read each factor row once from
-// memory and use it for all n rows while it is in registers or L1: the dot form (b = Wᵀ of a row-major W: x Vᵀ)
-// keeps kRowBlock × 4 vector accumulators in registers; the axpy form (row-major b: z Uᵀ) streams the rows of b in
-// order into y (≤ 64 KiB, in L2), four rows of b per load/store of y. Written with ATen's at::vec::Vectorized (the ISA torch
-// dispatches to here: kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take
-// at::mm. bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16) are read as such, summed in fp32.
+// Every product of an expert's activations a [n, in] (n = the tokens routed to it) with one of its factor blocks
+// goes through project (y = a Bᵀ, B [out, in] row-major: x Vᵀ) or expand (y = a B, B [in, out] row-major: z Uᵀ).
+// For n ≤ small_row_limit (and up to kCachedBlockRows rows of a small block: on_loops) these loops read each factor row once from memory and use it for all n rows while it
+// is in registers or L1: the dot form keeps kRowBlock × 4 vector accumulators in registers; the axpy form streams
+// the rows of B in order into y (≤ 64 KiB, in L2), four rows of B per load/store of y. Written with ATen's
+// at::vec::Vectorized (the ISA torch dispatches to here: kernels/cpu_extension.py); measured against at::mm (MKL)
+// in docs/kernels.md. Larger n take at::mm. bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16)
+// are read as such and summed in fp32; a and y are always in the accumulation type.
 
 // bf16/fp16: fp32 FMAs on converted values become compute-bound sooner than a native bf16 GEMM (AVX512-BF16
 // dot products: 2 products per lane and instruction): on the AVX-512 EPYC oneDNN was faster at 8 rows, the
@@ -31,6 +35,7 @@ constexpr int64_t kReducedRowLimit = 4;
 
 int64_t small_row_limit = 8;  // set_small_row_limit (process-wide; not for use during a forward): tests and
                               // benchmarks compare with 0 (at::mm everywhere)
+int64_t expert_parallel = 0;  // set_expert_parallel: 1 = threads split the active experts (for_each_expert)
 
 // Sums are formed in AccT<T>: T for fp32/fp64, fp32 for bf16/fp16 (converted as they are loaded: the factor's
 // bytes stay 16-bit, as in vLLM's own bf16 kernels).
@@ -48,11 +53,11 @@ at::vec::Vectorized<AccT<T>> load_acc(const T* p) {
   }
 }
 
-// y[t, j] (+)= Σ_k a[t, k] b[j, k] for t < R and J rows j0 ≤ j < j0 + J: a [R, K] (in AccT) with row stride lda, b [N, K]
+// y[t, j] (+)= Σ_k a[t, k] b[j, k] for t < R and J rows j0 ≤ j < j0 + J: a [R, K] with row stride lda, b [N, K]
 // contiguous rows, y with row stride ldy. The J rows of b are read once for all R tokens; J·R vector
 // accumulators stay in registers (independent FMA chains), and each vector load of a or b feeds J or R FMAs.
 template <typename T, int R, int J>
-void dot_block(const AccT<T>* a, int64_t lda, const T* b, int64_t j0, int64_t K, T* y, int64_t ldy,
+void dot_block(const AccT<T>* a, int64_t lda, const T* b, int64_t j0, int64_t K, AccT<T>* y, int64_t ldy,
                bool accumulate) {
   using A = AccT<T>;
   using V = at::vec::Vectorized<A>;
@@ -74,8 +79,8 @@ void dot_block(const AccT<T>* a, int64_t lda, const T* b, int64_t j0, int64_t K,
     for (int t = 0; t < R; ++t) {
       A sum = at::vec::vec_reduce_all<A>([](V& u, V& v) { return u + v; }, acc[q][t]);
       for (int64_t k = body; k < K; ++k) sum += a[t * lda + k] * A(row[k]);
-      T& out = y[t * ldy + j0 + q];
-      out = T(accumulate ? A(out) + sum : sum);
+      A& out = y[t * ldy + j0 + q];
+      out = accumulate ? out + sum : sum;
     }
   }
 }
@@ -86,13 +91,13 @@ constexpr int kRowBlock = at::vec::Vectorized<float>::size() >= 16 ? 4 : 2;
 // y = a bᵀ for any n: per block of rows of b, the tokens 4 at a time (the block, ≤ 32 KiB, is read from memory once
 // and from L1 by the later token groups).
 template <typename T>
-void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, int64_t K, T* y, int64_t ldy,
-               bool accumulate) {
+void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, int64_t K, AccT<T>* y,
+               int64_t ldy, bool accumulate) {
   for (int64_t j = 0; j < N; j += kRowBlock) {
     const int64_t rows = std::min<int64_t>(kRowBlock, N - j);
     for (int64_t t = 0; t < n; t += 4) {
       const AccT<T>* at = a + t * lda;
-      T* yt = y + t * ldy;
+      AccT<T>* yt = y + t * ldy;
       const int64_t tokens = std::min<int64_t>(4, n - t);
       if (rows == kRowBlock) {
         switch (tokens) {
@@ -114,279 +119,462 @@ void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, 
 }
 
 // y[t, :] (+)= Σ_k a[t, k] b[k, :] for t < n: a [n, K] with row stride lda, b [K, N] with row stride ldb. b is
-// streamed row by row, four rows per load and store of y (n × N values: ≤ 64 KiB at n = 8, N = 2048, in L2).
-// axpys for bf16/fp16: the n × N sums in an fp32 buffer (≤ 64 KiB, in L2); four rows of b at a time, each
-// vector of them converted once and used for all n rows; y rounded once at the end.
+// streamed four rows at a time, each vector of them converted once and used for all n rows of y (n × N values:
+// ≤ 64 KiB at n = 8, N = 2048, in L2).
 template <typename T>
-void axpys_reduced(const T* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t N, int64_t K, T* y,
-                   int64_t ldy, bool accumulate) {
-  using V = at::vec::Vectorized<float>;
+void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t N, int64_t K, AccT<T>* y,
+           int64_t ldy, bool accumulate) {
+  using A = AccT<T>;
+  using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
   const int64_t body = N - N % W;
-  std::vector<float> sums(n * N, 0.0f), coef(4 * n);
-  if (accumulate)
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t c = 0; c < N; ++c) sums[t * N + c] = float(y[t * ldy + c]);
+  if (!accumulate)
+    for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, A(0));
   for (int64_t k = 0; k < K; k += 4) {
     const int64_t rows = std::min<int64_t>(4, K - k);
     const T* w = b + k * ldb;
-    for (int64_t t = 0; t < n; ++t)
-      for (int q = 0; q < 4; ++q) coef[4 * t + q] = q < rows ? float(a[t * lda + k + q]) : 0.0f;
     for (int64_t c = 0; c < body; c += W) {
       V wv[4];
-      for (int q = 0; q < 4; ++q) wv[q] = q < rows ? load_acc(w + q * ldb + c) : V(0.0f);
+      for (int q = 0; q < 4; ++q) wv[q] = q < rows ? load_acc(w + q * ldb + c) : V(A(0));
       for (int64_t t = 0; t < n; ++t) {
-        const float* s = coef.data() + 4 * t;
-        float* st = sums.data() + t * N + c;
-        V acc = V::loadu(st);
-        for (int q = 0; q < 4; ++q) acc = at::vec::fmadd(V(s[q]), wv[q], acc);
-        acc.store(st);
+        const A* s = a + t * lda + k;
+        A* yt = y + t * ldy + c;
+        V acc = V::loadu(yt);
+        for (int q = 0; q < rows; ++q) acc = at::vec::fmadd(V(s[q]), wv[q], acc);
+        acc.store(yt);
       }
     }
     for (int64_t c = body; c < N; ++c)
       for (int64_t t = 0; t < n; ++t)
-        for (int64_t q = 0; q < rows; ++q) sums[t * N + c] += coef[4 * t + q] * float(w[q * ldb + c]);
+        for (int64_t q = 0; q < rows; ++q) y[t * ldy + c] += a[t * lda + k + q] * A(w[q * ldb + c]);
   }
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t c = 0; c < N; ++c) y[t * ldy + c] = T(sums[t * N + c]);
+}
+
+// A row-major [rows, cols] block of a prepared factor (a view: no copy).
+template <typename T>
+struct Block {
+  const T* p;
+  int64_t rows, cols;
+};
+
+template <typename T>
+int64_t row_limit() {
+  return c10::is_reduced_floating_point_v<T> ? std::min(small_row_limit, kReducedRowLimit) : small_row_limit;
+}
+
+// A factor block of at most kCachedBlockBytes (the reference model's: hidden 256, expert width 128) stays in
+// L1/L2 while the loops re-read it per 4 tokens, so they also take up to kCachedBlockRows rows of it: at these
+// sizes at::mm costs more than the product (on the AVX-512 EPYC oneDNN's bf16 GEMM took milliseconds for a
+// [8, 256] × [256, 256] product; BENCHMARKS.md §10.3).
+constexpr int64_t kCachedBlockBytes = 128 << 10;
+constexpr int64_t kCachedBlockRows = 64;
+
+// Whether y = a B for a of n rows and the block b goes through the loops (else at::mm).
+template <typename T>
+bool on_loops(int64_t n, Block<T> b) {
+  return n <= row_limit<T>() || (small_row_limit > 0 && n <= kCachedBlockRows &&
+                                 b.rows * b.cols * static_cast<int64_t>(sizeof(T)) <= kCachedBlockBytes);
 }
 
 template <typename T>
-void axpys(const T* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t N, int64_t K, T* y, int64_t ldy,
-           bool accumulate) {
-  if constexpr (c10::is_reduced_floating_point_v<T>) {
-    axpys_reduced(a, lda, n, b, ldb, N, K, y, ldy, accumulate);
-    return;
-  }
-  if (!accumulate)
-    for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, T(0));
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    const T* w = b + k * ldb;
-    for (int64_t t = 0; t < n; ++t) {
-      const T* s = a + t * lda + k;
-      T* yt = y + t * ldy;
-      for (int64_t c = 0; c < N; ++c)
-        yt[c] += s[0] * w[c] + s[1] * w[ldb + c] + s[2] * w[2 * ldb + c] + s[3] * w[3 * ldb + c];
-    }
-  }
-  for (; k < K; ++k) {
-    const T* w = b + k * ldb;
-    for (int64_t t = 0; t < n; ++t) {
-      const T s = a[t * lda + k];
-      T* yt = y + t * ldy;
-      for (int64_t c = 0; c < N; ++c) yt[c] += s * w[c];
-    }
+at::TensorOptions options_of() {
+  return at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+}
+
+// y (+)= a Bᵀ (transposed) or a B through at::mm on views of the buffers: the rows above the loops' limit. bf16/fp16
+// factors: a is rounded to their dtype for the native GEMM and the product added in fp32.
+template <typename T>
+void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed, AccT<T>* y, int64_t ldy,
+          bool accumulate) {
+  using A = AccT<T>;
+  const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
+  at::Tensor bt = at::from_blob(const_cast<T*>(b.p), {b.rows, b.cols}, options_of<T>());
+  if (transposed) bt = bt.t();
+  const at::Tensor av = at::from_blob(const_cast<A*>(a), {n, K}, {lda, 1}, options_of<A>());
+  at::Tensor yv = at::from_blob(y, {n, N}, {ldy, 1}, options_of<A>());
+  if constexpr (std::is_same_v<A, T>) {
+    accumulate ? yv.addmm_(av, bt) : yv.copy_(at::mm(av, bt));
+  } else {
+    const at::Tensor prod = at::mm(av.to(c10::CppTypeToScalarType<T>::value), bt);
+    accumulate ? yv.add_(prod) : yv.copy_(prod);
   }
 }
 
-// Work split across threads by blocks of kColumns columns of y (each thread reads its own part of b).
+// Work split across threads by blocks of kColumns columns of y (each thread reads its own part of b); inside a
+// parallel region (experts split over threads) at::parallel_for runs inline.
 constexpr int64_t kColumns = 256;
 
-// y (+)= a b for a [n, K], b [K, N] given as a view: b = W.t() of a row-major W [N, K] (dot form) or a row-major
-// [K, N] (axpy form). The loops above for floating types with n ≤ small_row_limit and unit inner strides, split over
-// the threads by columns of y; at::mm / addmm_ otherwise.
-bool small_product(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  const int64_t n = a.size(0), K = a.size(1), N = b.size(1);
-  const auto dtype = a.scalar_type();
-  const int64_t limit = at::isReducedFloatingType(dtype) ? std::min(small_row_limit, kReducedRowLimit) : small_row_limit;
-  if (n > limit || !at::isFloatingType(dtype) || b.scalar_type() != dtype ||
-      y.scalar_type() != dtype || a.stride(1) != 1 || y.stride(1) != 1)
-    return false;
-  const bool dot_form = b.stride(0) == 1 && (N == 1 || b.stride(1) == K);
-  if (!dot_form && !(b.stride(1) == 1 && (K == 1 || b.stride(0) == N))) return false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "small_product", [&] {
-    using acc_t = AccT<scalar_t>;
-    // The dot form reads a once per row block of b: a bf16/fp16 a is converted to fp32 once here (n × K values).
-    at::Tensor a_acc = a;
-    if constexpr (!std::is_same_v<acc_t, scalar_t>)
-      if (dot_form) a_acc = a.to(at::kFloat);
-    const acc_t* pa_acc = dot_form ? a_acc.data_ptr<acc_t>() : nullptr;
-    const int64_t lda_acc = a_acc.stride(0);
-    const scalar_t* pa = a.data_ptr<scalar_t>();
-    const scalar_t* pb = b.data_ptr<scalar_t>();
-    scalar_t* py = y.data_ptr<scalar_t>();
-    const int64_t lda = a.stride(0), ldy = y.stride(0);
-    at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
-      const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
-      if (dot_form)
-        dots_rows<scalar_t>(pa_acc, lda_acc, n, pb + lo * K, cols, K, py + lo, ldy, accumulate);
-      else
-        axpys<scalar_t>(pa, lda, n, pb + lo, N, cols, K, py + lo, ldy, accumulate);
-    });
+// y [n, N] (+)= a [n, K] Bᵀ for B = b [N, K] row-major (the dot form: x Vᵀ).
+template <typename T>
+void project(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, int64_t ldy, bool accumulate) {
+  const int64_t N = b.rows, K = b.cols;
+  if (n == 0 || N == 0) return;
+  if (K == 0 || !on_loops<T>(n, b)) {
+    if (K == 0) {
+      if (!accumulate)
+        for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, AccT<T>(0));
+    } else {
+      gemm<T>(a, lda, n, b, true, y, ldy, accumulate);
+    }
+    return;
+  }
+  at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
+    const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
+    dots_rows<T>(a, lda, n, b.p + lo * K, cols, K, y + lo, ldy, accumulate);
   });
-  return true;
 }
 
-// a b (at::mm's result) and y += a b (y.addmm_), through small_product where it applies.
-at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
-  if (a.size(0) > small_row_limit) return at::mm(a, b);
-  at::Tensor y = at::empty({a.size(0), b.size(1)}, a.options());
-  return small_product(y, a, b, false) ? y : at::mm(a, b);
+// y [n, N] (+)= a [n, K] B for B = b [K, N] row-major (the axpy form: z Uᵀ with Uᵀ stored).
+template <typename T>
+void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, int64_t ldy, bool accumulate) {
+  const int64_t N = b.cols, K = b.rows;
+  if (n == 0 || N == 0) return;
+  if (K > 0 && !on_loops<T>(n, b)) return gemm<T>(a, lda, n, b, false, y, ldy, accumulate);
+  at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
+    const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
+    axpys<T>(a, lda, n, b.p + lo, N, cols, K, y + lo, ldy, accumulate);
+  });
 }
 
-void add_product(const at::Tensor& y, const at::Tensor& a, const at::Tensor& b) {
-  if (!small_product(y, a, b, true)) y.addmm_(a, b);
+// ---- Elementwise parts of an expert, fused -----------------------------------------------------------------------
+
+// g[t, c] ← w_t · silu(g[t, c]) · u[t, c] (SwiGLU, silu(g) = g / (1 + e^−g)), w = nullptr: no weight.
+template <typename A>
+void swiglu(A* g, int64_t ldg, const A* u, int64_t ldu, int64_t n, int64_t cols, const A* w) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t W = V::size();
+  for (int64_t t = 0; t < n; ++t) {
+    A* gt = g + t * ldg;
+    const A* ut = u + t * ldu;
+    const A s = w ? w[t] : A(1);
+    int64_t c = 0;
+    for (; c + W <= cols; c += W) {
+      const V x = V::loadu(gt + c);
+      const V silu = x / (V(A(1)) + (V(A(0)) - x).exp());
+      (silu * V::loadu(ut + c) * V(s)).store(gt + c);
+    }
+    for (; c < cols; ++c) gt[c] = s * gt[c] / (A(1) + std::exp(-gt[c])) * ut[c];
+  }
 }
 
-int64_t set_small_row_limit(int64_t rows) {
-  const int64_t previous = small_row_limit;
-  small_row_limit = rows;
-  return previous;
+// The rows of x [*, ld] for tokens[0..n) into xe [n, cols].
+template <typename A>
+void gather_rows(const A* x, int64_t ld, const int64_t* tokens, int64_t n, int64_t cols, A* xe) {
+  for (int64_t t = 0; t < n; ++t) std::copy_n(x + tokens[t] * ld, cols, xe + t * cols);
 }
 
-// Routed (token, expert) pairs grouped by expert on the host: tokens[starts[e] .. starts[e+1]) are expert e's.
-struct Pairs {
-  std::vector<int64_t> starts, tokens, slots;
+// out[tokens[t], :] += y[t, :] for t < n (out and y rows of cols values).
+template <typename A>
+void scatter_add_rows(A* out, const int64_t* tokens, const A* y, int64_t n, int64_t cols) {
+  for (int64_t t = 0; t < n; ++t) {
+    A* o = out + tokens[t] * cols;
+    const A* yt = y + t * cols;
+    for (int64_t c = 0; c < cols; ++c) o[c] += yt[c];
+  }
+}
+
+// ---- Routing ------------------------------------------------------------------------------------------------
+
+// Routed (token, expert) pairs grouped by expert on the host: tokens[starts[e] .. starts[e+1]) are expert e's, with
+// their routing weights in the accumulation type.
+template <typename A>
+struct Routing {
+  std::vector<int64_t> starts, tokens;
+  std::vector<A> weights;
+  int64_t max_rows = 0;  // the most tokens any expert received
+
+  Routing(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t num_experts) {
+    const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+    const at::Tensor wts = topk_weights.reshape({-1}).to(c10::CppTypeToScalarType<A>::value).contiguous();
+    const int64_t* id = ids.data_ptr<int64_t>();
+    const A* wt = wts.data_ptr<A>();
+    const int64_t pairs = ids.numel(), top_k = ids.dim() > 1 ? ids.size(1) : 1;
+    starts.assign(num_experts + 1, 0);
+    tokens.resize(pairs);
+    weights.resize(pairs);
+    for (int64_t i = 0; i < pairs; ++i) {
+      TORCH_CHECK(id[i] >= 0 && id[i] < num_experts, "expert id ", id[i], " out of range");
+      ++starts[id[i] + 1];
+    }
+    for (int64_t e = 0; e < num_experts; ++e) {
+      max_rows = std::max(max_rows, starts[e + 1]);
+      starts[e + 1] += starts[e];
+    }
+    std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
+    for (int64_t i = 0; i < pairs; ++i) {  // stable: a token's pairs keep their order
+      const int64_t at = fill[id[i]]++;
+      tokens[at] = i / top_k;
+      weights[at] = wt[i];
+    }
+  }
+  int64_t rows(int64_t e) const { return starts[e + 1] - starts[e]; }
 };
 
-Pairs group_pairs(const at::Tensor& topk_ids, int64_t num_experts) {
-  auto ids = topk_ids.to(at::kLong).contiguous();
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const int64_t pairs = ids.numel(), top_k = ids.size(1);
-  Pairs p{std::vector<int64_t>(num_experts + 1, 0), std::vector<int64_t>(pairs), std::vector<int64_t>(pairs)};
-  for (int64_t i = 0; i < pairs; ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < num_experts, "expert id ", id[i], " out of range");
-    ++p.starts[id[i] + 1];
-  }
-  for (int64_t e = 0; e < num_experts; ++e) p.starts[e + 1] += p.starts[e];
-  std::vector<int64_t> fill(p.starts.begin(), p.starts.end() - 1);
-  for (int64_t i = 0; i < pairs; ++i) {  // stable: a token's pairs keep their order
-    const int64_t at = fill[id[i]]++;
-    p.tokens[at] = i / top_k;
-    p.slots[at] = i;
-  }
-  return p;
+// Whether the active experts are split over the threads: set_expert_parallel on, more than one thread and one
+// expert, every product on the small-row loops (GEMMs parallelise themselves), not already in a parallel region.
+template <typename T>
+bool split_experts(int64_t active, int64_t max_rows) {
+  return expert_parallel && active > 1 && max_rows <= row_limit<T>() && at::get_num_threads() > 1 &&
+         !at::in_parallel_region();
 }
+
+// visit(i, work, sums) for the active experts i < count: work is the expert's scratch (make_work() builds it, sized
+// for the largest expert, once per thread), sums the size values the experts add into (the layer's output and any
+// per-token sums). Serially: one work, sums = out. Split over threads: each thread its own work and zeroed sums,
+// added into out at the end (in thread order: deterministic for a given thread count).
+template <typename A, typename MakeWork, typename Visit>
+void for_each_expert(int64_t count, bool split, A* out, int64_t size, MakeWork make_work, Visit visit) {
+  if (!split) {
+    auto work = make_work();
+    for (int64_t i = 0; i < count; ++i) visit(i, work, out);
+    return;
+  }
+  const int64_t threads = at::get_num_threads();
+  std::vector<A> partial(threads * size, A(0));
+  at::parallel_for(0, count, 1, [&](int64_t i0, int64_t i1) {
+    auto work = make_work();
+    A* sums = partial.data() + at::get_thread_num() * size;
+    for (int64_t i = i0; i < i1; ++i) visit(i, work, sums);
+  });
+  for (int64_t th = 0; th < threads; ++th) {
+    const A* p = partial.data() + th * size;
+    for (int64_t j = 0; j < size; ++j) out[j] += p[j];
+  }
+}
+
+// Scratch buffers of one thread, carved from one allocation: take(size) hands out the next size values.
+template <typename A>
+struct Arena {
+  std::vector<A> data;
+  int64_t used = 0;
+  explicit Arena(int64_t size) : data(size) {}
+  A* take(int64_t size) {
+    A* p = data.data() + used;
+    used += size;
+    return p;
+  }
+};
+
+// The [T, cols] result in the caller's dtype from the fp32/fp64 sums.
+template <typename A>
+at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like) {
+  at::Tensor out = at::empty({T, cols}, like.options());
+  out.copy_(at::from_blob(const_cast<A*>(sums), {T, cols}, options_of<A>()));
+  return out;
+}
+
+// ---- base_delta (D²-MoE) ----------------------------------------------------------------------------------------
 
 // Σ_k w_k · expert_{id_k}(x), expert e: W_q = scatter(B_q) + U_e,q V_e,q (q = gate, up, down).
 // meta int64 [E, 5]: per expert (first row of its gate V in gu_v, gate rank, up rank, first row of its down V
 // in d_v, down rank). Projections to the ranks read V [r, in] rows (x Vᵀ); expansions from the ranks read
 // Uᵀ [r, out] rows (z Uᵀ): gu_ut and d_ut have the row order of gu_v and d_v. base_down_t is B_downᵀ [C, H].
-at::Tensor base_delta_forward(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                              const at::Tensor& meta_in, const at::Tensor& gu_v, const at::Tensor& gu_ut,
-                              const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
-                              const at::Tensor& base_down_t, const at::Tensor& base_channels,
-                              int64_t num_dynamic_drop) {
-  const auto dtype = gu_v.scalar_type();
-  const at::Tensor x = x_in.to(dtype).contiguous();
-  const int64_t T = x.size(0), H = x.size(1), I = d_v.size(1), E = meta_in.size(0);
-  const int64_t C = base_channels.numel();
-  const at::Tensor meta = meta_in.contiguous();
+template <typename T>
+at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                           const at::Tensor& meta_in, const at::Tensor& gu_v, const at::Tensor& gu_ut,
+                           const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
+                           const at::Tensor& base_down_t, const at::Tensor& base_channels_in,
+                           int64_t num_dynamic_drop) {
+  using A = AccT<T>;
+  const at::Tensor x = x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const int64_t T_ = x.size(0), H = x.size(1), I = d_v.size(1), E = meta_in.size(0);
+  const int64_t C = base_channels_in.numel();
+  const at::Tensor meta = meta_in.contiguous(), base_channels = base_channels_in.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
-  const Pairs pairs = group_pairs(topk_ids, E);
-  const at::Tensor token_of = at::tensor(pairs.tokens, at::kLong);
-  const at::Tensor weight_of = topk_weights.reshape({-1}).to(dtype).index_select(0, at::tensor(pairs.slots, at::kLong));
+  const int64_t* channel = base_channels.data_ptr<int64_t>();
+  const A* px = x.data_ptr<A>();
+  const T *guv = gu_v.data_ptr<T>(), *guut = gu_ut.data_ptr<T>(), *dv = d_v.data_ptr<T>(), *dut = d_ut.data_ptr<T>();
+  const Routing<A> routing(topk_ids, topk_weights, E);
 
-  const auto opts = x.options();
-  at::Tensor out = at::zeros({T, H}, opts);
-  at::Tensor base_full, weighted_h;
-  if (C) {  // base gate/up once per token, scattered onto the I channels: [T, 2I] = [S B_g x | S B_u x]
-    const at::Tensor b = product(x, base_gu.t()).view({T, 2, C});
-    base_full = at::zeros({T, 2, I}, opts).index_copy_(2, base_channels, b).view({T, 2 * I});
-    weighted_h = at::zeros({T, I}, opts);
-  }
-  const bool single = T == 1;  // decode: every pair is token 0, so no gather or scatter
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t begin = pairs.starts[e], n = pairs.starts[e + 1] - begin;
-    if (n == 0) continue;
-    const int64_t* r = m + 5 * e;  // v_row, rg, ru, d_row, rd
-    const int64_t rg = r[1], ru = r[2], rd = r[4];
-    const at::Tensor tokens = token_of.narrow(0, begin, n);
-    const at::Tensor w = weight_of.narrow(0, begin, n).unsqueeze(1);
-    const at::Tensor xe = single ? x : x.index_select(0, tokens);
-    // gu starts as the base addend and receives U z in the GEMMs' accumulate (addmm): [n, 2I] = [g | u]
-    at::Tensor gu = !C ? at::zeros({n, 2 * I}, opts) : single ? base_full.clone() : base_full.index_select(0, tokens);
-    at::Tensor gate = gu.narrow(1, 0, I), up = gu.narrow(1, I, I);
-    if (rg + ru) {
-      const at::Tensor z = product(xe, gu_v.narrow(0, r[0], rg + ru).t());  // [n, rg + ru]
-      if (rg) add_product(gate, z.narrow(1, 0, rg), gu_ut.narrow(0, r[0], rg));
-      if (ru) add_product(up, z.narrow(1, rg, ru), gu_ut.narrow(0, r[0] + rg, ru));
-    }
-    const at::Tensor h = at::silu_(gate).mul_(up);  // [n, I]
-    if (C) single ? weighted_h.add_(h * w) : weighted_h.index_add_(0, tokens, h * w);
-    if (rd) {
-      const at::Tensor zd = product(h, d_v.narrow(0, r[3], rd).t()).mul_(w);  // routing weight on the rank side
-      const at::Tensor u_down = d_ut.narrow(0, r[3], rd);
-      if (single) add_product(out, zd, u_down);
-      else out.index_add_(0, tokens, product(zd, u_down));
-    }
-  }
+  // sums: the output [T, H], then (with a base) the routing-weighted h [T, I] the base down acts on
+  std::vector<A> sums(T_ * H + (C ? T_ * I : 0), A(0));
+  std::vector<A> base_full;  // base gate/up once per token, scattered onto the I channels: [T, 2I]
   if (C) {
-    at::Tensor bd = base_down_t, wh = weighted_h.index_select(1, base_channels);  // [T, C]
-    if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
-      const at::Tensor score = base_down_t.to(at::kFloat).norm(2, {1}) * wh.to(at::kFloat).norm(2, {0});
-      const at::Tensor keep = std::get<1>(score.topk(C - num_dynamic_drop));
-      bd = base_down_t.index_select(0, keep);
-      wh = wh.index_select(1, keep);
-    }
-    add_product(out, wh, bd);  // base down once per token, on the routing-weighted sum
+    std::vector<A> b(T_ * 2 * C);
+    project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, b.data(), 2 * C, false);
+    base_full.assign(T_ * 2 * I, A(0));
+    for (int64_t t = 0; t < T_; ++t)
+      for (int64_t j = 0; j < C; ++j) {
+        base_full[t * 2 * I + channel[j]] = b[t * 2 * C + j];
+        base_full[t * 2 * I + I + channel[j]] = b[t * 2 * C + C + j];
+      }
   }
-  return out.to(x_in.scalar_type());
+  std::vector<int64_t> active;
+  int64_t max_gu = 0, max_d = 0;
+  for (int64_t e = 0; e < E; ++e)
+    if (routing.rows(e)) {
+      active.push_back(e);
+      max_gu = std::max(max_gu, m[5 * e + 1] + m[5 * e + 2]);
+      max_d = std::max(max_d, m[5 * e + 4]);
+    }
+  const int64_t rows = routing.max_rows;
+  struct Work {
+    Arena<A> arena;
+    A *xe, *gu, *z, *zd, *y;
+  };
+  auto make_work = [&] {
+    Work w{Arena<A>(rows * (H + 2 * I + max_gu + max_d + H))};
+    w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * I), w.z = w.arena.take(rows * max_gu);
+    w.zd = w.arena.take(rows * max_d), w.y = w.arena.take(rows * H);
+    return w;
+  };
+  auto visit = [&](int64_t i, Work& w, A* acc) {
+    const int64_t e = active[i], begin = routing.starts[e], n = routing.rows(e);
+    const int64_t* tokens = routing.tokens.data() + begin;
+    const A* wt = routing.weights.data() + begin;
+    const int64_t* r = m + 5 * e;  // v_row, rg, ru, d_row, rd
+    const int64_t r0 = r[0], rg = r[1], ru = r[2], d0 = r[3], rd = r[4];
+    const bool one = n == 1;  // one token: read x and add into out in place (no gather or scatter)
+    const A* xe = one ? px + tokens[0] * H : w.xe;
+    if (!one) gather_rows(px, H, tokens, n, H, w.xe);
+    A* gu = w.gu;  // [n, 2I] = [g | u]: the base addend, then += U z
+    for (int64_t t = 0; t < n; ++t)
+      if (C) std::copy_n(base_full.data() + tokens[t] * 2 * I, 2 * I, gu + t * 2 * I);
+      else std::fill_n(gu + t * 2 * I, 2 * I, A(0));
+    if (rg + ru) {
+      project<T>(xe, H, n, {guv + r0 * H, rg + ru, H}, w.z, rg + ru, false);  // z = [V_g; V_u] x: [n, rg + ru]
+      expand<T>(w.z, rg + ru, n, {guut + r0 * I, rg, I}, gu, 2 * I, true);
+      expand<T>(w.z + rg, rg + ru, n, {guut + (r0 + rg) * I, ru, I}, gu + I, 2 * I, true);
+    }
+    swiglu(gu, 2 * I, gu + I, 2 * I, n, I, static_cast<const A*>(nullptr));  // h = silu(g) ⊙ u over g
+    if (C)
+      for (int64_t t = 0; t < n; ++t) {
+        A* wh = acc + T_ * H + tokens[t] * I;
+        for (int64_t c = 0; c < I; ++c) wh[c] += wt[t] * gu[t * 2 * I + c];
+      }
+    if (rd) {
+      project<T>(gu, 2 * I, n, {dv + d0 * I, rd, I}, w.zd, rd, false);  // V_d h, then the routing weight
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t k = 0; k < rd; ++k) w.zd[t * rd + k] *= wt[t];
+      const Block<T> u_down{dut + d0 * H, rd, H};
+      if (one) {
+        expand<T>(w.zd, rd, 1, u_down, acc + tokens[0] * H, H, true);
+      } else {
+        expand<T>(w.zd, rd, n, u_down, w.y, H, false);
+        scatter_add_rows(acc, tokens, w.y, n, H);
+      }
+    }
+  };
+  for_each_expert<A>(active.size(), split_experts<T>(active.size(), rows), sums.data(),
+                     static_cast<int64_t>(sums.size()), make_work, visit);
+  if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
+    std::vector<A> wh(T_ * C);
+    const A* weighted = sums.data() + T_ * H;
+    for (int64_t t = 0; t < T_; ++t)
+      for (int64_t j = 0; j < C; ++j) wh[t * C + j] = weighted[t * I + channel[j]];
+    if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
+      const at::Tensor whv = at::from_blob(wh.data(), {T_, C}, options_of<A>());
+      const at::Tensor score = base_down_t.to(at::kFloat).norm(2, {1}) * whv.to(at::kFloat).norm(2, {0});
+      const at::Tensor keep = std::get<1>(score.topk(C - num_dynamic_drop));
+      const at::Tensor bd = base_down_t.index_select(0, keep).contiguous();
+      const at::Tensor wk = whv.index_select(1, keep).contiguous();
+      expand<T>(wk.data_ptr<A>(), wk.size(1), T_, {bd.data_ptr<T>(), bd.size(0), H}, sums.data(), H, true);
+    } else {
+      expand<T>(wh.data(), C, T_, {base_down_t.data_ptr<T>(), C, H}, sums.data(), H, true);
+    }
+  }
+  return result(sums.data(), T_, H, x_in);
 }
 
-// RS-MoE: expert e keeps s sparse units (dense gate/up rows, down columns) and m low-rank units (rank-k
-// factors over them); a shared down base acts on the scattered weighted intermediate once per token.
+// ---- sparse_lowrank (RS-MoE) ------------------------------------------------------------------------------------
+
+// Expert e keeps s sparse units (dense gate/up rows, down columns) and m low-rank units (rank-k factors over them);
+// a shared down base acts on the scattered weighted intermediate once per token.
 // meta int64 [E, 11]: per expert (first row in sgu / 2, s, first low-rank channel, m, first row in lv, kg, ku,
 // offset of Ugᵀ [kg, m] then Uuᵀ [ku, m] in lut, offset of Vd [kd, m] in ldv, first row in ldut, kd).
-at::Tensor sparse_lowrank_forward(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                                  const at::Tensor& meta_in, const at::Tensor& sgu, const at::Tensor& sd_t,
-                                  const at::Tensor& lv, const at::Tensor& lut, const at::Tensor& ldv,
-                                  const at::Tensor& ldut, const at::Tensor& base_down_t,
-                                  const at::Tensor& sparse_channels, const at::Tensor& lowrank_channels) {
-  const auto dtype = sgu.scalar_type();
-  const at::Tensor x = x_in.to(dtype).contiguous();
-  const int64_t T = x.size(0), H = x.size(1), E = meta_in.size(0), I = base_down_t.size(0);
-  const at::Tensor meta = meta_in.contiguous();
+template <typename T>
+at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                               const at::Tensor& meta_in, const at::Tensor& sgu, const at::Tensor& sd_t,
+                               const at::Tensor& lv, const at::Tensor& lut, const at::Tensor& ldv,
+                               const at::Tensor& ldut, const at::Tensor& base_down_t,
+                               const at::Tensor& sparse_channels_in, const at::Tensor& lowrank_channels_in) {
+  using A = AccT<T>;
+  const at::Tensor x = x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const int64_t T_ = x.size(0), H = x.size(1), E = meta_in.size(0), I = base_down_t.size(0);
+  const at::Tensor meta = meta_in.contiguous(), sparse_channels = sparse_channels_in.contiguous(),
+                   lowrank_channels = lowrank_channels_in.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
-  const Pairs pairs = group_pairs(topk_ids, E);
-  const at::Tensor token_of = at::tensor(pairs.tokens, at::kLong);
-  const at::Tensor weight_of = topk_weights.reshape({-1}).to(dtype).index_select(0, at::tensor(pairs.slots, at::kLong));
-  at::Tensor out = at::zeros({T, H}, x.options());
-  at::Tensor weighted_h = I ? at::zeros({T, I}, x.options()) : at::Tensor();
-  const bool single = T == 1;  // decode: every pair is token 0, so no gather or scatter
+  const int64_t *sch = sparse_channels.data_ptr<int64_t>(), *lch = lowrank_channels.data_ptr<int64_t>();
+  const A* px = x.data_ptr<A>();
+  const T *psgu = sgu.data_ptr<T>(), *psd = sd_t.data_ptr<T>(), *plv = lv.data_ptr<T>(), *plut = lut.data_ptr<T>(),
+          *pldv = ldv.data_ptr<T>(), *pldut = ldut.data_ptr<T>();
+  const Routing<A> routing(topk_ids, topk_weights, E);
+  std::vector<A> sums(T_ * H + T_ * I, A(0));  // the output [T, H], then the weighted h [T, I] for the base
+  std::vector<int64_t> active;
+  int64_t max_s = 0, max_m = 0, max_k = 0, max_kd = 0;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t begin = pairs.starts[e], n = pairs.starts[e + 1] - begin;
+    const int64_t* r = m + 11 * e;
+    if (routing.rows(e) == 0 || r[1] + r[3] == 0) continue;
+    active.push_back(e);
+    max_s = std::max(max_s, r[1]), max_m = std::max(max_m, r[3]);
+    max_k = std::max(max_k, r[5] + r[6]), max_kd = std::max(max_kd, r[10]);
+  }
+  const int64_t rows = routing.max_rows;
+  struct Work {
+    Arena<A> arena;
+    A *xe, *gu, *gate, *up, *z, *zd, *y;
+  };
+  auto make_work = [&] {
+    Work w{Arena<A>(rows * (H + 2 * max_s + 2 * max_m + max_k + max_kd + H))};
+    w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * max_s), w.gate = w.arena.take(rows * max_m);
+    w.up = w.arena.take(rows * max_m), w.z = w.arena.take(rows * max_k), w.zd = w.arena.take(rows * max_kd);
+    w.y = w.arena.take(rows * H);
+    return w;
+  };
+  auto visit = [&](int64_t i, Work& w, A* acc) {
+    const int64_t e = active[i], begin = routing.starts[e], n = routing.rows(e);
+    const int64_t* tokens = routing.tokens.data() + begin;
+    const A* wt = routing.weights.data() + begin;
     const int64_t* r = m + 11 * e;  // sp, s, lc, m, lv_row, kg, ku, lu_off, dv_off, du_row, kd
     const int64_t sp = r[0], ns = r[1], lc = r[2], nm = r[3], kg = r[5], ku = r[6], kd = r[10];
-    if (n == 0 || ns + nm == 0) continue;
-    const at::Tensor tokens = token_of.narrow(0, begin, n);
-    const at::Tensor w = weight_of.narrow(0, begin, n).unsqueeze(1);
-    const at::Tensor xe = single ? x : x.index_select(0, tokens);
-    auto add_out = [&](const at::Tensor& a, const at::Tensor& b) {  // out[tokens] += a b
-      if (single) add_product(out, a, b);
-      else out.index_add_(0, tokens, product(a, b));
+    const bool one = n == 1;  // one token: read x and add into out in place
+    const A* xe = one ? px + tokens[0] * H : w.xe;
+    if (!one) gather_rows(px, H, tokens, n, H, w.xe);
+    auto add_out = [&](const A* a, int64_t lda, Block<T> b) {  // out[tokens] += a b
+      if (one) return expand<T>(a, lda, 1, b, acc + tokens[0] * H, H, true);
+      expand<T>(a, lda, n, b, w.y, H, false);
+      scatter_add_rows(acc, tokens, w.y, n, H);
     };
-    auto add_weighted_h = [&](const at::Tensor& h, const at::Tensor& channels) {  // weighted_h[tokens, channels] += h
+    auto add_weighted_h = [&](const A* h, int64_t ldh, int64_t cols, const int64_t* channels) {
       if (!I) return;
-      single ? weighted_h.index_add_(1, channels, h)
-             : weighted_h.index_put_({tokens.unsqueeze(1), channels.unsqueeze(0)}, h, /*accumulate=*/true);
+      for (int64_t t = 0; t < n; ++t) {  // weighted_h[token, channels] += h
+        A* wh = acc + T_ * H + tokens[t] * I;
+        for (int64_t j = 0; j < cols; ++j) wh[channels[j]] += h[t * ldh + j];
+      }
     };
     if (ns) {  // h_S = w · silu(G_S x) ⊙ (U_S x); out += D_S h_S
-      const at::Tensor gu = product(xe, sgu.narrow(0, 2 * sp, 2 * ns).t());
-      const at::Tensor h = at::silu(gu.narrow(1, 0, ns)).mul_(gu.narrow(1, ns, ns)).mul_(w);
-      add_out(h, sd_t.narrow(0, sp, ns));
-      add_weighted_h(h, sparse_channels.narrow(0, sp, ns));
+      project<T>(xe, H, n, {psgu + 2 * sp * H, 2 * ns, H}, w.gu, 2 * ns, false);
+      swiglu(w.gu, 2 * ns, w.gu + ns, 2 * ns, n, ns, wt);
+      add_out(w.gu, 2 * ns, {psd + sp * H, ns, H});
+      add_weighted_h(w.gu, 2 * ns, ns, sch + sp);
     }
     if (nm) {  // h_M = w · silu(Ug Vg x) ⊙ (Uu Vu x); out += Ud (Vd h_M)
-      const at::Tensor z = kg + ku ? product(xe, lv.narrow(0, r[4], kg + ku).t()) : at::Tensor();
-      at::Tensor gate = kg ? product(z.narrow(1, 0, kg), lut.narrow(0, r[7], kg * nm).view({kg, nm})) : at::zeros({n, nm}, x.options());
-      const at::Tensor up = ku ? product(z.narrow(1, kg, ku), lut.narrow(0, r[7] + kg * nm, ku * nm).view({ku, nm})) : at::zeros({n, nm}, x.options());
-      const at::Tensor h = at::silu_(gate).mul_(up).mul_(w);
-      if (kd) add_out(product(h, ldv.narrow(0, r[8], kd * nm).view({kd, nm}).t()), ldut.narrow(0, r[9], kd));
-      add_weighted_h(h, lowrank_channels.narrow(0, lc, nm));
+      project<T>(xe, H, n, {plv + r[4] * H, kg + ku, H}, w.z, kg + ku, false);
+      expand<T>(w.z, kg + ku, n, {plut + r[7], kg, nm}, w.gate, nm, false);  // rank 0: zeros
+      expand<T>(w.z + kg, kg + ku, n, {plut + r[7] + kg * nm, ku, nm}, w.up, nm, false);
+      swiglu(w.gate, nm, w.up, nm, n, nm, wt);
+      if (kd) {
+        project<T>(w.gate, nm, n, {pldv + r[8], kd, nm}, w.zd, kd, false);
+        add_out(w.zd, kd, {pldut + r[9] * H, kd, H});
+      }
+      add_weighted_h(w.gate, nm, nm, lch + lc);
     }
-  }
-  if (I) add_product(out, weighted_h, base_down_t);  // the shared down base once per token
-  return out.to(x_in.scalar_type());
+  };
+  for_each_expert<A>(active.size(), split_experts<T>(active.size(), rows), sums.data(),
+                     static_cast<int64_t>(sums.size()), make_work, visit);
+  if (I) expand<T>(sums.data() + T_ * H, I, T_, {base_down_t.data_ptr<T>(), I, H}, sums.data(), H, true);
+  return result(sums.data(), T_, H, x_in);
 }
 
+// ---- basis_residual (RFID-MoE, MoBE) ----------------------------------------------------------------------------
 
-// RFID-MoE / MoBE (kernels/basis_residual_cpu.py documents the layout): per projection q either a dense W_e
-// (stored W_eᵀ [in, out]) or W_e = A_e R_e + R̂_e, with R_e a right factor shared by a group (or MoBE's per
-// expert, made at load) and R̂_e the hashed residual, regenerated here block by block (never stored).
+// kernels/basis_residual_cpu.py documents the layout: per projection q either a dense W_e (stored W_eᵀ [in, out])
+// or W_e = A_e R_e + R̂_e, with R_e a right factor shared by a group (or MoBE's per expert, made at load) and R̂_e
+// the hashed residual, regenerated here block by block (never stored).
+template <typename T>
 struct Projection {
-  at::Tensor dense_t, right, coef_t, eta;  // [E, in, out] (W_eᵀ) | [rows, in], [Σ K_e, out] (A_eᵀ), [m, a] (s ⊙ η)
+  const T *dense_t, *right, *coef_t, *eta;  // [E, in, out] (W_eᵀ) | [rows, in], [Σ K_e, out] (A_eᵀ), [m, a] (s ⊙ η)
+  int64_t eta_size;                          // a (0: no residual)
 };
 
 // π(t) of kernels/residual_hash.py: the 32-bit hash of position t (< 2^32), modulo the residual size a; the
@@ -409,23 +597,21 @@ struct ResidualHash {
 constexpr int64_t kResidualBlock = 1 << 14;  // entries of R̂ regenerated at a time (64 KiB in fp32)
 
 // y [n, out] += inp [n, in] R̂ᵀ, R̂[r, c] = eta[π(offset + (row_lo + r)·full_in + col_lo + c)]: blocks of rows of R̂
-// regenerated into a small buffer, each multiplied in by one GEMM.
+// regenerated into a small buffer, each multiplied in by project (the loops or a GEMM).
 template <typename T>
-void add_residual(at::Tensor& y, const at::Tensor& inp, const at::Tensor& eta, const ResidualHash& bucket,
-                  int64_t offset, int64_t full_in, int64_t row_lo, int64_t col_lo) {
-  const int64_t in = inp.size(1), out = y.size(1);
+void add_residual(AccT<T>* y, int64_t ldy, const AccT<T>* inp, int64_t lda, int64_t n, int64_t in, int64_t out,
+                  const T* eta, const ResidualHash& bucket, int64_t offset, int64_t full_in, int64_t row_lo,
+                  int64_t col_lo) {
   const int64_t rows = std::max<int64_t>(1, kResidualBlock / in);
-  const T* e = eta.data_ptr<T>();
   at::parallel_for(0, (out + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
-    at::Tensor block = at::empty({rows, in}, eta.options());
-    T* v = block.data_ptr<T>();
+    std::vector<T> block(rows * in);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * rows, nr = std::min(rows, out - r0);
       for (int64_t r = 0; r < nr; ++r) {
         const uint64_t first = static_cast<uint64_t>(offset + (row_lo + r0 + r) * full_in + col_lo);
-        for (int64_t c = 0; c < in; ++c) v[r * in + c] = e[bucket(first + c)];
+        for (int64_t c = 0; c < in; ++c) block[r * in + c] = eta[bucket(first + c)];
       }
-      y.narrow(1, r0, nr).addmm_(inp, block.narrow(0, 0, nr).t());
+      project<T>(inp, lda, n, {block.data(), nr, in}, y + r0, ldy, true);
     }
   });
 }
@@ -435,72 +621,166 @@ void add_residual(at::Tensor& y, const at::Tensor& inp, const at::Tensor& eta, c
 // order int64 [E]: the experts in visiting order (sharers of a right factor adjacent: at decode z = R x is
 // computed once per right factor). geometry int64 [3]: residual seed, full intermediate size, this rank's
 // first intermediate channel.
-at::Tensor basis_residual_forward(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
-                                  const at::Tensor& meta_in, const at::Tensor& order_in, const at::Tensor& geometry,
+template <typename T>
+at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                               const at::Tensor& meta_in, const at::Tensor& order_in, const at::Tensor& geometry,
+                               const at::Tensor* dense_t, const at::Tensor* right, const at::Tensor* coef_t,
+                               const at::Tensor* eta) {
+  using A = AccT<T>;
+  Projection<T> projs[3];
+  int64_t max_rank = 0;
+  for (int q = 0; q < 3; ++q) {
+    auto ptr = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; };
+    projs[q] = {ptr(dense_t[q]), ptr(right[q]), ptr(coef_t[q]), ptr(eta[q]), eta[q].numel() ? eta[q].size(1) : 0};
+  }
+  const at::Tensor x = x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const int64_t T_ = x.size(0), H = x.size(1), E = meta_in.size(0);
+  const int64_t I = dense_t[0].numel() ? dense_t[0].size(2) : coef_t[0].size(1);  // this rank's intermediate size
+  const at::Tensor meta = meta_in.contiguous(), order = order_in.contiguous(), geo = geometry.contiguous();
+  const int64_t* m = meta.data_ptr<int64_t>();
+  const int64_t* g = geo.data_ptr<int64_t>();
+  const int64_t full_i = g[1], lo = g[2];
+  const A* px = x.data_ptr<A>();
+  const Routing<A> routing(topk_ids, topk_weights, E);
+  std::vector<A> sums(T_ * H, A(0));
+  const bool single = T_ == 1;  // decode: z = R x is shared by the experts with the same right factor
+  std::vector<int64_t> active;
+  const int64_t* visit_order = order.data_ptr<int64_t>();
+  for (int64_t k = 0; k < E; ++k) {
+    const int64_t e = visit_order[k];
+    if (!routing.rows(e)) continue;
+    active.push_back(e);
+    for (int q = 0; q < 3; ++q) max_rank = std::max(max_rank, m[11 * e + 3 + 3 * q]);
+  }
+  const int64_t rows = routing.max_rows;
+  struct Work {
+    Arena<A> arena;
+    A *xe, *gate, *up, *z[3], *y;
+    int64_t cached_row[2] = {-1, -1};  // the right factor whose z = R x z[q] holds (decode)
+  };
+  auto make_work = [&] {
+    Work w{Arena<A>(rows * (H + 2 * I + 3 * max_rank + H))};
+    w.xe = w.arena.take(rows * H), w.gate = w.arena.take(rows * I), w.up = w.arena.take(rows * I);
+    for (auto& z : w.z) z = w.arena.take(rows * max_rank);
+    w.y = w.arena.take(rows * H);
+    return w;
+  };
+  // y [n, out] (+)= inp [n, in] W_e,qᵀ
+  auto apply = [&](Work& w, const A* inp, int64_t n, int q, int64_t e, A* y, int64_t ldy, bool accumulate) {
+    const Projection<T>& p = projs[q];
+    const int64_t in = q == 2 ? I : H, out = q == 2 ? H : I;
+    if (p.dense_t) return expand<T>(inp, in, n, {p.dense_t + e * in * out, in, out}, y, ldy, accumulate);
+    const int64_t* r = m + 11 * e;
+    const int64_t right_row = r[2 + 3 * q], rank = r[3 + 3 * q], coef_row = r[4 + 3 * q];
+    A* z = w.z[q];
+    if (!(single && q < 2 && w.cached_row[q] == right_row)) {
+      project<T>(inp, in, n, {p.right + right_row * in, rank, in}, z, rank, false);  // [n, K]
+      if (single && q < 2) w.cached_row[q] = right_row;
+    }
+    expand<T>(z, rank, n, {p.coef_t + coef_row * out, rank, out}, y, ldy, accumulate);
+    if (p.eta_size) {  // gate/up: rows of the full I × H matrix from lo; down: columns of H × I from lo
+      const bool down = q == 2;
+      const int64_t out_full = down ? H : full_i, in_full = down ? full_i : H;
+      const ResidualHash bucket(static_cast<uint64_t>(g[0]), static_cast<uint64_t>(p.eta_size));
+      add_residual<T>(y, ldy, inp, in, n, in, out, p.eta + r[0] * p.eta_size, bucket, r[1] * out_full * in_full,
+                      in_full, down ? 0 : lo, down ? lo : 0);
+    }
+  };
+  auto visit = [&](int64_t i, Work& w, A* acc) {
+    const int64_t e = active[i], begin = routing.starts[e], n = routing.rows(e);
+    const int64_t* tokens = routing.tokens.data() + begin;
+    const bool one = n == 1;  // one token: read x and add into out in place
+    const A* xe = one ? px + tokens[0] * H : w.xe;
+    if (!one) gather_rows(px, H, tokens, n, H, w.xe);
+    apply(w, xe, n, 0, e, w.gate, I, false);
+    apply(w, xe, n, 1, e, w.up, I, false);
+    swiglu(w.gate, I, w.up, I, n, I, routing.weights.data() + begin);  // routing weight on h
+    if (one) {
+      apply(w, w.gate, 1, 2, e, acc + tokens[0] * H, H, true);
+    } else {
+      apply(w, w.gate, n, 2, e, w.y, H, false);
+      scatter_add_rows(acc, tokens, w.y, n, H);
+    }
+  };
+  for_each_expert<A>(active.size(), split_experts<T>(active.size(), rows), sums.data(),
+                     static_cast<int64_t>(sums.size()), make_work, visit);
+  return result(sums.data(), T_, H, x_in);
+}
+
+// ---- The ops: dispatch on the factors' dtype --------------------------------------------------------------------
+
+at::Tensor base_delta_forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                              const at::Tensor& meta, const at::Tensor& gu_v, const at::Tensor& gu_ut,
+                              const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
+                              const at::Tensor& base_down_t, const at::Tensor& base_channels,
+                              int64_t num_dynamic_drop) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu_v.scalar_type(), "base_delta", [&] {
+    return base_delta_impl<scalar_t>(x, topk_ids, topk_weights, meta, gu_v.contiguous(), gu_ut.contiguous(),
+                                     d_v.contiguous(), d_ut.contiguous(), base_gu.contiguous(),
+                                     base_down_t.contiguous(), base_channels, num_dynamic_drop);
+  });
+}
+
+at::Tensor sparse_lowrank_forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                                  const at::Tensor& meta, const at::Tensor& sgu, const at::Tensor& sd_t,
+                                  const at::Tensor& lv, const at::Tensor& lut, const at::Tensor& ldv,
+                                  const at::Tensor& ldut, const at::Tensor& base_down_t,
+                                  const at::Tensor& sparse_channels, const at::Tensor& lowrank_channels) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sgu.scalar_type(), "sparse_lowrank", [&] {
+    return sparse_lowrank_impl<scalar_t>(x, topk_ids, topk_weights, meta, sgu.contiguous(), sd_t.contiguous(),
+                                         lv.contiguous(), lut.contiguous(), ldv.contiguous(), ldut.contiguous(),
+                                         base_down_t.contiguous(), sparse_channels, lowrank_channels);
+  });
+}
+
+at::Tensor basis_residual_forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                                  const at::Tensor& meta, const at::Tensor& order, const at::Tensor& geometry,
                                   const at::Tensor& gate_dense_t, const at::Tensor& gate_right,
                                   const at::Tensor& gate_coef_t, const at::Tensor& gate_eta,
                                   const at::Tensor& up_dense_t, const at::Tensor& up_right, const at::Tensor& up_coef_t,
                                   const at::Tensor& up_eta, const at::Tensor& down_dense_t,
                                   const at::Tensor& down_right, const at::Tensor& down_coef_t,
                                   const at::Tensor& down_eta) {
-  const Projection projs[3] = {{gate_dense_t, gate_right, gate_coef_t, gate_eta},
-                               {up_dense_t, up_right, up_coef_t, up_eta},
-                               {down_dense_t, down_right, down_coef_t, down_eta}};
+  const at::Tensor dense[3] = {gate_dense_t.contiguous(), up_dense_t.contiguous(), down_dense_t.contiguous()};
+  const at::Tensor right[3] = {gate_right.contiguous(), up_right.contiguous(), down_right.contiguous()};
+  const at::Tensor coef[3] = {gate_coef_t.contiguous(), up_coef_t.contiguous(), down_coef_t.contiguous()};
+  const at::Tensor eta[3] = {gate_eta.contiguous(), up_eta.contiguous(), down_eta.contiguous()};
   const auto dtype = (gate_dense_t.numel() ? gate_dense_t : gate_coef_t).scalar_type();
-  const at::Tensor x = x_in.to(dtype).contiguous();
-  const int64_t T = x.size(0), H = x.size(1), E = meta_in.size(0);
-  const at::Tensor meta = meta_in.contiguous(), order = order_in.contiguous(), geo = geometry.contiguous();
-  const int64_t* m = meta.data_ptr<int64_t>();
-  const int64_t* g = geo.data_ptr<int64_t>();
-  const int64_t full_i = g[1], lo = g[2];
-  const Pairs pairs = group_pairs(topk_ids, E);
-  const at::Tensor token_of = at::tensor(pairs.tokens, at::kLong);
-  const at::Tensor weight_of = topk_weights.reshape({-1}).to(dtype).index_select(0, at::tensor(pairs.slots, at::kLong));
-  at::Tensor out = at::zeros({T, H}, x.options());
-  const bool single = T == 1;  // decode: every pair is token 0, so no gather or scatter, and z = R x is shared
-  int64_t cached_row[2] = {-1, -1};
-  at::Tensor cached_z[2];
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "basis_residual", [&] {
+    return basis_residual_impl<scalar_t>(x, topk_ids, topk_weights, meta, order, geometry, dense, right, coef, eta);
+  });
+}
 
-  // W_e,q inp for expert e's rows inp [n, in] -> [n, out]
-  auto project = [&](const at::Tensor& inp, int q, int64_t e) -> at::Tensor {
-    const Projection& p = projs[q];
-    if (p.dense_t.numel()) return product(inp, p.dense_t[e]);
-    const int64_t* r = m + 11 * e;
-    const int64_t right_row = r[2 + 3 * q], rank = r[3 + 3 * q], coef_row = r[4 + 3 * q];
-    at::Tensor z;
-    if (single && q < 2 && cached_row[q] == right_row) {
-      z = cached_z[q];
-    } else {
-      z = product(inp, p.right.narrow(0, right_row, rank).t());  // [n, K]
-      if (single && q < 2) cached_row[q] = right_row, cached_z[q] = z;
-    }
-    at::Tensor y = product(z, p.coef_t.narrow(0, coef_row, rank));  // [n, out]
-    if (p.eta.numel()) {  // gate/up: rows of the full I × H matrix from lo; down: columns of H × I from lo
-      const bool down = q == 2;
-      const int64_t out_full = down ? H : full_i, in_full = down ? full_i : H;
-      const int64_t offset = r[1] * out_full * in_full;
-      const at::Tensor eta = p.eta[r[0]];
-      const ResidualHash bucket(static_cast<uint64_t>(g[0]), static_cast<uint64_t>(eta.numel()));
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "basis_residual_residual", [&] {
-        add_residual<scalar_t>(y, inp, eta, bucket, offset, in_full, down ? 0 : lo, down ? lo : 0);
-      });
-    }
-    return y;
-  };
+// a b through the same dispatch as the ops' products, in a's dtype (tests and benchmarks of the loops alone):
+// b = Wᵀ of a row-major W (project) or a row-major b (expand); other strides take at::mm.
+at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t n = a.size(0), K = a.size(1), N = b.size(1);
+  const bool dot_form = b.stride(0) == 1 && (N == 1 || b.stride(1) == K);
+  const bool axpy_form = b.stride(1) == 1 && (K == 1 || b.stride(0) == N);
+  if (!at::isFloatingType(a.scalar_type()) || b.scalar_type() != a.scalar_type() || !(dot_form || axpy_form))
+    return at::mm(a, b);
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "product", [&] {
+    using A = AccT<scalar_t>;
+    at::Tensor aa = a.to(c10::CppTypeToScalarType<A>::value);
+    if (aa.stride(1) != 1) aa = aa.contiguous();
+    at::Tensor y = at::empty({n, N}, options_of<A>());
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    if (dot_form) project<scalar_t>(aa.data_ptr<A>(), aa.stride(0), n, {pb, N, K}, y.data_ptr<A>(), N, false);
+    else expand<scalar_t>(aa.data_ptr<A>(), aa.stride(0), n, {pb, K, N}, y.data_ptr<A>(), N, false);
+    return y.to(a.scalar_type());
+  });
+}
 
-  const int64_t* visit = order.data_ptr<int64_t>();
-  for (int64_t k = 0; k < E; ++k) {
-    const int64_t e = visit[k], begin = pairs.starts[e], n = pairs.starts[e + 1] - begin;
-    if (n == 0) continue;
-    const at::Tensor tokens = token_of.narrow(0, begin, n);
-    const at::Tensor w = weight_of.narrow(0, begin, n).unsqueeze(1);
-    const at::Tensor xe = single ? x : x.index_select(0, tokens);
-    at::Tensor gate = project(xe, 0, e);
-    const at::Tensor h = at::silu_(gate).mul_(project(xe, 1, e)).mul_(w);  // routing weight on h
-    const at::Tensor y = project(h, 2, e);
-    single ? out.add_(y) : out.index_add_(0, tokens, y);
-  }
-  return out.to(x_in.scalar_type());
+int64_t set_small_row_limit(int64_t rows) {
+  const int64_t previous = small_row_limit;
+  small_row_limit = rows;
+  return previous;
+}
+
+int64_t set_expert_parallel(int64_t on) {
+  const int64_t previous = expert_parallel;
+  expert_parallel = on;
+  return previous;
 }
 
 }  // namespace
@@ -520,6 +800,9 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
   // Products with at most this many activation rows use the single-pass loops (default 8); returns the old
   // limit. Tests and benchmarks set 0 to compare with at::mm everywhere.
   m.def("set_small_row_limit(int rows) -> int", &set_small_row_limit);
+  // 1: the threads split the active experts where every product is on the loops (for_each_expert); 0: the
+  // experts run in turn, each product split over the threads by columns. Returns the old setting.
+  m.def("set_expert_parallel(int on) -> int", &set_expert_parallel);
   // a b through the same dispatch as the ops' products (tests and benchmarks of the loops alone).
   m.def("product(Tensor a, Tensor b) -> Tensor");
 }
