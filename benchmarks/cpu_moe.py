@@ -119,6 +119,21 @@ def other_ops(source: Path):
     return torch.ops.moe_compress_cpu_other
 
 
+def with_op_setting(forward, layout, setter: str, value: int):
+    """``forward`` on ``layout`` with the C++ op's process-wide setting ``setter`` (``set_small_row_limit``,
+    ``set_expert_parallel``) at ``value`` for the call, restored after it."""
+    from vllm_moe_compress.kernels.cpu_extension import cpu_ops
+
+    def call(x, ids, w):
+        previous = getattr(cpu_ops(), setter)(value)
+        try:
+            return forward(x, ids, w, layout)
+        finally:
+            getattr(cpu_ops(), setter)(previous)
+
+    return call
+
+
 def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, compare_at_mm: bool = False,
                      compare_split: bool = False, compare_source: Path | None = None):
     """``{name: forward}`` of the scheme's paths and ``read_bytes(used, name)``."""
@@ -135,26 +150,12 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
         forward = getattr(module, f"{CPU_PATHS[scheme]}_moe")
         paths = {"ours": lambda x, ids, w: forward(x, ids, w, layout), **paths}
         elem["ours"] = compute_dtype(dtype).itemsize
-        if compare_at_mm:
-            def at_mm_only(x, ids, w):
-                previous = cpu_ops().set_small_row_limit(0)
-                try:
-                    return forward(x, ids, w, layout)
-                finally:
-                    cpu_ops().set_small_row_limit(previous)
-
-            paths = {"ours": paths.pop("ours"), "ours (at::mm only)": at_mm_only, **paths}
-            elem["ours (at::mm only)"] = elem["ours"]
+        variants = {"ours (at::mm only)": ("set_small_row_limit", 0)} if compare_at_mm else {}
         if compare_split:
-            def split(x, ids, w):
-                previous = cpu_ops().set_expert_parallel(1)
-                try:
-                    return forward(x, ids, w, layout)
-                finally:
-                    cpu_ops().set_expert_parallel(previous)
-
-            paths = {"ours": paths.pop("ours"), "ours (experts split)": split, **paths}
-            elem["ours (experts split)"] = elem["ours"]
+            variants["ours (experts split)"] = ("set_expert_parallel", 1)
+        for label, (setter, value) in variants.items():
+            paths = {"ours": paths.pop("ours"), label: with_op_setting(forward, layout, setter, value), **paths}
+            elem[label] = elem["ours"]
         if compare_source is not None:
             other = getattr(other_ops(compare_source), CPU_PATHS[scheme])
             extra = (0,) if CPU_PATHS[scheme] == "base_delta" else ()  # num_dynamic_drop, as ``forward``'s default
