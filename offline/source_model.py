@@ -165,8 +165,8 @@ class ExpertStack:
 
     ``stack[e]`` is expert e's matrix in float64 (gate/up [I, H], down [H, I]), read and upcast on every access
     and owned by the caller; ``len`` and ``shape`` are those of the stacked [E, out, in] tensor it stands for.
-    Methods that index it expert by expert hold one expert's matrix at a time; :meth:`stacked` builds the
-    whole stack for those that need it at once."""
+    Methods index it expert by expert and hold one expert's matrix at a time (:func:`stack_experts` builds a
+    whole projection where one is kept dense)."""
 
     def __init__(self, ckpt: SafetensorsCheckpoint, keys: list[str]):
         self.ckpt, self.keys = ckpt, keys
@@ -178,12 +178,16 @@ class ExpertStack:
     def __getitem__(self, expert: int) -> torch.Tensor:
         if not isinstance(expert, int):
             raise TypeError(f"an ExpertStack is indexed by one expert number, got {type(expert).__name__}; "
-                            "use .stacked() for the whole [E, out, in] tensor")
+                            "use stack_experts() for the whole [E, out, in] tensor")
         return self.ckpt.get(self.keys[expert]).to(torch.float64)
 
-    def stacked(self) -> torch.Tensor:
-        """All experts as one [E, out, in] float64 tensor (filled in place: no second copy while stacking)."""
-        out = torch.empty(self.shape, dtype=torch.float64)
-        for e, key in enumerate(self.keys):
-            out[e].copy_(self.ckpt.get(key))
-        return out
+
+def stack_experts(weights, dtype: torch.dtype) -> torch.Tensor:
+    """All experts of ``weights`` (an ExpertStack or an [E, out, in] tensor) as one [E, out, in] tensor of
+    ``dtype``, filled an expert at a time (no second copy while stacking)."""
+    out = torch.empty(weights.shape, dtype=dtype)
+    for e in range(len(weights)):
+        out[e].copy_(weights[e])
+    return out
+
+

@@ -22,6 +22,7 @@ from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 from ..budget import LayerShape
 from ..choices import ACTIVATION_NAMES
 from ..options import MethodOptions, check_choice, check_positive, option
+from ..source_model import stack_experts
 from vllm_moe_compress.format.schemes.basis_residual import BasisProjection, BasisResidualLayer
 from .base import CompressionMethod, LayerResult
 from .basis_fit import FitOptions, FittedProjection
@@ -56,15 +57,6 @@ class BasisOptions(MethodOptions):
     def record(self) -> dict:
         return {"group_size": self.group_size, "activation": self.activation, "fit_steps": self.fit_steps,
                 "fit_lr": self.fit_lr, "fit_patience": self.fit_patience, "factorized": list(self.factorized)}
-
-
-def stacked_float32(weights) -> torch.Tensor:
-    """A projection kept dense, [E, out, in] in float32, filled an expert at a time: half the float64 copy, and
-    exact for the float32/bfloat16/float16 checkpoints the output (at most float32) is written from."""
-    out = torch.empty(weights.shape, dtype=torch.float32)
-    for e in range(len(weights)):
-        out[e].copy_(weights[e])
-    return out
 
 
 class BasisMethod(CompressionMethod):
@@ -142,7 +134,7 @@ class BasisMethod(CompressionMethod):
         log = {"fit": {p: {"loss_curve": [round(v, 8) for v in f.loss_curve], "best_step": f.best_step}
                        for p, f in fitted.items()}}
         factorized = {p: BasisProjection(f.bases, f.coefs, f.mix, f.etas) for p, f in fitted.items()}
-        dense = {p: stacked_float32(weights[p]) for p in PROJECTIONS if p not in self.factorized}
+        dense = {p: stack_experts(weights[p], torch.float32) for p in PROJECTIONS if p not in self.factorized}
         layer = BasisResidualLayer(shape.hidden_size, shape.intermediate_size, groups, self.opts.activation,
                                    factorized, dense, residual_size, seed)
         return LayerResult(layer, log)
