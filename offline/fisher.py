@@ -24,11 +24,15 @@ alive at a time.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .calibration import capture_layer0_inputs, call_layer, forward_layerwise
+from .calibration import capture_layer0_inputs, call_layer, clock, elapsed, forward_layerwise
+
+log = logging.getLogger(__name__)
 
 
 def _squared_gradients(experts, granularity: str) -> dict[str, torch.Tensor]:
@@ -49,6 +53,7 @@ def expert_fisher(
 ) -> dict[int, dict[str, torch.Tensor]]:
     """{layer: {"gate"|"up"|"down": F}} with F of shape [E] (expert) or the weights' shape (element);
     ``source`` is a streamed model (offline/source_model.py)."""
+    started = clock()
     sequences = list(samples.split(1))
     with torch.no_grad():
         calls = capture_layer0_inputs(source.model, sequences)
@@ -71,6 +76,7 @@ def expert_fisher(
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1)).backward()
         grads.append(last.grad)
 
+    forward, backward_started = elapsed(started), clock()
     sums: dict[int, dict[str, torch.Tensor]] = {}
     moe = set(moe_layers)
     for index in tqdm(reversed(range(source.num_layers)), desc="fisher backward", unit="layer",
@@ -94,5 +100,7 @@ def expert_fisher(
                         acc[k] += v
         del layer, experts  # free this layer before the next one is built
         inputs[index] = []
+    log.info("Fisher pass, %d sequences of %d tokens, seconds wall (CPU): forward and loss %.1f (%.1f), "
+             "backward %.1f (%.1f)", len(sequences), samples.shape[1], *forward, *elapsed(backward_started))
     count = samples.shape[0]
     return {layer: {k: v / count for k, v in sums[layer].items()} for layer in moe_layers}

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from .budget import LayerShape
-from .calibration import forward_layerwise
-
-log = logging.getLogger(__name__)
+from .calibration import clock, elapsed, forward_layerwise
 from .choices import ALLOCATIONS
 from .options import check_positive, option
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,12 @@ def layer_keep_fractions(allocation: str, source, samples: torch.Tensor, shapes:
     layers = sorted(shapes)
     if allocation == "uniform" or len(layers) < 2:
         return {}
+    started = clock()
     pooled = pooled_layer_outputs(source, samples, layers, batch_size)
+    pooled_seconds, mine_started = elapsed(started), clock()
     mi = [mine_estimate(pooled[a], pooled[b], options) for a, b in zip(layers, layers[1:])]
+    log.info("layer budgets, seconds wall (CPU): pooled outputs %.1f (%.1f), MINE %.1f (%.1f)", *pooled_seconds,
+             *elapsed(mine_started))
     redundancy = redundancy_scores(mi)
     keep = solve_save_ratios(redundancy, [shapes[l].dense_expert_params for l in layers], mean_keep, options)
     if allocation == "reverse":

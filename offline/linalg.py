@@ -124,17 +124,25 @@ EIGEN_FLOOR = 1e-10
 activations: directions never seen cost nothing to get wrong, but must not blow up the inverse)."""
 
 
-def eigen_whitened_factors(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gram_eigen(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E, V = EVD(G) of the symmetrised Gram ``gram`` (float64, eigenvalues ascending): the whitening
+    :func:`eigen_whitened_factors` applies, computed once for the projections that share a Gram (RS-MoE's gate
+    and up rows of one expert)."""
+    return torch.linalg.eigh(0.5 * (gram + gram.T).to(torch.float64))
+
+
+def eigen_whitened_factors(weight: torch.Tensor, eigen: tuple[torch.Tensor, torch.Tensor],
+                           rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation-aware SVD through the eigendecomposition of the input Gram (RS-MoE §3.4, SVD-LLM V2).
 
         E, V = EVD(XᵀX);   U_w S_w V_wᵀ = SVD(W V E^{1/2});   W_com = U_k S_k,   W_rec = V_kᵀ E^{-1/2} Vᵀ
 
-    Returns (W_com [out, k], W_rec [k, in]); W_com W_rec minimises ‖(W − Ŵ)Xᵀ‖_F over rank-k Ŵ. An all-zero
-    Gram (an expert that saw no calibration token) gives the plain truncated SVD.
+    ``eigen`` is (E, V) from :func:`gram_eigen` of the Gram XᵀX. Returns (W_com [out, k], W_rec [k, in]);
+    W_com W_rec minimises ‖(W − Ŵ)Xᵀ‖_F over rank-k Ŵ. An all-zero Gram (an expert that saw no calibration
+    token) gives the plain truncated SVD.
     """
     weight = weight.to(torch.float64)
-    gram = 0.5 * (gram + gram.T).to(torch.float64)
-    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = eigen
     top = evals.max().item() if evals.numel() else 0.0
     if top <= 0.0:
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)

@@ -13,7 +13,7 @@ from vllm_moe_compress.offline.budget import LayerShape, plan_budget
 from vllm_moe_compress.offline.calibration import ActivationMoments, ExpertStatistics
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
 from vllm_moe_compress.offline.layer_allocation import MIOptions, mine_estimate, redundancy_scores, solve_save_ratios
-from vllm_moe_compress.offline.linalg import eigen_whitened_factors
+from vllm_moe_compress.offline.linalg import eigen_whitened_factors, gram_eigen
 from vllm_moe_compress.offline.methods.base import LayerInputs
 from vllm_moe_compress.offline.loading import load_compressed_model
 from vllm_moe_compress.offline.methods.rs import ACIWeights, RSMoE, RSOptions, aci_scores, downstream_influence, ridge_down_base
@@ -51,13 +51,44 @@ def test_eigen_whitened_svd_recovers_rank_k_exactly_and_beats_plain_svd_on_outpu
     g = gen(0)
     exact = torch.randn(9, 3, generator=g, dtype=torch.float64) @ torch.randn(3, H, generator=g, dtype=torch.float64)
     x = torch.randn(200, H, generator=g, dtype=torch.float64) * torch.linspace(0.1, 5, H, dtype=torch.float64)
-    com, rec = eigen_whitened_factors(exact, x.T @ x, 3)
+    com, rec = eigen_whitened_factors(exact, gram_eigen(x.T @ x), 3)
     torch.testing.assert_close(com @ rec, exact, rtol=1e-9, atol=1e-9)
     full = torch.randn(9, H, generator=g, dtype=torch.float64)
-    com, rec = eigen_whitened_factors(full, x.T @ x, 3)
+    com, rec = eigen_whitened_factors(full, gram_eigen(x.T @ x), 3)
     u, s, vh = torch.linalg.svd(full, full_matrices=False)
     plain = (u[:, :3] * s[:3]) @ vh[:3]
     assert ((full - com @ rec) @ x.T).norm() < ((full - plain) @ x.T).norm()
+
+
+def test_eigen_whitened_factors_follow_the_papers_formula_in_float64():
+    """W_com = U_k S_k, W_rec = V_kᵀ E^{-1/2} Vᵀ from SVD(W V E^{1/2}), E, V = EVD(G) (§3.4), on a rank-deficient
+    Gram (fewer tokens than channels: the floored eigenvalues) and on a full one."""
+    g = gen(4)
+    weight = torch.randn(7, H, generator=g, dtype=torch.float64)
+    for tokens in (6, 200):
+        x = torch.randn(tokens, H, generator=g, dtype=torch.float64)
+        gram = x.T @ x
+        evals, evecs = np.linalg.eigh(gram.numpy())
+        root = np.sqrt(np.maximum(evals, 1e-10 * evals.max()))
+        u, s, vh = np.linalg.svd(weight.numpy() @ (evecs * root), full_matrices=False)
+        expected = (u[:, :4] * s[:4]) @ ((vh[:4] / root) @ evecs.T)
+        com, rec = eigen_whitened_factors(weight, gram_eigen(gram), 4)
+        np.testing.assert_allclose((com @ rec).numpy(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_rs_layer_decomposes_each_gram_once(monkeypatch):
+    """gate and up of an expert share one EVD of its input Gram; down gets one of its intermediate Gram."""
+    import vllm_moe_compress.offline.methods.rs as rs
+
+    weights, _ = sparse_plus_low_rank_layer(2, 2, seed=13)
+    stats = statistics(weights, 64, seed=14)
+    sizes = []
+    monkeypatch.setattr(rs, "gram_eigen", lambda gram: sizes.append(gram.shape[0]) or gram_eigen(gram))
+    result = RSMoE(RSOptions(base="none")).compress_layer(
+        LayerInputs(weights, stats, None, E * 3 * (H + I) * 3, LayerShape(E, H, I), None))
+    with_rank = sum(1 for unit in result.layer.experts if unit.lowrank["gate"] is not None)
+    assert with_rank > 0
+    assert sizes.count(H) == with_rank and len(sizes) == 2 * with_rank
 
 
 def test_aci_ranks_a_planted_peak_channel_first():

@@ -38,6 +38,7 @@ groups share no parameter (the same floats as one backward), MoBE's bases sum th
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -46,7 +47,10 @@ import torch.nn.functional as F
 
 from vllm_moe_compress.kernels.residual_hash import bucket_counts, bucket_of, bucket_scales, project_onto_buckets
 
+from ..calibration import clock, elapsed
 from .group_basis import group_matrix, truncated_group_svd
+
+log = logging.getLogger(__name__)
 
 ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh, "identity": lambda t: t}
 SLOPE_AT_ZERO = {"silu": 0.5, "tanh": 1.0, "identity": 1.0}
@@ -137,12 +141,20 @@ def _adam(params: list[torch.Tensor], loss_terms, count: int,
     return curve, best_step, best_state
 
 
+def _log_times(model: str, weights, initialisation: tuple[float, float], fit: tuple[float, float],
+               steps: int) -> None:
+    """One log line per fitted projection: wall (CPU) seconds of the grouped SVDs and of the Adam steps."""
+    log.info("%s fit of %s: initialisation %.1f s (CPU %.1f), %d Adam steps %.1f s (CPU %.1f)", model,
+             "x".join(map(str, weights.shape)), *initialisation, steps, *fit)
+
+
 def fit_grouped(weights, groups: list[list[int]], ranks: list[int], options: FitOptions,
                 residual_size: int = 0, seed: int = 0) -> FittedProjection:
     """RFID-MoE's model: one basis B_g of rank K_g per group, optional residual η_g of size ``residual_size``.
 
     ``weights`` [E, out, in] is read a group at a time (an ExpertStack is never stacked): the groups share no
     parameter, so the loss is summed and backpropagated group by group, each group's target re-read every step."""
+    started = clock()
     scale = projection_std(weights)
     k, out_dim, in_dim = len(groups[0]), weights.shape[1], weights.shape[2]
     slope = SLOPE_AT_ZERO[options.activation]
@@ -174,7 +186,9 @@ def fit_grouped(weights, groups: list[list[int]], ranks: list[int], options: Fit
                 pred = pred + (etas[g] * scales)[positions]
             yield ((pred - scaled_members(weights, group, scale)) ** 2).sum()
 
+    initialisation, fit_started = elapsed(started), clock()
     curve, best_step, best = _adam(params, loss_terms, math.prod(weights.shape), options)
+    _log_times("grouped", weights, initialisation, elapsed(fit_started), len(curve) - 1)
     m = len(groups)
     best_bases, best_coefs = best[:m], best[m : 2 * m]
     coef_of: dict[int, torch.Tensor] = {}
@@ -195,6 +209,7 @@ def fit_mixed(weights, groups: list[list[int]], rank: int, options: FitOptions) 
     ``weights`` [E, out, in] is read a group at a time (an ExpertStack is never stacked): the loss is summed
     and backpropagated over the groups' experts in turn (the bases' gradients accumulate over them), each
     group's target re-read every step."""
+    started = clock()
     scale = projection_std(weights)
     num_experts, out_dim = len(weights), weights.shape[1]
     bases = torch.zeros(len(groups), rank, weights.shape[2])
@@ -212,8 +227,10 @@ def fit_mixed(weights, groups: list[list[int]], rank: int, options: FitOptions) 
             right = activate(torch.einsum("em,mri->eri", logits[group].softmax(dim=1), bases), options.activation)
             yield ((coefs[group] @ right - scaled_members(weights, group, scale)) ** 2).sum()
 
+    initialisation, fit_started = elapsed(started), clock()
     curve, best_step, (best_bases, best_coefs, best_logits) = _adam(params, loss_terms, math.prod(weights.shape),
                                                                     options)
+    _log_times("mixed", weights, initialisation, elapsed(fit_started), len(curve) - 1)
     return FittedProjection(
         groups=groups, bases=list(best_bases), coefs=[unscaled(c, scale) for c in best_coefs],
         mix=best_logits.double().softmax(dim=1), loss_curve=curve, best_step=best_step,

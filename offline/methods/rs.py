@@ -23,9 +23,9 @@ Per MoE layer (§3.2–3.4):
    m_e units dense (then the surplus buys more sparse units instead). An expert left with rank 0 has its
    medium units pruned.
 4. **Activation-aware SVD (§3.4)** of each expert's medium rows of W_gate and W_up with the eigendecomposition
-   of its input Gram XᵀX (linalg.eigen_whitened_factors), and of its medium columns of W_down with its
-   intermediate Gram restricted to those channels. ``lowrank_svd="plain"`` (Table 3's "Standard SVD") uses
-   the plain truncated SVD instead.
+   of its input Gram XᵀX (linalg.eigen_whitened_factors; one EVD serves gate and up), and of its medium
+   columns of W_down with its intermediate Gram restricted to those channels. ``lowrank_svd="plain"``
+   (Table 3's "Standard SVD") uses the plain truncated SVD instead.
 5. **Down base.** ``base="ridge"`` (the paper): a down base B [H, I] shared by the layer's experts, fitted
    by ridge regression so that B·h̃_e compensates what the compressed expert misses:
    min Σ_(tokens, e) w²‖y_e − D_e h̃_e − B h̃_e‖² + λ‖B‖², with y_e the original expert output, h̃_e the
@@ -47,6 +47,7 @@ The checkpoint scheme is ``sparse_lowrank`` (vllm_moe_compress/format/schemes/sp
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -54,15 +55,16 @@ import torch
 import torch.nn.functional as F
 
 from ..budget import LayerShape
-from ..calibration import ActivationMoments, ExpertStatistics
+from ..calibration import ActivationMoments, ExpertStatistics, clock, elapsed
 from ..choices import ALLOCATIONS, RS_BASES, RS_LOWRANK_SVDS, RS_SCORES
 from ..layer_allocation import MIOptions, layer_keep_fractions
-from ..linalg import eigen_whitened_factors
+from ..linalg import eigen_whitened_factors, gram_eigen
 from ..options import MethodOptions, check_choice, check_positive, check_range, option
 from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
 from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult, on_cpu
 from .d2 import DeltaStack, merge_base
 
+log = logging.getLogger(__name__)
 
 def _by_max(t: torch.Tensor) -> torch.Tensor:
     """``t`` divided by its maximum (over all of ``t``); all-zero stays zero."""
@@ -280,7 +282,9 @@ class RSMoE(CompressionMethod):
 
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
         opts, weights, stats, shape = self.opts, inputs.weights, inputs.stats, inputs.shape
+        started = clock()
         scores = unit_scores(opts.score, weights, stats, inputs.next_weights, opts.aci)
+        scored = elapsed(started)
         plan = partition_units(scores, inputs.budget, shape.hidden_size, opts.sparse_share, opts.lowrank_share,
                                stats.frequencies)
         base = None
@@ -290,6 +294,7 @@ class RSMoE(CompressionMethod):
             base = merge_base(down, importance)
             down = DeltaStack(down, base)
         experts, device = [], inputs.device  # the per-expert decompositions run there, their factors come back
+        decompositions_started = clock()
         for e in range(shape.num_experts):  # one expert's matrices at a time
             s, m, k = torch.tensor(plan.sparse[e], dtype=torch.int64), plan.lowrank[e], plan.ranks[e]
             matrices = {"gate": weights["gate"][e], "up": weights["up"][e], "down": down[e]}
@@ -299,11 +304,17 @@ class RSMoE(CompressionMethod):
                 input_gram, inter_gram = stats.input_gram[e].to(device), stats.inter_gram[e][m][:, m].to(device)
                 if opts.lowrank_svd == "plain":  # a zero Gram makes eigen_whitened_factors the plain SVD
                     input_gram, inter_gram = torch.zeros_like(input_gram), torch.zeros_like(inter_gram)
+                input_eigen = gram_eigen(input_gram)  # [H, H]: one EVD for gate and up
                 for p in ("gate", "up"):
-                    lowrank[p] = on_cpu(eigen_whitened_factors(matrices[p][m].to(device), input_gram, k))
-                lowrank["down"] = on_cpu(eigen_whitened_factors(matrices["down"][:, m].to(device), inter_gram, k))
+                    lowrank[p] = on_cpu(eigen_whitened_factors(matrices[p][m].to(device), input_eigen, k))
+                lowrank["down"] = on_cpu(eigen_whitened_factors(matrices["down"][:, m].to(device),
+                                                                gram_eigen(inter_gram), k))
             experts.append(ExpertUnits(s, sparse, torch.tensor(m, dtype=torch.int64), lowrank))
         layer = SparseLowRankLayer(shape.hidden_size, shape.intermediate_size, experts, base)
+        decomposed, ridge_started = elapsed(decompositions_started), clock()
         if opts.base == "ridge":
             layer.base_down = ridge_down_base(layer, weights, stats.moments, opts.ridge_lambda)
+        log.info("rs layer seconds wall (CPU): unit scores %.1f (%.1f) (%s), decompositions %.1f (%.1f), "
+                 "base %.1f (%.1f)", *scored, "with downstream influence" if inputs.next_weights else "no next layer",
+                 *decomposed, *elapsed(ridge_started))
         return LayerResult(layer)
