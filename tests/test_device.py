@@ -27,13 +27,14 @@ def tensors(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto is cuda here: its result is not the CPU's bytes")
-@pytest.mark.parametrize("method", ["whitened-svd", "rs"])  # the factorize_experts path, and the moments path
-def test_cpu_and_auto_write_the_bytes_of_a_run_without_the_flag(tiny_moe, calib_file, tmp_path, method):
+@pytest.mark.parametrize("method, extra", [("whitened-svd", ()), ("rs", ()), ("rfid", ("--factorize-down",))])
+def test_cpu_and_auto_write_the_bytes_of_a_run_without_the_flag(tiny_moe, calib_file, tmp_path, method, extra):
+    """factorize_experts (whitened-svd), the moments path (rs) and a group-basis fit (rfid)."""
     model = tiny_moe("qwen3_moe")
-    plain = compress(model, calib_file, tmp_path / "plain", method)
+    plain = compress(model, calib_file, tmp_path / "plain", method, *extra)
     expected = tensors(plain)
     for device in ("cpu", "auto"):
-        out = compress(model, calib_file, tmp_path / device, method, "--device", device)
+        out = compress(model, calib_file, tmp_path / device, method, *extra, "--device", device)
         assert (out / "config.json").read_bytes() == (plain / "config.json").read_bytes(), device
         got = tensors(out)
         assert list(got) == list(expected), device
@@ -54,9 +55,10 @@ def test_cuda_without_a_gpu_is_one_line_and_writes_nothing(tiny_moe, calib_file,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("method", ["whitened-svd", "d2", "rs"])
-def test_cuda_run_completes_and_records_its_device(tiny_moe, calib_file, tmp_path, method):
-    out = compress(tiny_moe("qwen3_moe"), calib_file, tmp_path / "cuda", method, "--device", "cuda")
+@pytest.mark.parametrize("method, extra", [("whitened-svd", ()), ("d2", ()), ("rs", ()),
+                                           ("rfid", ("--factorize-down",)), ("mobe", ("--factorize-down",))])
+def test_cuda_run_completes_and_records_its_device(tiny_moe, calib_file, tmp_path, method, extra):
+    out = compress(tiny_moe("qwen3_moe"), calib_file, tmp_path / "cuda", method, *extra, "--device", "cuda")
     assert json.loads((out / "moe_compress_stats.json").read_text())["device"] == "cuda"
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert abs(qc["achieved_ratio"] - 0.1) <= 0.005

@@ -52,6 +52,8 @@ from .group_basis import group_matrix, truncated_group_svd
 
 log = logging.getLogger(__name__)
 
+CPU = torch.device("cpu")
+
 ACTIVATIONS = {"silu": F.silu, "tanh": torch.tanh, "identity": lambda t: t}
 SLOPE_AT_ZERO = {"silu": 0.5, "tanh": 1.0, "identity": 1.0}
 
@@ -149,18 +151,19 @@ def _log_times(model: str, weights, initialisation: tuple[float, float], fit: tu
 
 
 def fit_grouped(weights, groups: list[list[int]], ranks: list[int], options: FitOptions,
-                residual_size: int = 0, seed: int = 0) -> FittedProjection:
+                residual_size: int = 0, seed: int = 0, device: torch.device = CPU) -> FittedProjection:
     """RFID-MoE's model: one basis B_g of rank K_g per group, optional residual η_g of size ``residual_size``.
 
     ``weights`` [E, out, in] is read a group at a time (an ExpertStack is never stacked): the groups share no
-    parameter, so the loss is summed and backpropagated group by group, each group's target re-read every step."""
+    parameter, so the loss is summed and backpropagated group by group, each group's target re-read every step.
+    The group SVDs and the fit run on ``device`` (each group's matrix moved there); the result is on the CPU."""
     started = clock()
     scale = projection_std(weights)
     k, out_dim, in_dim = len(groups[0]), weights.shape[1], weights.shape[2]
     slope = SLOPE_AT_ZERO[options.activation]
     bases, coefs = [], []
     for group, rank in zip(groups, ranks):
-        left, basis = truncated_group_svd(group_matrix(weights, group) / scale, rank)
+        left, basis = truncated_group_svd(group_matrix(weights, group).to(device) / scale, rank)
         bases.append(basis.float().requires_grad_())
         coefs.append((left / slope).view(k, out_dim, rank).float().requires_grad_())
 
@@ -171,12 +174,12 @@ def fit_grouped(weights, groups: list[list[int]], ranks: list[int], options: Fit
     etas = None
     if residual_size:
         counts = bucket_counts(k * out_dim * in_dim, seed, residual_size)
-        scales = bucket_scales(counts, torch.float32)
-        positions = residual_positions(k, out_dim, in_dim, seed, residual_size)
-        with torch.no_grad():
-            init = [project_onto_buckets((scaled_members(weights, group, scale) - low_rank(g)).reshape(-1).double(),
-                                         seed, residual_size, counts) for g, group in enumerate(groups)]
-        etas = torch.stack(init).float().requires_grad_()
+        scales = bucket_scales(counts, torch.float32).to(device)
+        positions = residual_positions(k, out_dim, in_dim, seed, residual_size).to(device)
+        with torch.no_grad():  # the closed form is computed on the CPU (residual_hash)
+            init = [project_onto_buckets((scaled_members(weights, group, scale) - low_rank(g).cpu()).reshape(-1)
+                                         .double(), seed, residual_size, counts) for g, group in enumerate(groups)]
+        etas = torch.stack(init).float().to(device).requires_grad_()
         params.append(etas)
 
     def loss_terms():
@@ -184,7 +187,7 @@ def fit_grouped(weights, groups: list[list[int]], ranks: list[int], options: Fit
             pred = low_rank(g)
             if etas is not None:
                 pred = pred + (etas[g] * scales)[positions]
-            yield ((pred - scaled_members(weights, group, scale)) ** 2).sum()
+            yield ((pred - scaled_members(weights, group, scale).to(device)) ** 2).sum()
 
     initialisation, fit_started = elapsed(started), clock()
     curve, best_step, best = _adam(params, loss_terms, math.prod(weights.shape), options)
@@ -194,29 +197,30 @@ def fit_grouped(weights, groups: list[list[int]], ranks: list[int], options: Fit
     coef_of: dict[int, torch.Tensor] = {}
     for group, coef in zip(groups, best_coefs):
         for j, e in enumerate(group):
-            coef_of[e] = unscaled(coef[j], scale)
+            coef_of[e] = unscaled(coef[j], scale).cpu()
     return FittedProjection(
-        groups=groups, bases=best_bases,
+        groups=groups, bases=[b.cpu() for b in best_bases],
         coefs=[coef_of[e] for e in range(len(weights))],
-        etas=[unscaled(eta, scale) for eta in best[2 * m]] if residual_size else None,
+        etas=[unscaled(eta, scale).cpu() for eta in best[2 * m]] if residual_size else None,
         loss_curve=curve, best_step=best_step,
     )
 
 
-def fit_mixed(weights, groups: list[list[int]], rank: int, options: FitOptions) -> FittedProjection:
+def fit_mixed(weights, groups: list[list[int]], rank: int, options: FitOptions,
+              device: torch.device = CPU) -> FittedProjection:
     """MoBE's model: m = len(groups) bases of one rank shared by all experts through softmax mixing weights.
 
     ``weights`` [E, out, in] is read a group at a time (an ExpertStack is never stacked): the loss is summed
     and backpropagated over the groups' experts in turn (the bases' gradients accumulate over them), each
-    group's target re-read every step."""
+    group's target re-read every step. The group SVDs and the fit run on ``device``; the result is on the CPU."""
     started = clock()
     scale = projection_std(weights)
     num_experts, out_dim = len(weights), weights.shape[1]
-    bases = torch.zeros(len(groups), rank, weights.shape[2])
-    coefs = torch.zeros(num_experts, out_dim, rank)
-    logits = torch.zeros(num_experts, len(groups))
+    bases = torch.zeros(len(groups), rank, weights.shape[2], device=device)
+    coefs = torch.zeros(num_experts, out_dim, rank, device=device)
+    logits = torch.zeros(num_experts, len(groups), device=device)
     for j, group in enumerate(groups):
-        left, basis = truncated_group_svd(group_matrix(weights, group), rank)
+        left, basis = truncated_group_svd(group_matrix(weights, group).to(device), rank)
         bases[j] = basis.float()
         coefs[group] = left.view(len(group), out_dim, rank).float()  # SVD of the unscaled W, as MoBE train.py
         logits[group, j] = 1.0
@@ -225,13 +229,13 @@ def fit_mixed(weights, groups: list[list[int]], rank: int, options: FitOptions) 
     def loss_terms():
         for group in groups:  # softmax is row-wise: each group's mixing weights on their own
             right = activate(torch.einsum("em,mri->eri", logits[group].softmax(dim=1), bases), options.activation)
-            yield ((coefs[group] @ right - scaled_members(weights, group, scale)) ** 2).sum()
+            yield ((coefs[group] @ right - scaled_members(weights, group, scale).to(device)) ** 2).sum()
 
     initialisation, fit_started = elapsed(started), clock()
     curve, best_step, (best_bases, best_coefs, best_logits) = _adam(params, loss_terms, math.prod(weights.shape),
                                                                     options)
     _log_times("mixed", weights, initialisation, elapsed(fit_started), len(curve) - 1)
     return FittedProjection(
-        groups=groups, bases=list(best_bases), coefs=[unscaled(c, scale) for c in best_coefs],
-        mix=best_logits.double().softmax(dim=1), loss_curve=curve, best_step=best_step,
+        groups=groups, bases=list(best_bases.cpu()), coefs=[unscaled(c, scale).cpu() for c in best_coefs],
+        mix=best_logits.double().softmax(dim=1).cpu(), loss_curve=curve, best_step=best_step,
     )

@@ -31,5 +31,6 @@ class MoBE(BasisMethod):
         shape = inputs.shape
         groups = index_groups(shape.num_experts, self.opts.group_size)
         extra = self.extra_ranks(inputs.budget, shape)
-        fitted = {p: fit_mixed(inputs.weights[p], groups, 1 + extra[p], self.fit) for p in self.factorized}
+        fitted = {p: fit_mixed(inputs.weights[p], groups, 1 + extra[p], self.fit, inputs.device)
+                  for p in self.factorized}
         return self.build_layer(inputs.weights, fitted, shape, groups)

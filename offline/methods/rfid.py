@@ -79,10 +79,11 @@ class RFIDMoE(BasisMethod):
         fitted, importance_log = {}, {}
         extra = self.extra_ranks(inputs.budget, shape)
         for p in self.factorized:
-            densities = [effective_rank(group_matrix(weights[p], g), opts.effective_rank) for g in groups]
+            densities = [effective_rank(group_matrix(weights[p], g).to(inputs.device), opts.effective_rank)
+                         for g in groups]
             importance = fused_importance(densities, frequencies, opts.xi)
             ranks = allocate_group_ranks(m + extra[p], importance, self.max_rank(p, shape))
-            fitted[p] = fit_grouped(weights[p], groups, ranks, self.fit, residual, opts.residual_seed)
+            fitted[p] = fit_grouped(weights[p], groups, ranks, self.fit, residual, opts.residual_seed, inputs.device)
             importance_log[p] = {"effective_rank": [round(d, 3) for d in densities],
                                  "importance": [round(c, 6) for c in importance], "group_ranks": ranks}
         result = self.build_layer(weights, fitted, shape, groups, residual, opts.residual_seed)
