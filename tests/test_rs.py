@@ -151,6 +151,28 @@ def test_rs_layer_reads_experts_one_at_a_time():
     assert all(torch.equal(stacked[k], one_at_a_time[k]) for k in stacked)
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_rs_layer_decomposed_in_parallel_threads_equals_one_thread(workers):
+    """Experts decomposed ``workers`` at a time (one thread each) give the one-thread layer, bit for bit, and the
+    caller's thread setting is restored."""
+    weights, _ = sparse_plus_low_rank_layer(2, 2, seed=15)
+    stats = statistics(weights, 64, seed=16)
+    inputs = LayerInputs(weights, stats, None, E * 3 * (H + I) * 3, LayerShape(E, H, I), None)
+    names = {"gate": "g", "up": "u", "down": "d"}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = RSMoE().compress_layer(inputs).layer.to_tensors("x.", names, torch.float64)
+        torch.set_num_threads(workers)
+        got = RSMoE().compress_layer(inputs).layer.to_tensors("x.", names, torch.float64)
+        assert torch.get_num_threads() == workers
+    finally:
+        torch.set_num_threads(threads)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert any(k.endswith("lowrank_u") for k in expected)  # some experts have low-rank units
+
+
 def sparse_plus_low_rank_layer(sparse_channels: int, rank: int, seed: int):
     """Experts whose non-sparse units have rank-``rank`` gate, up and down; the sparse units are full-rank."""
     g = gen(seed)

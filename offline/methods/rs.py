@@ -37,8 +37,9 @@ Per MoE layer (§3.2–3.4):
 Memory: nothing above needs a whole projection, so the layer's experts are read an expert at a time from
 their ``ExpertStack``s (offline/source_model.py) and never stacked: the unit scores per expert, the downstream
 influence a chunk of the next layer's experts at a time (:func:`downstream_influence`, float32 as before), the
-merged bases and deltas as D²-MoE forms them (d2.merge_base, d2.DeltaStack), the decompositions and the ridge
-fit's sums expert by expert. Float64 is kept for the per-expert matrices (the source's values, exactly) and
+merged bases and deltas as D²-MoE forms them (d2.merge_base, d2.DeltaStack), the decompositions (on the CPU
+``torch.get_num_threads()`` experts at once, one thread each: :func:`decompose_experts`) and the ridge fit's
+sums expert by expert. Float64 is kept for the per-expert matrices (the source's values, exactly) and
 the ridge fit's Gram [I, I] and cross term [H, I], summed over every expert's tokens before one solve.
 
 Layer budgets (§3.5) come from offline/layer_allocation.py (``allocation``: ``mi``, ``uniform``, ``reverse``).
@@ -48,6 +49,7 @@ The checkpoint scheme is ``sparse_lowrank`` (vllm_moe_compress/format/schemes/sp
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -215,6 +217,62 @@ def ridge_down_base(layer: SparseLowRankLayer, weights: ExpertWeights, moments: 
     return torch.linalg.solve(regularised, cross.T).T
 
 
+def _expert_job(weights: ExpertWeights, down, stats: ExpertStatistics, plan: UnitPlan, expert: int, plain: bool,
+                device: torch.device) -> tuple:
+    """Expert ``expert``'s sparse units (its kept rows / columns) and what its low-rank units' decomposition needs:
+    (sparse channels, sparse matrices, medium channels, rank, medium gate / up rows and down columns on
+    ``device``, input Gram, intermediate Gram restricted to the medium channels), read in the calling thread."""
+    s, m, k = torch.tensor(plan.sparse[expert], dtype=torch.int64), plan.lowrank[expert], plan.ranks[expert]
+    matrices = {"gate": weights["gate"][expert], "up": weights["up"][expert], "down": down[expert]}
+    sparse = {"gate": matrices["gate"][s], "up": matrices["up"][s], "down": matrices["down"][:, s]}
+    if not k:
+        return s, sparse, m, 0, None, None, None
+    medium = {"gate": matrices["gate"][m].to(device), "up": matrices["up"][m].to(device),
+              "down": matrices["down"][:, m].to(device)}
+    # copies: a Gram chunk (calibration.ExpertGrams) is not kept alive by the experts in flight
+    input_gram = stats.input_gram[expert].to(device, copy=True)
+    inter_gram = stats.inter_gram[expert][m][:, m].to(device)
+    if plain:  # a zero Gram makes eigen_whitened_factors the plain SVD
+        input_gram, inter_gram = torch.zeros_like(input_gram), torch.zeros_like(inter_gram)
+    return s, sparse, m, k, medium, input_gram, inter_gram
+
+
+def _decompose(job: tuple) -> ExpertUnits:
+    """One expert's units from :func:`_expert_job`: the low-rank factors of its medium units (§3.4, one EVD of
+    the input Gram for gate and up), on the CPU."""
+    s, sparse, m, k, medium, input_gram, inter_gram = job
+    lowrank = dict.fromkeys(sparse)
+    if k:
+        input_eigen = gram_eigen(input_gram)  # [H, H]
+        for p in ("gate", "up"):
+            lowrank[p] = on_cpu(eigen_whitened_factors(medium[p], input_eigen, k))
+        lowrank["down"] = on_cpu(eigen_whitened_factors(medium["down"], gram_eigen(inter_gram), k))
+    return ExpertUnits(s, sparse, torch.tensor(m, dtype=torch.int64), lowrank)
+
+
+def decompose_experts(weights: ExpertWeights, down, stats: ExpertStatistics, plan: UnitPlan, plain: bool,
+                      device: torch.device) -> list[ExpertUnits]:
+    """Every expert's units under ``plan`` (``down``: the down projections, or their deltas from a merged base).
+
+    As methods.base.factorize_experts does: on the CPU ``torch.get_num_threads()`` experts are decomposed at
+    once, each on one thread (the EVD of the [H, H] input Gram and the SVDs are mid-sized LAPACK calls, which
+    waste much of a second thread's time on waiting when split over two, BENCHMARKS.md §12.3); the inputs of a
+    round are read in expert order in the calling thread, so at most that many experts' matrices are held.
+    An expert's result does not depend on the number of threads. On another device, one expert at a time."""
+    threads = torch.get_num_threads()
+    workers = threads if device.type == "cpu" else 1
+    experts: list[ExpertUnits] = []
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for first in range(0, len(plan.ranks), workers):
+                jobs = [_expert_job(weights, down, stats, plan, e, plain, device)
+                        for e in range(first, min(first + workers, len(plan.ranks)))]
+                experts.extend((pool.map if workers > 1 else map)(_decompose, jobs))
+    finally:
+        torch.set_num_threads(threads)  # torch keeps the workers' setting for threads started later
+    return experts
+
+
 @dataclass(frozen=True)
 class ACIWeights:
     """Algorithm 1's hyperparameters (RS-MoE), App. A.2 defaults."""
@@ -293,23 +351,8 @@ class RSMoE(CompressionMethod):
             importance = stats.counts.double() if opts.base == "frequency" else torch.ones(shape.num_experts)
             base = merge_base(down, importance)
             down = DeltaStack(down, base)
-        experts, device = [], inputs.device  # the per-expert decompositions run there, their factors come back
         decompositions_started = clock()
-        for e in range(shape.num_experts):  # one expert's matrices at a time
-            s, m, k = torch.tensor(plan.sparse[e], dtype=torch.int64), plan.lowrank[e], plan.ranks[e]
-            matrices = {"gate": weights["gate"][e], "up": weights["up"][e], "down": down[e]}
-            sparse = {"gate": matrices["gate"][s], "up": matrices["up"][s], "down": matrices["down"][:, s]}
-            lowrank = dict.fromkeys(sparse)
-            if k:
-                input_gram, inter_gram = stats.input_gram[e].to(device), stats.inter_gram[e][m][:, m].to(device)
-                if opts.lowrank_svd == "plain":  # a zero Gram makes eigen_whitened_factors the plain SVD
-                    input_gram, inter_gram = torch.zeros_like(input_gram), torch.zeros_like(inter_gram)
-                input_eigen = gram_eigen(input_gram)  # [H, H]: one EVD for gate and up
-                for p in ("gate", "up"):
-                    lowrank[p] = on_cpu(eigen_whitened_factors(matrices[p][m].to(device), input_eigen, k))
-                lowrank["down"] = on_cpu(eigen_whitened_factors(matrices["down"][:, m].to(device),
-                                                                gram_eigen(inter_gram), k))
-            experts.append(ExpertUnits(s, sparse, torch.tensor(m, dtype=torch.int64), lowrank))
+        experts = decompose_experts(weights, down, stats, plan, opts.lowrank_svd == "plain", inputs.device)
         layer = SparseLowRankLayer(shape.hidden_size, shape.intermediate_size, experts, base)
         decomposed, ridge_started = elapsed(decompositions_started), clock()
         if opts.base == "ridge":
