@@ -1,5 +1,6 @@
 """The layer-by-layer calibration pass and the Fisher estimate against direct computations."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
@@ -7,6 +8,8 @@ from transformers import AutoModelForCausalLM
 from vllm_moe_compress.offline.calibration import ExpertStatistics, calibration_windows, run_layerwise
 from vllm_moe_compress.offline.fisher import expert_fisher
 from vllm_moe_compress.offline.source_model import StreamedModel
+
+from conftest import FAMILIES
 
 
 def tiny_model(tiny_moe):
@@ -101,3 +104,36 @@ def test_expert_fisher_matches_autograd(tiny_moe):
     torch.testing.assert_close(fisher[0]["gate"], expected_gate_up0[:, :32].flatten(1).mean(1), rtol=1e-4, atol=0)
     torch.testing.assert_close(fisher[0]["up"], expected_gate_up0[:, 32:].flatten(1).mean(1), rtol=1e-4, atol=0)
     assert fisher[0]["gate"].shape == (8,) and (fisher[0]["gate"] > 0).any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_fisher_forms_no_layer_gradient_and_matches_autograd_in_every_family(tiny_moe, family):
+    """Every family's streamed Fisher (expert gradients formed one expert at a time from the experts' output
+    gradient) against one autograd backward through the whole loaded model; no weight of a rebuilt layer
+    gets a gradient (the fused [E, ...] gradient is never allocated)."""
+    path = tiny_moe(family)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    moe = [l for l, layer in enumerate(model.model.layers) if hasattr(getattr(layer, "mlp", None), "experts")]
+    assert moe
+    samples = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(5))
+    source = StreamedModel(path)
+    built = []
+    build_layer = source.build_layer
+    source.build_layer = lambda *args, **kwargs: built.append(build_layer(*args, **kwargs)) or built[-1]
+    fisher = expert_fisher(source, moe, samples, labels="empirical", granularity="expert", progress=False)
+    assert built and all(p.grad is None for layer in built for p in layer.parameters())
+
+    experts = {l: model.model.layers[l].mlp.experts for l in moe}
+    expected = {l: {k: 0.0 for k in ("gate", "up", "down")} for l in moe}
+    for ids in samples.split(1):
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        grads = torch.autograd.grad(loss, [p for l in moe for p in (experts[l].gate_up_proj, experts[l].down_proj)])
+        for l, gate_up, down in zip(moe, grads[::2], grads[1::2]):
+            half = gate_up.shape[1] // 2  # gate rows, then up rows
+            for name, grad in (("gate", gate_up[:, :half]), ("up", gate_up[:, half:]), ("down", down)):
+                expected[l][name] = expected[l][name] + (grad.double() ** 2).flatten(1).mean(1) / len(samples)
+    for l in moe:
+        assert (fisher[l]["gate"] > 0).any()
+        for name, want in expected[l].items():
+            torch.testing.assert_close(fisher[l][name], want, rtol=1e-4, atol=1e-6 * float(want.max()))
