@@ -10,18 +10,21 @@ from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, read_config
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint, find_moe_layers
 from vllm_moe_compress.offline.memory_model import MemoryBudgetError, check_memory, estimate_peak
+from vllm_moe_compress.offline.methods.base import (
+    PARALLEL_WORKING_SET, expert_working_set, factorization_workers,
+)
 
 from conftest import CALIBRATION_FILE, tiny_config, write_tiny_model
 
 
-def estimate(path, method="whitened-svd", samples=8, chunk=4):
+def estimate(path, method="whitened-svd", samples=8, chunk=4, dtype="bfloat16"):
     from transformers import AutoConfig
 
     ckpt = SafetensorsCheckpoint(path)
     layout = find_moe_layers(ckpt, architecture_for(read_config(path)), AutoConfig.from_pretrained(path))
     calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=samples, seqlen=32, fisher_samples=4)
     return estimate_peak(ckpt, layout, read_config(path)["num_hidden_layers"], build_method(method), calibration,
-                         chunk)
+                         chunk, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,14 @@ def test_estimate_does_not_grow_with_depth_but_with_samples_and_chunk(depths):
     # H = 64, I = 32, E = 8; hidden states and cached expert inputs in float32
     compression = shallow.phases["compression"]
     assert compression["Grams of 4 experts (float64)"] == 4 * (64**2 + 32**2) * 8
-    assert compression["8 expert-sized matrices (float64)"] == 8 * 64 * 32 * 8  # per expert, not the layer
+    # per worker one expert's working set of the larger pass (gate/up: [32, 64] matrices, a 64 x 64 Gram)
+    working_set = expert_working_set((32, 64), 64, 2)
+    workers = factorization_workers(working_set)
+    assert compression[f"{workers} factorisation worker(s), gate/up (float64)"] == workers * working_set
+    # float32 factors (cast as formed) and their bfloat16 copy, for the kept (1 - ratio) share: ratio 0 here
+    assert compression["compressed layer (float32 factors + bfloat16 copy)"] == 8 * 3 * 64 * 32 * (4 + 2)
+    assert estimate(depths[2], method="rs").phases["compression"][
+        "8 expert-sized matrices (float64)"] == 8 * 64 * 32 * 8  # per expert, not the layer
     assert shallow.parts["calibration activations (float32)"] == 2 * 8 * 32 * 64 * 4
     rs = estimate(depths[2], method="rs").phases["compression"]  # the next layer's V_in, 16 of its experts
     assert rs["next layer's V_in for 16 experts and 2 products (float32)"] == 16 * 32 * (64 + 2 * 32) * 4
@@ -80,3 +90,21 @@ def test_working_set_does_not_grow_with_the_experts(method):
     grows = {name for name in few if many[name] != few[name]}
     assert grows == ({"one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)"}
                      if method in ("rfid", "mobe") else set())
+
+
+def test_float32_output_needs_no_copy_and_one_expert_chunk_no_grams_part(depths):
+    """float32 factors written as float32 are the written tensors themselves; with one expert per chunk the worker
+    takes the chunk (counted in its working set)."""
+    compression = estimate(depths[2], dtype="float32", chunk=1).phases["compression"]
+    assert compression["compressed layer (float32 factors + float32 copy)"] == 8 * 3 * 64 * 32 * 4
+    assert not any(name.startswith("Grams of") for name in compression)
+
+
+def test_mixtral_shapes_factorise_one_expert_at_a_time():
+    """At Mixtral-8x7B's shapes the down pass holds the 14336 x 14336 Gram and its factor (3 GiB): one worker."""
+    shape = LayerShape(8, 4096, 14336)
+    down = expert_working_set((4096, 14336), 14336, 1)
+    assert down >= 2 * 14336**2 * 8 and down >= PARALLEL_WORKING_SET
+    assert factorization_workers(down) == 1
+    parts = memory_model.method_working_set(build_method("whitened-svd"), shape, 0.6)
+    assert max(parts.values()) == max(down, expert_working_set((14336, 4096), 4096, 2))
