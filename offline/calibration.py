@@ -220,7 +220,8 @@ class ExpertGrams:
         """[E, size]: every expert's Gram diagonal (as ``Tensor.diagonal(dim1=1, dim2=2)`` of the stacked Grams)."""
         if (dim1, dim2) != (1, 2):
             raise ValueError("ExpertGrams.diagonal is over each expert's Gram (dim1=1, dim2=2)")
-        return torch.stack([self[e].diagonal() for e in range(self.num_experts)])
+        # a copy of each diagonal: a view would keep its whole chunk alive until the stack is formed
+        return torch.stack([self[e].diagonal().clone() for e in range(self.num_experts)])
 
 
 @dataclass

@@ -10,27 +10,28 @@ one MoE layer's worth, whatever the depth of the model. Alive for the whole run:
 * for D²-MoE's Fisher, every decoder layer's input for ``--fisher-samples`` windows (offline/fisher.py;
   counted for the whole run, an over-estimate after the Fisher pass).
 
-Then the larger of two phases of each MoE layer, which are never alive together (the layer is freed before
-its compression starts):
+Then the largest of three phases of each MoE layer, which are never alive together (the layer is freed before
+its compression starts, and the method's working set before its output is serialised):
 
 * **calibration**: one decoder layer's weights in float32, and the pages of the checkpoint file that reading
   it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in: a bound, not reached by
   small models);
 * **compression**: the per-expert Grams not yet handed to a worker (``--expert-chunk`` experts of [H, H] and of
   [I, I] in float64 when a chunk holds several experts; with one expert per chunk the worker takes the chunk
-  itself, counted in its working set); the layer's compressed tensors, as the method's factors (float32:
+  itself, counted in its working set); the layer's factors as the method holds them (float32:
   methods.base.factorize_experts casts each expert's as they are formed, and MoBE / RFID-MoE fit in float32;
-  float64 for RS-MoE) plus the copy in the stored dtype that is written to the work directory (none for
-  float32 factors stored as float32); and what the method holds besides (:func:`method_working_set`). For svd,
-  whitened-svd and d2 that is one expert's working set per factorisation worker
-  (methods.base.expert_working_set: the Gram and its Cholesky factor, then the factor and the expert's
-  matrices; one worker when that is above methods.base.PARALLEL_WORKING_SET, else ``torch.get_num_threads()``
-  workers), and for d2 its shared bases. RS-MoE, MoBE and RFID-MoE read the layer's experts an expert (or a
-  group of experts) at a time: a few expert-sized float64 matrices, plus for RS-MoE's downstream influence one
-  chunk of the next layer's V_in rows (float32, rs.NEXT_EXPERT_CHUNK experts) and its products, and for
-  MoBE / RFID-MoE the Adam state of one projection's fit (float32 parameters, gradients, two moments and
-  the best state, each at most the projection's share of the compressed layer) and one group's SVD
-  (float64) and target, prediction and error (float32).
+  float64 for RS-MoE); and what the method holds besides (:func:`method_working_set`). For svd, whitened-svd
+  and d2 that is one expert's working set per factorisation worker (methods.base.expert_working_set: the Gram
+  and its Cholesky factor, then the factor and the expert's matrices; one worker when that is above
+  methods.base.PARALLEL_WORKING_SET, else ``torch.get_num_threads()`` workers), and for d2 its shared bases.
+  RS-MoE, MoBE and RFID-MoE read the layer's experts an expert (or a group of experts) at a time: a few
+  expert-sized float64 matrices, plus for RS-MoE's downstream influence one chunk of the next layer's V_in rows
+  (float32, rs.NEXT_EXPERT_CHUNK experts) and its products, and for MoBE / RFID-MoE the Adam state of one
+  projection's fit (float32 parameters, gradients, two moments and the best state, each at most the
+  projection's share of the compressed layer) and one group's SVD (float64) and target, prediction and error
+  (float32);
+* **writing**: the factors and their copy in the stored dtype (``--dtype``; none when float32 factors are
+  stored as float32, the copy is then the factors themselves).
 
 This is an estimate of the tensors, not of allocator slack or the interpreter (a fixed allowance below).
 It counts every part as host memory, as a ``--device cpu`` run holds it, and is checked against the available
@@ -90,7 +91,7 @@ class MemoryEstimate:
             return ", ".join(f"{name} {size / GIB:.2f}" for name, size in parts.items())
 
         phases = "; ".join(f"{phase}: {listed(parts)}" for phase, parts in self.phases.items())
-        return f"{listed(self.parts)}; the larger of [{phases}]"
+        return f"{listed(self.parts)}; the largest of [{phases}]"
 
 
 def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chunk: int | None,
@@ -130,8 +131,11 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
         },
         "compression": {
             **grams,
-            f"compressed layer (float{8 * factor_bytes} factors + {dtype} copy)": round(kept * (factor_bytes + copy_bytes)),
+            f"compressed layer (float{8 * factor_bytes} factors)": round(kept * factor_bytes),
             **method_working_set(method, shape, ratio),
+        },
+        "writing": {
+            f"compressed layer (float{8 * factor_bytes} factors + {dtype} copy)": round(kept * (factor_bytes + copy_bytes)),
         },
     }
     return MemoryEstimate(parts, phases)
@@ -143,8 +147,8 @@ def method_working_set(method, shape: LayerShape, ratio: float) -> dict[str, int
     h, i = shape.hidden_size, shape.intermediate_size
     if isinstance(method, (PlainSVD, D2MoE)):
         return {**factorization_working_set(shape, whitened=getattr(method, "whitened", True)),
-                **({"D²-MoE's bases: one group's in float64, the others float32, and the expert read (float64)":
-                    3 * h * i * 8} if isinstance(method, D2MoE) else {})}
+                **({"D²-MoE's bases (the group being factorised in float64, the others float32)": 2 * h * i * 8}
+                   if isinstance(method, D2MoE) else {})}
     parts = {f"{EXPERT_WORKING_SET} expert-sized matrices (float64)": EXPERT_WORKING_SET * h * i * 8}
     if isinstance(method, RSMoE) and method.needs_next_layer:
         parts[f"next layer's V_in for {NEXT_EXPERT_CHUNK} experts and 2 products (float32)"] = (

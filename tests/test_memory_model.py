@@ -51,8 +51,9 @@ def test_estimate_does_not_grow_with_depth_but_with_samples_and_chunk(depths):
     working_set = expert_working_set((32, 64), 64, 2)
     workers = factorization_workers(working_set)
     assert compression[f"{workers} factorisation worker(s), gate/up (float64)"] == workers * working_set
-    # float32 factors (cast as formed) and their bfloat16 copy, for the kept (1 - ratio) share: ratio 0 here
-    assert compression["compressed layer (float32 factors + bfloat16 copy)"] == 8 * 3 * 64 * 32 * (4 + 2)
+    # float32 factors (cast as formed), and their bfloat16 copy when written, for the kept (1 - ratio) share: ratio 0
+    assert compression["compressed layer (float32 factors)"] == 8 * 3 * 64 * 32 * 4
+    assert shallow.phases["writing"]["compressed layer (float32 factors + bfloat16 copy)"] == 8 * 3 * 64 * 32 * (4 + 2)
     assert estimate(depths[2], method="rs").phases["compression"][
         "8 expert-sized matrices (float64)"] == 8 * 64 * 32 * 8  # per expert, not the layer
     assert shallow.parts["calibration activations (float32)"] == 2 * 8 * 32 * 64 * 4
@@ -95,9 +96,9 @@ def test_working_set_does_not_grow_with_the_experts(method):
 def test_float32_output_needs_no_copy_and_one_expert_chunk_no_grams_part(depths):
     """float32 factors written as float32 are the written tensors themselves; with one expert per chunk the worker
     takes the chunk (counted in its working set)."""
-    compression = estimate(depths[2], dtype="float32", chunk=1).phases["compression"]
-    assert compression["compressed layer (float32 factors + float32 copy)"] == 8 * 3 * 64 * 32 * 4
-    assert not any(name.startswith("Grams of") for name in compression)
+    phases = estimate(depths[2], dtype="float32", chunk=1).phases
+    assert phases["writing"]["compressed layer (float32 factors + float32 copy)"] == 8 * 3 * 64 * 32 * 4
+    assert not any(name.startswith("Grams of") for name in phases["compression"])
 
 
 def test_mixtral_shapes_factorise_one_expert_at_a_time():

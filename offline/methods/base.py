@@ -127,8 +127,10 @@ def factorize_experts(
 
 def _run(jobs: list, workers: int):
     """Each job's result in order: in this thread (one worker), else ``workers`` jobs at a time in one-thread
-    workers, each round's inputs read here first. A finished job is dropped, with what it still held."""
+    workers, each round's inputs read here first. A finished job is dropped, with what it still held. The
+    caller restores torch's thread setting."""
     if workers == 1:
+        torch.set_num_threads(1)  # as the parallel workers: the factors do not depend on the machine's threads
         for e in range(len(jobs)):
             job, jobs[e] = jobs[e], None
             yield None if job is None else job.run()

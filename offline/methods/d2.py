@@ -137,6 +137,17 @@ class D2MoE(CompressionMethod):
             return stats.counts.double()
         return torch.ones(stats.counts.numel(), dtype=torch.float64)
 
+    def kept_channels(self, base_down: torch.Tensor, stats, shape: LayerShape) -> torch.Tensor:
+        """The static_channels(shape) intermediate channels with the highest C_j = ‖W_b,down[:, j]‖₂ · ‖X[j, :]‖₂
+        (Eq. 9), sorted; all of them without static pruning (no score needed: the intermediate Grams, 1.5 GiB
+        each at Mixtral-8x7B's width, are not computed a second time for it)."""
+        kept = self.static_channels(shape)
+        if kept == shape.intermediate_size:
+            return torch.arange(kept)
+        activation_norm = stats.inter_gram.diagonal(dim1=1, dim2=2).sum(0).clamp_min(0).sqrt()
+        score = base_down.norm(dim=0) * activation_norm  # Eq. 9, C_j
+        return torch.sort(torch.topk(score, kept).indices).values
+
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
         """Merge, factorise the deltas and prune, one group of projections at a time (base.GROUPS: gate and up,
         then down), so only that group's base is alive in float64; each base is kept in float32 once its deltas
@@ -151,10 +162,8 @@ class D2MoE(CompressionMethod):
             factors.update(factorize_experts(deltas, ranks, stats, inputs.device, group))
             del deltas
             if "down" in merged:
-                activation_norm = stats.inter_gram.diagonal(dim1=1, dim2=2).sum(0).clamp_min(0).sqrt()
-                score = merged["down"].norm(dim=0) * activation_norm  # Eq. 9, C_j
+                keep = self.kept_channels(merged["down"], stats, shape)
             base.update({p: merged.pop(p).float() for p in group})
-        keep = torch.sort(torch.topk(score, self.static_channels(shape)).indices).values
         pruned = {"gate": base.pop("gate")[keep], "up": base.pop("up")[keep], "down": base.pop("down")[:, keep]}
         return LayerResult(BaseDeltaLayer(shape.hidden_size, shape.intermediate_size,
                                           {p: factors[p] for p in PROJECTIONS}, pruned, keep))
