@@ -77,12 +77,12 @@ def expert_working_set(matrix_shape: tuple[int, int], gram_size: int | None, pro
     return 8 * (gram + max(gram, matrices + 2 * min(out, inp) ** 2))
 
 
-def factorization_workers(working_set: int, device: torch.device | str = "cpu") -> int:
-    """Experts factorised at once: ``torch.get_num_threads()`` one-thread workers on the CPU while an expert's
-    ``working_set`` is below PARALLEL_WORKING_SET, else one (and one on another device)."""
+def factorization_workers(working_set: int, device: torch.device | str = "cpu", threads: int | None = None) -> int:
+    """Experts factorised at once: ``threads`` (default ``torch.get_num_threads()``) one-thread workers on the CPU
+    while an expert's ``working_set`` is below PARALLEL_WORKING_SET, else one (and one on another device)."""
     if torch.device(device).type != "cpu" or working_set >= PARALLEL_WORKING_SET:
         return 1
-    return torch.get_num_threads()
+    return torch.get_num_threads() if threads is None else threads
 
 
 def factorize_experts(
@@ -114,10 +114,10 @@ def factorize_experts(
             grams = None if stats is None else input_gram(stats, group[0])
             shape = tuple(matrices[group[0]].shape[1:])
             working_set = expert_working_set(shape, None if grams is None else shape[1], len(group))
-            workers = factorization_workers(working_set, device)
+            workers = factorization_workers(working_set, device, threads)
             jobs = [None if rank == 0 else _ExpertJob(matrices, group, rank, grams, e, device)
                     for e, rank in enumerate(ranks)]
-            for result in _run(jobs, workers):
+            for result in _run(jobs, workers, threads):
                 for p in group:
                     factors[p].append(None if result is None else result[p])
     finally:
@@ -125,15 +125,23 @@ def factorize_experts(
     return factors
 
 
-def _run(jobs: list, workers: int):
-    """Each job's result in order: in this thread (one worker), else ``workers`` jobs at a time in one-thread
-    workers, each round's inputs read here first. A finished job is dropped, with what it still held. The
-    caller restores torch's thread setting."""
+def _run(jobs: list, workers: int, threads: int):
+    """Each job's result in order. One worker: in this thread, its Gram read first (summed on this thread's
+    ``threads``, as when the inputs are read for parallel workers), then factorised on one thread reading each
+    matrix when needed. Several: ``workers`` jobs at a time in one-thread workers, each round's inputs read here
+    first. A finished job is dropped, with what it still held."""
     if workers == 1:
-        torch.set_num_threads(1)  # as the parallel workers: the factors do not depend on the machine's threads
         for e in range(len(jobs)):
             job, jobs[e] = jobs[e], None
-            yield None if job is None else job.run()
+            if job is None:
+                yield None
+                continue
+            job.prefetch(weights=False)
+            torch.set_num_threads(1)  # as the parallel workers: the factors do not depend on the machine's threads
+            try:
+                yield job.run()
+            finally:
+                torch.set_num_threads(threads)
         return
     with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for first in range(0, len(jobs), workers):
@@ -158,9 +166,11 @@ class _ExpertJob:
         self.gram: torch.Tensor | None = None
         self.weights: dict[str, torch.Tensor] = {}
 
-    def prefetch(self) -> "_ExpertJob":
+    def prefetch(self, weights: bool = True) -> "_ExpertJob":
+        """Read the Gram now (and with ``weights`` the matrices), in the calling thread."""
         self.gram = self._read_gram()
-        self.weights = {p: self._read(p) for p in self.projections}
+        if weights:
+            self.weights = {p: self._read(p) for p in self.projections}
         return self
 
     def _read_gram(self) -> torch.Tensor | None:
