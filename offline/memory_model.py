@@ -47,9 +47,11 @@ from dataclasses import dataclass
 
 import psutil
 
+from vllm_moe_compress.format import PROJECTIONS
+
 from .budget import LayerShape
 from .checkpoint_io import RELEASE_BYTES
-from .methods.base import GROUPS, expert_working_set, factorization_workers
+from .methods.base import expert_working_set, factorization_workers, pass_order
 from .methods.basis_method import BasisMethod
 from .methods.d2 import D2MoE
 from .methods.rs import NEXT_EXPERT_CHUNK, RSMoE
@@ -131,8 +133,9 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
         },
         "compression": {
             **grams,
-            f"compressed layer (float{8 * factor_bytes} factors)": round(kept * factor_bytes),
-            **method_working_set(method, shape, ratio),
+            **({f"compressed layer (float{8 * factor_bytes} factors)": round(kept * factor_bytes),
+                **method_working_set(method, shape, ratio)} if not factorizes(method) else
+               {**factorization_working_set(shape, method.whitened, round(kept * factor_bytes)), **d2_bases(method, shape)}),
         },
         "writing": {
             f"compressed layer (float{8 * factor_bytes} factors + {dtype} copy)": round(kept * (factor_bytes + copy_bytes)),
@@ -141,14 +144,17 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
     return MemoryEstimate(parts, phases)
 
 
+def factorizes(method) -> bool:
+    """Whether ``method`` compresses through methods.base.factorize_experts (svd, whitened-svd, d2)."""
+    return isinstance(method, (PlainSVD, D2MoE))
+
+
 def method_working_set(method, shape: LayerShape, ratio: float) -> dict[str, int]:
     """What ``method`` holds while compressing a layer of ``shape``, besides the Grams and its output (module
     docstring): named parts in bytes."""
     h, i = shape.hidden_size, shape.intermediate_size
-    if isinstance(method, (PlainSVD, D2MoE)):
-        return {**factorization_working_set(shape, whitened=getattr(method, "whitened", True)),
-                **({"D²-MoE's bases (the group being factorised in float64, the others float32)": 2 * h * i * 8}
-                   if isinstance(method, D2MoE) else {})}
+    if factorizes(method):
+        return {**factorization_working_set(shape, method.whitened), **d2_bases(method, shape)}
     parts = {f"{EXPERT_WORKING_SET} expert-sized matrices (float64)": EXPERT_WORKING_SET * h * i * 8}
     if isinstance(method, RSMoE) and method.needs_next_layer:
         parts[f"next layer's V_in for {NEXT_EXPERT_CHUNK} experts and 2 products (float32)"] = (
@@ -161,17 +167,30 @@ def method_working_set(method, shape: LayerShape, ratio: float) -> dict[str, int
     return parts
 
 
-def factorization_working_set(shape: LayerShape, whitened: bool) -> dict[str, int]:
-    """methods.base.factorize_experts' workers on a layer of ``shape``: the largest of its passes (base.GROUPS),
-    one expert's working set per worker."""
+def d2_bases(method, shape: LayerShape) -> dict[str, int]:
+    """D²-MoE's shared bases while its deltas are factorised: the pass's group in float64, the others float32."""
+    if not isinstance(method, D2MoE):
+        return {}
+    return {"D²-MoE's bases (the group being factorised in float64, the others float32)":
+            2 * shape.hidden_size * shape.intermediate_size * 8}
+
+
+def factorization_working_set(shape: LayerShape, whitened: bool, factor_bytes: int = 0) -> dict[str, int]:
+    """methods.base.factorize_experts on a layer of ``shape``: its largest pass (base.pass_order), one expert's
+    working set per worker, plus (``factor_bytes``: the whole layer's factors) the factors held by the pass's end,
+    those of its own and of the earlier passes' projections."""
     h, i = shape.hidden_size, shape.intermediate_size
-    largest, name = 0, ""
-    for group in GROUPS:
+    largest, name, done = 0, "", 0
+    for group in pass_order(h, i):
         out, inp = (h, i) if group == ("down",) else (i, h)
         working_set = expert_working_set((out, inp), inp if whitened else None, len(group))
         workers = factorization_workers(working_set)
-        if workers * working_set > largest:
-            largest, name = workers * working_set, f"{workers} factorisation worker(s), {'/'.join(group)} (float64)"
+        done += len(group)
+        held = workers * working_set + factor_bytes * done // len(PROJECTIONS)
+        if held > largest:
+            largest, name = held, f"{'/'.join(group)} pass: {workers} factorisation worker(s) (float64)"
+            if factor_bytes:
+                name += f" + {done} of {len(PROJECTIONS)} projections' factors (float32)"
     return {name: largest}
 
 

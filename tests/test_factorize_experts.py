@@ -94,8 +94,10 @@ def test_one_worker_above_the_working_set_limit_gives_the_same_factors(monkeypat
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_a_group_of_projections_is_the_same_as_all():
-    weights, stats = random_layer(experts=4, hidden=32, inter=16, seed=10)
+@pytest.mark.parametrize("hidden, inter", [(32, 16), (16, 32)])  # gate/up's pass first, or down's
+def test_a_group_of_projections_is_the_same_as_all(hidden, inter):
+    assert base.pass_order(hidden, inter)[0] == (("gate", "up") if hidden >= inter else ("down",))
+    weights, stats = random_layer(experts=4, hidden=hidden, inter=inter, seed=10)
     ranks = [5, 7, 0, 4]
     everything = factorize_experts(weights, ranks, stats)
     down = factorize_experts(weights, ranks, stats, projections=("down",))

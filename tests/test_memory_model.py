@@ -10,6 +10,7 @@ from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, read_config
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint, find_moe_layers
 from vllm_moe_compress.offline.memory_model import MemoryBudgetError, check_memory, estimate_peak
+from vllm_moe_compress.offline.methods import base
 from vllm_moe_compress.offline.methods.base import (
     PARALLEL_WORKING_SET, expert_working_set, factorization_workers,
 )
@@ -47,12 +48,17 @@ def test_estimate_does_not_grow_with_depth_but_with_samples_and_chunk(depths):
     # H = 64, I = 32, E = 8; hidden states and cached expert inputs in float32
     compression = shallow.phases["compression"]
     assert compression["Grams of 4 experts (float64)"] == 4 * (64**2 + 32**2) * 8
-    # per worker one expert's working set of the larger pass (gate/up: [32, 64] matrices, a 64 x 64 Gram)
-    working_set = expert_working_set((32, 64), 64, 2)
-    workers = factorization_workers(working_set)
-    assert compression[f"{workers} factorisation worker(s), gate/up (float64)"] == workers * working_set
-    # float32 factors (cast as formed), and their bfloat16 copy when written, for the kept (1 - ratio) share: ratio 0
-    assert compression["compressed layer (float32 factors)"] == 8 * 3 * 64 * 32 * 4
+    # per worker one expert's working set of each pass (gate/up first: [32, 64] matrices, a 64 x 64 Gram; then
+    # down: [64, 32], 32 x 32), with the float32 factors (cast as formed) held by the pass's end: 2 of 3
+    # projections' after gate/up, all after down; the kept (1 - ratio) share of the experts, ratio 0 here
+    factors = 8 * 3 * 64 * 32 * 4
+    passes = {"gate/up": (expert_working_set((32, 64), 64, 2), factors * 2 // 3),
+              "down": (expert_working_set((64, 32), 32, 1), factors)}
+    held = {name: factorization_workers(ws) * ws + done for name, (ws, done) in passes.items()}
+    largest = max(held, key=held.get)
+    workers, done = factorization_workers(passes[largest][0]), {"gate/up": 2, "down": 3}[largest]
+    assert compression[f"{largest} pass: {workers} factorisation worker(s) (float64) + {done} of 3 projections' "
+                       "factors (float32)"] == held[largest]
     assert shallow.phases["writing"]["compressed layer (float32 factors + bfloat16 copy)"] == 8 * 3 * 64 * 32 * (4 + 2)
     assert estimate(depths[2], method="rs").phases["compression"][
         "8 expert-sized matrices (float64)"] == 8 * 64 * 32 * 8  # per expert, not the layer
@@ -108,4 +114,5 @@ def test_mixtral_shapes_factorise_one_expert_at_a_time():
     assert down >= 2 * 14336**2 * 8 and down >= PARALLEL_WORKING_SET
     assert factorization_workers(down) == 1
     parts = memory_model.method_working_set(build_method("whitened-svd"), shape, 0.6)
-    assert max(parts.values()) == max(down, expert_working_set((14336, 4096), 4096, 2))
+    assert parts == {"down pass: 1 factorisation worker(s) (float64)": down}
+    assert base.pass_order(4096, 14336)[0] == ("down",)  # the larger Gram's pass first, beside fewer factors

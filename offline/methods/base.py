@@ -55,6 +55,14 @@ def as_stored(factors: Factors) -> Factors:
 GROUPS = (("gate", "up"), ("down",))
 """Projections factorised in one pass over the experts: those sharing one input Gram (and whitening factor)."""
 
+
+def pass_order(hidden_size: int, intermediate_size: int) -> tuple[tuple[str, ...], ...]:
+    """GROUPS in the order :func:`factorize_experts` runs them: the pass with the larger Gram first (gate/up
+    multiply the hidden state, down the intermediate), while few of the layer's factors are held yet. At
+    Mixtral-8x7B's shapes the down pass (14336 × 14336 Grams) then runs beside 1/3 of the float32 factors instead
+    of 5/6 of them (0.7 instead of 1.75 GiB at ratio 0.6). Each expert's factors do not depend on the order."""
+    return GROUPS if hidden_size >= intermediate_size else GROUPS[::-1]
+
 PARALLEL_WORKING_SET = 2**30
 """Experts are factorised in parallel threads only while one expert's working set (:func:`expert_working_set`)
 stays below this: above it (Mixtral-8x7B's 14336 × 14336 intermediate Gram: 1.5 GiB, with its Cholesky factor
@@ -93,8 +101,9 @@ def factorize_experts(
     ``stats``, as float32 on the CPU (:func:`as_stored`).
 
     One pass over the experts per group of projections sharing an input Gram (GROUPS: gate and up share the
-    expert input's Gram and its whitening factor, down has the intermediate's), so each Gram chunk
-    (calibration.ExpertGrams) is computed once and only one kind of Gram is alive at a time. The Cholesky
+    expert input's Gram and its whitening factor, down has the intermediate's; the larger Gram's pass first,
+    :func:`pass_order`), so each Gram chunk (calibration.ExpertGrams) is computed once and only one kind of Gram
+    is alive at a time. The Cholesky
     factorisations and decompositions run on ``device`` (each expert's matrices and Gram are moved there).
 
     On the CPU, :func:`factorization_workers` experts are factorised at once, each on one thread. The
@@ -108,7 +117,7 @@ def factorize_experts(
     threads = torch.get_num_threads()
     factors: dict[str, list[Factors | None]] = {p: [] for p in projections}
     try:
-        for group in (tuple(p for p in g if p in projections) for g in GROUPS):
+        for group in (tuple(p for p in g if p in projections) for g in pass_order(*_layer_sizes(matrices))):
             if not group:
                 continue
             grams = None if stats is None else input_gram(stats, group[0])
@@ -123,6 +132,13 @@ def factorize_experts(
     finally:
         torch.set_num_threads(threads)  # torch keeps the workers' setting for threads started later
     return factors
+
+
+def _layer_sizes(matrices: ExpertWeights) -> tuple[int, int]:
+    """(hidden, intermediate) from any projection's [E, out, in] shape (gate/up [E, I, H], down [E, H, I])."""
+    proj, stack = next(iter(matrices.items()))
+    out, inp = stack.shape[1:]
+    return (out, inp) if proj == "down" else (inp, out)
 
 
 def _run(jobs: list, workers: int, threads: int):

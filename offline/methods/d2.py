@@ -35,7 +35,7 @@ from ..budget import LayerShape
 from ..choices import MERGES
 from ..options import MethodOptions, check_choice, check_range, option
 from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
-from .base import GROUPS, CompressionMethod, LayerInputs, LayerResult, factorize_experts
+from .base import CompressionMethod, LayerInputs, LayerResult, factorize_experts, pass_order
 
 
 def merge_base(weights, importance: torch.Tensor) -> torch.Tensor:
@@ -108,6 +108,8 @@ class D2MoE(CompressionMethod):
 
     name = "d2"
     Options = D2Options
+    whitened = True
+    """The deltas are factorised with each expert's own Gram (as :class:`svd.WhitenedSVD`)."""
 
     @property
     def needs_fisher(self) -> bool:
@@ -149,14 +151,14 @@ class D2MoE(CompressionMethod):
         return torch.sort(torch.topk(score, kept).indices).values
 
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
-        """Merge, factorise the deltas and prune, one group of projections at a time (base.GROUPS: gate and up,
-        then down), so only that group's base is alive in float64; each base is kept in float32 once its deltas
+        """Merge, factorise the deltas and prune, one group of projections at a time (gate and up, and down, in
+        the factorisation's order: base.pass_order), so only that group's base is alive in float64; each base is kept in float32 once its deltas
         are factorised (what is stored is float32 at most, and float64 → bfloat16 goes through float32 in
         torch, so no stored byte changes). The channel score (Eq. 9) uses the float64 down base."""
         weights, stats, shape = inputs.weights, inputs.stats, inputs.shape
         ranks = self.ranks_for(inputs.budget, shape, stats)
         factors, base = {}, {}
-        for group in GROUPS:
+        for group in pass_order(shape.hidden_size, shape.intermediate_size):
             merged = {p: merge_base(weights[p], self.importance(p, stats, inputs.fisher)) for p in group}
             deltas = {p: DeltaStack(weights[p], merged[p]) for p in group}
             factors.update(factorize_experts(deltas, ranks, stats, inputs.device, group))
