@@ -63,6 +63,7 @@ def pass_order(hidden_size: int, intermediate_size: int) -> tuple[tuple[str, ...
     of 5/6 of them (0.7 instead of 1.75 GiB at ratio 0.6). Each expert's factors do not depend on the order."""
     return GROUPS if hidden_size >= intermediate_size else GROUPS[::-1]
 
+
 PARALLEL_WORKING_SET = 2**30
 """Experts are factorised in parallel threads only while one expert's working set (:func:`expert_working_set`)
 stays below this: above it (Mixtral-8x7B's 14336 × 14336 intermediate Gram: 1.5 GiB, with its Cholesky factor
@@ -103,8 +104,8 @@ def factorize_experts(
     One pass over the experts per group of projections sharing an input Gram (GROUPS: gate and up share the
     expert input's Gram and its whitening factor, down has the intermediate's; the larger Gram's pass first,
     :func:`pass_order`), so each Gram chunk (calibration.ExpertGrams) is computed once and only one kind of Gram
-    is alive at a time. The Cholesky
-    factorisations and decompositions run on ``device`` (each expert's matrices and Gram are moved there).
+    is alive at a time. The Cholesky factorisations and decompositions run on ``device`` (each expert's matrices
+    and Gram are moved there).
 
     On the CPU, :func:`factorization_workers` experts are factorised at once, each on one thread. The
     factorisation is many mid-sized LAPACK calls (Cholesky, eigh) whose threads wait on each other when one
