@@ -187,6 +187,16 @@ class ExpertGrams:
             self._cached = self._compute(range(first, min(first + self.chunk, self.num_experts)))
         return self._cached[expert - first]
 
+    def take(self, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s Gram for the caller to keep or overwrite: the cached chunk itself when it holds only
+        that expert (the chunk is dropped here, so no second copy exists: at Mixtral-8x7B's width one [I, I] Gram
+        is 1.5 GiB), else a copy. Asking for that expert again computes its chunk again."""
+        gram = self[expert]
+        if self._cached.shape[0] > 1:
+            return gram.clone()
+        self._cached, self._first = None, -1
+        return gram
+
     @torch.no_grad()
     def _compute(self, experts: range) -> torch.Tensor:
         started = clock()
@@ -210,7 +220,8 @@ class ExpertGrams:
         """[E, size]: every expert's Gram diagonal (as ``Tensor.diagonal(dim1=1, dim2=2)`` of the stacked Grams)."""
         if (dim1, dim2) != (1, 2):
             raise ValueError("ExpertGrams.diagonal is over each expert's Gram (dim1=1, dim2=2)")
-        return torch.stack([self[e].diagonal() for e in range(self.num_experts)])
+        # a copy of each diagonal: a view would keep its whole chunk alive until the stack is formed
+        return torch.stack([self[e].diagonal().clone() for e in range(self.num_experts)])
 
 
 @dataclass

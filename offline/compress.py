@@ -134,7 +134,7 @@ def compress_checkpoint(
     samples = calibration_windows(tokenizer, text, calibration.samples, calibration.seqlen, calibration.seed)
     # logs the expected peak; refuses before anything is written when it cannot fit the available memory
     check_memory(estimate_peak(ckpt, layout, int(config.get("num_hidden_layers", 0)), method, calibration,
-                               expert_chunk, ratio))
+                               expert_chunk, ratio, dtype))
     work = WorkDir(out_dir, run_arguments(model_dir, method, ratio, calibration, dtype))
     job = _Job(model_dir, Path(out_dir), config, arch, ckpt, layout, method, plan, planner, ratio, calibration, dtype,
                work, expert_chunk, device)
@@ -261,7 +261,7 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
                       **keep, **compressed.allocation(), **result.log},
         }
         tensors = compressed.to_tensors(prefix, job.arch.proj_names, DTYPES[job.dtype])
-        del compressed, result  # the method's float64 factors, before the layer is serialised
+        del compressed, result  # the method's factors (float32, or float64 for rs), before the layer is serialised
         # (wall, CPU) seconds per phase; the Grams are computed on demand inside the method: counted as statistics
         seconds = {"calibration": stats.calibration_seconds, "statistics": statistics,
                    "factorisation": tuple(c - s for c, s in zip(compression, statistics))}

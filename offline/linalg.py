@@ -8,7 +8,9 @@ error of an approximation Ŵ is ‖(W − Ŵ)Xᵀ‖²_F = ‖(W − Ŵ)S‖²_F
 
 All arithmetic here is float64: the Grams are sums of many rank-one terms whose small eigenvalues decide the
 whitening, and the whitened factors come from the eigendecomposition of (W S)(W S)ᵀ or (W S)ᵀ(W S), whose
-eigenvalues are the squared singular values (float32 would keep only the largest few digits of them).
+eigenvalues are the squared singular values (float32 would keep only the largest few digits of them). The
+factors returned are float64 too; methods.base.factorize_experts casts each expert's to float32 as soon as they
+are formed (what is stored is float32 at most).
 """
 
 from __future__ import annotations
@@ -19,15 +21,22 @@ DAMPING_START = 1e-6
 """First relative ridge added to a Gram matrix that is not positive definite (times its mean diagonal)."""
 
 
-def whitening_factor(gram: torch.Tensor) -> torch.Tensor | None:
-    """Lower Cholesky factor S of ``gram`` (float64), with damping when it is not positive definite.
+def whitening_factor(gram: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor | None:
+    """Lower Cholesky factor S of the symmetrised ``gram`` (float64), with damping when it is not positive definite.
 
     Damping follows SVD-LLM's retry (a ridge on the diagonal) but grows geometrically from
     ``DAMPING_START · mean(diag)`` until the factorisation succeeds. Returns ``None`` for an all-zero
     Gram (an expert that received no calibration tokens): callers then use plain SVD, the only
     choice that does not depend on data the expert never saw.
+
+    Memory: the factor plus one n × n float64 matrix that is symmetrised and damped in place: a copy of
+    ``gram``, or with ``overwrite`` (a float64 Gram the caller owns and no longer needs) ``gram`` itself, which
+    then holds the damped symmetrised Gram. At n = 14336 (Mixtral-8x7B's intermediate width) each is 1.5 GiB.
     """
-    gram = (gram + gram.T).to(torch.float64).mul_(0.5)  # one n × n copy besides the caller's (n = 14336: 1.5 GiB)
+    if overwrite and gram.dtype == torch.float64:
+        gram = symmetrise_(gram)
+    else:
+        gram = (gram + gram.T).to(torch.float64).mul_(0.5)
     scale = gram.diagonal().mean().item()
     if scale <= 0.0:
         return None
@@ -39,6 +48,26 @@ def whitening_factor(gram: torch.Tensor) -> torch.Tensor | None:
         factor, info = torch.linalg.cholesky_ex(gram)
         damping *= 10.0
     return factor
+
+
+SYMMETRISE_BLOCK = 1024
+"""Rows and columns of the blocks :func:`symmetrise_` averages at a time (an 8 MiB float64 temporary)."""
+
+
+def symmetrise_(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` replaced in place by (M + Mᵀ) / 2, block pair by block pair, and returned.
+
+    Element (i, j) becomes (M[i, j] + M[j, i]) · 0.5, bit for bit what ``(M + M.T) * 0.5`` computes (the sum is
+    commutative in IEEE arithmetic), without that n × n temporary."""
+    n = matrix.shape[0]
+    for a in range(0, n, SYMMETRISE_BLOCK):
+        for b in range(a, n, SYMMETRISE_BLOCK):
+            upper = matrix[a : a + SYMMETRISE_BLOCK, b : b + SYMMETRISE_BLOCK]
+            lower = matrix[b : b + SYMMETRISE_BLOCK, a : a + SYMMETRISE_BLOCK]
+            mean = (upper + lower.T).mul_(0.5)
+            upper.copy_(mean)
+            lower.copy_(mean.T)
+    return matrix
 
 
 def low_rank_factors(

@@ -10,21 +10,28 @@ one MoE layer's worth, whatever the depth of the model. Alive for the whole run:
 * for D²-MoE's Fisher, every decoder layer's input for ``--fisher-samples`` windows (offline/fisher.py;
   counted for the whole run, an over-estimate after the Fisher pass).
 
-Then the larger of two phases of each MoE layer, which are never alive together (the layer is freed before
-its compression starts):
+Then the largest of three phases of each MoE layer, which are never alive together (the layer is freed before
+its compression starts, and the method's working set before its output is serialised):
 
 * **calibration**: one decoder layer's weights in float32, and the pages of the checkpoint file that reading
   it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in: a bound, not reached by
   small models);
-* **compression**: one chunk of per-expert Grams in float64 (``--expert-chunk`` experts of [H, H] and of
-  [I, I]); the layer's compressed tensors, as the method's factors (float64; float32 for MoBE / RFID-MoE, which fit in float32) plus the float32 (at most) copy
-  written to the work directory; and what the method holds besides (:func:`method_working_set`). Every
-  method reads the layer's experts an expert (or a group of experts) at a time and never stacks a
-  projection, so this is a few expert-sized float64 matrices, plus for RS-MoE's downstream influence one
-  chunk of the next layer's V_in rows (float32, rs.NEXT_EXPERT_CHUNK experts) and its products, and for
-  MoBE / RFID-MoE the Adam state of one projection's fit (float32 parameters, gradients, two moments and
-  the best state, each at most the projection's share of the compressed layer) and one group's SVD
-  (float64) and target, prediction and error (float32).
+* **compression**: the per-expert Grams not yet handed to a worker (``--expert-chunk`` experts of [H, H] and of
+  [I, I] in float64 when a chunk holds several experts; with one expert per chunk the worker takes the chunk
+  itself, counted in its working set); the layer's factors as the method holds them (float32:
+  methods.base.factorize_experts casts each expert's as they are formed, and MoBE / RFID-MoE fit in float32;
+  float64 for RS-MoE); and what the method holds besides (:func:`method_working_set`). For svd, whitened-svd
+  and d2 that is one expert's working set per factorisation worker (methods.base.expert_working_set: the Gram
+  and its Cholesky factor, then the factor and the expert's matrices; one worker when that is above
+  methods.base.PARALLEL_WORKING_SET, else ``torch.get_num_threads()`` workers), and for d2 its shared bases.
+  RS-MoE, MoBE and RFID-MoE read the layer's experts an expert (or a group of experts) at a time: a few
+  expert-sized float64 matrices, plus for RS-MoE's downstream influence one chunk of the next layer's V_in rows
+  (float32, rs.NEXT_EXPERT_CHUNK experts) and its products, and for MoBE / RFID-MoE the Adam state of one
+  projection's fit (float32 parameters, gradients, two moments and the best state, each at most the
+  projection's share of the compressed layer) and one group's SVD (float64) and target, prediction and error
+  (float32);
+* **writing**: the factors and their copy in the stored dtype (``--dtype``; none when float32 factors are
+  stored as float32, the copy is then the factors themselves).
 
 This is an estimate of the tensors, not of allocator slack or the interpreter (a fixed allowance below).
 It counts every part as host memory, as a ``--device cpu`` run holds it, and is checked against the available
@@ -40,10 +47,15 @@ from dataclasses import dataclass
 
 import psutil
 
+from vllm_moe_compress.format import PROJECTIONS
+
 from .budget import LayerShape
 from .checkpoint_io import RELEASE_BYTES
+from .methods.base import expert_working_set, factorization_workers, pass_order
 from .methods.basis_method import BasisMethod
+from .methods.d2 import D2MoE
 from .methods.rs import NEXT_EXPERT_CHUNK, RSMoE
+from .methods.svd import PlainSVD
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +69,11 @@ class MemoryBudgetError(ValueError):
 
 
 EXPERT_WORKING_SET = 8
-"""Expert-sized float64 matrices a per-expert method holds at once (the weight or delta, its whitened product,
-the SVD's factors; D²-MoE's three base matrices)."""
+"""Expert-sized float64 matrices RS-MoE, MoBE and RFID-MoE hold at once (an expert's matrix, its whitened
+product, the SVD's factors...)."""
+
+STORED_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+"""Bytes per element of ``compress --dtype``."""
 
 
 @dataclass(frozen=True)
@@ -78,13 +93,13 @@ class MemoryEstimate:
             return ", ".join(f"{name} {size / GIB:.2f}" for name, size in parts.items())
 
         phases = "; ".join(f"{phase}: {listed(parts)}" for phase, parts in self.phases.items())
-        return f"{listed(self.parts)}; the larger of [{phases}]"
+        return f"{listed(self.parts)}; the largest of [{phases}]"
 
 
 def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chunk: int | None,
-                  ratio: float = 0.0) -> MemoryEstimate:
+                  ratio: float = 0.0, dtype: str = "bfloat16") -> MemoryEstimate:
     """The expected peak (module docstring) of compressing ``layout``'s MoE layers of checkpoint ``ckpt`` at
-    ``ratio`` (the compressed tensors are counted as 1 − ratio of the dense experts)."""
+    ``ratio`` (the compressed tensors are counted as 1 − ratio of the dense experts) into ``dtype``."""
     layer_params, layer_files = {}, {}
     outer = 0
     for key in ckpt.keys():
@@ -105,26 +120,41 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
     if method.needs_fisher:
         fisher_tokens = min(calibration.fisher_samples, calibration.samples) * calibration.seqlen
         parts["Fisher layer inputs (float32)"] = (num_layers + 1) * fisher_tokens * shape.hidden_size * 4
-    factor_bytes = 4 if isinstance(method, BasisMethod) else 8  # MoBE / RFID-MoE fit and keep float32 factors
+    factor_bytes = 8 if isinstance(method, RSMoE) else 4
+    copy_bytes = 0 if factor_bytes == STORED_BYTES[dtype] == 4 else STORED_BYTES[dtype]
+    kept = (1 - ratio) * shape.dense_expert_params
+    grams = {}
+    if chunk > 1:
+        grams[f"Grams of {chunk} experts (float64)"] = chunk * (shape.hidden_size**2 + shape.intermediate_size**2) * 8
     phases = {
         "calibration": {
             "one decoder layer (float32)": max(layer_params.values(), default=0) * 4,
             "mapped checkpoint pages": RELEASE_BYTES * max(map(len, layer_files.values()), default=0),
         },
         "compression": {
-            f"Grams of {chunk} experts (float64)": chunk * (shape.hidden_size**2 + shape.intermediate_size**2) * 8,
-            f"compressed layer (float{8 * factor_bytes} factors + float32 copy)": round(
-                (1 - ratio) * shape.dense_expert_params * (factor_bytes + 4)),
-            **method_working_set(method, shape, ratio),
+            **grams,
+            **({f"compressed layer (float{8 * factor_bytes} factors)": round(kept * factor_bytes),
+                **method_working_set(method, shape, ratio)} if not factorizes(method) else
+               {**factorization_working_set(shape, method.whitened, round(kept * factor_bytes)), **d2_bases(method, shape)}),
+        },
+        "writing": {
+            f"compressed layer (float{8 * factor_bytes} factors + {dtype} copy)": round(kept * (factor_bytes + copy_bytes)),
         },
     }
     return MemoryEstimate(parts, phases)
+
+
+def factorizes(method) -> bool:
+    """Whether ``method`` compresses through methods.base.factorize_experts (svd, whitened-svd, d2)."""
+    return isinstance(method, (PlainSVD, D2MoE))
 
 
 def method_working_set(method, shape: LayerShape, ratio: float) -> dict[str, int]:
     """What ``method`` holds while compressing a layer of ``shape``, besides the Grams and its output (module
     docstring): named parts in bytes."""
     h, i = shape.hidden_size, shape.intermediate_size
+    if factorizes(method):
+        return {**factorization_working_set(shape, method.whitened), **d2_bases(method, shape)}
     parts = {f"{EXPERT_WORKING_SET} expert-sized matrices (float64)": EXPERT_WORKING_SET * h * i * 8}
     if isinstance(method, RSMoE) and method.needs_next_layer:
         parts[f"next layer's V_in for {NEXT_EXPERT_CHUNK} experts and 2 products (float32)"] = (
@@ -135,6 +165,33 @@ def method_working_set(method, shape: LayerShape, ratio: float) -> dict[str, int
         group = method.opts.group_size * h * i
         parts["one group's SVD (float64 x3) and target, prediction, error (float32)"] = group * (3 * 8 + 3 * 4)
     return parts
+
+
+def d2_bases(method, shape: LayerShape) -> dict[str, int]:
+    """D²-MoE's shared bases while its deltas are factorised: the pass's group in float64, the others float32."""
+    if not isinstance(method, D2MoE):
+        return {}
+    return {"D²-MoE's bases (the group being factorised in float64, the others float32)":
+            2 * shape.hidden_size * shape.intermediate_size * 8}
+
+
+def factorization_working_set(shape: LayerShape, whitened: bool, factor_bytes: int = 0) -> dict[str, int]:
+    """methods.base.factorize_experts on a layer of ``shape``: its largest pass (base.pass_order), one expert's
+    working set per worker, plus (``factor_bytes``: the whole layer's factors) the factors held by the pass's end,
+    those of its own and of the earlier passes' projections."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    largest, name, done = 0, "", 0
+    for group in pass_order(h, i):
+        out, inp = (h, i) if group == ("down",) else (i, h)
+        working_set = expert_working_set((out, inp), inp if whitened else None, len(group))
+        workers = factorization_workers(working_set)
+        done += len(group)
+        held = workers * working_set + factor_bytes * done // len(PROJECTIONS)
+        if held > largest:
+            largest, name = held, f"{'/'.join(group)} pass: {workers} factorisation worker(s) (float64)"
+            if factor_bytes:
+                name += f" + {done} of {len(PROJECTIONS)} projections' factors (float32)"
+    return {name: largest}
 
 
 def check_memory(estimate: MemoryEstimate, available: int | None = None) -> None:

@@ -92,3 +92,29 @@ def test_factors_equal_the_previous_formula_on_rank_deficient_and_full_grams(mon
         torch.testing.assert_close(u @ v, ru @ rv, rtol=0, atol=1e-9 * scale)
         torch.testing.assert_close(u, ru, rtol=0, atol=1e-7 * ru.abs().max().item())  # same canonical signs
 
+
+
+def test_symmetrise_in_place_is_bit_for_bit_the_mean_with_the_transpose(monkeypatch):
+    g = torch.Generator().manual_seed(13)
+    monkeypatch.setattr(linalg, "SYMMETRISE_BLOCK", 7)  # several block pairs, a ragged last block
+    for n in (1, 7, 30):
+        m = torch.randn(n, n, generator=g, dtype=torch.float64)
+        expected = (m + m.T) * 0.5
+        assert linalg.symmetrise_(m) is m
+        assert torch.equal(m, expected)
+
+
+def test_whitening_factor_overwriting_the_gram_is_the_same_factor():
+    """overwrite=True symmetrises and damps the caller's Gram in place: the factor is bit for bit the one formed
+    from a copy, for a rank-deficient (damped) Gram, a full-rank one and a slightly asymmetric one."""
+    g = torch.Generator().manual_seed(14)
+    for tokens, dim in ((6, 40), (90, 40)):
+        x = torch.randn(tokens, dim, generator=g, dtype=torch.float64)
+        asymmetric = x.T @ x + 1e-9 * torch.randn(dim, dim, generator=g, dtype=torch.float64)
+        for gram, overwritten in ((x.T @ x, tokens < dim), (asymmetric, True)):
+            original = gram.clone()
+            from_copy = whitening_factor(gram)
+            assert torch.equal(gram, original)
+            assert torch.equal(whitening_factor(gram, overwrite=True), from_copy)
+            if overwritten:  # damped (rank-deficient) or symmetrised in place
+                assert not torch.equal(gram, original)

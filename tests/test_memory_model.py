@@ -10,18 +10,22 @@ from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.checkpoint_io import SafetensorsCheckpoint, read_config
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint, find_moe_layers
 from vllm_moe_compress.offline.memory_model import MemoryBudgetError, check_memory, estimate_peak
+from vllm_moe_compress.offline.methods import base
+from vllm_moe_compress.offline.methods.base import (
+    PARALLEL_WORKING_SET, expert_working_set, factorization_workers,
+)
 
 from conftest import CALIBRATION_FILE, tiny_config, write_tiny_model
 
 
-def estimate(path, method="whitened-svd", samples=8, chunk=4):
+def estimate(path, method="whitened-svd", samples=8, chunk=4, dtype="bfloat16"):
     from transformers import AutoConfig
 
     ckpt = SafetensorsCheckpoint(path)
     layout = find_moe_layers(ckpt, architecture_for(read_config(path)), AutoConfig.from_pretrained(path))
     calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=samples, seqlen=32, fisher_samples=4)
     return estimate_peak(ckpt, layout, read_config(path)["num_hidden_layers"], build_method(method), calibration,
-                         chunk)
+                         chunk, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,20 @@ def test_estimate_does_not_grow_with_depth_but_with_samples_and_chunk(depths):
     # H = 64, I = 32, E = 8; hidden states and cached expert inputs in float32
     compression = shallow.phases["compression"]
     assert compression["Grams of 4 experts (float64)"] == 4 * (64**2 + 32**2) * 8
-    assert compression["8 expert-sized matrices (float64)"] == 8 * 64 * 32 * 8  # per expert, not the layer
+    # per worker one expert's working set of each pass (gate/up first: [32, 64] matrices, a 64 x 64 Gram; then
+    # down: [64, 32], 32 x 32), with the float32 factors (cast as formed) held by the pass's end: 2 of 3
+    # projections' after gate/up, all after down; the kept (1 - ratio) share of the experts, ratio 0 here
+    factors = 8 * 3 * 64 * 32 * 4
+    passes = {"gate/up": (expert_working_set((32, 64), 64, 2), factors * 2 // 3),
+              "down": (expert_working_set((64, 32), 32, 1), factors)}
+    held = {name: factorization_workers(ws) * ws + done for name, (ws, done) in passes.items()}
+    largest = max(held, key=held.get)
+    workers, done = factorization_workers(passes[largest][0]), {"gate/up": 2, "down": 3}[largest]
+    assert compression[f"{largest} pass: {workers} factorisation worker(s) (float64) + {done} of 3 projections' "
+                       "factors (float32)"] == held[largest]
+    assert shallow.phases["writing"]["compressed layer (float32 factors + bfloat16 copy)"] == 8 * 3 * 64 * 32 * (4 + 2)
+    assert estimate(depths[2], method="rs").phases["compression"][
+        "8 expert-sized matrices (float64)"] == 8 * 64 * 32 * 8  # per expert, not the layer
     assert shallow.parts["calibration activations (float32)"] == 2 * 8 * 32 * 64 * 4
     rs = estimate(depths[2], method="rs").phases["compression"]  # the next layer's V_in, 16 of its experts
     assert rs["next layer's V_in for 16 experts and 2 products (float32)"] == 16 * 32 * (64 + 2 * 32) * 4
@@ -80,3 +97,22 @@ def test_working_set_does_not_grow_with_the_experts(method):
     grows = {name for name in few if many[name] != few[name]}
     assert grows == ({"one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)"}
                      if method in ("rfid", "mobe") else set())
+
+
+def test_float32_output_needs_no_copy_and_one_expert_chunk_no_grams_part(depths):
+    """float32 factors written as float32 are the written tensors themselves; with one expert per chunk the worker
+    takes the chunk (counted in its working set)."""
+    phases = estimate(depths[2], dtype="float32", chunk=1).phases
+    assert phases["writing"]["compressed layer (float32 factors + float32 copy)"] == 8 * 3 * 64 * 32 * 4
+    assert not any(name.startswith("Grams of") for name in phases["compression"])
+
+
+def test_mixtral_shapes_factorise_one_expert_at_a_time():
+    """At Mixtral-8x7B's shapes the down pass holds the 14336 x 14336 Gram and its factor (3 GiB): one worker."""
+    shape = LayerShape(8, 4096, 14336)
+    down = expert_working_set((4096, 14336), 14336, 1)
+    assert down >= 2 * 14336**2 * 8 and down >= PARALLEL_WORKING_SET
+    assert factorization_workers(down) == 1
+    parts = memory_model.method_working_set(build_method("whitened-svd"), shape, 0.6)
+    assert parts == {"down pass: 1 factorisation worker(s) (float64)": down}
+    assert base.pass_order(4096, 14336)[0] == ("down",)  # the larger Gram's pass first, beside fewer factors

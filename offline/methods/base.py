@@ -12,7 +12,7 @@ import torch
 from vllm_moe_compress.format import PROJECTIONS
 
 from ..budget import LayerShape, allocate_ranks
-from ..calibration import ExpertStatistics
+from ..calibration import ExpertGrams, ExpertStatistics
 from ..linalg import low_rank_factors, whitening_factor
 from ..options import MethodOptions
 from vllm_moe_compress.format.schemes.base import SchemeLayer
@@ -42,62 +42,173 @@ def on_cpu(factors: Factors) -> Factors:
     return factors[0].cpu(), factors[1].cpu()
 
 
+def as_stored(factors: Factors) -> Factors:
+    """``factors`` as a layer keeps them until they are written: float32, contiguous, on the CPU.
+
+    The checkpoint stores float32 at most, and torch casts float64 to bfloat16 and float16 through float32
+    (float64 → float32 → bfloat16 is bit for bit the direct cast: checked in tests/test_factorize_experts.py), so
+    casting each expert's factors as soon as they are formed changes no stored byte and halves what a layer
+    holds (at Qwen3-30B-A3B's shapes and ratio 0.6, 1.8 GiB of float64 factors become 0.9 GiB)."""
+    return tuple(f.to("cpu", torch.float32).contiguous() for f in factors)
+
+
+GROUPS = (("gate", "up"), ("down",))
+"""Projections factorised in one pass over the experts: those sharing one input Gram (and whitening factor)."""
+
+
+def pass_order(hidden_size: int, intermediate_size: int) -> tuple[tuple[str, ...], ...]:
+    """GROUPS in the order :func:`factorize_experts` runs them: the pass with the larger Gram first (gate/up
+    multiply the hidden state, down the intermediate), while few of the layer's factors are held yet. At
+    Mixtral-8x7B's shapes the down pass (14336 × 14336 Grams) then runs beside 1/3 of the float32 factors instead
+    of 5/6 of them (0.7 instead of 1.75 GiB at ratio 0.6). Each expert's factors do not depend on the order."""
+    return GROUPS if hidden_size >= intermediate_size else GROUPS[::-1]
+
+
+PARALLEL_WORKING_SET = 2**30
+"""Experts are factorised in parallel threads only while one expert's working set (:func:`expert_working_set`)
+stays below this: above it (Mixtral-8x7B's 14336 × 14336 intermediate Gram: 1.5 GiB, with its Cholesky factor
+3 GiB) a second worker's copy would cost more memory than the time it saves is worth (BENCHMARKS.md §12.6)."""
+
+
+def expert_working_set(matrix_shape: tuple[int, int], gram_size: int | None, projections: int) -> int:
+    """Bytes one worker holds to factorise one expert's ``projections`` matrices of ``matrix_shape`` (out, in),
+    whitened by a ``gram_size`` × ``gram_size`` Gram (None: plain SVD), all float64 (:class:`_ExpertJob`).
+
+    Whitened: the Gram and its Cholesky factor while the factor is formed; then the factor, the projections'
+    matrices (read at once when experts run in parallel), the whitened product W S with its column blocks (two
+    matrices of W's size) and the smaller eigenproblem (min(out, in)² twice). Plain: the matrices and the SVD's
+    two factor matrices, each at most W's size."""
+    out, inp = matrix_shape
+    matrices = (projections + 2) * out * inp
+    if gram_size is None:
+        return 8 * matrices
+    gram = gram_size**2
+    return 8 * (gram + max(gram, matrices + 2 * min(out, inp) ** 2))
+
+
+def factorization_workers(working_set: int, device: torch.device | str = "cpu", threads: int | None = None) -> int:
+    """Experts factorised at once: ``threads`` (default ``torch.get_num_threads()``) one-thread workers on the CPU
+    while an expert's ``working_set`` is below PARALLEL_WORKING_SET, else one (and one on another device)."""
+    if torch.device(device).type != "cpu" or working_set >= PARALLEL_WORKING_SET:
+        return 1
+    return torch.get_num_threads() if threads is None else threads
+
+
 def factorize_experts(
-    matrices: ExpertWeights, ranks: list[int], stats: ExpertStatistics | None, device: torch.device | str = "cpu"
+    matrices: ExpertWeights, ranks: list[int], stats: ExpertStatistics | None, device: torch.device | str = "cpu",
+    projections: tuple[str, ...] = PROJECTIONS,
 ) -> dict[str, list[Factors | None]]:
-    """Rank-rᵢ factors of every expert matrix, whitened by the expert's own input Gram when ``stats``.
+    """Rank-rᵢ factors of every expert's ``projections`` matrices, whitened by the expert's own input Gram when
+    ``stats``, as float32 on the CPU (:func:`as_stored`).
 
-    Expert by expert, so each Gram chunk (calibration.ExpertGrams) is computed once, and gate and up share one
-    whitening factor of the input Gram. The Cholesky factorisations and decompositions run on ``device`` (each
-    expert's matrix and Grams are moved there); the factors are returned on the CPU.
+    One pass over the experts per group of projections sharing an input Gram (GROUPS: gate and up share the
+    expert input's Gram and its whitening factor, down has the intermediate's; the larger Gram's pass first,
+    :func:`pass_order`), so each Gram chunk (calibration.ExpertGrams) is computed once and only one kind of Gram
+    is alive at a time. The Cholesky factorisations and decompositions run on ``device`` (each expert's matrices
+    and Gram are moved there).
 
-    On the CPU, ``torch.get_num_threads()`` experts are factorised at once, each on one thread. The
+    On the CPU, :func:`factorization_workers` experts are factorised at once, each on one thread. The
     factorisation is many mid-sized LAPACK calls (Cholesky, eigh) whose threads wait on each other when one
     call is split over two: on the loaded 2-core machine that cost several times the CPU time of one thread
-    (BENCHMARKS.md §12.3). The inputs of a round of experts are read here, in the calling thread (ExpertGrams and ExpertStack are read
-    in order), then factorised in parallel; each expert's result does not depend on the number of threads.
-    On another device the experts are factorised one after the other."""
+    (BENCHMARKS.md §12.3). With several workers, the inputs of a round of experts are read here, in the calling
+    thread (ExpertGrams and ExpertStack are read in order), then factorised in parallel; with one, each expert is
+    factorised in this thread and reads each input only when it needs it. Each expert's result does not depend
+    on the number of workers."""
     device = torch.device(device)
     threads = torch.get_num_threads()
-    workers = threads if device.type == "cpu" else 1
-    factors: dict[str, list[Factors | None]] = {p: [] for p in PROJECTIONS}
+    factors: dict[str, list[Factors | None]] = {p: [] for p in projections}
     try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            for first in range(0, len(ranks), workers):
-                experts = range(first, min(first + workers, len(ranks)))
-                # The inputs list is not kept: each expert's inputs are freed once it is factorised.
-                inputs = (_expert_inputs(matrices, ranks[e], stats, e, device) for e in experts)
-                for result in (pool.map if workers > 1 else map)(_factorize_expert, list(inputs)):
-                    for p in PROJECTIONS:
-                        factors[p].append(None if result is None else result[p])
+        for group in (tuple(p for p in g if p in projections) for g in pass_order(*_layer_sizes(matrices))):
+            if not group:
+                continue
+            grams = None if stats is None else input_gram(stats, group[0])
+            shape = tuple(matrices[group[0]].shape[1:])
+            working_set = expert_working_set(shape, None if grams is None else shape[1], len(group))
+            workers = factorization_workers(working_set, device, threads)
+            jobs = [None if rank == 0 else _ExpertJob(matrices, group, rank, grams, e, device)
+                    for e, rank in enumerate(ranks)]
+            for result in _run(jobs, workers, threads):
+                for p in group:
+                    factors[p].append(None if result is None else result[p])
     finally:
         torch.set_num_threads(threads)  # torch keeps the workers' setting for threads started later
     return factors
 
 
-def _expert_inputs(matrices: ExpertWeights, rank: int, stats: ExpertStatistics | None, expert: int,
-                   device: torch.device) -> tuple | None:
-    """(rank, {projection: matrix}, input Gram, intermediate Gram) of one expert on ``device`` (Grams None without
-    ``stats``), or None for rank 0. The Grams are copies, so the chunk they come from is not kept alive."""
-    if rank == 0:
-        return None
-    weights = {p: matrices[p][expert].to(device) for p in PROJECTIONS}
-    if stats is None:
-        return rank, weights, None, None
-    grams = (input_gram(stats, p)[expert].to(device, copy=True) for p in ("gate", "down"))
-    return rank, weights, *grams
+def _layer_sizes(matrices: ExpertWeights) -> tuple[int, int]:
+    """(hidden, intermediate) from any projection's [E, out, in] shape (gate/up [E, I, H], down [E, H, I])."""
+    proj, stack = next(iter(matrices.items()))
+    out, inp = stack.shape[1:]
+    return (out, inp) if proj == "down" else (inp, out)
 
 
-def _factorize_expert(inputs: tuple | None) -> dict[str, Factors] | None:
-    """One expert's factors per projection (CPU) from :func:`_expert_inputs`."""
-    if inputs is None:
-        return None
-    rank, weights, input_gram_, inter_gram = inputs
-    whitening = {}
-    if input_gram_ is not None:
-        whitening["gate"] = whitening["up"] = whitening_factor(input_gram_)
-        whitening["down"] = whitening_factor(inter_gram)
-    return {p: on_cpu(low_rank_factors(weights[p], rank, whitening.get(p))) for p in PROJECTIONS}
+def _run(jobs: list, workers: int, threads: int):
+    """Each job's result in order. One worker: in this thread, its Gram read first (summed on this thread's
+    ``threads``, as when the inputs are read for parallel workers), then factorised on one thread reading each
+    matrix when needed. Several: ``workers`` jobs at a time in one-thread workers, each round's inputs read here
+    first. A finished job is dropped, with what it still held."""
+    if workers == 1:
+        for e in range(len(jobs)):
+            job, jobs[e] = jobs[e], None
+            if job is None:
+                yield None
+                continue
+            job.prefetch(weights=False)
+            torch.set_num_threads(1)  # as the parallel workers: the factors do not depend on the machine's threads
+            try:
+                yield job.run()
+            finally:
+                torch.set_num_threads(threads)
+        return
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for first in range(0, len(jobs), workers):
+            round_ = [None if job is None else job.prefetch() for job in jobs[first : first + workers]]
+            jobs[first : first + workers] = [None] * len(round_)
+            yield from pool.map(lambda job: None if job is None else job.run(), round_)
+
+
+class _ExpertJob:
+    """One expert's factorisation of a group of projections sharing an input Gram (:func:`factorize_experts`).
+
+    Each input is dropped as soon as it is used, so a worker holds the Gram and its Cholesky factor, then the
+    factor and one matrix at a time (:func:`expert_working_set` counts it). The Gram is the expert's own (taken
+    from ExpertGrams, or a copy of a stacked Gram), so it is symmetrised and damped in place. ``prefetch`` reads
+    every input now (the calling thread, before the job goes to a worker); otherwise :meth:`run` reads each when
+    it needs it."""
+
+    def __init__(self, matrices: ExpertWeights, projections: tuple[str, ...], rank: int, grams, expert: int,
+                 device: torch.device):
+        self.matrices, self.projections, self.rank, self.grams = matrices, projections, rank, grams
+        self.expert, self.device = expert, device
+        self.gram: torch.Tensor | None = None
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def prefetch(self, weights: bool = True) -> "_ExpertJob":
+        """Read the Gram now (and with ``weights`` the matrices), in the calling thread."""
+        self.gram = self._read_gram()
+        if weights:
+            self.weights = {p: self._read(p) for p in self.projections}
+        return self
+
+    def _read_gram(self) -> torch.Tensor | None:
+        if self.grams is None:
+            return None
+        gram = self.grams.take(self.expert) if isinstance(self.grams, ExpertGrams) else self.grams[self.expert].clone()
+        return gram.to(self.device)
+
+    def _read(self, proj: str) -> torch.Tensor:
+        return self.matrices[proj][self.expert].to(self.device)
+
+    def run(self) -> dict[str, Factors]:
+        gram, self.gram = (self.gram if self.gram is not None else self._read_gram()), None
+        whitening = None if gram is None else whitening_factor(gram, overwrite=True)
+        del gram  # the damped Gram, once its factor is formed
+        factors = {}
+        for p in self.projections:
+            weight = self.weights.pop(p) if p in self.weights else self._read(p)
+            factors[p] = as_stored(low_rank_factors(weight, self.rank, whitening))
+            del weight
+        return factors
 
 
 @dataclass

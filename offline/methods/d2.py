@@ -35,21 +35,33 @@ from ..budget import LayerShape
 from ..choices import MERGES
 from ..options import MethodOptions, check_choice, check_range, option
 from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
-from .base import CompressionMethod, LayerInputs, LayerResult, factorize_experts
+from .base import CompressionMethod, LayerInputs, LayerResult, factorize_experts, pass_order
 
 
 def merge_base(weights, importance: torch.Tensor) -> torch.Tensor:
     """W_b = Σ_i F_i W_i / Σ_i F_i (Eq. 5). ``weights``: [E, out, in] stacked or a source_model.ExpertStack,
     summed expert by expert in float64 (one expert's matrix in memory at a time); ``importance`` is [E] or
-    element-wise [E, out, in]."""
-    weighted, total, plain = (torch.zeros(weights.shape[1:], dtype=torch.float64) for _ in range(3))
+    element-wise [E, out, in]. With one importance per expert the denominator is one number (summed in the same
+    order, so the same value in every element), and the plain mean is formed only if it is zero."""
+    weighted = torch.zeros(weights.shape[1:], dtype=torch.float64)
+    per_expert = importance.dim() == 1
+    total = torch.zeros(() if per_expert else weights.shape[1:], dtype=torch.float64)
+    plain = None if per_expert else torch.zeros_like(weighted)
     for e in range(len(weights)):
         w = weights[e]
         f = importance[e].to(w.dtype)
         weighted += f * w
         total += f
-        plain += w
-    merged = weighted / total.clamp_min(torch.finfo(weighted.dtype).tiny)
+        if plain is not None:
+            plain += w
+        del w
+    merged = weighted.div_(total.clamp_min(torch.finfo(weighted.dtype).tiny))
+    if per_expert and total.item() > 0:
+        return merged
+    if plain is None:
+        plain = torch.zeros_like(merged)
+        for e in range(len(weights)):
+            plain += weights[e]
     # Where no expert carries importance (all-zero gradients or counts) fall back to the plain mean.
     return torch.where(total > 0, merged, plain / len(weights))
 
@@ -60,6 +72,7 @@ class DeltaStack:
 
     def __init__(self, weights, base: torch.Tensor):
         self.weights, self.base = weights, base
+        self.shape = weights.shape
 
     def __len__(self) -> int:
         return len(self.weights)
@@ -95,6 +108,8 @@ class D2MoE(CompressionMethod):
 
     name = "d2"
     Options = D2Options
+    whitened = True
+    """The deltas are factorised with each expert's own Gram (as :class:`svd.WhitenedSVD`)."""
 
     @property
     def needs_fisher(self) -> bool:
@@ -124,15 +139,33 @@ class D2MoE(CompressionMethod):
             return stats.counts.double()
         return torch.ones(stats.counts.numel(), dtype=torch.float64)
 
-    def compress_layer(self, inputs: LayerInputs) -> LayerResult:
-        weights, stats, shape = inputs.weights, inputs.stats, inputs.shape
-        base = {p: merge_base(weights[p], self.importance(p, stats, inputs.fisher)) for p in PROJECTIONS}
-        deltas = {p: DeltaStack(weights[p], base[p]) for p in PROJECTIONS}
-        ranks = self.ranks_for(inputs.budget, shape, stats)
-        factors = factorize_experts(deltas, ranks, stats, inputs.device)
-
+    def kept_channels(self, base_down: torch.Tensor, stats, shape: LayerShape) -> torch.Tensor:
+        """The static_channels(shape) intermediate channels with the highest C_j = ‖W_b,down[:, j]‖₂ · ‖X[j, :]‖₂
+        (Eq. 9), sorted; all of them without static pruning (no score needed: the intermediate Grams, 1.5 GiB
+        each at Mixtral-8x7B's width, are not computed a second time for it)."""
+        kept = self.static_channels(shape)
+        if kept == shape.intermediate_size:
+            return torch.arange(kept)
         activation_norm = stats.inter_gram.diagonal(dim1=1, dim2=2).sum(0).clamp_min(0).sqrt()
-        score = base["down"].norm(dim=0) * activation_norm  # Eq. 9, C_j
-        keep = torch.sort(torch.topk(score, self.static_channels(shape)).indices).values
-        pruned = {"gate": base["gate"][keep], "up": base["up"][keep], "down": base["down"][:, keep]}
-        return LayerResult(BaseDeltaLayer(shape.hidden_size, shape.intermediate_size, factors, pruned, keep))
+        score = base_down.norm(dim=0) * activation_norm  # Eq. 9, C_j
+        return torch.sort(torch.topk(score, kept).indices).values
+
+    def compress_layer(self, inputs: LayerInputs) -> LayerResult:
+        """Merge, factorise the deltas and prune, one group of projections at a time (gate and up, and down, in
+        the factorisation's order: base.pass_order), so only that group's base is alive in float64; each base is kept in float32 once its deltas
+        are factorised (what is stored is float32 at most, and float64 → bfloat16 goes through float32 in
+        torch, so no stored byte changes). The channel score (Eq. 9) uses the float64 down base."""
+        weights, stats, shape = inputs.weights, inputs.stats, inputs.shape
+        ranks = self.ranks_for(inputs.budget, shape, stats)
+        factors, base = {}, {}
+        for group in pass_order(shape.hidden_size, shape.intermediate_size):
+            merged = {p: merge_base(weights[p], self.importance(p, stats, inputs.fisher)) for p in group}
+            deltas = {p: DeltaStack(weights[p], merged[p]) for p in group}
+            factors.update(factorize_experts(deltas, ranks, stats, inputs.device, group))
+            del deltas
+            if "down" in merged:
+                keep = self.kept_channels(merged["down"], stats, shape)
+            base.update({p: merged.pop(p).float() for p in group})
+        pruned = {"gate": base.pop("gate")[keep], "up": base.pop("up")[keep], "down": base.pop("down")[:, keep]}
+        return LayerResult(BaseDeltaLayer(shape.hidden_size, shape.intermediate_size,
+                                          {p: factors[p] for p in PROJECTIONS}, pruned, keep))
