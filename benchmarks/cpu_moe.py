@@ -14,6 +14,9 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
   an ``at::mm``, as before the loops), with ``--compare-at-mm``;
 - ``ours (experts split)``: the same op with the active experts split over the threads
   (``set_expert_parallel(1)``), with ``--compare-expert-parallel`` (only differs from ``ours`` at ``--threads`` > 1);
+- ``ours (4 KiB pages)``: the same op on a plain copy of the layout (torch's allocator: 4 KiB pages where
+  transparent huge pages are ``madvise``, as the layouts were before ``on_huge_pages``), with
+  ``--compare-small-pages`` (one more copy of the layout in memory);
 - ``ours (<file>)``: the same layouts through the ops compiled from another ``lowrank_moe_cpu.cpp`` (e.g. an
   earlier commit's), registered as ``torch.ops.moe_compress_cpu_other``, with ``--compare-source <file>``: a
   before/after comparison in the same rounds;
@@ -135,7 +138,8 @@ def with_op_setting(forward, layout, setter: str, value: int):
 
 
 def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, compare_at_mm: bool = False,
-                     compare_split: bool = False, compare_source: Path | None = None):
+                     compare_split: bool = False, compare_source: Path | None = None,
+                     compare_small_pages: bool = False):
     """``{name: forward}`` of the scheme's paths and ``read_bytes(used, name)``."""
     import importlib
 
@@ -156,6 +160,10 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
         for label, (setter, value) in variants.items():
             paths = {"ours": paths.pop("ours"), label: with_op_setting(forward, layout, setter, value), **paths}
             elem[label] = elem["ours"]
+        if compare_small_pages:
+            small = type(layout)(*(t.clone() for t in layout))
+            paths["ours (4 KiB pages)"] = lambda x, ids, w: forward(x, ids, w, small)
+            elem["ours (4 KiB pages)"] = elem["ours"]
         if compare_source is not None:
             other = getattr(other_ops(compare_source), CPU_PATHS[scheme])
             extra = (0,) if CPU_PATHS[scheme] == "base_delta" else ()  # num_dynamic_drop, as ``forward``'s default
@@ -190,6 +198,8 @@ def main() -> None:
     parser.add_argument("--compare-source", type=Path,
                         help="also time the same layouts through the ops compiled from this lowrank_moe_cpu.cpp "
                         "(e.g. `git show <commit>:kernels/csrc/lowrank_moe_cpu.cpp > old.cpp`)")
+    parser.add_argument("--compare-small-pages", action="store_true",
+                        help="also time ours on a plain copy of the layout (4 KiB pages; doubles the layout memory)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="time per call: wall (default) or this process's CPU time (all its threads; on a "
                         "loaded machine it leaves out the waits for a core)")
@@ -226,7 +236,7 @@ def main() -> None:
                 for ratio in args.ratios:
                     paths, read_bytes = compressed_paths(scheme, model, ratio, dtype, args.seed, gen,
                                                            args.compare_at_mm, args.compare_expert_parallel,
-                                                           args.compare_source)
+                                                           args.compare_source, args.compare_small_pages)
                     if "torch op" in args.skip:
                         del paths["torch op"]
                     all_paths = {**paths, **dense_paths}

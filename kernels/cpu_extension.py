@@ -74,3 +74,20 @@ def available() -> bool:
                        "torch path", err)
         return False
     return True
+
+
+HUGE_PAGE_MIN_BYTES = 8 << 20
+"""Layout tensors from this size on are copied onto huge-page memory (``on_huge_pages``): each is rounded up to
+whole 2 MiB pages, so smaller ones (the reference model's layers, a layer's base) would waste a larger share."""
+
+
+def on_huge_pages(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous, for a prepared CPU layout: tensors of at least ``HUGE_PAGE_MIN_BYTES`` are
+    copied (converted on the way, no intermediate) onto 2 MiB-aligned memory advised for transparent huge pages
+    (the C++ ``huge_page_copy``). Where THP is ``madvise`` (the usual default) torch's own allocations get 4 KiB
+    pages, and the op, which reads a few MiB of factors per routed expert at random places in hundreds of MiB,
+    paid a TLB miss per 4 KiB: at Qwen3-30B-A3B shapes the op took ~13 % less time on huge pages (docs/kernels.md)."""
+    if t.numel() * dtype.itemsize < HUGE_PAGE_MIN_BYTES:
+        return t.to(dtype).contiguous()
+    return cpu_ops().huge_page_copy(t, dtype)
+

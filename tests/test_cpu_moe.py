@@ -3,8 +3,8 @@ against float64 dense math on the materialised experts, with fresh random inputs
 experts, no base, top-1 and top-k, a single token, dynamic base pruning; basis_residual's shared and MoBE-mixed
 bases, hashed residual, dense and factorised down, TP 2; fp64, fp32 and bf16 factors (bf16 computed in fp32 on
 CPUs without native bf16). Every op test runs three times: with the small-row loops (products of ≤ 8 activation
-rows, kernels/csrc/lowrank_moe_cpu.cpp), the same with the active experts split over 2 threads, and with at::mm
-everywhere (limit 0); the "~10 tokens per expert" cases put experts over the limit (GEMM) in the loops' runs."""
+rows, kernels/csrc/lowrank_moe_cpu.cpp) on a layout copied onto huge pages, the loops with the active experts split
+over 2 threads, and with at::mm everywhere (limit 0); the "~10 tokens per expert" cases put experts over the limit (GEMM) in the loops' runs."""
 
 import dataclasses
 
@@ -25,14 +25,18 @@ from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_re
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(params=[(8, False), (8, True), (0, False)],
-                ids=["small-row loops", "small-row loops, experts split over 2 threads", "at::mm only"])
-def small_row_limit(request):
+@pytest.fixture(params=[(8, False, True), (8, True, False), (0, False, False)],
+                ids=["small-row loops, layout on huge pages", "small-row loops, experts split over 2 threads",
+                     "at::mm only"])
+def small_row_limit(request, monkeypatch):
     """The C++ ops' products of ≤ limit activation rows use the single-pass loops; 0 sends all to at::mm. With
     the split, two threads take the active experts in turn when every product is on the loops (each its own
-    partial sums, added at the end), as set_expert_parallel(1) does."""
+    partial sums, added at the end), as set_expert_parallel(1) does. With huge pages, every tensor of the
+    prepared layout is a ``huge_page_copy`` (at these sizes ``on_huge_pages`` would keep torch's allocation)."""
     ops = cpu_extension.cpu_ops()
-    limit, split = request.param
+    limit, split, huge = request.param
+    if huge:
+        monkeypatch.setattr(cpu_extension, "HUGE_PAGE_MIN_BYTES", 0)
     previous, previous_split, threads = ops.set_small_row_limit(limit), ops.set_expert_parallel(int(split)), \
         torch.get_num_threads()
     if split:
@@ -62,6 +66,23 @@ def test_small_product_matches_float64(rows, dtype):
             assert got.dtype == dtype and got.shape == expected.shape
             error = float((got.double() - expected).norm() / expected.norm())
             assert error <= TOLERANCE[dtype] / 4, (inner, outer, b.is_contiguous(), error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_huge_page_copy_is_an_exact_contiguous_copy(dtype):
+    """``huge_page_copy`` (the prepared layouts' memory): the values of a strided source converted to ``dtype``,
+    contiguous, 2 MiB-aligned, sizes off and on whole 2 MiB pages and empty; freeing it leaves the source alone."""
+    gen = torch.Generator().manual_seed(7)
+    for rows, cols in ((3, 5), (512, 1024), (0, 7), (1, 1)):  # 512 × 1024 fp32: 2 MiB exactly
+        source = torch.randn(cols, rows, generator=gen, dtype=torch.float64).T
+        copy = cpu_extension.cpu_ops().huge_page_copy(source, dtype)
+        assert copy.dtype == dtype and copy.shape == source.shape and copy.is_contiguous()
+        assert copy.data_ptr() % (2 << 20) == 0
+        assert torch.equal(copy, source.to(dtype))
+        del copy
+        assert torch.isfinite(source).all()
+    small = cpu_extension.on_huge_pages(source, dtype)  # under HUGE_PAGE_MIN_BYTES: torch's allocation
+    assert torch.equal(small, source.to(dtype)) and small.is_contiguous()
 
 
 def packed_layer(ranks: list[list[int]], hidden: int, inter: int, channels: int, gen: torch.Generator):
