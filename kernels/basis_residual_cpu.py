@@ -91,7 +91,8 @@ def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeig
             right_rows = [at.basis_start[g] for g in groups]
         for e, row in enumerate(meta):
             row += [right_rows[e], at.expert_rank[e], at.expert_start[e]]
-        fields += [empty, on_huge_pages(right, dtype), on_huge_pages(w.coef.T, dtype), on_huge_pages(w.scaled_eta, dtype)]
+        fields += [empty, on_huge_pages(right, dtype), on_huge_pages(w.coef.T, dtype),
+                   on_huge_pages(w.scaled_eta, dtype)]
     # Visit experts by right factor (then by id): at decode one z = R x serves every member of a group.
     order = sorted(range(num_experts), key=lambda e: (meta[e][2], e))
     return BasisResidualCpuLayout(

@@ -4,7 +4,8 @@ experts, no base, top-1 and top-k, a single token, dynamic base pruning; basis_r
 bases, hashed residual, dense and factorised down, TP 2; fp64, fp32 and bf16 factors (bf16 computed in fp32 on
 CPUs without native bf16). Every op test runs three times: with the small-row loops (products of ≤ 8 activation
 rows, kernels/csrc/lowrank_moe_cpu.cpp) on a layout copied onto huge pages, the loops with the active experts split
-over 2 threads, and with at::mm everywhere (limit 0); the "~10 tokens per expert" cases put experts over the limit (GEMM) in the loops' runs."""
+over 2 threads, and with at::mm everywhere (limit 0); the "~10 tokens per expert" cases put experts over the limit
+(GEMM) in the loops' runs."""
 
 import dataclasses
 
@@ -52,11 +53,12 @@ def small_row_limit(request, monkeypatch):
 def test_small_product_matches_float64(rows, dtype):
     """The loops alone (``torch.ops.moe_compress_cpu.product``: a b for b = Wᵀ of a row-major W, or a row-major
     b) against float64 matmul: lengths with vector tails, row counts off the row block, more columns than one
-    column block, a strided a; 9 rows stay on the loops (every block here is under 128 KiB: on_loops); at::mm is
-    covered by the op tests' "at::mm only" runs."""
+    column block, a strided a; 9 rows stay on the loops for blocks under 128 KiB (on_loops); the 300 × 257 block
+    is over it in every dtype, so the loops prefetch its rows (streamed), up to the row limit (4 rows in bf16, 8
+    else; at::mm above). at::mm is also covered by the op tests' "at::mm only" runs."""
     ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(rows)
-    for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1)):
+    for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1), (300, 257)):
         wide = torch.randn(rows, inner + 3, generator=gen, dtype=torch.float64)
         a = wide[:, 2:2 + inner]  # row stride inner + 3
         w = torch.randn(outer, inner, generator=gen, dtype=torch.float64)

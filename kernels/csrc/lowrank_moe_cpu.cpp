@@ -86,7 +86,7 @@ inline void prefetch(const T* p) {
 // accumulators stay in registers (independent FMA chains), and each vector load of a or b feeds J or R FMAs.
 template <typename T, int R, int J>
 void dot_block(const AccT<T>* a, int64_t lda, const T* b, int64_t j0, int64_t K, AccT<T>* y, int64_t ldy,
-               bool accumulate) {
+               bool accumulate, bool stream) {
   using A = AccT<T>;
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
@@ -95,9 +95,11 @@ void dot_block(const AccT<T>* a, int64_t lda, const T* b, int64_t j0, int64_t K,
   for (int q = 0; q < J; ++q)
     for (int t = 0; t < R; ++t) acc[q][t] = V(A(0));
   for (int64_t k = 0; k < body; k += W) {
-    const int64_t f = k + prefetch_ahead<T>();  // the same place kPrefetchBytes on, in these rows or the next J
-    const T* next = f < K ? b + j0 * K + f : b + (j0 + J) * K + (f - K);
-    for (int q = 0; q < J; ++q) prefetch(next + q * K);
+    if (stream) {
+      const int64_t f = k + prefetch_ahead<T>();  // the same place kPrefetchBytes on, in these rows or the next J
+      const T* next = f < K ? b + j0 * K + f : b + (j0 + J) * K + (f - K);
+      for (int q = 0; q < J; ++q) prefetch(next + q * K);
+    }
     V w[J];
     for (int q = 0; q < J; ++q) w[q] = load_acc(b + (j0 + q) * K + k);
     for (int t = 0; t < R; ++t) {
@@ -123,7 +125,7 @@ constexpr int kRowBlock = at::vec::Vectorized<float>::size() >= 16 ? 4 : 2;
 // and from L1 by the later token groups).
 template <typename T>
 void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, int64_t K, AccT<T>* y,
-               int64_t ldy, bool accumulate) {
+               int64_t ldy, bool accumulate, bool stream) {
   for (int64_t j = 0; j < N; j += kRowBlock) {
     const int64_t rows = std::min<int64_t>(kRowBlock, N - j);
     for (int64_t t = 0; t < n; t += 4) {
@@ -132,17 +134,17 @@ void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, 
       const int64_t tokens = std::min<int64_t>(4, n - t);
       if (rows == kRowBlock) {
         switch (tokens) {
-          case 4: dot_block<T, 4, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate); break;
-          case 3: dot_block<T, 3, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate); break;
-          case 2: dot_block<T, 2, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate); break;
-          default: dot_block<T, 1, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate);
+          case 4: dot_block<T, 4, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate, stream); break;
+          case 3: dot_block<T, 3, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate, stream); break;
+          case 2: dot_block<T, 2, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate, stream); break;
+          default: dot_block<T, 1, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate, stream);
         }
       } else {
         for (int64_t q = j; q < N; ++q) switch (tokens) {
-            case 4: dot_block<T, 4, 1>(at, lda, b, q, K, yt, ldy, accumulate); break;
-            case 3: dot_block<T, 3, 1>(at, lda, b, q, K, yt, ldy, accumulate); break;
-            case 2: dot_block<T, 2, 1>(at, lda, b, q, K, yt, ldy, accumulate); break;
-            default: dot_block<T, 1, 1>(at, lda, b, q, K, yt, ldy, accumulate);
+            case 4: dot_block<T, 4, 1>(at, lda, b, q, K, yt, ldy, accumulate, stream); break;
+            case 3: dot_block<T, 3, 1>(at, lda, b, q, K, yt, ldy, accumulate, stream); break;
+            case 2: dot_block<T, 2, 1>(at, lda, b, q, K, yt, ldy, accumulate, stream); break;
+            default: dot_block<T, 1, 1>(at, lda, b, q, K, yt, ldy, accumulate, stream);
           }
       }
     }
@@ -154,7 +156,7 @@ void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, 
 // ≤ 64 KiB at n = 8, N = 2048, in L2).
 template <typename T>
 void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t N, int64_t K, AccT<T>* y,
-           int64_t ldy, bool accumulate) {
+           int64_t ldy, bool accumulate, bool stream) {
   using A = AccT<T>;
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
@@ -165,9 +167,11 @@ void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, in
     const int64_t rows = std::min<int64_t>(4, K - k);
     const T* w = b + k * ldb;
     for (int64_t c = 0; c < body; c += W) {
-      const int64_t f = c + prefetch_ahead<T>();  // kPrefetchBytes on, in these rows or the next four
-      const T* next = f < N ? w + f : w + 4 * ldb + (f - N);
-      for (int q = 0; q < rows; ++q) prefetch(next + q * ldb);
+      if (stream) {
+        const int64_t f = c + prefetch_ahead<T>();  // kPrefetchBytes on, in these rows or the next four
+        const T* next = f < N ? w + f : w + 4 * ldb + (f - N);
+        for (int q = 0; q < rows; ++q) prefetch(next + q * ldb);
+      }
       V wv[4];
       for (int q = 0; q < 4; ++q) wv[q] = q < rows ? load_acc(w + q * ldb + c) : V(A(0));
       for (int64_t t = 0; t < n; ++t) {
@@ -202,6 +206,14 @@ int64_t row_limit() {
 // [8, 256] × [256, 256] product; BENCHMARKS.md §10.3).
 constexpr int64_t kCachedBlockBytes = 128 << 10;
 constexpr int64_t kCachedBlockRows = 64;
+
+// Whether the loops prefetch b's rows (kPrefetchBytes): only a block over kCachedBlockBytes, which comes from
+// memory. Smaller ones (the reference model's) mostly stay in L2/L3 between calls, and prefetching past their
+// end pulled in other experts' lines: at its shapes the op took 1.8× as long at 1 token (bf16, 1 thread).
+template <typename T>
+bool streamed(Block<T> b) {
+  return b.rows * b.cols * static_cast<int64_t>(sizeof(T)) > kCachedBlockBytes;
+}
 
 // Whether y = a B for a of n rows and the block b goes through the loops (else at::mm).
 template <typename T>
@@ -254,7 +266,7 @@ void project(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, i
   }
   at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
     const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
-    dots_rows<T>(a, lda, n, b.p + lo * K, cols, K, y + lo, ldy, accumulate);
+    dots_rows<T>(a, lda, n, b.p + lo * K, cols, K, y + lo, ldy, accumulate, streamed(b));
   });
 }
 
@@ -266,7 +278,7 @@ void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, in
   if (K > 0 && !on_loops<T>(n, b)) return gemm<T>(a, lda, n, b, false, y, ldy, accumulate);
   at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
     const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
-    axpys<T>(a, lda, n, b.p + lo, N, cols, K, y + lo, ldy, accumulate);
+    axpys<T>(a, lda, n, b.p + lo, N, cols, K, y + lo, ldy, accumulate, streamed(b));
   });
 }
 
