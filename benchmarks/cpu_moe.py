@@ -19,7 +19,8 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
   ``--compare-small-pages`` (one more copy of the layout in memory);
 - ``ours (<file>)``: the same layouts through the ops compiled from another ``lowrank_moe_cpu.cpp`` (e.g. an
   earlier commit's), registered as ``torch.ops.moe_compress_cpu_other``, with ``--compare-source <file>``: a
-  before/after comparison in the same rounds;
+  before/after comparison in the same rounds (with ``--compare-small-pages`` on the 4 KiB-page copy, as the
+  layouts were before ``on_huge_pages``);
 - ``torch op``: the scheme's torch path (``kernels/<scheme>_torch.py``, what the plugin called before);
 - ``vLLM dense``: vLLM CPU's own unquantized fused MoE, as ``CPUUnquantizedExperts`` calls it: weights
   prepacked once with ``cpu_prepack_moe_weight(w, isa)``, then ``cpu_fused_moe(out, x, w13, w2, None, None,
@@ -202,7 +203,8 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
             other = getattr(other_ops(compare_source), CPU_PATHS[scheme])
             extra = (0,) if CPU_PATHS[scheme] == "base_delta" else ()  # num_dynamic_drop, as ``forward``'s default
             name = f"ours ({compare_source.name})"
-            paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *layout, *extra), **paths}
+            before = small if compare_small_pages else layout  # main's layouts were on 4 KiB pages
+            paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *before, *extra), **paths}
             elem[name] = elem["ours"]
 
     if not torch_op:
@@ -299,7 +301,7 @@ def main() -> None:
                                          f"{ms_text(t)} | {mb:.0f} | {gbs:.1f} | {copy_gbs:.1f} | {gbs / copy_gbs:.0%} | "
                                          f"{dense_ms / t:.2f}× |")
                             print(lines[-1], flush=True)
-                    del paths
+                    del paths, all_paths, read_bytes  # freed before the next layout is built
             del dense_paths
     lines.append("")
     lines.append(f"Load average after: {os.getloadavg()[0]:.1f}.")

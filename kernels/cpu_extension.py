@@ -3,7 +3,8 @@
 ``torch.utils.cpp_extension.load`` builds the source with the machine's C++ compiler (g++, which vLLM's CPU
 backend already needs for its compiled mode) into ``$MOE_COMPRESS_CPU_BUILD`` (default
 ``~/.cache/vllm_moe_compress/cpu-<torch version>-<CPU tag>``) with ``-O3 -march=native`` (the small-product
-loops are vectorised for this CPU's ISA: AVX2 + FMA on this project's EPYC), once per source change; later processes load the cached
+loops are vectorised for this CPU's ISA: AVX-512 on the EPYC this project runs on now, AVX2 + FMA on its
+earlier one; no intrinsics, so any ISA builds), once per source change; later processes load the cached
 library (~0.1 s). Concurrent first builds (vLLM's worker processes, parallel tests) wait on torch's build
 lock. The ops register as ``torch.ops.moe_compress_cpu.*``.
 """
