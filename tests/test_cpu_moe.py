@@ -5,7 +5,7 @@ bases, hashed residual, dense and factorised down, TP 2; fp64, fp32 and bf16 fac
 CPUs without native bf16). Every op test runs three times: with the small-row loops (products of ≤ 8 activation
 rows, kernels/csrc/lowrank_moe_cpu.cpp) on a layout copied onto huge pages, the loops with the active experts split
 over 2 threads, and with at::mm everywhere (limit 0); the "~10 tokens per expert" cases put experts over the limit
-(GEMM) in the loops' runs."""
+(GEMM) in the loops' runs, the "18 experts" cases with enough experts to split them over the threads anyway."""
 
 import dataclasses
 
@@ -31,8 +31,9 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
                      "at::mm only"])
 def small_row_limit(request, monkeypatch):
     """The C++ ops' products of ≤ limit activation rows use the single-pass loops; 0 sends all to at::mm. With
-    the split, two threads take the active experts in turn when every product is on the loops (each its own
-    partial sums, added at the end), as set_expert_parallel(1) does. With huge pages, every tensor of the
+    the split (set_expert_parallel(1), the default), two threads take the active experts in turn when every
+    product is on the loops or there are ≥ 8 active experts per thread (each its own partial sums, added at the
+    end); without it the experts run in turn. With huge pages, every tensor of the
     prepared layout is a ``huge_page_copy`` (at these sizes ``on_huge_pages`` would keep torch's allocation)."""
     ops = cpu_extension.cpu_ops()
     limit, split, huge = request.param
@@ -139,6 +140,10 @@ CASES = {  # name: (ranks [gate, up, down] per expert, base channels, tokens, to
     "all ranks zero (base only)": ([[0] * 5, [0] * 5, [0] * 5], 12, 6, 2, set()),
     "2-8 tokens per expert": ([[9, 4, 17, 6, 11], [5, 12, 3, 8, 16], [7, 2, 13, 19, 4]], 9, 16, 2, set()),
     "~10 tokens per expert (GEMM)": ([[6, 3, 8, 2], [4, 7, 1, 5], [3, 6, 2, 9]], 11, 40, 1, set()),
+    # ≥ 8 active experts per thread with GEMM-sized experts: split over the threads too (split_experts)
+    "18 experts, ~10 tokens each (GEMMs, experts split)": ([[(3 * e) % 7 for e in range(18)],
+                                                          [(5 * e + 2) % 9 for e in range(18)],
+                                                          [(e + 4) % 6 for e in range(18)]], 7, 90, 2, set()),
 }
 
 
@@ -183,6 +188,8 @@ UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units
                               True, set()),
     "~10 tokens per expert (GEMM)": (30, 1, [(5, 9, (4, 3, 6)), (3, 11, (7, 2, 5)), (8, 6, (2, 6, 3))],
                                                  True, set()),
+    "18 experts, ~10 tokens each (GEMMs, experts split)": (90, 2, [(e % 5, 3 + e % 7, (e % 3, 1 + e % 4, e % 5))
+                                                                   for e in range(18)], True, set()),
 }
 
 

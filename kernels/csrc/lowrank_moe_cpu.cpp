@@ -41,7 +41,7 @@ constexpr int64_t kReducedRowLimit = 4;
 
 int64_t small_row_limit = 8;  // set_small_row_limit (process-wide; not for use during a forward): tests and
                               // benchmarks compare with 0 (at::mm everywhere)
-int64_t expert_parallel = 0;  // set_expert_parallel: 1 = threads split the active experts (for_each_expert)
+int64_t expert_parallel = 1;  // set_expert_parallel: 1 = threads split the active experts (split_experts)
 
 // Sums are formed in AccT<T>: T for fp32/fp64, fp32 for bf16/fp16 (converted as they are loaded: the factor's
 // bytes stay 16-bit, as in vLLM's own bf16 kernels).
@@ -357,12 +357,20 @@ struct Routing {
   int64_t rows(int64_t e) const { return starts[e + 1] - starts[e]; }
 };
 
-// Whether the active experts are split over the threads: set_expert_parallel on, more than one thread and one
-// expert, every product on the small-row loops (GEMMs parallelise themselves), not already in a parallel region.
+// Whether the active experts are split over the threads (one parallel region per call): set_expert_parallel on
+// (the default), more than one thread and one expert, not already in a parallel region, and either every
+// product on the small-row loops or at least kExpertsPerThread experts per thread (then each thread's GEMMs run
+// single-threaded, and the many experts balance the load; fewer, larger experts — Mixtral's 8 at 256 tokens —
+// keep the GEMMs' own column split). Otherwise the experts run in turn and each product is split over the
+// threads by columns: a parallel region per product, which at 2 threads on a loaded machine cost more than the
+// products (BENCHMARKS.md §10.4).
+constexpr int64_t kExpertsPerThread = 8;
+
 template <typename T>
 bool split_experts(int64_t active, int64_t max_rows) {
-  return expert_parallel && active > 1 && max_rows <= row_limit<T>() && at::get_num_threads() > 1 &&
-         !at::in_parallel_region();
+  const int64_t threads = at::get_num_threads();
+  return expert_parallel && active > 1 && threads > 1 && !at::in_parallel_region() &&
+         (max_rows <= row_limit<T>() || active >= kExpertsPerThread * threads);
 }
 
 // visit(i, work, sums) for the active experts i < count: work is the expert's scratch (make_work() builds it, sized
