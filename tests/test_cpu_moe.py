@@ -55,8 +55,9 @@ def test_small_product_matches_float64(rows, dtype):
     """The loops alone (``torch.ops.moe_compress_cpu.product``: a b for b = Wᵀ of a row-major W, or a row-major
     b) against float64 matmul: lengths with vector tails, row counts off the row block, more columns than one
     column block, a strided a; 9 rows stay on the loops for blocks under 128 KiB (on_loops); the 300 × 257 block
-    is over it in every dtype, so the loops prefetch its rows (streamed), up to the row limit (4 rows in bf16, 8
-    else; at::mm above). at::mm is also covered by the op tests' "at::mm only" runs."""
+    is over it in every dtype (a block the size of real layers': rows longer than the prefetch distance), on the
+    loops up to the row limit (4 rows in bf16, 8 else; at::mm above). at::mm is also covered by the op tests'
+    "at::mm only" runs."""
     ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(rows)
     for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1), (300, 257)):

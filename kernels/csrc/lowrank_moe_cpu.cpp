@@ -29,7 +29,7 @@ namespace {
 // For n ≤ small_row_limit (and up to kCachedBlockRows rows of a small block: on_loops) these loops read each
 // factor row once from memory and use it for all n rows while it is in registers or L1: the dot form keeps
 // kRowBlock × 4 vector accumulators in registers; the axpy form streams the rows of B in order into y (≤ 64 KiB,
-// in L2), four rows of B per load/store of y; both prefetch the rows of a large block ahead of their loads
+// in L2), four rows of B per load/store of y; both prefetch the rows of B ahead of their loads
 // (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch dispatches to here:
 // kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take at::mm. bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16)
 // are read as such and summed in fp32; a and y are always in the accumulation type.
@@ -64,7 +64,8 @@ at::vec::Vectorized<AccT<T>> load_acc(const T* p) {
 // bf16 values — so one core streaming a product's few hundred KiB waited on each page's first misses. The
 // locality hint 1 (prefetcht2 on x86: into L2, not L1) measured fastest (into L1, hint 3, it gained a third as
 // much); 4 KiB ahead beat 2 KiB in 5 of 6 same-run cases by 2–7 % (9 % slower in the sixth), 1 KiB was slower
-// (docs/kernels.md, "Prefetch and huge pages").
+// (docs/kernels.md, "Prefetch and huge pages"). Every block, also small ones that stay in L2/L3 (the reference
+// model's): prefetching only blocks over 128 KiB was 3–14 % slower at its shapes.
 // __builtin_prefetch is GCC/Clang's portable builtin (a no-op where the ISA has none). PREFETCH_BYTES=0 at build
 // time turns it off (experiments).
 #ifndef PREFETCH_BYTES
@@ -87,7 +88,7 @@ inline void prefetch(const T* p) {
 // accumulators stay in registers (independent FMA chains), and each vector load of a or b feeds J or R FMAs.
 template <typename T, int R, int J>
 void dot_block(const AccT<T>* a, int64_t lda, const T* b, int64_t j0, int64_t K, AccT<T>* y, int64_t ldy,
-               bool accumulate, bool stream) {
+               bool accumulate) {
   using A = AccT<T>;
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
@@ -96,11 +97,9 @@ void dot_block(const AccT<T>* a, int64_t lda, const T* b, int64_t j0, int64_t K,
   for (int q = 0; q < J; ++q)
     for (int t = 0; t < R; ++t) acc[q][t] = V(A(0));
   for (int64_t k = 0; k < body; k += W) {
-    if (stream) {
-      const int64_t f = k + prefetch_ahead<T>();  // the same place kPrefetchBytes on, in these rows or the next J
-      const T* next = f < K ? b + j0 * K + f : b + (j0 + J) * K + (f - K);
-      for (int q = 0; q < J; ++q) prefetch(next + q * K);
-    }
+    const int64_t f = k + prefetch_ahead<T>();  // the same place kPrefetchBytes on, in these rows or the next J
+    const T* next = f < K ? b + j0 * K + f : b + (j0 + J) * K + (f - K);
+    for (int q = 0; q < J; ++q) prefetch(next + q * K);
     V w[J];
     for (int q = 0; q < J; ++q) w[q] = load_acc(b + (j0 + q) * K + k);
     for (int t = 0; t < R; ++t) {
@@ -126,7 +125,7 @@ constexpr int kRowBlock = at::vec::Vectorized<float>::size() >= 16 ? 4 : 2;
 // and from L1 by the later token groups).
 template <typename T>
 void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, int64_t K, AccT<T>* y,
-               int64_t ldy, bool accumulate, bool stream) {
+               int64_t ldy, bool accumulate) {
   for (int64_t j = 0; j < N; j += kRowBlock) {
     const int64_t rows = std::min<int64_t>(kRowBlock, N - j);
     for (int64_t t = 0; t < n; t += 4) {
@@ -135,17 +134,17 @@ void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, 
       const int64_t tokens = std::min<int64_t>(4, n - t);
       if (rows == kRowBlock) {
         switch (tokens) {
-          case 4: dot_block<T, 4, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate, stream); break;
-          case 3: dot_block<T, 3, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate, stream); break;
-          case 2: dot_block<T, 2, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate, stream); break;
-          default: dot_block<T, 1, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate, stream);
+          case 4: dot_block<T, 4, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate); break;
+          case 3: dot_block<T, 3, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate); break;
+          case 2: dot_block<T, 2, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate); break;
+          default: dot_block<T, 1, kRowBlock>(at, lda, b, j, K, yt, ldy, accumulate);
         }
       } else {
         for (int64_t q = j; q < N; ++q) switch (tokens) {
-            case 4: dot_block<T, 4, 1>(at, lda, b, q, K, yt, ldy, accumulate, stream); break;
-            case 3: dot_block<T, 3, 1>(at, lda, b, q, K, yt, ldy, accumulate, stream); break;
-            case 2: dot_block<T, 2, 1>(at, lda, b, q, K, yt, ldy, accumulate, stream); break;
-            default: dot_block<T, 1, 1>(at, lda, b, q, K, yt, ldy, accumulate, stream);
+            case 4: dot_block<T, 4, 1>(at, lda, b, q, K, yt, ldy, accumulate); break;
+            case 3: dot_block<T, 3, 1>(at, lda, b, q, K, yt, ldy, accumulate); break;
+            case 2: dot_block<T, 2, 1>(at, lda, b, q, K, yt, ldy, accumulate); break;
+            default: dot_block<T, 1, 1>(at, lda, b, q, K, yt, ldy, accumulate);
           }
       }
     }
@@ -157,7 +156,7 @@ void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, 
 // ≤ 64 KiB at n = 8, N = 2048, in L2).
 template <typename T>
 void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t N, int64_t K, AccT<T>* y,
-           int64_t ldy, bool accumulate, bool stream) {
+           int64_t ldy, bool accumulate) {
   using A = AccT<T>;
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
@@ -168,11 +167,9 @@ void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, in
     const int64_t rows = std::min<int64_t>(4, K - k);
     const T* w = b + k * ldb;
     for (int64_t c = 0; c < body; c += W) {
-      if (stream) {
-        const int64_t f = c + prefetch_ahead<T>();  // kPrefetchBytes on, in these rows or the next four
-        const T* next = f < N ? w + f : w + 4 * ldb + (f - N);
-        for (int q = 0; q < rows; ++q) prefetch(next + q * ldb);
-      }
+      const int64_t f = c + prefetch_ahead<T>();  // kPrefetchBytes on, in these rows or the next four
+      const T* next = f < N ? w + f : w + 4 * ldb + (f - N);
+      for (int q = 0; q < rows; ++q) prefetch(next + q * ldb);
       V wv[4];
       for (int q = 0; q < 4; ++q) wv[q] = q < rows ? load_acc(w + q * ldb + c) : V(A(0));
       for (int64_t t = 0; t < n; ++t) {
@@ -207,14 +204,6 @@ int64_t row_limit() {
 // [8, 256] × [256, 256] product; BENCHMARKS.md §10.3).
 constexpr int64_t kCachedBlockBytes = 128 << 10;
 constexpr int64_t kCachedBlockRows = 64;
-
-// Whether the loops prefetch b's rows (kPrefetchBytes): only a block over kCachedBlockBytes, which comes from
-// memory. Smaller ones (the reference model's) mostly stay in L2/L3 between calls, and prefetching past their
-// end pulled in other experts' lines: at its shapes the op took 1.8× as long at 1 token (bf16, 1 thread).
-template <typename T>
-bool streamed(Block<T> b) {
-  return b.rows * b.cols * static_cast<int64_t>(sizeof(T)) > kCachedBlockBytes;
-}
 
 // Whether y = a B for a of n rows and the block b goes through the loops (else at::mm).
 template <typename T>
@@ -267,7 +256,7 @@ void project(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, i
   }
   at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
     const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
-    dots_rows<T>(a, lda, n, b.p + lo * K, cols, K, y + lo, ldy, accumulate, streamed(b));
+    dots_rows<T>(a, lda, n, b.p + lo * K, cols, K, y + lo, ldy, accumulate);
   });
 }
 
@@ -279,7 +268,7 @@ void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, in
   if (K > 0 && !on_loops<T>(n, b)) return gemm<T>(a, lda, n, b, false, y, ldy, accumulate);
   at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
     const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
-    axpys<T>(a, lda, n, b.p + lo, N, cols, K, y + lo, ldy, accumulate, streamed(b));
+    axpys<T>(a, lda, n, b.p + lo, N, cols, K, y + lo, ldy, accumulate);
   });
 }
 
