@@ -12,8 +12,8 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
   layer), where the scheme has one;
 - ``ours (at::mm only)``: the same op with its small-row loops off (``set_small_row_limit(0)``: every product
   an ``at::mm``, as before the loops), with ``--compare-at-mm``;
-- ``ours (experts in turn)``: the same op with the active experts visited in turn, each product split over the
-  threads (``set_expert_parallel(0)``; the default splits the experts over the threads), with
+- ``ours (experts split)``: the same op with the active experts split over the threads
+  (``set_expert_parallel(1)``; by default they run in turn, each product split over the threads), with
   ``--compare-expert-parallel`` (only differs from ``ours`` at ``--threads`` > 1);
 - ``ours (4 KiB pages)``: the same op on a plain copy of the layout (torch's allocator: 4 KiB pages where
   transparent huge pages are ``madvise``, as the layouts were before ``on_huge_pages``), with
@@ -192,7 +192,7 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
         elem["ours"] = compute_dtype(dtype).itemsize
         variants = {"ours (at::mm only)": ("set_small_row_limit", 0)} if compare_at_mm else {}
         if compare_split:
-            variants["ours (experts in turn)"] = ("set_expert_parallel", 0)
+            variants["ours (experts split)"] = ("set_expert_parallel", 1)
         for label, (setter, value) in variants.items():
             paths = {"ours": paths.pop("ours"), label: with_op_setting(forward, layout, setter, value), **paths}
             elem[label] = elem["ours"]
@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--compare-at-mm", action="store_true",
                         help="also time ours with the small-row loops off (every product an at::mm)")
     parser.add_argument("--compare-expert-parallel", action="store_true",
-                        help="also time ours with the active experts in turn (not split over the threads)")
+                        help="also time ours with the active experts split over the threads")
     parser.add_argument("--compare-source", type=Path,
                         help="also time the same layouts through the ops compiled from this lowrank_moe_cpu.cpp "
                         "(e.g. `git show <commit>:kernels/csrc/lowrank_moe_cpu.cpp > old.cpp`)")

@@ -87,7 +87,8 @@ def on_huge_pages(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     copied (converted on the way, no intermediate) onto 2 MiB-aligned memory advised for transparent huge pages
     (the C++ ``huge_page_copy``). Where THP is ``madvise`` (the usual default) torch's own allocations get 4 KiB
     pages, and the op, which reads a few MiB of factors per routed expert at random places in hundreds of MiB,
-    paid a TLB miss per 4 KiB: at Qwen3-30B-A3B shapes the op took ~13 % less time on huge pages (docs/kernels.md)."""
+    paid a TLB miss per 4 KiB: at Qwen3-30B-A3B shapes and 1–32 tokens the op on a 4 KiB-page copy took
+    0.96–1.23× as long (median 1.07×; BENCHMARKS.md §10.4, with what it cost at 256 tokens)."""
     if t.numel() * dtype.itemsize < HUGE_PAGE_MIN_BYTES:
         return t.to(dtype).contiguous()
     return cpu_ops().huge_page_copy(t, dtype)

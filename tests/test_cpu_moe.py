@@ -31,7 +31,7 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
                      "at::mm only"])
 def small_row_limit(request, monkeypatch):
     """The C++ ops' products of ≤ limit activation rows use the single-pass loops; 0 sends all to at::mm. With
-    the split (set_expert_parallel(1), the default), two threads take the active experts in turn when every
+    the split (set_expert_parallel(1); off by default), two threads take the active experts in turn when every
     product is on the loops or there are ≥ 8 active experts per thread (each its own partial sums, added at the
     end); without it the experts run in turn. With huge pages, every tensor of the
     prepared layout is a ``huge_page_copy`` (at these sizes ``on_huge_pages`` would keep torch's allocation)."""

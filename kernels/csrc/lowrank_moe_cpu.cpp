@@ -31,8 +31,9 @@ namespace {
 // kRowBlock × 4 vector accumulators in registers; the axpy form streams the rows of B in order into y (≤ 64 KiB,
 // in L2), four rows of B per load/store of y; both prefetch the rows of B ahead of their loads
 // (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch dispatches to here:
-// kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take at::mm. bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16)
-// are read as such and summed in fp32; a and y are always in the accumulation type.
+// kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take at::mm. bf16/fp16
+// factors (kept by prepare on CPUs with native bf16/fp16) are read as such and summed in fp32; a and y are always
+// in the accumulation type.
 
 // bf16/fp16: fp32 FMAs on converted values become compute-bound sooner than a native bf16 GEMM (AVX512-BF16
 // dot products: 2 products per lane and instruction): on the AVX-512 EPYC oneDNN was faster at 8 rows, the
@@ -41,7 +42,7 @@ constexpr int64_t kReducedRowLimit = 4;
 
 int64_t small_row_limit = 8;  // set_small_row_limit (process-wide; not for use during a forward): tests and
                               // benchmarks compare with 0 (at::mm everywhere)
-int64_t expert_parallel = 1;  // set_expert_parallel: 1 = threads split the active experts (split_experts)
+int64_t expert_parallel = 0;  // set_expert_parallel: 1 = threads split the active experts (split_experts)
 
 // Sums are formed in AccT<T>: T for fp32/fp64, fp32 for bf16/fp16 (converted as they are loaded: the factor's
 // bytes stay 16-bit, as in vLLM's own bf16 kernels).
@@ -347,12 +348,12 @@ struct Routing {
 };
 
 // Whether the active experts are split over the threads (one parallel region per call): set_expert_parallel on
-// (the default), more than one thread and one expert, not already in a parallel region, and either every
+// (off by default: at 2 threads on the loaded 2-core host it was not faster at 1–8 tokens, BENCHMARKS.md
+// §10.4), more than one thread and one expert, not already in a parallel region, and either every
 // product on the small-row loops or at least kExpertsPerThread experts per thread (then each thread's GEMMs run
 // single-threaded, and the many experts balance the load; fewer, larger experts — Mixtral's 8 at 256 tokens —
 // keep the GEMMs' own column split). Otherwise the experts run in turn and each product is split over the
-// threads by columns: a parallel region per product, which at 2 threads on a loaded machine cost more than the
-// products (BENCHMARKS.md §10.4).
+// threads by columns: a parallel region per product.
 constexpr int64_t kExpertsPerThread = 8;
 
 template <typename T>
@@ -815,11 +816,11 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
   });
 }
 
-// A contiguous copy of t, converted to dtype, in memory asked to be backed by 2 MiB pages (Linux transparent huge pages, madvise: where
-// THP is "madvise", the default here, torch's allocator gets 4 KiB pages). The prepared factors live in such
-// copies (kernels/cpu_extension.py's on_huge_pages): the loops read hundreds of MiB per layer at random experts,
-// one TLB miss per 4 KiB page otherwise. 2 MiB-aligned, the size rounded up to whole 2 MiB pages. Elsewhere
-// (THP off, not Linux) an ordinary aligned allocation.
+// A contiguous copy of t, converted to dtype, in memory asked to be backed by 2 MiB pages (Linux transparent huge
+// pages, madvise: where THP is "madvise", the default here, torch's allocator gets 4 KiB pages). The prepared
+// factors live in such copies (kernels/cpu_extension.py's on_huge_pages): the loops read hundreds of MiB per
+// layer at random experts, one TLB miss per 4 KiB page otherwise. 2 MiB-aligned, the size rounded up to whole
+// 2 MiB pages. Elsewhere (THP off, not Linux) an ordinary aligned allocation.
 at::Tensor huge_page_copy(const at::Tensor& t, at::ScalarType dtype) {
   constexpr size_t kPage = size_t(2) << 20;
   const size_t bytes = static_cast<size_t>(t.numel()) * c10::elementSize(dtype);
@@ -829,7 +830,8 @@ at::Tensor huge_page_copy(const at::Tensor& t, at::ScalarType dtype) {
 #ifdef __linux__
   madvise(p, size, MADV_HUGEPAGE);  // a hint: fails harmlessly where THP is off
 #endif
-  at::Tensor out = at::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options().dtype(dtype).device(at::kCPU));
+  at::Tensor out =
+      at::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options().dtype(dtype).device(at::kCPU));
   out.copy_(t);
   return out;
 }
