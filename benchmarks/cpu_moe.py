@@ -13,10 +13,15 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
 - ``ours (at::mm only)``: the same op with its small-row loops off (``set_small_row_limit(0)``: every product
   an ``at::mm``, as before the loops), with ``--compare-at-mm``;
 - ``ours (experts split)``: the same op with the active experts split over the threads
-  (``set_expert_parallel(1)``), with ``--compare-expert-parallel`` (only differs from ``ours`` at ``--threads`` > 1);
+  (``set_expert_parallel(1)``; by default they run in turn, each product split over the threads), with
+  ``--compare-expert-parallel`` (only differs from ``ours`` at ``--threads`` > 1);
+- ``ours (4 KiB pages)``: the same op on a plain copy of the layout (torch's allocator: 4 KiB pages where
+  transparent huge pages are ``madvise``, as the layouts were before ``on_huge_pages``), with
+  ``--compare-small-pages`` (one more copy of the layout in memory);
 - ``ours (<file>)``: the same layouts through the ops compiled from another ``lowrank_moe_cpu.cpp`` (e.g. an
   earlier commit's), registered as ``torch.ops.moe_compress_cpu_other``, with ``--compare-source <file>``: a
-  before/after comparison in the same rounds;
+  before/after comparison in the same rounds (with ``--compare-small-pages`` on the 4 KiB-page copy, as the
+  layouts were before ``on_huge_pages``);
 - ``torch op``: the scheme's torch path (``kernels/<scheme>_torch.py``, what the plugin called before);
 - ``vLLM dense``: vLLM CPU's own unquantized fused MoE, as ``CPUUnquantizedExperts`` calls it: weights
   prepacked once with ``cpu_prepack_moe_weight(w, isa)``, then ``cpu_fused_moe(out, x, w13, w2, None, None,
@@ -26,16 +31,18 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
 Each call gets a fresh random routing (uniform top-k, softmax weights), cycled from ``--routings`` drawn
 ones, so the routed experts' weights are not cache-hot from the previous call. Timing: ``--rounds``
 alternating rounds (every path once per round, in turn); a round runs each path ``--calls`` times and keeps
-the mean; the table gives the median over rounds. The copy bandwidth (a 512 MiB ``copy_``: (read + write
-bytes) / time) is one more path in the same rounds, so it sees the same machine load. Each row: ms, the bytes the path must read (the routed experts'
-weights or factors plus shared ones, in the dtype the path multiplies in: ``ours`` converts bf16 to fp32 at
-load on CPUs without native bf16, so its bytes are fp32 there; x and out included), achieved GB/s (those
-bytes / time) and its fraction of the copy bandwidth, and the speed-up of ``ours`` over vLLM dense.
+the mean; the table gives the median over rounds. The copy bandwidth (a 512 MiB ``copy_``, ``--copy-mib``:
+(read + write bytes) / time) is one more path in the same rounds, so it sees the same machine load. Each row:
+ms, the bytes the path must read (the routed experts' weights or factors plus shared ones, in the dtype the
+path multiplies in: ``ours`` converts bf16 to fp32 at load on CPUs without native bf16, so its bytes are fp32
+there; x and out included), achieved GB/s (those bytes / time) and its fraction of the copy bandwidth, and the
+speed-up of ``ours`` over vLLM dense.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -55,10 +62,11 @@ CPU_PATHS = {"base_delta": "base_delta", "sparse_lowrank": "sparse_lowrank", "ba
 
 
 class CopyBandwidth:
-    """A 512 MiB tensor copy, timed as one more path in every round: GB/s = (read + write bytes) / time."""
+    """A 512 MiB (``--copy-mib``) tensor copy, timed as one more path in every round: GB/s = (read + write
+    bytes) / time."""
 
-    def __init__(self):
-        self.src = torch.ones(2**27)
+    def __init__(self, mib: int = 512):
+        self.src = torch.ones(mib * 2**18)
         self.dst = torch.empty_like(self.src)
 
     def __call__(self, *inputs):
@@ -68,30 +76,60 @@ class CopyBandwidth:
         return 2 * self.src.numel() * 4 / ms / 1e6
 
 
-def vllm_dense(w13: torch.Tensor, w2: torch.Tensor):
-    """vLLM CPU's unquantized fused MoE on prepacked weights (``CPUUnquantizedExperts``'s call)."""
+def dense_baselines(num_experts: int, h: int, i: int, dtype, gen, torch_loop: bool):
+    """``{name: forward}`` of vLLM dense (and the torch loop) on random dense experts, and vLLM's ISA. vLLM's is
+    its CPU unquantized fused MoE on prepacked weights (``CPUUnquantizedExperts``'s call). The weights are drawn
+    expert by expert in ``dtype``; without the torch loop each expert is prepacked as drawn and only the packed
+    copy kept (``cpu_prepack_moe_weight`` packs the experts independently: packing them one at a time gives the
+    same tensor), so the peak is the packed weights plus one expert (Mixtral-8x7B bf16: 2.8 GB)."""
     from vllm import _custom_ops as ops
 
-    isa = "amx" if torch.cpu._is_amx_tile_supported() and w13.dtype == torch.bfloat16 else "vec"
-    p13, p2 = ops.cpu_prepack_moe_weight(w13, isa), ops.cpu_prepack_moe_weight(w2, isa)
+    isa = "amx" if torch.cpu._is_amx_tile_supported() and dtype == torch.bfloat16 else "vec"
 
-    def forward(x, ids, weights):
+    def expert(rows, cols):
+        return torch.randn(1, rows, cols, generator=gen).div_(cols**0.5).to(dtype)
+
+    def weights(rows, cols):
+        """(dense [E, rows, cols] or None, prepacked)"""
+        if torch_loop:
+            dense = torch.cat([expert(rows, cols) for _ in range(num_experts)])
+            return dense, ops.cpu_prepack_moe_weight(dense, isa)
+        packed = None
+        for e in range(num_experts):
+            one = ops.cpu_prepack_moe_weight(expert(rows, cols), isa)
+            if packed is None:
+                packed = one.new_empty(num_experts, *one.shape[1:])
+            packed[e] = one[0]
+        return None, packed
+
+    w13, p13 = weights(2 * i, h)
+    w2, p2 = weights(h, i)
+
+    def dense(x, ids, topk_weights):
         out = torch.empty_like(x)
-        ops.cpu_fused_moe(out, x, p13, p2, None, None, weights, ids, "silu", isa)
+        ops.cpu_fused_moe(out, x, p13, p2, None, None, topk_weights, ids, "silu", isa)
         return out
 
-    return forward, isa
+    paths = {f"vLLM dense ({isa})": dense}
+    if torch_loop:
+        paths["torch loop"] = lambda x, ids, w: torch_dense_moe(x, w13, w2, w, ids)
+    return paths, isa
 
 
-def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int, clock=time.perf_counter) -> dict[str, float]:
-    """Median over ``rounds`` of each path's mean ms per call; paths alternate within every round. ``clock``:
-    wall time (``time.perf_counter``) or this process's CPU time (``time.process_time``: on a loaded machine
-    it leaves out the time the process waited for a core)."""
+def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int, clock=time.perf_counter,
+                 flush=None) -> dict[str, float]:
+    """Median over ``rounds`` of each path's mean ms per call; paths alternate within every round. ``flush``
+    (untimed) runs before each path's calls, so every path starts from the same cold caches: a layer that fits
+    in L3 (the reference model's) ran ~1.5× slower as the path right after the copy than as the next one, the
+    same op in both places. ``clock``: wall time (``time.perf_counter``) or this process's CPU time
+    (``time.process_time``: on a loaded machine it leaves out the time the process waited for a core)."""
     for fn in paths.values():  # warm-up (and first-call allocations)
         fn(*inputs[0])
     samples = {name: [] for name in paths}
     for _ in range(rounds):
         for name, fn in paths.items():
+            if flush is not None:
+                flush()
             start = clock()
             for c in range(calls):
                 fn(*inputs[c % len(inputs)])
@@ -135,8 +173,10 @@ def with_op_setting(forward, layout, setter: str, value: int):
 
 
 def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, compare_at_mm: bool = False,
-                     compare_split: bool = False, compare_source: Path | None = None):
-    """``{name: forward}`` of the scheme's paths and ``read_bytes(used, name)``."""
+                     compare_split: bool = False, compare_source: Path | None = None,
+                     compare_small_pages: bool = False, torch_op: bool = True):
+    """``{name: forward}`` of the scheme's paths and ``read_bytes(used, name)``. Without the torch op, the
+    layer's own tensors are freed once the CPU layout is prepared."""
     import importlib
 
     from vllm_moe_compress.kernels.cpu_extension import cpu_ops
@@ -156,12 +196,21 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
         for label, (setter, value) in variants.items():
             paths = {"ours": paths.pop("ours"), label: with_op_setting(forward, layout, setter, value), **paths}
             elem[label] = elem["ours"]
+        if compare_small_pages:
+            small = type(layout)(*(t.clone() for t in layout))
+            paths["ours (4 KiB pages)"] = lambda x, ids, w: forward(x, ids, w, small)
+            elem["ours (4 KiB pages)"] = elem["ours"]
         if compare_source is not None:
             other = getattr(other_ops(compare_source), CPU_PATHS[scheme])
             extra = (0,) if CPU_PATHS[scheme] == "base_delta" else ()  # num_dynamic_drop, as ``forward``'s default
             name = f"ours ({compare_source.name})"
-            paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *layout, *extra), **paths}
+            before = small if compare_small_pages else layout  # main's layouts were on 4 KiB pages
+            paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *before, *extra), **paths}
             elem[name] = elem["ours"]
+
+    if not torch_op:
+        del paths["torch op"]
+        layer = dataclasses.replace(layer, triton_moe=None, torch_moe=None, torch_args=())
 
     def read_bytes(used: torch.Tensor, name: str) -> int:
         return elem[name] * layer.read_params(used)
@@ -190,6 +239,11 @@ def main() -> None:
     parser.add_argument("--compare-source", type=Path,
                         help="also time the same layouts through the ops compiled from this lowrank_moe_cpu.cpp "
                         "(e.g. `git show <commit>:kernels/csrc/lowrank_moe_cpu.cpp > old.cpp`)")
+    parser.add_argument("--compare-small-pages", action="store_true",
+                        help="also time ours on a plain copy of the layout (4 KiB pages; doubles the layout memory)")
+    parser.add_argument("--copy-mib", type=int, default=512,
+                        help="size of the copy that measures the bandwidth (default 512 MiB; source and destination "
+                        "take twice that)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="time per call: wall (default) or this process's CPU time (all its threads; on a "
                         "loaded machine it leaves out the waits for a core)")
@@ -200,11 +254,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if l.startswith("Model name")), "?")
-    copy = CopyBandwidth()
+    copy = CopyBandwidth(args.copy_mib)
     header = [f"CPU: {cpu}; torch threads {args.threads}; clock {args.clock}; load average before: "
               f"{os.getloadavg()[0]:.1f}; median "
-              f"of {args.rounds} alternating rounds of {args.calls} calls; copy GB/s = a 512 MiB copy's (read + "
-              f"write) bytes / time, timed in the same rounds.", "",
+              f"of {args.rounds} alternating rounds of {args.calls} calls; copy GB/s = a {args.copy_mib} MiB copy's "
+              f"(read + write) bytes / time, timed in the same rounds.", "",
               "| model | dtype | scheme | ratio | tokens | path | ms | MB read | GB/s | copy GB/s | % copy "
               "| vLLM dense ms / path ms |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -213,22 +267,16 @@ def main() -> None:
         model = MODELS[name]
         h, i, num_experts = model.hidden, model.intermediate, model.experts
         for dtype in (getattr(torch, d) for d in args.dtypes):
-            w13 = torch.randn(num_experts, 2 * i, h, generator=gen).div_(h**0.5).to(dtype)
-            w2 = torch.randn(num_experts, h, i, generator=gen).div_(i**0.5).to(dtype)
             dense_paths = {}
-            dense, isa = vllm_dense(w13, w2)
-            dense_paths[f"vLLM dense ({isa})"] = dense
-            if "torch loop" in args.skip:
-                del w13, w2
-            else:
-                dense_paths["torch loop"] = lambda x, ids, w, w13=w13, w2=w2: torch_dense_moe(x, w13, w2, w, ids)
             for scheme in args.schemes:
                 for ratio in args.ratios:
                     paths, read_bytes = compressed_paths(scheme, model, ratio, dtype, args.seed, gen,
                                                            args.compare_at_mm, args.compare_expert_parallel,
-                                                           args.compare_source)
-                    if "torch op" in args.skip:
-                        del paths["torch op"]
+                                                           args.compare_source, args.compare_small_pages,
+                                                           "torch op" not in args.skip)
+                    if not dense_paths:  # after the first layout: the two are never built at the same time
+                        dense_paths, isa = dense_baselines(num_experts, h, i, dtype, gen,
+                                                           "torch loop" not in args.skip)
                     all_paths = {**paths, **dense_paths}
                     for tokens in args.tokens:
                         inputs = []
@@ -237,7 +285,7 @@ def main() -> None:
                             top_logits, ids = torch.randn(tokens, num_experts, generator=gen).topk(model.top_k, dim=1)
                             inputs.append((x, ids.to(torch.int32), top_logits.softmax(dim=1)))
                         ms = timed_rounds({**all_paths, "copy": copy}, inputs, args.rounds, args.calls,
-                                          time.process_time if args.clock == "cpu" else time.perf_counter)
+                                          time.process_time if args.clock == "cpu" else time.perf_counter, copy)
                         dense_ms, copy_gbs = ms[f"vLLM dense ({isa})"], copy.gbs(ms.pop("copy"))
                         for path, t in ms.items():
                             used = torch.zeros(num_experts, dtype=torch.bool)  # mean over the routings
@@ -254,8 +302,8 @@ def main() -> None:
                                          f"{ms_text(t)} | {mb:.0f} | {gbs:.1f} | {copy_gbs:.1f} | {gbs / copy_gbs:.0%} | "
                                          f"{dense_ms / t:.2f}× |")
                             print(lines[-1], flush=True)
-                    del paths
-            del dense, dense_paths
+                    del paths, all_paths, read_bytes  # freed before the next layout is built
+            del dense_paths
     lines.append("")
     lines.append(f"Load average after: {os.getloadavg()[0]:.1f}.")
     write_atomically(args.out, "\n".join(lines) + "\n")

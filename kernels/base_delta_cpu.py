@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 
 from .base_delta_torch import rank_offsets
-from .cpu_extension import cpu_ops
+from .cpu_extension import cpu_ops, on_huge_pages
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def prepare(ranks: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tenso
     order = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
 
     def prepared(t):
-        return t.to(dtype).contiguous()
+        return on_huge_pages(t, dtype)
 
     has_base = base_gate_up is not None and base_gate_up.numel() > 0
     return BaseDeltaCpuLayout(

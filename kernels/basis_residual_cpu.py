@@ -42,7 +42,7 @@ import torch
 
 from .base_delta_cpu import compute_dtype
 from .basis_residual_torch import PackedStarts, ProjectionWeights, materialise_mixed_right
-from .cpu_extension import cpu_ops
+from .cpu_extension import cpu_ops, on_huge_pages
 
 class BasisResidualCpuLayout(NamedTuple):
     meta: torch.Tensor
@@ -77,7 +77,7 @@ def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeig
     for w in weights:
         empty = w.coef.new_zeros(0, dtype=dtype)
         if w.dense.numel():
-            fields += [w.dense.transpose(1, 2).to(dtype).contiguous(), empty, empty, empty]
+            fields += [on_huge_pages(w.dense.transpose(1, 2), dtype), empty, empty, empty]
             for row in meta:
                 row += [0, 0, 0]
             continue
@@ -91,7 +91,8 @@ def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeig
             right_rows = [at.basis_start[g] for g in groups]
         for e, row in enumerate(meta):
             row += [right_rows[e], at.expert_rank[e], at.expert_start[e]]
-        fields += [empty, right.to(dtype).contiguous(), w.coef.T.to(dtype).contiguous(), w.scaled_eta.to(dtype)]
+        fields += [empty, on_huge_pages(right, dtype), on_huge_pages(w.coef.T, dtype),
+                   on_huge_pages(w.scaled_eta, dtype)]
     # Visit experts by right factor (then by id): at decode one z = R x serves every member of a group.
     order = sorted(range(num_experts), key=lambda e: (meta[e][2], e))
     return BasisResidualCpuLayout(

@@ -3,7 +3,8 @@
 ``torch.utils.cpp_extension.load`` builds the source with the machine's C++ compiler (g++, which vLLM's CPU
 backend already needs for its compiled mode) into ``$MOE_COMPRESS_CPU_BUILD`` (default
 ``~/.cache/vllm_moe_compress/cpu-<torch version>-<CPU tag>``) with ``-O3 -march=native`` (the small-product
-loops are vectorised for this CPU's ISA: AVX2 + FMA on this project's EPYC), once per source change; later processes load the cached
+loops are vectorised for this CPU's ISA: AVX-512 on the EPYC this project runs on now, AVX2 + FMA on its
+earlier one; no intrinsics, so any ISA builds), once per source change; later processes load the cached
 library (~0.1 s). Concurrent first builds (vLLM's worker processes, parallel tests) wait on torch's build
 lock. The ops register as ``torch.ops.moe_compress_cpu.*``.
 """
@@ -74,3 +75,21 @@ def available() -> bool:
                        "torch path", err)
         return False
     return True
+
+
+HUGE_PAGE_MIN_BYTES = 8 << 20
+"""Layout tensors from this size on are copied onto huge-page memory (``on_huge_pages``): each is rounded up to
+whole 2 MiB pages, so smaller ones (the reference model's layers, a layer's base) would waste a larger share."""
+
+
+def on_huge_pages(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous, for a prepared CPU layout: tensors of at least ``HUGE_PAGE_MIN_BYTES`` are
+    copied (converted on the way, no intermediate) onto 2 MiB-aligned memory advised for transparent huge pages
+    (the C++ ``huge_page_copy``). Where THP is ``madvise`` (the usual default) torch's own allocations get 4 KiB
+    pages, and the op, which reads a few MiB of factors per routed expert at random places in hundreds of MiB,
+    paid a TLB miss per 4 KiB: at Qwen3-30B-A3B shapes and 1–32 tokens the op on a 4 KiB-page copy took
+    0.96–1.23× as long (median 1.07×; BENCHMARKS.md §10.4, with what it cost at 256 tokens)."""
+    if t.numel() * dtype.itemsize < HUGE_PAGE_MIN_BYTES:
+        return t.to(dtype).contiguous()
+    return cpu_ops().huge_page_copy(t, dtype)
+

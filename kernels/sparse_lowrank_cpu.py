@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 
 from .base_delta_cpu import compute_dtype
-from .cpu_extension import cpu_ops
+from .cpu_extension import cpu_ops, on_huge_pages
 from .sparse_lowrank_torch import PackedOffsets
 
 
@@ -69,7 +69,7 @@ def prepare(sparse_counts, lowrank_counts, ranks, sparse_gate_up, sparse_down, l
         return t[torch.cat(index)] if index else t[:0]
 
     def prepared(t):
-        return t.to(dtype).contiguous()
+        return on_huge_pages(t, dtype)
 
     return SparseLowrankCpuLayout(
         torch.tensor(meta, dtype=torch.int64).reshape(len(at.s), 11), prepared(rows(sparse_gate_up, sgu_rows)),

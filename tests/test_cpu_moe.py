@@ -3,8 +3,9 @@ against float64 dense math on the materialised experts, with fresh random inputs
 experts, no base, top-1 and top-k, a single token, dynamic base pruning; basis_residual's shared and MoBE-mixed
 bases, hashed residual, dense and factorised down, TP 2; fp64, fp32 and bf16 factors (bf16 computed in fp32 on
 CPUs without native bf16). Every op test runs three times: with the small-row loops (products of ≤ 8 activation
-rows, kernels/csrc/lowrank_moe_cpu.cpp), the same with the active experts split over 2 threads, and with at::mm
-everywhere (limit 0); the "~10 tokens per expert" cases put experts over the limit (GEMM) in the loops' runs."""
+rows, kernels/csrc/lowrank_moe_cpu.cpp) on a layout copied onto huge pages, the loops with the active experts split
+over 2 threads, and with at::mm everywhere (limit 0); the "~10 tokens per expert" cases put experts over the limit
+(GEMM) in the loops' runs, the "18 experts" cases with enough experts to split them over the threads anyway."""
 
 import dataclasses
 
@@ -25,14 +26,19 @@ from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_re
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(params=[(8, False), (8, True), (0, False)],
-                ids=["small-row loops", "small-row loops, experts split over 2 threads", "at::mm only"])
-def small_row_limit(request):
+@pytest.fixture(params=[(8, False, True), (8, True, False), (0, False, False)],
+                ids=["small-row loops, layout on huge pages", "small-row loops, experts split over 2 threads",
+                     "at::mm only"])
+def small_row_limit(request, monkeypatch):
     """The C++ ops' products of ≤ limit activation rows use the single-pass loops; 0 sends all to at::mm. With
-    the split, two threads take the active experts in turn when every product is on the loops (each its own
-    partial sums, added at the end), as set_expert_parallel(1) does."""
+    the split (set_expert_parallel(1); off by default), two threads take the active experts in turn when every
+    product is on the loops or there are ≥ 8 active experts per thread (each its own partial sums, added at the
+    end); without it the experts run in turn. With huge pages, every tensor of the
+    prepared layout is a ``huge_page_copy`` (at these sizes ``on_huge_pages`` would keep torch's allocation)."""
     ops = cpu_extension.cpu_ops()
-    limit, split = request.param
+    limit, split, huge = request.param
+    if huge:
+        monkeypatch.setattr(cpu_extension, "HUGE_PAGE_MIN_BYTES", 0)
     previous, previous_split, threads = ops.set_small_row_limit(limit), ops.set_expert_parallel(int(split)), \
         torch.get_num_threads()
     if split:
@@ -48,11 +54,13 @@ def small_row_limit(request):
 def test_small_product_matches_float64(rows, dtype):
     """The loops alone (``torch.ops.moe_compress_cpu.product``: a b for b = Wᵀ of a row-major W, or a row-major
     b) against float64 matmul: lengths with vector tails, row counts off the row block, more columns than one
-    column block, a strided a; 9 rows stay on the loops (every block here is under 128 KiB: on_loops); at::mm is
-    covered by the op tests' "at::mm only" runs."""
+    column block, a strided a; 9 rows stay on the loops for blocks under 128 KiB (on_loops); the 300 × 257 block
+    is over it in every dtype (a block the size of real layers': rows longer than the prefetch distance), on the
+    loops up to the row limit (4 rows in bf16, 8 else; at::mm above). at::mm is also covered by the op tests'
+    "at::mm only" runs."""
     ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(rows)
-    for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1)):
+    for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1), (300, 257)):
         wide = torch.randn(rows, inner + 3, generator=gen, dtype=torch.float64)
         a = wide[:, 2:2 + inner]  # row stride inner + 3
         w = torch.randn(outer, inner, generator=gen, dtype=torch.float64)
@@ -62,6 +70,23 @@ def test_small_product_matches_float64(rows, dtype):
             assert got.dtype == dtype and got.shape == expected.shape
             error = float((got.double() - expected).norm() / expected.norm())
             assert error <= TOLERANCE[dtype] / 4, (inner, outer, b.is_contiguous(), error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_huge_page_copy_is_an_exact_contiguous_copy(dtype):
+    """``huge_page_copy`` (the prepared layouts' memory): the values of a strided source converted to ``dtype``,
+    contiguous, 2 MiB-aligned, sizes off and on whole 2 MiB pages and empty; freeing it leaves the source alone."""
+    gen = torch.Generator().manual_seed(7)
+    for rows, cols in ((3, 5), (512, 1024), (0, 7), (1, 1)):  # 512 × 1024 fp32: 2 MiB exactly
+        source = torch.randn(cols, rows, generator=gen, dtype=torch.float64).T
+        copy = cpu_extension.cpu_ops().huge_page_copy(source, dtype)
+        assert copy.dtype == dtype and copy.shape == source.shape and copy.is_contiguous()
+        assert copy.data_ptr() % (2 << 20) == 0
+        assert torch.equal(copy, source.to(dtype))
+        del copy
+        assert torch.isfinite(source).all()
+    small = cpu_extension.on_huge_pages(source, dtype)  # under HUGE_PAGE_MIN_BYTES: torch's allocation
+    assert torch.equal(small, source.to(dtype)) and small.is_contiguous()
 
 
 def packed_layer(ranks: list[list[int]], hidden: int, inter: int, channels: int, gen: torch.Generator):
@@ -116,6 +141,10 @@ CASES = {  # name: (ranks [gate, up, down] per expert, base channels, tokens, to
     "all ranks zero (base only)": ([[0] * 5, [0] * 5, [0] * 5], 12, 6, 2, set()),
     "2-8 tokens per expert": ([[9, 4, 17, 6, 11], [5, 12, 3, 8, 16], [7, 2, 13, 19, 4]], 9, 16, 2, set()),
     "~10 tokens per expert (GEMM)": ([[6, 3, 8, 2], [4, 7, 1, 5], [3, 6, 2, 9]], 11, 40, 1, set()),
+    # ≥ 8 active experts per thread with GEMM-sized experts: split over the threads too (split_experts)
+    "18 experts, ~10 tokens each (GEMMs, experts split)": ([[(3 * e) % 7 for e in range(18)],
+                                                          [(5 * e + 2) % 9 for e in range(18)],
+                                                          [(e + 4) % 6 for e in range(18)]], 7, 90, 2, set()),
 }
 
 
@@ -160,6 +189,8 @@ UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units
                               True, set()),
     "~10 tokens per expert (GEMM)": (30, 1, [(5, 9, (4, 3, 6)), (3, 11, (7, 2, 5)), (8, 6, (2, 6, 3))],
                                                  True, set()),
+    "18 experts, ~10 tokens each (GEMMs, experts split)": (90, 2, [(e % 5, 3 + e % 7, (e % 3, 1 + e % 4, e % 5))
+                                                                   for e in range(18)], True, set()),
 }
 
 

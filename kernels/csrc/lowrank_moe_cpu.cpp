@@ -14,19 +14,26 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace {
 
 // ---- Products with few activation rows -------------------------------------------------------------------------
 // Every product of an expert's activations a [n, in] (n = the tokens routed to it) with one of its factor blocks
 // goes through project (y = a Bᵀ, B [out, in] row-major: x Vᵀ) or expand (y = a B, B [in, out] row-major: z Uᵀ).
-// For n ≤ small_row_limit (and up to kCachedBlockRows rows of a small block: on_loops) these loops read each factor row once from memory and use it for all n rows while it
-// is in registers or L1: the dot form keeps kRowBlock × 4 vector accumulators in registers; the axpy form streams
-// the rows of B in order into y (≤ 64 KiB, in L2), four rows of B per load/store of y. Written with ATen's
-// at::vec::Vectorized (the ISA torch dispatches to here: kernels/cpu_extension.py); measured against at::mm (MKL)
-// in docs/kernels.md. Larger n take at::mm. bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16)
-// are read as such and summed in fp32; a and y are always in the accumulation type.
+// For n ≤ small_row_limit (and up to kCachedBlockRows rows of a small block: on_loops) these loops read each
+// factor row once from memory and use it for all n rows while it is in registers or L1: the dot form keeps
+// kRowBlock × 4 vector accumulators in registers; the axpy form streams the rows of B in order into y (≤ 64 KiB,
+// in L2), four rows of B per load/store of y; both prefetch the rows of B ahead of their loads
+// (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch dispatches to here:
+// kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take at::mm. bf16/fp16
+// factors (kept by prepare on CPUs with native bf16/fp16) are read as such and summed in fp32; a and y are always
+// in the accumulation type.
 
 // bf16/fp16: fp32 FMAs on converted values become compute-bound sooner than a native bf16 GEMM (AVX512-BF16
 // dot products: 2 products per lane and instruction): on the AVX-512 EPYC oneDNN was faster at 8 rows, the
@@ -35,7 +42,7 @@ constexpr int64_t kReducedRowLimit = 4;
 
 int64_t small_row_limit = 8;  // set_small_row_limit (process-wide; not for use during a forward): tests and
                               // benchmarks compare with 0 (at::mm everywhere)
-int64_t expert_parallel = 0;  // set_expert_parallel: 1 = threads split the active experts (for_each_expert)
+int64_t expert_parallel = 0;  // set_expert_parallel: 1 = threads split the active experts (split_experts)
 
 // Sums are formed in AccT<T>: T for fp32/fp64, fp32 for bf16/fp16 (converted as they are loaded: the factor's
 // bytes stay 16-bit, as in vLLM's own bf16 kernels).
@@ -53,6 +60,30 @@ at::vec::Vectorized<AccT<T>> load_acc(const T* p) {
   }
 }
 
+// Software prefetch of the factor rows kPrefetchBytes ahead of the loads, in each row the loops stream (where a
+// row ends, into the next rows of the block). The hardware prefetchers stop at every 4 KiB page — one row of 2048
+// bf16 values — so one core streaming a product's few hundred KiB waited on each page's first misses. The
+// locality hint 1 (prefetcht2 on x86: into L2, not L1) measured fastest (into L1, hint 3, it gained a third as
+// much); 4 KiB ahead beat 2 KiB in 5 of 6 same-run cases by 2–7 % (9 % slower in the sixth), 1 KiB was slower
+// (docs/kernels.md, "Prefetch and huge pages"). Every block, also small ones that stay in L2/L3 (the reference
+// model's): prefetching only blocks over 128 KiB was 3–14 % slower at its shapes.
+// __builtin_prefetch is GCC/Clang's portable builtin (a no-op where the ISA has none). PREFETCH_BYTES=0 at build
+// time turns it off (experiments).
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 4096
+#endif
+constexpr int64_t kPrefetchBytes = PREFETCH_BYTES;
+
+template <typename T>
+constexpr int64_t prefetch_ahead() {
+  return kPrefetchBytes / static_cast<int64_t>(sizeof(T));
+}
+
+template <typename T>
+inline void prefetch(const T* p) {
+  if constexpr (kPrefetchBytes > 0) __builtin_prefetch(p, 0, 1);
+}
+
 // y[t, j] (+)= Σ_k a[t, k] b[j, k] for t < R and J rows j0 ≤ j < j0 + J: a [R, K] with row stride lda, b [N, K]
 // contiguous rows, y with row stride ldy. The J rows of b are read once for all R tokens; J·R vector
 // accumulators stay in registers (independent FMA chains), and each vector load of a or b feeds J or R FMAs.
@@ -67,6 +98,9 @@ void dot_block(const AccT<T>* a, int64_t lda, const T* b, int64_t j0, int64_t K,
   for (int q = 0; q < J; ++q)
     for (int t = 0; t < R; ++t) acc[q][t] = V(A(0));
   for (int64_t k = 0; k < body; k += W) {
+    const int64_t f = k + prefetch_ahead<T>();  // the same place kPrefetchBytes on, in these rows or the next J
+    const T* next = f < K ? b + j0 * K + f : b + (j0 + J) * K + (f - K);
+    for (int q = 0; q < J; ++q) prefetch(next + q * K);
     V w[J];
     for (int q = 0; q < J; ++q) w[q] = load_acc(b + (j0 + q) * K + k);
     for (int t = 0; t < R; ++t) {
@@ -134,6 +168,9 @@ void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, in
     const int64_t rows = std::min<int64_t>(4, K - k);
     const T* w = b + k * ldb;
     for (int64_t c = 0; c < body; c += W) {
+      const int64_t f = c + prefetch_ahead<T>();  // kPrefetchBytes on, in these rows or the next four
+      const T* next = f < N ? w + f : w + 4 * ldb + (f - N);
+      for (int q = 0; q < rows; ++q) prefetch(next + q * ldb);
       V wv[4];
       for (int q = 0; q < 4; ++q) wv[q] = q < rows ? load_acc(w + q * ldb + c) : V(A(0));
       for (int64_t t = 0; t < n; ++t) {
@@ -310,12 +347,20 @@ struct Routing {
   int64_t rows(int64_t e) const { return starts[e + 1] - starts[e]; }
 };
 
-// Whether the active experts are split over the threads: set_expert_parallel on, more than one thread and one
-// expert, every product on the small-row loops (GEMMs parallelise themselves), not already in a parallel region.
+// Whether the active experts are split over the threads (one parallel region per call): set_expert_parallel on
+// (off by default: at 2 threads on the loaded 2-core host it was not faster at 1–8 tokens, BENCHMARKS.md
+// §10.4), more than one thread and one expert, not already in a parallel region, and either every
+// product on the small-row loops or at least kExpertsPerThread experts per thread (then each thread's GEMMs run
+// single-threaded, and the many experts balance the load; fewer, larger experts — Mixtral's 8 at 256 tokens —
+// keep the GEMMs' own column split). Otherwise the experts run in turn and each product is split over the
+// threads by columns: a parallel region per product.
+constexpr int64_t kExpertsPerThread = 8;
+
 template <typename T>
 bool split_experts(int64_t active, int64_t max_rows) {
-  return expert_parallel && active > 1 && max_rows <= row_limit<T>() && at::get_num_threads() > 1 &&
-         !at::in_parallel_region();
+  const int64_t threads = at::get_num_threads();
+  return expert_parallel && active > 1 && threads > 1 && !at::in_parallel_region() &&
+         (max_rows <= row_limit<T>() || active >= kExpertsPerThread * threads);
 }
 
 // visit(i, work, sums) for the active experts i < count: work is the expert's scratch (make_work() builds it, sized
@@ -771,6 +816,26 @@ at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
   });
 }
 
+// A contiguous copy of t, converted to dtype, in memory asked to be backed by 2 MiB pages (Linux transparent huge
+// pages, madvise: where THP is "madvise", the default here, torch's allocator gets 4 KiB pages). The prepared
+// factors live in such copies (kernels/cpu_extension.py's on_huge_pages): the loops read hundreds of MiB per
+// layer at random experts, one TLB miss per 4 KiB page otherwise. 2 MiB-aligned, the size rounded up to whole
+// 2 MiB pages. Elsewhere (THP off, not Linux) an ordinary aligned allocation.
+at::Tensor huge_page_copy(const at::Tensor& t, at::ScalarType dtype) {
+  constexpr size_t kPage = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(t.numel()) * c10::elementSize(dtype);
+  const size_t size = std::max<size_t>(1, (bytes + kPage - 1) / kPage) * kPage;
+  void* p = std::aligned_alloc(kPage, size);
+  TORCH_CHECK(p, "huge_page_copy: could not allocate ", size, " bytes");
+#ifdef __linux__
+  madvise(p, size, MADV_HUGEPAGE);  // a hint: fails harmlessly where THP is off
+#endif
+  at::Tensor out =
+      at::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options().dtype(dtype).device(at::kCPU));
+  out.copy_(t);
+  return out;
+}
+
 int64_t set_small_row_limit(int64_t rows) {
   const int64_t previous = small_row_limit;
   small_row_limit = rows;
@@ -805,6 +870,9 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
   m.def("set_expert_parallel(int on) -> int", &set_expert_parallel);
   // a b through the same dispatch as the ops' products (tests and benchmarks of the loops alone).
   m.def("product(Tensor a, Tensor b) -> Tensor");
+  // A contiguous copy of a tensor, in dtype, on 2 MiB-aligned memory advised for transparent huge pages (the
+  // prepared layouts: kernels/cpu_extension.py's on_huge_pages).
+  m.def("huge_page_copy(Tensor t, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_compress_cpu, CPU, m) {
@@ -812,4 +880,5 @@ TORCH_LIBRARY_IMPL(moe_compress_cpu, CPU, m) {
   m.impl("sparse_lowrank", &sparse_lowrank_forward);
   m.impl("basis_residual", &basis_residual_forward);
   m.impl("product", &product);
+  m.impl("huge_page_copy", &huge_page_copy);
 }
