@@ -54,6 +54,11 @@ def _vector_flags() -> list[str]:
     return []
 
 
+EXPERT_SPLIT_ENV = "MOE_COMPRESS_CPU_EXPERT_SPLIT"
+"""Set to 1 to split the active experts over the threads (``set_expert_parallel(1)``, docs/kernels.md) in every
+process that loads the op, e.g. vLLM's CPU worker; unset or 0: the experts run in turn (the default)."""
+
+
 @functools.cache
 def cpu_ops():
     """``torch.ops.moe_compress_cpu``, building the extension first if this machine has no cached build."""
@@ -61,6 +66,10 @@ def cpu_ops():
 
     load(name="moe_compress_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", *_vector_flags()], is_python_module=False,
          build_directory=str(build_directory()), verbose=False)
+    split = os.environ.get(EXPERT_SPLIT_ENV, "0")
+    if split not in ("0", "1"):
+        raise ValueError(f"{EXPERT_SPLIT_ENV} must be 0 or 1, not {split!r}")
+    torch.ops.moe_compress_cpu.set_expert_parallel(int(split))
     return torch.ops.moe_compress_cpu
 
 

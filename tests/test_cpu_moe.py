@@ -8,6 +8,9 @@ over 2 threads, and with at::mm everywhere (limit 0); the "~10 tokens per expert
 (GEMM) in the loops' runs, the "18 experts" cases with enough experts to split them over the threads anyway."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -278,3 +281,13 @@ def test_basis_residual_cpu_path_matches_float64_dense_math(case, small_row_limi
             total += got.double()
         error = float((total - expected).norm() / expected.norm())
         assert error <= tolerance, (dtype, error)
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_expert_split_follows_the_environment(value):
+    """MOE_COMPRESS_CPU_EXPERT_SPLIT sets the split in a process that loads the op (how vLLM's worker gets it)."""
+    code = ("from vllm_moe_compress.kernels import cpu_extension; "
+            "print(cpu_extension.cpu_ops().set_expert_parallel(0))")
+    env = {**os.environ, cpu_extension.EXPERT_SPLIT_ENV: value}
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert shown.split()[-1] == value
