@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import torch
 
-from tests.test_linalg import previous_whitened_factors, previous_whitening_factor
+from tests.test_linalg import previous_whitening_factor
 from vllm_moe_compress.format import PROJECTIONS
+from vllm_moe_compress.offline import linalg
 from vllm_moe_compress.offline.calibration import ExpertStatistics
 from vllm_moe_compress.offline.methods.base import factorize_experts, input_gram
 
@@ -39,13 +41,16 @@ def random_experts(experts: int, tokens: int, seed: int = 0):
 
 
 def previous_loop(weights, ranks, stats):
-    """a3b0189's factorize_experts: expert after expert, on the caller's intra-op threads."""
+    """a3b0189's factorize_experts: expert after expert, on the caller's intra-op threads, with its whitening
+    (tests/test_linalg.py's reference) and its dense W·S product (as that test swaps it in)."""
     factors = {p: [] for p in PROJECTIONS}
-    for e, rank in enumerate(ranks):
-        whitening = {"gate": previous_whitening_factor(input_gram(stats, "gate")[e])}
-        whitening["up"], whitening["down"] = whitening["gate"], previous_whitening_factor(input_gram(stats, "down")[e])
-        for p in PROJECTIONS:
-            factors[p].append(previous_whitened_factors(weights[p][e], rank, whitening[p]))
+    with mock.patch.object(linalg, "times_lower_triangular", lambda weight, lower: weight @ lower):
+        for e, rank in enumerate(ranks):
+            whitening = {"gate": previous_whitening_factor(input_gram(stats, "gate")[e])}
+            whitening["up"] = whitening["gate"]
+            whitening["down"] = previous_whitening_factor(input_gram(stats, "down")[e])
+            for p in PROJECTIONS:
+                factors[p].append(linalg.whitened_factors(weights[p][e].double(), rank, whitening[p]))
     return factors
 
 

@@ -216,9 +216,9 @@ class _Job:
 def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
     """Calibrate and compress every MoE layer not yet in the work directory; True if an earlier attempt had
     done some. The calibration forward, the Grams and the decompositions of the methods that use
-    methods.base.factorize_experts (svd, whitened-svd, d2's deltas) and of rs's low-rank units run on
-    ``job.device``; the Fisher pass, the per-layer budget pass and the other fits (rs's ridge base, mobe, rfid)
-    run on the CPU. What is journaled is on the CPU."""
+    methods.base.factorize_experts (svd, whitened-svd, d2's deltas), of rs's low-rank units and mobe's and rfid's
+    group SVDs and fits run on ``job.device``; the Fisher pass, the per-layer budget pass and rs's ridge base run
+    on the CPU. What is journaled is on the CPU."""
     layout, method, calibration, work = job.layout, job.method, job.calibration, job.work
     moe_layers = sorted(layout.shapes)
     finished = work.finished_layers(moe_layers)
