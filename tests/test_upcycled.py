@@ -90,8 +90,10 @@ def test_d2_beats_whitened_svd_by_the_predicted_margin(keep):
     svd_pred = predicted_error(full, svd_layer.ranks(), norm)
     d2_pred = predicted_error(delta_energy, d2_layer.ranks(), norm)
     svd_err, d2_err = layer_error(svd_layer, weights, stats), layer_error(d2_layer, weights, stats)
-    assert svd_err == pytest.approx(svd_pred, rel=1e-8)
-    assert d2_err == pytest.approx(d2_pred, rel=1e-8)
+    # The layers hold float32 factors (what is stored is float32 at most): rounding each entry by ε moves the
+    # normalised error by at most 2·sqrt(error)·ε to first order.
+    for err, pred in ((svd_err, svd_pred), (d2_err, d2_pred)):
+        assert err == pytest.approx(pred, rel=1e-12, abs=4 * pred**0.5 * torch.finfo(torch.float32).eps)
     # The margin from the energies alone: D² loses at most the deltas' whole energy (≈ ε² of the layer),
     # whitened SVD at least the tail of the experts' spectrum beyond its rank.
     delta_share = sum(float(delta_energy[p].sum()) for p in PROJ) / norm
