@@ -160,11 +160,29 @@ def _run(jobs: list, workers: int, threads: int):
             finally:
                 torch.set_num_threads(threads)
         return
-    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for first in range(0, len(jobs), workers):
-            round_ = [None if job is None else job.prefetch() for job in jobs[first : first + workers]]
-            jobs[first : first + workers] = [None] * len(round_)
-            yield from pool.map(lambda job: None if job is None else job.run(), round_)
+
+    def read(e: int) -> "_ExpertJob | None":
+        job, jobs[e] = jobs[e], None
+        return None if job is None else job.prefetch()
+
+    yield from in_one_thread_workers(len(jobs), read, lambda job: None if job is None else job.run(), workers)
+
+
+def in_one_thread_workers(count: int, read, work, workers: int):
+    """``work(read(i))`` for i in range(``count``), in order, ``workers`` at a time on one-thread workers (one
+    worker: in the calling thread, on its threads). Each round's inputs are read first, in order, in the calling
+    thread (ExpertGrams and ExpertStack are read in order), so at most ``workers`` inputs are held. Many mid-sized
+    LAPACK calls split over two threads wait on each other (BENCHMARKS.md §12.3), hence one thread per worker.
+    The caller's thread count is restored afterwards (torch keeps the workers' setting for threads started
+    later)."""
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for first in range(0, count, workers):
+                inputs = [read(i) for i in range(first, min(first + workers, count))]
+                yield from (pool.map if workers > 1 else map)(work, inputs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _ExpertJob:

@@ -49,7 +49,6 @@ The checkpoint scheme is ``sparse_lowrank`` (vllm_moe_compress/format/schemes/sp
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -63,7 +62,7 @@ from ..layer_allocation import MIOptions, layer_keep_fractions
 from ..linalg import eigen_whitened_factors, gram_eigen
 from ..options import MethodOptions, check_choice, check_positive, check_range, option
 from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
-from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult, on_cpu
+from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult, in_one_thread_workers, on_cpu
 from .d2 import DeltaStack, merge_base
 
 log = logging.getLogger(__name__)
@@ -259,18 +258,9 @@ def decompose_experts(weights: ExpertWeights, down, stats: ExpertStatistics, pla
     waste much of a second thread's time on waiting when split over two, BENCHMARKS.md §12.3); the inputs of a
     round are read in expert order in the calling thread, so at most that many experts' matrices are held.
     An expert's result does not depend on the number of threads. On another device, one expert at a time."""
-    threads = torch.get_num_threads()
-    workers = threads if device.type == "cpu" else 1
-    experts: list[ExpertUnits] = []
-    try:
-        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            for first in range(0, len(plan.ranks), workers):
-                jobs = [_expert_job(weights, down, stats, plan, e, plain, device)
-                        for e in range(first, min(first + workers, len(plan.ranks)))]
-                experts.extend((pool.map if workers > 1 else map)(_decompose, jobs))
-    finally:
-        torch.set_num_threads(threads)  # torch keeps the workers' setting for threads started later
-    return experts
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    return list(in_one_thread_workers(len(plan.ranks), lambda e: _expert_job(weights, down, stats, plan, e, plain,
+                                                                             device), _decompose, workers))
 
 
 @dataclass(frozen=True)
