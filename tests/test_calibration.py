@@ -3,10 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AutoModelForCausalLM
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from vllm_moe_compress.offline.calibration import ExpertStatistics, calibration_windows, run_layerwise
-from vllm_moe_compress.offline.fisher import _expert_gradient_squares, expert_fisher, gradient_square_sum
+from vllm_moe_compress.offline.fisher import _expert_gradient_squares, _experts_forward, expert_fisher, gradient_square_sum
 from vllm_moe_compress.offline.source_model import StreamedModel
 
 from conftest import FAMILIES
@@ -157,22 +159,34 @@ def test_gradient_square_sum_equals_the_formed_gradient(tokens):
 
 
 def test_expert_gradient_squares_equal_float64_autograd():
-    """Every expert's squared weight gradients (both granularities) against float64 autograd w.r.t. the fused
-    weights, for output gradients at the experts' output; expert token counts on both sides of the Gram/formed
+    """The Fisher backward's experts forward against transformers' own (output, gradients of the input and of the
+    routing weights), and every expert's squared weight gradients (both granularities) from the layer's backward
+    against float64 autograd w.r.t. the fused weights; expert token counts on both sides of the Gram/formed
     threshold of :func:`gradient_square_sum` (out·in / (out + in) = 5.3 tokens at H 16, I 8)."""
-
-    class Experts(torch.nn.Module):
-        def __init__(self, g):
-            super().__init__()
-            self.gate_up_proj = torch.nn.Parameter(torch.randn(4, 16, 16, generator=g) / 4, requires_grad=False)
-            self.down_proj = torch.nn.Parameter(torch.randn(4, 16, 8, generator=g) / 3, requires_grad=False)
-            self.act_fn = F.silu
-
+    config = transformers.Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    experts = Qwen3MoeExperts(config)
     g = torch.Generator().manual_seed(11)
-    experts = Experts(g)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(4, 16, 16, generator=g) / 4)
+        experts.down_proj.copy_(torch.randn(4, 16, 8, generator=g) / 3)
+    experts.requires_grad_(False)
     hidden, out_grad = torch.randn(20, 16, generator=g), torch.randn(20, 16, generator=g)
     index = torch.stack([torch.tensor([0] * 18 + [1, 2]), torch.tensor([1] * 4 + [2] * 16)], dim=1)  # 18, 5, 17, 0 tokens
     weights = torch.rand(20, 2, generator=g)
+
+    calls = []
+    inputs = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+    out = _experts_forward(experts, calls)(inputs[0], index, inputs[1])
+    grads = torch.autograd.grad(out, inputs, out_grad)
+    reference = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+    want_out = experts(reference[0], index, reference[1])
+    want_grads = torch.autograd.grad(want_out, reference, out_grad)
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    (call,) = calls
+    assert call.counts == [18, 5, 17, 0]
 
     gate_up = experts.gate_up_proj.double().requires_grad_(True)
     down = experts.down_proj.double().requires_grad_(True)
@@ -185,8 +199,8 @@ def test_expert_gradient_squares_equal_float64_autograd():
     grad_gate_up, grad_down = torch.autograd.grad(out, (gate_up, down), out_grad.double())
     want = {"gate": grad_gate_up[:, :8] ** 2, "up": grad_gate_up[:, 8:] ** 2, "down": grad_down**2}
 
-    per_expert = _expert_gradient_squares(experts, hidden, index, weights, out_grad, "expert")
-    element = _expert_gradient_squares(experts, hidden, index, weights, out_grad, "element")
+    per_expert = _expert_gradient_squares(call, "expert")
+    element = _expert_gradient_squares(call, "element")
     for k, square in want.items():
         # float32 forward and backward of the expert (sums of ≤ 16 terms) against float64: relative 1e-6 expected
         torch.testing.assert_close(per_expert[k], square.flatten(1).mean(1), rtol=1e-5, atol=0)
