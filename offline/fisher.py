@@ -85,20 +85,24 @@ def _experts_forward(experts, calls: list[_RoutedCall]):
     """A forward for a rebuilt layer's ``experts`` (transformers' fused experts: ``gate_up_proj`` [E, 2I, H], gate
     rows first, ``down_proj`` [E, H, I]) computing what transformers' ``grouped_mm`` experts forward computes, the
     same grouped products and gating, and appending its intermediates to ``calls`` (:class:`_RoutedCall`), so that
-    the layer's own backward yields the gradients at each expert's projections and nothing is recomputed."""
+    the layer's own backward yields the gradients at each expert's projections and nothing is recomputed. The
+    returned function is stored on ``experts`` and refers to its weights, not to ``experts`` itself: a reference
+    cycle would keep the whole layer alive after it is dropped, until Python's cycle collector happens to run."""
     if experts.has_bias or experts.is_transposed or not experts.has_gate or not experts.is_concatenated:
         raise NotImplementedError(f"{type(experts).__name__}: the Fisher pass handles fused [gate; up] experts "
                                   "without bias")
+    gate_up_proj, down_proj, act_fn = experts.gate_up_proj, experts.down_proj, experts.act_fn
 
     def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         tokens, top_k = top_k_index.shape
         expert_of_pair, order = torch.sort(top_k_index.reshape(-1), stable=True)
-        counts = torch.bincount(expert_of_pair, minlength=experts.gate_up_proj.shape[0])
+        counts = torch.bincount(expert_of_pair, minlength=gate_up_proj.shape[0])
         offsets = counts.cumsum(0, dtype=torch.int32)
         x = hidden[order // top_k]
-        gate_up = F.grouped_mm(x, experts.gate_up_proj.transpose(-2, -1), offs=offsets)
-        h = experts._apply_gate(gate_up)
-        y = F.grouped_mm(h, experts.down_proj.transpose(-2, -1), offs=offsets)
+        gate_up = F.grouped_mm(x, gate_up_proj.transpose(-2, -1), offs=offsets)
+        gate, up = gate_up.chunk(2, dim=-1)  # transformers' default gating (_apply_gate): act(gate) ⊙ up
+        h = act_fn(gate) * up
+        y = F.grouped_mm(h, down_proj.transpose(-2, -1), offs=offsets)
         for kept in (gate_up, y):
             kept.retain_grad()
         calls.append(_RoutedCall(counts.tolist(), x.detach(), gate_up, h.detach(), y))
