@@ -218,13 +218,19 @@ def test_expert_fisher_frees_each_layer_without_the_cycle_collector(tiny_moe):
     source = StreamedModel(tiny_moe("qwen3_moe"))
     built = []
     build_layer = source.build_layer
-    source.build_layer = lambda *args, **kwargs: built.append(weakref.ref(layer := build_layer(*args, **kwargs))) or layer
+
+    def build_and_watch(*args, **kwargs):
+        layer = build_layer(*args, **kwargs)
+        built.append([weakref.ref(module) for module in layer.modules()])  # the experts module among them
+        return layer
+
+    source.build_layer = build_and_watch
     samples = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(5))
     gc.collect()
     gc.disable()
     try:
         expert_fisher(source, [0, 1], samples, labels="empirical", progress=False)
-        alive = [ref() is not None for ref in built]
+        alive = [ref() is not None for refs in built for ref in refs]
     finally:
         gc.enable()
     assert len(built) == 4 and not any(alive)
