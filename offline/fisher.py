@@ -4,29 +4,36 @@
 
 estimated per calibration sequence (batch size 1, one backward each): labels are drawn from the model's
 own predictive distribution (``labels="sampled"``, the equation as written) or are the true next tokens
-(``"empirical"``, what lliai/D2MoE's get_fisher.py does). Only expert weights' gradients are formed.
+(``"empirical"``, what lliai/D2MoE's get_fisher.py does). Only routed-expert weights get a Fisher value.
 
 Granularity: ``"expert"`` (default) keeps one scalar per expert and projection — the mean of the squared
 gradients over its elements, i.e. F_i as the paper's text describes it ("the average magnitude of the
 gradient") — so memory stays O(layers × experts). ``"element"`` keeps a full diagonal Fisher per weight
-(Matena & Raffel merging, as lliai/D2MoE does), which costs as much memory as the expert weights.
+(Matena & Raffel merging, as lliai/D2MoE does), which costs as much memory as the expert weights and forms
+each expert's weight gradients (one expert at a time).
 
 The whole model is never in memory (offline/source_model.py). Forward: the sequences go through the
 decoder layers one layer at a time, keeping every layer's input hidden states (``fisher_samples`` × seqlen
 × hidden floats per layer). Loss: final norm and head on the last hidden states, labels, cross-entropy, and
-its gradient δ_L with respect to those hidden states. Backward, from the last layer down: the layer is
-rebuilt, recomputed on its kept input of each sequence with autograd on and no weight requiring a gradient,
-and back-propagated from that sequence's output gradient δ_{l+1}; that yields δ_l for the layer below and,
-through a hook, the loss's gradient with respect to the experts' output. Each expert's weight gradients are
-then formed on their own from its routed tokens (:func:`_expert_gradient_squares`), squared, accumulated and
-dropped, so the gradient of a whole layer's experts (2.25 GiB in float32 at Qwen3-30B-A3B's shapes) is never
-allocated. By the chain rule these are the gradients of one backward through the whole model (summed in
-another float32 order); one layer's weights and one expert's gradients are alive at a time.
+its gradient δ_L with respect to those hidden states. Backward, from the last layer down to the lowest MoE
+layer (the layers below it hold no expert weight): the layer is rebuilt, recomputed on its kept input of each
+sequence with autograd on and no weight requiring a gradient, and back-propagated from that sequence's output
+gradient δ_{l+1}; that yields δ_l for the layer below. The rebuilt layer's experts run :func:`_experts_forward`
+(transformers' grouped products, keeping each routed token's input, projections and their gradients), so the
+same backward also yields, per expert, the loss's gradients D at its three projections' outputs over its routed
+tokens, and their inputs X. A weight gradient is G = Dᵀ X; for the per-expert scalar, ‖G‖_F² = Σ((D Dᵀ) ⊙ (X Xᵀ))
+needs only T × T products of the T tokens routed to the expert in one sequence (:func:`gradient_square_sum`), so
+with ``"expert"`` no weight gradient is formed while T < out·in / (out + in) (559 at Qwen3-30B-A3B's expert
+shapes, where one expert's gradients are 3 × 768 × 2048 floats and a layer's 2.25 GiB), and nothing of the
+experts' forward is recomputed. By the chain rule these are the gradients of one backward through the whole
+model (in another float32 order, the squares summed in float64); one layer's weights are alive at a time.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,45 +44,101 @@ from .calibration import capture_layer0_inputs, call_layer, clock, elapsed, forw
 log = logging.getLogger(__name__)
 
 
-def _expert_gradient_squares(experts, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                             out_grad: torch.Tensor, granularity: str) -> dict[str, torch.Tensor]:
-    """The squared gradients of the loss with respect to every expert's gate, up and down matrices, one expert at
-    a time, from one call of the layer's experts: their input ``hidden`` [T, H], the routing (``top_k_index``,
-    ``top_k_weights`` [T, k]) and ``out_grad`` [T, H], the loss's gradient with respect to the experts' output.
+def gradient_square_sum(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """‖Dᵀ X‖_F², the sum of the squared elements of the weight gradient G = Dᵀ X = Σ_t d_t x_tᵀ of a linear map,
+    without forming G when that is cheaper: D [T, out] holds the loss's gradients at the map's outputs and X [T, in]
+    its inputs, over T tokens. Float64 scalar.
 
-    Expert e's output on its routed tokens t is w_t · W_down (act(W_gate x_t) ⊙ W_up x_t), so its weight gradients
-    are sums over those tokens only; they are taken by autograd on that expert's forward alone, recomputed with
-    its three matrices as leaves and back-propagated from w_t-weighted ``out_grad`` rows (the terms of
-    Σ_t δ_t x_tᵀ the fused [E, ...] parameters' gradient would hold). Only one expert's gradients are alive at a
-    time. Returns per projection [E] (``expert``: mean over the matrix's elements) or [E, out, in] (``element``)."""
-    intermediate = experts.down_proj.shape[-1]
+        ‖Dᵀ X‖_F² = Σ_{ij} (Σ_t D_ti X_tj)² = Σ_{s,t} (D Dᵀ)_st (X Xᵀ)_st = Σ((D Dᵀ) ⊙ (X Xᵀ))
+
+    The two T × T Grams cost T²·(out + in) multiply-adds, G costs T·out·in: the Grams are used when
+    T·(out + in) < out·in (at Qwen3-30B-A3B's expert shapes, T < 559 tokens routed to one expert in one
+    sequence), G otherwise. Both run in float64 from the float32 D and X: the sum has cancellations when tokens'
+    terms point different ways, where float32 Grams lost 5-18 % of it (BENCHMARKS.md §12.8)."""
+    tokens, out, inp = d.shape[0], d.shape[1], x.shape[1]
+    d, x = d.double(), x.double()
+    if tokens * (out + inp) < out * inp:
+        return ((d @ d.T) * (x @ x.T)).sum()
+    return (d.T @ x).square().sum()
+
+
+@dataclass
+class _RoutedCall:
+    """One call of a layer's experts in the Fisher backward, grouped by expert (expert e's routed token-expert
+    pairs are the rows ``starts[e]:starts[e] + counts[e]``; S pairs in all), kept by :func:`_experts_forward`:
+    ``x`` [S, H] the routed inputs, ``gate_up`` [S, 2I] their gate and up projections, ``h`` [S, I] =
+    act(gate) ⊙ up and ``y`` [S, H] each pair's expert output before its routing weight. After the layer's
+    backward, ``gate_up.grad`` and ``y.grad`` hold the loss's gradients at those outputs (autograd keeps them)."""
+
+    counts: list[int]
+    x: torch.Tensor
+    gate_up: torch.Tensor
+    h: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def starts(self) -> list[int]:
+        return [0, *itertools.accumulate(self.counts)][:-1]
+
+
+def _experts_forward(experts, calls: list[_RoutedCall]):
+    """A forward for a rebuilt layer's ``experts`` (transformers' fused experts: ``gate_up_proj`` [E, 2I, H], gate
+    rows first, ``down_proj`` [E, H, I]) computing what transformers' ``grouped_mm`` experts forward computes, the
+    same grouped products and gating, and appending its intermediates to ``calls`` (:class:`_RoutedCall`), so that
+    the layer's own backward yields the gradients at each expert's projections and nothing is recomputed. The
+    returned function is stored on ``experts`` and refers to its weights, not to ``experts`` itself: a reference
+    cycle would keep the whole layer alive after it is dropped, until Python's cycle collector happens to run."""
+    if experts.has_bias or experts.is_transposed or not experts.has_gate or not experts.is_concatenated:
+        raise NotImplementedError(f"{type(experts).__name__}: the Fisher pass handles fused [gate; up] experts "
+                                  "without bias")
+    gate_up_proj, down_proj, act_fn = experts.gate_up_proj, experts.down_proj, experts.act_fn
+
+    def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        tokens, top_k = top_k_index.shape
+        expert_of_pair, order = torch.sort(top_k_index.reshape(-1), stable=True)
+        counts = torch.bincount(expert_of_pair, minlength=gate_up_proj.shape[0])
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        x = hidden[order // top_k]
+        gate_up = F.grouped_mm(x, gate_up_proj.transpose(-2, -1), offs=offsets)
+        gate, up = gate_up.chunk(2, dim=-1)  # transformers' default gating (_apply_gate): act(gate) ⊙ up
+        h = act_fn(gate) * up
+        y = F.grouped_mm(h, down_proj.transpose(-2, -1), offs=offsets)
+        for kept in (gate_up, y):
+            kept.retain_grad()
+        calls.append(_RoutedCall(counts.tolist(), x.detach(), gate_up, h.detach(), y))
+        weighted = torch.empty_like(y).index_copy_(0, order, y * top_k_weights.reshape(-1)[order, None])
+        return weighted.view(tokens, top_k, -1).sum(dim=1)
+
+    return forward
+
+
+def _expert_gradient_squares(call: _RoutedCall, granularity: str) -> dict[str, torch.Tensor]:
+    """The squared gradients of the loss with respect to every expert's gate, up and down matrices, i.e. one
+    sequence's term (∇_{θ_i} log p_θ(y|x))² of D²-MoE's Eq. 4, from one call of the layer's experts after the
+    layer's backward (``call``, :class:`_RoutedCall`).
+
+    Expert e's output on its routed tokens t is w_t · W_down h_t with h_t = act(g_t) ⊙ u_t, g_t = W_gate x_t and
+    u_t = W_up x_t, so each of its weight gradients is a sum over those tokens only, G = Σ_t d_t x_tᵀ = Dᵀ X, with
+
+        down:  D rows ∂L/∂(W_down h_t) = w_t δ_t (``call.y.grad``),  X rows h_t
+        gate:  D rows ∂L/∂g_t,  up: D rows ∂L/∂u_t (``call.gate_up.grad``),  X rows x_t
+
+    ``expert`` granularity: F_i = ‖G‖_F² / (out·in), the mean squared element, from :func:`gradient_square_sum`
+    (no gradient matrix formed at these token counts); ``element``: G itself is formed (float32, as a weight's
+    autograd gradient would be) and squared. Returns per projection [E] or [E, out, in], float64."""
+    d_gate_up, d_down = call.gate_up.grad, call.y.grad
+    inter = d_gate_up.shape[1] // 2
     squares: dict[str, list[torch.Tensor]] = {"gate": [], "up": [], "down": []}
-    for e in range(experts.down_proj.shape[0]):
-        tokens, slots = (top_k_index == e).nonzero(as_tuple=True)
-        gate_up = experts.gate_up_proj[e].detach().requires_grad_(True)  # views: no copy of the weights
-        down = experts.down_proj[e].detach().requires_grad_(True)
-        x = hidden[tokens]
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        out = F.linear(experts.act_fn(gate) * up, down) * top_k_weights[tokens, slots, None]
-        grad_gate_up, grad_down = torch.autograd.grad(out, (gate_up, down), out_grad[tokens])
-        for k, grad in (("gate", grad_gate_up[:intermediate]), ("up", grad_gate_up[intermediate:]),
-                        ("down", grad_down)):
-            square = grad**2
-            squares[k].append(square.mean() if granularity == "expert" else square)
-    return {k: torch.stack(v).double() for k, v in squares.items()}
-
-
-def _keep_call(calls: list[list[torch.Tensor]]):
-    """A forward hook on the experts module appending [input, top-k index, top-k weights, output gradient] of each
-    call to ``calls`` (the gradient is filled in by the backward pass, through a hook on the output)."""
-
-    def hook(_module, args, output):
-        hidden, top_k_index, top_k_weights = args
-        call = [hidden.detach(), top_k_index, top_k_weights.detach()]
-        calls.append(call)
-        output.register_hook(lambda grad: call.append(grad))
-
-    return hook
+    for start, count in zip(call.starts, call.counts):
+        rows = slice(start, start + count)
+        x, h = call.x[rows], call.h[rows]
+        for k, d, inputs in (("gate", d_gate_up[rows, :inter], x), ("up", d_gate_up[rows, inter:], x),
+                             ("down", d_down[rows], h)):
+            if granularity == "expert":
+                squares[k].append(gradient_square_sum(d, inputs) / (d.shape[1] * inputs.shape[1]))
+            else:
+                squares[k].append((d.T @ inputs).square().double())
+    return {k: torch.stack(v) for k, v in squares.items()}
 
 
 def expert_fisher(
@@ -110,27 +173,25 @@ def expert_fisher(
     forward, backward_started = elapsed(started), clock()
     sums: dict[int, dict[str, torch.Tensor]] = {}
     moe = set(moe_layers)
-    for index in tqdm(reversed(range(source.num_layers)), desc="fisher backward", unit="layer",
-                      disable=not progress, total=source.num_layers):
+    lowest = min(moe, default=source.num_layers)  # the layers below it hold no expert: nothing to back-propagate
+    for index in tqdm(reversed(range(lowest, source.num_layers)), desc="fisher backward", unit="layer",
+                      disable=not progress, total=source.num_layers - lowest):
         with source.layer(index) as layer, torch.enable_grad():
             for p in layer.parameters():  # no weight takes a gradient: the experts' come from their calls below
                 p.requires_grad_(False)
             experts = layer.mlp.experts if index in moe else None
+            routed: list[_RoutedCall] = []
+            if experts is not None:  # an attribute of this rebuilt layer only, dropped with it
+                experts.forward = _experts_forward(experts, routed)
             for s, call in enumerate(calls):
                 x = inputs[index][s].detach().requires_grad_(True)
-                routed: list[list[torch.Tensor]] = []
-                handle = experts.register_forward_hook(_keep_call(routed)) if experts is not None else None
-                try:
-                    call_layer(layer, call, x).backward(grads[s])
-                finally:
-                    if handle is not None:
-                        handle.remove()
+                call_layer(layer, call, x).backward(grads[s])
                 grads[s] = x.grad
                 if experts is not None:
                     if len(routed) != 1:
                         raise RuntimeError(f"layer {index}: the experts were called {len(routed)} times in one "
                                            "forward; the Fisher pass expects one call")
-                    squares = _expert_gradient_squares(experts, *routed[0], granularity)
+                    squares = _expert_gradient_squares(routed.pop(), granularity)
                     acc = sums.setdefault(index, {k: torch.zeros_like(v) for k, v in squares.items()})
                     for k, v in squares.items():
                         acc[k] += v

@@ -1,12 +1,17 @@
 """The layer-by-layer calibration pass and the Fisher estimate against direct computations."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AutoModelForCausalLM
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 from vllm_moe_compress.offline.calibration import ExpertStatistics, calibration_windows, run_layerwise
-from vllm_moe_compress.offline.fisher import expert_fisher
+from vllm_moe_compress.offline.fisher import _expert_gradient_squares, _experts_forward, expert_fisher, gradient_square_sum
 from vllm_moe_compress.offline.source_model import StreamedModel
 
 from conftest import FAMILIES
@@ -110,7 +115,8 @@ def test_expert_fisher_matches_autograd(tiny_moe):
 def test_expert_fisher_forms_no_layer_gradient_and_matches_autograd_in_every_family(tiny_moe, family):
     """Every family's streamed Fisher (expert gradients formed one expert at a time from the experts' output
     gradient) against one autograd backward through the whole loaded model; no weight of a rebuilt layer
-    gets a gradient (the fused [E, ...] gradient is never allocated)."""
+    gets a gradient (the fused [E, ...] gradient is never allocated), and no layer below the lowest MoE layer
+    is rebuilt for the backward."""
     path = tiny_moe(family)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     moe = [l for l, layer in enumerate(model.model.layers) if hasattr(getattr(layer, "mlp", None), "experts")]
@@ -122,6 +128,8 @@ def test_expert_fisher_forms_no_layer_gradient_and_matches_autograd_in_every_fam
     source.build_layer = lambda *args, **kwargs: built.append(build_layer(*args, **kwargs)) or built[-1]
     fisher = expert_fisher(source, moe, samples, labels="empirical", granularity="expert", progress=False)
     assert built and all(p.grad is None for layer in built for p in layer.parameters())
+    # every layer forward, then back down to the lowest MoE layer only (DeepSeek's dense layer 0 is not rebuilt)
+    assert len(built) == 2 * len(model.model.layers) - min(moe)
 
     experts = {l: model.model.layers[l].mlp.experts for l in moe}
     expected = {l: {k: 0.0 for k in ("gate", "up", "down")} for l in moe}
@@ -137,3 +145,92 @@ def test_expert_fisher_forms_no_layer_gradient_and_matches_autograd_in_every_fam
         assert (fisher[l]["gate"] > 0).any()
         for name, want in expected[l].items():
             torch.testing.assert_close(fisher[l][name], want, rtol=1e-4, atol=1e-6 * float(want.max()))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 9, 10, 40])
+def test_gradient_square_sum_equals_the_formed_gradient(tokens):
+    """‖Dᵀ X‖² by the T × T Grams (T·(out + in) < out·in: 1 to 9 tokens at out 24, in 16) and by forming Dᵀ X
+    (10 and 40 tokens), against the formed gradient in float64; float32 inputs whose tokens nearly cancel."""
+    g = torch.Generator().manual_seed(tokens)
+    d, x = torch.randn(tokens, 24, generator=g), torch.randn(tokens, 16, generator=g)
+    d[1::2] = -d[0::2][: d[1::2].shape[0]] + 1e-3 * torch.randn(d[1::2].shape, generator=g)
+    x[1::2] = x[0::2][: x[1::2].shape[0]]
+    want = (d.double().T @ x.double()).square().sum()
+    got = gradient_square_sum(d, x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
+def test_expert_gradient_squares_equal_float64_autograd():
+    """The Fisher backward's experts forward against transformers' own (output, gradients of the input and of the
+    routing weights), and every expert's squared weight gradients (both granularities) from the layer's backward
+    against float64 autograd w.r.t. the fused weights; expert token counts on both sides of the Gram/formed
+    threshold of :func:`gradient_square_sum` (out·in / (out + in) = 5.3 tokens at H 16, I 8)."""
+    config = transformers.Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    experts = Qwen3MoeExperts(config)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(4, 16, 16, generator=g) / 4)
+        experts.down_proj.copy_(torch.randn(4, 16, 8, generator=g) / 3)
+    experts.requires_grad_(False)
+    hidden, out_grad = torch.randn(20, 16, generator=g), torch.randn(20, 16, generator=g)
+    index = torch.stack([torch.tensor([0] * 18 + [1, 2]), torch.tensor([1] * 4 + [2] * 16)], dim=1)  # 18, 5, 17, 0 tokens
+    weights = torch.rand(20, 2, generator=g)
+
+    calls = []
+    inputs = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+    out = _experts_forward(experts, calls)(inputs[0], index, inputs[1])
+    grads = torch.autograd.grad(out, inputs, out_grad)
+    reference = [hidden.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+    want_out = experts(reference[0], index, reference[1])
+    want_grads = torch.autograd.grad(want_out, reference, out_grad)
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    (call,) = calls
+    assert call.counts == [18, 5, 17, 0]
+
+    gate_up = experts.gate_up_proj.double().requires_grad_(True)
+    down = experts.down_proj.double().requires_grad_(True)
+    out = torch.zeros(20, 16, dtype=torch.float64)
+    for t in range(20):
+        for slot in range(2):
+            e = int(index[t, slot])
+            gate, up = (gate_up[e] @ hidden[t].double()).chunk(2)
+            out[t] += weights[t, slot].double() * (down[e] @ (F.silu(gate) * up))
+    grad_gate_up, grad_down = torch.autograd.grad(out, (gate_up, down), out_grad.double())
+    want = {"gate": grad_gate_up[:, :8] ** 2, "up": grad_gate_up[:, 8:] ** 2, "down": grad_down**2}
+
+    per_expert = _expert_gradient_squares(call, "expert")
+    element = _expert_gradient_squares(call, "element")
+    for k, square in want.items():
+        # float32 forward and backward of the expert (sums of ≤ 16 terms) against float64: relative 1e-6 expected
+        torch.testing.assert_close(per_expert[k], square.flatten(1).mean(1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(element[k], square, rtol=1e-5, atol=1e-6 * float(square.max()))
+        assert per_expert[k].dtype == element[k].dtype == torch.float64
+    assert float(per_expert["down"][3]) == 0 and (per_expert["down"][:3] > 0).all()
+
+
+def test_expert_fisher_frees_each_layer_without_the_cycle_collector(tiny_moe):
+    """Every layer the Fisher pass builds is freed when dropped (no reference cycle through the experts' forward
+    keeps a layer's weights alive until the cycle collector runs: at Qwen3-30B-A3B's shapes that is 2.3 GiB)."""
+    source = StreamedModel(tiny_moe("qwen3_moe"))
+    built = []
+    build_layer = source.build_layer
+
+    def build_and_watch(*args, **kwargs):
+        layer = build_layer(*args, **kwargs)
+        built.append([weakref.ref(module) for module in layer.modules()])  # the experts module among them
+        return layer
+
+    source.build_layer = build_and_watch
+    samples = torch.randint(0, 4096, (2, 12), generator=torch.Generator().manual_seed(5))
+    gc.collect()
+    gc.disable()
+    try:
+        expert_fisher(source, [0, 1], samples, labels="empirical", progress=False)
+        alive = [ref() is not None for refs in built for ref in refs]
+    finally:
+        gc.enable()
+    assert len(built) == 4 and not any(alive)
