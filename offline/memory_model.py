@@ -26,10 +26,11 @@ its compression starts, and the method's working set before its output is serial
   methods.base.PARALLEL_WORKING_SET, else ``torch.get_num_threads()`` workers), and for d2 its shared bases.
   RS-MoE, MoBE and RFID-MoE read the layer's experts an expert (or a group of experts) at a time: a few
   expert-sized float64 matrices, plus for RS-MoE's downstream influence one chunk of the next layer's V_in rows
-  (float32, rs.NEXT_EXPERT_CHUNK experts) and its products, and for MoBE / RFID-MoE the Adam state of one
-  projection's fit (float32 parameters, gradients, two moments and the best state, each at most the
-  projection's share of the compressed layer) and one group's SVD (float64) and target, prediction and error
-  (float32);
+  (float32, rs.NEXT_EXPERT_CHUNK experts) and its products, and for MoBE / RFID-MoE the larger of one
+  projection's initialisation (its float32 parameters, and the groups' truncated SVDs in float64 on
+  factorisation workers) and its fit (the Adam state: float32 parameters, gradients, two moments and the best
+  state, each at most the projection's share of the compressed layer, and one group's target, prediction and
+  error in float32);
 * **writing**: the factors and their copy in the stored dtype (``--dtype``; none when float32 factors are
   stored as float32, the copy is then the factors themselves).
 
@@ -54,6 +55,7 @@ from .checkpoint_io import RELEASE_BYTES
 from .methods.base import expert_working_set, factorization_workers, pass_order
 from .methods.basis_method import BasisMethod
 from .methods.d2 import D2MoE
+from .methods.group_basis import group_working_set
 from .methods.rs import NEXT_EXPERT_CHUNK, RSMoE
 from .methods.svd import PlainSVD
 
@@ -160,11 +162,31 @@ def method_working_set(method, shape: LayerShape, ratio: float) -> dict[str, int
         parts[f"next layer's V_in for {NEXT_EXPERT_CHUNK} experts and 2 products (float32)"] = (
             NEXT_EXPERT_CHUNK * i * (h + 2 * i) * 4)
     if isinstance(method, BasisMethod):
-        fitted = round((1 - ratio) * shape.num_experts * h * i)
-        parts["one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)"] = 5 * fitted * 4
-        group = method.opts.group_size * h * i
-        parts["one group's SVD (float64 x3) and target, prediction, error (float32)"] = group * (3 * 8 + 3 * 4)
+        parts.update(basis_fit_working_set(method, shape, ratio))
     return parts
+
+
+def basis_fit_working_set(method: BasisMethod, shape: LayerShape, ratio: float) -> dict[str, int]:
+    """MoBE / RFID-MoE fit one projection at a time; the larger of its two steps (methods/basis_fit.py).
+    Initialisation: the projection's parameters (float32) and group_basis.each_group's workers, each holding
+    group_basis.group_working_set of the largest group matrix (float64; RFID-MoE's effective ranks, before, hold
+    less). Fit: the parameters with their gradients, two Adam moments and the best state (float32), and one
+    group's target, prediction and error (float32)."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    fitted = round((1 - ratio) * shape.num_experts * h * i)
+    k = method.opts.group_size
+    workers, held = max((factorization_workers(w), factorization_workers(w) * w)
+                        for w in (group_working_set(k * method.dims(p, shape)[0], method.dims(p, shape)[1])
+                                  for p in method.factorized))
+    initialisation = {
+        "one projection's parameters (float32)": fitted * 4,
+        f"groups' initialisation: {workers} worker(s)' group matrix, Gram and eigendecomposition (float64)": held,
+    }
+    fit = {
+        "one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)": 5 * fitted * 4,
+        "one group's target, prediction, error (float32)": k * h * i * 3 * 4,
+    }
+    return max(initialisation, fit, key=lambda step: sum(step.values()))
 
 
 def d2_bases(method, shape: LayerShape) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vllm_moe_compress.offline import memory_model
 from vllm_moe_compress.offline.architectures import architecture_for
@@ -14,6 +15,7 @@ from vllm_moe_compress.offline.methods import base
 from vllm_moe_compress.offline.methods.base import (
     PARALLEL_WORKING_SET, expert_working_set, factorization_workers,
 )
+from vllm_moe_compress.offline.methods.group_basis import group_working_set
 
 from conftest import CALIBRATION_FILE, tiny_config, write_tiny_model
 
@@ -66,9 +68,16 @@ def test_estimate_does_not_grow_with_depth_but_with_samples_and_chunk(depths):
     rs = estimate(depths[2], method="rs").phases["compression"]  # the next layer's V_in, 16 of its experts
     assert rs["next layer's V_in for 16 experts and 2 products (float32)"] == 16 * 32 * (64 + 2 * 32) * 4
     rfid = estimate(depths[2], method="rfid").phases["compression"]  # ratio 0: the fit's state at full size
-    assert rfid["one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)"] == (
-        5 * 8 * 64 * 32 * 4)
-    assert rfid["one group's SVD (float64 x3) and target, prediction, error (float32)"] == 4 * 64 * 32 * (24 + 12)
+    gate_group = group_working_set(4 * 32, 64)  # the largest group matrix: gate/up's [k·I, H], not down's [k·H, I]
+    assert gate_group > group_working_set(4 * 64, 32)
+    initialisation = {"one projection's parameters (float32)": 8 * 64 * 32 * 4,
+                      f"groups' initialisation: {factorization_workers(gate_group)} worker(s)' group matrix, Gram "
+                      "and eigendecomposition (float64)": factorization_workers(gate_group) * gate_group}
+    fit = {"one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)": 5 * 8 * 64 * 32 * 4,
+           "one group's target, prediction, error (float32)": 4 * 64 * 32 * 3 * 4}
+    larger = max(initialisation, fit, key=lambda step: sum(step.values()))
+    assert {name: rfid[name] for name in larger} == larger
+    assert not set(rfid) & (set(initialisation) | set(fit)) - set(larger)  # the smaller step is not counted
     # the larger phase counts, not their sum
     assert shallow.total == memory_model.RUNTIME_ALLOWANCE + sum(shallow.parts.values()) + max(
         sum(p.values()) for p in shallow.phases.values())
@@ -90,13 +99,26 @@ def test_refusal_names_the_options_and_writes_nothing(depths, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+INITIALISATION = "one projection's parameters (float32)"
+FIT = "one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)"
+
+
 @pytest.mark.parametrize("method", ["svd", "whitened-svd", "d2", "rs", "rfid", "mobe"])
-def test_working_set_does_not_grow_with_the_experts(method):
-    """Only the fit's parameters (the compressed projection itself) may scale with the experts of a layer."""
-    few, many = (memory_model.method_working_set(build_method(method), LayerShape(e, 64, 32), 0.5) for e in (8, 128))
+@pytest.mark.parametrize("experts,step", [((8, 16), INITIALISATION), ((64, 128), FIT)])
+def test_working_set_does_not_grow_with_the_experts(method, experts, step):
+    """Only the fitted parameters (the compressed projection itself, with its Adam state in the fit) may scale
+    with the experts of a layer. MoBE / RFID-MoE count the larger of their initialisation (two workers' group
+    Grams here: the larger at few experts) and their fit (at many)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        few, many = (memory_model.method_working_set(build_method(method), LayerShape(e, 64, 32), 0.5)
+                     for e in experts)
+    finally:
+        torch.set_num_threads(threads)
+    assert few.keys() == many.keys()
     grows = {name for name in few if many[name] != few[name]}
-    assert grows == ({"one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)"}
-                     if method in ("rfid", "mobe") else set())
+    assert grows == ({step} if method in ("rfid", "mobe") else set())
 
 
 def test_float32_output_needs_no_copy_and_one_expert_chunk_no_grams_part(depths):

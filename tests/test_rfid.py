@@ -15,9 +15,11 @@ from vllm_moe_compress.offline.budget import LayerShape
 from vllm_moe_compress.offline.calibration import ExpertStatistics
 from vllm_moe_compress.offline.compress import CalibrationOptions, build_method, compress_checkpoint
 from vllm_moe_compress.offline.loading import load_compressed_model
-from vllm_moe_compress.offline.methods.base import LayerInputs
+from vllm_moe_compress.offline.methods.base import LayerInputs, in_one_thread_workers
 from vllm_moe_compress.offline.methods.basis_fit import FitOptions, fit_grouped, fit_mixed
-from vllm_moe_compress.offline.methods.group_basis import allocate_group_ranks, effective_rank, frequency_groups, index_groups
+from vllm_moe_compress.offline.methods.group_basis import (
+    allocate_group_ranks, effective_rank, frequency_groups, index_groups, truncated_group_svd)
+import vllm_moe_compress.offline.methods.group_basis as group_basis
 from vllm_moe_compress.format.schemes.basis_residual import BasisProjection, BasisResidualExperts, BasisResidualLayer
 import vllm_moe_compress.kernels.residual_hash as residual_hash
 
@@ -83,6 +85,72 @@ def test_effective_rank_of_a_flat_spectrum_is_its_rank():
         assert effective_rank(matrix, "singular") == pytest.approx(r, rel=1e-9)
     decaying = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64))
     assert 1 < effective_rank(decaying) < effective_rank(decaying, "singular") < 4
+
+
+def decaying_group_matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """A random [rows, cols] matrix with singular values 1 down to 1e-6 (geometric; random singular vectors)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64)).Q
+    return (u * torch.logspace(0, -6, cols, dtype=torch.float64)) @ v.T
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_effective_rank_equals_the_svd_formula(seed):
+    """The energy effective rank from the Gram's eigenvalues equals exp(H(σ²/Σσ²)) of the float64 singular
+    values, on a spectrum spanning 12 decades of σ² and on an unstructured random matrix."""
+    g = torch.Generator().manual_seed(100 + seed)
+    for matrix in (decaying_group_matrix(96, 64, seed), torch.randn(80, 48, generator=g, dtype=torch.float64)):
+        for mode, mass in (("energy", torch.linalg.svdvals(matrix) ** 2), ("singular", torch.linalg.svdvals(matrix))):
+            p = mass / mass.sum()
+            assert effective_rank(matrix, mode) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_truncated_group_svd_is_the_float64_svd_with_fixed_signs(seed):
+    """(left, basis) from the Gram's eigenvectors equal U_KΣ_K and V_Kᵀ of torch's float64 SVD, each pair's sign
+    fixed so that the basis row's largest entry is positive, down to σ_K = 1e-3 σ_1 (the Gram's eigenvectors
+    lose about σ_1/σ_K of the SVD's accuracy: still far below the float32 rounding of the fit)."""
+    matrix = decaying_group_matrix(96, 64, seed)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    for rank in (1, 7, 32):
+        signs = vh[torch.arange(rank), vh[:rank].abs().argmax(dim=1)].sign()
+        left, basis = truncated_group_svd(matrix, rank)
+        torch.testing.assert_close(basis, vh[:rank] * signs[:, None], rtol=0, atol=1e-10)
+        torch.testing.assert_close(left, u[:, :rank] * s[:rank] * signs, rtol=0, atol=1e-12)
+        assert (basis[torch.arange(rank), basis.abs().argmax(dim=1)] > 0).all()
+
+
+@pytest.mark.parametrize("method", ["rfid", "mobe"])
+@pytest.mark.parametrize("workers", [2, 3])
+def test_groups_on_parallel_workers_equal_one_thread(method, workers, monkeypatch):
+    """The effective ranks and initial SVDs of the groups, ``workers`` groups at a time on one-thread workers,
+    give the layer of one thread bit for bit, and the caller's thread setting is restored."""
+    used = []
+
+    def recorded(count, read, work, workers):
+        used.append(workers)
+        return in_one_thread_workers(count, read, work, workers)
+
+    monkeypatch.setattr(group_basis, "in_one_thread_workers", recorded)
+    shape = LayerShape(12, H, I)
+    m = build_method(method, group_size=2, fit_steps=3, factorize_down=True)
+    weights, stats = random_layer_inputs(12, seed=21)
+    inputs = LayerInputs(weights, stats, None, int(0.4 * m.capacity(shape)), shape)
+    names = {"gate": "g", "up": "u", "down": "d"}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = m.compress_layer(inputs).layer.to_tensors("x.", names, torch.float64)
+        assert set(used) == {1}
+        torch.set_num_threads(workers)
+        got = m.compress_layer(inputs).layer.to_tensors("x.", names, torch.float64)
+        assert torch.get_num_threads() == workers
+    finally:
+        torch.set_num_threads(threads)
+    assert set(used) == {1, workers}
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -162,15 +230,16 @@ def test_exactly_low_rank_group_is_recovered():
 
 def test_mobe_fit_by_groups_follows_the_whole_loss_adam():
     """fit_mixed backpropagates group by group (its target read a group at a time); Adam on the whole loss at
-    once (MoBE train.py's loop, written out here) follows the same loss curve within float32 rounding."""
+    once (MoBE train.py's loop, written out here from fit_mixed's initialisation, the truncated SVD with its
+    signs fixed) follows the same loss curve within float32 rounding."""
     g = torch.Generator().manual_seed(9)
     weights = torch.randn(8, I, 6, generator=g, dtype=torch.float64) @ torch.randn(6, H, generator=g, dtype=torch.float64)
     groups, rank, options = index_groups(8, 4), 4, FitOptions(steps=30, lr=0.01, patience=100)
     scale, target = float(weights.std()), (weights / float(weights.std())).float()
     bases, coefs, logits = torch.zeros(2, rank, H), torch.zeros(8, I, rank), torch.zeros(8, 2)
     for j, group in enumerate(groups):
-        u, s, vh = torch.linalg.svd(weights[group].reshape(-1, H), full_matrices=False)
-        bases[j], coefs[group], logits[group, j] = vh[:rank].float(), (u[:, :rank] * s[:rank]).view(4, I, rank).float(), 1
+        left, basis = truncated_group_svd(weights[group].reshape(-1, H), rank)
+        bases[j], coefs[group], logits[group, j] = basis.float(), left.view(4, I, rank).float(), 1
     params = [bases.requires_grad_(), coefs.requires_grad_(), logits.requires_grad_()]
     optimizer, want = torch.optim.Adam(params, lr=options.lr), []
     for step in range(options.steps + 1):

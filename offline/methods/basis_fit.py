@@ -28,7 +28,9 @@ Choices (the papers' code does the first three the same way, the fourth differen
 
 Memory: ``weights`` is the layer's projection as the methods get it (an ExpertStack, read an expert at a time,
 or a stacked tensor) and is never stacked whole. The scale s is summed expert by expert (float64), each
-group's SVD is taken of its own group matrix (float64, [k·out, in]: the decomposition's accuracy), and each
+group's truncated SVD is taken of its own group matrix (float64, [k·out, in], through its Gram:
+group_basis.truncated_group_svd) on one-thread workers, two groups at a time on two cores
+(group_basis.each_group), and each
 Adam step re-reads the targets a group at a time and backpropagates the group's share of the loss before
 forming the next, so besides the parameters (float32, with their gradients, Adam's two moments and the best
 state) one group's target and autograd graph are alive. The gradients are those of the whole loss: RFID-MoE's
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from vllm_moe_compress.kernels.residual_hash import bucket_counts, bucket_of, bucket_scales, project_onto_buckets
 
 from ..calibration import clock, elapsed
-from .group_basis import group_matrix, truncated_group_svd
+from .group_basis import each_group, truncated_group_svd
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +164,10 @@ def fit_grouped(weights, groups: list[list[int]], ranks: list[int], options: Fit
     k, out_dim, in_dim = len(groups[0]), weights.shape[1], weights.shape[2]
     slope = SLOPE_AT_ZERO[options.activation]
     bases, coefs = [], []
-    for group, rank in zip(groups, ranks):
-        left, basis = truncated_group_svd(group_matrix(weights, group).to(device) / scale, rank)
+    for left, basis in each_group(weights, groups, lambda g, matrix: truncated_group_svd(matrix, ranks[g]), device,
+                                  scale):
         bases.append(basis.float().requires_grad_())
-        coefs.append((left / slope).view(k, out_dim, rank).float().requires_grad_())
+        coefs.append((left / slope).view(k, out_dim, -1).float().requires_grad_())
 
     def low_rank(g):
         return coefs[g] @ activate(bases[g], options.activation)
@@ -219,8 +221,8 @@ def fit_mixed(weights, groups: list[list[int]], rank: int, options: FitOptions,
     bases = torch.zeros(len(groups), rank, weights.shape[2], device=device)
     coefs = torch.zeros(num_experts, out_dim, rank, device=device)
     logits = torch.zeros(num_experts, len(groups), device=device)
-    for j, group in enumerate(groups):
-        left, basis = truncated_group_svd(group_matrix(weights, group).to(device), rank)
+    inits = each_group(weights, groups, lambda g, matrix: truncated_group_svd(matrix, rank), device)
+    for j, (group, (left, basis)) in enumerate(zip(groups, inits)):
         bases[j] = basis.float()
         coefs[group] = left.view(len(group), out_dim, rank).float()  # SVD of the unscaled W, as MoBE train.py
         logits[group, j] = 1.0

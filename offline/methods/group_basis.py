@@ -2,12 +2,23 @@
 
 A group of k experts is handled through its *group matrix*: the k expert matrices [out, in] stacked
 vertically into [k·out, in] (RFID-MoE Eq. 7). Everything here is float64.
+
+The spectra come from the group matrix's Gram W_gᵀW_g [in, in] (its eigenvalues are σ_i², its eigenvectors the
+right singular vectors), cheaper than an SVD of W_g (BENCHMARKS.md §12.9). Float64 throughout, because the Gram
+squares the spread of the spectrum: an eigenvalue carries an absolute error of about ε·σ_1², so σ_i keeps a
+relative accuracy of about ε·(σ_1/σ_i)² (float32 would leave 1e-7·(σ_1/σ_i)², float64 1e-16·(σ_1/σ_i)²), and
+an eigenvector about ε·σ_1²/(σ_i² − σ_j²) for its nearest σ_j. That is ample for the σ² shares of the
+effective rank and for the top singular vectors of the initialisation, which are rounded to float32 for the
+fit (tests/test_rfid.py checks both against float64 SVDs); the ``singular`` effective rank, which needs the
+small σ_i themselves, takes them from ``svdvals``.
 """
 
 from __future__ import annotations
 
 import torch
+
 from ..choices import EFFECTIVE_RANK_MODES
+from .base import factorization_workers, in_one_thread_workers
 
 
 def frequency_groups(counts: torch.Tensor, group_size: int) -> list[list[int]]:
@@ -28,20 +39,58 @@ def check_group_size(num_experts: int, group_size: int) -> None:
 
 
 def group_matrix(weights, group: list[int]) -> torch.Tensor:
-    """[k·out, in]: the members' matrices stacked in group order (``weights`` is [E, out, in], a tensor or an
-    ExpertStack: only the members are read)."""
-    return torch.cat([weights[e] for e in group])
+    """[k·out, in] float64: the members' matrices stacked in group order (``weights`` is [E, out, in], a tensor or
+    an ExpertStack: only the members are read, one at a time, into the result)."""
+    out_dim = weights.shape[1]
+    matrix = torch.empty(len(group) * out_dim, weights.shape[2], dtype=torch.float64)
+    for j, e in enumerate(group):
+        matrix[j * out_dim : (j + 1) * out_dim] = weights[e]
+    return matrix
+
+
+def gram(matrix: torch.Tensor) -> torch.Tensor:
+    """W_gᵀW_g [in, in] of a group matrix, float64."""
+    matrix = matrix.double()
+    return matrix.T @ matrix
+
+
+def group_working_set(rows: int, cols: int) -> int:
+    """Bytes one worker holds for a group matrix of ``rows`` × ``cols`` (float64): the matrix, the left factor
+    (at most the matrix's size), its Gram and the eigendecomposition's eigenvectors and workspace (LAPACK
+    syevd: about two more Gram-sized arrays)."""
+    return 8 * (2 * rows * cols + 4 * cols * cols)
+
+
+def each_group(weights, groups: list[list[int]], work, device: torch.device | str = "cpu",
+               scale: float | None = None):
+    """``work(g, W_g)`` for every group g, in order, W_g its group matrix on ``device`` (divided by ``scale`` when
+    given). The group matrices are read here, in order, and worked on by base.factorization_workers one-thread
+    workers at a time (base.in_one_thread_workers: two on the 2-core machine at Qwen3-30B-A3B's shapes, one for
+    groups whose :func:`group_working_set` is above base.PARALLEL_WORKING_SET, or off the CPU), so at most that
+    many groups are held. With one thread per worker, the results do not depend on their number."""
+    rows, cols = len(groups[0]) * weights.shape[1], weights.shape[2]
+    workers = factorization_workers(group_working_set(rows, cols), device)
+
+    def read(g: int) -> tuple[int, torch.Tensor]:
+        matrix = group_matrix(weights, groups[g]).to(device)
+        return g, matrix if scale is None else matrix.div_(scale)
+
+    return in_one_thread_workers(len(groups), read, lambda job: work(*job), workers)
 
 
 def effective_rank(matrix: torch.Tensor, mode: str = "energy") -> float:
-    """exp(H(p)) of the normalised spectrum (RFID-MoE Eq. 8–10).
+    """exp(H(p)) of the normalised spectrum of a group matrix (RFID-MoE Eq. 8–10).
 
-    ``energy``: p_i = σ_i²/Σσ² (the paper); ``singular``: p_i = σ_i/Σσ (Roy & Vetterli). Zero singular
-    values are dropped before the logarithm."""
+    ``energy``: p_i = σ_i²/Σσ² (the paper), the eigenvalues of the Gram W_gᵀW_g (their absolute error, about
+    ε·σ_1², moves each p_i by about ε); ``singular``: p_i = σ_i/Σσ (Roy & Vetterli), from ``svdvals`` (the
+    square roots of the Gram's eigenvalues would lose the small σ_i). Zero values (negative eigenvalues of the
+    Gram, rounding of zero) are dropped before the logarithm."""
     if mode not in EFFECTIVE_RANK_MODES:
         raise ValueError(f"effective-rank mode must be one of {', '.join(EFFECTIVE_RANK_MODES)}, got {mode!r}")
-    sigma = torch.linalg.svdvals(matrix.double())
-    mass = sigma**2 if mode == "energy" else sigma
+    if mode == "energy":
+        mass = torch.linalg.eigvalsh(gram(matrix))
+    else:
+        mass = torch.linalg.svdvals(matrix.double())
     mass = mass[mass > 0]
     if mass.numel() == 0:
         return 0.0
@@ -87,6 +136,14 @@ def allocate_group_ranks(total_rank: int, importance: list[float], max_rank: int
 
 
 def truncated_group_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """W_g ≈ (U_K Σ_K)(V_Kᵀ): returns (left [k·out, K], basis [K, in]) (RFID-MoE Alg. 1 l.17, MoBE init)."""
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return u[:, :rank] * s[:rank], vh[:rank]
+    """W_g ≈ (U_K Σ_K)(V_Kᵀ): returns (left [k·out, K], basis [K, in]) (RFID-MoE Alg. 1 l.17, MoBE init).
+
+    V_K: the eigenvectors of the Gram W_gᵀW_g with the K largest eigenvalues σ_i² (largest first), and
+    U_K Σ_K = W_g V_K. A singular pair is defined up to its sign, which LAPACK picks by routine and thread
+    count; it is fixed here so that each basis row's entry of largest magnitude is positive (the first such
+    entry), making the initialisation the same whichever routine, device or thread count computed it."""
+    matrix = matrix.double()
+    vectors = torch.linalg.eigh(gram(matrix)).eigenvectors[:, -rank:].flip(1)
+    largest = vectors.abs().argmax(dim=0)
+    vectors *= vectors[largest, torch.arange(vectors.shape[1], device=vectors.device)].sign()
+    return matrix @ vectors, vectors.T.contiguous()

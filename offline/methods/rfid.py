@@ -6,7 +6,8 @@ Per MoE layer (docs/methods.md has the full reading of the paper and every choic
 1. Groups (§3.1, Eq. 6–7): experts sorted by calibration routing count, most routed first, cut into groups of
    k (default 4); F_g = the group's share of routed tokens.
 2. Information density (§3.2, Eq. 8–10): E_g ∝ exp(H) of the normalised σ² spectrum of the group matrix
-   [k·out, in] (float64; ``effective_rank="singular"`` normalises σ instead).
+   [k·out, in] (float64, the eigenvalues of its Gram; ``effective_rank="singular"`` normalises σ instead,
+   from its singular values); the groups on one-thread workers (group_basis.each_group).
 3. Ranks (§3.3, Eq. 11–13): C_g = ξ·E_g + (1 − ξ)·F_g, K_g = max(1, ⌊K_total·C_g/ΣC⌋), capped at the group
    matrix's rank, plus the greedy settlement of group_basis.allocate_group_ranks so Σ K_g = K_total exactly;
    K_total is what the projection's share of the layer budget pays for at k·out + in parameters per rank.
@@ -20,15 +21,19 @@ Per MoE layer (docs/methods.md has the full reading of the paper and every choic
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..budget import LayerShape
+from ..calibration import clock, elapsed
 from ..choices import EFFECTIVE_RANK_MODES
 from ..options import check_choice, check_range, option
 from .base import LayerInputs, LayerResult
 from .basis_fit import fit_grouped
 from .basis_method import BasisMethod, BasisOptions
-from .group_basis import allocate_group_ranks, effective_rank, frequency_groups, fused_importance, group_matrix
+from .group_basis import allocate_group_ranks, each_group, effective_rank, frequency_groups, fused_importance
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,11 @@ class RFIDMoE(BasisMethod):
         fitted, importance_log = {}, {}
         extra = self.extra_ranks(inputs.budget, shape)
         for p in self.factorized:
-            densities = [effective_rank(group_matrix(weights[p], g).to(inputs.device), opts.effective_rank)
-                         for g in groups]
+            started = clock()
+            densities = list(each_group(weights[p], groups,
+                                        lambda g, matrix: effective_rank(matrix, opts.effective_rank), inputs.device))
+            log.info("effective ranks of %d groups of %s: %.1f s (CPU %.1f)", m, "x".join(map(str, weights[p].shape)),
+                     *elapsed(started))
             importance = fused_importance(densities, frequencies, opts.xi)
             ranks = allocate_group_ranks(m + extra[p], importance, self.max_rank(p, shape))
             fitted[p] = fit_grouped(weights[p], groups, ranks, self.fit, residual, opts.residual_seed, inputs.device)
