@@ -16,8 +16,7 @@ tensors are serialised, their heap given back to the OS by calibration.release_f
 not reuse it for the serialisation's large buffers, BENCHMARKS.md §12.10):
 
 * **calibration**: one decoder layer's weights in float32, and the pages of the checkpoint file that reading
-  it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in: a bound, not reached by
-  small models);
+  it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in, at most the layer's stored size);
 * **compression**: the pages of the checkpoint files the method reads the layer's experts from (and, for RS-MoE's
   downstream influence, the next layer's; the same bound per file as above); the per-expert Grams not yet handed
   to a worker (``--expert-chunk`` experts of [H, H] and of [I, I] in float64 when a chunk holds several experts;
@@ -106,13 +105,14 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
                   ratio: float = 0.0, dtype: str = "bfloat16") -> MemoryEstimate:
     """The expected peak (module docstring) of compressing ``layout``'s MoE layers of checkpoint ``ckpt`` at
     ``ratio`` (the compressed tensors are counted as 1 − ratio of the dense experts) into ``dtype``."""
-    layer_params, layer_files = {}, {}
+    layer_params, layer_bytes, layer_files = {}, {}, {}
     outer = 0
     for key in ckpt.keys():
         parts = key.split(".")
         if "layers" in parts and parts[parts.index("layers") + 1].isdigit():
             index = int(parts[parts.index("layers") + 1])
             layer_params[index] = layer_params.get(index, 0) + ckpt.numel(key)
+            layer_bytes[index] = layer_bytes.get(index, 0) + ckpt.numel(key) * ckpt.dtype(key).itemsize
             layer_files.setdefault(index, set()).add(ckpt.file_of(key))
         else:
             outer += ckpt.numel(key)
@@ -132,7 +132,7 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
     grams = {}
     if chunk > 1:
         grams[f"Grams of {chunk} experts (float64)"] = chunk * (shape.hidden_size**2 + shape.intermediate_size**2) * 8
-    mapped = RELEASE_BYTES * max(map(len, layer_files.values()), default=0)
+    mapped = max((min(RELEASE_BYTES * len(layer_files[l]), layer_bytes[l]) for l in layer_files), default=0)
     phases = {
         "calibration": {
             "one decoder layer (float32)": max(layer_params.values(), default=0) * 4,
