@@ -26,7 +26,8 @@ from vllm_moe_compress.format import PROJECTIONS, matrix_shape
 
 from .architectures import MoEArchitecture, architecture_for
 from .budget import BudgetPlan, BudgetPlanner, LayerShape
-from .calibration import calibration_windows, clock, elapsed, peak_rss_bytes, read_calibration_text, run_layerwise
+from .calibration import (calibration_windows, clock, elapsed, peak_rss_bytes, read_calibration_text, release_freed_memory,
+                          run_layerwise)
 from .checkpoint_io import (
     CheckpointError, DiskFullError, SafetensorsCheckpoint, ShardedWriter, atomic_output_dir, copy_side_files, read_config,
 )
@@ -261,7 +262,12 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
                       **keep, **compressed.allocation(), **result.log},
         }
         tensors = compressed.to_tensors(prefix, job.arch.proj_names, DTYPES[job.dtype])
-        del compressed, result  # the method's factors (float32, or float64 for rs), before the layer is serialised
+        # Before the layer is serialised: the method's layer (float32 factors) and the last Gram chunks are freed,
+        # and the heap they leave is given back to the OS; serialising allocates its buffers elsewhere (mmap), so
+        # kept, it would count on top of them (BENCHMARKS.md §12.10).
+        del compressed, result
+        stats.drop_cached_grams()
+        release_freed_memory()
         # (wall, CPU) seconds per phase; the Grams are computed on demand inside the method: counted as statistics
         seconds = {"calibration": stats.calibration_seconds, "statistics": statistics,
                    "factorisation": tuple(c - s for c, s in zip(compression, statistics))}

@@ -10,20 +10,23 @@ one MoE layer's worth, whatever the depth of the model. Alive for the whole run:
 * for D²-MoE's Fisher, every decoder layer's input for ``--fisher-samples`` windows (offline/fisher.py;
   counted for the whole run, an over-estimate after the Fisher pass).
 
-Then the largest of three phases of each MoE layer, which are never alive together (the layer is freed before
-its compression starts, and the method's working set before its output is serialised):
+Then the largest of four phases of each MoE layer, which are never alive together (the layer is freed before
+its compression starts; the method's working set, its layer once cast and the last Gram chunks before the cast
+tensors are serialised, their heap given back to the OS by calibration.release_freed_memory: kept, glibc would
+not reuse it for the serialisation's large buffers, BENCHMARKS.md §12.10):
 
 * **calibration**: one decoder layer's weights in float32, and the pages of the checkpoint file that reading
-  it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in: a bound, not reached by
-  small models);
-* **compression**: the per-expert Grams not yet handed to a worker (``--expert-chunk`` experts of [H, H] and of
-  [I, I] in float64 when a chunk holds several experts; with one expert per chunk the worker takes the chunk
-  itself, counted in its working set); the layer's factors as the method holds them (float32:
-  methods.base.factorize_experts casts each expert's as they are formed, and MoBE / RFID-MoE fit in float32;
-  float64 for RS-MoE); and what the method holds besides (:func:`method_working_set`). For svd, whitened-svd
-  and d2 that is one expert's working set per factorisation worker (methods.base.expert_working_set: the Gram
-  and its Cholesky factor, then the factor and the expert's matrices; one worker when that is above
-  methods.base.PARALLEL_WORKING_SET, else ``torch.get_num_threads()`` workers), and for d2 its shared bases.
+  it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in, at most the layer's stored size);
+* **compression**: the pages of the checkpoint files the method reads the layer's experts from (and, for RS-MoE's
+  downstream influence, the next layer's; the same bound per file as above); the per-expert Grams not yet handed
+  to a worker (``--expert-chunk`` experts of [H, H] and of [I, I] in float64 when a chunk holds several experts;
+  with one expert per chunk the worker takes the chunk itself, counted in its working set); the layer's factors
+  as the method holds them (float32: methods.base.factorize_experts and RS-MoE cast each expert's as they are
+  formed, and MoBE / RFID-MoE fit in float32); and what the method holds besides (:func:`method_working_set`).
+  For svd, whitened-svd and d2 that is one expert's working set per factorisation worker
+  (methods.base.expert_working_set: the Gram and its Cholesky factor, then the factor and the expert's matrices;
+  one worker when that is above methods.base.PARALLEL_WORKING_SET, else ``torch.get_num_threads()`` workers), and
+  for d2 its shared bases.
   RS-MoE, MoBE and RFID-MoE read the layer's experts an expert (or a group of experts) at a time: a few
   expert-sized float64 matrices, plus for RS-MoE's downstream influence one chunk of the next layer's V_in rows
   (float32, rs.NEXT_EXPERT_CHUNK experts) and its products, and for MoBE / RFID-MoE the larger of one
@@ -32,7 +35,9 @@ its compression starts, and the method's working set before its output is serial
   state, each at most the projection's share of the compressed layer, and one group's target, prediction and
   error in float32);
 * **writing**: the factors and their copy in the stored dtype (``--dtype``; none when float32 factors are
-  stored as float32, the copy is then the factors themselves).
+  stored as float32, the copy is then the factors themselves);
+* **serialisation**: the stored tensors and two copies of the file they make (workdir.commit_layer:
+  ``safetensors.torch.save`` builds the file in memory, then copies it into ``bytes``).
 
 This is an estimate of the tensors, not of allocator slack or the interpreter (a fixed allowance below).
 It counts every part as host memory, as a ``--device cpu`` run holds it, and is checked against the available
@@ -102,13 +107,14 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
                   ratio: float = 0.0, dtype: str = "bfloat16") -> MemoryEstimate:
     """The expected peak (module docstring) of compressing ``layout``'s MoE layers of checkpoint ``ckpt`` at
     ``ratio`` (the compressed tensors are counted as 1 − ratio of the dense experts) into ``dtype``."""
-    layer_params, layer_files = {}, {}
+    layer_params, layer_bytes, layer_files = {}, {}, {}
     outer = 0
     for key in ckpt.keys():
         parts = key.split(".")
         if "layers" in parts and parts[parts.index("layers") + 1].isdigit():
             index = int(parts[parts.index("layers") + 1])
             layer_params[index] = layer_params.get(index, 0) + ckpt.numel(key)
+            layer_bytes[index] = layer_bytes.get(index, 0) + ckpt.numel(key) * ckpt.dtype(key).itemsize
             layer_files.setdefault(index, set()).add(ckpt.file_of(key))
         else:
             outer += ckpt.numel(key)
@@ -122,25 +128,31 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
     if method.needs_fisher:
         fisher_tokens = min(calibration.fisher_samples, calibration.samples) * calibration.seqlen
         parts["Fisher layer inputs (float32)"] = (num_layers + 1) * fisher_tokens * shape.hidden_size * 4
-    factor_bytes = 8 if isinstance(method, RSMoE) else 4
+    factor_bytes = 4  # every method holds float32 factors (module docstring)
     copy_bytes = 0 if factor_bytes == STORED_BYTES[dtype] == 4 else STORED_BYTES[dtype]
     kept = (1 - ratio) * shape.dense_expert_params
     grams = {}
     if chunk > 1:
         grams[f"Grams of {chunk} experts (float64)"] = chunk * (shape.hidden_size**2 + shape.intermediate_size**2) * 8
+    mapped = max((min(RELEASE_BYTES * len(layer_files[l]), layer_bytes[l]) for l in layer_files), default=0)
     phases = {
         "calibration": {
             "one decoder layer (float32)": max(layer_params.values(), default=0) * 4,
-            "mapped checkpoint pages": RELEASE_BYTES * max(map(len, layer_files.values()), default=0),
+            "mapped checkpoint pages": mapped,
         },
         "compression": {
             **grams,
+            f"mapped checkpoint pages ({'this and the next layer' if method.needs_next_layer else 'the layer'})":
+                mapped * (2 if method.needs_next_layer else 1),
             **({f"compressed layer (float{8 * factor_bytes} factors)": round(kept * factor_bytes),
                 **method_working_set(method, shape, ratio)} if not factorizes(method) else
                {**factorization_working_set(shape, method.whitened, round(kept * factor_bytes)), **d2_bases(method, shape)}),
         },
         "writing": {
             f"compressed layer (float{8 * factor_bytes} factors + {dtype} copy)": round(kept * (factor_bytes + copy_bytes)),
+        },
+        "serialisation": {
+            f"compressed layer ({dtype}) + 2 copies of its file": round(kept * 3 * STORED_BYTES[dtype]),
         },
     }
     return MemoryEstimate(parts, phases)

@@ -73,6 +73,11 @@ def test_input_gram_is_the_sum_over_routed_tokens():
         h = F.silu(gate) * up
         torch.testing.assert_close(stats.inter_gram[2], h.T @ h, rtol=1e-5, atol=1e-5)  # computed in float32
         assert stats.counts.tolist() == [3, 2, 3] and stats.weight_sums.tolist() == [1.5, 1.0, 1.5]
+        # once dropped (before a layer is written), no chunk is kept; asked again, a Gram is computed again, equal
+        kept = stats.input_gram[2].clone(), stats.inter_gram[2].clone()
+        stats.drop_cached_grams()
+        assert stats.input_gram._cached is None and stats.inter_gram._cached is None
+        assert torch.equal(stats.input_gram[2], kept[0]) and torch.equal(stats.inter_gram[2], kept[1])
 
 
 def test_calibration_windows_are_seeded(tiny_moe):

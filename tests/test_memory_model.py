@@ -62,6 +62,15 @@ def test_estimate_does_not_grow_with_depth_but_with_samples_and_chunk(depths):
     assert compression[f"{largest} pass: {workers} factorisation worker(s) (float64) + {done} of 3 projections' "
                        "factors (float32)"] == held[largest]
     assert shallow.phases["writing"]["compressed layer (float32 factors + bfloat16 copy)"] == 8 * 3 * 64 * 32 * (4 + 2)
+    # safetensors.torch.save: the stored tensors, the file built from them and its copy into bytes
+    assert shallow.phases["serialisation"]["compressed layer (bfloat16) + 2 copies of its file"] == 8 * 3 * 64 * 32 * 2 * 3
+    # the experts are read through the checkpoint's mapped pages as in calibration; rs also reads the next layer
+    pages = shallow.phases["calibration"]["mapped checkpoint pages"]
+    ckpt = SafetensorsCheckpoint(depths[2])  # a small layer maps at most its own stored size
+    assert pages == sum(ckpt.numel(k) * ckpt.dtype(k).itemsize for k in ckpt.keys() if ".layers.0." in k)
+    assert compression["mapped checkpoint pages (the layer)"] == pages
+    assert estimate(depths[2], method="rs").phases["compression"][
+        "mapped checkpoint pages (this and the next layer)"] == 2 * pages
     assert estimate(depths[2], method="rs").phases["compression"][
         "8 expert-sized matrices (float64)"] == 8 * 64 * 32 * 8  # per expert, not the layer
     assert shallow.parts["calibration activations (float32)"] == 2 * 8 * 32 * 64 * 4
@@ -126,6 +135,7 @@ def test_float32_output_needs_no_copy_and_one_expert_chunk_no_grams_part(depths)
     takes the chunk (counted in its working set)."""
     phases = estimate(depths[2], dtype="float32", chunk=1).phases
     assert phases["writing"]["compressed layer (float32 factors + float32 copy)"] == 8 * 3 * 64 * 32 * 4
+    assert phases["serialisation"]["compressed layer (float32) + 2 copies of its file"] == 8 * 3 * 64 * 32 * 4 * 3
     assert not any(name.startswith("Grams of") for name in phases["compression"])
 
 

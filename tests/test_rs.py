@@ -196,6 +196,10 @@ def sparse_plus_low_rank_layer(sparse_channels: int, rank: int, seed: int):
 def test_exactly_sparse_plus_rank_k_layer_is_recovered(lowrank_svd):
     s, k = 3, 2
     weights, planted = sparse_plus_low_rank_layer(s, k, seed=3)
+    for e, j in planted:  # the sparse units hold float32 values, as a checkpoint's weights do
+        for p in ("gate", "up"):
+            weights[p][e][j] = weights[p][e][j].float().double()
+        weights["down"][e][:, j] = weights["down"][e][:, j].float().double()
     stats = statistics(weights, 400, seed=4, planted=planted)
     shape = LayerShape(E, H, I)
     sparse_cost = 3 * H * s * E
@@ -205,9 +209,20 @@ def test_exactly_sparse_plus_rank_k_layer_is_recovered(lowrank_svd):
     layer = method.compress_layer(LayerInputs(weights, stats, None, budget, shape)).layer
     assert layer.num_params() == budget
     assert sorted((e, int(j)) for e, ex in enumerate(layer.experts) for j in ex.sparse_channels) == sorted(planted)
-    for e in range(E):
+    # The layer holds float32 (what is stored is float32 at most): the sparse units exactly, the rank-k units to
+    # the float32 rounding of their factors, at most 2ε·Σ|U||V| per entry to first order.
+    eps = torch.finfo(torch.float32).eps
+    for e, ex in enumerate(layer.experts):
         for p in ("gate", "up", "down"):
-            torch.testing.assert_close(layer.dense_weight(e, p), weights[p][e], rtol=1e-8, atol=1e-8)
+            dense, want = layer.dense_weight(e, p), weights[p][e]
+            if p == "down":
+                dense, want = dense.T, want.T  # channels as rows
+            sparse, medium = ex.sparse_channels, ex.lowrank_channels
+            assert ex.sparse[p].dtype == ex.lowrank[p][0].dtype == ex.lowrank[p][1].dtype == torch.float32
+            assert torch.equal(dense[sparse], want[sparse])
+            u, v = (f.double().abs() for f in ex.lowrank[p])
+            bound = 2.5 * eps * ((v.T @ u.T) if p == "down" else (u @ v))
+            assert ((dense[medium] - want[medium]).abs() <= bound + 1e-12).all()
 
 
 def test_layer_spends_its_budget_exactly_and_prunes_the_least_important():

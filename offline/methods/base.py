@@ -37,19 +37,15 @@ def input_gram(stats: ExpertStatistics, proj: str) -> torch.Tensor:
     return stats.inter_gram if proj == "down" else stats.input_gram
 
 
-def on_cpu(factors: Factors) -> Factors:
-    """``factors`` moved to the CPU (the same tensors when they are there already)."""
-    return factors[0].cpu(), factors[1].cpu()
-
-
-def as_stored(factors: Factors) -> Factors:
-    """``factors`` as a layer keeps them until they are written: float32, contiguous, on the CPU.
+def as_stored(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``tensors`` (an expert's factors, or RS-MoE's sparse units) as a layer keeps them until they are written:
+    float32, contiguous, on the CPU.
 
     The checkpoint stores float32 at most, and torch casts float64 to bfloat16 and float16 through float32
     (float64 → float32 → bfloat16 is bit for bit the direct cast: checked in tests/test_factorize_experts.py), so
     casting each expert's factors as soon as they are formed changes no stored byte and halves what a layer
     holds (at Qwen3-30B-A3B's shapes and ratio 0.6, 1.8 GiB of float64 factors become 0.9 GiB)."""
-    return tuple(f.to("cpu", torch.float32).contiguous() for f in factors)
+    return tuple(t.to("cpu", torch.float32).contiguous() for t in tensors)
 
 
 GROUPS = (("gate", "up"), ("down",))

@@ -39,8 +39,12 @@ their ``ExpertStack``s (offline/source_model.py) and never stacked: the unit sco
 influence a chunk of the next layer's experts at a time (:func:`downstream_influence`, float32 as before), the
 merged bases and deltas as D²-MoE forms them (d2.merge_base, d2.DeltaStack), the decompositions (on the CPU
 ``torch.get_num_threads()`` experts at once, one thread each: :func:`decompose_experts`) and the ridge fit's
-sums expert by expert. Float64 is kept for the per-expert matrices (the source's values, exactly) and
-the ridge fit's Gram [I, I] and cross term [H, I], summed over every expert's tokens before one solve.
+sums expert by expert. Each expert's matrices are read and decomposed in float64 (the source's values, exactly),
+and its sparse units and low-rank factors are kept in float32 as soon as they are formed (methods.base.as_stored:
+the checkpoint stores float32 at most, so no stored byte changes, and the layer holds half of what float64 would:
+at Qwen3-30B-A3B's shapes and ratio 0.6, 0.9 instead of 1.8 GiB, BENCHMARKS.md §12.10); the ridge base is fitted
+to the layer so held. The ridge fit's Gram [I, I] and cross term [H, I] are float64, summed over every expert's
+tokens before one solve.
 
 Layer budgets (§3.5) come from offline/layer_allocation.py (``allocation``: ``mi``, ``uniform``, ``reverse``).
 The checkpoint scheme is ``sparse_lowrank`` (vllm_moe_compress/format/schemes/sparse_lowrank.py, docs/format.md §9).
@@ -62,7 +66,7 @@ from ..layer_allocation import MIOptions, layer_keep_fractions
 from ..linalg import eigen_whitened_factors, gram_eigen
 from ..options import MethodOptions, check_choice, check_positive, check_range, option
 from vllm_moe_compress.format.schemes.sparse_lowrank import ExpertUnits, SparseLowRankLayer
-from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult, in_one_thread_workers, on_cpu
+from .base import CompressionMethod, ExpertWeights, LayerInputs, LayerResult, as_stored, in_one_thread_workers
 from .d2 import DeltaStack, merge_base
 
 log = logging.getLogger(__name__)
@@ -89,7 +93,13 @@ def downstream_influence(down, next_weights: ExpertWeights, chunk: int = NEXT_EX
     V_in has one row per unit of the next layer (all its experts), so it is never formed whole: its rows are
     built ``chunk`` next-layer experts at a time (float32, as the product is computed), every expert of this
     layer is multiplied by them (its W_down read again per chunk) and the chunks' sums are added in float64.
-    Neither layer's experts are stacked."""
+    Neither layer's experts are stacked.
+
+    Cost: E·I·H·E_next·I_next multiply-adds (19.8 T at Qwen3-30B-A3B's shapes), in GEMMs that run at the rate
+    of a large square float32 GEMM (BENCHMARKS.md §12.10). With a_j the unit's down column and v_r the rows of
+    V_in, I_down[e, j] = Σ_r |a_j · v_r| ‖v_r‖: the absolute value inside the sum needs every product a_j · v_r,
+    so no contraction through a Gram or a factorisation of V_in gives the same quantity (Σ_r ‖v_r‖ v_r v_rᵀ
+    first would give Σ_r (a_j · v_r)² ‖v_r‖, another score)."""
     num_next = len(next_weights["gate"])
     influence = torch.zeros(len(down), down.shape[2], dtype=torch.float64)
     for start in range(0, num_next, chunk):
@@ -220,10 +230,12 @@ def _expert_job(weights: ExpertWeights, down, stats: ExpertStatistics, plan: Uni
                 device: torch.device) -> tuple:
     """Expert ``expert``'s sparse units (its kept rows / columns) and what its low-rank units' decomposition needs:
     (sparse channels, sparse matrices, medium channels, rank, medium gate / up rows and down columns on
-    ``device``, input Gram, intermediate Gram restricted to the medium channels), read in the calling thread."""
+    ``device``, input Gram, intermediate Gram restricted to the medium channels), read in the calling thread.
+    The sparse units are kept as stored (methods.base.as_stored: float32; the source's values, exactly, when it is
+    stored in 32 bits or fewer)."""
     s, m, k = torch.tensor(plan.sparse[expert], dtype=torch.int64), plan.lowrank[expert], plan.ranks[expert]
     matrices = {"gate": weights["gate"][expert], "up": weights["up"][expert], "down": down[expert]}
-    sparse = {"gate": matrices["gate"][s], "up": matrices["up"][s], "down": matrices["down"][:, s]}
+    sparse = dict(zip(matrices, as_stored((matrices["gate"][s], matrices["up"][s], matrices["down"][:, s]))))
     if not k:
         return s, sparse, m, 0, None, None, None
     medium = {"gate": matrices["gate"][m].to(device), "up": matrices["up"][m].to(device),
@@ -238,14 +250,14 @@ def _expert_job(weights: ExpertWeights, down, stats: ExpertStatistics, plan: Uni
 
 def _decompose(job: tuple) -> ExpertUnits:
     """One expert's units from :func:`_expert_job`: the low-rank factors of its medium units (§3.4, one EVD of
-    the input Gram for gate and up), on the CPU."""
+    the input Gram for gate and up), computed in float64 and kept as stored (float32 on the CPU, as_stored)."""
     s, sparse, m, k, medium, input_gram, inter_gram = job
     lowrank = dict.fromkeys(sparse)
     if k:
         input_eigen = gram_eigen(input_gram)  # [H, H]
         for p in ("gate", "up"):
-            lowrank[p] = on_cpu(eigen_whitened_factors(medium[p], input_eigen, k))
-        lowrank["down"] = on_cpu(eigen_whitened_factors(medium["down"], gram_eigen(inter_gram), k))
+            lowrank[p] = as_stored(eigen_whitened_factors(medium[p], input_eigen, k))
+        lowrank["down"] = as_stored(eigen_whitened_factors(medium["down"], gram_eigen(inter_gram), k))
     return ExpertUnits(s, sparse, torch.tensor(m, dtype=torch.int64), lowrank)
 
 
