@@ -187,7 +187,7 @@ def basis_fit_working_set(method: BasisMethod, shape: LayerShape, ratio: float) 
     h, i = shape.hidden_size, shape.intermediate_size
     fitted = round((1 - ratio) * shape.num_experts * h * i)
     k = method.opts.group_size
-    workers, held = max((factorization_workers(w), factorization_workers(w) * w)
+    held, workers = max((factorization_workers(w) * w, factorization_workers(w))
                         for w in (group_working_set(k * method.dims(p, shape)[0], method.dims(p, shape)[1])
                                   for p in method.factorized))
     initialisation = {
