@@ -91,7 +91,8 @@ def release_freed_memory() -> None:
     have their own) for reuse, and a freed region below one still in use is never returned by itself. Between
     layers that retained memory is the next layer's float32 copy plus calibration forward landing on top of it:
     at Qwen3-30B-A3B shapes the lowest RSS of a layer rose from 1.6 to 3.3 GiB over 6 layers without it
-    (BENCHMARKS.md §12.4). Called after each MoE layer is compressed and written; a no-op elsewhere."""
+    (BENCHMARKS.md §12.4). Called after each decoder layer a layer-wise pass frees (the calibration's and the
+    Fisher pass's forward, the Fisher backward) and after each MoE layer is compressed; a no-op off glibc."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -416,6 +417,7 @@ def forward_layerwise(
                 if remove is not None:
                     remove()
         del layer  # the layer's weights are freed before the caller compresses it
+        release_freed_memory()  # and their heap returned, so that the next layer's float32 copy does not land on top
         after_layer(index, hidden)
 
 

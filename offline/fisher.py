@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .calibration import capture_layer0_inputs, call_layer, clock, elapsed, forward_layerwise
+from .calibration import capture_layer0_inputs, call_layer, clock, elapsed, forward_layerwise, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def expert_fisher(
                         acc[k] += v
         del layer, experts  # free this layer before the next one is built
         inputs[index] = []
+        release_freed_memory()
     log.info("Fisher pass, %d sequences of %d tokens, seconds wall (CPU): forward and loss %.1f (%.1f), "
              "backward %.1f (%.1f)", len(sequences), samples.shape[1], *forward, *elapsed(backward_started))
     count = samples.shape[0]
