@@ -90,6 +90,15 @@ class SafetensorsCheckpoint:
                 missing = "" if (self.model_dir / file).is_file() else f", and {file} is missing"
                 raise CheckpointError(f"tensor {name} not found in {self.model_dir}: {index.name} lists it in {file}{missing}")
 
+    def release_mapped_pages(self) -> None:
+        """Reopen every file read from since it was opened, so that the pages those reads mapped leave the process's
+        resident memory (up to RELEASE_BYTES per file otherwise stay: with one file per decoder layer, that grows with
+        the number of layers a pass has read). Called when a layer is done with; tensors already returned stay valid."""
+        for path, read in self._read_since_open.items():
+            if read:
+                self._handles[path] = safe_open(str(path), framework="pt")
+                self._read_since_open[path] = 0
+
     def keys(self) -> list[str]:
         return list(self._file_of)
 

@@ -267,6 +267,7 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
         # kept, it would count on top of them (BENCHMARKS.md §12.10).
         del compressed, result
         stats.drop_cached_grams()
+        source.ckpt.release_mapped_pages()  # the pages the method's reads of this (and the next) layer mapped
         release_freed_memory()
         # (wall, CPU) seconds per phase; the Grams are computed on demand inside the method: counted as statistics
         seconds = {"calibration": stats.calibration_seconds, "statistics": statistics,

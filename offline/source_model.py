@@ -132,7 +132,8 @@ class StreamedModel:
     @contextlib.contextmanager
     def layer(self, index: int, device: torch.device | str = "cpu"):
         """``with streamed.layer(i) as layer``: layer i materialised on ``device`` and in the skeleton, freed on
-        exit (the rest of the model stays on the CPU: callers move the layer's inputs, calibration.forward_layerwise)."""
+        exit, with the checkpoint pages its reading mapped (the rest of the model stays on the CPU: callers move
+        the layer's inputs, calibration.forward_layerwise)."""
         layers = self.model.model.layers
         placeholder = layers[index]
         layers[index] = self.build_layer(index, device)
@@ -140,6 +141,7 @@ class StreamedModel:
             yield layers[index]
         finally:
             layers[index] = placeholder
+            self.ckpt.release_mapped_pages()
 
     def expert_weights(self, index: int) -> ExpertWeights:
         """MoE layer ``index``'s routed experts as the methods take them: per projection an :class:`ExpertStack`

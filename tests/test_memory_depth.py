@@ -38,13 +38,11 @@ def wide_models(tmp_path_factory):
     return models
 
 
-# The source's shards are small here, so the file pages a run has read stay mapped below the checkpoint reader's
-# release threshold (checkpoint_io.RELEASE_BYTES, 256 MiB) and would grow with depth; a 4 MiB threshold (less
-# than one layer) leaves only what the compressor itself holds.
+# The source's shards are small here, below the checkpoint reader's release threshold (checkpoint_io.RELEASE_BYTES,
+# 256 MiB): the file pages a run has read would stay mapped and grow with depth if each layer's were not released
+# when it is done with (SafetensorsCheckpoint.release_mapped_pages).
 CHILD = """
 import sys
-from vllm_moe_compress.offline import checkpoint_io
-checkpoint_io.RELEASE_BYTES = 4 * 2**20
 from vllm_moe_compress.offline.cli import main
 sys.exit(main(sys.argv[1:]))
 """
