@@ -37,8 +37,11 @@ def test_ctrl_c_says_what_was_kept_and_resumes(tmp_path, caplog):
     out = tmp_path / "out"
     env = {**os.environ, "MOE_COMPRESS_CRASH_AT": "committed:0", "MOE_COMPRESS_CRASH_SIGNAL": "SIGINT",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # A suite started in the background of a non-interactive shell inherits SIGINT ignored, and Python then keeps
+    # ignoring it: the child gets the default disposition, as from a terminal, so that Ctrl-C is what it tests.
     done = subprocess.run([sys.executable, "-m", "vllm_moe_compress.offline.cli", "compress", str(DEMO), "-o", str(out), *ARGS],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 128 + signal.SIGINT, done.stderr
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
