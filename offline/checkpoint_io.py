@@ -8,6 +8,7 @@ sibling directory, which is renamed onto the target at the very end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -160,7 +161,13 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         index = len(self._shards)
-        save_file(self._pending, str(self.out_dir / f".shard-{index}.safetensors"), metadata={"format": "pt"})
+        path = self.out_dir / f".shard-{index}.safetensors"
+        try:
+            save_file(self._pending, str(path), metadata={"format": "pt"})
+        except SafetensorError as err:  # the Rust writer names the OS error only in its message
+            if f"(os error {errno.ENOSPC})" in str(err):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from safetensors import SafetensorError
 
 from vllm_moe_compress.offline import checkpoint_io, workdir
 from vllm_moe_compress.offline.cli import main
@@ -107,8 +108,8 @@ def enospc(path) -> OSError:
 
 
 def fill_disk_while_saving_output(monkeypatch) -> None:
-    def full(tensors, filename, metadata=None):
-        raise enospc(filename)
+    def full(tensors, filename, metadata=None):  # what safetensors' writer raises on a full disk
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(checkpoint_io, "save_file", full)
 
