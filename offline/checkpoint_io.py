@@ -97,8 +97,12 @@ class SafetensorsCheckpoint:
         the number of layers a pass has read). Called when a layer is done with; tensors already returned stay valid."""
         for path, read in self._read_since_open.items():
             if read:
-                self._handles[path] = safe_open(str(path), framework="pt")
-                self._read_since_open[path] = 0
+                self._reopen(path)
+
+    def _reopen(self, path: Path) -> None:
+        """A new handle on ``path``: the old one's mapped pages go with it (tensors already returned keep theirs)."""
+        self._handles[path] = safe_open(str(path), framework="pt")
+        self._read_since_open[path] = 0
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -111,8 +115,7 @@ class SafetensorsCheckpoint:
         try:
             path = self._file_of[name]
             if self._read_since_open[path] > RELEASE_BYTES:
-                self._handles[path] = safe_open(str(path), framework="pt")  # unmaps the pages read so far
-                self._read_since_open[path] = 0
+                self._reopen(path)
             tensor = self._handles[path].get_tensor(name)
             self._read_since_open[path] += tensor.nbytes
             return tensor
