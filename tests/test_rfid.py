@@ -19,6 +19,7 @@ from vllm_moe_compress.offline.methods.base import LayerInputs, in_one_thread_wo
 from vllm_moe_compress.offline.methods.basis_fit import FitOptions, fit_grouped, fit_mixed
 from vllm_moe_compress.offline.methods.group_basis import (
     allocate_group_ranks, effective_rank, frequency_groups, index_groups, truncated_group_svd)
+import vllm_moe_compress.offline.methods.basis_fit as basis_fit
 import vllm_moe_compress.offline.methods.group_basis as group_basis
 from vllm_moe_compress.format.schemes.basis_residual import BasisProjection, BasisResidualExperts, BasisResidualLayer
 import vllm_moe_compress.kernels.residual_hash as residual_hash
@@ -119,6 +120,33 @@ def test_truncated_group_svd_is_the_float64_svd_with_fixed_signs(seed):
         torch.testing.assert_close(basis, vh[:rank] * signs[:, None], rtol=0, atol=1e-10)
         torch.testing.assert_close(left, u[:, :rank] * s[:rank] * signs, rtol=0, atol=1e-12)
         assert (basis[torch.arange(rank), basis.abs().argmax(dim=1)] > 0).all()
+
+
+def test_rfid_initial_loss_does_not_depend_on_the_signs(monkeypatch):
+    """RFID-MoE's initialisation A = U_KΣ_K/φ'(0), B = V_Kᵀ has the same loss whatever the signs of the singular
+    pairs (why group_basis.truncated_group_svd may fix them by any rule): flipping pair i changes A·φ(B) by
+    ∓2·a_i h(b_i)ᵀ (φ(x) = x/2 + h(x), h even), orthogonal to the residual and to the other pairs' terms.
+    The first-order match matters: with A = U_KΣ_K (slope 1) the cross terms do not vanish."""
+    g = torch.Generator().manual_seed(12)
+    weights = torch.randn(8, I, H, generator=g, dtype=torch.float64)
+    groups, ranks = index_groups(8, 4), [5, 3]
+    flips = [torch.ones(5, dtype=torch.float64)] + [torch.randint(0, 2, (5,), generator=g).double() * 2 - 1
+                                                    for _ in range(4)]
+
+    def initial_losses(slope: float) -> list[float]:
+        monkeypatch.setitem(basis_fit.SLOPE_AT_ZERO, "silu", slope)
+        losses = []
+        for flip in flips:
+            def flipped(matrix, rank, flip=flip):
+                left, basis = truncated_group_svd(matrix, rank)
+                return left * flip[:rank], basis * flip[:rank, None]
+            monkeypatch.setattr(basis_fit, "truncated_group_svd", flipped)
+            losses.append(fit_grouped(weights, groups, ranks, FitOptions(steps=0)).loss_curve[0])
+        return losses
+
+    matched, unmatched = initial_losses(0.5), initial_losses(1.0)
+    assert max(matched) - min(matched) < 1e-6 * min(matched)
+    assert max(unmatched) - min(unmatched) > 1e-3 * min(unmatched)
 
 
 @pytest.mark.parametrize("method", ["rfid", "mobe"])

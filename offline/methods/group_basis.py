@@ -141,7 +141,15 @@ def truncated_group_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
     V_K: the eigenvectors of the Gram W_gᵀW_g with the K largest eigenvalues σ_i² (largest first), and
     U_K Σ_K = W_g V_K. A singular pair is defined up to its sign, which LAPACK picks by routine and thread
     count; it is fixed here so that each basis row's entry of largest magnitude is positive (the first such
-    entry), making the initialisation the same whichever routine, device or thread count computed it."""
+    entry), making the initialisation the same whichever routine, device or thread count computed it.
+
+    The rule buys reproducibility, not quality. No sign choice starts RFID-MoE's fit (without the residual η, the
+    default) better: with A = U_KΣ_K/φ'(0) and φ(x) = x/2 + h(x), h even (SiLU), flipping pair i changes A·φ(B) by
+    ∓2·a_i h(b_i)ᵀ, orthogonal to the residual and to the other pairs' terms, so the initial error, in the weights
+    or on any input distribution shared by the group's experts, is the same for every choice (tests/test_rfid.py;
+    MoBE's initialisation, A = U_KΣ_K with every group's basis mixed, does depend on them). The Adam steps that
+    follow do depend on the signs: on the reference model the perplexities of the fitted checkpoints range over
+    sign choices by about as much as they differ from LAPACK's (BENCHMARKS.md §12.12)."""
     matrix = matrix.double()
     vectors = torch.linalg.eigh(gram(matrix)).eigenvectors[:, -rank:].flip(1)
     largest = vectors.abs().argmax(dim=0)
