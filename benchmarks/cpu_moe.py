@@ -85,6 +85,10 @@ def dense_baselines(num_experts: int, h: int, i: int, dtype, gen, torch_loop: bo
     from vllm import _custom_ops as ops
 
     isa = "amx" if torch.cpu._is_amx_tile_supported() and dtype == torch.bfloat16 else "vec"
+    if isa == "amx" and not torch.cpu._init_amx():
+        # Linux hands out AMX tile state only on request (arch_prctl); vLLM's server gets it from an earlier
+        # oneDNN call, this benchmark calls vLLM's AMX kernel first, which otherwise dies of SIGILL.
+        raise RuntimeError("the CPU reports AMX, but the kernel refused the AMX tile state (arch_prctl)")
 
     def expert(rows, cols):
         return torch.randn(1, rows, cols, generator=gen).div_(cols**0.5).to(dtype)
