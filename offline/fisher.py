@@ -2,9 +2,10 @@
 
     F_i = E_{x∼D} E_{y∼p_θ(y|x)} [ (∇_{θ_i} log p_θ(y|x))² ]
 
-estimated per calibration sequence (batch size 1, one backward each): labels are drawn from the model's
-own predictive distribution (``labels="sampled"``, the equation as written) or are the true next tokens
-(``"empirical"``, what lliai/D2MoE's get_fisher.py does). Only routed-expert weights get a Fisher value.
+estimated per calibration sequence (batch size 1: each sequence's own gradient is squared, never a batch's):
+labels are drawn from the model's own predictive distribution (``labels="sampled"``, the equation as written)
+or are the true next tokens (``"empirical"``, what lliai/D2MoE's get_fisher.py does). Only routed-expert weights
+get a Fisher value.
 
 Granularity: ``"expert"`` (default) keeps one scalar per expert and projection — the mean of the squared
 gradients over its elements, i.e. F_i as the paper's text describes it ("the average magnitude of the
@@ -12,21 +13,27 @@ gradient") — so memory stays O(layers × experts). ``"element"`` keeps a full 
 (Matena & Raffel merging, as lliai/D2MoE does), which costs as much memory as the expert weights and forms
 each expert's weight gradients (one expert at a time).
 
-The whole model is never in memory (offline/source_model.py). Forward: the sequences go through the
-decoder layers one layer at a time, keeping every layer's input hidden states (``fisher_samples`` × seqlen
-× hidden floats per layer). Loss: final norm and head on the last hidden states, labels, cross-entropy, and
-its gradient δ_L with respect to those hidden states. Backward, from the last layer down to the lowest MoE
-layer (the layers below it hold no expert weight): the layer is rebuilt, recomputed on its kept input of each
-sequence with autograd on and no weight requiring a gradient, and back-propagated from that sequence's output
-gradient δ_{l+1}; that yields δ_l for the layer below. The rebuilt layer's experts run :func:`_experts_forward`
-(transformers' grouped products, keeping each routed token's input, projections and their gradients), so the
-same backward also yields, per expert, the loss's gradients D at its three projections' outputs over its routed
-tokens, and their inputs X. A weight gradient is G = Dᵀ X; for the per-expert scalar, ‖G‖_F² = Σ((D Dᵀ) ⊙ (X Xᵀ))
-needs only T × T products of the T tokens routed to the expert in one sequence (:func:`gradient_square_sum`), so
-with ``"expert"`` no weight gradient is formed while T < out·in / (out + in) (559 at Qwen3-30B-A3B's expert
-shapes, where one expert's gradients are 3 × 768 × 2048 floats and a layer's 2.25 GiB), and nothing of the
-experts' forward is recomputed. By the chain rule these are the gradients of one backward through the whole
-model (in another float32 order, the squares summed in float64); one layer's weights are alive at a time.
+The whole model is never in memory (offline/source_model.py). Forward: the sequences go through the decoder layers
+one layer at a time, in batches of b sequences (:func:`fisher_batch_size`, ``--fisher-batch-size``), keeping every
+layer's input hidden states (``fisher_samples`` × seqlen × hidden floats per layer). Loss, per sequence: final norm
+and head on its last hidden states, labels, its own cross-entropy (mean over its positions), and its gradient δ_L
+with respect to those hidden states. Backward, from the last layer down to the lowest MoE layer (the layers below
+it hold no expert weight): the layer is rebuilt, recomputed on its kept input of each batch with autograd on and no
+weight requiring a gradient, and back-propagated from the batch's output gradients δ_{l+1}; that yields δ_l for the
+layer below. A batch's backward is the backward of the sum of its sequences' losses, and inside a layer no sequence
+meets another (attention is per sequence, the experts per token), so every token's gradients are those of its own
+sequence's backward: a batch reads the layer's weights once for b sequences (one sequence alone routes about 8
+tokens to each expert at Qwen3-30B-A3B's shapes and 128 tokens, memory-bound products), with the same per-token
+values (the captured layer-0 call, mask and positions, is each batch's own). The rebuilt layer's experts run
+:func:`_experts_forward` (transformers' grouped products, keeping each routed token's input, projections and their
+gradients), so the same backward also yields, per expert, the loss's gradients D at its three projections' outputs
+over its routed tokens, and their inputs X. A weight gradient is G = Dᵀ X; for the per-expert scalar,
+‖G‖_F² = Σ((D Dᵀ) ⊙ (X Xᵀ)) needs only T × T products of the T tokens routed to the expert in one sequence
+(:func:`gradient_square_sum`; in a batch each sequence's block of the expert's rows separately, Σ_s ‖D_sᵀ X_s‖²,
+not ‖Dᵀ X‖² of the batch), so with ``"expert"`` no weight gradient is formed while T < out·in / (out + in) (559 at
+Qwen3-30B-A3B's expert shapes, where one expert's gradients are 3 × 768 × 2048 floats and a layer's 2.25 GiB), and
+nothing of the experts' forward is recomputed. By the chain rule these are the gradients of one backward through
+the whole model (in another float32 order, the squares summed in float64); one layer's weights are alive at a time.
 """
 
 from __future__ import annotations
@@ -82,9 +89,9 @@ class _RoutedCall:
     """One call of a layer's experts in the Fisher backward, grouped by expert (expert e's routed token-expert
     pairs are the rows ``starts[e]:starts[e] + counts[e]``; S pairs in all), kept by :func:`_experts_forward`:
     ``token`` [S] the token of each pair (its index among the call's ``num_tokens`` tokens, the b sequences of the
-    batch flattened, sequence-major; within an expert's rows ascending), ``x`` [S, H] the routed inputs, ``gate_up`` [S, 2I] their gate and up projections, ``h`` [S, I] =
-    act(gate) ⊙ up and ``y`` [S, H] each pair's expert output before its routing weight. After the layer's
-    backward, ``gate_up.grad`` and ``y.grad`` hold the loss's gradients at those outputs (autograd keeps them)."""
+    batch flattened, sequence-major; within an expert's rows ascending), ``x`` [S, H] the routed inputs,
+    ``gate_up`` [S, 2I] their gate and up projections, ``h`` [S, I] = act(gate) ⊙ up and ``y`` [S, H] each pair's
+    expert output before its routing weight. After the layer's backward, ``gate_up.grad`` and ``y.grad`` hold the loss's gradients at those outputs (autograd keeps them)."""
 
     counts: list[int]
     num_tokens: int
