@@ -91,7 +91,8 @@ class _RoutedCall:
     ``token`` [S] the token of each pair (its index among the call's ``num_tokens`` tokens, the b sequences of the
     batch flattened, sequence-major; within an expert's rows ascending), ``x`` [S, H] the routed inputs,
     ``gate_up`` [S, 2I] their gate and up projections, ``h`` [S, I] = act(gate) ⊙ up and ``y`` [S, H] each pair's
-    expert output before its routing weight. After the layer's backward, ``gate_up.grad`` and ``y.grad`` hold the loss's gradients at those outputs (autograd keeps them)."""
+    expert output before its routing weight. After the layer's backward, ``gate_up.grad`` and ``y.grad`` hold the
+    loss's gradients at those outputs (autograd keeps them)."""
 
     counts: list[int]
     num_tokens: int
