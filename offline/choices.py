@@ -10,6 +10,9 @@ tests/test_cli_help.py. Method names are the keys of ``offline.methods.METHODS``
 MERGES = ("fisher", "mean", "frequency")
 FISHER_LABELS = ("sampled", "empirical")
 FISHER_GRANULARITY = ("expert", "element")
+FISHER_BATCH_TOKENS = 1024
+"""Tokens per batch of D²-MoE's Fisher pass by default (offline/fisher.py: fisher_batch_size; here, torch-free,
+for ``--fisher-batch-size``'s help)."""
 ALLOCATIONS = ("mi", "uniform", "reverse")
 ACTIVATION_NAMES = ("silu", "tanh", "identity")
 EFFECTIVE_RANK_MODES = ("energy", "singular")

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Collection
 from pathlib import Path
 
-from .choices import FISHER_GRANULARITY, FISHER_LABELS, TASK_SOURCES, ZEROSHOT_TASKS
+from .choices import FISHER_BATCH_TOKENS, FISHER_GRANULARITY, FISHER_LABELS, TASK_SOURCES, ZEROSHOT_TASKS
 from .evaluation.datasets import DATASETS
 from .methods import METHODS
 from .option_args import add_method_flags, options_from_args
@@ -138,6 +138,9 @@ def _add_compress(c: argparse.ArgumentParser) -> None:
                    help="labels for the Fisher gradients: sampled from the model (Eq. 4, default) or the true tokens")
     g.add_argument("--fisher-granularity", choices=FISHER_GRANULARITY, default="expert",
                    help="one Fisher scalar per expert and projection (default), or a full diagonal per weight")
+    g.add_argument("--fisher-batch-size", type=_positive, default=None,
+                   help=f"Fisher windows per forward and backward (default: as many as hold {FISHER_BATCH_TOKENS} tokens, at least 1; "
+                   "the Fisher values do not depend on it, larger is faster and needs more memory)")
     add_method_flags(c)
     o = c.add_argument_group("output")
     o.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
@@ -255,7 +258,7 @@ def run_compress(args) -> int:
     calibration = CalibrationOptions(
         file=args.calib_file, samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed,
         batch_size=args.calib_batch_size, fisher_samples=args.fisher_samples, fisher_labels=args.fisher_labels,
-        fisher_granularity=args.fisher_granularity,
+        fisher_granularity=args.fisher_granularity, fisher_batch_size=args.fisher_batch_size,
     )
     info = compress_checkpoint(
         args.model_dir, args.output, method, args.ratio, calibration, dtype=args.dtype, overwrite=args.overwrite,

@@ -59,14 +59,17 @@ class CalibrationOptions:
     fisher_samples: int = 32
     fisher_labels: str = "sampled"
     fisher_granularity: str = "expert"
+    fisher_batch_size: int | None = None  # None: fisher.fisher_batch_size(seqlen)
 
 
 @dataclass
 class MoELayout:
-    """Where the routed experts are in a checkpoint: per MoE layer its prefix and shape."""
+    """Where the routed experts are in a checkpoint: per MoE layer its prefix and shape; the experts a token is
+    routed to (``top_k``)."""
 
     prefixes: dict[int, str]
     shapes: dict[int, LayerShape]
+    top_k: int
     expert_keys: set[str] = field(default_factory=set)
 
 
@@ -88,10 +91,10 @@ def find_moe_layers(ckpt: SafetensorsCheckpoint, arch: MoEArchitecture, config) 
         )
     try:
         num_experts, intermediate = arch.num_experts(config), arch.intermediate_size(config)
-        hidden = int(config.hidden_size)
+        hidden, top_k = int(config.hidden_size), int(config.num_experts_per_tok)
     except (AttributeError, TypeError, ValueError) as err:
         raise CheckpointError(f"config.json of {ckpt.model_dir} lacks a valid {arch.model_type} MoE field: {err}") from err
-    layout = MoELayout(prefixes, {})
+    layout = MoELayout(prefixes, {}, top_k)
     for layer, experts in sorted(found.items()):
         if sorted(experts) != list(range(num_experts)):
             raise CheckpointError(f"layer {layer}: expected experts 0..{num_experts - 1}, found {len(experts)}")
@@ -241,7 +244,7 @@ def _compress_layers(job: _Job, samples: torch.Tensor, progress: bool) -> bool:
     if method.needs_fisher:
         fisher = work.fisher(lambda: expert_fisher(
             source, moe_layers, samples[: calibration.fisher_samples], calibration.fisher_labels,
-            calibration.fisher_granularity, calibration.seed, progress,
+            calibration.fisher_granularity, calibration.seed, progress, calibration.fisher_batch_size,
         ))
 
     def on_moe_layer(layer: int, stats, hidden) -> None:

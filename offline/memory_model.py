@@ -10,7 +10,7 @@ one MoE layer's worth, whatever the depth of the model. Alive for the whole run:
 * for D²-MoE's Fisher, every decoder layer's input for ``--fisher-samples`` windows (offline/fisher.py;
   counted for the whole run, an over-estimate after the Fisher pass).
 
-Then the largest of four phases of each MoE layer, which are never alive together (the layer is freed before
+Then the largest of the phases of each MoE layer, which are never alive together (the layer is freed before
 its compression starts; the method's working set, its layer once cast and the last Gram chunks before the cast
 tensors are serialised, their heap given back to the OS by calibration.release_freed_memory: kept, glibc would
 not reuse it for the serialisation's large buffers, BENCHMARKS.md §12.10):
@@ -37,7 +37,10 @@ not reuse it for the serialisation's large buffers, BENCHMARKS.md §12.10):
 * **writing**: the factors and their copy in the stored dtype (``--dtype``; none when float32 factors are
   stored as float32, the copy is then the factors themselves);
 * **serialisation**: the stored tensors and two copies of the file they make (workdir.commit_layer:
-  ``safetensors.torch.save`` builds the file in memory, then copies it into ``bytes``).
+  ``safetensors.torch.save`` builds the file in memory, then copies it into ``bytes``);
+* **Fisher backward** (D²-MoE's Fisher pass, before the first layer is compressed): one decoder layer's weights
+  in float32 and its mapped pages, as in calibration, and what the layer's backward keeps for one batch of
+  ``--fisher-batch-size`` windows (:func:`fisher_backward_activations`).
 
 This is an estimate of the tensors, not of allocator slack or the interpreter (a fixed allowance below).
 It counts every part as host memory, as a ``--device cpu`` run holds it, and is checked against the available
@@ -57,6 +60,7 @@ from vllm_moe_compress.format import PROJECTIONS
 
 from .budget import LayerShape
 from .checkpoint_io import RELEASE_BYTES
+from .fisher import fisher_batch_size
 from .methods.base import expert_working_set, factorization_workers, pass_order
 from .methods.basis_method import BasisMethod
 from .methods.d2 import D2MoE
@@ -155,7 +159,25 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
             f"compressed layer ({dtype}) + 2 copies of its file": round(kept * 3 * STORED_BYTES[dtype]),
         },
     }
+    if method.needs_fisher:
+        phases["Fisher backward"] = {**phases["calibration"],
+                                     **fisher_backward_activations(shape, layout.top_k, calibration)}
     return MemoryEstimate(parts, phases)
+
+
+def fisher_backward_activations(shape: LayerShape, top_k: int, calibration) -> dict[str, int]:
+    """What the Fisher backward (offline/fisher.py) holds for one batch of windows going through a layer, in float32:
+    per routed token-expert pair (``top_k`` per token) the kept input, expert output and its weighted copy, and in
+    the backward the gradients of that output and of the input (5 hidden-sized vectors), the gate/up projections
+    and their gradient, act(gate) and h (6 intermediate-sized); per token the attention block's and norms'
+    activations, counted as 8 hidden-sized vectors (the residual stream, the two norms' inputs and outputs, the
+    query and attention output: Qwen3-30B-A3B's 32 heads × 128 = 2 H each)."""
+    batch = calibration.fisher_batch_size or fisher_batch_size(calibration.seqlen)
+    batch = min(batch, calibration.fisher_samples, calibration.samples)
+    h, i = shape.hidden_size, shape.intermediate_size
+    per_token = top_k * (5 * h + 6 * i) + 8 * h
+    return {f"Fisher backward, {batch} windows of {calibration.seqlen} tokens (float32)":
+            batch * calibration.seqlen * per_token * 4}
 
 
 def factorizes(method) -> bool:

@@ -116,6 +116,44 @@ def test_expert_fisher_matches_autograd(tiny_moe):
     assert fisher[0]["gate"].shape == (8,) and (fisher[0]["gate"] > 0).any()
 
 
+@pytest.mark.parametrize("labels", ["sampled", "empirical"])
+def test_batched_fisher_equals_batch_one_and_autograd(tiny_moe, labels):
+    """The Fisher pass with its sequences batched (5 sequences: batches of 2, 2 and 1, and one of 5) equals the
+    pass one sequence at a time and one autograd backward per sequence through the whole loaded model, both
+    granularities: the sum over sequences of each sequence's squared gradient (Eq. 4), not the square of a batch's
+    gradient (sequences routed to the same expert in one batch are kept apart). Sampled labels are drawn per
+    sequence in order from one generator, as the reference draws them."""
+    model = tiny_model(tiny_moe)
+    samples = torch.randint(0, 4096, (5, 16), generator=torch.Generator().manual_seed(3))
+    source = StreamedModel(tiny_moe("qwen3_moe"))
+    runs = {(b, g): expert_fisher(source, [0, 1], samples, labels, g, seed=2, progress=False, batch_size=b)
+            for b in (1, 2, 5) for g in ("expert", "element")}
+
+    experts = [model.model.layers[l].mlp.experts for l in (0, 1)]
+    weights = [p for e in experts for p in (e.gate_up_proj, e.down_proj)]
+    expected = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+    generator = torch.Generator().manual_seed(2)
+    for ids in samples.split(1):
+        logits = model(input_ids=ids).logits[:, :-1]
+        flat = logits.reshape(-1, logits.shape[-1])
+        target = (torch.multinomial(flat.detach().softmax(-1), 1, generator=generator).reshape(-1)
+                  if labels == "sampled" else ids[0, 1:])
+        for total, grad in zip(expected, torch.autograd.grad(F.cross_entropy(flat, target), weights)):
+            total += grad.double() ** 2 / len(samples)
+    for l in (0, 1):
+        gate_up, down = expected[2 * l], expected[2 * l + 1]
+        want = {"gate": gate_up[:, :32], "up": gate_up[:, 32:], "down": down}
+        for (b, g), fisher in runs.items():
+            for k, square in want.items():
+                if g == "element":
+                    torch.testing.assert_close(fisher[l][k], square, rtol=1e-4, atol=1e-6 * float(square.max()))
+                else:
+                    torch.testing.assert_close(fisher[l][k], square.flatten(1).mean(1), rtol=1e-4, atol=0)
+            for k in want:  # batched against batch 1: float32 rounding of the batched products only
+                torch.testing.assert_close(fisher[l][k], runs[1, g][l][k], rtol=1e-5,
+                                           atol=1e-7 * float(runs[1, g][l][k].max()))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expert_fisher_forms_no_layer_gradient_and_matches_autograd_in_every_family(tiny_moe, family):
     """Every family's streamed Fisher (expert gradients formed one expert at a time from the experts' output
@@ -164,6 +202,17 @@ def test_gradient_square_sum_equals_the_formed_gradient(tokens):
     got = gradient_square_sum(d, x)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+
+
+def test_gradient_square_sum_keeps_sequences_apart():
+    """Rows in blocks, one per sequence (3, 30, 0 and 5 tokens: Grams, G formed, nothing, Grams at out 24, in 16):
+    the sum of each block's ‖D_sᵀ X_s‖², not ‖Dᵀ X‖² of all rows, against each block's gradient formed in float64."""
+    g = torch.Generator().manual_seed(2)
+    counts = [3, 30, 0, 5]
+    d, x = torch.randn(38, 24, generator=g), torch.randn(38, 16, generator=g)
+    want = sum((d_s.double().T @ x_s.double()).square().sum() for d_s, x_s in zip(d.split(counts), x.split(counts)))
+    torch.testing.assert_close(gradient_square_sum(d, x, counts), want, rtol=1e-9, atol=0)
+    assert abs(float(gradient_square_sum(d, x)) / float(want) - 1) > 1e-3  # the batch's gradient is another value
 
 
 def test_expert_gradient_squares_equal_float64_autograd():

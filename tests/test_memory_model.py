@@ -20,12 +20,13 @@ from vllm_moe_compress.offline.methods.group_basis import group_working_set
 from conftest import CALIBRATION_FILE, tiny_config, write_tiny_model
 
 
-def estimate(path, method="whitened-svd", samples=8, chunk=4, dtype="bfloat16"):
+def estimate(path, method="whitened-svd", samples=8, chunk=4, dtype="bfloat16", fisher_batch=None):
     from transformers import AutoConfig
 
     ckpt = SafetensorsCheckpoint(path)
     layout = find_moe_layers(ckpt, architecture_for(read_config(path)), AutoConfig.from_pretrained(path))
-    calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=samples, seqlen=32, fisher_samples=4)
+    calibration = CalibrationOptions(file=CALIBRATION_FILE, samples=samples, seqlen=32, fisher_samples=4,
+                                     fisher_batch_size=fisher_batch)
     return estimate_peak(ckpt, layout, read_config(path)["num_hidden_layers"], build_method(method), calibration,
                          chunk, dtype=dtype)
 
@@ -92,6 +93,16 @@ def test_estimate_does_not_grow_with_depth_but_with_samples_and_chunk(depths):
         sum(p.values()) for p in shallow.phases.values())
     fisher = estimate(depths[6], method="d2")
     assert fisher.parts["Fisher layer inputs (float32)"] == 7 * 4 * 32 * 64 * 4
+    # the Fisher backward's phase: a layer as in calibration, and one batch's activations (top_k 2, H 64, I 32):
+    # per routed pair 5 hidden- and 6 intermediate-sized vectors, per token 8 hidden-sized; the default batch
+    # (1024 tokens: 32 windows of 32) holds the 4 Fisher windows, a smaller one fewer
+    assert "Fisher backward" not in shallow.phases
+    backward = fisher.phases["Fisher backward"]
+    assert {k: backward[k] for k in fisher.phases["calibration"]} == fisher.phases["calibration"]
+    per_window = 32 * (2 * (5 * 64 + 6 * 32) + 8 * 64) * 4
+    assert backward["Fisher backward, 4 windows of 32 tokens (float32)"] == 4 * per_window
+    assert estimate(depths[6], method="d2", fisher_batch=3).phases["Fisher backward"][
+        "Fisher backward, 3 windows of 32 tokens (float32)"] == 3 * per_window
 
 
 def test_refusal_names_the_options_and_writes_nothing(depths, tmp_path, monkeypatch):
