@@ -247,7 +247,7 @@ def expert_fisher(
         inputs[index] = []
         release_freed_memory()
     log.info("Fisher pass, %d sequences of %d tokens, %d per batch, seconds wall (CPU): forward and loss %.1f "
-             "(%.1f), backward %.1f (%.1f)", samples.shape[0], samples.shape[1], batch_size, *forward,
+             "(%.1f), backward %.1f (%.1f)", samples.shape[0], samples.shape[1], len(batches[0]), *forward,
              *elapsed(backward_started))
     count = samples.shape[0]
     return {layer: {k: v / count for k, v in sums[layer].items()} for layer in moe_layers}

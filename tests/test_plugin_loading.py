@@ -676,3 +676,15 @@ def test_every_checkpoint_tensor_reaches_a_parameter(ckpt):
                 assert param == ("w2_" if shard_id == "w2" else "w13_") + name.rsplit(".", 1)[1]
                 assert name.startswith(f"{spec.prefix}.{expert_id}.")
         assert seen == {"w13_delta_u", "w13_delta_v", "w2_delta_u", "w2_delta_v", "w13_base", "w2_base"}
+
+
+@pytest.mark.parametrize("has_amx", [True, False])
+def test_register_requests_the_amx_tile_state_where_the_cpu_has_amx(has_amx, monkeypatch):
+    """vLLM CPU's AMX attention kernel does not ask Linux for the AMX registers; a worker whose first AMX
+    instruction is that kernel's dies of SIGILL (seen on an AMX Xeon: the quick start's first request). register()
+    runs in every vLLM process and asks there, only on CPUs that have AMX."""
+    requests = []
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx)
+    monkeypatch.setattr(torch.cpu, "_init_amx", lambda: requests.append(True) or True)
+    vllm_moe_compress.register()
+    assert requests == ([True] if has_amx else [])
