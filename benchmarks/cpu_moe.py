@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.kernels import MODELS, SCHEMES, ModelShape, torch_dense_moe, write_atomically
+from vllm_moe_compress import request_amx_tile_state
 from vllm_moe_compress.kernels.base_delta_cpu import compute_dtype
 
 MODELS = {**MODELS, "brown-qwen3-moe": ModelShape(4, 256, 128, 32, 4, 8192, 4, 2, 64, qk_norm=True)}
@@ -85,9 +86,7 @@ def dense_baselines(num_experts: int, h: int, i: int, dtype, gen, torch_loop: bo
     from vllm import _custom_ops as ops
 
     isa = "amx" if torch.cpu._is_amx_tile_supported() and dtype == torch.bfloat16 else "vec"
-    if isa == "amx" and not torch.cpu._init_amx():
-        # Linux hands out AMX tile state only on request (arch_prctl); vLLM's server gets it from an earlier
-        # oneDNN call, this benchmark calls vLLM's AMX kernel first, which otherwise dies of SIGILL.
+    if isa == "amx" and not request_amx_tile_state():  # vLLM's AMX kernel does not ask: SIGILL otherwise
         raise RuntimeError("the CPU reports AMX, but the kernel refused the AMX tile state (arch_prctl)")
 
     def expert(rows, cols):

@@ -67,12 +67,18 @@ def gradient_square_sum(d: torch.Tensor, x: torch.Tensor, counts: list[int] | No
     terms point different ways, where float32 Grams lost 5-18 % of it (BENCHMARKS.md §12.8)."""
     out, inp = d.shape[1], x.shape[1]
     total = torch.zeros((), dtype=torch.float64)
-    for d_s, x_s in zip(d.double().split(counts or [d.shape[0]]), x.double().split(counts or [x.shape[0]])):
+    for d_s, x_s in _sequence_blocks(d.double(), x.double(), counts):
         if d_s.shape[0] * (out + inp) < out * inp:
             total += ((d_s @ d_s.T) * (x_s @ x_s.T)).sum()
         else:
             total += (d_s.T @ x_s).square().sum()
     return total
+
+
+def _sequence_blocks(d: torch.Tensor, x: torch.Tensor, counts: list[int] | None):
+    """(D_s, X_s) for each contiguous row block of ``counts`` (one sequence's tokens each; default: all rows)."""
+    counts = counts or [d.shape[0]]
+    return zip(d.split(counts), x.split(counts))
 
 
 def fisher_batch_size(seqlen: int, batch_tokens: int = FISHER_BATCH_TOKENS) -> int:
@@ -113,8 +119,10 @@ class _RoutedCall:
         seqlen = self.num_tokens // sequences
         if seqlen * sequences != self.num_tokens:
             raise ValueError(f"{self.num_tokens} tokens are not {sequences} sequences of equal length")
-        return [[c for c in torch.bincount(self.token[rows] // seqlen).tolist() if c]
-                for rows in (slice(s, s + n) for s, n in zip(self.starts, self.counts))]
+        experts = len(self.counts)
+        expert_of_row = torch.repeat_interleave(torch.arange(experts), torch.tensor(self.counts))
+        table = torch.bincount(expert_of_row * sequences + self.token // seqlen, minlength=experts * sequences)
+        return [[c for c in row if c] for row in table.view(experts, sequences).tolist()]
 
 
 def _experts_forward(experts, calls: list[_RoutedCall]):
@@ -180,7 +188,7 @@ def _expert_gradient_squares(call: _RoutedCall, granularity: str, sequences: int
                 squares[k].append(gradient_square_sum(d, inputs, blocks) / (d.shape[1] * inputs.shape[1]))
             else:
                 square = torch.zeros(d.shape[1], inputs.shape[1], dtype=torch.float64)
-                for d_s, x_s in zip(d.split(blocks), inputs.split(blocks)):
+                for d_s, x_s in _sequence_blocks(d, inputs, blocks):
                     square += (d_s.T @ x_s).square()
                 squares[k].append(square)
     return {k: torch.stack(v) for k, v in squares.items()}

