@@ -64,12 +64,18 @@ def cpu_ops():
     """``torch.ops.moe_compress_cpu``, building the extension first if this machine has no cached build."""
     from torch.utils.cpp_extension import load
 
+    from vllm_moe_compress import request_amx_tile_state
+
     load(name="moe_compress_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", *_vector_flags()], is_python_module=False,
          build_directory=str(build_directory()), verbose=False)
     split = os.environ.get(EXPERT_SPLIT_ENV, "0")
     if split not in ("0", "1"):
         raise ValueError(f"{EXPERT_SPLIT_ENV} must be 0 or 1, not {split!r}")
     torch.ops.moe_compress_cpu.set_expert_parallel(int(split))
+    # On CPUs with AMX-BF16, once this process holds the AMX tile state (Linux kills a process that uses AMX
+    # without asking), the op's bf16 products above the small-row loops' limit (prefill) use AMX tiles through
+    # ATen's brgemm (lowrank_moe_cpu.cpp, amx_product); other CPUs keep at::mm.
+    torch.ops.moe_compress_cpu.set_amx_gemm(int(request_amx_tile_state()))
     return torch.ops.moe_compress_cpu
 
 

@@ -4,8 +4,11 @@ experts, no base, top-1 and top-k, a single token, dynamic base pruning; basis_r
 bases, hashed residual, dense and factorised down, TP 2; fp64, fp32 and bf16 factors (bf16 computed in fp32 on
 CPUs without native bf16). Every op test runs three times: with the small-row loops (products of ≤ 8 activation
 rows, kernels/csrc/lowrank_moe_cpu.cpp) on a layout copied onto huge pages, the loops with the active experts split
-over 2 threads, and with at::mm everywhere (limit 0); the "~10 tokens per expert" cases put experts over the limit
-(GEMM) in the loops' runs, the "18 experts" cases with enough experts to split them over the threads anyway."""
+over 2 threads, and with at::mm everywhere (limit 0, AMX off); on CPUs with AMX-BF16 a fourth time with every even-K
+bf16 product on AMX tiles (limit 0, ``set_amx_gemm(1)``), and the loops' runs use AMX above the limit as the plugin
+does; the "~10 tokens per expert" cases put experts over the limit (GEMM) in the loops' runs, the "18 experts" cases
+with enough experts to split them over the threads anyway. ``test_amx_prefill_matches_float64_dense_math``: the
+AMX path at ≥ 16 rows per expert, factor blocks over its chunk sizes, per scheme."""
 
 import dataclasses
 import os
@@ -29,26 +32,42 @@ from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_re
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(params=[(8, False, True), (8, True, False), (0, False, False)],
-                ids=["small-row loops, layout on huge pages", "small-row loops, experts split over 2 threads",
-                     "at::mm only"])
-def small_row_limit(request, monkeypatch):
-    """The C++ ops' products of ≤ limit activation rows use the single-pass loops; 0 sends all to at::mm. With
-    the split (set_expert_parallel(1); off by default), two threads take the active experts in turn when every
-    product is on the loops or there are ≥ 8 active experts per thread (each its own partial sums, added at the
-    end); without it the experts run in turn. With huge pages, every tensor of the
-    prepared layout is a ``huge_page_copy`` (at these sizes ``on_huge_pages`` would keep torch's allocation)."""
+def amx_usable() -> bool:
+    """Whether the op's AMX path runs here: AMX-BF16, the tile state granted and ATen's brgemm packing available
+    (``set_amx_gemm(1)`` keeps 0 otherwise)."""
     ops = cpu_extension.cpu_ops()
-    limit, split, huge = request.param
+    previous = ops.set_amx_gemm(1)
+    usable = bool(ops.set_amx_gemm(previous))
+    return usable
+
+
+@pytest.fixture(params=[(8, False, True, None), (8, True, False, None), (0, False, False, 0), (0, False, False, 1)],
+                ids=["small-row loops, layout on huge pages", "small-row loops, experts split over 2 threads",
+                     "at::mm only", "AMX tiles for every bf16 product"])
+def small_row_limit(request, monkeypatch):
+    """The C++ ops' products of ≤ limit activation rows use the single-pass loops; 0 sends all to at::mm, or with
+    ``set_amx_gemm(1)`` every bf16 one of even K to the AMX path (skipped on CPUs without it; None: as
+    ``cpu_ops`` set it, i.e. AMX above the limit where the CPU has it). With the split (set_expert_parallel(1);
+    off by default), two threads take the active experts in turn when every product is on the loops or there are
+    ≥ 8 active experts per thread (each its own partial sums, added at the end); without it the experts run in
+    turn. With huge pages, every tensor of the prepared layout is a ``huge_page_copy`` (at these sizes
+    ``on_huge_pages`` would keep torch's allocation)."""
+    ops = cpu_extension.cpu_ops()
+    limit, split, huge, amx = request.param
+    if amx and not amx_usable():
+        pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
     if huge:
         monkeypatch.setattr(cpu_extension, "HUGE_PAGE_MIN_BYTES", 0)
     previous, previous_split, threads = ops.set_small_row_limit(limit), ops.set_expert_parallel(int(split)), \
         torch.get_num_threads()
+    previous_amx = ops.set_amx_gemm(amx) if amx is not None else None
     if split:
         torch.set_num_threads(2)
     yield limit
     ops.set_small_row_limit(previous)
     ops.set_expert_parallel(previous_split)
+    if previous_amx is not None:
+        ops.set_amx_gemm(previous_amx)
     torch.set_num_threads(threads)
 
 
@@ -281,6 +300,70 @@ def test_basis_residual_cpu_path_matches_float64_dense_math(case, small_row_limi
             total += got.double()
         error = float((total - expected).norm() / expected.norm())
         assert error <= tolerance, (dtype, error)
+
+
+@pytest.mark.parametrize("scheme", ["base_delta", "sparse_lowrank", "basis_residual"])
+def test_amx_prefill_matches_float64_dense_math(scheme):
+    """The AMX path (amx_product: ATen's brgemm) as the plugin runs it on AMX CPUs: bf16, ≥ 16 routed rows per
+    expert (prefill), the loops below 5 rows and for blocks of ≤ 128 KiB (on_loops), against float64 dense math
+    with fresh random inputs. Hidden 1000 puts the blocks of ranks 66 and 70 over 128 KiB (rank 40: on the loops)
+    and over one brgemm chunk with tails (project: 32 rows of b; expand: slabs of 64 rows, blocks of 64 columns, a
+    last block 40 wide); the odd rank 33 takes at::mm; one expert with 2 rows stays on the loops. The same layer
+    with AMX off (at::mm) must agree too."""
+    if not amx_usable():
+        pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
+    ops = cpu_extension.cpu_ops()
+    gen = torch.Generator().manual_seed(17)
+    hidden, inter, tokens = 1000, 200, 38
+    # top-2 over experts 0-3 (two different ones per token), the last two tokens to expert 4 and one of 0-3
+    first = torch.arange(tokens) % 4
+    second = torch.where(torch.arange(tokens) < tokens - 2, (first + 1 + torch.arange(tokens) // 4 % 3) % 4, 4)
+    ids = torch.stack([first, second], 1)[torch.randperm(tokens, generator=gen)].to(torch.int32)
+    rows = torch.bincount(ids.flatten().long(), minlength=5)
+    assert rows[:4].min() >= 16 and rows[4] == 2, rows
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    weights = torch.rand(tokens, 2, generator=gen, dtype=torch.float64).softmax(1)
+    if scheme == "base_delta":
+        tensors = packed_layer([[40, 70, 33, 1, 6], [66, 2, 40, 33, 4], [70, 40, 1, 66, 3]], hidden, inter, 24, gen)
+        reference = dense_moe(x, ids, weights, dense_experts(*tensors))
+
+        def run():
+            layout = base_delta_cpu.prepare(tensors[0], *(t.to(torch.bfloat16) for t in tensors[1:7]), tensors[7])
+            return base_delta_cpu.base_delta_moe(x.to(torch.bfloat16), ids, weights, layout)
+    elif scheme == "sparse_lowrank":
+        plan = [(34, 40, (40, 70, 66)), (33, 30, (1, 33, 40)), (16, 50, (70, 40, 2)), (0, 48, (66, 66, 70)),
+                (10, 10, (4, 4, 4))]
+        layer = random_sparse_lowrank_layer(gen, hidden, inter, plan, True)
+        reference = dense_moe(x, ids, weights,
+                              [tuple(layer.dense_weight(e, p) for p in ("gate", "up", "down")) for e in range(5)])
+
+        def run():
+            packed = {k: t.to(torch.bfloat16) if t.is_floating_point() else t for k, t in layer.packed().items()}
+            return sparse_lowrank_cpu.sparse_lowrank_moe(x.to(torch.bfloat16), ids, weights,
+                                                         sparse_lowrank_cpu.prepare(**packed))
+    else:
+        layer = random_basis_residual_layer(gen, 5, 1, hidden, inter, {"gate": [40, 70, 33, 66, 2],
+                                                                        "up": [66, 40, 70, 1, 4]}, False, 0, "silu")
+        tensors = layer.to_tensors(PREFIX, NAMES, torch.bfloat16)
+        stored = BasisResidualLayer.from_tensors(layer.spec(0, PREFIX), NAMES,
+                                                 lambda n: tensors[n].double() if tensors[n].is_floating_point()
+                                                 else tensors[n])
+        reference = basis_residual_dense_float64(stored, x, ids, weights)  # dense down [I, H]: 4 slabs
+
+        def run():
+            scheme_, module = basis_residual_shard(layer, tensors, torch.bfloat16, 0, 1, "cpu")
+            return scheme_.apply(module, x.to(torch.bfloat16), weights, ids)
+    assert reference.norm() > 0.1 * tokens**0.5  # not a vacuous comparison
+    previous = ops.set_amx_gemm(1)
+    try:
+        amx = run().double()
+        ops.set_amx_gemm(0)
+        at_mm = run().double()
+    finally:
+        ops.set_amx_gemm(previous)
+    for name, got in (("AMX", amx), ("at::mm", at_mm)):
+        error = float((got - reference).norm() / reference.norm())
+        assert error <= TOLERANCE[torch.bfloat16], (name, error)
 
 
 @pytest.mark.parametrize("value", ["0", "1"])

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -43,6 +44,7 @@ constexpr int64_t kReducedRowLimit = 4;
 int64_t small_row_limit = 8;  // set_small_row_limit (process-wide; not for use during a forward): tests and
                               // benchmarks compare with 0 (at::mm everywhere)
 int64_t expert_parallel = 0;  // set_expert_parallel: 1 = threads split the active experts (split_experts)
+int64_t amx_gemm = 0;  // set_amx_gemm: 1 = bf16 products above the loops' rows take amx_product (AMX tiles)
 
 // Sums are formed in AccT<T>: T for fp32/fp64, fp32 for bf16/fp16 (converted as they are loaded: the factor's
 // bytes stay 16-bit, as in vLLM's own bf16 kernels).
@@ -220,10 +222,103 @@ at::TensorOptions options_of() {
 
 // y (+)= a Bᵀ (transposed) or a B through at::mm on views of the buffers: the rows above the loops' limit. bf16/fp16
 // factors: a is rounded to their dtype for the native GEMM and the product added in fp32.
+// ---- Products with many activation rows on AMX CPUs -------------------------------------------------------------
+// at::mm on a bf16 product of a prefill-sized expert (~16 rows at 256 tokens) reaches oneDNN's AMX matmul, but
+// each call also pays the activations' rounding copy, oneDNN's primitive lookup and memory objects, its copy of
+// the plain-layout factor into AMX's VNNI layout and the product's add into y: at Qwen3-30B-A3B shapes and 256
+// tokens half the op's time was outside oneDNN's kernels, and the factors were read at 5–8 GB/s (BENCHMARKS.md
+// §10.8). amx_product calls ATen's batch-reduce GEMM micro-kernel instead (at::native::cpublas::brgemm: oneDNN's
+// ukernel, what Inductor's and vLLM CPU's AMX GEMMs call), with fp32 sums written or added straight into y:
+// - project (y = a Bᵀ, B = b [N, K] row-major: x Vᵀ) as yᵀ = b aᵀ, b being brgemm's A operand, which the AMX
+//   tiles load row by row as stored: the factor is not copied at all. Only aᵀ (the activations, n × K) is packed
+//   per call into the VNNI layout of brgemm's B operand; b is taken kAmxRows rows at a time (the next chunk's
+//   rows prefetched while this one multiplies) and each yᵀ chunk added into y.
+// - expand (y = a B, B = b [K, N] row-major: z Uᵀ) needs B as brgemm's B operand, in VNNI (rows k and k + 1
+//   interleaved into 32-bit pairs): packed here kAmxSlab rows at a time, two whole rows read in order per step
+//   (oneDNN's own packing and cpublas::pack copy column blocks, one short piece of every row per block, which
+//   read the factor at ~4 GB/s here), into a buffer that stays in L2, then multiplied per kAmxColumns columns
+//   with brgemm's add_C summing the slabs in y.
+// Odd K (VNNI needs k in pairs) takes at::mm. bf16 only (fp16 on AMX needs AMX-FP16; fp32 keeps MKL). Used
+// where set_amx_gemm(1): kernels/cpu_extension.py sets it on CPUs with AMX-BF16 once the process holds the AMX
+// tile state; elsewhere gemm's at::mm, as before.
+constexpr int64_t kAmxRows = 32;     // project: rows of b per brgemm call (the yᵀ chunk [32, n] stays in L1)
+constexpr int64_t kAmxSlab = 64;     // expand: rows of B packed at a time (64 × N bf16: 256 KiB at N = 2048)
+constexpr int64_t kAmxColumns = 64;  // expand: columns of B per brgemm call (ATen's pack/brgemm: ≤ 64)
+constexpr int64_t kAmxAhead = 6;     // expand: rows of B prefetched ahead of the packing
+
+void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b, bool transposed, float* y,
+                 int64_t ldy, bool accumulate) {
+  using Bf = c10::BFloat16;
+  namespace blas = at::native::cpublas;
+  const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
+  std::vector<Bf> ab(n * K);  // the activations in bf16: aᵀ in VNNI (project) or a row-major (expand)
+  std::vector<Bf> row(transposed ? K : 0);
+  for (int64_t t = 0; t < n; ++t) {
+    if (!transposed) {
+      at::vec::convert(a + t * lda, ab.data() + t * K, K);
+      continue;
+    }
+    // aᵀ [K, n] in VNNI: the pair (k, k + 1) of token t at 2 · ((k / 2) · n + t), i.e. the row's bf16 pairs, as
+    // 32-bit values, transposed
+    at::vec::convert(a + t * lda, row.data(), K);
+    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(row.data());
+    uint32_t* out = reinterpret_cast<uint32_t*>(ab.data());
+    for (int64_t p = 0; p < K / 2; ++p) out[p * n + t] = pairs[p];
+  }
+  const int64_t chunk = transposed ? kAmxRows : kAmxColumns;
+  at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t lo0 = c0 * chunk, hi = std::min(N, c1 * chunk);  // this thread's rows (project) or columns
+    if (transposed) {
+      std::vector<float> yt(chunk * n);  // a chunk of yᵀ
+      for (int64_t lo = lo0; lo < hi; lo += chunk) {
+        const int64_t rows = std::min(chunk, hi - lo);
+        for (const Bf* p = b.p + (lo + rows) * K; p < b.p + std::min(hi, lo + rows + chunk) * K; p += 32)
+          prefetch(p);  // the next chunk's rows (64-byte lines), while brgemm reads this one's
+        blas::brgemm(rows, n, K, K, n, n, false, b.p + lo * K, ab.data(), yt.data());
+        for (int64_t t = 0; t < n; ++t) {
+          float* out = y + t * ldy + lo;
+          for (int64_t j = 0; j < rows; ++j) out[j] = (accumulate ? out[j] : 0.f) + yt[j * n + t];
+        }
+      }
+    } else {
+      // The slab of B: per block of kAmxColumns columns, [kb / 2, ldb] pairs (ldb: the block's width rounded up to
+      // 16 columns, the packed stride brgemm takes)
+      std::vector<uint32_t> packed(kAmxSlab / 2 * chunk * (c1 - c0));
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(b.p);
+      for (int64_t k0 = 0; k0 < K; k0 += kAmxSlab) {
+        const int64_t kb = std::min(kAmxSlab, K - k0);
+        for (int64_t p = 0; p < kb / 2; ++p) {
+          const uint16_t* r0 = bits + (k0 + 2 * p) * N;  // rows k0 + 2p and the next
+          const uint16_t* r1 = r0 + N;
+          const bool ahead = k0 + 2 * p + 1 + kAmxAhead < K;
+          for (int64_t lo = lo0; lo < hi; lo += chunk) {
+            const int64_t width = std::min(chunk, hi - lo), ldb = (width + 15) / 16 * 16;
+            uint32_t* d = packed.data() + (lo - lo0) / chunk * (kAmxSlab / 2 * chunk) + p * ldb;
+            if (ahead)
+              for (int64_t j = 0; j < width; j += 32) prefetch(r0 + kAmxAhead * N + lo + j), prefetch(r1 + kAmxAhead * N + lo + j);
+            for (int64_t j = 0; j < width; ++j) d[j] = uint32_t(r0[lo + j]) | uint32_t(r1[lo + j]) << 16;
+            std::fill(d + width, d + ldb, 0u);
+          }
+        }
+        for (int64_t lo = lo0; lo < hi; lo += chunk) {
+          const int64_t width = std::min(chunk, hi - lo), ldb = (width + 15) / 16 * 16;
+          const Bf* block = reinterpret_cast<const Bf*>(packed.data() + (lo - lo0) / chunk * (kAmxSlab / 2 * chunk));
+          blas::brgemm(n, width, kb, K, ldb, ldy, accumulate || k0 > 0, ab.data() + k0, block, y + lo);
+        }
+      }
+    }
+    blas::brgemm_release();
+  });
+}
+
 template <typename T>
 void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed, AccT<T>* y, int64_t ldy,
           bool accumulate) {
   using A = AccT<T>;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (amx_gemm && (transposed ? b.cols : b.rows) % 2 == 0)
+      return amx_product(a, lda, n, b, transposed, y, ldy, accumulate);
+  }
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
   at::Tensor bt = at::from_blob(const_cast<T*>(b.p), {b.rows, b.cols}, options_of<T>());
   if (transposed) bt = bt.t();
@@ -842,6 +937,12 @@ int64_t set_small_row_limit(int64_t rows) {
   return previous;
 }
 
+int64_t set_amx_gemm(int64_t on) {
+  const int64_t previous = amx_gemm;
+  amx_gemm = on && at::native::cpublas::could_pack(at::kBFloat16);  // ATen built with oneDNN's ukernels
+  return previous;
+}
+
 int64_t set_expert_parallel(int64_t on) {
   const int64_t previous = expert_parallel;
   expert_parallel = on;
@@ -868,6 +969,9 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
   // 1: the threads split the active experts where every product is on the loops (for_each_expert); 0: the
   // experts run in turn, each product split over the threads by columns. Returns the old setting.
   m.def("set_expert_parallel(int on) -> int", &set_expert_parallel);
+  // 1: bf16 products above the loops' rows take amx_product (ATen's brgemm on AMX tiles); 0: at::mm. Only on
+  // CPUs with AMX-BF16 whose process holds the AMX tile state (kernels/cpu_extension.py). Returns the old setting.
+  m.def("set_amx_gemm(int on) -> int", &set_amx_gemm);
   // a b through the same dispatch as the ops' products (tests and benchmarks of the loops alone).
   m.def("product(Tensor a, Tensor b) -> Tensor");
   // A contiguous copy of a tensor, in dtype, on 2 MiB-aligned memory advised for transparent huge pages (the
