@@ -4,8 +4,9 @@
 // expert's product has at most small_row_limit activation rows (decode and small batches): raw pointers into the
 // prepared per-expert factor blocks, activations and intermediates in fp32 (fp64 for fp64 factors) scratch
 // buffers allocated once per call, SiLU·mul and the routing weight fused into one pass, outputs added with plain
-// loops. Larger experts (prefill) take at::mm (MKL/oneDNN GEMM) on views of the same buffers. The time follows
-// the bytes of the routed experts' factors and their FLOPs.
+// loops. Larger experts (prefill) take at::mm (MKL/oneDNN GEMM) on views of the same buffers, or in bf16 on CPUs
+// with AMX ATen's brgemm micro-kernel on AMX tiles (amx_product). The time follows the bytes of the routed
+// experts' factors and their FLOPs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -32,9 +33,9 @@ namespace {
 // kRowBlock × 4 vector accumulators in registers; the axpy form streams the rows of B in order into y (≤ 64 KiB,
 // in L2), four rows of B per load/store of y; both prefetch the rows of B ahead of their loads
 // (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch dispatches to here:
-// kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take at::mm. bf16/fp16
-// factors (kept by prepare on CPUs with native bf16/fp16) are read as such and summed in fp32; a and y are always
-// in the accumulation type.
+// kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take gemm (at::mm, or
+// amx_product for bf16 on AMX CPUs). bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16) are read as
+// such and summed in fp32; a and y are always in the accumulation type.
 
 // bf16/fp16: fp32 FMAs on converted values become compute-bound sooner than a native bf16 GEMM (AVX512-BF16
 // dot products: 2 products per lane and instruction): on the AVX-512 EPYC oneDNN was faster at 8 rows, the
@@ -220,8 +221,9 @@ at::TensorOptions options_of() {
   return at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
 }
 
-// y (+)= a Bᵀ (transposed) or a B through at::mm on views of the buffers: the rows above the loops' limit. bf16/fp16
-// factors: a is rounded to their dtype for the native GEMM and the product added in fp32.
+// y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16, even
+// K), else at::mm on views of the buffers (bf16/fp16 factors: a rounded to their dtype for the native GEMM and the
+// product added in fp32).
 // ---- Products with many activation rows on AMX CPUs -------------------------------------------------------------
 // at::mm on a bf16 product of a prefill-sized expert (~16 rows at 256 tokens) reaches oneDNN's AMX matmul, but
 // each call also pays the activations' rounding copy, oneDNN's primitive lookup and memory objects, its copy of
