@@ -228,24 +228,26 @@ at::TensorOptions options_of() {
 // at::mm on a bf16 product of a prefill-sized expert (~16 rows at 256 tokens) reaches oneDNN's AMX matmul, but
 // each call also pays the activations' rounding copy, oneDNN's primitive lookup and memory objects, its copy of
 // the plain-layout factor into AMX's VNNI layout and the product's add into y: at Qwen3-30B-A3B shapes and 256
-// tokens half the op's time was outside oneDNN's kernels, and the factors were read at 5–8 GB/s (BENCHMARKS.md
-// §10.8). amx_product calls ATen's batch-reduce GEMM micro-kernel instead (at::native::cpublas::brgemm: oneDNN's
-// ukernel, what Inductor's and vLLM CPU's AMX GEMMs call), with fp32 sums written or added straight into y:
+// tokens 39–48 % of the op's time was outside oneDNN's kernels, and inside them the factors were read at 5–8 GB/s
+// (BENCHMARKS.md §10.8). amx_product calls ATen's batch-reduce GEMM micro-kernel instead
+// (at::native::cpublas::brgemm: oneDNN's ukernel, what Inductor's and vLLM CPU's AMX GEMMs call), with fp32 sums
+// written or added straight into y:
 // - project (y = a Bᵀ, B = b [N, K] row-major: x Vᵀ) as yᵀ = b aᵀ, b being brgemm's A operand, which the AMX
 //   tiles load row by row as stored: the factor is not copied at all. Only aᵀ (the activations, n × K) is packed
 //   per call into the VNNI layout of brgemm's B operand; b is taken kAmxRows rows at a time (the next chunk's
 //   rows prefetched while this one multiplies) and each yᵀ chunk added into y.
 // - expand (y = a B, B = b [K, N] row-major: z Uᵀ) needs B as brgemm's B operand, in VNNI (rows k and k + 1
 //   interleaved into 32-bit pairs): packed here kAmxSlab rows at a time, two whole rows read in order per step
-//   (oneDNN's own packing and cpublas::pack copy column blocks, one short piece of every row per block, which
-//   read the factor at ~4 GB/s here), into a buffer that stays in L2, then multiplied per kAmxColumns columns
-//   with brgemm's add_C summing the slabs in y.
+//   (cpublas::pack per 64-column block, a short piece of every row per block, read the factor at 3.6–5.0 GB/s,
+//   below at::mm; these row pairs at 3.9–5.7), into a buffer that stays in L2, then multiplied per kAmxColumns
+//   columns with brgemm's add_C summing the slabs in y. This per-call packing is now the larger part of the
+//   prefill time; a VNNI layout prepared at load would remove it (not done).
 // Odd K (VNNI needs k in pairs) takes at::mm. bf16 only (fp16 on AMX needs AMX-FP16; fp32 keeps MKL). Used
 // where set_amx_gemm(1): kernels/cpu_extension.py sets it on CPUs with AMX-BF16 once the process holds the AMX
 // tile state; elsewhere gemm's at::mm, as before.
 constexpr int64_t kAmxRows = 32;     // project: rows of b per brgemm call (the yᵀ chunk [32, n] stays in L1)
 constexpr int64_t kAmxSlab = 64;     // expand: rows of B packed at a time (64 × N bf16: 256 KiB at N = 2048)
-constexpr int64_t kAmxColumns = 64;  // expand: columns of B per brgemm call (ATen's pack/brgemm: ≤ 64)
+constexpr int64_t kAmxColumns = 64;  // expand: columns of B per brgemm call (oneDNN's ukernel: blocks ≤ 64 wide)
 constexpr int64_t kAmxAhead = 6;     // expand: rows of B prefetched ahead of the packing
 
 void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b, bool transposed, float* y,
@@ -296,8 +298,10 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
           for (int64_t lo = lo0; lo < hi; lo += chunk) {
             const int64_t width = std::min(chunk, hi - lo), ldb = (width + 15) / 16 * 16;
             uint32_t* d = packed.data() + (lo - lo0) / chunk * (kAmxSlab / 2 * chunk) + p * ldb;
-            if (ahead)
-              for (int64_t j = 0; j < width; j += 32) prefetch(r0 + kAmxAhead * N + lo + j), prefetch(r1 + kAmxAhead * N + lo + j);
+            for (int64_t j = 0; ahead && j < width; j += 32) {  // 64-byte lines of the rows kAmxAhead on
+              prefetch(r0 + kAmxAhead * N + lo + j);
+              prefetch(r1 + kAmxAhead * N + lo + j);
+            }
             for (int64_t j = 0; j < width; ++j) d[j] = uint32_t(r0[lo + j]) | uint32_t(r1[lo + j]) << 16;
             std::fill(d + width, d + ldb, 0u);
           }
