@@ -7,7 +7,9 @@ headless Locust run (loadtests/locustfile.py) of one model at one user count for
 measured round-robin: in every round, for every user count, each model in turn (the model order reverses in
 odd rounds), so drift of the machine's speed during the run falls on all models alike. By default all servers
 are up at once (an idle vLLM server uses ~1 % of a CPU); --one-server-at-a-time serves one model per round
-instead, for machines without memory for all.
+instead, for machines without memory for all. --warmup-seconds S first runs an unmeasured cell of S seconds
+per model and user count on each freshly started server (a server's first batches of a new size are slow:
+BENCHMARKS.md §10.7), so the measured rounds see warm servers; its CSVs are kept as csv/<model>_u<users>_r<round>_warmup_*.
 
 Written to --out:
 
@@ -58,10 +60,12 @@ class Cell:
     round: int
     users: int
     model: str
+    warmup: bool = False
+    """An unmeasured cell run before ``round``'s cells (--warmup-seconds): left out of every metric."""
 
     @property
     def name(self) -> str:
-        return f"{self.model}_u{self.users}_r{self.round}"
+        return f"{self.model}_u{self.users}_r{self.round}" + ("_warmup" if self.warmup else "")
 
 
 def model_labels(model_dirs: list[Path]) -> list[str]:
@@ -76,14 +80,20 @@ def model_labels(model_dirs: list[Path]) -> list[str]:
     return labels
 
 
-def schedule(labels: list[str], users: list[int], rounds: int, one_server_at_a_time: bool) -> list[Cell]:
+def schedule(labels: list[str], users: list[int], rounds: int, one_server_at_a_time: bool,
+             warmup: bool = False) -> list[Cell]:
     """The order cells run in: round by round; within a round, models alternate per user count (or, with
-    one server at a time, each model runs all its user counts in turn). Odd rounds reverse the model order."""
+    one server at a time, each model runs all its user counts in turn). Odd rounds reverse the model order.
+    ``warmup``: an unmeasured cell per model and user count after every server start — before round 0 when all
+    servers are up at once, before each model's cells of every round when one server runs at a time."""
     cells = []
+    if warmup and not one_server_at_a_time:
+        cells += [Cell(0, u, m, warmup=True) for u in users for m in labels]
     for r in range(rounds):
         order = labels if r % 2 == 0 else labels[::-1]
         if one_server_at_a_time:
-            cells += [Cell(r, u, m) for m in order for u in users]
+            cells += [Cell(r, u, m, warmup=w) for m in order for w in ([True, False] if warmup else [False])
+                      for u in users]
         else:
             cells += [Cell(r, u, m) for u in users for m in order]
     return cells
@@ -99,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, required=True, metavar="SECONDS", help="Locust run time per cell")
     parser.add_argument("--out", type=Path, required=True, metavar="OUT_DIR", help="where results go")
     parser.add_argument("--rounds", type=int, default=1, help="rounds over all cells; metrics are medians (1)")
+    parser.add_argument("--warmup-seconds", type=int, default=0, metavar="SECONDS",
+                        help="an unmeasured cell of this length per model and user count on each freshly started "
+                             "server, before its measured cells (0: none)")
     server = parser.add_argument_group("server")
     server.add_argument("--port", type=int, default=0,
                         help="port of the first model's server, +1 per further model (default: free ports)")
@@ -124,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--model {path}: no config.json there")
     if min(args.users) < 1 or args.duration < 1 or args.rounds < 1:
         parser.error("--users, --duration and --rounds must be at least 1")
+    if args.warmup_seconds < 0:
+        parser.error("--warmup-seconds must be at least 0")
     try:
         Workload.from_options(args, tokenizer_dir=None)
     except (OSError, ValueError) as error:
@@ -152,7 +167,8 @@ class LoadTest:
         self.command = "python -m loadtests.run " + shlex.join(argv)
         self.labels = model_labels(args.models)
         self.paths = dict(zip(self.labels, args.models))
-        self.cells = schedule(self.labels, args.users, args.rounds, args.one_server_at_a_time)
+        self.cells = schedule(self.labels, args.users, args.rounds, args.one_server_at_a_time,
+                              warmup=args.warmup_seconds > 0)
         self.results: dict[Cell, dict] = {}
         self.soak: dict[str, dict] = {}
         self.servers: dict[str, VllmServer] = {}
@@ -168,9 +184,12 @@ class LoadTest:
                 if cell.model not in self.servers:
                     self._stop_servers()
                     self._start([cell.model])
-                tqdm.write(f"[{i + 1}/{len(self.cells)}] {cell.model}: {cell.users} users, round {cell.round}")
-                self.results[cell] = self._measure(cell)
-                self._write_summary(complete=False)
+                what = "warm-up, not measured" if cell.warmup else f"round {cell.round}"
+                tqdm.write(f"[{i + 1}/{len(self.cells)}] {cell.model}: {cell.users} users, {what}")
+                metrics = self._measure(cell)
+                if not cell.warmup:
+                    self.results[cell] = metrics
+                    self._write_summary(complete=False)
         finally:
             if self.locust is not None and self.locust.poll() is None:
                 stop_process_group(self.locust)
@@ -199,11 +218,14 @@ class LoadTest:
             _, server = self.servers.popitem()
             server.stop()
 
+    def _duration(self, cell: Cell) -> int:
+        return self.args.warmup_seconds if cell.warmup else self.args.duration
+
     def _locust_command(self, cell: Cell, server: VllmServer) -> list[str]:
         args = self.args
         total = cell.users + args.bad_users
         return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--users", str(total),
-                "--spawn-rate", str(total), "--run-time", f"{args.duration}s", "--host", server.base_url,
+                "--spawn-rate", str(total), "--run-time", f"{self._duration(cell)}s", "--host", server.base_url,
                 "--csv", str(args.out / "csv" / cell.name), "--csv-full-history", "--exit-code-on-error", "0",
                 "--only-summary", "--model-name", server.served_name, "--tokenizer", str(server.model_dir),
                 "--max-model-len", str(args.max_model_len), "--bad-users", str(max(1, args.bad_users)),
@@ -212,7 +234,7 @@ class LoadTest:
 
     def _measure(self, cell: Cell) -> dict:
         """Run Locust for one cell, showing elapsed time and server RSS; return the cell's metrics."""
-        args, server = self.args, self.servers[cell.model]
+        args, server, duration = self.args, self.servers[cell.model], self._duration(cell)
         if server.process.poll() is not None:
             raise RuntimeError(f"the server of {cell.model} died; log {server.log_path}:\n{server.log_tail()}")
         log_path = args.out / "logs" / f"{cell.name}-locust.log"
@@ -220,14 +242,14 @@ class LoadTest:
         with open(log_path, "wb") as log:
             self.locust = subprocess.Popen(self._locust_command(cell, server), stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        with tqdm(total=args.duration, desc=f"{cell.model} u={cell.users}", leave=False,
+        with tqdm(total=duration, desc=f"{cell.model} u={cell.users}", leave=False,
                   bar_format="{desc}: {n}/{total} s |{bar}| {postfix}") as bar:
             while self.locust.poll() is None:
                 time.sleep(1.0)
                 elapsed = int(time.time() - start)
-                bar.n = min(args.duration, elapsed)
+                bar.n = min(duration, elapsed)
                 rss = f"server RSS {_latest_rss(server) / 2**20:.0f} MiB"
-                over = elapsed - args.duration
+                over = elapsed - duration
                 bar.set_postfix_str(rss if over < 0 else f"{rss}; load done, Locust stopping and writing its CSVs "
                                     f"(+{over} s)")
         end = time.time()
@@ -242,7 +264,7 @@ class LoadTest:
                    + (f"bad requests {metrics['bad_requests']} ({metrics['bad_request_failures']} failed), "
                       if args.soak else "")
                    + f"peak RSS {metrics['server_peak_rss_bytes'] / 2**20:.0f} MiB")
-        if args.soak:
+        if args.soak and not cell.warmup:
             self.soak[f"{cell.model} u{cell.users} r{cell.round}"] = self._soak_record(cell, samples, metrics)
         return metrics
 

@@ -221,6 +221,20 @@ def test_models_alternate_within_each_user_count_and_rounds_reverse():
     assert one == [Cell(0, 1, "a"), Cell(0, 4, "a"), Cell(0, 1, "b"), Cell(0, 4, "b")]
 
 
+def test_warmup_cells_come_first_after_every_server_start_and_have_their_own_names():
+    together = schedule(["a", "b"], [1, 4], rounds=2, one_server_at_a_time=False, warmup=True)
+    assert [(c.warmup, c.round, c.users, c.model) for c in together[:4]] == [
+        (True, 0, 1, "a"), (True, 0, 1, "b"), (True, 0, 4, "a"), (True, 0, 4, "b")]
+    assert together[4:] == schedule(["a", "b"], [1, 4], rounds=2, one_server_at_a_time=False)
+    apart = schedule(["a", "b"], [1], rounds=2, one_server_at_a_time=True, warmup=True)
+    assert [(c.warmup, c.round, c.model) for c in apart] == [
+        (True, 0, "a"), (False, 0, "a"), (True, 0, "b"), (False, 0, "b"),
+        (True, 1, "b"), (False, 1, "b"), (True, 1, "a"), (False, 1, "a")]
+    for cells in (together, apart):  # every cell's CSVs get their own files
+        assert len({c.name for c in cells}) == len(cells)
+    assert together[0].name == "a_u1_r0_warmup"
+
+
 def test_model_labels_are_unique_and_safe():
     assert model_labels([Path("/x/brown model"), Path("runs/d2-40"), Path("/y/brown model")]) == [
         "brown-model", "d2-40", "brown-model-2"]
@@ -229,7 +243,8 @@ def test_model_labels_are_unique_and_safe():
 def test_runner_refuses_bad_options(tmp_path, capsys):
     for argv, message in (([], "--model"), (["--model", str(tmp_path)], "no config.json"),
                           (["--model", str(TOKENIZER_DIR), "--prompt-tokens", "uniform:5"], "bad length"),
-                          (["--model", str(TOKENIZER_DIR), "--users", "0"], "at least 1")):
+                          (["--model", str(TOKENIZER_DIR), "--users", "0"], "at least 1"),
+                          (["--model", str(TOKENIZER_DIR), "--warmup-seconds", "-1"], "--warmup-seconds")):
         with pytest.raises(SystemExit):
             parse_args([*argv, "--duration", "5", "--out", str(tmp_path / "o")] if argv else [])
         assert message in capsys.readouterr().err
