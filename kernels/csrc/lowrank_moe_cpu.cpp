@@ -339,8 +339,13 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
         }
       }
     } else {
-      for (int64_t lo = lo0; lo < hi; lo += chunk)
+      const uint32_t* lanes = reinterpret_cast<const uint32_t*>(b.p);
+      for (int64_t lo = lo0; lo < hi; lo += chunk) {
+        const int64_t next = std::min(chunk, hi - lo - chunk);  // the next block's columns
+        for (int64_t p = 0; p < Ks / 2; ++p)  // its pieces of the pair rows (64-byte lines), while brgemm reads these
+          for (int64_t j = 0; j < next; j += 16) prefetch(lanes + p * N + lo + chunk + j);
         blas::brgemm(n, std::min(chunk, hi - lo), Ks, Ks, N, ldy, accumulate, ab.data(), b.p + 2 * lo, y + lo);
+      }
     }
     blas::brgemm_release();
   });
