@@ -32,8 +32,8 @@ namespace {
 // For n ≤ small_row_limit (and up to kCachedBlockRows rows of a small block: on_loops) these loops read each
 // factor row once from memory and use it for all n rows while it is in registers or L1: the dot form keeps
 // kRowBlock × 4 vector accumulators in registers; the axpy form streams the rows of B in order into y (≤ 64 KiB,
-// in L2), four rows of B per load/store of y; both prefetch the rows of B ahead of their loads
-// (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch dispatches to here:
+// in L2), four rows of B per load/store of y (axpys_pairs: the same over B in AMX's pair layout); both prefetch
+// the rows of B ahead of their loads (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch dispatches to here:
 // kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take gemm (at::mm, or
 // amx_product for bf16 on AMX CPUs). bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16) are read as
 // such and summed in fp32; a and y are always in the accumulation type.
@@ -240,7 +240,7 @@ void axpys_pairs(const float* a, int64_t lda, int64_t n, const uint32_t* b, int6
 // A [rows, cols] block of a prepared factor (a view: no copy): row-major, or (pairs, bf16 expand-side factors
 // where the op's AMX path is on: kernels/cpu_extension.py's pair_rows) in the pair layout that AMX's brgemm takes
 // as its B operand (VNNI): rows 2p and 2p + 1 interleaved value by value, i.e. [⌈rows/2⌉, cols] 32-bit pairs, an
-// odd rows padded with a zero row (stored_rows).
+// odd number of rows padded with a zero row (stored_rows).
 template <typename T>
 struct Block {
   const T* p;
@@ -277,9 +277,9 @@ at::TensorOptions options_of() {
   return at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
 }
 
-// y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16, even
-// K), else at::mm on views of the buffers (bf16/fp16 factors: a rounded to their dtype for the native GEMM and the
-// product added in fp32).
+// y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16:
+// project with even K, expand on the pair layout), else at::mm on views of the buffers (bf16/fp16 factors: a
+// rounded to their dtype for the native GEMM and the product added in fp32).
 // ---- Products with many activation rows on AMX CPUs -------------------------------------------------------------
 // at::mm on a bf16 product of a prefill-sized expert (~16 rows at 256 tokens) reaches oneDNN's AMX matmul, but
 // each call also pays the activations' rounding copy, oneDNN's primitive lookup and memory objects, its copy of
@@ -294,8 +294,10 @@ at::TensorOptions options_of() {
 //   rows prefetched while this one multiplies) and each yᵀ chunk added into y.
 // - expand (y = a B, B = b [K, N]: z Uᵀ) needs B as brgemm's B operand, in VNNI (rows k and k + 1 interleaved
 //   into 32-bit pairs): the factor is stored so at load (Block::pairs, prepared where this path is on), so
-//   brgemm reads it in place, kAmxColumns columns per call (the pair rows N lanes apart: ld_b = N). Packing it
-//   per call instead (the previous version) read the factor at 4–6 GB/s and took 28–50 % of a 256-token call
+//   brgemm reads it in place, kAmxColumns columns per call (the pair rows N lanes apart: ld_b = N), the next
+//   block's pieces of the pair rows prefetched meanwhile (strided: the hardware prefetchers stop at each piece,
+//   and without this base_delta's 256-token call was no faster than with the packing). Packing it per call
+//   instead (the previous version) read the factor at 4–6 GB/s and took 28–50 % of a 256-token call
 //   (BENCHMARKS.md §10.8–§10.9). An odd K's zero pad row meets a zero column of the activations.
 // Project needs even K (VNNI pairs of aᵀ; odd K takes at::mm). bf16 only (fp16 on AMX needs AMX-FP16; fp32 keeps
 // MKL). Used where set_amx_gemm(1): kernels/cpu_extension.py sets it on CPUs with AMX-BF16 once the process holds
