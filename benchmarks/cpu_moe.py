@@ -21,7 +21,8 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
 - ``ours (<file>)``: the same layouts through the ops compiled from another ``lowrank_moe_cpu.cpp`` (e.g. an
   earlier commit's), registered as ``torch.ops.moe_compress_cpu_other``, with ``--compare-source <file>``: a
   before/after comparison in the same rounds (with ``--compare-small-pages`` on the 4 KiB-page copy, as the
-  layouts were before ``on_huge_pages``);
+  layouts were before ``on_huge_pages``). A source from before the pair layout (its ops take no ``pairs``) gets
+  a second layout, prepared row-major, in its arguments (``rows_layout``: one more copy of the factors);
 - ``torch op``: the scheme's torch path (``kernels/<scheme>_torch.py``, what the plugin called before);
 - ``vLLM dense``: vLLM CPU's own unquantized fused MoE, as ``CPUUnquantizedExperts`` calls it: weights
   prepacked once with ``cpu_prepack_moe_weight(w, isa)``, then ``cpu_fused_moe(out, x, w13, w2, None, None,
@@ -160,6 +161,25 @@ def other_ops(source: Path):
     return torch.ops.moe_compress_cpu_other
 
 
+OLD_META_COLUMNS = {"base_delta": 5, "sparse_lowrank": 11, "basis_residual": 11}
+"""meta's columns in the ops from before the pair layout: the row-major layout's meta begins with them (the first
+rows of the expand-side blocks it added equal the other blocks' there)."""
+
+
+def rows_layout(module, scheme: str, args) -> list[torch.Tensor]:
+    """The layout's fields as the ops from before the pair layout take them: prepared with the AMX path off (so
+    row-major), meta cut to its old columns, without ``pairs``."""
+    from vllm_moe_compress.kernels.cpu_extension import cpu_ops
+
+    previous = cpu_ops().set_amx_gemm(0)
+    try:
+        layout = module.prepare(*args)
+    finally:
+        cpu_ops().set_amx_gemm(previous)
+    fields = layout._replace(meta=layout.meta[:, :OLD_META_COLUMNS[scheme]].contiguous())
+    return list(fields)[:-1]
+
+
 def with_op_setting(forward, layout, setter: str, value: int):
     """``forward`` on ``layout`` with the C++ op's process-wide setting ``setter`` (``set_small_row_limit``,
     ``set_expert_parallel``) at ``value`` for the call, restored after it."""
@@ -208,6 +228,8 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
             extra = (0,) if CPU_PATHS[scheme] == "base_delta" else ()  # num_dynamic_drop, as ``forward``'s default
             name = f"ours ({compare_source.name})"
             before = small if compare_small_pages else layout  # main's layouts were on 4 KiB pages
+            if "Tensor pairs" not in compare_source.read_text():
+                before = rows_layout(module, CPU_PATHS[scheme], layer.torch_args)
             paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *before, *extra), **paths}
             elem[name] = elem["ours"]
 

@@ -17,8 +17,8 @@ fp64 factors) whatever the factors' dtype.
 Prepared layout (``BaseDeltaCpuLayout``, built by ``prepare`` from the packed tensors of
 ``kernels/base_delta_torch.py``):
 
-    meta         int64 [E, 5]    per expert: first row of its block in gu_v, r_g, r_u, first row of its
-                                 block in d_v, r_d
+    meta         int64 [E, 7]    per expert: first row of its block in gu_v, r_g, r_u, first row of its
+                                 block in d_v, r_d, first row of its block in gu_ut, first row in d_ut
     gu_v         [Rg + Ru, H]    expert e's gate V rows then its up V rows, experts in order
     gu_ut        [Rg + Ru, I]    the matching rows of U_gateᵀ, U_upᵀ
     d_v          [Rd, I]         as packed (already one row block per expert)
@@ -26,6 +26,12 @@ Prepared layout (``BaseDeltaCpuLayout``, built by ``prepare`` from the packed te
     base_gu      [2C, H]         as packed
     base_down_t  [C, H]          B_downᵀ
     base_channels int64 [C]
+    pairs        int64 [1]       1: gu_ut, d_ut and base_down_t in the pair layout (below)
+
+The expand-side tensors (gu_ut, d_ut, base_down_t) are row-major, or, for bf16 where the op's prefill products
+run on AMX (``cpu_extension.pair_layout``), in the pair layout AMX's brgemm reads in place
+(``cpu_extension.pair_rows``: per block — an expert's gate Uᵀ, its up Uᵀ, its down Uᵀ, the base down — rows 2p
+and 2p + 1 interleaved, an odd block padded with a zero row; meta's first rows count the pad rows).
 
 Products into the ranks read V [r, in] (``x Vᵀ``), products out of them read Uᵀ [r, out] (``z Uᵀ``): at
 decode both are GEMVs over rows of ≥ 768 contiguous values, where the packed U [out, r] gives rows of r
@@ -45,7 +51,7 @@ from typing import NamedTuple
 import torch
 
 from .base_delta_torch import rank_offsets
-from .cpu_extension import cpu_ops, on_huge_pages
+from .cpu_extension import cpu_ops, on_huge_pages, pair_layout, pairs_flag, row_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +83,7 @@ class BaseDeltaCpuLayout(NamedTuple):
     base_gu: torch.Tensor
     base_down_t: torch.Tensor
     base_channels: torch.Tensor
+    pairs: torch.Tensor
 
 
 def prepare(ranks: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tensor, down_u: torch.Tensor,
@@ -87,6 +94,7 @@ def prepare(ranks: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tenso
     dtype = compute_dtype(gate_up_v.dtype)
     (gate, up, down), starts = ranks.tolist(), rank_offsets(ranks)
     hidden = gate_up_v.shape[1]
+    pairs = pair_layout(dtype)
     meta, rows, v_row = [], [], 0
     for e, (rg, ru, rd) in enumerate(zip(gate, up, down)):
         (gs, us, ds) = (s[e] for s in starts)
@@ -94,17 +102,22 @@ def prepare(ranks: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tenso
         rows += [torch.arange(gs, gs + rg), torch.arange(us, us + ru)]
         v_row += rg + ru
     order = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+    gu_ut, gu_starts = row_blocks(gate_up_u.T[order], [r for rg_ru in zip(gate, up) for r in rg_ru], pairs)
+    d_ut, d_starts = row_blocks(down_u.T, down, pairs)
+    for e, row in enumerate(meta):
+        row += [gu_starts[2 * e], d_starts[e]]
 
     def prepared(t):
         return on_huge_pages(t, dtype)
 
     has_base = base_gate_up is not None and base_gate_up.numel() > 0
     return BaseDeltaCpuLayout(
-        torch.tensor(meta, dtype=torch.int64).reshape(len(gate), 5),
-        prepared(gate_up_v[order]), prepared(gate_up_u.T[order]), prepared(down_v), prepared(down_u.T),
+        torch.tensor(meta, dtype=torch.int64).reshape(len(gate), 7),
+        prepared(gate_up_v[order]), prepared(gu_ut), prepared(down_v), prepared(d_ut),
         prepared(base_gate_up) if has_base else gate_up_v.new_zeros(0, hidden, dtype=dtype),
-        prepared(base_down.T) if has_base else gate_up_v.new_zeros(0, hidden, dtype=dtype),
-        base_channels.long().contiguous() if has_base else torch.zeros(0, dtype=torch.int64))
+        prepared(row_blocks(base_down.T, [base_down.shape[1]], pairs)[0]) if has_base
+        else gate_up_v.new_zeros(0, hidden, dtype=dtype),
+        base_channels.long().contiguous() if has_base else torch.zeros(0, dtype=torch.int64), pairs_flag(pairs))
 
 
 def base_delta_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, layout: BaseDeltaCpuLayout,

@@ -30,6 +30,11 @@ Prepared layout (``BasisResidualCpuLayout``):
     right       [rows, in]      φ(B_j) stacked (as loaded), or MoBE's per-expert φ(Σ_j α_ej B_j) [E·K, in]
     coef_t      [Σ_e K_e, out]  A_eᵀ stacked per expert
     eta         [m, a]          s ⊙ η per group
+    pairs       int64 [1]       1: dense_t and coef_t in the pair layout (below)
+
+The expand-side tensors (dense_t, coef_t) are row-major, or, for bf16 where the op's prefill products run on
+AMX, in the pair layout (``cpu_extension.pair_rows``, per expert block: rows 2p and 2p + 1 interleaved, an odd
+block padded with a zero row, counted by meta's first rows of A_eᵀ), as in ``kernels/base_delta_cpu.py``.
 
 dtype: as ``kernels.base_delta_cpu.compute_dtype`` (fp32 on CPUs without native bf16, converted here once).
 """
@@ -42,7 +47,7 @@ import torch
 
 from .base_delta_cpu import compute_dtype
 from .basis_residual_torch import PackedStarts, ProjectionWeights, materialise_mixed_right
-from .cpu_extension import cpu_ops, on_huge_pages
+from .cpu_extension import cpu_ops, on_huge_pages, pair_layout, pair_rows, pairs_flag, row_blocks
 
 class BasisResidualCpuLayout(NamedTuple):
     meta: torch.Tensor
@@ -60,6 +65,7 @@ class BasisResidualCpuLayout(NamedTuple):
     down_right: torch.Tensor
     down_coef_t: torch.Tensor
     down_eta: torch.Tensor
+    pairs: torch.Tensor
 
 
 def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeights, expert_group: torch.Tensor,
@@ -70,6 +76,7 @@ def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeig
     cpu_ops()
     weights = (gate, up, down)
     dtype = compute_dtype(next(w.dense if w.dense.numel() else w.coef for w in weights).dtype)
+    pairs = pair_layout(dtype)
     groups, slots = expert_group.tolist(), expert_slot.tolist()
     num_experts = len(groups)
     meta = [[groups[e], slots[e]] for e in range(num_experts)]
@@ -77,7 +84,8 @@ def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeig
     for w in weights:
         empty = w.coef.new_zeros(0, dtype=dtype)
         if w.dense.numel():
-            fields += [on_huge_pages(w.dense.transpose(1, 2), dtype), empty, empty, empty]
+            dense_t = w.dense.transpose(1, 2)
+            fields += [on_huge_pages(pair_rows(dense_t) if pairs else dense_t, dtype), empty, empty, empty]
             for row in meta:
                 row += [0, 0, 0]
             continue
@@ -89,15 +97,16 @@ def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeig
             right_rows = [e * rank for e in range(num_experts)]
         else:
             right_rows = [at.basis_start[g] for g in groups]
+        coef_t, coef_starts = row_blocks(w.coef.T, at.expert_rank, pairs)
         for e, row in enumerate(meta):
-            row += [right_rows[e], at.expert_rank[e], at.expert_start[e]]
-        fields += [empty, on_huge_pages(right, dtype), on_huge_pages(w.coef.T, dtype),
+            row += [right_rows[e], at.expert_rank[e], coef_starts[e]]
+        fields += [empty, on_huge_pages(right, dtype), on_huge_pages(coef_t, dtype),
                    on_huge_pages(w.scaled_eta, dtype)]
     # Visit experts by right factor (then by id): at decode one z = R x serves every member of a group.
     order = sorted(range(num_experts), key=lambda e: (meta[e][2], e))
     return BasisResidualCpuLayout(
         torch.tensor(meta, dtype=torch.int64).reshape(num_experts, 11), torch.tensor(order, dtype=torch.int64),
-        torch.tensor([seed, full_intermediate, intermediate_lo], dtype=torch.int64), *fields)
+        torch.tensor([seed, full_intermediate, intermediate_lo], dtype=torch.int64), *fields, pairs_flag(pairs))
 
 
 def basis_residual_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -108,3 +109,34 @@ def on_huge_pages(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t.to(dtype).contiguous()
     return cpu_ops().huge_page_copy(t, dtype)
 
+
+
+def pair_layout(dtype: torch.dtype) -> bool:
+    """Whether ``prepare`` stores the expand-side factors (the blocks the op multiplies as ``z Uᵀ``) in the pair
+    layout (``pair_rows``) instead of row-major: bf16 factors where the op's bf16 prefill products run on AMX
+    tiles (``set_amx_gemm``, on CPUs with AMX-BF16), whose brgemm takes that layout as it is; the small-row loops
+    read it as cheaply as rows. Elsewhere (fp32, fp16, CPUs without AMX) the row-major layout."""
+    return dtype == torch.bfloat16 and bool(cpu_ops().amx_gemm())
+
+
+def pairs_flag(pairs: bool) -> torch.Tensor:
+    """The layouts' ``pairs`` field: int64 [1], 1 where the expand-side tensors are in the pair layout."""
+    return torch.tensor([int(pairs)], dtype=torch.int64)
+
+
+def pair_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t [..., K, N]`` in the pair layout (AMX's VNNI layout for a bf16 GEMM's B operand): rows 2p and 2p + 1
+    interleaved value by value, ``[..., K', N]`` with K' = K rounded up to even (an odd K gets a zero row), whose
+    memory is [K'/2, N] pairs of values, 32 bits each: (t[2p, j], t[2p + 1, j]) at 2·(p·N + j)."""
+    if t.shape[-2] % 2:
+        t = torch.cat([t, t.new_zeros(*t.shape[:-2], 1, t.shape[-1])], -2)
+    *lead, rows, cols = t.shape
+    return t.reshape(*lead, rows // 2, 2, cols).transpose(-1, -2).reshape(*lead, rows, cols)
+
+
+def row_blocks(t: torch.Tensor, sizes: list[int], pairs: bool) -> tuple[torch.Tensor, list[int]]:
+    """The consecutive row blocks of ``t [Σ sizes, N]`` as stored: as they are, or each in the pair layout
+    (``pair_rows``: a block of odd size takes one more row), and each block's first stored row."""
+    blocks = [pair_rows(b) for b in t.split(sizes)] if pairs else t.split(sizes)
+    starts = [0, *itertools.accumulate(b.shape[0] for b in blocks)][:-1]
+    return (torch.cat(blocks) if pairs and blocks else t), starts

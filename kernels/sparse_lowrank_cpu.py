@@ -10,8 +10,8 @@ the weight folded into the intermediates, which are s_e + m_e values per pair):
 Prepared layout (``SparseLowrankCpuLayout``): products into a smaller dimension read [out, in] rows
 (``x Wᵀ``), products out of one read [in, out] rows (``z Wᵀᵀ``), as in ``kernels/base_delta_cpu.py``:
 
-    meta          int64 [E, 11]  per expert: sparse start, s, low-rank start, m, first row in lv, kg, ku, offset
-                                 in lut, offset in ldv, first row in ldut, kd
+    meta          int64 [E, 12]  per expert: sparse start, s, low-rank start, m, first row in lv, kg, ku, offset
+                                 in lut, offset in ldv, first row in ldut, kd, first row in sd_t
     sgu           [2S, H]        expert e's sparse gate rows then its sparse up rows, experts in order
     sd_t          [S, H]         sparse down columns, transposed
     lv            [Kg + Ku, H]   expert e's gate V rows then its up V rows
@@ -20,6 +20,13 @@ Prepared layout (``SparseLowrankCpuLayout``): products into a smaller dimension 
     ldut          [Kd, H]        Udᵀ
     base_down_t   [I, H] or [0, H]   Bᵀ
     sparse_channels, lowrank_channels  int64, as packed
+    pairs         int64 [1]      1: sd_t, lut, ldut and base_down_t in the pair layout
+
+The expand-side tensors (sd_t, lut, ldut, base_down_t) are row-major, or, for bf16 where the op's prefill
+products run on AMX, in the pair layout (``cpu_extension.pair_rows``, per block: an expert's sparse down, its
+Ugᵀ, its Uuᵀ, its Udᵀ, the base down; an odd block padded with a zero row, counted by meta's offsets and, for the
+base down, by its I: the weighted h then has one more, always zero, column), as in
+``kernels/base_delta_cpu.py``.
 
 dtype: as ``kernels.base_delta_cpu.compute_dtype`` (fp32 on CPUs without native bf16).
 """
@@ -31,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from .base_delta_cpu import compute_dtype
-from .cpu_extension import cpu_ops, on_huge_pages
+from .cpu_extension import cpu_ops, on_huge_pages, pair_layout, pair_rows, pairs_flag, row_blocks
 from .sparse_lowrank_torch import PackedOffsets
 
 
@@ -46,6 +53,7 @@ class SparseLowrankCpuLayout(NamedTuple):
     base_down_t: torch.Tensor
     sparse_channels: torch.Tensor
     lowrank_channels: torch.Tensor
+    pairs: torch.Tensor
 
 
 def prepare(sparse_counts, lowrank_counts, ranks, sparse_gate_up, sparse_down, lowrank_gate_up_u, lowrank_gate_up_v,
@@ -53,17 +61,23 @@ def prepare(sparse_counts, lowrank_counts, ranks, sparse_gate_up, sparse_down, l
     """The layout above from the packed tensors of ``kernels/sparse_lowrank_torch.py``; builds the C++ op."""
     cpu_ops()
     dtype = compute_dtype(sparse_gate_up.dtype)
+    pairs = pair_layout(dtype)
     at = PackedOffsets(sparse_counts.tolist(), lowrank_counts.tolist(), ranks.tolist())
     total_sparse = at.totals["S"]
+    sd_t, sd_starts = row_blocks(sparse_down.T, at.s, pairs)
+    ldut, ldut_starts = row_blocks(lowrank_down_u.T, at.kd, pairs)
     meta, sgu_rows, lv_rows, lut_blocks, lv_row, lu_off = [], [], [], [], 0, 0
     for e, (s, m, kg, ku, kd) in enumerate(zip(at.s, at.m, at.kg, at.ku, at.kd)):
-        meta.append([at.sparse[e], s, at.lowrank[e], m, lv_row, kg, ku, lu_off, at.down_v[e], at.down_u[e], kd])
+        meta.append([at.sparse[e], s, at.lowrank[e], m, lv_row, kg, ku, lu_off, at.down_v[e], ldut_starts[e], kd,
+                     sd_starts[e]])
         sgu_rows += [torch.arange(at.sparse[e], at.sparse[e] + s),
                      torch.arange(total_sparse + at.sparse[e], total_sparse + at.sparse[e] + s)]
         lv_rows += [torch.arange(at.gate_v[e], at.gate_v[e] + kg), torch.arange(at.up_v[e], at.up_v[e] + ku)]
         for start, k in ((at.gate_u[e], kg), (at.up_u[e], ku)):
-            lut_blocks.append(lowrank_gate_up_u[start : start + m * k].view(m, k).T.reshape(-1))
-        lv_row, lu_off = lv_row + kg + ku, lu_off + m * (kg + ku)
+            block = lowrank_gate_up_u[start : start + m * k].view(m, k).T
+            lut_blocks.append((pair_rows(block) if pairs else block).reshape(-1))
+            lu_off += lut_blocks[-1].numel()
+        lv_row += kg + ku
 
     def rows(t, index):
         return t[torch.cat(index)] if index else t[:0]
@@ -72,11 +86,11 @@ def prepare(sparse_counts, lowrank_counts, ranks, sparse_gate_up, sparse_down, l
         return on_huge_pages(t, dtype)
 
     return SparseLowrankCpuLayout(
-        torch.tensor(meta, dtype=torch.int64).reshape(len(at.s), 11), prepared(rows(sparse_gate_up, sgu_rows)),
-        prepared(sparse_down.T), prepared(rows(lowrank_gate_up_v, lv_rows)),
+        torch.tensor(meta, dtype=torch.int64).reshape(len(at.s), 12), prepared(rows(sparse_gate_up, sgu_rows)),
+        prepared(sd_t), prepared(rows(lowrank_gate_up_v, lv_rows)),
         prepared(torch.cat(lut_blocks) if lut_blocks else lowrank_gate_up_u[:0]), prepared(lowrank_down_v),
-        prepared(lowrank_down_u.T), prepared(base_down.T), sparse_channels.long().contiguous(),
-        lowrank_channels.long().contiguous())
+        prepared(ldut), prepared(row_blocks(base_down.T, [base_down.shape[1]], pairs)[0]),
+        sparse_channels.long().contiguous(), lowrank_channels.long().contiguous(), pairs_flag(pairs))
 
 
 def sparse_lowrank_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -7,8 +7,9 @@ rows, kernels/csrc/lowrank_moe_cpu.cpp) on a layout copied onto huge pages, the 
 over 2 threads, and with at::mm everywhere (limit 0, AMX off); on CPUs with AMX-BF16 a fourth time with every even-K
 bf16 product on AMX tiles (limit 0, ``set_amx_gemm(1)``), and the loops' runs use AMX above the limit as the plugin
 does; the "~10 tokens per expert" cases put experts over the limit (GEMM) in the loops' runs, the "18 experts" cases
-with enough experts to split them over the threads anyway. ``test_amx_prefill_matches_float64_dense_math``: the
-AMX path at ≥ 16 rows per expert, factor blocks over its chunk sizes, per scheme."""
+with enough experts to split them over the threads anyway. ``test_amx_pair_layout_matches_float64_dense_math``:
+the pair layout of the AMX path at ≥ 16 rows per expert (brgemm) and at 1–4 (the loops), factor blocks over its
+chunk sizes, odd ranks and intermediate sizes, per scheme."""
 
 import dataclasses
 import os
@@ -187,17 +188,25 @@ def test_cpu_path_matches_float64_dense_math(case, small_row_limit):
         assert error <= tolerance, (dtype, error)
 
 
-def test_dynamic_pruning_matches_the_torch_path():
-    """D²-MoE Eq. 9: the same base-down columns dropped per batch as kernels/base_delta_torch.py."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dynamic_pruning_matches_the_torch_path(dtype):
+    """D²-MoE Eq. 9: the same base-down columns dropped per batch as kernels/base_delta_torch.py (float64 on the
+    same values). bf16: on AMX CPUs the base down is in the pair layout, its 13 channels padded with a zero row."""
     gen = torch.Generator().manual_seed(1)
-    tensors = packed_layer([[3, 1, 4, 2], [2, 2, 2, 2], [1, 3, 0, 2]], 16, 18, 14, gen)
+    tensors = packed_layer([[3, 1, 4, 2], [2, 2, 2, 2], [1, 3, 0, 2]], 16, 18, 14 if dtype == torch.float64 else 13,
+                           gen)
+    tensors = tuple(t.to(dtype).double() if t.is_floating_point() else t for t in tensors)  # the values stored
     x = torch.randn(5, 16, generator=gen, dtype=torch.float64)
     ids, weights = routing(5, 4, 2, gen)
-    layout = base_delta_cpu.prepare(*tensors)
-    for drop in (0, 3, 14):
+    layout = base_delta_cpu.prepare(*(t.to(dtype) if t.is_floating_point() else t for t in tensors))
+    assert int(layout.pairs) == (dtype == torch.bfloat16 and amx_usable())
+    for drop in (0, 3, tensors[-1].numel()):
         expected = base_delta_torch.base_delta_moe(x, ids, weights, *tensors, num_dynamic_drop=drop)
-        out = base_delta_cpu.base_delta_moe(x, ids, weights, layout, num_dynamic_drop=drop)
-        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        out = base_delta_cpu.base_delta_moe(x.to(dtype), ids, weights, layout, num_dynamic_drop=drop).double()
+        if dtype == torch.float64:
+            torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        else:
+            assert float((out - expected).norm() / expected.norm()) <= TOLERANCE[dtype], drop
 
 
 UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units, ranks), base, idle experts)
@@ -302,66 +311,92 @@ def test_basis_residual_cpu_path_matches_float64_dense_math(case, small_row_limi
         assert error <= tolerance, (dtype, error)
 
 
+@pytest.mark.parametrize("routing", ["prefill", "decode"])
 @pytest.mark.parametrize("scheme", ["base_delta", "sparse_lowrank", "basis_residual"])
-def test_amx_prefill_matches_float64_dense_math(scheme):
-    """The AMX path (amx_product: ATen's brgemm) as the plugin runs it on AMX CPUs: bf16, ≥ 16 routed rows per
-    expert (prefill), the loops below 5 rows and for blocks of ≤ 128 KiB (on_loops), against float64 dense math
-    with fresh random inputs. Hidden 1000 puts the blocks of ranks 66 and 70 over 128 KiB (rank 40: on the loops)
-    and over one brgemm chunk with tails (project: 32 rows of b; expand: slabs of 64 rows, blocks of 64 columns, a
-    last block 40 wide); the odd rank 33 takes at::mm; one expert with 2 rows stays on the loops. The same layer
-    with AMX off (at::mm) must agree too."""
+def test_amx_pair_layout_matches_float64_dense_math(scheme, routing):
+    """The AMX path as the plugin runs it on AMX CPUs: bf16 factors prepared with the expand-side blocks in the pair
+    layout (``cpu_extension.pair_rows``), against float64 dense math with fresh random inputs. "prefill": ≥ 16
+    routed rows per expert (amx_product: ATen's brgemm on the pairs in place), one expert with 2 rows on the loops;
+    "decode": 1–4 rows per expert (axpys_pairs). Hidden 1000 puts the blocks of ranks 66 and 70 over 128 KiB (rank
+    40: on the loops) and over one brgemm chunk with tails (project: 32 rows of b; expand: blocks of 64 columns, a
+    last block 40 wide); the odd ranks 33 and 1 have a pad row. The same pair layout with AMX turned off (at::mm
+    on the pairs' copy back to rows) and a row-major layout prepared with AMX off must agree too."""
     if not amx_usable():
         pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
     ops = cpu_extension.cpu_ops()
-    gen = torch.Generator().manual_seed(17)
-    hidden, inter, tokens = 1000, 200, 38
-    # top-2 over experts 0-3 (two different ones per token), the last two tokens to expert 4 and one of 0-3
-    first = torch.arange(tokens) % 4
-    second = torch.where(torch.arange(tokens) < tokens - 2, (first + 1 + torch.arange(tokens) // 4 % 3) % 4, 4)
+    gen = torch.Generator().manual_seed(17 if routing == "prefill" else 18)
+    hidden, inter = 1000, 200
+    if routing == "prefill":
+        # top-2 over experts 0-3 (two different ones per token), the last two tokens to expert 4 and one of 0-3
+        tokens = 38
+        first = torch.arange(tokens) % 4
+        second = torch.where(torch.arange(tokens) < tokens - 2, (first + 1 + torch.arange(tokens) // 4 % 3) % 4, 4)
+    else:  # each token to two of the 5 experts: 1-4 rows per active expert
+        tokens = 4
+        first = torch.arange(tokens)
+        second = (first + 1 + torch.arange(tokens) % 2) % 5
     ids = torch.stack([first, second], 1)[torch.randperm(tokens, generator=gen)].to(torch.int32)
     rows = torch.bincount(ids.flatten().long(), minlength=5)
-    assert rows[:4].min() >= 16 and rows[4] == 2, rows
+    if routing == "prefill":
+        assert rows[:4].min() >= 16 and rows[4] == 2, rows
+    else:
+        assert rows.max() <= 4, rows
     x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
     weights = torch.rand(tokens, 2, generator=gen, dtype=torch.float64).softmax(1)
     if scheme == "base_delta":
-        tensors = packed_layer([[40, 70, 33, 1, 6], [66, 2, 40, 33, 4], [70, 40, 1, 66, 3]], hidden, inter, 24, gen)
+        tensors = packed_layer([[40, 70, 33, 1, 6], [66, 2, 40, 33, 4], [70, 40, 1, 66, 3]], hidden, inter, 25, gen)
         reference = dense_moe(x, ids, weights, dense_experts(*tensors))
 
-        def run():
+        def prepare():
             layout = base_delta_cpu.prepare(tensors[0], *(t.to(torch.bfloat16) for t in tensors[1:7]), tensors[7])
+            return layout, int(layout.pairs)
+
+        def run(layout):
             return base_delta_cpu.base_delta_moe(x.to(torch.bfloat16), ids, weights, layout)
     elif scheme == "sparse_lowrank":
         plan = [(34, 40, (40, 70, 66)), (33, 30, (1, 33, 40)), (16, 50, (70, 40, 2)), (0, 48, (66, 66, 70)),
-                (10, 10, (4, 4, 4))]
-        layer = random_sparse_lowrank_layer(gen, hidden, inter, plan, True)
+                (11, 9, (5, 3, 7))]
+        layer = random_sparse_lowrank_layer(gen, hidden, inter + 1, plan, True)  # odd I: base down with a pad row
         reference = dense_moe(x, ids, weights,
                               [tuple(layer.dense_weight(e, p) for p in ("gate", "up", "down")) for e in range(5)])
 
-        def run():
+        def prepare():
             packed = {k: t.to(torch.bfloat16) if t.is_floating_point() else t for k, t in layer.packed().items()}
-            return sparse_lowrank_cpu.sparse_lowrank_moe(x.to(torch.bfloat16), ids, weights,
-                                                         sparse_lowrank_cpu.prepare(**packed))
+            layout = sparse_lowrank_cpu.prepare(**packed)
+            return layout, int(layout.pairs)
+
+        def run(layout):
+            return sparse_lowrank_cpu.sparse_lowrank_moe(x.to(torch.bfloat16), ids, weights, layout)
     else:
-        layer = random_basis_residual_layer(gen, 5, 1, hidden, inter, {"gate": [40, 70, 33, 66, 2],
-                                                                        "up": [66, 40, 70, 1, 4]}, False, 0, "silu")
+        layer = random_basis_residual_layer(gen, 5, 1, hidden, inter + 1, {"gate": [40, 70, 33, 66, 2],
+                                                                            "up": [66, 40, 70, 1, 4]}, False, 0,
+                                            "silu")
         tensors = layer.to_tensors(PREFIX, NAMES, torch.bfloat16)
         stored = BasisResidualLayer.from_tensors(layer.spec(0, PREFIX), NAMES,
                                                  lambda n: tensors[n].double() if tensors[n].is_floating_point()
                                                  else tensors[n])
-        reference = basis_residual_dense_float64(stored, x, ids, weights)  # dense down [I, H]: 4 slabs
+        reference = basis_residual_dense_float64(stored, x, ids, weights)  # dense down [I, H], I odd: a pad row
 
-        def run():
+        def prepare():
             scheme_, module = basis_residual_shard(layer, tensors, torch.bfloat16, 0, 1, "cpu")
+            return (scheme_, module), int(module.moe_compress_cpu_pairs)
+
+        def run(layout):
+            scheme_, module = layout
             return scheme_.apply(module, x.to(torch.bfloat16), weights, ids)
     assert reference.norm() > 0.1 * tokens**0.5  # not a vacuous comparison
     previous = ops.set_amx_gemm(1)
     try:
-        amx = run().double()
+        pairs, pairs_flag = prepare()
+        amx = run(pairs).double()
         ops.set_amx_gemm(0)
-        at_mm = run().double()
+        pairs_at_mm = run(pairs).double()
+        rows_layout, rows_flag = prepare()
+        at_mm = run(rows_layout).double()
     finally:
         ops.set_amx_gemm(previous)
-    for name, got in (("AMX", amx), ("at::mm", at_mm)):
+    assert (pairs_flag, rows_flag) == (1, 0)
+    for name, got in (("AMX, pairs", amx), ("at::mm, pairs", pairs_at_mm), ("at::mm, rows", at_mm)):
         error = float((got - reference).norm() / reference.norm())
         assert error <= TOLERANCE[torch.bfloat16], (name, error)
 

@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -31,8 +32,8 @@ namespace {
 // For n ≤ small_row_limit (and up to kCachedBlockRows rows of a small block: on_loops) these loops read each
 // factor row once from memory and use it for all n rows while it is in registers or L1: the dot form keeps
 // kRowBlock × 4 vector accumulators in registers; the axpy form streams the rows of B in order into y (≤ 64 KiB,
-// in L2), four rows of B per load/store of y; both prefetch the rows of B ahead of their loads
-// (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch dispatches to here:
+// in L2), four rows of B per load/store of y (axpys_pairs: the same over B in AMX's pair layout); both prefetch
+// the rows of B ahead of their loads (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch dispatches to here:
 // kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take gemm (at::mm, or
 // amx_product for bf16 on AMX CPUs). bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16) are read as
 // such and summed in fp32; a and y are always in the accumulation type.
@@ -190,12 +191,67 @@ void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, in
   }
 }
 
-// A row-major [rows, cols] block of a prepared factor (a view: no copy).
+// The bf16 value in the low (half 0) or high (half 1) 16 bits of a 32-bit pair, as fp32: a bf16 is the top half
+// of an fp32.
+inline float pair_half(uint32_t lane, int half) {
+  return c10::bit_cast<float>(half ? lane & 0xFFFF0000u : lane << 16);
+}
+
+// axpys for b in the pair layout (Block::pairs): lane j of pair row p (32 bits) holds b[2p, j] in its low and
+// b[2p + 1, j] in its high half, pair rows ldp lanes apart. One vector load of lanes gives both rows' fp32 values
+// with a shift and a mask (no conversion instruction), so two pair rows (four rows of b) per load/store of y cost
+// what axpys's four rows do. The zero row that pads an odd K is never multiplied (a has K columns).
+void axpys_pairs(const float* a, int64_t lda, int64_t n, const uint32_t* b, int64_t ldp, int64_t N, int64_t K,
+                 float* y, int64_t ldy, bool accumulate) {
+  using V = at::vec::Vectorized<float>;
+  using Vi = at::vec::Vectorized<int32_t>;
+  constexpr int64_t W = V::size();
+  const int64_t body = N - N % W;
+  const Vi high(static_cast<int32_t>(0xFFFF0000u)), shift(16);
+  if (!accumulate)
+    for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, 0.f);
+  for (int64_t k = 0; k < K; k += 4) {
+    const int64_t rows = std::min<int64_t>(4, K - k), pairs = (rows + 1) / 2;
+    const uint32_t* w = b + k / 2 * ldp;
+    for (int64_t c = 0; c < body; c += W) {
+      const int64_t f = c + prefetch_ahead<uint32_t>();  // kPrefetchBytes on, in these pair rows or the next two
+      const uint32_t* next = f < N ? w + f : w + 2 * ldp + (f - N);
+      for (int q = 0; q < pairs; ++q) prefetch(next + q * ldp);
+      V wv[4];
+      for (int q = 0; q < 2; ++q) {
+        const Vi lanes = q < pairs ? Vi::loadu(w + q * ldp + c) : Vi(0);
+        wv[2 * q] = at::vec::cast<float>(lanes << shift);
+        wv[2 * q + 1] = at::vec::cast<float>(lanes & high);
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const float* s = a + t * lda + k;
+        float* yt = y + t * ldy + c;
+        V acc = V::loadu(yt);
+        for (int q = 0; q < rows; ++q) acc = at::vec::fmadd(V(s[q]), wv[q], acc);
+        acc.store(yt);
+      }
+    }
+    for (int64_t c = body; c < N; ++c)
+      for (int64_t t = 0; t < n; ++t)
+        for (int q = 0; q < rows; ++q) y[t * ldy + c] += a[t * lda + k + q] * pair_half(w[q / 2 * ldp + c], q % 2);
+  }
+}
+
+// A [rows, cols] block of a prepared factor (a view: no copy): row-major, or (pairs, bf16 expand-side factors
+// where the op's AMX path is on: kernels/cpu_extension.py's pair_rows) in the pair layout that AMX's brgemm takes
+// as its B operand (VNNI): rows 2p and 2p + 1 interleaved value by value, i.e. [⌈rows/2⌉, cols] 32-bit pairs, an
+// odd number of rows padded with a zero row (stored_rows).
 template <typename T>
 struct Block {
   const T* p;
   int64_t rows, cols;
+  bool pairs = false;
 };
+
+// The rows a block of k rows takes in its prepared tensor: k, or k rounded up to even in the pair layout.
+inline int64_t stored_rows(int64_t k, bool pairs) {
+  return pairs ? k + k % 2 : k;
+}
 
 template <typename T>
 int64_t row_limit() {
@@ -221,9 +277,9 @@ at::TensorOptions options_of() {
   return at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
 }
 
-// y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16, even
-// K), else at::mm on views of the buffers (bf16/fp16 factors: a rounded to their dtype for the native GEMM and the
-// product added in fp32).
+// y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16:
+// project with even K, expand on the pair layout), else at::mm on views of the buffers (bf16/fp16 factors: a
+// rounded to their dtype for the native GEMM and the product added in fp32).
 // ---- Products with many activation rows on AMX CPUs -------------------------------------------------------------
 // at::mm on a bf16 product of a prefill-sized expert (~16 rows at 256 tokens) reaches oneDNN's AMX matmul, but
 // each call also pays the activations' rounding copy, oneDNN's primitive lookup and memory objects, its copy of
@@ -236,30 +292,30 @@ at::TensorOptions options_of() {
 //   tiles load row by row as stored: the factor is not copied at all. Only aᵀ (the activations, n × K) is packed
 //   per call into the VNNI layout of brgemm's B operand; b is taken kAmxRows rows at a time (the next chunk's
 //   rows prefetched while this one multiplies) and each yᵀ chunk added into y.
-// - expand (y = a B, B = b [K, N] row-major: z Uᵀ) needs B as brgemm's B operand, in VNNI (rows k and k + 1
-//   interleaved into 32-bit pairs): packed here kAmxSlab rows at a time, two whole rows read in order per step
-//   (cpublas::pack per 64-column block, a short piece of every row per block, read the factor at 3.6–5.0 GB/s,
-//   below at::mm; these row pairs at 3.9–5.7), into a buffer that stays in L2, then multiplied per kAmxColumns
-//   columns with brgemm's add_C summing the slabs in y. This per-call packing is now the larger part of the
-//   prefill time; a VNNI layout prepared at load would remove it (not done).
-// Odd K (VNNI needs k in pairs) takes at::mm. bf16 only (fp16 on AMX needs AMX-FP16; fp32 keeps MKL). Used
-// where set_amx_gemm(1): kernels/cpu_extension.py sets it on CPUs with AMX-BF16 once the process holds the AMX
-// tile state; elsewhere gemm's at::mm, as before.
+// - expand (y = a B, B = b [K, N]: z Uᵀ) needs B as brgemm's B operand, in VNNI (rows k and k + 1 interleaved
+//   into 32-bit pairs): the factor is stored so at load (Block::pairs, prepared where this path is on), so
+//   brgemm reads it in place, kAmxColumns columns per call (the pair rows N lanes apart: ld_b = N), the next
+//   block's pieces of the pair rows prefetched meanwhile (strided: the hardware prefetchers stop at each piece,
+//   and without this base_delta's 256-token call was no faster than with the packing). Packing it per call
+//   instead (the previous version) read the factor at 4–6 GB/s and took 28–50 % of a 256-token call
+//   (BENCHMARKS.md §10.8–§10.9). An odd K's zero pad row meets a zero column of the activations.
+// Project needs even K (VNNI pairs of aᵀ; odd K takes at::mm). bf16 only (fp16 on AMX needs AMX-FP16; fp32 keeps
+// MKL). Used where set_amx_gemm(1): kernels/cpu_extension.py sets it on CPUs with AMX-BF16 once the process holds
+// the AMX tile state; elsewhere gemm's at::mm, as before.
 constexpr int64_t kAmxRows = 32;     // project: rows of b per brgemm call (the yᵀ chunk [32, n] stays in L1)
-constexpr int64_t kAmxSlab = 64;     // expand: rows of B packed at a time (64 × N bf16: 256 KiB at N = 2048)
 constexpr int64_t kAmxColumns = 64;  // expand: columns of B per brgemm call (oneDNN's ukernel: blocks ≤ 64 wide)
-constexpr int64_t kAmxAhead = 6;     // expand: rows of B prefetched ahead of the packing
 
 void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b, bool transposed, float* y,
                  int64_t ldy, bool accumulate) {
   using Bf = c10::BFloat16;
   namespace blas = at::native::cpublas;
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
-  std::vector<Bf> ab(n * K);  // the activations in bf16: aᵀ in VNNI (project) or a row-major (expand)
+  const int64_t Ks = transposed ? K : stored_rows(K, true);  // expand: a's columns meeting the stored pair rows
+  std::vector<Bf> ab(n * Ks);  // the activations in bf16: aᵀ in VNNI (project) or a row-major, zero-padded (expand)
   std::vector<Bf> row(transposed ? K : 0);
   for (int64_t t = 0; t < n; ++t) {
     if (!transposed) {
-      at::vec::convert(a + t * lda, ab.data() + t * K, K);
+      at::vec::convert(a + t * lda, ab.data() + t * Ks, K);
       continue;
     }
     // aᵀ [K, n] in VNNI: the pair (k, k + 1) of token t at 2 · ((k / 2) · n + t), i.e. the row's bf16 pairs, as
@@ -285,32 +341,12 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
         }
       }
     } else {
-      // The slab of B: per block of kAmxColumns columns, [kb / 2, ldb] pairs (ldb: the block's width rounded up to
-      // 16 columns, the packed stride brgemm takes)
-      std::vector<uint32_t> packed(kAmxSlab / 2 * chunk * (c1 - c0));
-      const uint16_t* bits = reinterpret_cast<const uint16_t*>(b.p);
-      for (int64_t k0 = 0; k0 < K; k0 += kAmxSlab) {
-        const int64_t kb = std::min(kAmxSlab, K - k0);
-        for (int64_t p = 0; p < kb / 2; ++p) {
-          const uint16_t* r0 = bits + (k0 + 2 * p) * N;  // rows k0 + 2p and the next
-          const uint16_t* r1 = r0 + N;
-          const bool ahead = k0 + 2 * p + 1 + kAmxAhead < K;
-          for (int64_t lo = lo0; lo < hi; lo += chunk) {
-            const int64_t width = std::min(chunk, hi - lo), ldb = (width + 15) / 16 * 16;
-            uint32_t* d = packed.data() + (lo - lo0) / chunk * (kAmxSlab / 2 * chunk) + p * ldb;
-            for (int64_t j = 0; ahead && j < width; j += 32) {  // 64-byte lines of the rows kAmxAhead on
-              prefetch(r0 + kAmxAhead * N + lo + j);
-              prefetch(r1 + kAmxAhead * N + lo + j);
-            }
-            for (int64_t j = 0; j < width; ++j) d[j] = uint32_t(r0[lo + j]) | uint32_t(r1[lo + j]) << 16;
-            std::fill(d + width, d + ldb, 0u);
-          }
-        }
-        for (int64_t lo = lo0; lo < hi; lo += chunk) {
-          const int64_t width = std::min(chunk, hi - lo), ldb = (width + 15) / 16 * 16;
-          const Bf* block = reinterpret_cast<const Bf*>(packed.data() + (lo - lo0) / chunk * (kAmxSlab / 2 * chunk));
-          blas::brgemm(n, width, kb, K, ldb, ldy, accumulate || k0 > 0, ab.data() + k0, block, y + lo);
-        }
+      const uint32_t* lanes = reinterpret_cast<const uint32_t*>(b.p);
+      for (int64_t lo = lo0; lo < hi; lo += chunk) {
+        const int64_t next = std::min(chunk, hi - lo - chunk);  // the next block's columns
+        for (int64_t p = 0; p < Ks / 2; ++p)  // its pieces of the pair rows (64-byte lines), while brgemm reads these
+          for (int64_t j = 0; j < next; j += 16) prefetch(lanes + p * N + lo + chunk + j);
+        blas::brgemm(n, std::min(chunk, hi - lo), Ks, Ks, N, ldy, accumulate, ab.data(), b.p + 2 * lo, y + lo);
       }
     }
     blas::brgemm_release();
@@ -322,11 +358,18 @@ void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed,
           bool accumulate) {
   using A = AccT<T>;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (amx_gemm && (transposed ? b.cols : b.rows) % 2 == 0)
+    if (amx_gemm && (transposed ? b.cols % 2 == 0 : b.pairs))
       return amx_product(a, lda, n, b, transposed, y, ldy, accumulate);
   }
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
-  at::Tensor bt = at::from_blob(const_cast<T*>(b.p), {b.rows, b.cols}, options_of<T>());
+  at::Tensor bt;
+  if (b.pairs)  // back to [K, N] rows (a copy: only where the AMX path was turned off after prepare, e.g. tests)
+    bt = at::from_blob(const_cast<T*>(b.p), {stored_rows(K, true) / 2, N, 2}, options_of<T>())
+             .permute({0, 2, 1})
+             .reshape({-1, N})
+             .narrow(0, 0, K);
+  else
+    bt = at::from_blob(const_cast<T*>(b.p), {b.rows, b.cols}, options_of<T>());
   if (transposed) bt = bt.t();
   const at::Tensor av = at::from_blob(const_cast<A*>(a), {n, K}, {lda, 1}, options_of<A>());
   at::Tensor yv = at::from_blob(y, {n, N}, {ldy, 1}, options_of<A>());
@@ -362,7 +405,7 @@ void project(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, i
   });
 }
 
-// y [n, N] (+)= a [n, K] B for B = b [K, N] row-major (the axpy form: z Uᵀ with Uᵀ stored).
+// y [n, N] (+)= a [n, K] B for B = b [K, N], row-major or in the pair layout (the axpy form: z Uᵀ with Uᵀ stored).
 template <typename T>
 void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, int64_t ldy, bool accumulate) {
   const int64_t N = b.cols, K = b.rows;
@@ -370,6 +413,11 @@ void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, in
   if (K > 0 && !on_loops<T>(n, b)) return gemm<T>(a, lda, n, b, false, y, ldy, accumulate);
   at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
     const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (b.pairs)
+        return axpys_pairs(a, lda, n, reinterpret_cast<const uint32_t*>(b.p) + lo, N, cols, K, y + lo, ldy,
+                           accumulate);
+    }
     axpys<T>(a, lda, n, b.p + lo, N, cols, K, y + lo, ldy, accumulate);
   });
 }
@@ -512,14 +560,17 @@ at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like
 // ---- base_delta (D²-MoE) ----------------------------------------------------------------------------------------
 
 // Σ_k w_k · expert_{id_k}(x), expert e: W_q = scatter(B_q) + U_e,q V_e,q (q = gate, up, down).
-// meta int64 [E, 5]: per expert (first row of its gate V in gu_v, gate rank, up rank, first row of its down V
-// in d_v, down rank). Projections to the ranks read V [r, in] rows (x Vᵀ); expansions from the ranks read
-// Uᵀ [r, out] rows (z Uᵀ): gu_ut and d_ut have the row order of gu_v and d_v. base_down_t is B_downᵀ [C, H].
+// meta int64 [E, 7]: per expert (first row of its gate V in gu_v, gate rank, up rank, first row of its down V
+// in d_v, down rank, first row of its gate Uᵀ in gu_ut, first row of its down Uᵀ in d_ut). Projections to the
+// ranks read V [r, in] rows (x Vᵀ); expansions from the ranks read Uᵀ [r, out] (z Uᵀ): gu_ut (gate then up per
+// expert) and d_ut follow the order of gu_v and d_v. base_down_t is B_downᵀ [C, H]. pairs (one value): the
+// expand-side tensors (gu_ut, d_ut, base_down_t) are in the pair layout (Block::pairs, each block's rows padded
+// to even).
 template <typename T>
 at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                            const at::Tensor& meta_in, const at::Tensor& gu_v, const at::Tensor& gu_ut,
                            const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
-                           const at::Tensor& base_down_t, const at::Tensor& base_channels_in,
+                           const at::Tensor& base_down_t, const at::Tensor& base_channels_in, bool pairs,
                            int64_t num_dynamic_drop) {
   using A = AccT<T>;
   const at::Tensor x = x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
@@ -550,8 +601,8 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   for (int64_t e = 0; e < E; ++e)
     if (routing.rows(e)) {
       active.push_back(e);
-      max_gu = std::max(max_gu, m[5 * e + 1] + m[5 * e + 2]);
-      max_d = std::max(max_d, m[5 * e + 4]);
+      max_gu = std::max(max_gu, m[7 * e + 1] + m[7 * e + 2]);
+      max_d = std::max(max_d, m[7 * e + 4]);
     }
   const int64_t rows = routing.max_rows;
   struct Work {
@@ -568,8 +619,8 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     const int64_t e = active[i], begin = routing.starts[e], n = routing.rows(e);
     const int64_t* tokens = routing.tokens.data() + begin;
     const A* wt = routing.weights.data() + begin;
-    const int64_t* r = m + 5 * e;  // v_row, rg, ru, d_row, rd
-    const int64_t r0 = r[0], rg = r[1], ru = r[2], d0 = r[3], rd = r[4];
+    const int64_t* r = m + 7 * e;  // v_row, rg, ru, d_row, rd, ut_row, dut_row
+    const int64_t r0 = r[0], rg = r[1], ru = r[2], d0 = r[3], rd = r[4], u0 = r[5];
     const bool one = n == 1;  // one token: read x and add into out in place (no gather or scatter)
     const A* xe = one ? px + tokens[0] * H : w.xe;
     if (!one) gather_rows(px, H, tokens, n, H, w.xe);
@@ -579,8 +630,9 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       else std::fill_n(gu + t * 2 * I, 2 * I, A(0));
     if (rg + ru) {
       project<T>(xe, H, n, {guv + r0 * H, rg + ru, H}, w.z, rg + ru, false);  // z = [V_g; V_u] x: [n, rg + ru]
-      expand<T>(w.z, rg + ru, n, {guut + r0 * I, rg, I}, gu, 2 * I, true);
-      expand<T>(w.z + rg, rg + ru, n, {guut + (r0 + rg) * I, ru, I}, gu + I, 2 * I, true);
+      expand<T>(w.z, rg + ru, n, {guut + u0 * I, rg, I, pairs}, gu, 2 * I, true);
+      expand<T>(w.z + rg, rg + ru, n, {guut + (u0 + stored_rows(rg, pairs)) * I, ru, I, pairs}, gu + I, 2 * I,
+                true);
     }
     swiglu(gu, 2 * I, gu + I, 2 * I, n, I, static_cast<const A*>(nullptr));  // h = silu(g) ⊙ u over g
     if (C)
@@ -592,7 +644,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       project<T>(gu, 2 * I, n, {dv + d0 * I, rd, I}, w.zd, rd, false);  // V_d h, then the routing weight
       for (int64_t t = 0; t < n; ++t)
         for (int64_t k = 0; k < rd; ++k) w.zd[t * rd + k] *= wt[t];
-      const Block<T> u_down{dut + d0 * H, rd, H};
+      const Block<T> u_down{dut + r[6] * H, rd, H, pairs};
       if (one) {
         expand<T>(w.zd, rd, 1, u_down, acc + tokens[0] * H, H, true);
       } else {
@@ -609,15 +661,14 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     for (int64_t t = 0; t < T_; ++t)
       for (int64_t j = 0; j < C; ++j) wh[t * C + j] = weighted[t * I + channel[j]];
     if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
+      // (their weights in wh set to zero, so the product reads the stored layout as it is, pairs or rows)
       const at::Tensor whv = at::from_blob(wh.data(), {T_, C}, options_of<A>());
-      const at::Tensor score = base_down_t.to(at::kFloat).norm(2, {1}) * whv.to(at::kFloat).norm(2, {0});
-      const at::Tensor keep = std::get<1>(score.topk(C - num_dynamic_drop));
-      const at::Tensor bd = base_down_t.index_select(0, keep).contiguous();
-      const at::Tensor wk = whv.index_select(1, keep).contiguous();
-      expand<T>(wk.data_ptr<A>(), wk.size(1), T_, {bd.data_ptr<T>(), bd.size(0), H}, sums.data(), H, true);
-    } else {
-      expand<T>(wh.data(), C, T_, {base_down_t.data_ptr<T>(), C, H}, sums.data(), H, true);
+      const at::Tensor rows =  // B_downᵀ's C rows, from the pair layout's [C/2, H, 2] where stored so
+          pairs ? base_down_t.view({-1, H, 2}).transpose(1, 2).reshape({-1, H}).narrow(0, 0, C) : base_down_t;
+      const at::Tensor score = rows.to(at::kFloat).norm(2, {1}) * whv.to(at::kFloat).norm(2, {0});
+      whv.index_fill_(1, std::get<1>(score.topk(num_dynamic_drop, 0, /*largest=*/false)), 0);
     }
+    expand<T>(wh.data(), C, T_, {base_down_t.data_ptr<T>(), C, H, pairs}, sums.data(), H, true);
   }
   return result(sums.data(), T_, H, x_in);
 }
@@ -626,14 +677,18 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
 
 // Expert e keeps s sparse units (dense gate/up rows, down columns) and m low-rank units (rank-k factors over them);
 // a shared down base acts on the scattered weighted intermediate once per token.
-// meta int64 [E, 11]: per expert (first row in sgu / 2, s, first low-rank channel, m, first row in lv, kg, ku,
-// offset of Ugᵀ [kg, m] then Uuᵀ [ku, m] in lut, offset of Vd [kd, m] in ldv, first row in ldut, kd).
+// meta int64 [E, 12]: per expert (first row in sgu / 2, s, first low-rank channel, m, first row in lv, kg, ku,
+// offset of Ugᵀ [kg, m] then Uuᵀ [ku, m] in lut, offset of Vd [kd, m] in ldv, first row in ldut, kd, first row
+// in sd_t). pairs (one value): the expand-side tensors (sd_t, lut, ldut, base_down_t) are in the pair layout
+// (Block::pairs, each block's rows padded to even; base_down_t's I then counts its pad row, a zero column of
+// the weighted h).
 template <typename T>
 at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                                const at::Tensor& meta_in, const at::Tensor& sgu, const at::Tensor& sd_t,
                                const at::Tensor& lv, const at::Tensor& lut, const at::Tensor& ldv,
                                const at::Tensor& ldut, const at::Tensor& base_down_t,
-                               const at::Tensor& sparse_channels_in, const at::Tensor& lowrank_channels_in) {
+                               const at::Tensor& sparse_channels_in, const at::Tensor& lowrank_channels_in,
+                               bool pairs) {
   using A = AccT<T>;
   const at::Tensor x = x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
   const int64_t T_ = x.size(0), H = x.size(1), E = meta_in.size(0), I = base_down_t.size(0);
@@ -649,7 +704,7 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   std::vector<int64_t> active;
   int64_t max_s = 0, max_m = 0, max_k = 0, max_kd = 0;
   for (int64_t e = 0; e < E; ++e) {
-    const int64_t* r = m + 11 * e;
+    const int64_t* r = m + 12 * e;
     if (routing.rows(e) == 0 || r[1] + r[3] == 0) continue;
     active.push_back(e);
     max_s = std::max(max_s, r[1]), max_m = std::max(max_m, r[3]);
@@ -671,7 +726,7 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     const int64_t e = active[i], begin = routing.starts[e], n = routing.rows(e);
     const int64_t* tokens = routing.tokens.data() + begin;
     const A* wt = routing.weights.data() + begin;
-    const int64_t* r = m + 11 * e;  // sp, s, lc, m, lv_row, kg, ku, lu_off, dv_off, du_row, kd
+    const int64_t* r = m + 12 * e;  // sp, s, lc, m, lv_row, kg, ku, lu_off, dv_off, du_row, kd, sd_row
     const int64_t sp = r[0], ns = r[1], lc = r[2], nm = r[3], kg = r[5], ku = r[6], kd = r[10];
     const bool one = n == 1;  // one token: read x and add into out in place
     const A* xe = one ? px + tokens[0] * H : w.xe;
@@ -691,24 +746,24 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     if (ns) {  // h_S = w · silu(G_S x) ⊙ (U_S x); out += D_S h_S
       project<T>(xe, H, n, {psgu + 2 * sp * H, 2 * ns, H}, w.gu, 2 * ns, false);
       swiglu(w.gu, 2 * ns, w.gu + ns, 2 * ns, n, ns, wt);
-      add_out(w.gu, 2 * ns, {psd + sp * H, ns, H});
+      add_out(w.gu, 2 * ns, {psd + r[11] * H, ns, H, pairs});
       add_weighted_h(w.gu, 2 * ns, ns, sch + sp);
     }
     if (nm) {  // h_M = w · silu(Ug Vg x) ⊙ (Uu Vu x); out += Ud (Vd h_M)
       project<T>(xe, H, n, {plv + r[4] * H, kg + ku, H}, w.z, kg + ku, false);
-      expand<T>(w.z, kg + ku, n, {plut + r[7], kg, nm}, w.gate, nm, false);  // rank 0: zeros
-      expand<T>(w.z + kg, kg + ku, n, {plut + r[7] + kg * nm, ku, nm}, w.up, nm, false);
+      expand<T>(w.z, kg + ku, n, {plut + r[7], kg, nm, pairs}, w.gate, nm, false);  // rank 0: zeros
+      expand<T>(w.z + kg, kg + ku, n, {plut + r[7] + stored_rows(kg, pairs) * nm, ku, nm, pairs}, w.up, nm, false);
       swiglu(w.gate, nm, w.up, nm, n, nm, wt);
       if (kd) {
         project<T>(w.gate, nm, n, {pldv + r[8], kd, nm}, w.zd, kd, false);
-        add_out(w.zd, kd, {pldut + r[9] * H, kd, H});
+        add_out(w.zd, kd, {pldut + r[9] * H, kd, H, pairs});
       }
       add_weighted_h(w.gate, nm, nm, lch + lc);
     }
   };
   for_each_expert<A>(active.size(), split_experts<T>(active.size(), rows), sums.data(),
                      static_cast<int64_t>(sums.size()), make_work, visit);
-  if (I) expand<T>(sums.data() + T_ * H, I, T_, {base_down_t.data_ptr<T>(), I, H}, sums.data(), H, true);
+  if (I) expand<T>(sums.data() + T_ * H, I, T_, {base_down_t.data_ptr<T>(), I, H, pairs}, sums.data(), H, true);
   return result(sums.data(), T_, H, x_in);
 }
 
@@ -766,12 +821,13 @@ void add_residual(AccT<T>* y, int64_t ldy, const AccT<T>* inp, int64_t lda, int6
 // projection (gate, up, down) the first row of its right factor, its rank K_e and the first row of its A_eᵀ.
 // order int64 [E]: the experts in visiting order (sharers of a right factor adjacent: at decode z = R x is
 // computed once per right factor). geometry int64 [3]: residual seed, full intermediate size, this rank's
-// first intermediate channel.
+// first intermediate channel. pairs (one value): dense_t [E, in, out] and coef_t are in the pair layout
+// (Block::pairs: per expert, rows padded to even; meta's first rows of A_eᵀ count the pad rows).
 template <typename T>
 at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                                const at::Tensor& meta_in, const at::Tensor& order_in, const at::Tensor& geometry,
                                const at::Tensor* dense_t, const at::Tensor* right, const at::Tensor* coef_t,
-                               const at::Tensor* eta) {
+                               const at::Tensor* eta, bool pairs) {
   using A = AccT<T>;
   Projection<T> projs[3];
   int64_t max_rank = 0;
@@ -815,7 +871,8 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   auto apply = [&](Work& w, const A* inp, int64_t n, int q, int64_t e, A* y, int64_t ldy, bool accumulate) {
     const Projection<T>& p = projs[q];
     const int64_t in = q == 2 ? I : H, out = q == 2 ? H : I;
-    if (p.dense_t) return expand<T>(inp, in, n, {p.dense_t + e * in * out, in, out}, y, ldy, accumulate);
+    if (p.dense_t)
+      return expand<T>(inp, in, n, {p.dense_t + e * stored_rows(in, pairs) * out, in, out, pairs}, y, ldy, accumulate);
     const int64_t* r = m + 11 * e;
     const int64_t right_row = r[2 + 3 * q], rank = r[3 + 3 * q], coef_row = r[4 + 3 * q];
     A* z = w.z[q];
@@ -823,7 +880,7 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
       project<T>(inp, in, n, {p.right + right_row * in, rank, in}, z, rank, false);  // [n, K]
       if (single && q < 2) w.cached_row[q] = right_row;
     }
-    expand<T>(z, rank, n, {p.coef_t + coef_row * out, rank, out}, y, ldy, accumulate);
+    expand<T>(z, rank, n, {p.coef_t + coef_row * out, rank, out, pairs}, y, ldy, accumulate);
     if (p.eta_size) {  // gate/up: rows of the full I × H matrix from lo; down: columns of H × I from lo
       const bool down = q == 2;
       const int64_t out_full = down ? H : full_i, in_full = down ? full_i : H;
@@ -855,15 +912,23 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
 
 // ---- The ops: dispatch on the factors' dtype --------------------------------------------------------------------
 
+// The layout's pairs flag (int64 [1], kernels/cpu_extension.py's pairs_flag): the pair layout is bf16 only.
+bool pair_layout(const at::Tensor& pairs, const at::Tensor& factor) {
+  const bool on = pairs.item<int64_t>() != 0;
+  TORCH_CHECK(!on || factor.scalar_type() == at::kBFloat16, "the pair layout is for bf16 factors only");
+  return on;
+}
+
 at::Tensor base_delta_forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                               const at::Tensor& meta, const at::Tensor& gu_v, const at::Tensor& gu_ut,
                               const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
                               const at::Tensor& base_down_t, const at::Tensor& base_channels,
-                              int64_t num_dynamic_drop) {
+                              const at::Tensor& pairs, int64_t num_dynamic_drop) {
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu_v.scalar_type(), "base_delta", [&] {
     return base_delta_impl<scalar_t>(x, topk_ids, topk_weights, meta, gu_v.contiguous(), gu_ut.contiguous(),
                                      d_v.contiguous(), d_ut.contiguous(), base_gu.contiguous(),
-                                     base_down_t.contiguous(), base_channels, num_dynamic_drop);
+                                     base_down_t.contiguous(), base_channels, pair_layout(pairs, gu_v),
+                                     num_dynamic_drop);
   });
 }
 
@@ -871,11 +936,13 @@ at::Tensor sparse_lowrank_forward(const at::Tensor& x, const at::Tensor& topk_id
                                   const at::Tensor& meta, const at::Tensor& sgu, const at::Tensor& sd_t,
                                   const at::Tensor& lv, const at::Tensor& lut, const at::Tensor& ldv,
                                   const at::Tensor& ldut, const at::Tensor& base_down_t,
-                                  const at::Tensor& sparse_channels, const at::Tensor& lowrank_channels) {
+                                  const at::Tensor& sparse_channels, const at::Tensor& lowrank_channels,
+                                  const at::Tensor& pairs) {
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sgu.scalar_type(), "sparse_lowrank", [&] {
     return sparse_lowrank_impl<scalar_t>(x, topk_ids, topk_weights, meta, sgu.contiguous(), sd_t.contiguous(),
                                          lv.contiguous(), lut.contiguous(), ldv.contiguous(), ldut.contiguous(),
-                                         base_down_t.contiguous(), sparse_channels, lowrank_channels);
+                                         base_down_t.contiguous(), sparse_channels, lowrank_channels,
+                                         pair_layout(pairs, sgu));
   });
 }
 
@@ -886,14 +953,15 @@ at::Tensor basis_residual_forward(const at::Tensor& x, const at::Tensor& topk_id
                                   const at::Tensor& up_dense_t, const at::Tensor& up_right, const at::Tensor& up_coef_t,
                                   const at::Tensor& up_eta, const at::Tensor& down_dense_t,
                                   const at::Tensor& down_right, const at::Tensor& down_coef_t,
-                                  const at::Tensor& down_eta) {
+                                  const at::Tensor& down_eta, const at::Tensor& pairs) {
   const at::Tensor dense[3] = {gate_dense_t.contiguous(), up_dense_t.contiguous(), down_dense_t.contiguous()};
   const at::Tensor right[3] = {gate_right.contiguous(), up_right.contiguous(), down_right.contiguous()};
   const at::Tensor coef[3] = {gate_coef_t.contiguous(), up_coef_t.contiguous(), down_coef_t.contiguous()};
   const at::Tensor eta[3] = {gate_eta.contiguous(), up_eta.contiguous(), down_eta.contiguous()};
   const auto dtype = (gate_dense_t.numel() ? gate_dense_t : gate_coef_t).scalar_type();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "basis_residual", [&] {
-    return basis_residual_impl<scalar_t>(x, topk_ids, topk_weights, meta, order, geometry, dense, right, coef, eta);
+    return basis_residual_impl<scalar_t>(x, topk_ids, topk_weights, meta, order, geometry, dense, right, coef, eta,
+                                         pair_layout(pairs, dense[0].numel() ? dense[0] : coef[0]));
   });
 }
 
@@ -959,15 +1027,16 @@ int64_t set_expert_parallel(int64_t on) {
 
 TORCH_LIBRARY(moe_compress_cpu, m) {
   m.def("base_delta(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor gu_v, Tensor gu_ut, "
-        "Tensor d_v, Tensor d_ut, Tensor base_gu, Tensor base_down_t, Tensor base_channels, int num_dynamic_drop) "
+        "Tensor d_v, Tensor d_ut, Tensor base_gu, Tensor base_down_t, Tensor base_channels, Tensor pairs, "
+        "int num_dynamic_drop) "
         "-> Tensor");
   m.def("sparse_lowrank(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor sgu, Tensor sd_t, "
         "Tensor lv, Tensor lut, Tensor ldv, Tensor ldut, Tensor base_down_t, Tensor sparse_channels, "
-        "Tensor lowrank_channels) -> Tensor");
+        "Tensor lowrank_channels, Tensor pairs) -> Tensor");
   m.def("basis_residual(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor order, Tensor geometry, "
         "Tensor gate_dense_t, Tensor gate_right, Tensor gate_coef_t, Tensor gate_eta, Tensor up_dense_t, "
         "Tensor up_right, Tensor up_coef_t, Tensor up_eta, Tensor down_dense_t, Tensor down_right, Tensor down_coef_t, "
-        "Tensor down_eta) "
+        "Tensor down_eta, Tensor pairs) "
         "-> Tensor");
   // Products with at most this many activation rows use the single-pass loops (default 8); returns the old
   // limit. Tests and benchmarks set 0 to compare with at::mm everywhere.
@@ -978,6 +1047,9 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
   // 1: bf16 products above the loops' rows take amx_product (ATen's brgemm on AMX tiles); 0: at::mm. Only on
   // CPUs with AMX-BF16 whose process holds the AMX tile state (kernels/cpu_extension.py). Returns the old setting.
   m.def("set_amx_gemm(int on) -> int", &set_amx_gemm);
+  // Whether the bf16 products above the loops' rows take amx_product now (prepare stores the expand-side bf16
+  // factors in the pair layout where they do).
+  m.def("amx_gemm() -> int", [] { return amx_gemm; });
   // a b through the same dispatch as the ops' products (tests and benchmarks of the loops alone).
   m.def("product(Tensor a, Tensor b) -> Tensor");
   // A contiguous copy of a tensor, in dtype, on 2 MiB-aligned memory advised for transparent huge pages (the
