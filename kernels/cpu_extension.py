@@ -110,7 +110,6 @@ def on_huge_pages(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cpu_ops().huge_page_copy(t, dtype)
 
 
-
 def pair_layout(dtype: torch.dtype) -> bool:
     """Whether ``prepare`` stores the expand-side factors (the blocks the op multiplies as ``z Uᵀ``) in the pair
     layout (``pair_rows``) instead of row-major: bf16 factors where the op's bf16 prefill products run on AMX

@@ -5,7 +5,8 @@
 Each model gets its own vllm serve DIR on 127.0.0.1 (a free port unless --port is given). A *cell* is one
 headless Locust run (loadtests/locustfile.py) of one model at one user count for --duration seconds. Cells are
 measured round-robin: in every round, for every user count, each model in turn (the model order reverses in
-odd rounds), so drift of the machine's speed during the run falls on all models alike. By default all servers
+odd rounds), so drift of the machine's speed during the run falls on all models alike; a cell starts once every
+server has finished the requests the previous cell left in flight (their /metrics). By default all servers
 are up at once (an idle vLLM server uses ~1 % of a CPU); --one-server-at-a-time serves one model per round
 instead, for machines without memory for all. --warmup-seconds S first runs an unmeasured cell of S seconds
 per model and user count on each freshly started server (a server's first batches of a new size are slow:
@@ -185,7 +186,9 @@ class LoadTest:
                     self._stop_servers()
                     self._start([cell.model])
                 what = "warm-up, not measured" if cell.warmup else f"round {cell.round}"
-                tqdm.write(f"[{i + 1}/{len(self.cells)}] {cell.model}: {cell.users} users, {what}")
+                waited = sum(server.wait_idle(self.args.ready_timeout) for server in self.servers.values())
+                drained = f" (after {waited:.0f} s for earlier requests to finish)" if waited >= 1 else ""
+                tqdm.write(f"[{i + 1}/{len(self.cells)}] {cell.model}: {cell.users} users, {what}{drained}")
                 metrics = self._measure(cell)
                 if not cell.warmup:
                     self.results[cell] = metrics

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,8 @@ from pathlib import Path
 import psutil
 
 STOP_TIMEOUT_S = 30.0
+IN_FLIGHT_METRIC = re.compile(r"vllm:num_requests_(running|waiting)[{ ]")
+"""The Prometheus samples of the requests an engine runs or queues (not ``..._waiting_by_reason``)."""
 
 
 def free_port() -> int:
@@ -132,6 +135,28 @@ class VllmServer:
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=timeout_s) as answer:
             json.load(answer)
+
+    def requests_in_flight(self) -> int:
+        """Requests the engine is running or holding in its queue, from the server's Prometheus ``/metrics``
+        (``vllm:num_requests_running`` + ``vllm:num_requests_waiting``)."""
+        with urllib.request.urlopen(f"{self.base_url}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        return round(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if IN_FLIGHT_METRIC.match(line)))
+
+    def wait_idle(self, timeout_s: float) -> float:
+        """Wait until the engine holds no request: Locust stops its users at the end of a cell, but the server
+        finishes (or only slowly aborts) what they had sent, which would otherwise share the CPU with the next
+        cell. Returns the seconds waited; raises if the server dies or is still busy after ``timeout_s``."""
+        start = time.monotonic()
+        while (busy := self.requests_in_flight()) > 0:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server of {self.served_name} died; log {self.log_path}:\n{self.log_tail()}")
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError(f"the server of {self.served_name} still holds {busy} requests {timeout_s:.0f} s "
+                                   f"after the previous cell ended; log {self.log_path}")
+            time.sleep(1.0)
+        return time.monotonic() - start
 
     def stop(self) -> None:
         """Stop the RSS sampler and the whole server (stop_process_group)."""

@@ -12,6 +12,8 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -21,6 +23,7 @@ from conftest import REPO, TOKENIZER_DIR
 from loadtests.distributions import LengthDistribution
 from loadtests.prompts import PromptSource
 from loadtests.run import Cell, model_labels, parse_args, schedule
+from loadtests.server import VllmServer
 from loadtests.summary import (METRIC_KEYS, bucket_three_digits, cell_metrics, combine_rounds, failure_series,
                                ratio_table, ratios, rss_growth)
 from loadtests.workload import TEMPLATE_MARGIN, Workload
@@ -235,6 +238,39 @@ def test_warmup_cells_come_first_after_every_server_start_and_have_their_own_nam
     assert together[0].name == "a_u1_r0_warmup"
 
 
+def test_a_cell_waits_for_the_requests_left_in_flight(tmp_path):
+    """requests_in_flight sums the engine's running and waiting gauges of /metrics (not the by-reason
+    breakdown); wait_idle returns once they reach 0 and raises when they do not."""
+    gauges = iter([(2, 1), (1, 0), (0, 0)])
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self):
+            running, waiting = next(gauges, (0, 0))
+            body = (f'# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name="m"}} {running}.0\n'
+                    f'vllm:num_requests_waiting{{model_name="m"}} {waiting}.0\n'
+                    'vllm:num_requests_waiting_by_reason{model_name="m",reason="capacity"} 5.0\n').encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        server = VllmServer(tmp_path, "m", tmp_path / "log", port=http.server_address[1])
+        server.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        assert server.requests_in_flight() == 3
+        assert 0.5 < server.wait_idle(timeout_s=30) < 10  # busy once more, then idle
+        gauges = iter([(1, 0)] * 10)
+        with pytest.raises(RuntimeError, match="still holds 1 requests"):
+            server.wait_idle(timeout_s=2)
+        server.process.kill()
+    finally:
+        http.shutdown()
+
+
 def test_model_labels_are_unique_and_safe():
     assert model_labels([Path("/x/brown model"), Path("runs/d2-40"), Path("/y/brown model")]) == [
         "brown-model", "d2-40", "brown-model-2"]
@@ -276,7 +312,8 @@ def test_runner_against_a_tiny_compressed_model(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "loadtests.run", "--model", str(model), "--users", "1", "2", "--duration", "5",
          "--out", str(out), "--enforce-eager", "--max-model-len", "256", "--prompt-tokens", "uniform:8:48",
-         "--output-tokens", "uniform:2:12", "--soak", "--warmup-fraction", "0.2", "--server-arg=--dtype=float32"],
+         "--output-tokens", "uniform:2:12", "--soak", "--warmup-fraction", "0.2", "--server-arg=--dtype=float32",
+         "--warmup-seconds", "2"],
         capture_output=True, text=True, timeout=600, cwd=REPO, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -291,6 +328,8 @@ def test_runner_against_a_tiny_compressed_model(tmp_path):
         assert metrics["ttft_p50"] is not None and metrics["latency_p99"] >= metrics["latency_p50"] > 0
         assert metrics["server_peak_rss_bytes"] > 0
         assert (out / "csv" / f"{label}_u{users}_r0_stats.csv").is_file()
+        assert (out / "csv" / f"{label}_u{users}_r0_warmup_stats.csv").is_file()  # run, and left out:
+        assert len(metrics["rounds"]) == 1
         assert summary["ratios"][label][users]["output_tokens_per_s"] == 1.0
     assert len(summary["soak"]) == 2
     for soak in summary["soak"].values():
