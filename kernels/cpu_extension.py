@@ -6,7 +6,9 @@ backend already needs for its compiled mode) into ``$MOE_COMPRESS_CPU_BUILD`` (d
 loops are vectorised for this CPU's ISA: AVX-512 on the EPYC this project runs on now, AVX2 + FMA on its
 earlier one; no intrinsics, so any ISA builds), once per source change; later processes load the cached
 library (~0.1 s). Concurrent first builds (vLLM's worker processes, parallel tests) wait on torch's build
-lock. The ops register as ``torch.ops.moe_compress_cpu.*``.
+lock. The ops register as ``torch.ops.moe_compress_cpu.*``; the MoE ops (``MOE_OPS``) also get a fake
+implementation, so the plugin can call them straight from vLLM's compiled graph (Dynamo traces them with fake
+tensors).
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ EXPERT_SPLIT_ENV = "MOE_COMPRESS_CPU_EXPERT_SPLIT"
 process that loads the op, e.g. vLLM's CPU worker; unset or 0: the experts run in turn (the default)."""
 
 
+MOE_OPS = ("base_delta", "sparse_lowrank", "basis_residual")
+"""The ops that compute one MoE layer, named after their schemes: ``op(x [T, H], topk_ids, topk_weights, <layout
+fields>...)`` → a new contiguous [T, H] tensor in x's dtype."""
+
+
+def _output_like_x(x: torch.Tensor, *layout) -> torch.Tensor:
+    """The MoE ops' fake implementation (what torch.compile's fake tensors see): the output's shape, dtype and
+    contiguous strides, from x alone."""
+    return x.new_empty(x.shape)
+
+
 @functools.cache
 def cpu_ops():
     """``torch.ops.moe_compress_cpu``, building the extension first if this machine has no cached build."""
@@ -77,6 +90,10 @@ def cpu_ops():
     # without asking), the op's bf16 products above the small-row loops' limit (prefill) use AMX tiles through
     # ATen's brgemm (lowrank_moe_cpu.cpp, amx_product); other CPUs keep at::mm.
     torch.ops.moe_compress_cpu.set_amx_gemm(int(request_amx_tile_state()))
+    # A Python fake rather than a C++ Meta kernel: one function serves the three ops' long signatures, and this
+    # is the one place the library is loaded.
+    for name in MOE_OPS:
+        torch.library.register_fake(f"moe_compress_cpu::{name}", _output_like_x)
     return torch.ops.moe_compress_cpu
 
 

@@ -20,14 +20,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vllm_moe_compress.base_delta  # noqa: F401  (each scheme module registers the custom ops the plugin calls)
-import vllm_moe_compress.basis_residual  # noqa: F401
-import vllm_moe_compress.sparse_lowrank  # noqa: F401
+from vllm_moe_compress.base_delta import BaseDeltaScheme
 from vllm_moe_compress.kernels import base_delta_cpu, base_delta_torch, cpu_extension, sparse_lowrank_cpu
 from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
+from vllm_moe_compress.format.names import base_channels_name, unit_channels_name
+from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
 from vllm_moe_compress.format.schemes.basis_residual import BasisResidualLayer
+from vllm_moe_compress.sparse_lowrank import SparseLowRankScheme
 
-from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_residual_shard,
+from random_layers import (NAMES, PREFIX, basis_residual_dense_float64, basis_residual_shard, load_scheme,
                            random_basis_residual_layer, random_sparse_lowrank_layer)
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -409,3 +410,54 @@ def test_expert_split_follows_the_environment(value):
     env = {**os.environ, cpu_extension.EXPERT_SPLIT_ENV: value}
     shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert shown.split()[-1] == value
+
+
+def plugin_cpu_layer(scheme: str, gen: torch.Generator, hidden: int, inter: int):
+    """A random layer of ``scheme`` with 4 experts, loaded and prepared by the plugin's scheme for the C++ CPU op
+    (backend "cpu", one TP rank): the scheme and the module holding its parameters."""
+    if scheme == "base_delta":
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen, dtype=torch.float64) / shape[-1] ** 0.5
+
+        ranks, channels = {"gate": [3, 0, 6, 2], "up": [1, 5, 2, 4], "down": [2, 2, 7, 1]}, [0, 3, 4, 11]
+        shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        factors = {proj: [(randn(shapes[proj][0], r), randn(r, shapes[proj][1])) if r else None for r in proj_ranks]
+                   for proj, proj_ranks in ranks.items()}
+        base = {"gate": randn(len(channels), hidden), "up": randn(len(channels), hidden),
+                "down": randn(hidden, len(channels))}
+        layer = BaseDeltaLayer(hidden, inter, factors, base, torch.tensor(channels))
+        spec = layer.spec(0, PREFIX)
+        plugin = BaseDeltaScheme(spec, NAMES, {base_channels_name(PREFIX): channels}, 0, 1)
+    elif scheme == "sparse_lowrank":
+        layer = random_sparse_lowrank_layer(gen, hidden, inter, [(5, 7, (3, 2, 4)), (0, 11, (4, 3, 6)),
+                                                                 (12, 0, (0, 0, 0)), (6, 9, (2, 5, 0))], True)
+        spec = layer.spec(0, PREFIX)
+        tensors = layer.to_tensors(PREFIX, NAMES, torch.float32)
+        indices = {name: tensors[name].tolist() for e in range(4) for kind in ("sparse", "lowrank")
+                   if (name := unit_channels_name(PREFIX, e, kind)) in tensors}
+        plugin = SparseLowRankScheme(spec, NAMES, indices, 0, 1)
+    else:
+        layer = random_basis_residual_layer(gen, 4, 2, hidden, inter, {"gate": [3, 4], "up": [2, 5]}, False, 0,
+                                            "silu")
+        return basis_residual_shard(layer, layer.to_tensors(PREFIX, NAMES, torch.float32), torch.float32, 0, 1, "cpu")
+    return plugin, load_scheme(plugin, layer.to_tensors(PREFIX, NAMES, torch.float32), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("scheme", ["base_delta", "sparse_lowrank", "basis_residual"])
+def test_plugin_cpu_path_compiles_fullgraph(scheme):
+    """vLLM's CPU mode runs the model as one Dynamo graph (fullgraph): the plugin's ``apply_cpu`` calls the C++ op
+    ``torch.ops.moe_compress_cpu.<scheme>`` directly, which traces through its fake implementation
+    (``cpu_extension.MOE_OPS``) and returns the same values in the compiled graph as eagerly, at token counts the
+    graph was not traced with (dynamic shapes)."""
+    gen = torch.Generator().manual_seed(3)
+    plugin, module = plugin_cpu_layer(scheme, gen, 24, 16)
+    assert plugin.backend == "cpu"
+    torch._dynamo.reset()
+    compiled = torch.compile(plugin.apply, fullgraph=True, dynamic=True)
+    for tokens in (1, 5, 9):
+        x = torch.randn(tokens, 24, generator=gen)
+        ids, weights = routing(tokens, 4, 2, gen)
+        eager = plugin.apply(module, x, weights, ids)
+        assert eager.norm() > 0  # not a vacuous comparison
+        assert torch.equal(compiled(module, x, weights, ids), eager)
+

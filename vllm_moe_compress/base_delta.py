@@ -33,16 +33,6 @@ def base_delta_moe_op(
                           base_gate_up, base_down, base_channels, num_dynamic_drop)
 
 
-@scheme_op("base_delta_moe_cpu")
-def base_delta_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                          layout: list[torch.Tensor], num_dynamic_drop: int) -> torch.Tensor:
-    """``layout``: the fields of ``kernels.base_delta_cpu.BaseDeltaCpuLayout`` (prepared at load)."""
-    from vllm_moe_compress.kernels import base_delta_cpu
-
-    return base_delta_cpu.base_delta_moe(x, topk_ids, topk_weights, base_delta_cpu.BaseDeltaCpuLayout(*layout),
-                                         num_dynamic_drop)
-
-
 SUFFIX_OF_PARAM = {"w13_delta_u": "delta_u", "w13_delta_v": "delta_v", "w2_delta_u": "delta_u",
                    "w2_delta_v": "delta_v", "w13_base": "base", "w2_base": "base"}
 
@@ -85,17 +75,11 @@ class BaseDeltaScheme(CompressedMoEScheme):
     def prepare_cpu(self, layer: torch.nn.Module) -> None:
         from vllm_moe_compress.kernels import base_delta_cpu
 
-        self.register_cpu_layout(layer, base_delta_cpu.prepare(*self._op_args(layer)[:-1]))
+        self.register_cpu_layout(layer, base_delta_cpu.prepare(*self._op_args(layer)[:-1]), self.num_dynamic_drop)
 
     def _op_args(self, layer) -> tuple:
         return (layer.moe_compress_ranks, layer.w13_delta_u, layer.w13_delta_v, layer.w2_delta_u, layer.w2_delta_v,
                 layer.w13_base, layer.w2_base, layer.moe_compress_channels, self.num_dynamic_drop)
-
-    def apply_cpu(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        from vllm_moe_compress.kernels.base_delta_cpu import BaseDeltaCpuLayout
-
-        layout = self.cpu_layout(layer, BaseDeltaCpuLayout._fields)
-        return torch.ops.moe_compress.base_delta_moe_cpu(x, topk_weights, topk_ids, layout, self.num_dynamic_drop)
 
     def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         return torch.ops.moe_compress.base_delta_moe(x, topk_weights, topk_ids, *self._op_args(layer))

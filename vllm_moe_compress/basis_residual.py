@@ -48,16 +48,6 @@ def basis_residual_moe_op(
                               full_intermediate, intermediate_lo)
 
 
-@scheme_op("basis_residual_moe_cpu")
-def basis_residual_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                              layout: list[torch.Tensor]) -> torch.Tensor:
-    """``layout``: the fields of ``kernels.basis_residual_cpu.BasisResidualCpuLayout`` (prepared at load)."""
-    from vllm_moe_compress.kernels import basis_residual_cpu
-
-    return basis_residual_cpu.basis_residual_moe(x, topk_ids, topk_weights,
-                                                 basis_residual_cpu.BasisResidualCpuLayout(*layout))
-
-
 GATE_UP = ("gate", "up")
 
 
@@ -224,7 +214,7 @@ class BasisResidualScheme(CompressedMoEScheme):
         return ProjectionWeights(empty, coef, expert_ranks, basis, basis_ranks, mix, eta)
 
     def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """Σ_k w_k·expert_k(x) through the torch custom op (the CPU path)."""
+        """Σ_k w_k·expert_k(x) through the torch custom op (CPUs where the C++ op cannot be built)."""
         weights = [t for p in PROJECTIONS for t in self.projection(layer, p, x)]
         return torch.ops.moe_compress.basis_residual_moe(
             x, topk_weights, topk_ids, weights, layer.moe_compress_expert_group, layer.moe_compress_expert_slot,
@@ -244,12 +234,6 @@ class BasisResidualScheme(CompressedMoEScheme):
             layer.moe_compress_expert_slot, self.spec.activation, self.spec.residual_seed,
             self.spec.intermediate_size, self.lo)
         self.register_cpu_layout(layer, layout)
-
-    def apply_cpu(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        from vllm_moe_compress.kernels.basis_residual_cpu import BasisResidualCpuLayout
-
-        layout = self.cpu_layout(layer, BasisResidualCpuLayout._fields)
-        return torch.ops.moe_compress.basis_residual_moe_cpu(x, topk_weights, topk_ids, layout)
 
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         from vllm_moe_compress.kernels import basis_residual_triton as kernels

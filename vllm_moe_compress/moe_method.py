@@ -73,5 +73,6 @@ class CompressedMoEMethod(FusedMoEMethodBase):
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
         """Σ_k w_k·expert_k(x) for this rank's intermediate slice; vLLM adds shared experts and all-reduces.
-        The backend (Triton kernels on CUDA devices, the torch custom op elsewhere) was chosen at load."""
+        The backend (Triton kernels on CUDA devices, on CPUs the C++ op or else the torch custom op) was chosen at
+        load."""
         return self.scheme.apply(layer, x, topk_weights, topk_ids)

@@ -14,7 +14,10 @@
    host lists, before any CUDA graph capture); on CPUs the C++ CPU op where the scheme has one and it builds
    here (``prepare_cpu`` lays the factors out per expert now, and the parameters it copied are freed:
    ``release_copied_parameters``; kernels/cpu_extension.py), else the torch custom op;
-6. ``apply``: Σ_k w_k·expert_k(x) for this rank's slice through that backend.
+6. ``apply``: Σ_k w_k·expert_k(x) for this rank's slice through that backend. On CPUs that is the C++ op
+   ``torch.ops.moe_compress_cpu.<scheme>`` itself, called on the layout's tensors kept at load (no Python between
+   the plugin and the op; the op's fake implementation, registered where the extension loads, lets vLLM's compiled
+   graph trace it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from vllm_moe_compress.format import FormatError, LayerSpec, check_tensor
+from vllm_moe_compress.kernels.cpu_extension import available, cpu_ops
 
 PROJ_OF_SHARD = {"w1": "gate", "w3": "up", "w2": "down"}
 """vLLM's expert-mapping shard id -> canonical projection."""
@@ -45,8 +49,8 @@ def _output_like_x(x: torch.Tensor, *args) -> torch.Tensor:
 def scheme_op(name: str):
     """Declare ``torch.ops.moe_compress.<name>``: a torch custom op, so the compressed-MoE compute is opaque to
     Dynamo and vLLM's compiled CPU graph (fullgraph) can call code that loops over experts and reads ranks on
-    the host. Each scheme module declares the ops it calls (``<scheme>_moe``: the torch path,
-    ``<scheme>_moe_cpu``: the C++ CPU path on the layout prepared at load); importing the module registers them."""
+    the host. Each scheme module declares its torch path ``<scheme>_moe``; importing the module registers it.
+    (The C++ CPU ops ``torch.ops.moe_compress_cpu.<scheme>`` are called directly: ``apply_cpu``.)"""
 
     def declare(function):
         op = torch.library.custom_op(f"moe_compress::{name}", mutates_args=())(function)
@@ -129,11 +133,8 @@ class CompressedMoEScheme(ABC):
     def default_backend(self, device: torch.device) -> str:
         if device.type == "cuda":
             return "triton"
-        if device.type == "cpu" and self.has_cpu_path:
-            from vllm_moe_compress.kernels.cpu_extension import available
-
-            if available():
-                return "cpu"
+        if device.type == "cpu" and self.has_cpu_path and available():
+            return "cpu"
         return "torch"
 
     def process_loaded(self, layer: torch.nn.Module) -> None:
@@ -148,11 +149,15 @@ class CompressedMoEScheme(ABC):
         :meth:`register_cpu_layout`."""
         raise NotImplementedError(f"scheme {self.scheme} has no C++ CPU path")
 
-    @staticmethod
-    def register_cpu_layout(layer: torch.nn.Module, layout) -> None:
-        """Keep a CPU layout (a NamedTuple of tensors) on the layer as non-persistent buffers."""
+    def register_cpu_layout(self, layer: torch.nn.Module, layout, *scalars) -> None:
+        """Keep a CPU layout (a NamedTuple of tensors) on the layer as non-persistent buffers (so the layer's
+        buffers show the memory it holds), and, for :meth:`apply_cpu`, the C++ op ``torch.ops.moe_compress_cpu.
+        <scheme>`` and its arguments after the activations: the same tensors in the layout's field order, then
+        ``scalars`` (the op's trailing non-tensor arguments)."""
         for name, tensor in layout._asdict().items():
             layer.register_buffer(f"moe_compress_cpu_{name}", tensor, persistent=False)
+        self.cpu_op = getattr(cpu_ops(), self.scheme).default
+        self.cpu_args = (*layout, *scalars)
 
     def release_copied_parameters(self, layer: torch.nn.Module) -> None:
         """Free the loaded parameters whose values the CPU layout copied (reordered, transposed or converted):
@@ -166,11 +171,6 @@ class CompressedMoEScheme(ABC):
             if param.numel() and param.untyped_storage().data_ptr() not in shared:
                 param.data = param.data.new_empty((0,) * param.dim())
 
-    @staticmethod
-    def cpu_layout(layer: torch.nn.Module, fields: tuple[str, ...]) -> list[torch.Tensor]:
-        """The buffers :meth:`register_cpu_layout` kept, in the layout's field order."""
-        return [getattr(layer, f"moe_compress_cpu_{name}") for name in fields]
-
     def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Σ_k w_k·expert_k(x) for this rank's intermediate slice, through the backend chosen by :meth:`prepare`."""
         return self._forward(layer, x, topk_weights, topk_ids)
@@ -180,8 +180,9 @@ class CompressedMoEScheme(ABC):
         """The torch custom op ``torch.ops.moe_compress.<scheme>_moe`` (CPU; opaque to Dynamo)."""
 
     def apply_cpu(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        """The C++ CPU op ``torch.ops.moe_compress.<scheme>_moe_cpu`` on the layout :meth:`prepare_cpu` built."""
-        raise NotImplementedError(f"scheme {self.scheme} has no C++ CPU path")
+        """The C++ CPU op ``torch.ops.moe_compress_cpu.<scheme>`` on the layout :meth:`prepare_cpu` built, called
+        directly (schemes with ``has_cpu_path``; ``layer`` is not read: the arguments were kept at load)."""
+        return self.cpu_op(x, topk_ids, topk_weights, *self.cpu_args)
 
     @abstractmethod
     def apply_triton(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:

@@ -40,16 +40,6 @@ def sparse_lowrank_moe_op(
                               base_down, sparse_channels, lowrank_channels)
 
 
-@scheme_op("sparse_lowrank_moe_cpu")
-def sparse_lowrank_moe_cpu_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                              layout: list[torch.Tensor]) -> torch.Tensor:
-    """``layout``: the fields of ``kernels.sparse_lowrank_cpu.SparseLowrankCpuLayout`` (prepared at load)."""
-    from vllm_moe_compress.kernels import sparse_lowrank_cpu
-
-    return sparse_lowrank_cpu.sparse_lowrank_moe(x, topk_ids, topk_weights,
-                                                 sparse_lowrank_cpu.SparseLowrankCpuLayout(*layout))
-
-
 class SparseLowRankScheme(CompressedMoEScheme):
     scheme = "sparse_lowrank"
     WEIGHT_RENAMES = SHARED_BASE_RENAME  # experts.base.down_proj.weight -> w2_base
@@ -106,12 +96,6 @@ class SparseLowRankScheme(CompressedMoEScheme):
                 layer.w13_sparse, layer.w2_sparse, layer.w13_lowrank_u, layer.w13_lowrank_v, layer.w2_lowrank_u,
                 layer.w2_lowrank_v, layer.w2_base, layer.moe_compress_sparse_channels,
                 layer.moe_compress_lowrank_channels)
-
-    def apply_cpu(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
-        from vllm_moe_compress.kernels.sparse_lowrank_cpu import SparseLowrankCpuLayout
-
-        layout = self.cpu_layout(layer, SparseLowrankCpuLayout._fields)
-        return torch.ops.moe_compress.sparse_lowrank_moe_cpu(x, topk_weights, topk_ids, layout)
 
     def apply_torch(self, layer, x, topk_weights, topk_ids) -> torch.Tensor:
         return torch.ops.moe_compress.sparse_lowrank_moe(x, topk_weights, topk_ids, *self._op_args(layer))
