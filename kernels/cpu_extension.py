@@ -144,15 +144,31 @@ def pair_rows(t: torch.Tensor) -> torch.Tensor:
     """``t [..., K, N]`` in the pair layout (AMX's VNNI layout for a bf16 GEMM's B operand): rows 2p and 2p + 1
     interleaved value by value, ``[..., K', N]`` with K' = K rounded up to even (an odd K gets a zero row), whose
     memory is [K'/2, N] pairs of values, 32 bits each: (t[2p, j], t[2p + 1, j]) at 2·(p·N + j)."""
-    if t.shape[-2] % 2:
-        t = torch.cat([t, t.new_zeros(*t.shape[:-2], 1, t.shape[-1])], -2)
     *lead, rows, cols = t.shape
-    return t.reshape(*lead, rows // 2, 2, cols).transpose(-1, -2).reshape(*lead, rows, cols)
+    out = t.new_empty(*lead, rows + rows % 2, cols)
+    _write_pairs(t, out)
+    return out
+
+
+def _write_pairs(t: torch.Tensor, out: torch.Tensor) -> None:
+    """Write ``t [..., K, N]`` in the pair layout (``pair_rows``) into the contiguous ``out [..., K', N]``."""
+    *lead, rows, cols = t.shape
+    pairs = out.view(*lead, (rows + 1) // 2, cols, 2)  # [..., p, j, half]: t[2p + half, j]
+    pairs[..., 0].copy_(t[..., 0::2, :])
+    pairs[..., : rows // 2, :, 1].copy_(t[..., 1::2, :])
+    if rows % 2:
+        pairs[..., -1, :, 1].zero_()  # the pad row
 
 
 def row_blocks(t: torch.Tensor, sizes: list[int], pairs: bool) -> tuple[torch.Tensor, list[int]]:
-    """The consecutive row blocks of ``t [Σ sizes, N]`` as stored: as they are, or each in the pair layout
-    (``pair_rows``: a block of odd size takes one more row), and each block's first stored row."""
-    blocks = [pair_rows(b) for b in t.split(sizes)] if pairs else t.split(sizes)
-    starts = [0, *itertools.accumulate(b.shape[0] for b in blocks)][:-1]
-    return (torch.cat(blocks) if pairs and blocks else t), starts
+    """The consecutive row blocks of ``t [Σ sizes, N]`` as stored: as they are (``t`` itself), or each in the pair
+    layout (``pair_rows``: a block of odd size takes one more row), written block by block into one new tensor
+    (no second copy of the blocks while it is built); and each block's first stored row."""
+    stored = [size + size % 2 for size in sizes] if pairs else sizes
+    starts = [0, *itertools.accumulate(stored)][:-1]
+    if not pairs:
+        return t, starts
+    out = t.new_empty(sum(stored), t.shape[1])
+    for block, start, rows in zip(t.split(sizes), starts, stored):
+        _write_pairs(block, out[start : start + rows])
+    return out, starts

@@ -402,6 +402,35 @@ def test_amx_pair_layout_matches_float64_dense_math(scheme, routing):
         assert error <= TOLERANCE[torch.bfloat16], (name, error)
 
 
+def pairs_by_definition(block: torch.Tensor) -> torch.Tensor:
+    """The pair layout of ``block [K, N]`` as defined (``cpu_extension.pair_rows``): [K'/2, N, 2] values with
+    (p, j, half) = block[2p + half, j], an odd K padded with a zero row, seen as [K', N]."""
+    padded = torch.cat([block, block.new_zeros(block.shape[0] % 2, block.shape[1])])
+    return torch.stack([padded[0::2], padded[1::2]], -1).reshape(padded.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_blocks_match_the_pair_layout_definition(dtype):
+    """``row_blocks`` (each block written into one preallocated tensor) and ``pair_rows`` give the pair layout's
+    definition bit for bit: blocks of even, odd and zero rows, from a transposed view (as ``prepare`` passes
+    Uᵀ), with a leading dimension for ``pair_rows``; the row-major form is ``t`` itself."""
+    gen = torch.Generator().manual_seed(4)
+    sizes = [4, 3, 0, 1, 6, 5]
+    t = torch.randn(7, sum(sizes), generator=gen).to(dtype).T  # [19, 7], not contiguous
+
+    def same_bits(a, b):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
+                                                                        b.contiguous().view(torch.uint8))
+
+    got, starts = cpu_extension.row_blocks(t, sizes, True)
+    assert got.is_contiguous() and starts == [0, 4, 8, 8, 10, 16]
+    assert same_bits(got, torch.cat([pairs_by_definition(b) for b in t.split(sizes)]))
+    stacked = torch.randn(3, 5, 6, generator=gen).to(dtype)
+    assert same_bits(cpu_extension.pair_rows(stacked), torch.stack([pairs_by_definition(b) for b in stacked]))
+    rows, row_starts = cpu_extension.row_blocks(t, sizes, False)
+    assert rows is t and row_starts == [0, 4, 7, 7, 8, 14]
+
+
 @pytest.mark.parametrize("value", ["0", "1"])
 def test_expert_split_follows_the_environment(value):
     """MOE_COMPRESS_CPU_EXPERT_SPLIT sets the split in a process that loads the op (how vLLM's worker gets it)."""
