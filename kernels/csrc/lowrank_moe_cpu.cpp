@@ -156,13 +156,14 @@ void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, 
   }
 }
 
-// y[t, :] (+)= Σ_k a[t, k] b[k, :] for t < n: a [n, K] with row stride lda, b [K, N] with row stride ldb. b is
-// streamed four rows at a time, each vector of them converted once and used for all n rows of y (n × N values:
-// ≤ 64 KiB at n = 8, N = 2048, in L2).
-template <typename T>
-void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t N, int64_t K, AccT<T>* y,
-           int64_t ldy, bool accumulate) {
-  using A = AccT<T>;
+// The loop of the axpy form: y[t, :] (+)= Σ_k a[t, k] b[k, :] for t < n, a [n, K] with row stride lda, y [n, N]
+// with row stride ldy. b is streamed four rows at a time, each vector of them formed once and used for all n rows of
+// y (n × N values: ≤ 64 KiB at n = 8, N = 2048, in L2). How b is stored is the caller's: load(k, rows, c, wv) sets
+// wv[0..3] to rows k..k + rows - 1 of b at columns [c, c + W) (zero past rows; rows ≤ 4) and prefetches ahead;
+// value(k, q, c) is b[k + q, c], for the columns past the last whole vector.
+template <typename A, typename Load, typename Value>
+inline void axpy_rows(const A* a, int64_t lda, int64_t n, int64_t N, int64_t K, A* y, int64_t ldy, bool accumulate,
+                      Load load, Value value) {
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
   const int64_t body = N - N % W;
@@ -170,13 +171,9 @@ void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, in
     for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, A(0));
   for (int64_t k = 0; k < K; k += 4) {
     const int64_t rows = std::min<int64_t>(4, K - k);
-    const T* w = b + k * ldb;
     for (int64_t c = 0; c < body; c += W) {
-      const int64_t f = c + prefetch_ahead<T>();  // kPrefetchBytes on, in these rows or the next four
-      const T* next = f < N ? w + f : w + 4 * ldb + (f - N);
-      for (int q = 0; q < rows; ++q) prefetch(next + q * ldb);
       V wv[4];
-      for (int q = 0; q < 4; ++q) wv[q] = q < rows ? load_acc(w + q * ldb + c) : V(A(0));
+      load(k, rows, c, wv);
       for (int64_t t = 0; t < n; ++t) {
         const A* s = a + t * lda + k;
         A* yt = y + t * ldy + c;
@@ -187,8 +184,27 @@ void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, in
     }
     for (int64_t c = body; c < N; ++c)
       for (int64_t t = 0; t < n; ++t)
-        for (int64_t q = 0; q < rows; ++q) y[t * ldy + c] += a[t * lda + k + q] * A(w[q * ldb + c]);
+        for (int q = 0; q < rows; ++q) y[t * ldy + c] += a[t * lda + k + q] * value(k, q, c);
   }
+}
+
+// axpy_rows over b [K, N] row-major with row stride ldb: four rows of b, each vector converted once (bf16/fp16 to
+// fp32 as loaded).
+template <typename T>
+void axpys(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t ldb, int64_t N, int64_t K, AccT<T>* y,
+           int64_t ldy, bool accumulate) {
+  using A = AccT<T>;
+  using V = at::vec::Vectorized<A>;
+  axpy_rows(
+      a, lda, n, N, K, y, ldy, accumulate,
+      [=](int64_t k, int64_t rows, int64_t c, V* wv) {
+        const T* w = b + k * ldb;
+        const int64_t f = c + prefetch_ahead<T>();  // kPrefetchBytes on, in these rows or the next four
+        const T* next = f < N ? w + f : w + 4 * ldb + (f - N);
+        for (int q = 0; q < rows; ++q) prefetch(next + q * ldb);
+        for (int q = 0; q < 4; ++q) wv[q] = q < rows ? load_acc(w + q * ldb + c) : V(A(0));
+      },
+      [=](int64_t k, int q, int64_t c) { return A(b[(k + q) * ldb + c]); });
 }
 
 // The bf16 value in the low (half 0) or high (half 1) 16 bits of a 32-bit pair, as fp32: a bf16 is the top half
@@ -197,7 +213,7 @@ inline float pair_half(uint32_t lane, int half) {
   return c10::bit_cast<float>(half ? lane & 0xFFFF0000u : lane << 16);
 }
 
-// axpys for b in the pair layout (Block::pairs): lane j of pair row p (32 bits) holds b[2p, j] in its low and
+// axpy_rows over b in the pair layout (Block::pairs): lane j of pair row p (32 bits) holds b[2p, j] in its low and
 // b[2p + 1, j] in its high half, pair rows ldp lanes apart. One vector load of lanes gives both rows' fp32 values
 // with a shift and a mask (no conversion instruction), so two pair rows (four rows of b) per load/store of y cost
 // what axpys's four rows do. The zero row that pads an odd K is never multiplied (a has K columns).
@@ -205,36 +221,22 @@ void axpys_pairs(const float* a, int64_t lda, int64_t n, const uint32_t* b, int6
                  float* y, int64_t ldy, bool accumulate) {
   using V = at::vec::Vectorized<float>;
   using Vi = at::vec::Vectorized<int32_t>;
-  constexpr int64_t W = V::size();
-  const int64_t body = N - N % W;
   const Vi high(static_cast<int32_t>(0xFFFF0000u)), shift(16);
-  if (!accumulate)
-    for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, 0.f);
-  for (int64_t k = 0; k < K; k += 4) {
-    const int64_t rows = std::min<int64_t>(4, K - k), pairs = (rows + 1) / 2;
-    const uint32_t* w = b + k / 2 * ldp;
-    for (int64_t c = 0; c < body; c += W) {
-      const int64_t f = c + prefetch_ahead<uint32_t>();  // kPrefetchBytes on, in these pair rows or the next two
-      const uint32_t* next = f < N ? w + f : w + 2 * ldp + (f - N);
-      for (int q = 0; q < pairs; ++q) prefetch(next + q * ldp);
-      V wv[4];
-      for (int q = 0; q < 2; ++q) {
-        const Vi lanes = q < pairs ? Vi::loadu(w + q * ldp + c) : Vi(0);
-        wv[2 * q] = at::vec::cast<float>(lanes << shift);
-        wv[2 * q + 1] = at::vec::cast<float>(lanes & high);
-      }
-      for (int64_t t = 0; t < n; ++t) {
-        const float* s = a + t * lda + k;
-        float* yt = y + t * ldy + c;
-        V acc = V::loadu(yt);
-        for (int q = 0; q < rows; ++q) acc = at::vec::fmadd(V(s[q]), wv[q], acc);
-        acc.store(yt);
-      }
-    }
-    for (int64_t c = body; c < N; ++c)
-      for (int64_t t = 0; t < n; ++t)
-        for (int q = 0; q < rows; ++q) y[t * ldy + c] += a[t * lda + k + q] * pair_half(w[q / 2 * ldp + c], q % 2);
-  }
+  axpy_rows(
+      a, lda, n, N, K, y, ldy, accumulate,
+      [=](int64_t k, int64_t rows, int64_t c, V* wv) {
+        const int64_t pairs = (rows + 1) / 2;
+        const uint32_t* w = b + k / 2 * ldp;  // k is a multiple of 4: pair rows k/2 and k/2 + 1
+        const int64_t f = c + prefetch_ahead<uint32_t>();  // kPrefetchBytes on, in these pair rows or the next two
+        const uint32_t* next = f < N ? w + f : w + 2 * ldp + (f - N);
+        for (int q = 0; q < pairs; ++q) prefetch(next + q * ldp);
+        for (int q = 0; q < 2; ++q) {
+          const Vi lanes = q < pairs ? Vi::loadu(w + q * ldp + c) : Vi(0);
+          wv[2 * q] = at::vec::cast<float>(lanes << shift);
+          wv[2 * q + 1] = at::vec::cast<float>(lanes & high);
+        }
+      },
+      [=](int64_t k, int q, int64_t c) { return pair_half(b[(k / 2 + q / 2) * ldp + c], q % 2); });
 }
 
 // A [rows, cols] block of a prepared factor (a view: no copy): row-major, or (pairs, bf16 expand-side factors
