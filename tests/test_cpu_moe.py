@@ -402,6 +402,40 @@ def test_amx_pair_layout_matches_float64_dense_math(scheme, routing):
         assert error <= TOLERANCE[torch.bfloat16], (name, error)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_blocked_products_match_float64_dense_math(threads):
+    """amx_product's blocking (kAmxRows, kAmxTokens, kAmxDepth) at sizes over every block with tails: base_delta
+    in bf16 on the pair layout, 150 tokens top-2 over 3 experts (~100 rows per expert: two 64-token aᵀ panels and
+    a tail; the base's gate/up project over all 150 tokens), hidden 1100 (project's inner dimension in pieces of
+    512, 512 and 76; expand's 64-column blocks with a 12-column tail), base channels 300 (600 rows of b: four
+    128-row chunks and a tail; base down's inner dimension in 256-row pieces with a tail), ranks 257–301 (expand
+    over two or three 256-row pieces, odd ranks with a pad row), intermediate 600 (down project: 512 and 88),
+    against float64 dense math; one and two threads (the chunks split over them)."""
+    if not amx_usable():
+        pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
+    ops = cpu_extension.cpu_ops()
+    gen = torch.Generator().manual_seed(23)
+    hidden, inter, tokens = 1100, 600, 150
+    tensors = packed_layer([[300, 257, 40], [260, 301, 66], [261, 290, 270]], hidden, inter, 300, gen)
+    reference_layer = dense_experts(*tensors)
+    ids = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(tokens)]).to(torch.int32)
+    assert torch.bincount(ids.flatten().long()).min() > 2 * 64 - 64 + 1  # every expert over one aᵀ panel
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    weights = torch.rand(tokens, 2, generator=gen, dtype=torch.float64).softmax(1)
+    reference = dense_moe(x, ids, weights, reference_layer)
+    previous, previous_threads = ops.set_amx_gemm(1), torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        layout = base_delta_cpu.prepare(tensors[0], *(t.to(torch.bfloat16) for t in tensors[1:7]), tensors[7])
+        assert int(layout.pairs) == 1
+        got = base_delta_cpu.base_delta_moe(x.to(torch.bfloat16), ids, weights, layout).double()
+    finally:
+        ops.set_amx_gemm(previous)
+        torch.set_num_threads(previous_threads)
+    error = float((got - reference).norm() / reference.norm())
+    assert error <= TOLERANCE[torch.bfloat16], error
+
+
 def pairs_by_definition(block: torch.Tensor) -> torch.Tensor:
     """The pair layout of ``block [K, N]`` as defined (``cpu_extension.pair_rows``): [K'/2, N, 2] values with
     (p, j, half) = block[2p + half, j], an odd K padded with a zero row, seen as [K', N]."""
