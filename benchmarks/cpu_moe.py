@@ -158,7 +158,17 @@ def other_ops(source: Path):
         copy.write_text(text)
     load(name="moe_compress_cpu_other", sources=[str(copy)], is_python_module=False, build_directory=str(build),
          extra_cflags=["-O3", "-march=native", *cpu_extension._vector_flags()], verbose=False)
-    return torch.ops.moe_compress_cpu_other
+    other = torch.ops.moe_compress_cpu_other
+    # The process-wide settings cpu_ops() gives this checkout's op, where the other source has them: without
+    # set_amx_gemm its bf16 prefill products would take at::mm (on a copy of the pair layout back to rows).
+    ops = cpu_extension.cpu_ops()
+    if "set_amx_gemm" in text:
+        other.set_amx_gemm(ops.amx_gemm())
+    if "set_expert_parallel" in text:
+        previous = ops.set_expert_parallel(0)
+        ops.set_expert_parallel(previous)
+        other.set_expert_parallel(previous)
+    return other
 
 
 OLD_META_COLUMNS = {"base_delta": 5, "sparse_lowrank": 11, "basis_residual": 11}
