@@ -313,8 +313,13 @@ at::TensorOptions options_of() {
 // after: base gate/up project (n = 256, K = 4096) 176 → 270, base down expand (K = 14,336) 119 → 150, experts'
 // gate/up expand (K = 808, N = 14,336) 78 → 117, down project (K = 14,336) 76 → 101, down expand 59 → 118,
 // gate/up project 126 → 141; the call 660 → 475 ms. Depths 128–512, 32–256 rows and 32–all tokens per panel were
-// tried in a scratch benchmark of these loops (the chosen ones best or within noise).
-constexpr int64_t kAmxRows = 128;    // project: rows of b per chunk (the yᵀ chunk [128, n] stays in L2)
+// tried in a scratch benchmark of these loops (the chosen ones best or within noise). Below kAmxBlockedRows rows
+// (Qwen3-30B-A3B's ~16 per expert at 256 tokens) the blocked project was slower (K = 768: 52 → 32 GMAC/s,
+// K = 2048: 65 → 55), so those keep the unblocked calls.
+constexpr int64_t kAmxBlockedRows = 32;  // the blocking below from this many activation rows on; fewer: one call
+                                         // per 32 rows of b (project) or 64 columns (expand) over the whole K
+constexpr int64_t kAmxRows[2] = {32, 128};  // project: rows of b per chunk, unblocked and blocked (the yᵀ chunk
+                                            // [128, n] stays in L2)
 constexpr int64_t kAmxTokens = 64;   // project: tokens per aᵀ panel (brgemm's N; [kAmxDepth, 64] bf16 in L1)
 constexpr int64_t kAmxColumns = 64;  // expand: columns of B per brgemm call (oneDNN's ukernel: blocks ≤ 64 wide)
 constexpr int64_t kAmxDepth[2] = {256, 512};  // expand, project: inner-dimension piece per brgemm call (even)
@@ -325,7 +330,8 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   namespace blas = at::native::cpublas;
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
   const int64_t Ks = transposed ? K : stored_rows(K, true);  // expand: a's columns meeting the stored pair rows
-  const int64_t depth = kAmxDepth[transposed];
+  const bool blocked = n >= kAmxBlockedRows;
+  const int64_t depth = blocked ? kAmxDepth[transposed] : Ks;
   // The activations in bf16: aᵀ in VNNI per panel of kAmxTokens tokens (project: panel t0 at t0 · K, [K/2, m]
   // 32-bit pairs for its m tokens) or a row-major, zero-padded (expand).
   std::vector<Bf> ab(n * Ks);
@@ -343,7 +349,7 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
     uint32_t* out = reinterpret_cast<uint32_t*>(ab.data() + t0 * K) + (t - t0);
     for (int64_t p = 0; p < K / 2; ++p) out[p * m] = pairs[p];
   }
-  const int64_t chunk = transposed ? kAmxRows : kAmxColumns;
+  const int64_t chunk = transposed ? kAmxRows[blocked] : kAmxColumns;
   at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     const int64_t lo0 = c0 * chunk, hi = std::min(N, c1 * chunk);  // this thread's rows (project) or columns
     if (transposed) {
