@@ -7,6 +7,9 @@ one MoE layer's worth, whatever the depth of the model. Alive for the whole run:
 * the embedding and head, in float32;
 * the calibration activations: the hidden states of every window (float32), kept twice while an MoE layer
   runs (the states entering it and the inputs its experts received, cached for the Gram passes);
+* for methods that collect activation moments (RS-MoE, for its ridge fit), the routed inputs kept per expert
+  (calibration.ActivationMoments: at most ``moment_samples`` per expert, float32; one layer's, alive from its
+  calibration until it is written);
 * for D²-MoE's Fisher, every decoder layer's input for ``--fisher-samples`` windows (offline/fisher.py;
   counted for the whole run, an over-estimate after the Fisher pass).
 
@@ -15,12 +18,14 @@ its compression starts; the method's working set, its layer once cast and the la
 tensors are serialised, their heap given back to the OS by calibration.release_freed_memory: kept, glibc would
 not reuse it for the serialisation's large buffers, BENCHMARKS.md §12.10):
 
-* **calibration**: one decoder layer's weights in float32, and the pages of the checkpoint file that reading
-  it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in, at most the layer's stored size);
+* **calibration**: one decoder layer's weights in float32, the pages of the checkpoint file that reading
+  it mapped (checkpoint_io.RELEASE_BYTES per file the layer is stored in, at most the layer's stored size), and
+  what one batch of windows going through the layer holds (:func:`layer_forward_activations`);
 * **compression**: the pages of the checkpoint files the method reads the layer's experts from (and, for RS-MoE's
   downstream influence, the next layer's; the same bound per file as above); the per-expert Grams not yet handed
   to a worker (``--expert-chunk`` experts of [H, H] and of [I, I] in float64 when a chunk holds several experts;
-  with one expert per chunk the worker takes the chunk itself, counted in its working set); the layer's factors
+  with one expert per chunk the worker takes the chunk itself, counted in its working set; none for the methods
+  that read no Gram, :func:`reads_grams`: they are computed only when read); the layer's factors
   as the method holds them (float32: methods.base.factorize_experts and RS-MoE cast each expert's as they are
   formed, and MoBE / RFID-MoE fit in float32); and what the method holds besides (:func:`method_working_set`).
   For svd, whitened-svd and d2 that is one expert's working set per factorisation worker
@@ -32,8 +37,9 @@ not reuse it for the serialisation's large buffers, BENCHMARKS.md §12.10):
   (float32, rs.NEXT_EXPERT_CHUNK experts) and its products, and for MoBE / RFID-MoE the larger of one
   projection's initialisation (its float32 parameters, and the groups' truncated SVDs in float64 on
   factorisation workers) and its fit (the Adam state: float32 parameters, gradients, two moments and the best
-  state, each at most the projection's share of the compressed layer, and one group's target, prediction and
-  error in float32);
+  state, each at most the projection's share of the compressed layer, the two temporaries of its largest
+  parameter that Adam's step forms, and one group's target, prediction and error in float32:
+  :func:`basis_fit_working_set`);
 * **writing**: the factors and their copy in the stored dtype (``--dtype``; none when float32 factors are
   stored as float32, the copy is then the factors themselves);
 * **serialisation**: the stored tensors and two copies of the file they make (workdir.commit_layer:
@@ -42,7 +48,8 @@ not reuse it for the serialisation's large buffers, BENCHMARKS.md §12.10):
   in float32 and its mapped pages, as in calibration, and what the layer's backward keeps for one batch of
   ``--fisher-batch-size`` windows (:func:`fisher_backward_activations`).
 
-This is an estimate of the tensors, not of allocator slack or the interpreter (a fixed allowance below).
+This is an estimate of the tensors, not of allocator slack (except the heap glibc keeps during a MoBE /
+RFID-MoE fit, measured: FIT_HEAP_RETAINED) or the interpreter (a fixed allowance below).
 It counts every part as host memory, as a ``--device cpu`` run holds it, and is checked against the available
 RAM whatever the device: with ``--device cuda`` the decoder layer, the calibration activations going through
 it and the Gram chunk being summed are on the GPU instead (the Grams and factors handed to the methods are
@@ -82,6 +89,13 @@ class MemoryBudgetError(ValueError):
 EXPERT_WORKING_SET = 8
 """Expert-sized float64 matrices RS-MoE, MoBE and RFID-MoE hold at once (an expert's matrix, its whitened
 product, the SVD's factors...)."""
+
+FIT_HEAP_RETAINED = 2
+"""Freed heap glibc keeps during a MoBE / RFID-MoE fit, in multiples of the projection's float32 parameters.
+Measured, not derived: the group-sized tensors of the fit (below glibc's mmap threshold once it has risen to
+32 MiB) come from heaps whose freed blocks stay resident; fitting down_proj at Qwen3-30B-A3B's shapes (280 MiB of
+parameters, 2 Adam steps) peaked 590-700 MiB higher than with ``MALLOC_MMAP_THRESHOLD_=131072``, which maps
+every large block and returns it on free, at about 20 % more CPU time (BENCHMARKS.md §12.15)."""
 
 STORED_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 """Bytes per element of ``compress --dtype``."""
@@ -129,6 +143,10 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
         "embedding and head (float32)": outer * 4,
         "calibration activations (float32)": 2 * tokens * shape.hidden_size * 4,
     }
+    if method.moment_samples is not None:
+        kept_inputs = min(tokens * layout.top_k, shape.num_experts * method.moment_samples)
+        parts[f"routed inputs kept for the moments, at most {method.moment_samples} per expert (float32)"] = (
+            kept_inputs * shape.hidden_size * 4)
     if method.needs_fisher:
         fisher_tokens = min(calibration.fisher_samples, calibration.samples) * calibration.seqlen
         parts["Fisher layer inputs (float32)"] = (num_layers + 1) * fisher_tokens * shape.hidden_size * 4
@@ -136,14 +154,15 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
     copy_bytes = 0 if factor_bytes == STORED_BYTES[dtype] == 4 else STORED_BYTES[dtype]
     kept = (1 - ratio) * shape.dense_expert_params
     grams = {}
-    if chunk > 1:
+    if chunk > 1 and reads_grams(method):
         grams[f"Grams of {chunk} experts (float64)"] = chunk * (shape.hidden_size**2 + shape.intermediate_size**2) * 8
     mapped = max((min(RELEASE_BYTES * len(layer_files[l]), layer_bytes[l]) for l in layer_files), default=0)
+    decoder_layer = {
+        "one decoder layer (float32)": max(layer_params.values(), default=0) * 4,
+        "mapped checkpoint pages": mapped,
+    }
     phases = {
-        "calibration": {
-            "one decoder layer (float32)": max(layer_params.values(), default=0) * 4,
-            "mapped checkpoint pages": mapped,
-        },
+        "calibration": {**decoder_layer, **layer_forward_activations(shape, layout.top_k, calibration)},
         "compression": {
             **grams,
             f"mapped checkpoint pages ({'this and the next layer' if method.needs_next_layer else 'the layer'})":
@@ -160,9 +179,24 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
         },
     }
     if method.needs_fisher:
-        phases["Fisher backward"] = {**phases["calibration"],
-                                     **fisher_backward_activations(shape, layout.top_k, calibration)}
+        phases["Fisher backward"] = {**decoder_layer, **fisher_backward_activations(shape, layout.top_k, calibration)}
     return MemoryEstimate(parts, phases)
+
+
+def layer_forward_activations(shape: LayerShape, top_k: int, calibration) -> dict[str, int]:
+    """What one batch of ``--calib-batch-size`` windows going through a decoder layer holds at once
+    (calibration.forward_layerwise, no gradient), in float32: per routed token-expert pair (``top_k`` per token)
+    the larger of the two halves of transformers' grouped experts forward (integrations/moe.py: the pair's input
+    with gate and up, act(gate) and h, 1 hidden- and 4 intermediate-sized vectors; then the input, the expert's
+    output, its routing-weighted copy and that copy in token order, 4 hidden-sized); per token the attention
+    block's and norms' activations, 8 hidden-sized vectors as in :func:`fisher_backward_activations`. Measured at
+    Qwen3-30B-A3B's shapes, 8 windows of 128 tokens: the forward raised the RSS of the loaded layer by 320 MiB
+    (BENCHMARKS.md §12.15); this counts 320."""
+    batch = min(calibration.batch_size, calibration.samples)
+    h, i = shape.hidden_size, shape.intermediate_size
+    per_token = top_k * max(4 * h, h + 4 * i) + 8 * h
+    return {f"layer forward, {batch} windows of {calibration.seqlen} tokens (float32)":
+            batch * calibration.seqlen * per_token * 4}
 
 
 def fisher_backward_activations(shape: LayerShape, top_k: int, calibration) -> dict[str, int]:
@@ -178,6 +212,14 @@ def fisher_backward_activations(shape: LayerShape, top_k: int, calibration) -> d
     per_token = top_k * (5 * h + 6 * i) + 8 * h
     return {f"Fisher backward, {batch} windows of {calibration.seqlen} tokens (float32)":
             batch * calibration.seqlen * per_token * 4}
+
+
+def reads_grams(method) -> bool:
+    """Whether ``method`` reads the per-expert Grams, computed only when read (calibration.ExpertGrams): plain svd,
+    MoBE and RFID-MoE do not."""
+    if isinstance(method, PlainSVD):
+        return method.whitened
+    return not isinstance(method, BasisMethod)
 
 
 def factorizes(method) -> bool:
@@ -204,10 +246,14 @@ def basis_fit_working_set(method: BasisMethod, shape: LayerShape, ratio: float) 
     """MoBE / RFID-MoE fit one projection at a time; the larger of its two steps (methods/basis_fit.py).
     Initialisation: the projection's parameters (float32) and group_basis.each_group's workers, each holding
     group_basis.group_working_set of the largest group matrix (float64; RFID-MoE's effective ranks, before, hold
-    less). Fit: the parameters with their gradients, two Adam moments and the best state (float32), and one
-    group's target, prediction and error (float32)."""
+    less). Fit: the parameters with their gradients, two Adam moments and the best state (float32; the best
+    state is copied into one set, basis_fit._adam), the two temporaries of the largest parameter tensor that
+    torch's Adam step forms on the CPU (its single-tensor step takes the parameters one at a time and forms
+    sqrt(v) and its quotient before the update; :meth:`BasisMethod.largest_parameter`), one group's target,
+    prediction and error (float32), and the freed heap glibc keeps meanwhile (FIT_HEAP_RETAINED)."""
     h, i = shape.hidden_size, shape.intermediate_size
     fitted = round((1 - ratio) * shape.num_experts * h * i)
+    largest = max(method.largest_parameter(p, shape, fitted) for p in method.factorized)
     k = method.opts.group_size
     held, workers = max((factorization_workers(w) * w, factorization_workers(w))
                         for w in (group_working_set(k * method.dims(p, shape)[0], method.dims(p, shape)[1])
@@ -218,7 +264,9 @@ def basis_fit_working_set(method: BasisMethod, shape: LayerShape, ratio: float) 
     }
     fit = {
         "one projection's fit: parameters, gradients, 2 Adam moments, best state (float32)": 5 * fitted * 4,
+        "Adam step's 2 temporaries of the largest parameter (float32)": 2 * largest * 4,
         "one group's target, prediction, error (float32)": k * h * i * 3 * 4,
+        f"freed heap kept by glibc, {FIT_HEAP_RETAINED} x the parameters": FIT_HEAP_RETAINED * fitted * 4,
     }
     return max(initialisation, fit, key=lambda step: sum(step.values()))
 

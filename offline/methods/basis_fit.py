@@ -116,12 +116,23 @@ def unscaled(fitted: torch.Tensor, scale: float) -> torch.Tensor:
     return (fitted.double() * scale).float()
 
 
+def per_expert(groups: list[list[int]], group_coefs: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
+    """The experts' fitted coefficients in expert order, in the units of W on the CPU, from one [k, out, K] tensor
+    per group (its experts in the group's order)."""
+    coef_of: dict[int, torch.Tensor] = {}
+    for group, coef in zip(groups, group_coefs):
+        for j, e in enumerate(group):
+            coef_of[e] = unscaled(coef[j], scale).cpu()
+    return [coef_of[e] for e in sorted(coef_of)]
+
+
 def _adam(params: list[torch.Tensor], loss_terms, count: int,
           options: FitOptions) -> tuple[list[float], int, list[torch.Tensor]]:
     """Full-batch Adam on Σ(terms)/``count``, ``loss_terms()`` yielding the loss's squared-error sums part by part
     (a group or a chunk of experts): each part is backpropagated before the next is formed, so one part's autograd
-    graph and target are alive at a time, and the gradients add up to the whole loss's. Returns the loss per
-    step (step 0 = start), the best step and the best parameters."""
+    graph and target are alive at a time, and the gradients add up to the whole loss's. The best parameters are
+    copied into one set allocated at the start, so a new best never holds two. Returns the loss per step
+    (step 0 = start), the best step and the best parameters."""
     optimizer = torch.optim.Adam(params, lr=options.lr)
     curve: list[float] = []
     best, best_step, best_state = math.inf, 0, [p.detach().clone() for p in params]
@@ -136,7 +147,9 @@ def _adam(params: list[torch.Tensor], loss_terms, count: int,
         value = float(total / count)
         curve.append(value)
         if value < best:
-            best, best_step, best_state = value, step, [p.detach().clone() for p in params]
+            best, best_step = value, step
+            for kept, p in zip(best_state, params):
+                kept.copy_(p.detach())
         elif step - best_step >= options.patience:
             break
         if step == options.steps or not math.isfinite(value):
@@ -196,13 +209,8 @@ def fit_grouped(weights, groups: list[list[int]], ranks: list[int], options: Fit
     _log_times("grouped", weights, initialisation, elapsed(fit_started), len(curve) - 1)
     m = len(groups)
     best_bases, best_coefs = best[:m], best[m : 2 * m]
-    coef_of: dict[int, torch.Tensor] = {}
-    for group, coef in zip(groups, best_coefs):
-        for j, e in enumerate(group):
-            coef_of[e] = unscaled(coef[j], scale).cpu()
     return FittedProjection(
-        groups=groups, bases=[b.cpu() for b in best_bases],
-        coefs=[coef_of[e] for e in range(len(weights))],
+        groups=groups, bases=[b.cpu() for b in best_bases], coefs=per_expert(groups, best_coefs, scale),
         etas=[unscaled(eta, scale).cpu() for eta in best[2 * m]] if residual_size else None,
         loss_curve=curve, best_step=best_step,
     )
@@ -214,30 +222,33 @@ def fit_mixed(weights, groups: list[list[int]], rank: int, options: FitOptions,
 
     ``weights`` [E, out, in] is read a group at a time (an ExpertStack is never stacked): the loss is summed
     and backpropagated over the groups' experts in turn (the bases' gradients accumulate over them), each
-    group's target re-read every step. The group SVDs and the fit run on ``device``; the result is on the CPU."""
+    group's target re-read every step. The coefficients are one parameter per group, so a group's backward
+    makes a gradient of its own coefficients only (of one [E, out, K] tensor indexed by the group, it would make
+    a zero-filled one of the whole tensor, and Adam's step temporaries of that size). The group SVDs and the fit
+    run on ``device``; the result is on the CPU."""
     started = clock()
     scale = projection_std(weights)
     num_experts, out_dim = len(weights), weights.shape[1]
     bases = torch.zeros(len(groups), rank, weights.shape[2], device=device)
-    coefs = torch.zeros(num_experts, out_dim, rank, device=device)
+    coefs = []
     logits = torch.zeros(num_experts, len(groups), device=device)
     inits = each_group(weights, groups, lambda g, matrix: truncated_group_svd(matrix, rank), device)
     for j, (group, (left, basis)) in enumerate(zip(groups, inits)):
         bases[j] = basis.float()
-        coefs[group] = left.view(len(group), out_dim, rank).float()  # SVD of the unscaled W, as MoBE train.py
+        coefs.append(left.view(len(group), out_dim, rank).float())  # SVD of the unscaled W, as MoBE train.py
         logits[group, j] = 1.0
-    params = [bases.requires_grad_(), coefs.requires_grad_(), logits.requires_grad_()]
+    params = [bases.requires_grad_(), *(c.requires_grad_() for c in coefs), logits.requires_grad_()]
 
     def loss_terms():
-        for group in groups:  # softmax is row-wise: each group's mixing weights on their own
+        for j, group in enumerate(groups):  # softmax is row-wise: each group's mixing weights on their own
             right = activate(torch.einsum("em,mri->eri", logits[group].softmax(dim=1), bases), options.activation)
-            yield ((coefs[group] @ right - scaled_members(weights, group, scale).to(device)) ** 2).sum()
+            yield ((coefs[j] @ right - scaled_members(weights, group, scale).to(device)) ** 2).sum()
 
     initialisation, fit_started = elapsed(started), clock()
-    curve, best_step, (best_bases, best_coefs, best_logits) = _adam(params, loss_terms, math.prod(weights.shape),
-                                                                    options)
+    curve, best_step, best = _adam(params, loss_terms, math.prod(weights.shape), options)
     _log_times("mixed", weights, initialisation, elapsed(fit_started), len(curve) - 1)
+    best_bases, best_coefs, best_logits = best[0], best[1:-1], best[-1]
     return FittedProjection(
-        groups=groups, bases=list(best_bases.cpu()), coefs=[unscaled(c, scale).cpu() for c in best_coefs],
+        groups=groups, bases=list(best_bases.cpu()), coefs=per_expert(groups, best_coefs, scale),
         mix=best_logits.double().softmax(dim=1).cpu(), loss_curve=curve, best_step=best_step,
     )

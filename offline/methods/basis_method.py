@@ -97,6 +97,11 @@ class BasisMethod(CompressionMethod):
     def floor_params(self, proj: str, shape: LayerShape) -> int:
         """Parameters a factorised projection stores at the smallest rank (1)."""
 
+    @abstractmethod
+    def largest_parameter(self, proj: str, shape: LayerShape, params: int) -> int:
+        """Elements of the largest tensor the fit of ``proj`` trains when the projection has ``params`` parameters
+        (for memory_model: Adam's step forms temporaries of that size)."""
+
     def fixed_params(self, shape: LayerShape) -> int:
         dense = sum(shape.hidden_size * shape.intermediate_size * shape.num_experts
                     for p in PROJECTIONS if p not in self.factorized)

@@ -27,6 +27,13 @@ class MoBE(BasisMethod):
     def floor_params(self, proj: str, shape: LayerShape) -> int:
         return self.rank_cost(proj, shape) + shape.num_experts * self.num_groups(shape)
 
+    def largest_parameter(self, proj: str, shape: LayerShape, params: int) -> int:
+        """The bases [m, K, in] or one group's coefficients [k, out, K] (basis_fit.fit_mixed), at the rank K that
+        ``params`` parameters pay for."""
+        out_dim, in_dim = self.dims(proj, shape)
+        rank = params // self.rank_cost(proj, shape)
+        return max(self.num_groups(shape) * in_dim, self.opts.group_size * out_dim) * rank
+
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
         shape = inputs.shape
         groups = index_groups(shape.num_experts, self.opts.group_size)

@@ -76,6 +76,14 @@ class RFIDMoE(BasisMethod):
     def floor_params(self, proj: str, shape: LayerShape) -> int:
         return self.num_groups(shape) * (self.rank_cost(proj, shape) + self.residual_size(shape))
 
+    def largest_parameter(self, proj: str, shape: LayerShape, params: int) -> int:
+        """One group's coefficients [k, out, K_g] or basis [K_g, in] at the largest rank ``params`` parameters pay
+        for in one group (at most max_rank), or the groups' residual vectors [m, a] (basis_fit.fit_grouped)."""
+        out_dim, in_dim = self.dims(proj, shape)
+        rank = min(self.max_rank(proj, shape), params // self.rank_cost(proj, shape))
+        return max(max(self.opts.group_size * out_dim, in_dim) * rank,
+                   self.num_groups(shape) * self.residual_size(shape))
+
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
         weights, counts, shape, opts = inputs.weights, inputs.stats.counts, inputs.shape, self.opts
         groups = frequency_groups(counts, opts.group_size)
