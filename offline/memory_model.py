@@ -95,7 +95,7 @@ FIT_HEAP_RETAINED = 2
 Measured, not derived: the group-sized tensors of the fit (below glibc's mmap threshold once it has risen to
 32 MiB) come from heaps whose freed blocks stay resident; fitting down_proj at Qwen3-30B-A3B's shapes (280 MiB of
 parameters, 2 Adam steps) peaked 590-700 MiB higher than with ``MALLOC_MMAP_THRESHOLD_=131072``, which maps
-every large block and returns it on free, at about 20 % more CPU time (BENCHMARKS.md §12.15)."""
+every large block and returns it on free, at about 20 % more CPU time (BENCHMARKS.md §12.16)."""
 
 STORED_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 """Bytes per element of ``compress --dtype``."""
@@ -191,7 +191,7 @@ def layer_forward_activations(shape: LayerShape, top_k: int, calibration) -> dic
     output, its routing-weighted copy and that copy in token order, 4 hidden-sized); per token the attention
     block's and norms' activations, 8 hidden-sized vectors as in :func:`fisher_backward_activations`. Measured at
     Qwen3-30B-A3B's shapes, 8 windows of 128 tokens: the forward raised the RSS of the loaded layer by 320 MiB
-    (BENCHMARKS.md §12.15); this counts 320."""
+    (BENCHMARKS.md §12.16); this counts 320."""
     batch = min(calibration.batch_size, calibration.samples)
     h, i = shape.hidden_size, shape.intermediate_size
     per_token = top_k * max(4 * h, h + 4 * i) + 8 * h
