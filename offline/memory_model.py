@@ -25,7 +25,7 @@ not reuse it for the serialisation's large buffers, BENCHMARKS.md §12.10):
   downstream influence, the next layer's; the same bound per file as above); the per-expert Grams not yet handed
   to a worker (``--expert-chunk`` experts of [H, H] and of [I, I] in float64 when a chunk holds several experts;
   with one expert per chunk the worker takes the chunk itself, counted in its working set; none for the methods
-  that read no Gram, :func:`reads_grams`: they are computed only when read); the layer's factors
+  that read no Gram, ``method.reads_grams``: they are computed only when read); the layer's factors
   as the method holds them (float32: methods.base.factorize_experts and RS-MoE cast each expert's as they are
   formed, and MoBE / RFID-MoE fit in float32); and what the method holds besides (:func:`method_working_set`).
   For svd, whitened-svd and d2 that is one expert's working set per factorisation worker
@@ -154,7 +154,7 @@ def estimate_peak(ckpt, layout, num_layers: int, method, calibration, expert_chu
     copy_bytes = 0 if factor_bytes == STORED_BYTES[dtype] == 4 else STORED_BYTES[dtype]
     kept = (1 - ratio) * shape.dense_expert_params
     grams = {}
-    if chunk > 1 and reads_grams(method):
+    if chunk > 1 and method.reads_grams:
         grams[f"Grams of {chunk} experts (float64)"] = chunk * (shape.hidden_size**2 + shape.intermediate_size**2) * 8
     mapped = max((min(RELEASE_BYTES * len(layer_files[l]), layer_bytes[l]) for l in layer_files), default=0)
     decoder_layer = {
@@ -212,14 +212,6 @@ def fisher_backward_activations(shape: LayerShape, top_k: int, calibration) -> d
     per_token = top_k * (5 * h + 6 * i) + 8 * h
     return {f"Fisher backward, {batch} windows of {calibration.seqlen} tokens (float32)":
             batch * calibration.seqlen * per_token * 4}
-
-
-def reads_grams(method) -> bool:
-    """Whether ``method`` reads the per-expert Grams, computed only when read (calibration.ExpertGrams): plain svd,
-    MoBE and RFID-MoE do not."""
-    if isinstance(method, PlainSVD):
-        return method.whitened
-    return not isinstance(method, BasisMethod)
 
 
 def factorizes(method) -> bool:

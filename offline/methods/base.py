@@ -277,6 +277,12 @@ class CompressionMethod(ABC):
         return False
 
     @property
+    def reads_grams(self) -> bool:
+        """Whether the method reads the per-expert Grams (calibration.ExpertGrams, computed only when read; the
+        memory model counts a chunk of them only then)."""
+        return True
+
+    @property
     def moment_samples(self) -> int | None:
         """When set, calibration also collects ActivationMoments (keeping this many routed inputs per expert)."""
         return None

@@ -65,6 +65,10 @@ class BasisMethod(CompressionMethod):
     Options = BasisOptions
 
     @property
+    def reads_grams(self) -> bool:
+        return False  # the fits read the weights (and per-expert routing counts), no Gram
+
+    @property
     def fit(self) -> FitOptions:
         return FitOptions(self.opts.activation, self.opts.fit_steps, self.opts.fit_lr, self.opts.fit_patience)
 

@@ -12,6 +12,10 @@ class PlainSVD(CompressionMethod):
     name = "svd"
     whitened = False
 
+    @property
+    def reads_grams(self) -> bool:
+        return self.whitened
+
     def compress_layer(self, inputs: LayerInputs) -> LayerResult:
         shape, stats = inputs.shape, inputs.stats
         ranks = self.ranks_for(inputs.budget, shape, stats)
