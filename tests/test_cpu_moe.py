@@ -527,3 +527,17 @@ def test_plugin_cpu_path_compiles_fullgraph(scheme):
         assert torch.equal(compiled(module, x, weights, ids), eager)
 
 
+
+def test_benchmark_rounds_alternate_the_order_of_the_paths():
+    """``benchmarks/cpu_moe.py``'s rounds run the paths in the given order in even rounds and reversed in odd ones
+    (the second path of a round ran faster at identical code), after one warm-up call each; the flush before
+    every path's calls."""
+    from benchmarks.cpu_moe import timed_rounds
+
+    calls = []
+    paths = {name: (lambda name: lambda: calls.append(name))(name) for name in "abc"}
+    ms = timed_rounds(paths, [()], rounds=3, calls=2, flush=lambda: calls.append("flush"))
+    assert set(ms) == set("abc")
+    timed = [c for c in calls[3:] if c != "flush"]
+    assert calls[:3] == list("abc") and timed == list("aabbcc" "ccbbaa" "aabbcc")
+    assert calls[3:].count("flush") == 9
