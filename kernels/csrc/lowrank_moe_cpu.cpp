@@ -323,7 +323,8 @@ at::TensorOptions options_of() {
 // Prefetch: while brgemm multiplies one chunk (project) or column block (expand), the first piece of the next one
 // is prefetched (the whole next chunk or block where unblocked). Prefetching also the next piece within a chunk
 // (f736ee2) issued a burst of prefetches between brgemm calls that the core waited in: at Mixtral shapes and 256
-// tokens base_delta took 397 ms with it against 379 without (same run, BENCHMARKS.md §10.14).
+// tokens base_delta took 417 ms with it (397 with only the expand's, as f736ee2 built) against 379 without (same
+// run, BENCHMARKS.md §10.14).
 constexpr int64_t kAmxBlockedRows = 32;  // the blocking below from this many activation rows on; fewer: one call
                                          // per 32 rows of b (project) or 64 columns (expand) over the whole K
 // Project's aᵀ up to this many bytes stays in L2 (2 MiB per core on the Xeon measured) while brgemm walks the
