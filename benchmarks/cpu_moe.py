@@ -31,8 +31,10 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
 
 Each call gets a fresh random routing (uniform top-k, softmax weights), cycled from ``--routings`` drawn
 ones, so the routed experts' weights are not cache-hot from the previous call. Timing: ``--rounds``
-alternating rounds (every path once per round, in turn); a round runs each path ``--calls`` times and keeps
-the mean; the table gives the median over rounds. The copy bandwidth (a 512 MiB ``copy_``, ``--copy-mib``:
+alternating rounds (every path once per round, in turn; odd rounds reverse the order of the paths, since a path
+ran 17–25 % faster second than first in a round at identical code: BENCHMARKS.md §10.12); a round runs each path
+``--calls`` times and keeps the mean; the table gives the median over rounds (use an even ``--rounds`` for
+each path to run as often in each place). The copy bandwidth (a 512 MiB ``copy_``, ``--copy-mib``:
 (read + write bytes) / time) is one more path in the same rounds, so it sees the same machine load. Each row:
 ms, the bytes the path must read (the routed experts' weights or factors plus shared ones, in the dtype the
 path multiplies in: ``ours`` converts bf16 to fp32 at load on CPUs without native bf16, so its bytes are fp32
@@ -122,7 +124,9 @@ def dense_baselines(num_experts: int, h: int, i: int, dtype, gen, torch_loop: bo
 
 def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int, clock=time.perf_counter,
                  flush=None) -> dict[str, float]:
-    """Median over ``rounds`` of each path's mean ms per call; paths alternate within every round. ``flush``
+    """Median over ``rounds`` of each path's mean ms per call; paths alternate within every round, in the given
+    order in even rounds and reversed in odd ones (the second path of a round found part of the first one's
+    routed factors in cache: 17–25 % faster at identical code, BENCHMARKS.md §10.12). ``flush``
     (untimed) runs before each path's calls, so every path starts from the same cold caches: a layer that fits
     in L3 (the reference model's) ran ~1.5× slower as the path right after the copy than as the next one, the
     same op in both places. ``clock``: wall time (``time.perf_counter``) or this process's CPU time
@@ -130,8 +134,8 @@ def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int, clock=time.
     for fn in paths.values():  # warm-up (and first-call allocations)
         fn(*inputs[0])
     samples = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, fn in paths.items():
+    for r in range(rounds):
+        for name, fn in (paths.items() if r % 2 == 0 else reversed(paths.items())):
             if flush is not None:
                 flush()
             start = clock()
@@ -261,7 +265,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 256])
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds of every path in turn; odd rounds reverse the order (default 4: each path as "
+                        "often first as last)")
     parser.add_argument("--calls", type=int, default=4, help="calls per path per round (default 4)")
     parser.add_argument("--routings", type=int, default=4, help="random routings cycled through (default 4)")
     parser.add_argument("--skip", nargs="*", choices=["torch op", "torch loop"], default=[],

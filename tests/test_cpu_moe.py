@@ -404,18 +404,20 @@ def test_amx_pair_layout_matches_float64_dense_math(scheme, routing):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_amx_blocked_products_match_float64_dense_math(threads):
-    """amx_product's blocking (kAmxRows, kAmxTokens, kAmxDepth) at sizes over every block with tails: base_delta
-    in bf16 on the pair layout, 150 tokens top-2 over 3 experts (~100 rows per expert: two 64-token aᵀ panels and
-    a tail; the base's gate/up project over all 150 tokens), hidden 1100 (project's inner dimension in pieces of
-    512, 512 and 76; expand's 64-column blocks with a 12-column tail), base channels 300 (600 rows of b: four
-    128-row chunks and a tail; base down's inner dimension in 256-row pieces with a tail), ranks 257–301 (expand
-    over two or three 256-row pieces, odd ranks with a pad row), intermediate 600 (down project: 512 and 88),
-    against float64 dense math; one and two threads (the chunks split over them)."""
+    """amx_product's blocking (kAmxRows, kAmxTokens, kAmxDepth, amx_blocked) at sizes over every block with tails:
+    base_delta in bf16 on the pair layout, 150 tokens top-2 over 3 experts (~100 rows per expert: two 64-token aᵀ
+    panels and a tail), hidden 4000 (expand's 64-column blocks with a 32-column tail). Both sides of project's rule
+    (blocked only where aᵀ is over kAmxCachedActivationBytes, 1 MiB): the base's gate/up project over all 150
+    tokens (aᵀ 150 × 4000 bf16 = 1.2 MB) blocked, its inner dimension in pieces of 512 with a 416 tail, base
+    channels 300 (600 rows of b: four 128-row chunks and a tail); the experts' gate/up projects (~100 × 4000:
+    0.8 MB) and down projects (intermediate 600) unblocked over the panels. Expand blocked throughout: base down's
+    inner dimension in 256-row pieces with a tail, ranks 257–301 (two or three 256-row pieces, odd ranks with a
+    pad row). Against float64 dense math; one and two threads (the chunks split over them)."""
     if not amx_usable():
         pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
     ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(23)
-    hidden, inter, tokens = 1100, 600, 150
+    hidden, inter, tokens = 4000, 600, 150
     tensors = packed_layer([[300, 257, 40], [260, 301, 66], [261, 290, 270]], hidden, inter, 300, gen)
     reference_layer = dense_experts(*tensors)
     ids = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(tokens)]).to(torch.int32)
@@ -524,3 +526,18 @@ def test_plugin_cpu_path_compiles_fullgraph(scheme):
         assert eager.norm() > 0  # not a vacuous comparison
         assert torch.equal(compiled(module, x, weights, ids), eager)
 
+
+
+def test_benchmark_rounds_alternate_the_order_of_the_paths():
+    """``benchmarks/cpu_moe.py``'s rounds run the paths in the given order in even rounds and reversed in odd ones
+    (the second path of a round ran faster at identical code), after one warm-up call each; the flush before
+    every path's calls."""
+    from benchmarks.cpu_moe import timed_rounds
+
+    calls = []
+    paths = {name: (lambda name: lambda: calls.append(name))(name) for name in "abc"}
+    ms = timed_rounds(paths, [()], rounds=3, calls=2, flush=lambda: calls.append("flush"))
+    assert set(ms) == set("abc")
+    timed = [c for c in calls[3:] if c != "flush"]
+    assert calls[:3] == list("abc") and timed == list("aabbcc" "ccbbaa" "aabbcc")
+    assert calls[3:].count("flush") == 9

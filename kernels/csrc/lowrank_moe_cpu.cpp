@@ -83,6 +83,9 @@ constexpr int64_t prefetch_ahead() {
   return kPrefetchBytes / static_cast<int64_t>(sizeof(T));
 }
 
+// Call it in the loop that needs it, never from a helper or lambda holding only prefetch loops: GCC (12) treats
+// such a function as side-effect free (const) and deletes its calls (amx_product's project did, BENCHMARKS.md
+// §10.14); this one-line helper is inlined before that analysis runs.
 template <typename T>
 inline void prefetch(const T* p) {
   if constexpr (kPrefetchBytes > 0) __builtin_prefetch(p, 0, 1);
@@ -307,17 +310,36 @@ at::TensorOptions options_of() {
 // Blocking: one brgemm call over a whole inner dimension K re-reads its cached operand (aᵀ, or z) from L2 or
 // beyond at every tile step; at Mixtral-8x7B shapes (~64 rows per expert at 256 tokens, the base's project over all
 // 256 tokens: a 2 MiB aᵀ per 32 rows of b) the op's products ran at 60–180 GMAC/s. Now K is taken kAmxDepth at a
-// time (fp32 C added across the pieces, the next piece of the factor prefetched while brgemm multiplies this
-// one), and project takes b in kAmxRows-row chunks against aᵀ in kAmxTokens-token panels. Per kind of product
-// (base_delta, Mixtral shapes, 256 tokens, one thread, loaded host, thread CPU time per product), GMAC/s before →
+// time (fp32 C added across the pieces), and project takes b in kAmxRows-row chunks against aᵀ in kAmxTokens-token
+// panels. Per kind of product (base_delta, Mixtral shapes, 256 tokens, one thread, loaded host, thread CPU time per
+// product; the project's prefetch was missing in these, see below), GMAC/s before →
 // after: base gate/up project (n = 256, K = 4096) 176 → 270, base down expand (K = 14,336) 119 → 150, experts'
 // gate/up expand (K = 808, N = 14,336) 78 → 117, down project (K = 14,336) 76 → 101, down expand 59 → 118,
 // gate/up project 126 → 141; the call 660 → 475 ms. Depths 128–512, 32–256 rows and 32–all tokens per panel were
 // tried in a scratch benchmark of these loops (the chosen ones best or within noise). Below kAmxBlockedRows rows
 // (Qwen3-30B-A3B's ~16 per expert at 256 tokens) the blocked project was slower (K = 768: 52 → 32 GMAC/s,
-// K = 2048: 65 → 55), so those keep the unblocked calls.
+// K = 2048: 65 → 55), so those keep the unblocked calls; and project keeps them while aᵀ fits in half of L2
+// (amx_blocked).
+// Prefetch: while brgemm multiplies one chunk (project) or column block (expand), the first piece of the next one
+// is prefetched (the whole next chunk or block where unblocked). Prefetching also the next piece within a chunk
+// (f736ee2) issued a burst of prefetches between brgemm calls that the core waited in: at Mixtral shapes and 256
+// tokens base_delta took 417 ms with it (397 with only the expand's, as f736ee2 built) against 379 without (same
+// run, BENCHMARKS.md §10.14).
 constexpr int64_t kAmxBlockedRows = 32;  // the blocking below from this many activation rows on; fewer: one call
                                          // per 32 rows of b (project) or 64 columns (expand) over the whole K
+// Project's aᵀ up to this many bytes stays in L2 (2 MiB per core on the Xeon measured) while brgemm walks the
+// rows of b, so taking K in pieces only adds calls and the add across them: at Qwen3-30B-A3B shapes the base's
+// gate/up project over 256 tokens (aᵀ 256 × 2048 bf16 = 1 MiB) took 3.0–3.2 ms unblocked against 3.4–3.5 ms
+// blocked (thread CPU time per call, three same-run comparisons); Mixtral-8x7B's (2 MiB) is the case the
+// blocking was made for. Expand's cached operand is a piece of a's rows; it stays blocked from kAmxBlockedRows on.
+constexpr int64_t kAmxCachedActivationBytes = 1 << 20;
+
+// Whether amx_product takes the inner dimension in pieces (blocked) for n activation rows and inner size K.
+bool amx_blocked(int64_t n, int64_t K, bool transposed) {
+  if (n < kAmxBlockedRows) return false;
+  return !transposed || n * K * static_cast<int64_t>(sizeof(c10::BFloat16)) > kAmxCachedActivationBytes;
+}
+
 constexpr int64_t kAmxRows[2] = {32, 128};  // project: rows of b per chunk, unblocked and blocked (the yᵀ chunk
                                             // [128, n] stays in L2)
 constexpr int64_t kAmxTokens = 64;   // project: tokens per aᵀ panel (brgemm's N; [kAmxDepth, 64] bf16 in L1)
@@ -330,7 +352,7 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   namespace blas = at::native::cpublas;
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
   const int64_t Ks = transposed ? K : stored_rows(K, true);  // expand: a's columns meeting the stored pair rows
-  const bool blocked = n >= kAmxBlockedRows;
+  const bool blocked = amx_blocked(n, K, transposed);
   const int64_t depth = blocked ? kAmxDepth[transposed] : Ks;
   // The activations in bf16: aᵀ in VNNI per panel of kAmxTokens tokens (project: panel t0 at t0 · K, [K/2, m]
   // 32-bit pairs for its m tokens) or a row-major, zero-padded (expand).
@@ -353,23 +375,21 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     const int64_t lo0 = c0 * chunk, hi = std::min(N, c1 * chunk);  // this thread's rows (project) or columns
     if (transposed) {
-      // the rows [r, r + rows) of b at columns [k0, k0 + depth), 64-byte lines (the hardware prefetchers stop at
-      // each row's piece: rows are K · 2 bytes apart)
-      auto prefetch_piece = [&](int64_t r, int64_t rows, int64_t k0) {
-        const int64_t kk = std::min(depth, K - k0);
-        for (int64_t j = r; j < r + rows; ++j)
-          for (int64_t k = 0; k < kk; k += 32) prefetch(b.p + j * K + k0 + k);
-      };
       std::vector<float> yt(chunk * n);  // a chunk of yᵀ
       for (int64_t lo = lo0; lo < hi; lo += chunk) {
         const int64_t rows = std::min(chunk, hi - lo), next = std::min(chunk, hi - lo - rows);
         for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
           const int64_t m = std::min(kAmxTokens, n - t0);
           for (int64_t k0 = 0; k0 < K; k0 += depth) {
-            // prefetch what comes next from memory: on the first panel this chunk's next piece, on the last
-            // panel's last piece the next chunk's first (later panels find the chunk in L2)
-            if (t0 == 0 && k0 + depth < K) prefetch_piece(lo, rows, k0 + depth);
-            if (t0 + kAmxTokens >= n && k0 + depth >= K && next > 0) prefetch_piece(lo + rows, next, 0);
+            // on the last panel's last piece, prefetch the next chunk's first piece (64-byte lines; the hardware
+            // prefetchers stop at each row's piece: rows are K · 2 bytes apart). Written out here, not as a
+            // helper: GCC 12 found a lambda holding only such loops free of side effects (__builtin_prefetch
+            // touches no memory it models) and deleted its calls, so from f736ee2 (the blocking) to this fix no
+            // project prefetched (objdump: one prefetch loop in gemm<BFloat16>, the expand's, instead of two),
+            // which cost base_delta 10–13 % at Qwen3-30B-A3B shapes and 256 tokens (BENCHMARKS.md §10.14).
+            if (t0 + kAmxTokens >= n && k0 + depth >= K)
+              for (int64_t j = lo + rows; j < lo + rows + next; ++j)
+                for (int64_t k = 0; k < std::min(depth, K); k += 32) prefetch(b.p + j * K + k);
             blas::brgemm(rows, m, std::min(depth, K - k0), K, m, n, k0 > 0, b.p + lo * K + k0,
                          ab.data() + t0 * K + k0 * m, yt.data() + t0);
           }
@@ -384,13 +404,11 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
       for (int64_t lo = lo0; lo < hi; lo += chunk) {
         const int64_t cols = std::min(chunk, hi - lo), next = std::min(chunk, hi - lo - cols);
         for (int64_t k0 = 0; k0 < Ks; k0 += depth) {
-          // the next piece's parts of the pair rows (64-byte lines; the pair rows are N · 4 bytes apart, and the
-          // hardware prefetchers stop at each part): this block's next piece, or the next block's first
-          const bool last = k0 + depth >= Ks;
-          const int64_t p0 = last ? 0 : (k0 + depth) / 2, p1 = std::min(Ks, (last ? 0 : k0 + depth) + depth) / 2;
-          const int64_t c = last ? lo + cols : lo, width = last ? next : cols;
-          for (int64_t p = p0; p < p1; ++p)
-            for (int64_t j = 0; j < width; j += 16) prefetch(lanes + p * N + c + j);
+          // on the last piece, prefetch the next block's first piece of the pair rows (64-byte lines; the pair
+          // rows are N · 4 bytes apart, and the hardware prefetchers stop at each part)
+          if (k0 + depth >= Ks)
+            for (int64_t p = 0; p < std::min(Ks, depth) / 2; ++p)
+              for (int64_t j = 0; j < next; j += 16) prefetch(lanes + p * N + lo + cols + j);
           blas::brgemm(n, cols, std::min(depth, Ks - k0), Ks, N, ldy, accumulate || k0 > 0, ab.data() + k0,
                        b.p + k0 * N + 2 * lo, y + lo);
         }
