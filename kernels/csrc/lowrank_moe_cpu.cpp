@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
 #ifdef __linux__
@@ -356,11 +357,14 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   const int64_t depth = blocked ? kAmxDepth[transposed] : Ks;
   // The activations in bf16: aᵀ in VNNI per panel of kAmxTokens tokens (project: panel t0 at t0 · K, [K/2, m]
   // 32-bit pairs for its m tokens) or a row-major, zero-padded (expand).
-  std::vector<Bf> ab(n * Ks);
+  // Not value-initialised (a std::vector<Bf> zero-fills element by element: 10 % of a prefill call at the
+  // reference model's shapes): every value is written below, expand's pad column included.
+  const std::unique_ptr<Bf[]> ab(new Bf[n * Ks]);
   std::vector<Bf> row(transposed ? K : 0);
   for (int64_t t = 0; t < n; ++t) {
     if (!transposed) {
-      at::vec::convert(a + t * lda, ab.data() + t * Ks, K);
+      at::vec::convert(a + t * lda, ab.get() + t * Ks, K);
+      if (Ks > K) ab[t * Ks + K] = Bf(0.f);
       continue;
     }
     // the pair (k, k + 1) of token t (panel t0 of m tokens) at t0 · K + 2 · ((k / 2) · m + t − t0): the row's
@@ -368,14 +372,14 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
     const int64_t t0 = t - t % kAmxTokens, m = std::min(kAmxTokens, n - t0);
     at::vec::convert(a + t * lda, row.data(), K);
     const uint32_t* pairs = reinterpret_cast<const uint32_t*>(row.data());
-    uint32_t* out = reinterpret_cast<uint32_t*>(ab.data() + t0 * K) + (t - t0);
+    uint32_t* out = reinterpret_cast<uint32_t*>(ab.get() + t0 * K) + (t - t0);
     for (int64_t p = 0; p < K / 2; ++p) out[p * m] = pairs[p];
   }
   const int64_t chunk = transposed ? kAmxRows[blocked] : kAmxColumns;
   at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     const int64_t lo0 = c0 * chunk, hi = std::min(N, c1 * chunk);  // this thread's rows (project) or columns
     if (transposed) {
-      std::vector<float> yt(chunk * n);  // a chunk of yᵀ
+      const std::unique_ptr<float[]> yt(new float[chunk * n]);  // a chunk of yᵀ (each piece's first call writes it)
       for (int64_t lo = lo0; lo < hi; lo += chunk) {
         const int64_t rows = std::min(chunk, hi - lo), next = std::min(chunk, hi - lo - rows);
         for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
@@ -391,7 +395,7 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
               for (int64_t j = lo + rows; j < lo + rows + next; ++j)
                 for (int64_t k = 0; k < std::min(depth, K); k += 32) prefetch(b.p + j * K + k);
             blas::brgemm(rows, m, std::min(depth, K - k0), K, m, n, k0 > 0, b.p + lo * K + k0,
-                         ab.data() + t0 * K + k0 * m, yt.data() + t0);
+                         ab.get() + t0 * K + k0 * m, yt.get() + t0);
           }
         }
         for (int64_t t = 0; t < n; ++t) {
@@ -409,7 +413,7 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
           if (k0 + depth >= Ks)
             for (int64_t p = 0; p < std::min(Ks, depth) / 2; ++p)
               for (int64_t j = 0; j < next; j += 16) prefetch(lanes + p * N + lo + cols + j);
-          blas::brgemm(n, cols, std::min(depth, Ks - k0), Ks, N, ldy, accumulate || k0 > 0, ab.data() + k0,
+          blas::brgemm(n, cols, std::min(depth, Ks - k0), Ks, N, ldy, accumulate || k0 > 0, ab.get() + k0,
                        b.p + k0 * N + 2 * lo, y + lo);
         }
       }
