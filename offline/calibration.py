@@ -100,7 +100,8 @@ initial threshold, the one the first layer's forward runs with in a fresh proces
 COMPUTE_MMAP_THRESHOLD = 32 * 2**20
 """The mmap threshold everywhere else (the methods, the journal): DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, where
 glibc's dynamic threshold ends once a block of that size has been mapped and freed (with a trim threshold of
-twice that), as it had in every layer after the first before :func:`mapped_large_blocks`."""
+twice that): the most it reached in the later layers before :func:`mapped_large_blocks` (not measured directly:
+glibc does not report it)."""
 
 
 @contextlib.contextmanager
@@ -114,7 +115,10 @@ def mapped_large_blocks():
     peaked higher than the first layer's, where they were mapped: at Qwen3-30B-A3B's shapes, 8 windows of 128
     tokens, 3,657 against 3,513 MiB with whitened-svd and 3,811 against 3,602 with rs, the resident set between
     layers being the same (BENCHMARKS.md §12.17). Each layer's forward runs as the first did; setting the
-    threshold ends glibc's adjustment, so the rest of the run is given the values the adjustment reaches."""
+    threshold ends glibc's adjustment, so the rest of the run is given the values the adjustment reaches.
+    It does not stop glibc from serving a block from a free chunk of the heap, which it tries before mapping one:
+    where the previous layer's compression left a large heap pinned by live blocks near its top (rs and d2 at those
+    shapes), the forward still takes its chunks; memory_model.FORWARD_HEAP_RETAINED counts that."""
     if _MALLOPT is not None:
         _MALLOPT(M_MMAP_THRESHOLD, FORWARD_MMAP_THRESHOLD)
     try:
