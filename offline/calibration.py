@@ -16,6 +16,7 @@ methods receive (counts, routing weights, moments, each Gram) is on the CPU, as 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -82,6 +83,50 @@ def _glibc_malloc_trim() -> Callable[[int], int] | None:
 
 
 _MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to set
+        return None
+
+
+_MALLOPT = _glibc_mallopt()
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+FORWARD_MMAP_THRESHOLD = 128 * 1024
+"""Blocks from this size up are mapped (and unmapped when freed) while a decoder layer is built and run: glibc's
+initial threshold, the one the first layer's forward runs with in a fresh process."""
+COMPUTE_MMAP_THRESHOLD = 32 * 2**20
+"""The mmap threshold everywhere else (the methods, the journal): DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, where
+glibc's dynamic threshold ends once a block of that size has been mapped and freed (with a trim threshold of
+twice that): the most it reached in the later layers before :func:`mapped_large_blocks` (not measured directly:
+glibc does not report it)."""
+
+
+@contextlib.contextmanager
+def mapped_large_blocks():
+    """Within the block, glibc maps every allocation of FORWARD_MMAP_THRESHOLD or more and returns it when freed;
+    afterwards the threshold is COMPUTE_MMAP_THRESHOLD (a no-op off glibc).
+
+    glibc raises its mmap threshold to the size of each mapped block freed (up to 32 MiB), and from then on blocks
+    below it come from the heap, whose freed blocks stay resident until trimmed. A compressed layer frees such
+    blocks, so the next decoder layer's forward ran with its activations (most below 32 MiB) in the heap and
+    peaked higher than the first layer's, where they were mapped: at Qwen3-30B-A3B's shapes, 8 windows of 128
+    tokens, 3,657 against 3,513 MiB with whitened-svd and 3,811 against 3,602 with rs, the resident set between
+    layers being the same (BENCHMARKS.md §12.17). Each layer's forward runs as the first did; setting the
+    threshold ends glibc's adjustment, so the rest of the run is given the values the adjustment reaches.
+    It does not stop glibc from serving a block from a free chunk of the heap, which it tries before mapping one:
+    where the previous layer's compression left a large heap pinned by live blocks near its top (rs and d2 at those
+    shapes), the forward still takes its chunks; memory_model.FORWARD_HEAP_RETAINED counts that."""
+    if _MALLOPT is not None:
+        _MALLOPT(M_MMAP_THRESHOLD, FORWARD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if _MALLOPT is not None:
+            _MALLOPT(M_MMAP_THRESHOLD, COMPUTE_MMAP_THRESHOLD)
+            _MALLOPT(M_TRIM_THRESHOLD, 2 * COMPUTE_MMAP_THRESHOLD)
 
 
 def release_freed_memory() -> None:
@@ -408,15 +453,16 @@ def forward_layerwise(
     total = source.num_layers
     for index in tqdm(range(start_layer, total), desc=desc, unit="layer", disable=not progress,
                       initial=start_layer, total=total):
-        with source.layer(index, device) as layer:
-            remove = observe(index, layer) if observe is not None else None
-            try:
-                for b, call in enumerate(calls):
-                    hidden[b] = call_layer(layer, call, hidden[b])
-            finally:
-                if remove is not None:
-                    remove()
-        del layer  # the layer's weights are freed before the caller compresses it
+        with mapped_large_blocks():  # the layer and its forward's activations mapped, as in a fresh process
+            with source.layer(index, device) as layer:
+                remove = observe(index, layer) if observe is not None else None
+                try:
+                    for b, call in enumerate(calls):
+                        hidden[b] = call_layer(layer, call, hidden[b])
+                finally:
+                    if remove is not None:
+                        remove()
+            del layer  # the layer's weights are freed before the caller compresses it
         release_freed_memory()  # and their heap returned, so that the next layer's float32 copy does not land on top
         after_layer(index, hidden)
 

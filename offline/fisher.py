@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .calibration import capture_layer0_inputs, call_layer, clock, elapsed, forward_layerwise, release_freed_memory
+from .calibration import (capture_layer0_inputs, call_layer, clock, elapsed, forward_layerwise, mapped_large_blocks,
+                          release_freed_memory)
 from .choices import FISHER_BATCH_TOKENS
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def expert_fisher(
     lowest = min(moe, default=source.num_layers)  # the layers below it hold no expert: nothing to back-propagate
     for index in tqdm(reversed(range(lowest, source.num_layers)), desc="fisher backward", unit="layer",
                       disable=not progress, total=source.num_layers - lowest):
-        with source.layer(index) as layer, torch.enable_grad():
+        with mapped_large_blocks(), source.layer(index) as layer, torch.enable_grad():  # as in calibration
             for p in layer.parameters():  # no weight takes a gradient: the experts' come from their calls below
                 p.requires_grad_(False)
             experts = layer.mlp.experts if index in moe else None

@@ -49,7 +49,12 @@ not reuse it for the serialisation's large buffers, BENCHMARKS.md §12.10):
   ``--fisher-batch-size`` windows (:func:`fisher_backward_activations`).
 
 This is an estimate of the tensors, not of allocator slack (except the heap glibc keeps during a MoBE /
-RFID-MoE fit, measured: FIT_HEAP_RETAINED) or the interpreter (a fixed allowance below).
+RFID-MoE fit, measured: FIT_HEAP_RETAINED) or the interpreter (a fixed allowance below). Each layer's build and
+forward run with glibc's initial mmap threshold (calibration.mapped_large_blocks): before, what a compressed layer
+freed raised the threshold and every later layer's forward kept its freed activations in the heap, 144–209 MiB over
+the first layer's at Qwen3-30B-A3B's shapes; where the previous layer's compression leaves a large heap pinned
+(RS-MoE's), its free chunks still serve the forward, and that heap is counted (FORWARD_HEAP_RETAINED, BENCHMARKS.md
+§12.17).
 It counts every part as host memory, as a ``--device cpu`` run holds it, and is checked against the available
 RAM whatever the device: with ``--device cuda`` the decoder layer, the calibration activations going through
 it and the Gram chunk being summed are on the GPU instead (the Grams and factors handed to the methods are
@@ -96,6 +101,17 @@ Measured, not derived: the group-sized tensors of the fit (below glibc's mmap th
 32 MiB) come from heaps whose freed blocks stay resident; fitting down_proj at Qwen3-30B-A3B's shapes (280 MiB of
 parameters, 2 Adam steps) peaked 590-700 MiB higher than with ``MALLOC_MMAP_THRESHOLD_=131072``, which maps
 every large block and returns it on free, at about 20 % more CPU time (BENCHMARKS.md §12.16)."""
+
+FORWARD_HEAP_RETAINED = 0.75
+"""Freed heap a decoder layer's forward keeps, in multiples of its activations (:func:`layer_forward_activations`),
+when the methods' compression of the previous layer has left the heap large. Measured, not derived: each layer's
+forward runs with glibc's initial mmap threshold (calibration.mapped_large_blocks), but glibc serves a block from a
+free chunk of the heap before it maps one, and RS-MoE's compression of a layer leaves 1.25 GiB of trimmed heap
+(0.19 GiB in use) pinned by blocks still alive at its top: at Qwen3-30B-A3B's shapes, 8 windows of 128 tokens, its
+layer 1's forward peaked 244 MiB over layer 0's (3,793 against 3,548 MiB; 0.76 x the 320 MiB counted), against
+209 MiB before mapped_large_blocks. whitened-svd's heap was given back whole and its layer 1's forward peaked as
+layer 0's (144 MiB over it before). Counted for every method; measured at that batch only (blocks of 32 MiB and
+more are always mapped, so at larger batches this probably over-counts). BENCHMARKS.md §12.17."""
 
 STORED_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 """Bytes per element of ``compress --dtype``."""
@@ -191,12 +207,15 @@ def layer_forward_activations(shape: LayerShape, top_k: int, calibration) -> dic
     output, its routing-weighted copy and that copy in token order, 4 hidden-sized); per token the attention
     block's and norms' activations, 8 hidden-sized vectors as in :func:`fisher_backward_activations`. Measured at
     Qwen3-30B-A3B's shapes, 8 windows of 128 tokens: the forward raised the RSS of the loaded layer by 320 MiB
-    (BENCHMARKS.md §12.16); this counts 320."""
+    (BENCHMARKS.md §12.16); this counts 320. Plus the heap the forward keeps after a compressed layer
+    (FORWARD_HEAP_RETAINED)."""
     batch = min(calibration.batch_size, calibration.samples)
     h, i = shape.hidden_size, shape.intermediate_size
     per_token = top_k * max(4 * h, h + 4 * i) + 8 * h
-    return {f"layer forward, {batch} windows of {calibration.seqlen} tokens (float32)":
-            batch * calibration.seqlen * per_token * 4}
+    activations = batch * calibration.seqlen * per_token * 4
+    return {f"layer forward, {batch} windows of {calibration.seqlen} tokens (float32)": activations,
+            f"freed heap the forward keeps after a compressed layer, {FORWARD_HEAP_RETAINED} x its activations":
+                round(FORWARD_HEAP_RETAINED * activations)}
 
 
 def fisher_backward_activations(shape: LayerShape, top_k: int, calibration) -> dict[str, int]:
