@@ -75,24 +75,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _glibc_malloc_trim() -> Callable[[int], int] | None:
+def _glibc(function: str) -> Callable[..., int] | None:
+    """glibc's ``function``, or None off glibc (macOS, musl: nothing to trim or set)."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return getattr(ctypes.CDLL("libc.so.6"), function)
+    except (OSError, AttributeError):
         return None
 
 
-_MALLOC_TRIM = _glibc_malloc_trim()
-
-
-def _glibc_mallopt() -> Callable[[int, int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to set
-        return None
-
-
-_MALLOPT = _glibc_mallopt()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 FORWARD_MMAP_THRESHOLD = 128 * 1024
 """Blocks from this size up are mapped (and unmapped when freed) while a decoder layer is built and run: glibc's
