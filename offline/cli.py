@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Collection
 from pathlib import Path
@@ -364,12 +365,15 @@ COMMANDS = {"compress": (_add_compress, run_compress), "eval-ppl": (_add_eval_pp
 that runs it)."""
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The sub-command: the first word that is not an option (moe-compress's own options take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # The sub-command is the first word that is not an option (moe-compress's own options take no value); only
-    # its arguments are built, so that nothing but compress imports the method modules (and torch).
-    command = next((word for word in argv if not word.startswith("-")), None)
-    args = build_parser(commands=[command]).parse_args(argv)
+    # Only the sub-command's arguments are built, so that nothing but compress imports the method modules (and torch).
+    args = build_parser(commands=[_command_of(argv)]).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -386,5 +390,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# Commands that run vLLM's engine inside this process (lm-eval's vLLM backend): entry() ends them without the
+# interpreter's finalisation.
+IN_PROCESS_ENGINE_COMMANDS = frozenset({"eval-zeroshot"})
+
+
+def entry() -> None:
+    """The ``moe-compress`` command and ``python -m vllm_moe_compress.offline.cli``: ``main``, then exit with its code.
+
+    After eval-zeroshot the process ends with ``os._exit`` once the streams are flushed: vLLM's engine client leaves
+    native threads in this process whose destruction during the interpreter's finalisation aborted complete runs
+    (SIGABRT, "terminate called without an active exception", after "wrote OUT": once in CI, 1 of 14 runs in a
+    loop here), so a caller saw a failed command whose result was written. Finalisation has nothing left to do for
+    it: the result is written atomically and the engine's own process is shut down (evaluation/zeroshot.py)."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if _command_of(argv) in IN_PROCESS_ENGINE_COMMANDS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

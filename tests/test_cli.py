@@ -51,6 +51,27 @@ def test_console_script_help():
     assert done.returncode == 0 and "--ratio" in done.stdout and "TOTAL model parameters" in done.stdout
 
 
+@pytest.mark.parametrize("command, returncode", [("eval-zeroshot", 0), ("inspect", -6)])
+def test_entry_ends_in_process_engine_commands_without_finalisation(command, returncode):
+    """eval-zeroshot ends with os._exit once main returns (its output flushed); other commands exit normally. An
+    atexit abort stands for the vLLM client threads whose destruction at interpreter exit aborted complete runs."""
+    child = f"""
+import atexit, os, sys
+from vllm_moe_compress.offline import cli
+atexit.register(os.abort)
+def main(argv):
+    print("result written", argv)
+    return 0
+cli.main = main
+sys.argv = ["moe-compress", "{command}", "--flag"]
+cli.entry()
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert done.returncode == returncode, done.stderr[-2000:]
+    if returncode == 0:
+        assert done.stdout == f"result written ['{command}', '--flag']\n"
+
+
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
 def test_ratio_outside_open_interval_is_rejected(tmp_path, ratio, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -17,9 +17,10 @@ Task sources (``--tasks-source``):
 vLLM runs inside this process through lm-eval's ``LLM`` object; vLLM starts its engine core in a spawned
 subprocess, so the caller's entry point must be guarded by ``if __name__ == "__main__"`` (the ``moe-compress``
 script and ``python -m vllm_moe_compress.offline.cli`` are). On CPU, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) defaults to 1 here.
-The engine is shut down explicitly once the scores are in (``_shut_down``): left to the interpreter's exit, its
-teardown raced other finalisers and once aborted the process (SIGABRT, "terminate called without an active
-exception") after a complete evaluation, which a caller sees as a failed run.
+The engine is shut down explicitly once the scores are in (``_shut_down``), not left to the interpreter's exit. The
+engine client's native threads still aborted about one complete run in 15 during the interpreter's finalisation
+(SIGABRT, "terminate called without an active exception"), so the command line ends eval-zeroshot without it
+(``cli.entry``); a caller that runs ``evaluate_zeroshot`` in its own process meets the same teardown.
 """
 
 from __future__ import annotations
