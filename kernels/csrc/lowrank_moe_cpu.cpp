@@ -332,7 +332,9 @@ constexpr int64_t kAmxBlockedRows = 32;  // the blocking below from this many ac
 // rows of b, so taking K in pieces only adds calls and the add across them: at Qwen3-30B-A3B shapes the base's
 // gate/up project over 256 tokens (aᵀ 256 × 2048 bf16 = 1 MiB) took 3.0–3.2 ms unblocked against 3.4–3.5 ms
 // blocked (thread CPU time per call, three same-run comparisons); Mixtral-8x7B's (2 MiB) is the case the
-// blocking was made for. Expand's cached operand is a piece of a's rows; it stays blocked from kAmxBlockedRows on.
+// blocking was made for. Expand's cached operand is a piece of a's rows; it stays blocked from kAmxBlockedRows on
+// (unblocked below this size it was slower: Mixtral-8x7B's experts' expands, a 64 × 808 bf16, 142 against 88 ms
+// per call, BENCHMARKS.md §10.18), and this size bounds its spans (expand_span).
 constexpr int64_t kAmxCachedActivationBytes = 1 << 20;
 
 // Whether amx_product takes the inner dimension in pieces (blocked) for n activation rows and inner size K.
@@ -346,7 +348,8 @@ bool amx_blocked(int64_t n, int64_t K, bool transposed) {
 // piece). Each brgemm call reads a's rows for its piece; with the whole K per column block, a beyond L2 was re-read
 // from L3 or memory for each of the N / kAmxColumns blocks: Mixtral-8x7B's base down over 256 tokens (a: 256 ×
 // 14,336 bf16 = 7.3 MB, 64 blocks: 470 MB of re-reads) ran at ~170 GMAC/s against the base gate/up project's ~300
-// (BENCHMARKS.md §10.18). y's [n, kAmxColumns] block is then added into once per span instead of once.
+// (BENCHMARKS.md §10.18: 77 → 65–67 ms per call, thread CPU time, same runs). y's [n, kAmxColumns] block is then
+// added into once per span instead of once.
 int64_t expand_span(int64_t n, int64_t Ks, int64_t depth) {
   const int64_t fit = kAmxCachedActivationBytes / (n * static_cast<int64_t>(sizeof(c10::BFloat16)));
   return std::min(Ks, std::max(depth, fit / depth * depth));
