@@ -396,9 +396,13 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
       const std::unique_ptr<float[]> yt(new float[chunk * n]);  // a chunk of yᵀ (each piece's first call writes it)
       for (int64_t lo = lo0; lo < hi; lo += chunk) {
         const int64_t rows = std::min(chunk, hi - lo), next = std::min(chunk, hi - lo - rows);
-        for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
-          const int64_t m = std::min(kAmxTokens, n - t0);
-          for (int64_t k0 = 0; k0 < K; k0 += depth) {
+        // piece by piece: each piece of the chunk's rows of b (128 × 1 KiB) multiplied by every aᵀ panel in turn,
+        // in L1/L2 meanwhile. Panel by panel, the chunk (1 MiB at K = 4096) was re-read from L3 for each panel:
+        // Mixtral-8x7B's base gate/up project over 256 tokens (four panels) took 1.6–10 ms longer per call, the
+        // experts' down projects 2–5 ms (two same-process runs, BENCHMARKS.md §10.18).
+        for (int64_t k0 = 0; k0 < K; k0 += depth) {
+          for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
+            const int64_t m = std::min(kAmxTokens, n - t0);
             // on the last panel's last piece, prefetch the next chunk's first piece (64-byte lines; the hardware
             // prefetchers stop at each row's piece: rows are K · 2 bytes apart). Written out here, not as a
             // helper: GCC 12 found a lambda holding only such loops free of side effects (__builtin_prefetch
