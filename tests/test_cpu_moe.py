@@ -163,6 +163,8 @@ CASES = {  # name: (ranks [gate, up, down] per expert, base channels, tokens, to
     "single token, top-k over all experts": ([[3, 4, 5, 6, 0], [3, 4, 5, 6, 0], [1, 2, 3, 0, 4]], 10, 1, 5, set()),
     "top-1": ([[2, 8, 1, 3, 4], [2, 8, 1, 3, 4], [2, 8, 1, 3, 4]], 16, 11, 1, {0, 2}),
     "all ranks zero (base only)": ([[0] * 5, [0] * 5, [0] * 5], 12, 6, 2, set()),
+    # every channel in the base (D²-MoE's default): its product read as the experts' addend, no scatter or gather
+    "every channel in the base": ([[5, 0, 3, 7, 2], [4, 6, 0, 7, 1], [3, 0, 5, 0, 8]], 20, 12, 2, set()),
     "2-8 tokens per expert": ([[9, 4, 17, 6, 11], [5, 12, 3, 8, 16], [7, 2, 13, 19, 4]], 9, 16, 2, set()),
     "~10 tokens per expert (GEMM)": ([[6, 3, 8, 2], [4, 7, 1, 5], [3, 6, 2, 9]], 11, 40, 1, set()),
     # ≥ 8 active experts per thread with GEMM-sized experts: split over the threads too (split_experts)
@@ -189,13 +191,15 @@ def test_cpu_path_matches_float64_dense_math(case, small_row_limit):
         assert error <= tolerance, (dtype, error)
 
 
+@pytest.mark.parametrize("full_base", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_dynamic_pruning_matches_the_torch_path(dtype):
+def test_dynamic_pruning_matches_the_torch_path(dtype, full_base):
     """D²-MoE Eq. 9: the same base-down columns dropped per batch as kernels/base_delta_torch.py (float64 on the
-    same values). bf16: on AMX CPUs the base down is in the pair layout, its 13 channels padded with a zero row."""
+    same values). bf16: on AMX CPUs the base down is in the pair layout, its 13 channels padded with a zero row.
+    full_base: all 18 channels in the base (the op drops columns of the weighted sum itself, not of a gather)."""
     gen = torch.Generator().manual_seed(1)
-    tensors = packed_layer([[3, 1, 4, 2], [2, 2, 2, 2], [1, 3, 0, 2]], 16, 18, 14 if dtype == torch.float64 else 13,
-                           gen)
+    channels = 18 if full_base else 14 if dtype == torch.float64 else 13
+    tensors = packed_layer([[3, 1, 4, 2], [2, 2, 2, 2], [1, 3, 0, 2]], 16, 18, channels, gen)
     tensors = tuple(t.to(dtype).double() if t.is_floating_point() else t for t in tensors)  # the values stored
     x = torch.randn(5, 16, generator=gen, dtype=torch.float64)
     ids, weights = routing(5, 4, 2, gen)
@@ -425,6 +429,38 @@ def test_amx_blocked_products_match_float64_dense_math(threads):
     x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
     weights = torch.rand(tokens, 2, generator=gen, dtype=torch.float64).softmax(1)
     reference = dense_moe(x, ids, weights, reference_layer)
+    previous, previous_threads = ops.set_amx_gemm(1), torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        layout = base_delta_cpu.prepare(tensors[0], *(t.to(torch.bfloat16) for t in tensors[1:7]), tensors[7])
+        assert int(layout.pairs) == 1
+        got = base_delta_cpu.base_delta_moe(x.to(torch.bfloat16), ids, weights, layout).double()
+    finally:
+        ops.set_amx_gemm(previous)
+        torch.set_num_threads(previous_threads)
+    error = float((got - reference).norm() / reference.norm())
+    assert error <= TOLERANCE[torch.bfloat16], error
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_expand_spans_match_float64_dense_math(threads):
+    """Expand's spans (expand_span): where a's [n, K] bf16 block is over kAmxCachedActivationBytes (1 MiB), K is
+    taken span by span over every column block. base_delta in bf16 on the pair layout with every channel in the
+    base, 300 tokens top-2 over 3 experts: the base down's a is 300 × 2000 bf16 = 1.2 MB, spans of 1536 rows (six
+    256-row pieces) and a 464-row tail span (a 208-row tail piece); hidden 200 (three 64-column blocks and an
+    8-column tail); the experts' ~200-row expands (ranks 35–70: a ≤ 28 KB) in one span. Against float64 dense math;
+    one and two threads (the column blocks split over them)."""
+    if not amx_usable():
+        pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
+    ops = cpu_extension.cpu_ops()
+    gen = torch.Generator().manual_seed(31)
+    hidden, inter, tokens = 200, 2000, 300
+    tensors = packed_layer([[40, 35, 70], [66, 41, 36], [37, 70, 45]], hidden, inter, inter, gen)
+    assert torch.equal(tensors[7], torch.arange(inter))
+    ids = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(tokens)]).to(torch.int32)
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    weights = torch.rand(tokens, 2, generator=gen, dtype=torch.float64).softmax(1)
+    reference = dense_moe(x, ids, weights, dense_experts(*tensors))
     previous, previous_threads = ops.set_amx_gemm(1), torch.get_num_threads()
     try:
         torch.set_num_threads(threads)

@@ -332,13 +332,27 @@ constexpr int64_t kAmxBlockedRows = 32;  // the blocking below from this many ac
 // rows of b, so taking K in pieces only adds calls and the add across them: at Qwen3-30B-A3B shapes the base's
 // gate/up project over 256 tokens (aᵀ 256 × 2048 bf16 = 1 MiB) took 3.0–3.2 ms unblocked against 3.4–3.5 ms
 // blocked (thread CPU time per call, three same-run comparisons); Mixtral-8x7B's (2 MiB) is the case the
-// blocking was made for. Expand's cached operand is a piece of a's rows; it stays blocked from kAmxBlockedRows on.
+// blocking was made for. Expand's cached operand is a piece of a's rows; it stays blocked from kAmxBlockedRows on
+// (unblocked below this size it was slower: Mixtral-8x7B's experts' expands, a 64 × 808 bf16, 142 against 88 ms
+// per call, BENCHMARKS.md §10.18), and this size bounds its spans (expand_span).
 constexpr int64_t kAmxCachedActivationBytes = 1 << 20;
 
 // Whether amx_product takes the inner dimension in pieces (blocked) for n activation rows and inner size K.
 bool amx_blocked(int64_t n, int64_t K, bool transposed) {
   if (n < kAmxBlockedRows) return false;
   return !transposed || n * K * static_cast<int64_t>(sizeof(c10::BFloat16)) > kAmxCachedActivationBytes;
+}
+
+// The rows of K (a multiple of depth) expand multiplies for every column block before moving on to the next ones:
+// all of them while a's [n, K] bf16 block fits in kAmxCachedActivationBytes, else as many as fit (at least one
+// piece). Each brgemm call reads a's rows for its piece; with the whole K per column block, a beyond L2 was re-read
+// from L3 or memory for each of the N / kAmxColumns blocks: Mixtral-8x7B's base down over 256 tokens (a: 256 ×
+// 14,336 bf16 = 7.3 MB, 64 blocks: 470 MB of re-reads) ran at ~195 GMAC/s against the base gate/up project's ~330
+// (BENCHMARKS.md §10.18: 77 → 65–67 ms per call, thread CPU time, same runs). y's [n, kAmxColumns] block is then
+// added into once per span instead of once.
+int64_t expand_span(int64_t n, int64_t Ks, int64_t depth) {
+  const int64_t fit = kAmxCachedActivationBytes / (n * static_cast<int64_t>(sizeof(c10::BFloat16)));
+  return std::min(Ks, std::max(depth, fit / depth * depth));
 }
 
 constexpr int64_t kAmxRows[2] = {32, 128};  // project: rows of b per chunk, unblocked and blocked (the yᵀ chunk
@@ -382,9 +396,13 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
       const std::unique_ptr<float[]> yt(new float[chunk * n]);  // a chunk of yᵀ (each piece's first call writes it)
       for (int64_t lo = lo0; lo < hi; lo += chunk) {
         const int64_t rows = std::min(chunk, hi - lo), next = std::min(chunk, hi - lo - rows);
-        for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
-          const int64_t m = std::min(kAmxTokens, n - t0);
-          for (int64_t k0 = 0; k0 < K; k0 += depth) {
+        // piece by piece: each piece of the chunk's rows of b (128 × 1 KiB) multiplied by every aᵀ panel in turn,
+        // in L1/L2 meanwhile. Panel by panel, the chunk (1 MiB at K = 4096) was re-read from L3 for each panel:
+        // Mixtral-8x7B's base gate/up project over 256 tokens (four panels) took 1.6–10 ms longer per call, the
+        // experts' down projects 2–5 ms (two same-process runs, BENCHMARKS.md §10.18).
+        for (int64_t k0 = 0; k0 < K; k0 += depth) {
+          for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
+            const int64_t m = std::min(kAmxTokens, n - t0);
             // on the last panel's last piece, prefetch the next chunk's first piece (64-byte lines; the hardware
             // prefetchers stop at each row's piece: rows are K · 2 bytes apart). Written out here, not as a
             // helper: GCC 12 found a lambda holding only such loops free of side effects (__builtin_prefetch
@@ -405,16 +423,24 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
       }
     } else {
       const uint32_t* lanes = reinterpret_cast<const uint32_t*>(b.p);
-      for (int64_t lo = lo0; lo < hi; lo += chunk) {
-        const int64_t cols = std::min(chunk, hi - lo), next = std::min(chunk, hi - lo - cols);
-        for (int64_t k0 = 0; k0 < Ks; k0 += depth) {
-          // on the last piece, prefetch the next block's first piece of the pair rows (64-byte lines; the pair
-          // rows are N · 4 bytes apart, and the hardware prefetchers stop at each part)
-          if (k0 + depth >= Ks)
-            for (int64_t p = 0; p < std::min(Ks, depth) / 2; ++p)
-              for (int64_t j = 0; j < next; j += 16) prefetch(lanes + p * N + lo + cols + j);
-          blas::brgemm(n, cols, std::min(depth, Ks - k0), Ks, N, ldy, accumulate || k0 > 0, ab.get() + k0,
-                       b.p + k0 * N + 2 * lo, y + lo);
+      const int64_t span = expand_span(n, Ks, depth);
+      for (int64_t s0 = 0; s0 < Ks; s0 += span) {
+        const int64_t s1 = std::min(Ks, s0 + span);
+        for (int64_t lo = lo0; lo < hi; lo += chunk) {
+          const int64_t cols = std::min(chunk, hi - lo), next = std::min(chunk, hi - lo - cols);
+          // the block whose first piece is prefetched on this block's last piece: the next block of this span,
+          // after the last one the first block of the next span
+          const int64_t next_lo = next > 0 ? lo + cols : lo0, next_k0 = next > 0 ? s0 : s1;
+          const int64_t next_cols = next > 0 ? next : (next_k0 < Ks ? std::min(chunk, hi - lo0) : 0);
+          for (int64_t k0 = s0; k0 < s1; k0 += depth) {
+            // on the last piece, prefetch that block's first piece of the pair rows (64-byte lines; the pair
+            // rows are N · 4 bytes apart, and the hardware prefetchers stop at each part)
+            if (k0 + depth >= s1)
+              for (int64_t p = next_k0 / 2; p < std::min(Ks, next_k0 + depth) / 2; ++p)
+                for (int64_t j = 0; j < next_cols; j += 16) prefetch(lanes + p * N + next_lo + j);
+            blas::brgemm(n, cols, std::min(depth, s1 - k0), Ks, N, ldy, accumulate || k0 > 0, ab.get() + k0,
+                         b.p + k0 * N + 2 * lo, y + lo);
+          }
         }
       }
     }
@@ -654,16 +680,28 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
 
   // sums: the output [T, H], then (with a base) the routing-weighted h [T, I] the base down acts on
   std::vector<A> sums(T_ * H + (C ? T_ * I : 0), A(0));
-  std::vector<A> base_full;  // base gate/up once per token, scattered onto the I channels: [T, 2I]
+  // A base over every channel in order (D²-MoE's default, no base pruning: C = I) is already in the experts'
+  // channel order: its gate/up product is their [T, 2I] addend as it is, and the weighted h is the base down's
+  // input as it is. Otherwise the product is scattered onto the I channels and h's base columns gathered. At
+  // Mixtral-8x7B shapes and 256 tokens the scatter onto [T, 2I] (29 MB, allocated per call) took 16 ms and the
+  // gather 5 ms of a ~390 ms call (BENCHMARKS.md §10.18).
+  bool full_base = C == I;
+  for (int64_t j = 0; full_base && j < C; ++j) full_base = channel[j] == j;
+  std::unique_ptr<A[]> base_out, base_scattered;  // base gate/up once per token: [T, 2C], scattered [T, 2I]
+  const A* base_addend = nullptr;                 // [T, 2I]: one of the two
   if (C) {
-    std::vector<A> b(T_ * 2 * C);
-    project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, b.data(), 2 * C, false);
-    base_full.assign(T_ * 2 * I, A(0));
-    for (int64_t t = 0; t < T_; ++t)
-      for (int64_t j = 0; j < C; ++j) {
-        base_full[t * 2 * I + channel[j]] = b[t * 2 * C + j];
-        base_full[t * 2 * I + I + channel[j]] = b[t * 2 * C + C + j];
-      }
+    base_out.reset(new A[T_ * 2 * C]);  // written whole by the product (not value-initialised)
+    project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, base_out.get(), 2 * C, false);
+    base_addend = base_out.get();
+    if (!full_base) {
+      base_scattered.reset(new A[T_ * 2 * I]());
+      for (int64_t t = 0; t < T_; ++t)
+        for (int64_t j = 0; j < C; ++j) {
+          base_scattered[t * 2 * I + channel[j]] = base_out[t * 2 * C + j];
+          base_scattered[t * 2 * I + I + channel[j]] = base_out[t * 2 * C + C + j];
+        }
+      base_addend = base_scattered.get();
+    }
   }
   std::vector<int64_t> active;
   int64_t max_gu = 0, max_d = 0;
@@ -695,7 +733,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     if (!one) gather_rows(px, H, tokens, n, H, w.xe);
     A* gu = w.gu;  // [n, 2I] = [g | u]: the base addend, then += U z
     for (int64_t t = 0; t < n; ++t)
-      if (C) std::copy_n(base_full.data() + tokens[t] * 2 * I, 2 * I, gu + t * 2 * I);
+      if (C) std::copy_n(base_addend + tokens[t] * 2 * I, 2 * I, gu + t * 2 * I);
       else std::fill_n(gu + t * 2 * I, 2 * I, A(0));
     if (rg + ru) {
       project<T>(xe, H, n, {guv + r0 * H, rg + ru, H}, w.z, rg + ru, false);  // z = [V_g; V_u] x: [n, rg + ru]
@@ -725,19 +763,24 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   for_each_expert<A>(active.size(), split_experts<T>(active.size(), rows), sums.data(),
                      static_cast<int64_t>(sums.size()), make_work, visit);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
-    std::vector<A> wh(T_ * C);
-    const A* weighted = sums.data() + T_ * H;
-    for (int64_t t = 0; t < T_; ++t)
-      for (int64_t j = 0; j < C; ++j) wh[t * C + j] = weighted[t * I + channel[j]];
+    A* weighted = sums.data() + T_ * H;
+    std::unique_ptr<A[]> gathered;  // wh [T, C]: the weighted sum itself where the base is full
+    A* wh = weighted;
+    if (!full_base) {
+      gathered.reset(new A[T_ * C]);
+      wh = gathered.get();
+      for (int64_t t = 0; t < T_; ++t)
+        for (int64_t j = 0; j < C; ++j) wh[t * C + j] = weighted[t * I + channel[j]];
+    }
     if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
       // (their weights in wh set to zero, so the product reads the stored layout as it is, pairs or rows)
-      const at::Tensor whv = at::from_blob(wh.data(), {T_, C}, options_of<A>());
+      const at::Tensor whv = at::from_blob(wh, {T_, C}, options_of<A>());
       const at::Tensor rows =  // B_downᵀ's C rows, from the pair layout's [C/2, H, 2] where stored so
           pairs ? base_down_t.view({-1, H, 2}).transpose(1, 2).reshape({-1, H}).narrow(0, 0, C) : base_down_t;
       const at::Tensor score = rows.to(at::kFloat).norm(2, {1}) * whv.to(at::kFloat).norm(2, {0});
       whv.index_fill_(1, std::get<1>(score.topk(num_dynamic_drop, 0, /*largest=*/false)), 0);
     }
-    expand<T>(wh.data(), C, T_, {base_down_t.data_ptr<T>(), C, H, pairs}, sums.data(), H, true);
+    expand<T>(wh, C, T_, {base_down_t.data_ptr<T>(), C, H, pairs}, sums.data(), H, true);
   }
   return result(sums.data(), T_, H, x_in);
 }
