@@ -626,6 +626,100 @@ at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like
   return out;
 }
 
+// ---- Prefill at small hidden sizes: an expert's routed rows kept in bf16 (row tiles) ------------------------------
+// At the reference model's shapes (hidden 256, expert width 128, ranks ~11) an expert's row costs ~6 K
+// multiply-adds in its products, but the fp32 path around amx_product moved ~12 KB per routed row through separate
+// passes (gather into fp32, the base rows' copy, conversion and transpose of the activations per product, the
+// SwiGLU pass, the weighted-h add, the scatter): perf put 13 % of a 1,600-token call in the AMX micro-kernel
+// (BENCHMARKS.md §10.15). The row tile keeps the routed rows in bf16 as brgemm's A operand, row-major as they
+// are: gathered straight from the bf16 input, no transposes. Every product takes the factor as brgemm's B operand
+// in the pair layout: the expand-side factors as prepared (Block::pairs), the project-side V [r, in] packed per
+// call (pack_pairs: r · in values against the n · in of the activations, ~10× fewer at these shapes). SwiGLU, the
+// base rows, the routing-weighted h and h's bf16 copy for the down product are one pass; the fp32 outputs live in
+// per-call buffers reused across experts; one scatter at the end (BENCHMARKS.md §10.17).
+
+// b [N, K] row-major (K even) as brgemm's B operand of y = a bᵀ: [K/2, N] 32-bit pairs, pair p of row j at p · N + j
+// (b's rows viewed as K/2 32-bit values, transposed by at::vec::transpose_mxn: a bf16 pair moves as one float's
+// bits).
+inline void pack_pairs(const c10::BFloat16* b, int64_t N, int64_t K, c10::BFloat16* packed) {
+  at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(b), K / 2, reinterpret_cast<float*>(packed), N,
+                                static_cast<int>(N), static_cast<int>(K / 2));
+}
+
+// y [n, N] (row stride ldy) (+)= a [n, Ks] (bf16, row stride lda) · B, B [Ks, N] in the pair layout ([Ks/2, N]
+// pairs; Ks even: a's columns past the product's inner size zero), kAmxColumns columns per brgemm call. Ks = 0:
+// y = 0 (or unchanged).
+void tile_product(const c10::BFloat16* a, int64_t lda, int64_t n, int64_t Ks, const c10::BFloat16* b, int64_t N,
+                  float* y, int64_t ldy, bool accumulate) {
+  if (Ks == 0) {
+    if (!accumulate)
+      for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, 0.f);
+    return;
+  }
+  for (int64_t lo = 0; lo < N; lo += kAmxColumns)
+    at::native::cpublas::brgemm(n, std::min(kAmxColumns, N - lo), Ks, lda, N, ldy, accumulate, a, b + 2 * lo,
+                                y + lo);
+}
+
+// a [n, stored_rows(K, true)] (bf16, row stride lda) ← scale[t] · z[t, 0..K) (z row stride ldz, scaled in place;
+// scale nullptr: 1), the pad column of an odd K zero: a product's fp32 output as the next product's A operand.
+void scaled_rows(float* z, int64_t ldz, int64_t n, int64_t K, const float* scale, c10::BFloat16* a, int64_t lda) {
+  using V = at::vec::Vectorized<float>;
+  for (int64_t t = 0; t < n; ++t) {
+    float* zt = z + t * ldz;
+    c10::BFloat16* at = a + t * lda;
+    if (scale) at::vec::map([s = scale[t]](V v) { return v * V(s); }, zt, zt, K);
+    at::vec::convert(zt, at, K);
+    if (K % 2) at[K] = c10::BFloat16(0.f);
+  }
+}
+
+// Per routed row t < n: g ← silu(g + base_g) ⊙ (u + base_u) over the I channels (base(t): the row's base gate then
+// base up [2I], or nullptr), weighted_h(t) [I] += w_t · h (skipped for nullptr), and h in bf16 into hb [n, I]; g and
+// u are rows of gu [n, 2I].
+template <typename Base, typename WeightedH>
+void tile_swiglu(float* gu, int64_t n, int64_t I, Base base, WeightedH weighted_h, const float* w,
+                 c10::BFloat16* hb) {
+  using V = at::vec::Vectorized<float>;
+  constexpr int64_t W = V::size();
+  for (int64_t t = 0; t < n; ++t) {
+    float* g = gu + t * 2 * I;
+    const float* u = g + I;
+    const float* b = base(t);
+    float* wh = weighted_h(t);
+    const V weight(w[t]);
+    int64_t c = 0;
+    for (; c + W <= I; c += W) {
+      V gv = V::loadu(g + c), uv = V::loadu(u + c);
+      if (b) gv = gv + V::loadu(b + c), uv = uv + V::loadu(b + I + c);
+      const V h = gv / (V(1.f) + (V(0.f) - gv).exp()) * uv;
+      h.store(g + c);
+      if (wh) at::vec::fmadd(h, weight, V::loadu(wh + c)).store(wh + c);
+    }
+    for (; c < I; ++c) {
+      const float gc = g[c] + (b ? b[c] : 0.f), uc = u[c] + (b ? b[I + c] : 0.f);
+      g[c] = gc / (1.f + std::exp(-gc)) * uc;
+      if (wh) wh[c] += w[t] * g[c];
+    }
+    at::vec::convert(g, hb + t * I, I);
+  }
+}
+
+// Where an expert's rows take the row tile: bf16 factors on the AMX path with the pair layout, even hidden and
+// intermediate sizes (pairs of a row), more rows than the loops take (row_limit: 4 in bf16) and hidden ≤
+// kRowTileMaxHidden.
+// kRowTileMaxHidden: the tile was built and measured at the reference model's hidden 256 (and tested at 1000);
+// at Qwen3-30B-A3B's 2048 and Mixtral-8x7B's 4096 the per-row work is small against the products (4.7 M
+// multiply-adds per routed row) and amx_product's blocking (kAmxBlockedRows) is what those shapes were tuned on, so
+// they keep it: not measured with the tile.
+constexpr int64_t kRowTileMaxHidden = 1024;
+
+template <typename T>
+bool on_row_tile(int64_t n, int64_t H, int64_t I, bool pairs) {
+  return std::is_same_v<T, c10::BFloat16> && amx_gemm && pairs && H % 2 == 0 && I % 2 == 0 &&
+         H <= kRowTileMaxHidden && n > row_limit<T>();
+}
+
 // ---- base_delta (D²-MoE) ----------------------------------------------------------------------------------------
 
 // Σ_k w_k · expert_{id_k}(x), expert e: W_q = scatter(B_q) + U_e,q V_e,q (q = gate, up, down).
@@ -642,46 +736,80 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
                            const at::Tensor& base_down_t, const at::Tensor& base_channels_in, bool pairs,
                            int64_t num_dynamic_drop) {
   using A = AccT<T>;
-  const at::Tensor x = x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const int64_t T_ = x.size(0), H = x.size(1), I = d_v.size(1), E = meta_in.size(0);
+  using Bf = c10::BFloat16;
+  const int64_t T_ = x_in.size(0), H = x_in.size(1), I = d_v.size(1), E = meta_in.size(0);
   const int64_t C = base_channels_in.numel();
   const at::Tensor meta = meta_in.contiguous(), base_channels = base_channels_in.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
   const int64_t* channel = base_channels.data_ptr<int64_t>();
-  const A* px = x.data_ptr<A>();
   const T *guv = gu_v.data_ptr<T>(), *guut = gu_ut.data_ptr<T>(), *dv = d_v.data_ptr<T>(), *dut = d_ut.data_ptr<T>();
   const Routing<A> routing(topk_ids, topk_weights, E);
-
-  // sums: the output [T, H], then (with a base) the routing-weighted h [T, I] the base down acts on
-  std::vector<A> sums(T_ * H + (C ? T_ * I : 0), A(0));
-  std::vector<A> base_full;  // base gate/up once per token, scattered onto the I channels: [T, 2I]
-  if (C) {
-    std::vector<A> b(T_ * 2 * C);
-    project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, b.data(), 2 * C, false);
-    base_full.assign(T_ * 2 * I, A(0));
-    for (int64_t t = 0; t < T_; ++t)
-      for (int64_t j = 0; j < C; ++j) {
-        base_full[t * 2 * I + channel[j]] = b[t * 2 * C + j];
-        base_full[t * 2 * I + I + channel[j]] = b[t * 2 * C + C + j];
-      }
-  }
   std::vector<int64_t> active;
   int64_t max_gu = 0, max_d = 0;
+  bool all_tile = true, any_tile = false;  // whether every / any active expert takes the row tile (on_row_tile)
   for (int64_t e = 0; e < E; ++e)
     if (routing.rows(e)) {
       active.push_back(e);
       max_gu = std::max(max_gu, m[7 * e + 1] + m[7 * e + 2]);
       max_d = std::max(max_d, m[7 * e + 4]);
+      const bool tile = on_row_tile<T>(routing.rows(e), H, I, pairs);
+      all_tile = all_tile && tile, any_tile = any_tile || tile;
     }
+  // the base gate/up over all T tokens as a row tile too (from the bf16 rows, no fp32 copy)
+  const bool base_tile = C && on_row_tile<T>(T_, H, I, pairs);
+  // x in bf16 for the row tiles, in the accumulation type for the rest (only where some product needs it)
+  const at::Tensor xb = any_tile || base_tile ? x_in.to(at::kBFloat16).contiguous() : at::Tensor();
+  const at::Tensor x = all_tile && (!C || base_tile) ? at::Tensor()
+                                                      : x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const A* px = x.defined() ? x.data_ptr<A>() : nullptr;
+
+  // sums: the output [T, H], then (with a base) the routing-weighted h [T, I] the base down acts on
+  std::vector<A> sums(T_ * H + (C ? T_ * I : 0), A(0));
+  // a base over every channel in order (C = I, channels 0 .. I − 1: the 60 % layers of the reference model keep all
+  // 128): base gate/up need no scatter onto the channels, nor the weighted h a gather for the base down
+  bool every_channel = C == I;
+  for (int64_t j = 0; every_channel && j < C; ++j) every_channel = channel[j] == j;
+  std::vector<A> base_full;  // base gate/up once per token, scattered onto the I channels: [T, 2I]
+  if (C) {
+    std::vector<A> b(T_ * 2 * C);
+    if constexpr (std::is_same_v<T, Bf>) {
+      if (base_tile) {  // b = x B_guᵀ, B_gu packed (pack_pairs)
+        const std::unique_ptr<Bf[]> packed(new Bf[2 * C * H]);
+        pack_pairs(base_gu.data_ptr<Bf>(), 2 * C, H, packed.get());
+        tile_product(xb.data_ptr<Bf>(), H, T_, H, packed.get(), 2 * C, b.data(), 2 * C, false);
+        at::native::cpublas::brgemm_release();
+      }
+    }
+    if (!base_tile) project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, b.data(), 2 * C, false);
+    if (every_channel) base_full = std::move(b);
+    else base_full.assign(T_ * 2 * I, A(0));
+    for (int64_t t = 0; t < T_ && !every_channel; ++t)
+      for (int64_t j = 0; j < C; ++j) {
+        base_full[t * 2 * I + channel[j]] = b[t * 2 * C + j];
+        base_full[t * 2 * I + I + channel[j]] = b[t * 2 * C + C + j];
+      }
+  }
   const int64_t rows = routing.max_rows;
   struct Work {
     Arena<A> arena;
     A *xe, *gu, *z, *zd, *y;
+    // the row tile's bf16 buffers: x's rows [n, H], z [n, stored rg + stored ru], h [n, I], weighted zd [n, stored
+    // rd], a packed V (pack_pairs) (not value-initialised: every value read is written first)
+    std::unique_ptr<Bf[]> tile;
+    Bf *xb, *zb, *hb, *zdb, *vp;
   };
   auto make_work = [&] {
     Work w{Arena<A>(rows * (H + 2 * I + max_gu + max_d + H))};
     w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * I), w.z = w.arena.take(rows * max_gu);
     w.zd = w.arena.take(rows * max_d), w.y = w.arena.take(rows * H);
+    if (any_tile) {
+      const int64_t sizes[5] = {rows * H, rows * (max_gu + 2), rows * I, rows * (max_d + 1),
+                                std::max(max_gu * H, max_d * I)};
+      w.tile.reset(new Bf[sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4]]);
+      Bf** parts[5] = {&w.xb, &w.zb, &w.hb, &w.zdb, &w.vp};
+      Bf* next = w.tile.get();
+      for (int q = 0; q < 5; ++q) *parts[q] = next, next += sizes[q];
+    }
     return w;
   };
   auto visit = [&](int64_t i, Work& w, A* acc) {
@@ -690,6 +818,33 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     const A* wt = routing.weights.data() + begin;
     const int64_t* r = m + 7 * e;  // v_row, rg, ru, d_row, rd, ut_row, dut_row
     const int64_t r0 = r[0], rg = r[1], ru = r[2], d0 = r[3], rd = r[4], u0 = r[5];
+    if constexpr (std::is_same_v<T, Bf>) {
+      if (on_row_tile<T>(n, H, I, pairs)) {  // the row tile: the comment above pack_pairs
+        const Bf* x_rows = xb.data_ptr<Bf>();
+        const int64_t Sg = stored_rows(rg, true), Su = stored_rows(ru, true), Sd = stored_rows(rd, true);
+        for (int64_t t = 0; t < n; ++t) std::copy_n(x_rows + tokens[t] * H, H, w.xb + t * H);
+        if (rg + ru) {  // z = x [V_g; V_u]ᵀ: [n, rg + ru], then in bf16 as [z_g | pad | z_u | pad]
+          pack_pairs(guv + r0 * H, rg + ru, H, w.vp);
+          tile_product(w.xb, H, n, H, w.vp, rg + ru, w.z, rg + ru, false);
+          scaled_rows(w.z, rg + ru, n, rg, nullptr, w.zb, Sg + Su);
+          scaled_rows(w.z + rg, rg + ru, n, ru, nullptr, w.zb + Sg, Sg + Su);
+        }
+        tile_product(w.zb, Sg + Su, n, Sg, guut + u0 * I, I, w.gu, 2 * I, false);  // g = z_g U_gᵀ
+        tile_product(w.zb + Sg, Sg + Su, n, Su, guut + (u0 + Sg) * I, I, w.gu + I, 2 * I, false);  // u
+        tile_swiglu(
+            w.gu, n, I, [&](int64_t t) { return C ? base_full.data() + tokens[t] * 2 * I : nullptr; },
+            [&](int64_t t) { return C ? acc + T_ * H + tokens[t] * I : nullptr; }, wt, w.hb);
+        if (rd) {  // zd = w · h V_dᵀ [n, rd] (the routing weight on the rank side), out[tokens] += zd U_dᵀ
+          pack_pairs(dv + d0 * I, rd, I, w.vp);
+          tile_product(w.hb, I, n, I, w.vp, rd, w.zd, rd, false);
+          scaled_rows(w.zd, rd, n, rd, wt, w.zdb, Sd);
+          tile_product(w.zdb, Sd, n, Sd, dut + r[6] * H, H, w.y, H, false);
+          scatter_add_rows(acc, tokens, w.y, n, H);
+        }
+        at::native::cpublas::brgemm_release();
+        return;
+      }
+    }
     const bool one = n == 1;  // one token: read x and add into out in place (no gather or scatter)
     const A* xe = one ? px + tokens[0] * H : w.xe;
     if (!one) gather_rows(px, H, tokens, n, H, w.xe);
@@ -722,22 +877,26 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       }
     }
   };
-  for_each_expert<A>(active.size(), split_experts<T>(active.size(), rows), sums.data(),
-                     static_cast<int64_t>(sums.size()), make_work, visit);
+  // The row tile's products are single brgemm calls (not split over the threads by columns), so where its experts
+  // run the threads take the active experts in turn instead.
+  const bool split = split_experts<T>(active.size(), rows) ||
+                     (any_tile && active.size() > 1 && at::get_num_threads() > 1 && !at::in_parallel_region());
+  for_each_expert<A>(active.size(), split, sums.data(), static_cast<int64_t>(sums.size()), make_work, visit);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
-    std::vector<A> wh(T_ * C);
-    const A* weighted = sums.data() + T_ * H;
-    for (int64_t t = 0; t < T_; ++t)
-      for (int64_t j = 0; j < C; ++j) wh[t * C + j] = weighted[t * I + channel[j]];
+    A* weighted = sums.data() + T_ * H;
+    std::vector<A> gathered(every_channel ? 0 : T_ * C);  // wh [T, C]: the weighted h on the base's channels
+    for (int64_t t = 0; t < T_ && !every_channel; ++t)
+      for (int64_t j = 0; j < C; ++j) gathered[t * C + j] = weighted[t * I + channel[j]];
+    A* wh = every_channel ? weighted : gathered.data();
     if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
       // (their weights in wh set to zero, so the product reads the stored layout as it is, pairs or rows)
-      const at::Tensor whv = at::from_blob(wh.data(), {T_, C}, options_of<A>());
+      const at::Tensor whv = at::from_blob(wh, {T_, C}, options_of<A>());
       const at::Tensor rows =  // B_downᵀ's C rows, from the pair layout's [C/2, H, 2] where stored so
           pairs ? base_down_t.view({-1, H, 2}).transpose(1, 2).reshape({-1, H}).narrow(0, 0, C) : base_down_t;
       const at::Tensor score = rows.to(at::kFloat).norm(2, {1}) * whv.to(at::kFloat).norm(2, {0});
       whv.index_fill_(1, std::get<1>(score.topk(num_dynamic_drop, 0, /*largest=*/false)), 0);
     }
-    expand<T>(wh.data(), C, T_, {base_down_t.data_ptr<T>(), C, H, pairs}, sums.data(), H, true);
+    expand<T>(wh, C, T_, {base_down_t.data_ptr<T>(), C, H, pairs}, sums.data(), H, true);
   }
   return result(sums.data(), T_, H, x_in);
 }
