@@ -638,12 +638,15 @@ at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like
 // base rows, the routing-weighted h and h's bf16 copy for the down product are one pass; the fp32 outputs live in
 // per-call buffers reused across experts; one scatter at the end (BENCHMARKS.md §10.17).
 
-// b [N, K] row-major (K even) as brgemm's B operand of y = a bᵀ: [K/2, N] 32-bit pairs, pair p of row j at p · N + j
-// (b's rows viewed as K/2 32-bit values, transposed by at::vec::transpose_mxn: a bf16 pair moves as one float's
-// bits).
-inline void pack_pairs(const c10::BFloat16* b, int64_t N, int64_t K, c10::BFloat16* packed) {
-  at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(b), K / 2, reinterpret_cast<float*>(packed), N,
-                                static_cast<int>(N), static_cast<int>(K / 2));
+// b [N, K] row-major (K even) as columns c0 .. c0 + N of brgemm's B operand [K/2, ldp] (32-bit pairs, pair p of
+// row j at p · ldp + c0 + j): b's rows viewed as K/2 32-bit values, transposed by at::vec::transpose_mxn (a bf16
+// pair moves as one float's bits); with pad (N odd) the column c0 + N zero, as the pair layout pads an odd block.
+inline void pack_pairs(const c10::BFloat16* b, int64_t N, int64_t K, c10::BFloat16* packed, int64_t c0,
+                       int64_t ldp, bool pad) {
+  float* out = reinterpret_cast<float*>(packed);
+  if (N) at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(b), K / 2, out + c0, ldp, N, K / 2);
+  if (pad && N % 2)
+    for (int64_t p = 0; p < K / 2; ++p) out[p * ldp + c0 + N] = 0.f;
 }
 
 // y [n, N] (row stride ldy) (+)= a [n, Ks] (bf16, row stride lda) · B, B [Ks, N] in the pair layout ([Ks/2, N]
@@ -661,22 +664,9 @@ void tile_product(const c10::BFloat16* a, int64_t lda, int64_t n, int64_t Ks, co
                                 y + lo);
 }
 
-// a [n, stored_rows(K, true)] (bf16, row stride lda) ← scale[t] · z[t, 0..K) (z row stride ldz, scaled in place;
-// scale nullptr: 1), the pad column of an odd K zero: a product's fp32 output as the next product's A operand.
-void scaled_rows(float* z, int64_t ldz, int64_t n, int64_t K, const float* scale, c10::BFloat16* a, int64_t lda) {
-  using V = at::vec::Vectorized<float>;
-  for (int64_t t = 0; t < n; ++t) {
-    float* zt = z + t * ldz;
-    c10::BFloat16* at = a + t * lda;
-    if (scale) at::vec::map([s = scale[t]](V v) { return v * V(s); }, zt, zt, K);
-    at::vec::convert(zt, at, K);
-    if (K % 2) at[K] = c10::BFloat16(0.f);
-  }
-}
-
-// Per routed row t < n: g ← silu(g + base_g) ⊙ (u + base_u) over the I channels (base(t): the row's base gate then
-// base up [2I], or nullptr), weighted_h(t) [I] += w_t · h (skipped for nullptr), and h in bf16 into hb [n, I]; g and
-// u are rows of gu [n, 2I].
+// Per routed row t < n: h = silu(g + base_g) ⊙ (u + base_u) over the I channels (base(t): the row's base gate then
+// base up [2I], or nullptr), weighted_h(t) [I] += w_t · h (skipped for nullptr), and w_t · h in bf16 into hb [n, I]
+// (the routing weight before the down product: it is linear); g and u are rows of gu [n, 2I], g overwritten. e^−g by exp_u20 (ATen's 2-ulp exp, below bf16's rounding of h by far).
 template <typename Base, typename WeightedH>
 void tile_swiglu(float* gu, int64_t n, int64_t I, Base base, WeightedH weighted_h, const float* w,
                  c10::BFloat16* hb) {
@@ -692,14 +682,14 @@ void tile_swiglu(float* gu, int64_t n, int64_t I, Base base, WeightedH weighted_
     for (; c + W <= I; c += W) {
       V gv = V::loadu(g + c), uv = V::loadu(u + c);
       if (b) gv = gv + V::loadu(b + c), uv = uv + V::loadu(b + I + c);
-      const V h = gv / (V(1.f) + (V(0.f) - gv).exp()) * uv;
+      const V h = gv / (V(1.f) + (V(0.f) - gv).exp_u20()) * uv * weight;
       h.store(g + c);
-      if (wh) at::vec::fmadd(h, weight, V::loadu(wh + c)).store(wh + c);
+      if (wh) (V::loadu(wh + c) + h).store(wh + c);
     }
     for (; c < I; ++c) {
       const float gc = g[c] + (b ? b[c] : 0.f), uc = u[c] + (b ? b[I + c] : 0.f);
-      g[c] = gc / (1.f + std::exp(-gc)) * uc;
-      if (wh) wh[c] += w[t] * g[c];
+      g[c] = w[t] * gc / (1.f + std::exp(-gc)) * uc;
+      if (wh) wh[c] += g[c];
     }
     at::vec::convert(g, hb + t * I, I);
   }
@@ -775,7 +765,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     if constexpr (std::is_same_v<T, Bf>) {
       if (base_tile) {  // b = x B_guᵀ, B_gu packed (pack_pairs)
         const std::unique_ptr<Bf[]> packed(new Bf[2 * C * H]);
-        pack_pairs(base_gu.data_ptr<Bf>(), 2 * C, H, packed.get());
+        pack_pairs(base_gu.data_ptr<Bf>(), 2 * C, H, packed.get(), 0, 2 * C, false);
         tile_product(xb.data_ptr<Bf>(), H, T_, H, packed.get(), 2 * C, b.data(), 2 * C, false);
         at::native::cpublas::brgemm_release();
       }
@@ -793,18 +783,19 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   struct Work {
     Arena<A> arena;
     A *xe, *gu, *z, *zd, *y;
-    // the row tile's bf16 buffers: x's rows [n, H], z [n, stored rg + stored ru], h [n, I], weighted zd [n, stored
+    // the row tile's bf16 buffers: x's rows [n, H], z [n, stored rg + stored ru], w · h [n, I], zd [n, stored
     // rd], a packed V (pack_pairs) (not value-initialised: every value read is written first)
     std::unique_ptr<Bf[]> tile;
     Bf *xb, *zb, *hb, *zdb, *vp;
   };
   auto make_work = [&] {
-    Work w{Arena<A>(rows * (H + 2 * I + max_gu + max_d + H))};
-    w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * I), w.z = w.arena.take(rows * max_gu);
-    w.zd = w.arena.take(rows * max_d), w.y = w.arena.take(rows * H);
+    // z and zd with room for the row tile's pad columns (rank + 1 each: stored_rows)
+    Work w{Arena<A>(rows * (H + 2 * I + max_gu + 2 + max_d + 1 + H))};
+    w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * I), w.z = w.arena.take(rows * (max_gu + 2));
+    w.zd = w.arena.take(rows * (max_d + 1)), w.y = w.arena.take(rows * H);
     if (any_tile) {
       const int64_t sizes[5] = {rows * H, rows * (max_gu + 2), rows * I, rows * (max_d + 1),
-                                std::max(max_gu * H, max_d * I)};
+                                std::max((max_gu + 2) * H, (max_d + 1) * I)};
       w.tile.reset(new Bf[sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4]]);
       Bf** parts[5] = {&w.xb, &w.zb, &w.hb, &w.zdb, &w.vp};
       Bf* next = w.tile.get();
@@ -823,21 +814,21 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
         const Bf* x_rows = xb.data_ptr<Bf>();
         const int64_t Sg = stored_rows(rg, true), Su = stored_rows(ru, true), Sd = stored_rows(rd, true);
         for (int64_t t = 0; t < n; ++t) std::copy_n(x_rows + tokens[t] * H, H, w.xb + t * H);
-        if (rg + ru) {  // z = x [V_g; V_u]ᵀ: [n, rg + ru], then in bf16 as [z_g | pad | z_u | pad]
-          pack_pairs(guv + r0 * H, rg + ru, H, w.vp);
-          tile_product(w.xb, H, n, H, w.vp, rg + ru, w.z, rg + ru, false);
-          scaled_rows(w.z, rg + ru, n, rg, nullptr, w.zb, Sg + Su);
-          scaled_rows(w.z + rg, rg + ru, n, ru, nullptr, w.zb + Sg, Sg + Su);
+        if (rg + ru) {  // z = x [V_g; 0; V_u; 0]ᵀ: [n, Sg + Su] = [z_g | pad | z_u | pad], pads zero, then in bf16
+          pack_pairs(guv + r0 * H, rg, H, w.vp, 0, Sg + Su, true);
+          pack_pairs(guv + (r0 + rg) * H, ru, H, w.vp, Sg, Sg + Su, true);
+          tile_product(w.xb, H, n, H, w.vp, Sg + Su, w.z, Sg + Su, false);
+          at::vec::convert(w.z, w.zb, n * (Sg + Su));
         }
         tile_product(w.zb, Sg + Su, n, Sg, guut + u0 * I, I, w.gu, 2 * I, false);  // g = z_g U_gᵀ
         tile_product(w.zb + Sg, Sg + Su, n, Su, guut + (u0 + Sg) * I, I, w.gu + I, 2 * I, false);  // u
         tile_swiglu(
             w.gu, n, I, [&](int64_t t) { return C ? base_full.data() + tokens[t] * 2 * I : nullptr; },
             [&](int64_t t) { return C ? acc + T_ * H + tokens[t] * I : nullptr; }, wt, w.hb);
-        if (rd) {  // zd = w · h V_dᵀ [n, rd] (the routing weight on the rank side), out[tokens] += zd U_dᵀ
-          pack_pairs(dv + d0 * I, rd, I, w.vp);
-          tile_product(w.hb, I, n, I, w.vp, rd, w.zd, rd, false);
-          scaled_rows(w.zd, rd, n, rd, wt, w.zdb, Sd);
+        if (rd) {  // zd = (w · h) [V_d; 0]ᵀ [n, Sd] (pad zero), out[tokens] += zd U_dᵀ
+          pack_pairs(dv + d0 * I, rd, I, w.vp, 0, Sd, true);
+          tile_product(w.hb, I, n, I, w.vp, Sd, w.zd, Sd, false);
+          at::vec::convert(w.zd, w.zdb, n * Sd);
           tile_product(w.zdb, Sd, n, Sd, dut + r[6] * H, H, w.y, H, false);
           scatter_add_rows(acc, tokens, w.y, n, H);
         }
