@@ -745,8 +745,12 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       const bool tile = on_row_tile<T>(routing.rows(e), H, I, pairs);
       all_tile = all_tile && tile, any_tile = any_tile || tile;
     }
-  // the base gate/up over all T tokens as a row tile too (from the bf16 rows, no fp32 copy)
-  const bool base_tile = C && on_row_tile<T>(T_, H, I, pairs);
+  // the base gate/up over all T tokens as a row tile too (from the bf16 rows, no fp32 copy), where main's path took
+  // amx_product for it: where the loops take it (T ≤ kCachedBlockRows for a block ≤ kCachedBlockBytes, e.g. the
+  // reference model's 16 tokens) they read B_gu once, and the tile's packing of all of B_gu per call made the
+  // 16-token call 5 % slower (two quiet runs, BENCHMARKS.md §10.17)
+  const bool base_tile =
+      C && on_row_tile<T>(T_, H, I, pairs) && !on_loops<T>(T_, Block<T>{base_gu.data_ptr<T>(), 2 * C, H});
   // x in bf16 for the row tiles, in the accumulation type for the rest (only where some product needs it)
   const at::Tensor xb = any_tile || base_tile ? x_in.to(at::kBFloat16).contiguous() : at::Tensor();
   const at::Tensor x = all_tile && (!C || base_tile) ? at::Tensor()
