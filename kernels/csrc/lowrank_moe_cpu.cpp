@@ -696,18 +696,21 @@ void tile_swiglu(float* gu, int64_t n, int64_t I, Base base, WeightedH weighted_
 }
 
 // Where an expert's rows take the row tile: bf16 factors on the AMX path with the pair layout, even hidden and
-// intermediate sizes (pairs of a row), more rows than the loops take (row_limit: 4 in bf16) and hidden ≤
-// kRowTileMaxHidden.
+// intermediate sizes (pairs of a row), at least kRowTileMinRows rows and hidden ≤ kRowTileMaxHidden.
+// kRowTileMinRows: the tile's cost per expert (packing V, ~10 brgemm calls) is fixed; at the reference model's
+// shapes, every expert given n rows (quiet, one thread, the op's time with the tile / with main's loops): n = 5
+// 1.31, 6 1.16, 8 1.06, 12 0.87, 16 0.80, 24 0.66 (9–11 not measured; BENCHMARKS.md §10.17).
 // kRowTileMaxHidden: the tile was built and measured at the reference model's hidden 256 (and tested at 1000);
 // at Qwen3-30B-A3B's 2048 and Mixtral-8x7B's 4096 the per-row work is small against the products (4.7 M
 // multiply-adds per routed row) and amx_product's blocking (kAmxBlockedRows) is what those shapes were tuned on, so
 // they keep it: not measured with the tile.
 constexpr int64_t kRowTileMaxHidden = 1024;
+constexpr int64_t kRowTileMinRows = 9;
 
 template <typename T>
 bool on_row_tile(int64_t n, int64_t H, int64_t I, bool pairs) {
   return std::is_same_v<T, c10::BFloat16> && amx_gemm && pairs && H % 2 == 0 && I % 2 == 0 &&
-         H <= kRowTileMaxHidden && n > row_limit<T>();
+         H <= kRowTileMaxHidden && n >= kRowTileMinRows;
 }
 
 // ---- base_delta (D²-MoE) ----------------------------------------------------------------------------------------
@@ -745,12 +748,8 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       const bool tile = on_row_tile<T>(routing.rows(e), H, I, pairs);
       all_tile = all_tile && tile, any_tile = any_tile || tile;
     }
-  // the base gate/up over all T tokens as a row tile too (from the bf16 rows, no fp32 copy), where main's path took
-  // amx_product for it: where the loops take it (T ≤ kCachedBlockRows for a block ≤ kCachedBlockBytes, e.g. the
-  // reference model's 16 tokens) they read B_gu once, and the tile's packing of all of B_gu per call made the
-  // 16-token call 5 % slower (two quiet runs, BENCHMARKS.md §10.17)
-  const bool base_tile =
-      C && on_row_tile<T>(T_, H, I, pairs) && !on_loops<T>(T_, Block<T>{base_gu.data_ptr<T>(), 2 * C, H});
+  // the base gate/up over all T tokens as a row tile too (from the bf16 rows, no fp32 copy)
+  const bool base_tile = C && on_row_tile<T>(T_, H, I, pairs);
   // x in bf16 for the row tiles, in the accumulation type for the rest (only where some product needs it)
   const at::Tensor xb = any_tile || base_tile ? x_in.to(at::kBFloat16).contiguous() : at::Tensor();
   const at::Tensor x = all_tile && (!C || base_tile) ? at::Tensor()
