@@ -442,6 +442,7 @@ ROW_TILE_SHAPES = {  # name: (hidden, intermediate, base channels, dynamic drop)
     "hidden 256, a base over every channel": (256, 128, 128, 0),
     "hidden 256, every channel, dynamic drop": (256, 128, 128, 5),
     "hidden 256, 70 of 128 channels": (256, 128, 70, 0),
+    "hidden 256, 40 of 128 channels": (256, 128, 40, 0),
     "hidden 1024, no base": (1024, 96, 0, 0),
     "hidden 1026 (over kRowTileMaxHidden: amx_product)": (1026, 96, 40, 0),
     "odd intermediate size (amx_product)": (256, 127, 127, 0),
@@ -459,9 +460,9 @@ def test_row_tile_matches_float64_dense_math(shape, threads, tokens):
     tile) and 1026, an
     odd intermediate size (not); odd ranks (the pad columns of the packed V and of z, zd), zero gate, up and down
     ranks; a base over every channel in order (base_full and the weighted h used as they are), over some channels,
-    none; the base gate/up over all tokens from the bf16 rows (the tile; 48 and 80 tokens: under and over the loops'
-    kCachedBlockRows, which main's path followed); dynamic base pruning on the weighted h in place; one and two
-    threads (the tile's experts split over them)."""
+    none; the base gate/up over all tokens from the bf16 rows (the tile where the tokens are ≥ its 2C rows: 48 and
+    80 tokens against 2C = 140 (main's path), 80 (the tile) and 256 (main's path)); dynamic base pruning on the
+    weighted h in place; one and two threads (the tile's experts split over them)."""
     if not amx_usable():
         pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
     ops = cpu_extension.cpu_ops()

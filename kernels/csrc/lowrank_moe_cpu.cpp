@@ -748,8 +748,11 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       const bool tile = on_row_tile<T>(routing.rows(e), H, I, pairs);
       all_tile = all_tile && tile, any_tile = any_tile || tile;
     }
-  // the base gate/up over all T tokens as a row tile too (from the bf16 rows, no fp32 copy)
-  const bool base_tile = C && on_row_tile<T>(T_, H, I, pairs);
+  // the base gate/up over all T tokens as a row tile too (from the bf16 rows, no fp32 copy) where it has at least
+  // as many tokens as B_gu has rows (2C): the tile packs B_gu [2C, H] per call, main's path (amx_product) x's
+  // [T, H], so each packs the smaller one (at the reference model's 128 tokens, 2C = 256, the tile was 4–9 % slower
+  // than main; BENCHMARKS.md §10.17)
+  const bool base_tile = C && on_row_tile<T>(T_, H, I, pairs) && T_ >= 2 * C;
   // x in bf16 for the row tiles, in the accumulation type for the rest (only where some product needs it)
   const at::Tensor xb = any_tile || base_tile ? x_in.to(at::kBFloat16).contiguous() : at::Tensor();
   const at::Tensor x = all_tile && (!C || base_tile) ? at::Tensor()
