@@ -457,10 +457,9 @@ def test_row_tile_matches_float64_dense_math(shape, threads, tokens):
     hidden and intermediate sizes, hidden ≤ kRowTileMaxHidden = 1024, ≥ kRowTileMinRows = 9 rows of an expert)
     against float64 dense math, on both sides of each rule: experts 0-4 get 16-31 rows (the tile where the shape
     allows it, else amx_product), expert 5 eight (not the tile: main's path) in the same call; hidden 1024 (the
-    tile) and 1026, an
-    odd intermediate size (not); odd ranks (the pad columns of the packed V and of z, zd), zero gate, up and down
-    ranks; a base over every channel in order (base_full and the weighted h used as they are), over some channels,
-    none; the base gate/up over all tokens from the bf16 rows (the tile where the tokens are ≥ its 2C rows: 48 and
+    tile) and 1026, an odd intermediate size (not); odd ranks (the pad columns of the packed V and of z, zd), zero
+    gate, up and down ranks; a base over every channel in order (base_full and the weighted h used as they are),
+    over some channels, none; the base gate/up over all tokens from the bf16 rows (the tile where the tokens are ≥ its 2C rows: 48 and
     80 tokens against 2C = 140 (main's path), 80 (the tile) and 256 (main's path)); dynamic base pruning on the
     weighted h in place; one and two threads (the tile's experts split over them)."""
     if not amx_usable():

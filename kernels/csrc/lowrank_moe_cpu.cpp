@@ -5,8 +5,9 @@
 // prepared per-expert factor blocks, activations and intermediates in fp32 (fp64 for fp64 factors) scratch
 // buffers allocated once per call, SiLU·mul and the routing weight fused into one pass, outputs added with plain
 // loops. Larger experts (prefill) take at::mm (MKL/oneDNN GEMM) on views of the same buffers, or in bf16 on CPUs
-// with AMX ATen's brgemm micro-kernel on AMX tiles (amx_product). The time follows the bytes of the routed
-// experts' factors and their FLOPs.
+// with AMX ATen's brgemm micro-kernel on AMX tiles (amx_product); base_delta at hidden ≤ 1024 keeps such an
+// expert's rows in bf16 through all its products instead (the row tile, on_row_tile). The time follows the bytes
+// of the routed experts' factors and their FLOPs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -636,7 +637,7 @@ at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like
 // in the pair layout: the expand-side factors as prepared (Block::pairs), the project-side V [r, in] packed per
 // call (pack_pairs: r · in values against the n · in of the activations, ~10× fewer at these shapes). SwiGLU, the
 // base rows, the routing-weighted h and h's bf16 copy for the down product are one pass; the fp32 outputs live in
-// per-call buffers reused across experts; one scatter at the end (BENCHMARKS.md §10.17).
+// per-call buffers reused across experts; one scatter per expert (BENCHMARKS.md §10.17).
 
 // b [N, K] row-major (K even) as columns c0 .. c0 + N of brgemm's B operand [K/2, ldp] (32-bit pairs, pair p of
 // row j at p · ldp + c0 + j): b's rows viewed as K/2 32-bit values, transposed by at::vec::transpose_mxn (a bf16
@@ -666,7 +667,8 @@ void tile_product(const c10::BFloat16* a, int64_t lda, int64_t n, int64_t Ks, co
 
 // Per routed row t < n: h = silu(g + base_g) ⊙ (u + base_u) over the I channels (base(t): the row's base gate then
 // base up [2I], or nullptr), weighted_h(t) [I] += w_t · h (skipped for nullptr), and w_t · h in bf16 into hb [n, I]
-// (the routing weight before the down product: it is linear); g and u are rows of gu [n, 2I], g overwritten. e^−g by exp_u20 (ATen's 2-ulp exp, below bf16's rounding of h by far).
+// (the routing weight before the down product: it is linear); g and u are rows of gu [n, 2I], g overwritten.
+// e^−g by exp_u20 (ATen's 2-ulp exp: far below bf16's rounding of h).
 template <typename Base, typename WeightedH>
 void tile_swiglu(float* gu, int64_t n, int64_t I, Base base, WeightedH weighted_h, const float* w,
                  c10::BFloat16* hb) {
@@ -698,9 +700,10 @@ void tile_swiglu(float* gu, int64_t n, int64_t I, Base base, WeightedH weighted_
 // Where an expert's rows take the row tile: bf16 factors on the AMX path with the pair layout, even hidden and
 // intermediate sizes (pairs of a row), at least kRowTileMinRows rows and hidden ≤ kRowTileMaxHidden.
 // kRowTileMinRows: the tile's cost per expert (packing V, ~10 brgemm calls) is fixed; at the reference model's
-// shapes, every expert given n rows (quiet, one thread, the op's time with the tile / with main's loops): n = 5
-// 1.31, 6 1.16, 8 1.06, 12 0.87, 16 0.80, 24 0.66 (9–11 not measured; BENCHMARKS.md §10.17).
-// kRowTileMaxHidden: the tile was built and measured at the reference model's hidden 256 (and tested at 1000);
+// shapes, every expert given n rows (quiet, one thread, the op's time with the tile / with main's loops, the base
+// gate/up on the tile / on main's path): n = 5 1.31, 6 1.16, 8 1.06, 12 0.87, 16 0.80, 24 0.66 (9–11 not
+// measured; BENCHMARKS.md §10.17).
+// kRowTileMaxHidden: the tile was built and measured at the reference model's hidden 256 (tested at 1000, 1024);
 // at Qwen3-30B-A3B's 2048 and Mixtral-8x7B's 4096 the per-row work is small against the products (4.7 M
 // multiply-adds per routed row) and amx_product's blocking (kAmxBlockedRows) is what those shapes were tuned on, so
 // they keep it: not measured with the tile.
