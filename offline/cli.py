@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Collection
 from pathlib import Path
 
@@ -400,17 +401,21 @@ def entry() -> None:
 
     After eval-zeroshot the process ends with ``os._exit`` once the streams are flushed: vLLM's engine client leaves
     native threads in this process whose destruction during the interpreter's finalisation aborted complete runs
-    (SIGABRT, "terminate called without an active exception", after "wrote OUT": once in CI, 1 of 14 runs in a
-    loop here), so a caller saw a failed command whose result was written. Finalisation has nothing left to do for
+    (SIGABRT, "terminate called without an active exception", after "wrote OUT": once in CI, 1 of 15 runs in a
+    loop here; 0 of 30 with this exit), so a caller saw a failed command whose result was written. Finalisation has nothing left to do for
     it: the result is written atomically and the engine's own process is shut down (evaluation/zeroshot.py)."""
     argv = sys.argv[1:]
-    code = main(argv)
-    if _command_of(argv) in IN_PROCESS_ENGINE_COMMANDS:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
-    sys.exit(code)
+    if _command_of(argv) not in IN_PROCESS_ENGINE_COMMANDS:
+        sys.exit(main(argv))
+    try:
+        code = main(argv)
+    except Exception:  # a failure main does not turn into one line: its traceback, exit status 1, as Python's own
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -51,25 +51,30 @@ def test_console_script_help():
     assert done.returncode == 0 and "--ratio" in done.stdout and "TOTAL model parameters" in done.stdout
 
 
-@pytest.mark.parametrize("command, returncode", [("eval-zeroshot", 0), ("inspect", -6)])
-def test_entry_ends_in_process_engine_commands_without_finalisation(command, returncode):
-    """eval-zeroshot ends with os._exit once main returns (its output flushed); other commands exit normally. An
-    atexit abort stands for the vLLM client threads whose destruction at interpreter exit aborted complete runs."""
+@pytest.mark.parametrize("command, fails, returncode", [("eval-zeroshot", False, 0), ("eval-zeroshot", True, 1),
+                                                       ("inspect", False, -6)])
+def test_entry_ends_in_process_engine_commands_without_finalisation(command, fails, returncode):
+    """eval-zeroshot ends with os._exit once main returns or raises (its output flushed, a traceback and status 1 for
+    an exception); other commands exit normally. The atexit abort stands for the vLLM client threads whose
+    destruction at interpreter exit aborted complete runs: where finalisation runs, it kills the child (-6)."""
     child = f"""
 import atexit, os, sys
 from vllm_moe_compress.offline import cli
 atexit.register(os.abort)
 def main(argv):
     print("result written", argv)
+    if {fails}:
+        raise RuntimeError("engine failed")
     return 0
 cli.main = main
-sys.argv = ["moe-compress", "{command}", "--flag"]
+sys.argv = ["moe-compress", "-v", "{command}", "--flag"]
 cli.entry()
 """
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert done.returncode == returncode, done.stderr[-2000:]
-    if returncode == 0:
-        assert done.stdout == f"result written ['{command}', '--flag']\n"
+    if returncode >= 0:
+        assert done.stdout == f"result written ['-v', '{command}', '--flag']\n"
+        assert ("RuntimeError: engine failed" in done.stderr) == fails
 
 
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])

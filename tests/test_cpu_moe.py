@@ -446,15 +446,16 @@ def test_amx_blocked_products_match_float64_dense_math(threads):
 def test_amx_expand_spans_match_float64_dense_math(threads):
     """Expand's spans (expand_span): where a's [n, K] bf16 block is over kAmxCachedActivationBytes (1 MiB), K is
     taken span by span over every column block. base_delta in bf16 on the pair layout with every channel in the
-    base, 300 tokens top-2 over 3 experts: the base down's a is 300 × 2000 bf16 = 1.2 MB, spans of 1536 rows (six
-    256-row pieces) and a 464-row tail span (a 208-row tail piece); hidden 200 (three 64-column blocks and an
-    8-column tail); the experts' ~200-row expands (ranks 35–70: a ≤ 28 KB) in one span. Against float64 dense math;
+    base, 300 tokens top-2 over 3 experts: the base down's a is 300 × 2000 bf16 = 1.2 MB (1999 channels, stored
+    with a pad row), spans of 1536 rows (six 256-row pieces) and a 464-row tail span (a 208-row tail piece); hidden
+    200 (three 64-column blocks and an 8-column tail); the experts' ~200-row expands (ranks 35–70: a ≤ 28 KB) in one
+    span (the odd intermediate size keeps them off the row tile, whose products need an even one). Against float64 dense math;
     one and two threads (the column blocks split over them)."""
     if not amx_usable():
         pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
     ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(31)
-    hidden, inter, tokens = 200, 2000, 300
+    hidden, inter, tokens = 200, 1999, 300
     tensors = packed_layer([[40, 35, 70], [66, 41, 36], [37, 70, 45]], hidden, inter, inter, gen)
     assert torch.equal(tensors[7], torch.arange(inter))
     ids = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(tokens)]).to(torch.int32)

@@ -677,8 +677,10 @@ inline void pack_pairs(const c10::BFloat16* b, int64_t N, int64_t K, c10::BFloat
 }
 
 // y [n, N] (row stride ldy) (+)= a [n, Ks] (bf16, row stride lda) · B, B [Ks, N] in the pair layout ([Ks/2, N]
-// pairs; Ks even: a's columns past the product's inner size zero), kAmxColumns columns per brgemm call. Ks = 0:
-// y = 0 (or unchanged).
+// pairs; Ks even: a's columns past the product's inner size zero), kAmxColumns columns per brgemm call, the
+// column blocks split over the threads outside a parallel region (the base gate/up over all tokens) and in turn
+// inside one (an expert's products where the experts are split); each thread releases the AMX tile state after its
+// blocks, as amx_product does. Ks = 0: y = 0 (or unchanged).
 void tile_product(const c10::BFloat16* a, int64_t lda, int64_t n, int64_t Ks, const c10::BFloat16* b, int64_t N,
                   float* y, int64_t ldy, bool accumulate) {
   if (Ks == 0) {
@@ -686,9 +688,12 @@ void tile_product(const c10::BFloat16* a, int64_t lda, int64_t n, int64_t Ks, co
       for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, 0.f);
     return;
   }
-  for (int64_t lo = 0; lo < N; lo += kAmxColumns)
-    at::native::cpublas::brgemm(n, std::min(kAmxColumns, N - lo), Ks, lda, N, ldy, accumulate, a, b + 2 * lo,
-                                y + lo);
+  at::parallel_for(0, (N + kAmxColumns - 1) / kAmxColumns, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t lo = c0 * kAmxColumns; lo < std::min(N, c1 * kAmxColumns); lo += kAmxColumns)
+      at::native::cpublas::brgemm(n, std::min(kAmxColumns, N - lo), Ks, lda, N, ldy, accumulate, a, b + 2 * lo,
+                                  y + lo);
+    at::native::cpublas::brgemm_release();
+  });
 }
 
 // Per routed row t < n: h = silu(g + base_g) ⊙ (u + base_u) over the I channels (base(t): the row's base gate then
@@ -797,25 +802,31 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   // the gather 5 ms of a ~390 ms call (BENCHMARKS.md §10.18)
   bool every_channel = C == I;
   for (int64_t j = 0; every_channel && j < C; ++j) every_channel = channel[j] == j;
-  std::vector<A> base_full;  // base gate/up once per token, scattered onto the I channels: [T, 2I]
+  // base gate/up once per token [T, 2C] (written whole by the product: not value-initialised, a 29 MB zero fill per
+  // call at Mixtral-8x7B shapes and 256 tokens), and the experts' [T, 2I] addend: that product itself (every
+  // channel) or it scattered onto the I channels
+  std::unique_ptr<A[]> base_out, base_scattered;
+  const A* base_addend = nullptr;
   if (C) {
-    std::vector<A> b(T_ * 2 * C);
+    base_out.reset(new A[T_ * 2 * C]);
     if constexpr (std::is_same_v<T, Bf>) {
-      if (base_tile) {  // b = x B_guᵀ, B_gu packed (pack_pairs)
+      if (base_tile) {  // x B_guᵀ, B_gu packed (pack_pairs)
         const std::unique_ptr<Bf[]> packed(new Bf[2 * C * H]);
         pack_pairs(base_gu.data_ptr<Bf>(), 2 * C, H, packed.get(), 0, 2 * C, false);
-        tile_product(xb.data_ptr<Bf>(), H, T_, H, packed.get(), 2 * C, b.data(), 2 * C, false);
-        at::native::cpublas::brgemm_release();
+        tile_product(xb.data_ptr<Bf>(), H, T_, H, packed.get(), 2 * C, base_out.get(), 2 * C, false);
       }
     }
-    if (!base_tile) project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, b.data(), 2 * C, false);
-    if (every_channel) base_full = std::move(b);
-    else base_full.assign(T_ * 2 * I, A(0));
-    for (int64_t t = 0; t < T_ && !every_channel; ++t)
-      for (int64_t j = 0; j < C; ++j) {
-        base_full[t * 2 * I + channel[j]] = b[t * 2 * C + j];
-        base_full[t * 2 * I + I + channel[j]] = b[t * 2 * C + C + j];
-      }
+    if (!base_tile) project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, base_out.get(), 2 * C, false);
+    base_addend = base_out.get();
+    if (!every_channel) {
+      base_scattered.reset(new A[T_ * 2 * I]());
+      for (int64_t t = 0; t < T_; ++t)
+        for (int64_t j = 0; j < C; ++j) {
+          base_scattered[t * 2 * I + channel[j]] = base_out[t * 2 * C + j];
+          base_scattered[t * 2 * I + I + channel[j]] = base_out[t * 2 * C + C + j];
+        }
+      base_addend = base_scattered.get();
+    }
   }
   const int64_t rows = routing.max_rows;
   struct Work {
@@ -832,8 +843,9 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * I), w.z = w.arena.take(rows * (max_gu + 2));
     w.zd = w.arena.take(rows * (max_d + 1)), w.y = w.arena.take(rows * H);
     if (any_tile) {
-      const int64_t sizes[5] = {rows * H, rows * (max_gu + 2), rows * I, rows * (max_d + 1),
-                                std::max((max_gu + 2) * H, (max_d + 1) * I)};
+      int64_t sizes[5] = {rows * H, rows * (max_gu + 2), rows * I, rows * (max_d + 1),
+                          std::max((max_gu + 2) * H, (max_d + 1) * I)};
+      for (int64_t& size : sizes) size = (size + 31) / 32 * 32;  // whole 64-byte lines (vp is read as fp32)
       w.tile.reset(new Bf[sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4]]);
       Bf** parts[5] = {&w.xb, &w.zb, &w.hb, &w.zdb, &w.vp};
       Bf* next = w.tile.get();
@@ -861,7 +873,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
         tile_product(w.zb, Sg + Su, n, Sg, guut + u0 * I, I, w.gu, 2 * I, false);  // g = z_g U_gᵀ
         tile_product(w.zb + Sg, Sg + Su, n, Su, guut + (u0 + Sg) * I, I, w.gu + I, 2 * I, false);  // u
         tile_swiglu(
-            w.gu, n, I, [&](int64_t t) { return C ? base_full.data() + tokens[t] * 2 * I : nullptr; },
+            w.gu, n, I, [&](int64_t t) { return C ? base_addend + tokens[t] * 2 * I : nullptr; },
             [&](int64_t t) { return C ? acc + T_ * H + tokens[t] * I : nullptr; }, wt, w.hb);
         if (rd) {  // zd = (w · h) [V_d; 0]ᵀ [n, Sd] (pad zero), out[tokens] += zd U_dᵀ
           pack_pairs(dv + d0 * I, rd, I, w.vp, 0, Sd, true);
@@ -870,7 +882,6 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
           tile_product(w.zdb, Sd, n, Sd, dut + r[6] * H, H, w.y, H, false);
           scatter_add_rows(acc, tokens, w.y, n, H);
         }
-        at::native::cpublas::brgemm_release();
         return;
       }
     }
@@ -879,7 +890,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     if (!one) gather_rows(px, H, tokens, n, H, w.xe);
     A* gu = w.gu;  // [n, 2I] = [g | u]: the base addend, then += U z
     for (int64_t t = 0; t < n; ++t)
-      if (C) std::copy_n(base_full.data() + tokens[t] * 2 * I, 2 * I, gu + t * 2 * I);
+      if (C) std::copy_n(base_addend + tokens[t] * 2 * I, 2 * I, gu + t * 2 * I);
       else std::fill_n(gu + t * 2 * I, 2 * I, A(0));
     if (rg + ru) {
       project<T>(xe, H, n, {guv + r0 * H, rg + ru, H}, w.z, rg + ru, false);  // z = [V_g; V_u] x: [n, rg + ru]
@@ -906,17 +917,22 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       }
     }
   };
-  // The row tile's products are single brgemm calls (not split over the threads by columns), so where its experts
-  // run the threads take the active experts in turn instead.
+  // The row tile's products have one or a few 64-column blocks at the ranks that take it (~11 at the reference
+  // model's shapes), too few to split over the threads by columns, so where its experts run the threads take the
+  // active experts instead (whatever set_expert_parallel says).
   const bool split = split_experts<T>(active.size(), rows) ||
                      (any_tile && active.size() > 1 && at::get_num_threads() > 1 && !at::in_parallel_region());
   for_each_expert<A>(active.size(), split, sums.data(), static_cast<int64_t>(sums.size()), make_work, visit);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
     A* weighted = sums.data() + T_ * H;
-    std::vector<A> gathered(every_channel ? 0 : T_ * C);  // wh [T, C]: the weighted h on the base's channels
-    for (int64_t t = 0; t < T_ && !every_channel; ++t)
-      for (int64_t j = 0; j < C; ++j) gathered[t * C + j] = weighted[t * I + channel[j]];
-    A* wh = every_channel ? weighted : gathered.data();
+    std::unique_ptr<A[]> gathered;  // wh [T, C]: the weighted h on the base's channels (itself for every channel)
+    A* wh = weighted;
+    if (!every_channel) {
+      gathered.reset(new A[T_ * C]);
+      wh = gathered.get();
+      for (int64_t t = 0; t < T_; ++t)
+        for (int64_t j = 0; j < C; ++j) wh[t * C + j] = weighted[t * I + channel[j]];
+    }
     if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
       // (their weights in wh set to zero, so the product reads the stored layout as it is, pairs or rows)
       const at::Tensor whv = at::from_blob(wh, {T_, C}, options_of<A>());

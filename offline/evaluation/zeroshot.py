@@ -18,7 +18,7 @@ vLLM runs inside this process through lm-eval's ``LLM`` object; vLLM starts its 
 subprocess, so the caller's entry point must be guarded by ``if __name__ == "__main__"`` (the ``moe-compress``
 script and ``python -m vllm_moe_compress.offline.cli`` are). On CPU, ``VLLM_CPU_KVCACHE_SPACE`` (GiB) defaults to 1 here.
 The engine is shut down explicitly once the scores are in (``_shut_down``), not left to the interpreter's exit. The
-engine client's native threads still aborted about one complete run in 15 during the interpreter's finalisation
+engine client's native threads still aborted 1 complete run of 15 (in a loop) during the interpreter's finalisation
 (SIGABRT, "terminate called without an active exception"), so the command line ends eval-zeroshot without it
 (``cli.entry``); a caller that runs ``evaluate_zeroshot`` in its own process meets the same teardown.
 """
