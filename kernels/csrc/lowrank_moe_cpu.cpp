@@ -344,8 +344,8 @@ bool amx_blocked(int64_t n, int64_t K, bool transposed) {
   return !transposed || n * K * static_cast<int64_t>(sizeof(c10::BFloat16)) > kAmxCachedActivationBytes;
 }
 
-// The rows of K (a multiple of depth) expand multiplies for every column block before moving on to the next ones:
-// all of them while a's [n, K] bf16 block fits in kAmxCachedActivationBytes, else as many as fit (at least one
+// The rows of Ks (a multiple of depth, or all of Ks) expand multiplies for every column block before moving on to
+// the next ones: all of them while a's [n, K] bf16 block fits in kAmxCachedActivationBytes, else as many as fit (at least one
 // piece). Each brgemm call reads a's rows for its piece; with the whole K per column block, a beyond L2 was re-read
 // from L3 or memory for each of the N / kAmxColumns blocks: Mixtral-8x7B's base down over 256 tokens (a: 256 ×
 // 14,336 bf16 = 7.3 MB, 64 blocks: 470 MB of re-reads) ran at ~195 GMAC/s against the base gate/up project's ~330
@@ -784,7 +784,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     }
   // the base gate/up over all T tokens as a row tile too (from the bf16 rows, no fp32 copy) where it has at least
   // as many tokens as B_gu has rows (2C): the tile packs B_gu [2C, H] per call, main's path (amx_product) x's
-  // [T, H], so each packs the smaller one (at the reference model's 128 tokens, 2C = 256, the tile was 4–9 % slower
+  // [T, H], so each packs the smaller one (at the reference model's 128 tokens, 2C = 256, the tile was 5–9 % slower
   // than main; BENCHMARKS.md §10.17)
   const bool base_tile = C && on_row_tile<T>(T_, H, I, pairs) && T_ >= 2 * C;
   // x in bf16 for the row tiles, in the accumulation type for the rest (only where some product needs it)
@@ -917,11 +917,11 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       }
     }
   };
-  // The row tile's products have one or a few 64-column blocks at the ranks that take it (~11 at the reference
-  // model's shapes), too few to split over the threads by columns, so where its experts run the threads take the
-  // active experts instead (whatever set_expert_parallel says).
-  const bool split = split_experts<T>(active.size(), rows) ||
-                     (any_tile && active.size() > 1 && at::get_num_threads() > 1 && !at::in_parallel_region());
+  // The row tile's experts split over the threads like the others (split_experts). Splitting them whenever one took
+  // the tile (s13-prefill) was slower at two threads than tile_product's column blocks over the threads: reference
+  // model's shapes, 128 / 512 / 1,600 tokens, 0.47 / 1.35 / 4.31 ms against 0.43 / 1.11 / 3.53 (wall clock, same
+  // rounds; BENCHMARKS.md §10.19).
+  const bool split = split_experts<T>(active.size(), rows);
   for_each_expert<A>(active.size(), split, sums.data(), static_cast<int64_t>(sums.size()), make_work, visit);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
     A* weighted = sums.data() + T_ * H;
