@@ -5,9 +5,8 @@
 // prepared per-expert factor blocks, activations and intermediates in fp32 (fp64 for fp64 factors) scratch
 // buffers allocated once per call, SiLU·mul and the routing weight fused into one pass, outputs added with plain
 // loops. Larger experts (prefill) take at::mm (MKL/oneDNN GEMM) on views of the same buffers, or in bf16 on CPUs
-// with AMX ATen's brgemm micro-kernel on AMX tiles (amx_product); base_delta at hidden ≤ 1024 keeps such an
-// expert's rows in bf16 through all its products instead (the row tile, on_row_tile). The time follows the bytes
-// of the routed experts' factors and their FLOPs.
+// with AMX ATen's brgemm micro-kernel on AMX tiles (amx_product). The time follows the bytes of the routed
+// experts' factors and their FLOPs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -653,100 +652,6 @@ at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like
   return out;
 }
 
-// ---- Prefill at small hidden sizes: an expert's routed rows kept in bf16 (row tiles) ------------------------------
-// At the reference model's shapes (hidden 256, expert width 128, ranks ~11) an expert's row costs ~6 K
-// multiply-adds in its products, but the fp32 path around amx_product moved ~12 KB per routed row through separate
-// passes (gather into fp32, the base rows' copy, conversion and transpose of the activations per product, the
-// SwiGLU pass, the weighted-h add, the scatter): perf put 13 % of a 1,600-token call in the AMX micro-kernel
-// (BENCHMARKS.md §10.15). The row tile keeps the routed rows in bf16 as brgemm's A operand, row-major as they
-// are: gathered straight from the bf16 input, no transposes. Every product takes the factor as brgemm's B operand
-// in the pair layout: the expand-side factors as prepared (Block::pairs), the project-side V [r, in] packed per
-// call (pack_pairs: r · in values against the n · in of the activations, ~10× fewer at these shapes). SwiGLU, the
-// base rows, the routing-weighted h and h's bf16 copy for the down product are one pass; the fp32 outputs live in
-// per-call buffers reused across experts; one scatter per expert (BENCHMARKS.md §10.17).
-
-// b [N, K] row-major (K even) as columns c0 .. c0 + N of brgemm's B operand [K/2, ldp] (32-bit pairs, pair p of
-// row j at p · ldp + c0 + j): b's rows viewed as K/2 32-bit values, transposed by at::vec::transpose_mxn (a bf16
-// pair moves as one float's bits); with pad (N odd) the column c0 + N zero, as the pair layout pads an odd block.
-inline void pack_pairs(const c10::BFloat16* b, int64_t N, int64_t K, c10::BFloat16* packed, int64_t c0,
-                       int64_t ldp, bool pad) {
-  float* out = reinterpret_cast<float*>(packed);
-  if (N) at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(b), K / 2, out + c0, ldp, N, K / 2);
-  if (pad && N % 2)
-    for (int64_t p = 0; p < K / 2; ++p) out[p * ldp + c0 + N] = 0.f;
-}
-
-// y [n, N] (row stride ldy) (+)= a [n, Ks] (bf16, row stride lda) · B, B [Ks, N] in the pair layout ([Ks/2, N]
-// pairs; Ks even: a's columns past the product's inner size zero), kAmxColumns columns per brgemm call, the
-// column blocks split over the threads outside a parallel region (the base gate/up over all tokens) and in turn
-// inside one (an expert's products where the experts are split); each thread releases the AMX tile state after its
-// blocks, as amx_product does. Ks = 0: y = 0 (or unchanged).
-void tile_product(const c10::BFloat16* a, int64_t lda, int64_t n, int64_t Ks, const c10::BFloat16* b, int64_t N,
-                  float* y, int64_t ldy, bool accumulate) {
-  if (Ks == 0) {
-    if (!accumulate)
-      for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, 0.f);
-    return;
-  }
-  at::parallel_for(0, (N + kAmxColumns - 1) / kAmxColumns, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t lo = c0 * kAmxColumns; lo < std::min(N, c1 * kAmxColumns); lo += kAmxColumns)
-      at::native::cpublas::brgemm(n, std::min(kAmxColumns, N - lo), Ks, lda, N, ldy, accumulate, a, b + 2 * lo,
-                                  y + lo);
-    at::native::cpublas::brgemm_release();
-  });
-}
-
-// Per routed row t < n: h = silu(g + base_g) ⊙ (u + base_u) over the I channels (base(t): the row's base gate then
-// base up [2I], or nullptr), weighted_h(t) [I] += w_t · h (skipped for nullptr), and w_t · h in bf16 into hb [n, I]
-// (the routing weight before the down product: it is linear); g and u are rows of gu [n, 2I], g overwritten.
-// e^−g by exp_u20 (ATen's 2-ulp exp: far below bf16's rounding of h).
-template <typename Base, typename WeightedH>
-void tile_swiglu(float* gu, int64_t n, int64_t I, Base base, WeightedH weighted_h, const float* w,
-                 c10::BFloat16* hb) {
-  using V = at::vec::Vectorized<float>;
-  constexpr int64_t W = V::size();
-  for (int64_t t = 0; t < n; ++t) {
-    float* g = gu + t * 2 * I;
-    const float* u = g + I;
-    const float* b = base(t);
-    float* wh = weighted_h(t);
-    const V weight(w[t]);
-    int64_t c = 0;
-    for (; c + W <= I; c += W) {
-      V gv = V::loadu(g + c), uv = V::loadu(u + c);
-      if (b) gv = gv + V::loadu(b + c), uv = uv + V::loadu(b + I + c);
-      const V h = gv / (V(1.f) + (V(0.f) - gv).exp_u20()) * uv * weight;
-      h.store(g + c);
-      if (wh) (V::loadu(wh + c) + h).store(wh + c);
-    }
-    for (; c < I; ++c) {
-      const float gc = g[c] + (b ? b[c] : 0.f), uc = u[c] + (b ? b[I + c] : 0.f);
-      g[c] = w[t] * gc / (1.f + std::exp(-gc)) * uc;
-      if (wh) wh[c] += g[c];
-    }
-    at::vec::convert(g, hb + t * I, I);
-  }
-}
-
-// Where an expert's rows take the row tile: bf16 factors on the AMX path with the pair layout, even hidden and
-// intermediate sizes (pairs of a row), at least kRowTileMinRows rows and hidden ≤ kRowTileMaxHidden.
-// kRowTileMinRows: the tile's cost per expert (packing V, ~10 brgemm calls) is fixed; at the reference model's
-// shapes, every expert given n rows (quiet, one thread, the op's time with the tile / with main's loops, the base
-// gate/up on the tile / on main's path): n = 5 1.31, 6 1.16, 8 1.06, 12 0.87, 16 0.80, 24 0.66 (9–11 not
-// measured; BENCHMARKS.md §10.17).
-// kRowTileMaxHidden: the tile was built and measured at the reference model's hidden 256 (tested at 1000, 1024);
-// at Qwen3-30B-A3B's 2048 and Mixtral-8x7B's 4096 the per-row work is small against the products (4.7 M
-// multiply-adds per routed row) and amx_product's blocking (kAmxBlockedRows) is what those shapes were tuned on, so
-// they keep it: not measured with the tile.
-constexpr int64_t kRowTileMaxHidden = 1024;
-constexpr int64_t kRowTileMinRows = 9;
-
-template <typename T>
-bool on_row_tile(int64_t n, int64_t H, int64_t I, bool pairs) {
-  return std::is_same_v<T, c10::BFloat16> && amx_gemm && pairs && H % 2 == 0 && I % 2 == 0 &&
-         H <= kRowTileMaxHidden && n >= kRowTileMinRows;
-}
-
 // ---- base_delta (D²-MoE) ----------------------------------------------------------------------------------------
 
 // Σ_k w_k · expert_{id_k}(x), expert e: W_q = scatter(B_q) + U_e,q V_e,q (q = gate, up, down).
@@ -763,62 +668,32 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
                            const at::Tensor& base_down_t, const at::Tensor& base_channels_in, bool pairs,
                            int64_t num_dynamic_drop) {
   using A = AccT<T>;
-  using Bf = c10::BFloat16;
-  const int64_t T_ = x_in.size(0), H = x_in.size(1), I = d_v.size(1), E = meta_in.size(0);
+  const at::Tensor x = x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const int64_t T_ = x.size(0), H = x.size(1), I = d_v.size(1), E = meta_in.size(0);
   const int64_t C = base_channels_in.numel();
   const at::Tensor meta = meta_in.contiguous(), base_channels = base_channels_in.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
   const int64_t* channel = base_channels.data_ptr<int64_t>();
+  const A* px = x.data_ptr<A>();
   const T *guv = gu_v.data_ptr<T>(), *guut = gu_ut.data_ptr<T>(), *dv = d_v.data_ptr<T>(), *dut = d_ut.data_ptr<T>();
   const Routing<A> routing(topk_ids, topk_weights, E);
-  std::vector<int64_t> active;
-  int64_t max_gu = 0, max_d = 0;
-  bool all_tile = true, any_tile = false;  // whether every / any active expert takes the row tile (on_row_tile)
-  for (int64_t e = 0; e < E; ++e)
-    if (routing.rows(e)) {
-      active.push_back(e);
-      max_gu = std::max(max_gu, m[7 * e + 1] + m[7 * e + 2]);
-      max_d = std::max(max_d, m[7 * e + 4]);
-      const bool tile = on_row_tile<T>(routing.rows(e), H, I, pairs);
-      all_tile = all_tile && tile, any_tile = any_tile || tile;
-    }
-  // the base gate/up over all T tokens as a row tile too (from the bf16 rows, no fp32 copy) where it has at least
-  // as many tokens as B_gu has rows (2C): the tile packs B_gu [2C, H] per call, main's path (amx_product) x's
-  // [T, H], so each packs the smaller one (at the reference model's 128 tokens, 2C = 256, the tile was 5–9 % slower
-  // than main; BENCHMARKS.md §10.17)
-  const bool base_tile = C && on_row_tile<T>(T_, H, I, pairs) && T_ >= 2 * C;
-  // x in bf16 for the row tiles, in the accumulation type for the rest (only where some product needs it)
-  const at::Tensor xb = any_tile || base_tile ? x_in.to(at::kBFloat16).contiguous() : at::Tensor();
-  const at::Tensor x = all_tile && (!C || base_tile) ? at::Tensor()
-                                                      : x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const A* px = x.defined() ? x.data_ptr<A>() : nullptr;
 
   // sums: the output [T, H], then (with a base) the routing-weighted h [T, I] the base down acts on
   std::vector<A> sums(T_ * H + (C ? T_ * I : 0), A(0));
-  // a base over every channel in order (C = I, channels 0 .. I − 1: D²-MoE's default without base pruning; the 60 %
-  // layers of the reference model keep all 128): its gate/up product is the experts' [T, 2I] addend as it is, and
-  // the weighted h the base down's input as it is. Otherwise the product is scattered onto the I channels and h's
-  // base columns gathered: at Mixtral-8x7B shapes and 256 tokens the scatter onto [T, 2I] (29 MB) took 16 ms and
-  // the gather 5 ms of a ~390 ms call (BENCHMARKS.md §10.18)
-  bool every_channel = C == I;
-  for (int64_t j = 0; every_channel && j < C; ++j) every_channel = channel[j] == j;
-  // base gate/up once per token [T, 2C] (written whole by the product: not value-initialised, a 29 MB zero fill per
-  // call at Mixtral-8x7B shapes and 256 tokens), and the experts' [T, 2I] addend: that product itself (every
-  // channel) or it scattered onto the I channels
-  std::unique_ptr<A[]> base_out, base_scattered;
-  const A* base_addend = nullptr;
+  // A base over every channel in order (D²-MoE's default, no base pruning: C = I) is already in the experts'
+  // channel order: its gate/up product is their [T, 2I] addend as it is, and the weighted h is the base down's
+  // input as it is. Otherwise the product is scattered onto the I channels and h's base columns gathered. At
+  // Mixtral-8x7B shapes and 256 tokens the scatter onto [T, 2I] (29 MB, allocated per call) took 16 ms and the
+  // gather 5 ms of a ~390 ms call (BENCHMARKS.md §10.18).
+  bool full_base = C == I;
+  for (int64_t j = 0; full_base && j < C; ++j) full_base = channel[j] == j;
+  std::unique_ptr<A[]> base_out, base_scattered;  // base gate/up once per token: [T, 2C], scattered [T, 2I]
+  const A* base_addend = nullptr;                 // [T, 2I]: one of the two
   if (C) {
-    base_out.reset(new A[T_ * 2 * C]);
-    if constexpr (std::is_same_v<T, Bf>) {
-      if (base_tile) {  // x B_guᵀ, B_gu packed (pack_pairs)
-        const std::unique_ptr<Bf[]> packed(new Bf[2 * C * H]);
-        pack_pairs(base_gu.data_ptr<Bf>(), 2 * C, H, packed.get(), 0, 2 * C, false);
-        tile_product(xb.data_ptr<Bf>(), H, T_, H, packed.get(), 2 * C, base_out.get(), 2 * C, false);
-      }
-    }
-    if (!base_tile) project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, base_out.get(), 2 * C, false);
+    base_out.reset(new A[T_ * 2 * C]);  // written whole by the product (not value-initialised)
+    project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, base_out.get(), 2 * C, false);
     base_addend = base_out.get();
-    if (!every_channel) {
+    if (!full_base) {
       base_scattered.reset(new A[T_ * 2 * I]());
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t j = 0; j < C; ++j) {
@@ -828,29 +703,23 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       base_addend = base_scattered.get();
     }
   }
+  std::vector<int64_t> active;
+  int64_t max_gu = 0, max_d = 0;
+  for (int64_t e = 0; e < E; ++e)
+    if (routing.rows(e)) {
+      active.push_back(e);
+      max_gu = std::max(max_gu, m[7 * e + 1] + m[7 * e + 2]);
+      max_d = std::max(max_d, m[7 * e + 4]);
+    }
   const int64_t rows = routing.max_rows;
   struct Work {
     Arena<A> arena;
     A *xe, *gu, *z, *zd, *y;
-    // the row tile's bf16 buffers: x's rows [n, H], z [n, stored rg + stored ru], w · h [n, I], zd [n, stored
-    // rd], a packed V (pack_pairs) (not value-initialised: every value read is written first)
-    std::unique_ptr<Bf[]> tile;
-    Bf *xb, *zb, *hb, *zdb, *vp;
   };
   auto make_work = [&] {
-    // z and zd with room for the row tile's pad columns (rank + 1 each: stored_rows)
-    Work w{Arena<A>(rows * (H + 2 * I + max_gu + 2 + max_d + 1 + H))};
-    w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * I), w.z = w.arena.take(rows * (max_gu + 2));
-    w.zd = w.arena.take(rows * (max_d + 1)), w.y = w.arena.take(rows * H);
-    if (any_tile) {
-      int64_t sizes[5] = {rows * H, rows * (max_gu + 2), rows * I, rows * (max_d + 1),
-                          std::max((max_gu + 2) * H, (max_d + 1) * I)};
-      for (int64_t& size : sizes) size = (size + 31) / 32 * 32;  // whole 64-byte lines (vp is read as fp32)
-      w.tile.reset(new Bf[sizes[0] + sizes[1] + sizes[2] + sizes[3] + sizes[4]]);
-      Bf** parts[5] = {&w.xb, &w.zb, &w.hb, &w.zdb, &w.vp};
-      Bf* next = w.tile.get();
-      for (int q = 0; q < 5; ++q) *parts[q] = next, next += sizes[q];
-    }
+    Work w{Arena<A>(rows * (H + 2 * I + max_gu + max_d + H))};
+    w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * I), w.z = w.arena.take(rows * max_gu);
+    w.zd = w.arena.take(rows * max_d), w.y = w.arena.take(rows * H);
     return w;
   };
   auto visit = [&](int64_t i, Work& w, A* acc) {
@@ -859,32 +728,6 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     const A* wt = routing.weights.data() + begin;
     const int64_t* r = m + 7 * e;  // v_row, rg, ru, d_row, rd, ut_row, dut_row
     const int64_t r0 = r[0], rg = r[1], ru = r[2], d0 = r[3], rd = r[4], u0 = r[5];
-    if constexpr (std::is_same_v<T, Bf>) {
-      if (on_row_tile<T>(n, H, I, pairs)) {  // the row tile: the comment above pack_pairs
-        const Bf* x_rows = xb.data_ptr<Bf>();
-        const int64_t Sg = stored_rows(rg, true), Su = stored_rows(ru, true), Sd = stored_rows(rd, true);
-        for (int64_t t = 0; t < n; ++t) std::copy_n(x_rows + tokens[t] * H, H, w.xb + t * H);
-        if (rg + ru) {  // z = x [V_g; 0; V_u; 0]ᵀ: [n, Sg + Su] = [z_g | pad | z_u | pad], pads zero, then in bf16
-          pack_pairs(guv + r0 * H, rg, H, w.vp, 0, Sg + Su, true);
-          pack_pairs(guv + (r0 + rg) * H, ru, H, w.vp, Sg, Sg + Su, true);
-          tile_product(w.xb, H, n, H, w.vp, Sg + Su, w.z, Sg + Su, false);
-          at::vec::convert(w.z, w.zb, n * (Sg + Su));
-        }
-        tile_product(w.zb, Sg + Su, n, Sg, guut + u0 * I, I, w.gu, 2 * I, false);  // g = z_g U_gᵀ
-        tile_product(w.zb + Sg, Sg + Su, n, Su, guut + (u0 + Sg) * I, I, w.gu + I, 2 * I, false);  // u
-        tile_swiglu(
-            w.gu, n, I, [&](int64_t t) { return C ? base_addend + tokens[t] * 2 * I : nullptr; },
-            [&](int64_t t) { return C ? acc + T_ * H + tokens[t] * I : nullptr; }, wt, w.hb);
-        if (rd) {  // zd = (w · h) [V_d; 0]ᵀ [n, Sd] (pad zero), out[tokens] += zd U_dᵀ
-          pack_pairs(dv + d0 * I, rd, I, w.vp, 0, Sd, true);
-          tile_product(w.hb, I, n, I, w.vp, Sd, w.zd, Sd, false);
-          at::vec::convert(w.zd, w.zdb, n * Sd);
-          tile_product(w.zdb, Sd, n, Sd, dut + r[6] * H, H, w.y, H, false);
-          scatter_add_rows(acc, tokens, w.y, n, H);
-        }
-        return;
-      }
-    }
     const bool one = n == 1;  // one token: read x and add into out in place (no gather or scatter)
     const A* xe = one ? px + tokens[0] * H : w.xe;
     if (!one) gather_rows(px, H, tokens, n, H, w.xe);
@@ -917,17 +760,13 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       }
     }
   };
-  // The row tile's experts split over the threads like the others (split_experts). Splitting them whenever one took
-  // the tile (s13-prefill) was slower at two threads than tile_product's column blocks over the threads: reference
-  // model's shapes, 128 / 512 / 1,600 tokens, 0.47 / 1.35 / 4.31 ms against 0.43 / 1.11 / 3.53 (wall clock, same
-  // rounds; BENCHMARKS.md §10.19).
-  const bool split = split_experts<T>(active.size(), rows);
-  for_each_expert<A>(active.size(), split, sums.data(), static_cast<int64_t>(sums.size()), make_work, visit);
+  for_each_expert<A>(active.size(), split_experts<T>(active.size(), rows), sums.data(),
+                     static_cast<int64_t>(sums.size()), make_work, visit);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
     A* weighted = sums.data() + T_ * H;
-    std::unique_ptr<A[]> gathered;  // wh [T, C]: the weighted h on the base's channels (itself for every channel)
+    std::unique_ptr<A[]> gathered;  // wh [T, C]: the weighted sum itself where the base is full
     A* wh = weighted;
-    if (!every_channel) {
+    if (!full_base) {
       gathered.reset(new A[T_ * C]);
       wh = gathered.get();
       for (int64_t t = 0; t < T_; ++t)
