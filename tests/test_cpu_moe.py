@@ -406,6 +406,22 @@ def test_amx_pair_layout_matches_float64_dense_math(scheme, routing):
         assert error <= TOLERANCE[torch.bfloat16], (name, error)
 
 
+def amx_base_delta_error(tensors, x, ids, weights, reference, threads: int) -> float:
+    """Relative error of the C++ base_delta op in bf16 on the AMX path (the pair layout) against reference, run on
+    ``threads`` threads."""
+    ops = cpu_extension.cpu_ops()
+    previous, previous_threads = ops.set_amx_gemm(1), torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        layout = base_delta_cpu.prepare(tensors[0], *(t.to(torch.bfloat16) for t in tensors[1:7]), tensors[7])
+        assert int(layout.pairs) == 1
+        got = base_delta_cpu.base_delta_moe(x.to(torch.bfloat16), ids, weights, layout).double()
+    finally:
+        ops.set_amx_gemm(previous)
+        torch.set_num_threads(previous_threads)
+    return float((got - reference).norm() / reference.norm())
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_amx_blocked_products_match_float64_dense_math(threads):
     """amx_product's blocking (kAmxRows, kAmxTokens, kAmxDepth, amx_blocked) at sizes over every block with tails:
@@ -419,7 +435,6 @@ def test_amx_blocked_products_match_float64_dense_math(threads):
     pad row). Against float64 dense math; one and two threads (the chunks split over them)."""
     if not amx_usable():
         pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
-    ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(23)
     hidden, inter, tokens = 4000, 600, 150
     tensors = packed_layer([[300, 257, 40], [260, 301, 66], [261, 290, 270]], hidden, inter, 300, gen)
@@ -429,17 +444,7 @@ def test_amx_blocked_products_match_float64_dense_math(threads):
     x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
     weights = torch.rand(tokens, 2, generator=gen, dtype=torch.float64).softmax(1)
     reference = dense_moe(x, ids, weights, reference_layer)
-    previous, previous_threads = ops.set_amx_gemm(1), torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        layout = base_delta_cpu.prepare(tensors[0], *(t.to(torch.bfloat16) for t in tensors[1:7]), tensors[7])
-        assert int(layout.pairs) == 1
-        got = base_delta_cpu.base_delta_moe(x.to(torch.bfloat16), ids, weights, layout).double()
-    finally:
-        ops.set_amx_gemm(previous)
-        torch.set_num_threads(previous_threads)
-    error = float((got - reference).norm() / reference.norm())
-    assert error <= TOLERANCE[torch.bfloat16], error
+    assert amx_base_delta_error(tensors, x, ids, weights, reference, threads) <= TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -452,7 +457,6 @@ def test_amx_expand_spans_match_float64_dense_math(threads):
     one and two threads (the column blocks split over them)."""
     if not amx_usable():
         pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
-    ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(31)
     hidden, inter, tokens = 200, 2000, 300
     tensors = packed_layer([[40, 35, 70], [66, 41, 36], [37, 70, 45]], hidden, inter, inter, gen)
@@ -461,17 +465,7 @@ def test_amx_expand_spans_match_float64_dense_math(threads):
     x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
     weights = torch.rand(tokens, 2, generator=gen, dtype=torch.float64).softmax(1)
     reference = dense_moe(x, ids, weights, dense_experts(*tensors))
-    previous, previous_threads = ops.set_amx_gemm(1), torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        layout = base_delta_cpu.prepare(tensors[0], *(t.to(torch.bfloat16) for t in tensors[1:7]), tensors[7])
-        assert int(layout.pairs) == 1
-        got = base_delta_cpu.base_delta_moe(x.to(torch.bfloat16), ids, weights, layout).double()
-    finally:
-        ops.set_amx_gemm(previous)
-        torch.set_num_threads(previous_threads)
-    error = float((got - reference).norm() / reference.norm())
-    assert error <= TOLERANCE[torch.bfloat16], error
+    assert amx_base_delta_error(tensors, x, ids, weights, reference, threads) <= TOLERANCE[torch.bfloat16]
 
 
 def pairs_by_definition(block: torch.Tensor) -> torch.Tensor:
