@@ -123,20 +123,24 @@ def dense_baselines(num_experts: int, h: int, i: int, dtype, gen, torch_loop: bo
 
 
 def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int, clock=time.perf_counter,
-                 flush=None) -> dict[str, float]:
+                 flush=None, warm: bool = False) -> dict[str, float]:
     """Median over ``rounds`` of each path's mean ms per call; paths alternate within every round, in the given
     order in even rounds and reversed in odd ones (the second path of a round found part of the first one's
     routed factors in cache: 17–25 % faster at identical code, BENCHMARKS.md §10.12). ``flush``
     (untimed) runs before each path's calls, so every path starts from the same cold caches: a layer that fits
     in L3 (the reference model's) ran ~1.5× slower as the path right after the copy than as the next one, the
-    same op in both places. ``clock``: wall time (``time.perf_counter``) or this process's CPU time
-    (``time.process_time``: on a loaded machine it leaves out the time the process waited for a core)."""
+    same op in both places. ``warm``: instead, one untimed call of the path right before its timed ones, so a layer
+    that fits in cache is timed from cache (as the reference model's stays in L3 between a vLLM engine's steps).
+    ``clock``: wall time (``time.perf_counter``) or this process's CPU time (``time.process_time``: on a loaded
+    machine it leaves out the time the process waited for a core)."""
     for fn in paths.values():  # warm-up (and first-call allocations)
         fn(*inputs[0])
     samples = {name: [] for name in paths}
     for r in range(rounds):
         for name, fn in (paths.items() if r % 2 == 0 else reversed(paths.items())):
-            if flush is not None:
+            if warm:
+                fn(*inputs[0])
+            elif flush is not None:
                 flush()
             start = clock()
             for c in range(calls):
@@ -288,6 +292,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="time per call: wall (default) or this process's CPU time (all its threads; on a "
                         "loaded machine it leaves out the waits for a core)")
+    parser.add_argument("--warm", action="store_true",
+                        help="time each path from warm caches (one untimed call right before its timed ones, no "
+                        "flush): what a layer small enough to stay in cache meets in an engine (BENCHMARKS.md §10.19)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_moe.md"))
     args = parser.parse_args()
@@ -298,7 +305,7 @@ def main() -> None:
     copy = CopyBandwidth(args.copy_mib)
     header = [f"CPU: {cpu}; torch threads {args.threads}; clock {args.clock}; load average before: "
               f"{os.getloadavg()[0]:.1f}; median "
-              f"of {args.rounds} alternating rounds of {args.calls} calls; copy GB/s = a {args.copy_mib} MiB copy's "
+              f"of {args.rounds} alternating rounds of {args.calls} calls{' from warm caches' if args.warm else ''}; copy GB/s = a {args.copy_mib} MiB copy's "
               f"(read + write) bytes / time, timed in the same rounds.", "",
               "| model | dtype | scheme | ratio | tokens | path | ms | MB read | GB/s | copy GB/s | % copy "
               "| vLLM dense ms / path ms |",
@@ -326,7 +333,8 @@ def main() -> None:
                             top_logits, ids = torch.randn(tokens, num_experts, generator=gen).topk(model.top_k, dim=1)
                             inputs.append((x, ids.to(torch.int32), top_logits.softmax(dim=1)))
                         ms = timed_rounds({**all_paths, "copy": copy}, inputs, args.rounds, args.calls,
-                                          time.process_time if args.clock == "cpu" else time.perf_counter, copy)
+                                          time.process_time if args.clock == "cpu" else time.perf_counter, copy,
+                                          args.warm)
                         dense_ms, copy_gbs = ms[f"vLLM dense ({isa})"], copy.gbs(ms.pop("copy"))
                         for path, t in ms.items():
                             used = torch.zeros(num_experts, dtype=torch.bool)  # mean over the routings

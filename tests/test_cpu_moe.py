@@ -571,3 +571,13 @@ def test_benchmark_rounds_alternate_the_order_of_the_paths():
     timed = [c for c in calls[3:] if c != "flush"]
     assert calls[:3] == list("abc") and timed == list("aabbcc" "ccbbaa" "aabbcc")
     assert calls[3:].count("flush") == 9
+
+
+def test_benchmark_warm_mode_calls_each_path_once_untimed_before_its_calls_and_never_flushes():
+    """``--warm``: one untimed call of the path right before its timed ones in every round, the flush not run."""
+    from benchmarks.cpu_moe import timed_rounds
+
+    calls = []
+    paths = {name: (lambda name: lambda: calls.append(name))(name) for name in "ab"}
+    timed_rounds(paths, [()], rounds=2, calls=2, flush=lambda: calls.append("flush"), warm=True)
+    assert calls == list("ab" "aaa" "bbb" "bbb" "aaa")
