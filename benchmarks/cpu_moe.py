@@ -130,7 +130,7 @@ def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int, clock=time.
     (untimed) runs before each path's calls, so every path starts from the same cold caches: a layer that fits
     in L3 (the reference model's) ran ~1.5× slower as the path right after the copy than as the next one, the
     same op in both places. ``warm``: instead, one untimed call of the path right before its timed ones, so a layer
-    that fits in cache is timed from cache (as the reference model's stays in L3 between a vLLM engine's steps).
+    that fits in cache is timed from cache (the reference model's timed the same either way, BENCHMARKS.md §10.19).
     ``clock``: wall time (``time.perf_counter``) or this process's CPU time (``time.process_time``: on a loaded
     machine it leaves out the time the process waited for a core)."""
     for fn in paths.values():  # warm-up (and first-call allocations)
@@ -293,8 +293,8 @@ def main() -> None:
                         help="time per call: wall (default) or this process's CPU time (all its threads; on a "
                         "loaded machine it leaves out the waits for a core)")
     parser.add_argument("--warm", action="store_true",
-                        help="time each path from warm caches (one untimed call right before its timed ones, no "
-                        "flush): what a layer small enough to stay in cache meets in an engine (BENCHMARKS.md §10.19)")
+                        help="time each path from warm caches: one untimed call right before its timed ones, no "
+                        "flush (BENCHMARKS.md §10.19)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_moe.md"))
     args = parser.parse_args()
@@ -305,8 +305,8 @@ def main() -> None:
     copy = CopyBandwidth(args.copy_mib)
     header = [f"CPU: {cpu}; torch threads {args.threads}; clock {args.clock}; load average before: "
               f"{os.getloadavg()[0]:.1f}; median "
-              f"of {args.rounds} alternating rounds of {args.calls} calls{' from warm caches' if args.warm else ''}; copy GB/s = a {args.copy_mib} MiB copy's "
-              f"(read + write) bytes / time, timed in the same rounds.", "",
+              f"of {args.rounds} alternating rounds of {args.calls} calls{' from warm caches' if args.warm else ''}; "
+              f"copy GB/s = a {args.copy_mib} MiB copy's (read + write) bytes / time, timed in the same rounds.", "",
               "| model | dtype | scheme | ratio | tokens | path | ms | MB read | GB/s | copy GB/s | % copy "
               "| vLLM dense ms / path ms |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

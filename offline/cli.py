@@ -402,8 +402,9 @@ def entry() -> None:
     After eval-zeroshot the process ends with ``os._exit`` once the streams are flushed: vLLM's engine client leaves
     native threads in this process whose destruction during the interpreter's finalisation aborted complete runs
     (SIGABRT, "terminate called without an active exception", after "wrote OUT": once in CI, 1 of 15 runs in a
-    loop here; 0 of 30 with this exit), so a caller saw a failed command whose result was written. Finalisation has nothing left to do for
-    it: the result is written atomically and the engine's own process is shut down (evaluation/zeroshot.py)."""
+    loop here; 0 of 30 with this exit), so a caller saw a failed command whose result was written. Finalisation
+    has nothing left to do for it: the result is written atomically and the engine's own process is shut down
+    (evaluation/zeroshot.py)."""
     argv = sys.argv[1:]
     if _command_of(argv) not in IN_PROCESS_ENGINE_COMMANDS:
         sys.exit(main(argv))

@@ -344,8 +344,8 @@ bool amx_blocked(int64_t n, int64_t K, bool transposed) {
 }
 
 // The rows of Ks (a multiple of depth, or all of Ks) expand multiplies for every column block before moving on to
-// the next ones: all of them while a's [n, K] bf16 block fits in kAmxCachedActivationBytes, else as many as fit (at least one
-// piece). Each brgemm call reads a's rows for its piece; with the whole K per column block, a beyond L2 was re-read
+// the next ones: all of them while a's [n, K] bf16 block fits in kAmxCachedActivationBytes, else as many as fit
+// (at least one piece). Each brgemm call reads a's rows for its piece; with the whole K per column block, a beyond L2 was re-read
 // from L3 or memory for each of the N / kAmxColumns blocks: Mixtral-8x7B's base down over 256 tokens (a: 256 ×
 // 14,336 bf16 = 7.3 MB, 64 blocks: 470 MB of re-reads) ran at ~195 GMAC/s against the base gate/up project's ~330
 // (BENCHMARKS.md §10.18: 77 → 65–67 ms per call, thread CPU time, same runs). y's [n, kAmxColumns] block is then
