@@ -12,8 +12,8 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
   layer), where the scheme has one;
 - ``ours (at::mm only)``: the same op with its small-row loops off (``set_small_row_limit(0)``: every product
   an ``at::mm``, as before the loops), with ``--compare-at-mm``;
-- ``ours (experts split)``: the same op with the active experts split over the threads
-  (``set_expert_parallel(1)``; by default they run in turn, each product split over the threads), with
+- ``ours (experts in turn)``: the same op with the active experts run in turn, each product split over the
+  threads (``set_expert_parallel(0)``; by default the experts are split over the threads), with
   ``--compare-expert-parallel`` (only differs from ``ours`` at ``--threads`` > 1);
 - ``ours (4 KiB pages)``: the same op on a plain copy of the layout (torch's allocator: 4 KiB pages where
   transparent huge pages are ``madvise``, as the layouts were before ``on_huge_pages``), with
@@ -165,7 +165,7 @@ def other_ops(source: Path):
     if not copy.exists() or copy.read_text() != text:
         copy.write_text(text)
     load(name="moe_compress_cpu_other", sources=[str(copy)], is_python_module=False, build_directory=str(build),
-         extra_cflags=["-O3", "-march=native", *cpu_extension._vector_flags()], verbose=False)
+         extra_cflags=cpu_extension.compile_flags(), extra_ldflags=["-fopenmp"], verbose=False)
     other = torch.ops.moe_compress_cpu_other
     # The process-wide settings cpu_ops() gives this checkout's op, where the other source has them: without
     # set_amx_gemm its bf16 prefill products would take at::mm (on a copy of the pair layout back to rows).
@@ -233,7 +233,7 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
         elem["ours"] = compute_dtype(dtype).itemsize
         variants = {"ours (at::mm only)": ("set_small_row_limit", 0)} if compare_at_mm else {}
         if compare_split:
-            variants["ours (experts split)"] = ("set_expert_parallel", 1)
+            variants["ours (experts in turn)"] = ("set_expert_parallel", 0)
         for label, (setter, value) in variants.items():
             paths = {"ours": paths.pop("ours"), label: with_op_setting(forward, layout, setter, value), **paths}
             elem[label] = elem["ours"]
@@ -280,7 +280,8 @@ def main() -> None:
     parser.add_argument("--compare-at-mm", action="store_true",
                         help="also time ours with the small-row loops off (every product an at::mm)")
     parser.add_argument("--compare-expert-parallel", action="store_true",
-                        help="also time ours with the active experts split over the threads")
+                        help="also time ours with the active experts run in turn (the default splits them over "
+                             "the threads)")
     parser.add_argument("--compare-source", type=Path,
                         help="also time the same layouts through the ops compiled from this lowrank_moe_cpu.cpp "
                         "(e.g. `git show <commit>:kernels/csrc/lowrank_moe_cpu.cpp > old.cpp`)")

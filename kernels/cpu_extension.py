@@ -2,7 +2,7 @@
 
 ``torch.utils.cpp_extension.load`` builds the source with the machine's C++ compiler (g++, which vLLM's CPU
 backend already needs for its compiled mode) into ``$MOE_COMPRESS_CPU_BUILD`` (default
-``~/.cache/vllm_moe_compress/cpu-<torch version>-<CPU tag>``) with ``-O3 -march=native`` (the small-product
+``~/.cache/vllm_moe_compress/cpu-<torch version>-<CPU tag>``) with ``-O3 -march=native -fopenmp`` (the small-product
 loops are vectorised for this CPU's ISA: AVX-512 on the EPYC this project runs on now, AVX2 + FMA on its
 earlier one; no intrinsics, so any ISA builds), once per source change; later processes load the cached
 library (~0.1 s). Concurrent first builds (vLLM's worker processes, parallel tests) wait on torch's build
@@ -57,9 +57,18 @@ def _vector_flags() -> list[str]:
     return []
 
 
+def compile_flags() -> list[str]:
+    """The op's compiler flags (link with ``-fopenmp`` too). ``-fopenmp``: ATen's ``at::parallel_for`` is inlined
+    into the op from its headers as an OpenMP parallel region; built without the flag the pragma is ignored and
+    every region runs on one thread (BENCHMARKS.md §10.20). The process's OpenMP runtime stays torch's own
+    ``libgomp.so.1`` (the same soname, loaded first)."""
+    return ["-O3", "-march=native", "-fopenmp", *_vector_flags()]
+
+
 EXPERT_SPLIT_ENV = "MOE_COMPRESS_CPU_EXPERT_SPLIT"
-"""Set to 1 to split the active experts over the threads (``set_expert_parallel(1)``, docs/kernels.md) in every
-process that loads the op, e.g. vLLM's CPU worker; unset or 0: the experts run in turn (the default)."""
+"""0 or 1 (default 1) in every process that loads the op, e.g. vLLM's CPU worker: 1 splits the active experts over
+the threads where there are enough of them (``set_expert_parallel(1)``, docs/kernels.md), 0 runs them in turn with
+each product split over the threads by columns."""
 
 
 MOE_OPS = ("base_delta", "sparse_lowrank", "basis_residual")
@@ -80,9 +89,9 @@ def cpu_ops():
 
     from vllm_moe_compress import request_amx_tile_state
 
-    load(name="moe_compress_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", *_vector_flags()], is_python_module=False,
-         build_directory=str(build_directory()), verbose=False)
-    split = os.environ.get(EXPERT_SPLIT_ENV, "0")
+    load(name="moe_compress_cpu", sources=[str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
+         is_python_module=False, build_directory=str(build_directory()), verbose=False)
+    split = os.environ.get(EXPERT_SPLIT_ENV, "1")
     if split not in ("0", "1"):
         raise ValueError(f"{EXPERT_SPLIT_ENV} must be 0 or 1, not {split!r}")
     torch.ops.moe_compress_cpu.set_expert_parallel(int(split))

@@ -49,10 +49,10 @@ def amx_usable() -> bool:
 def small_row_limit(request, monkeypatch):
     """The C++ ops' products of ≤ limit activation rows use the single-pass loops; 0 sends all to at::mm, or with
     ``set_amx_gemm(1)`` every bf16 one of even K to the AMX path (skipped on CPUs without it; None: as
-    ``cpu_ops`` set it, i.e. AMX above the limit where the CPU has it). With the split (set_expert_parallel(1);
-    off by default), two threads take the active experts in turn when every product is on the loops or there are
-    ≥ 8 active experts per thread (each its own partial sums, added at the end); without it the experts run in
-    turn. With huge pages, every tensor of the prepared layout is a ``huge_page_copy`` (at these sizes
+    ``cpu_ops`` set it, i.e. AMX above the limit where the CPU has it). With the split (set_expert_parallel(1),
+    the default; the other cases set 0), two threads share the active experts when every expert has ≤ 64 rows or
+    there are ≥ 8 active experts per thread (each its own partial sums, added at the end); without it the experts
+    run in turn, each product's column blocks split over torch's threads. With huge pages, every tensor of the prepared layout is a ``huge_page_copy`` (at these sizes
     ``on_huge_pages`` would keep torch's allocation)."""
     ops = cpu_extension.cpu_ops()
     limit, split, huge, amx = request.param
@@ -497,14 +497,28 @@ def test_row_blocks_match_the_pair_layout_definition(dtype):
     assert rows is t and row_starts == [0, 4, 7, 7, 8, 14]
 
 
-@pytest.mark.parametrize("value", ["0", "1"])
+def test_op_regions_run_on_every_thread():
+    """The build has OpenMP: one at::parallel_for region runs on torch's threads (without -fopenmp every region
+    ran on one thread, and the op used one core whatever vLLM's worker set)."""
+    ops, threads = cpu_extension.cpu_ops(), torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert ops.parallel_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("value", ["0", "1", None])
 def test_expert_split_follows_the_environment(value):
-    """MOE_COMPRESS_CPU_EXPERT_SPLIT sets the split in a process that loads the op (how vLLM's worker gets it)."""
+    """MOE_COMPRESS_CPU_EXPERT_SPLIT sets the split in a process that loads the op (how vLLM's worker gets it);
+    unset, the split is on."""
     code = ("from vllm_moe_compress.kernels import cpu_extension; "
             "print(cpu_extension.cpu_ops().set_expert_parallel(0))")
-    env = {**os.environ, cpu_extension.EXPERT_SPLIT_ENV: value}
+    env = {k: v for k, v in os.environ.items() if k != cpu_extension.EXPERT_SPLIT_ENV}
+    if value is not None:
+        env[cpu_extension.EXPERT_SPLIT_ENV] = value
     shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert shown.split()[-1] == value
+    assert shown.split()[-1] == (value or "1")
 
 
 def plugin_cpu_layer(scheme: str, gen: torch.Generator, hidden: int, inter: int):

@@ -19,10 +19,17 @@
 #include <cmath>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
+#include <numeric>
+#include <set>
 #include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+#if __has_include(<fbgemm/Utils.h>)  // x86 builds of torch ship FBGEMM (its SIMD transpose: transpose32)
+#include <fbgemm/Utils.h>
+#define MOE_COMPRESS_FBGEMM_TRANSPOSE 1
 #endif
 
 namespace {
@@ -46,7 +53,7 @@ constexpr int64_t kReducedRowLimit = 4;
 
 int64_t small_row_limit = 8;  // set_small_row_limit (process-wide; not for use during a forward): tests and
                               // benchmarks compare with 0 (at::mm everywhere)
-int64_t expert_parallel = 0;  // set_expert_parallel: 1 = threads split the active experts (split_experts)
+int64_t expert_parallel = 1;  // set_expert_parallel: 1 = threads split the active experts (split_experts)
 int64_t amx_gemm = 0;  // set_amx_gemm: 1 = bf16 products above the loops' rows take amx_product (AMX tiles)
 
 // Sums are formed in AccT<T>: T for fp32/fp64, fp32 for bf16/fp16 (converted as they are loaded: the factor's
@@ -326,6 +333,18 @@ at::TensorOptions options_of() {
 // (f736ee2) issued a burst of prefetches between brgemm calls that the core waited in: at Mixtral shapes and 256
 // tokens base_delta took 417 ms with it (397 with only the expand's, as f736ee2 built) against 379 without (same
 // run, BENCHMARKS.md §10.14).
+// dst[j · ld_dst + i] = src[i · ld_src + j] for i < M, j < N: a transpose of 32-bit values (fp32, or bf16 pairs moved
+// as such), FBGEMM's SIMD transpose where torch ships it, else plain loops.
+inline void transpose32(int64_t M, int64_t N, const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
+#ifdef MOE_COMPRESS_FBGEMM_TRANSPOSE
+  fbgemm::transpose_simd<float>(M, N, reinterpret_cast<const float*>(src), ld_src, reinterpret_cast<float*>(dst),
+                                ld_dst);
+#else
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+#endif
+}
+
 constexpr int64_t kAmxBlockedRows = 32;  // the blocking below from this many activation rows on; fewer: one call
                                          // per 32 rows of b (project) or 64 columns (expand) over the whole K
 // Project's aᵀ up to this many bytes stays in L2 (2 MiB per core on the Xeon measured) while brgemm walks the
@@ -374,26 +393,29 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   // Not value-initialised (a std::vector<Bf> zero-fills element by element: 10 % of a prefill call at the
   // reference model's shapes): every value is written below, expand's pad column included.
   const std::unique_ptr<Bf[]> ab(new Bf[n * Ks]);
-  std::vector<Bf> row(transposed ? K : 0);
-  for (int64_t t = 0; t < n; ++t) {
-    if (!transposed) {
+  if (transposed) {
+    // each panel's rows in bf16, then their bf16 pairs, as 32-bit values, transposed: the pair (k, k + 1) of
+    // token t (panel t0 of m tokens) lands at t0 · K + 2 · ((k / 2) · m + t − t0). Pair by pair in scalar stores
+    // this packing was ~45 % of amx_product's own time in a prefill call at the reference model's shapes.
+    const std::unique_ptr<Bf[]> rows(new Bf[std::min(n, kAmxTokens) * K]);
+    for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
+      const int64_t m = std::min(kAmxTokens, n - t0);
+      for (int64_t t = 0; t < m; ++t) at::vec::convert(a + (t0 + t) * lda, rows.get() + t * K, K);
+      transpose32(m, K / 2, reinterpret_cast<const uint32_t*>(rows.get()), K / 2,
+                  reinterpret_cast<uint32_t*>(ab.get() + t0 * K), m);
+    }
+  } else {
+    for (int64_t t = 0; t < n; ++t) {
       at::vec::convert(a + t * lda, ab.get() + t * Ks, K);
       if (Ks > K) ab[t * Ks + K] = Bf(0.f);
-      continue;
     }
-    // the pair (k, k + 1) of token t (panel t0 of m tokens) at t0 · K + 2 · ((k / 2) · m + t − t0): the row's
-    // bf16 pairs, as 32-bit values, transposed
-    const int64_t t0 = t - t % kAmxTokens, m = std::min(kAmxTokens, n - t0);
-    at::vec::convert(a + t * lda, row.data(), K);
-    const uint32_t* pairs = reinterpret_cast<const uint32_t*>(row.data());
-    uint32_t* out = reinterpret_cast<uint32_t*>(ab.get() + t0 * K) + (t - t0);
-    for (int64_t p = 0; p < K / 2; ++p) out[p * m] = pairs[p];
   }
   const int64_t chunk = transposed ? kAmxRows[blocked] : kAmxColumns;
   at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     const int64_t lo0 = c0 * chunk, hi = std::min(N, c1 * chunk);  // this thread's rows (project) or columns
     if (transposed) {
       const std::unique_ptr<float[]> yt(new float[chunk * n]);  // a chunk of yᵀ (each piece's first call writes it)
+      const std::unique_ptr<float[]> ys(accumulate ? new float[n * chunk] : nullptr);  // the chunk as rows, to add
       for (int64_t lo = lo0; lo < hi; lo += chunk) {
         const int64_t rows = std::min(chunk, hi - lo), next = std::min(chunk, hi - lo - rows);
         // piece by piece: each piece of the chunk's rows of b (128 × 1 KiB) multiplied by every aᵀ panel in turn,
@@ -416,9 +438,16 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
                          ab.get() + t0 * K + k0 * m, yt.get() + t0);
           }
         }
-        for (int64_t t = 0; t < n; ++t) {
-          float* out = y + t * ldy + lo;
-          for (int64_t j = 0; j < rows; ++j) out[j] = (accumulate ? out[j] : 0.f) + yt[j * n + t];
+        // yᵀ's chunk back into y's columns [lo, lo + rows): transposed in place, or into ys and added
+        if (!accumulate) {
+          transpose32(rows, n, reinterpret_cast<const uint32_t*>(yt.get()), n, reinterpret_cast<uint32_t*>(y + lo),
+                      ldy);
+        } else {
+          transpose32(rows, n, reinterpret_cast<const uint32_t*>(yt.get()), n, reinterpret_cast<uint32_t*>(ys.get()),
+                      rows);
+          for (int64_t t = 0; t < n; ++t)
+            at::vec::map2<float>([](auto u, auto v) { return u + v; }, y + t * ldy + lo, y + t * ldy + lo,
+                                 ys.get() + t * rows, rows);
         }
       }
     } else {
@@ -592,43 +621,62 @@ struct Routing {
 };
 
 // Whether the active experts are split over the threads (one parallel region per call): set_expert_parallel on
-// (off by default: at 2 threads on the loaded 2-core host it was not faster at 1–8 tokens, BENCHMARKS.md
-// §10.4), more than one thread and one expert, not already in a parallel region, and either every
-// product on the small-row loops or at least kExpertsPerThread experts per thread (then each thread's GEMMs run
-// single-threaded, and the many experts balance the load; fewer, larger experts — Mixtral's 8 at 256 tokens —
-// keep the GEMMs' own column split). Otherwise the experts run in turn and each product is split over the
-// threads by columns: a parallel region per product.
+// (the default), more than one thread and one expert, not already in a parallel region, and either every
+// expert at most kCachedBlockRows rows (decode and small batches: products on the loops or small) or at least
+// kExpertsPerThread experts per thread (then each thread's GEMMs run single-threaded, and the many experts balance
+// the load; fewer, larger experts — Mixtral's 8 at 256 tokens — keep the GEMMs' own column split). Otherwise the
+// experts run in turn and each product is split over the threads by columns: a parallel region per product.
+// At 2 threads, Qwen3-30B-A3B shapes, base_delta 60 %: split 1.35 / 6.8 / 35.5 ms against 2.13 / 11.7 / 52.8 in
+// turn at 1 / 8 / 256 tokens (BENCHMARKS.md §10.20; before the build had -fopenmp no split ran in parallel).
 constexpr int64_t kExpertsPerThread = 8;
+constexpr int64_t kExpertCostRows = 8;    // for_each_expert's balance: an expert's factor reads, as token rows
+constexpr int64_t kReduceGrain = 1 << 14;  // values per thread at least in the partial sums' reduction
 
 template <typename T>
 bool split_experts(int64_t active, int64_t max_rows) {
   const int64_t threads = at::get_num_threads();
   return expert_parallel && active > 1 && threads > 1 && !at::in_parallel_region() &&
-         (max_rows <= row_limit<T>() || active >= kExpertsPerThread * threads);
+         (max_rows <= kCachedBlockRows || active >= kExpertsPerThread * threads);
 }
 
 // visit(i, work, sums) for the active experts i < count: work is the expert's scratch (make_work() builds it, sized
 // for the largest expert, once per thread), sums the size values the experts add into (the layer's output and any
 // per-token sums). Serially: one work, sums = out. Split over threads: each thread its own work and zeroed sums,
 // added into out at the end (in thread order: deterministic for a given thread count).
-template <typename A, typename MakeWork, typename Visit>
-void for_each_expert(int64_t count, bool split, A* out, int64_t size, MakeWork make_work, Visit visit) {
+template <typename A, typename RowsOf, typename MakeWork, typename Visit>
+void for_each_expert(int64_t count, RowsOf rows_of, bool split, A* out, int64_t size, MakeWork make_work,
+                     Visit visit) {
   if (!split) {
     auto work = make_work();
     for (int64_t i = 0; i < count; ++i) visit(i, work, out);
     return;
   }
-  const int64_t threads = at::get_num_threads();
-  std::vector<A> partial(threads * size, A(0));
-  at::parallel_for(0, count, 1, [&](int64_t i0, int64_t i1) {
-    auto work = make_work();
-    A* sums = partial.data() + at::get_thread_num() * size;
-    for (int64_t i = i0; i < i1; ++i) visit(i, work, sums);
-  });
-  for (int64_t th = 0; th < threads; ++th) {
-    const A* p = partial.data() + th * size;
-    for (int64_t j = 0; j < size; ++j) out[j] += p[j];
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  // each expert, most rows first, to the thread with the least work so far (an expert costs its rows plus
+  // kExpertCostRows for reading its factors): a fixed assignment for given routing, so the sums' order is too
+  std::vector<int64_t> order(count);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return rows_of(i) > rows_of(j); });
+  std::vector<std::vector<int64_t>> mine(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (const int64_t i : order) {
+    const int64_t th = std::min_element(load.begin(), load.end()) - load.begin();
+    mine[th].push_back(i);
+    load[th] += rows_of(i) + kExpertCostRows;
   }
+  std::vector<A> partial(threads * size, A(0));
+  at::parallel_for(0, threads, 1, [&](int64_t th0, int64_t th1) {
+    for (int64_t th = th0; th < th1; ++th) {
+      A* sums = partial.data() + th * size;
+      auto work = make_work();
+      for (const int64_t i : mine[th]) visit(i, work, sums);
+    }
+  });
+  at::parallel_for(0, size, kReduceGrain, [&](int64_t j0, int64_t j1) {  // out += the partial sums, in thread order
+    for (int64_t th = 0; th < threads; ++th)
+      at::vec::map2<A>([](auto o, auto p) { return o + p; }, out + j0, out + j0, partial.data() + th * size + j0,
+                       j1 - j0);
+  });
 }
 
 // Scratch buffers of one thread, carved from one allocation: take(size) hands out the next size values.
@@ -760,7 +808,8 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       }
     }
   };
-  for_each_expert<A>(active.size(), split_experts<T>(active.size(), rows), sums.data(),
+  for_each_expert<A>(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
+                     split_experts<T>(active.size(), rows), sums.data(),
                      static_cast<int64_t>(sums.size()), make_work, visit);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
     A* weighted = sums.data() + T_ * H;
@@ -873,7 +922,8 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
       add_weighted_h(w.gate, nm, nm, lch + lc);
     }
   };
-  for_each_expert<A>(active.size(), split_experts<T>(active.size(), rows), sums.data(),
+  for_each_expert<A>(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
+                     split_experts<T>(active.size(), rows), sums.data(),
                      static_cast<int64_t>(sums.size()), make_work, visit);
   if (I) expand<T>(sums.data() + T_ * H, I, T_, {base_down_t.data_ptr<T>(), I, H, pairs}, sums.data(), H, true);
   return result(sums.data(), T_, H, x_in);
@@ -1017,7 +1067,8 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
       scatter_add_rows(acc, tokens, w.y, n, H);
     }
   };
-  for_each_expert<A>(active.size(), split_experts<T>(active.size(), rows), sums.data(),
+  for_each_expert<A>(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
+                     split_experts<T>(active.size(), rows), sums.data(),
                      static_cast<int64_t>(sums.size()), make_work, visit);
   return result(sums.data(), T_, H, x_in);
 }
@@ -1129,6 +1180,18 @@ int64_t set_amx_gemm(int64_t on) {
   return previous;
 }
 
+// How many threads ran one at::parallel_for region of at::get_num_threads() items: that number where the build
+// has OpenMP (compile_flags' -fopenmp), 1 where the pragma was ignored.
+int64_t parallel_threads() {
+  std::mutex mutex;
+  std::set<int> seen;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    seen.insert(at::get_thread_num());
+  });
+  return static_cast<int64_t>(seen.size());
+}
+
 int64_t set_expert_parallel(int64_t on) {
   const int64_t previous = expert_parallel;
   expert_parallel = on;
@@ -1153,9 +1216,10 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
   // Products with at most this many activation rows use the single-pass loops (default 8); returns the old
   // limit. Tests and benchmarks set 0 to compare with at::mm everywhere.
   m.def("set_small_row_limit(int rows) -> int", &set_small_row_limit);
-  // 1: the threads split the active experts where every product is on the loops (for_each_expert); 0: the
+  // 1 (the default): the threads split the active experts where split_experts says so (for_each_expert); 0: the
   // experts run in turn, each product split over the threads by columns. Returns the old setting.
   m.def("set_expert_parallel(int on) -> int", &set_expert_parallel);
+  m.def("parallel_threads() -> int", &parallel_threads);
   // 1: bf16 products above the loops' rows take amx_product (ATen's brgemm on AMX tiles); 0: at::mm. Only on
   // CPUs with AMX-BF16 whose process holds the AMX tile state (kernels/cpu_extension.py). Returns the old setting.
   m.def("set_amx_gemm(int on) -> int", &set_amx_gemm);
