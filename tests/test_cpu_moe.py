@@ -595,3 +595,26 @@ def test_benchmark_warm_mode_calls_each_path_once_untimed_before_its_calls_and_n
     paths = {name: (lambda name: lambda: calls.append(name))(name) for name in "ab"}
     timed_rounds(paths, [()], rounds=2, calls=2, flush=lambda: calls.append("flush"), warm=True)
     assert calls == list("ab" "aaa" "bbb" "bbb" "aaa")
+
+
+def test_engine_call_recordings_round_trip_and_replay_by_call_size(tmp_path):
+    """``benchmarks/engine_calls.py``: a recording keeps each layer's op arguments (tensors, and the scalars after
+    them) and every call in order; replay times each call size's calls, path order alternating per round."""
+    from benchmarks.engine_calls import load_recording, save_recording, timed_sizes
+
+    gen = torch.Generator().manual_seed(5)
+    plugin, _ = plugin_cpu_layer("base_delta", gen, 24, 16)
+    calls = [(n % 2, torch.randn(t, 24, generator=gen), *routing(t, 4, 2, gen)) for n, t in
+             enumerate([7, 1, 1, 7, 1])]
+    save_recording(tmp_path / "rec.safetensors", "m", "base_delta", [plugin.cpu_args, plugin.cpu_args], calls)
+    assert not list(tmp_path.glob("*.partial"))
+    kind, scheme, layers, loaded = load_recording(tmp_path / "rec.safetensors")
+    assert (kind, scheme, len(layers)) == ("compressed", "base_delta", 2)
+    for got, want in zip(layers[1], plugin.cpu_args):
+        assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
+    assert [c[0] for c in loaded] == [0, 1, 0, 1, 0] and all(torch.equal(a[1], b[1]) for a, b in zip(loaded, calls))
+    order = []
+    paths = {name: (lambda name: lambda layer, x, ids, w: order.append((name, x.shape[0])))(name) for name in "ab"}
+    sizes = [(size, count) for size, count, _, _ in timed_sizes(paths, loaded, rounds=2, at_least=1)]
+    assert sizes == [(1, 3), (7, 2)]
+    assert [name for name, t in order if t == 7] == list("aabb" "aabb" "bbaa")  # warm-up, then rounds

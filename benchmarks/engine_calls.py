@@ -1,0 +1,208 @@
+"""The MoE op's calls as vLLM's engine makes them: recorded from a served model, replayed through both ops.
+
+    VLLM_CPU_KVCACHE_SPACE=2 python -m benchmarks.engine_calls record ../shared/models/brown-qwen3-moe \
+        --prompts ../shared/data/brown/test.txt --out runs/calls-dense.safetensors
+    VLLM_CPU_KVCACHE_SPACE=2 python -m benchmarks.engine_calls record runs/ref/d2-60 \
+        --prompts ../shared/data/brown/test.txt --out runs/calls-d2.safetensors
+    python -m benchmarks.engine_calls replay runs/calls-d2.safetensors runs/calls-dense.safetensors --threads 2
+
+``record`` runs ``benchmarks/vllm_throughput.py``'s workload (the first ``--num-prompts`` lines of over 80
+characters, cut to ``--prompt-chars``; greedy, ``--output-tokens`` each, ``ignore_eos``) in an engine kept in this
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) in eager mode, so that Python runs at every MoE call: the plugin's
+``apply_cpu`` for a compressed model, vLLM CPU's ``cpu_fused_moe`` for a dense one. After one warm-up generation it
+writes every call of one generation (the layer, x, topk_ids, topk_weights: the trained router's real routing) and
+each layer's op arguments once (the compressed layer's prepared CPU layout, or vLLM's prepacked dense w13 / w2).
+
+``replay`` takes a compressed recording and a dense one of the same architecture and sends the compressed model's
+calls, in their order, through both ops — ours on its layouts, vLLM's dense op on the same layer's dense weights —
+in alternating rounds at ``--threads`` (vLLM's CPU worker runs one thread per bound core), and prints, per call
+size (tokens), the calls, the experts active per call, and the median ms per call of each op. ``--uniform``
+replaces the recorded routing with uniform random top-k (what ``benchmarks/cpu_moe.py`` times). This separates
+what the engine's own calls cost from what the op benchmark's random inputs cost (BENCHMARKS.md §10.20).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def record(args) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm.model_executor.layers.fused_moe.experts.cpu_moe as vllm_cpu_moe
+    from vllm import LLM, SamplingParams
+
+    from vllm_moe_compress.scheme import CompressedMoEScheme
+
+    layers: dict[int, tuple] = {}  # each layer's identity, in first-seen order -> the op's arguments after the routing
+    calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    recording, schemes = [False], set()
+
+    def seen(key, arguments) -> int:
+        if key not in layers:
+            layers[key] = arguments
+        return list(layers).index(key)
+
+    def kept(layer, x, topk_ids, topk_weights):
+        if recording[0]:
+            calls.append((layer, x.clone(), topk_ids.clone(), topk_weights.clone()))
+
+    apply_cpu = CompressedMoEScheme.apply_cpu
+
+    def recorded_apply_cpu(self, layer, x, topk_weights, topk_ids):
+        schemes.add(self.scheme)
+        kept(seen(id(self), self.cpu_args), x, topk_ids, topk_weights)
+        return apply_cpu(self, layer, x, topk_weights, topk_ids)
+
+    fused_moe = vllm_cpu_moe.cpu_fused_moe
+
+    def recorded_fused_moe(output, x, w13, w2, b13, b2, topk_weights, topk_ids, activation, isa, on_input):
+        kept(seen(w13.data_ptr(), (w13, w2, isa)), x, topk_ids, topk_weights)
+        return fused_moe(output, x, w13, w2, b13, b2, topk_weights, topk_ids, activation, isa, on_input)
+
+    CompressedMoEScheme.apply_cpu = recorded_apply_cpu
+    vllm_cpu_moe.cpu_fused_moe = recorded_fused_moe
+    lines = [l.strip() for l in Path(args.prompts).read_text(encoding="utf-8").splitlines() if len(l.strip()) > 80]
+    prompts = [l[: args.prompt_chars] for l in lines[: args.num_prompts]]
+    llm = LLM(model=args.model, max_model_len=1024, max_num_seqs=len(prompts), dtype="bfloat16", enforce_eager=True)
+    params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    recording[0] = True
+    llm.generate(prompts, params, use_tqdm=False)
+    if not calls:
+        raise SystemExit(f"{args.model}: no MoE op call was seen (neither the plugin's CPU op nor vLLM's cpu_fused_moe)")
+    if len(schemes) > 1:
+        raise SystemExit(f"{args.model}: layers of several schemes ({sorted(schemes)}); replay takes one")
+    save_recording(args.out, str(args.model), schemes.pop() if schemes else None, list(layers.values()), calls)
+    sizes = sorted({c[1].shape[0] for c in calls})
+    print(f"{args.model}: {len(calls)} calls over {len(layers)} layers (tokens per call {sizes}) -> {args.out}")
+
+
+def save_recording(path: Path, model: str, scheme: str | None, layers: list, calls: list) -> None:
+    """Write a recording (atomically): ``scheme`` None for a dense model (layers: (w13, w2, isa)), else the
+    plugin's scheme (layers: its C++ op's arguments after the routing); calls: (layer, x, topk_ids,
+    topk_weights)."""
+    tensors, scalars = {}, {}
+    for i, arguments in enumerate(layers):
+        for j, value in enumerate(arguments):
+            if isinstance(value, torch.Tensor):
+                tensors[f"layer.{i}.{j}"] = value.detach().contiguous().clone()
+            else:
+                scalars[f"{i}.{j}"] = value
+    for n, (layer, x, topk_ids, topk_weights) in enumerate(calls):
+        tensors |= {f"call.{n}.x": x, f"call.{n}.topk_ids": topk_ids, f"call.{n}.topk_weights": topk_weights}
+    meta = {"kind": "compressed" if scheme else "dense", "model": model,
+            "call_layers": json.dumps([c[0] for c in calls]), "arguments": json.dumps([len(a) for a in layers]),
+            "scalars": json.dumps(scalars)}
+    if scheme:
+        meta["scheme"] = scheme
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, partial, metadata=meta)
+    partial.replace(path)
+
+
+def load_recording(path: Path):
+    """(kind, scheme, per-layer op arguments, calls [(layer, x, topk_ids, topk_weights)]) of a recording."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    scalars = json.loads(meta["scalars"])
+    layers = [[tensors[f"layer.{i}.{j}"] if f"layer.{i}.{j}" in tensors else scalars[f"{i}.{j}"] for j in range(count)]
+              for i, count in enumerate(json.loads(meta["arguments"]))]
+    calls = [(layer, tensors[f"call.{n}.x"], tensors[f"call.{n}.topk_ids"], tensors[f"call.{n}.topk_weights"])
+             for n, layer in enumerate(json.loads(meta["call_layers"]))]
+    return meta["kind"], meta.get("scheme"), layers, calls
+
+
+def replay(args) -> None:
+    from vllm import _custom_ops as vllm_ops
+
+    from vllm_moe_compress import request_amx_tile_state
+    from vllm_moe_compress.kernels.cpu_extension import cpu_ops
+
+    kind, scheme, ours_layers, calls = load_recording(args.compressed)
+    dense_kind, _, dense_layers, _ = load_recording(args.dense)
+    if kind != "compressed" or dense_kind != "dense":
+        raise SystemExit("replay takes a compressed model's recording, then a dense model's")
+    if len(ours_layers) != len(dense_layers):
+        raise SystemExit(f"the recordings have {len(ours_layers)} and {len(dense_layers)} MoE layers")
+    request_amx_tile_state()  # vLLM's AMX kernel does not ask for the tile state itself
+    torch.set_num_threads(args.threads)
+    op = getattr(cpu_ops(), scheme)
+    num_experts = dense_layers[0][0].shape[0]
+    gen = torch.Generator().manual_seed(0)
+    if args.uniform:
+        calls = [(layer, x, torch.stack([torch.randperm(num_experts, generator=gen)[: ids.shape[1]]
+                                         for _ in range(ids.shape[0])]).to(ids.dtype), w)
+                 for layer, x, ids, w in calls]
+
+    def ours(layer, x, ids, w):
+        return op(x, ids, w, *ours_layers[layer])
+
+    def dense(layer, x, ids, w):
+        w13, w2, isa = dense_layers[layer]
+        out = torch.empty_like(x)
+        vllm_ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", isa)
+        return out
+
+    paths = {"ours": ours, "vLLM dense": dense}
+    print(f"{args.compressed} ({scheme}) against {args.dense}, {args.threads} thread(s), "
+          f"{'uniform random' if args.uniform else 'recorded'} routing, {args.rounds} rounds; ms per call, median")
+    print("| tokens | calls | experts per call | ours | vLLM dense | vLLM ÷ ours |\n|---|---|---|---|---|---|")
+    for size, calls_of_size, experts, times in timed_sizes(paths, calls, args.rounds, args.calls):
+        o, d = times["ours"], times["vLLM dense"]
+        print(f"| {size} | {calls_of_size} | {experts:.1f} | {o:.4f} | {d:.4f} | {d / o:.2f}× |")
+
+
+def timed_sizes(paths: dict, calls: list, rounds: int, at_least: int):
+    """Per call size (tokens): (size, calls, mean experts active per call, {path: median ms per call}), each
+    path timed over that size's calls in order, repeated to ``at_least`` calls, in rounds of alternating order."""
+    for size in sorted({x.shape[0] for _, x, _, _ in calls}):
+        chosen = [c for c in calls if c[1].shape[0] == size]
+        repeats = max(1, at_least // len(chosen))
+        times = {name: [] for name in paths}
+        for forward in paths.values():  # warm
+            for call in chosen:
+                forward(*call)
+        for r in range(rounds):
+            for name in (list(paths) if r % 2 == 0 else list(paths)[::-1]):
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    for call in chosen:
+                        paths[name](*call)
+                times[name].append((time.perf_counter() - start) / repeats / len(chosen) * 1e3)
+        experts = statistics.mean(len(ids.unique()) for _, _, ids, _ in chosen)
+        yield size, len(chosen), experts, {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="record one generation's MoE calls of a model served in-process")
+    rec.add_argument("model")
+    rec.add_argument("--prompts", required=True, help="text file; one prompt per line of over 80 characters")
+    rec.add_argument("--num-prompts", type=int, default=16)
+    rec.add_argument("--prompt-chars", type=int, default=400)
+    rec.add_argument("--output-tokens", type=int, default=64)
+    rec.add_argument("--out", type=Path, required=True, help="the recording (.safetensors)")
+    rep = sub.add_parser("replay", help="time a compressed recording's calls through ours and vLLM's dense op")
+    rep.add_argument("compressed", type=Path)
+    rep.add_argument("dense", type=Path)
+    rep.add_argument("--threads", type=int, default=2, help="torch threads (2: vLLM's worker on 2 cores)")
+    rep.add_argument("--rounds", type=int, default=9)
+    rep.add_argument("--calls", type=int, default=400, help="calls timed per path and round, at least (400)")
+    rep.add_argument("--uniform", action="store_true", help="uniform random top-k routing instead of the recorded")
+    args = parser.parse_args()
+    record(args) if args.command == "record" else replay(args)
+
+
+if __name__ == "__main__":
+    main()
