@@ -333,18 +333,6 @@ at::TensorOptions options_of() {
 // (f736ee2) issued a burst of prefetches between brgemm calls that the core waited in: at Mixtral shapes and 256
 // tokens base_delta took 417 ms with it (397 with only the expand's, as f736ee2 built) against 379 without (same
 // run, BENCHMARKS.md §10.14).
-// dst[j · ld_dst + i] = src[i · ld_src + j] for i < M, j < N: a transpose of 32-bit values (fp32, or bf16 pairs moved
-// as such), FBGEMM's SIMD transpose where torch ships it, else plain loops.
-inline void transpose32(int64_t M, int64_t N, const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
-#ifdef MOE_COMPRESS_FBGEMM_TRANSPOSE
-  fbgemm::transpose_simd<float>(M, N, reinterpret_cast<const float*>(src), ld_src, reinterpret_cast<float*>(dst),
-                                ld_dst);
-#else
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
-#endif
-}
-
 constexpr int64_t kAmxBlockedRows = 32;  // the blocking below from this many activation rows on; fewer: one call
                                          // per 32 rows of b (project) or 64 columns (expand) over the whole K
 // Project's aᵀ up to this many bytes stays in L2 (2 MiB per core on the Xeon measured) while brgemm walks the
@@ -379,6 +367,18 @@ constexpr int64_t kAmxRows[2] = {32, 128};  // project: rows of b per chunk, unb
 constexpr int64_t kAmxTokens = 64;   // project: tokens per aᵀ panel (brgemm's N; [kAmxDepth, 64] bf16 in L1)
 constexpr int64_t kAmxColumns = 64;  // expand: columns of B per brgemm call (oneDNN's ukernel: blocks ≤ 64 wide)
 constexpr int64_t kAmxDepth[2] = {256, 512};  // expand, project: inner-dimension piece per brgemm call (even)
+
+// dst[j · ld_dst + i] = src[i · ld_src + j] for i < M, j < N: a transpose of 32-bit values (fp32, or bf16 pairs moved
+// as such), FBGEMM's SIMD transpose where torch ships it, else plain loops.
+inline void transpose32(int64_t M, int64_t N, const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst) {
+#ifdef MOE_COMPRESS_FBGEMM_TRANSPOSE
+  fbgemm::transpose_simd<float>(M, N, reinterpret_cast<const float*>(src), ld_src, reinterpret_cast<float*>(dst),
+                                ld_dst);
+#else
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+#endif
+}
 
 void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b, bool transposed, float* y,
                  int64_t ldy, bool accumulate) {
