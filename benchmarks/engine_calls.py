@@ -62,14 +62,18 @@ def record(args) -> None:
     fused_moe = vllm_cpu_moe.cpu_fused_moe
 
     def recorded_fused_moe(output, x, w13, w2, b13, b2, topk_weights, topk_ids, activation, isa, on_input):
-        kept(seen(w13.data_ptr(), (w13, w2, isa)), x, topk_ids, topk_weights)
+        if b13 is not None or b2 is not None:
+            raise SystemExit(f"{args.model}: experts with biases; replay calls vLLM's op without them")
+        kept(seen(w13.data_ptr(), (w13, w2, isa, activation, bool(on_input))), x, topk_ids, topk_weights)
         return fused_moe(output, x, w13, w2, b13, b2, topk_weights, topk_ids, activation, isa, on_input)
 
     CompressedMoEScheme.apply_cpu = recorded_apply_cpu
     vllm_cpu_moe.cpu_fused_moe = recorded_fused_moe
     lines = [l.strip() for l in Path(args.prompts).read_text(encoding="utf-8").splitlines() if len(l.strip()) > 80]
     prompts = [l[: args.prompt_chars] for l in lines[: args.num_prompts]]
-    llm = LLM(model=args.model, max_model_len=1024, max_num_seqs=len(prompts), dtype="bfloat16", enforce_eager=True)
+    # no prefix caching: the recorded generation repeats the warm-up's prompts, whose prefill must not be cached
+    llm = LLM(model=args.model, max_model_len=1024, max_num_seqs=len(prompts), dtype="bfloat16", enforce_eager=True,
+              enable_prefix_caching=False)
     params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)
     recording[0] = True
@@ -84,7 +88,8 @@ def record(args) -> None:
 
 
 def save_recording(path: Path, model: str, scheme: str | None, layers: list, calls: list) -> None:
-    """Write a recording (atomically): ``scheme`` None for a dense model (layers: (w13, w2, isa)), else the
+    """Write a recording (atomically): ``scheme`` None for a dense model (layers: (w13, w2, isa, activation,
+    apply_router_weight_on_input)), else the
     plugin's scheme (layers: its C++ op's arguments after the routing); calls: (layer, x, topk_ids,
     topk_weights)."""
     tensors, scalars = {}, {}
@@ -95,7 +100,8 @@ def save_recording(path: Path, model: str, scheme: str | None, layers: list, cal
             else:
                 scalars[f"{i}.{j}"] = value
     for n, (layer, x, topk_ids, topk_weights) in enumerate(calls):
-        tensors |= {f"call.{n}.x": x, f"call.{n}.topk_ids": topk_ids, f"call.{n}.topk_weights": topk_weights}
+        tensors |= {f"call.{n}.x": x.contiguous(), f"call.{n}.topk_ids": topk_ids.contiguous(),
+                    f"call.{n}.topk_weights": topk_weights.contiguous()}
     meta = {"kind": "compressed" if scheme else "dense", "model": model,
             "call_layers": json.dumps([c[0] for c in calls]), "arguments": json.dumps([len(a) for a in layers]),
             "scalars": json.dumps(scalars)}
@@ -148,9 +154,9 @@ def replay(args) -> None:
         return op(x, ids, w, *ours_layers[layer])
 
     def dense(layer, x, ids, w):
-        w13, w2, isa = dense_layers[layer]
+        w13, w2, isa, activation, on_input = dense_layers[layer]
         out = torch.empty_like(x)
-        vllm_ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, "silu", isa)
+        vllm_ops.cpu_fused_moe(out, x, w13, w2, None, None, w, ids, activation, isa, on_input)
         return out
 
     paths = {"ours": ours, "vLLM dense": dense}
@@ -167,7 +173,7 @@ def timed_sizes(paths: dict, calls: list, rounds: int, at_least: int):
     path timed over that size's calls in order, repeated to ``at_least`` calls, in rounds of alternating order."""
     for size in sorted({x.shape[0] for _, x, _, _ in calls}):
         chosen = [c for c in calls if c[1].shape[0] == size]
-        repeats = max(1, at_least // len(chosen))
+        repeats = -(-at_least // len(chosen))  # ceiling: at least at_least calls
         times = {name: [] for name in paths}
         for forward in paths.values():  # warm
             for call in chosen:

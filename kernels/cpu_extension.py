@@ -60,15 +60,17 @@ def _vector_flags() -> list[str]:
 def compile_flags() -> list[str]:
     """The op's compiler flags (link with ``-fopenmp`` too). ``-fopenmp``: ATen's ``at::parallel_for`` is inlined
     into the op from its headers as an OpenMP parallel region; built without the flag the pragma is ignored and
-    every region runs on one thread (BENCHMARKS.md §10.20). The process's OpenMP runtime stays torch's own
-    ``libgomp.so.1`` (the same soname, loaded first)."""
+    every region runs on one thread (BENCHMARKS.md §10.20). With GCC, as here, the process's OpenMP runtime stays
+    torch's own ``libgomp.so.1`` where torch ships it under that soname (Linux x86 wheels: the same soname, loaded
+    first, checked in ``/proc/self/maps``); a compiler with another runtime (clang's libomp) would add a second."""
     return ["-O3", "-march=native", "-fopenmp", *_vector_flags()]
 
 
 EXPERT_SPLIT_ENV = "MOE_COMPRESS_CPU_EXPERT_SPLIT"
 """0 or 1 (default 1) in every process that loads the op, e.g. vLLM's CPU worker: 1 splits the active experts over
-the threads where there are enough of them (``set_expert_parallel(1)``, docs/kernels.md), 0 runs them in turn with
-each product split over the threads by columns."""
+the threads where every expert has at most 64 rows or there are at least 8 active experts per thread
+(``set_expert_parallel(1)``, docs/kernels.md), 0 runs them in turn with each product split over the threads by
+columns."""
 
 
 MOE_OPS = ("base_delta", "sparse_lowrank", "basis_residual")

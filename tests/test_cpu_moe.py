@@ -6,8 +6,8 @@ CPUs without native bf16). Every op test runs three times: with the small-row lo
 rows, kernels/csrc/lowrank_moe_cpu.cpp) on a layout copied onto huge pages, the loops with the active experts split
 over 2 threads, and with at::mm everywhere (limit 0, AMX off); on CPUs with AMX-BF16 a fourth time with every even-K
 bf16 product on AMX tiles (limit 0, ``set_amx_gemm(1)``), and the loops' runs use AMX above the limit as the plugin
-does; the "~10 tokens per expert" cases put experts over the limit (GEMM) in the loops' runs, the "18 experts" cases
-with enough experts to split them over the threads anyway. ``test_amx_pair_layout_matches_float64_dense_math``:
+does; the "~10 tokens per expert" cases put experts over the limit (GEMM) in the loops' runs, the "18 experts" /
+"16 experts" cases at ~67–75 tokens each put experts over 64 rows, split over the threads for their number alone. ``test_amx_pair_layout_matches_float64_dense_math``:
 the pair layout of the AMX path at ≥ 16 rows per expert (brgemm) and at 1–4 (the loops), factor blocks over its
 chunk sizes, odd ranks and intermediate sizes, per scheme."""
 
@@ -171,6 +171,10 @@ CASES = {  # name: (ranks [gate, up, down] per expert, base channels, tokens, to
     "18 experts, ~10 tokens each (GEMMs, experts split)": ([[(3 * e) % 7 for e in range(18)],
                                                           [(5 * e + 2) % 9 for e in range(18)],
                                                           [(e + 4) % 6 for e in range(18)]], 7, 90, 2, set()),
+    # experts over 64 rows: split only for their number (≥ 8 per thread), GEMMs / AMX panels inside the region
+    "18 experts, ~67 tokens each (split for the expert count)": ([[(3 * e) % 7 for e in range(18)],
+                                                                [(5 * e + 2) % 9 for e in range(18)],
+                                                                [(e + 4) % 6 for e in range(18)]], 7, 600, 2, set()),
 }
 
 
@@ -227,6 +231,9 @@ UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units
                                                  True, set()),
     "18 experts, ~10 tokens each (GEMMs, experts split)": (90, 2, [(e % 5, 3 + e % 7, (e % 3, 1 + e % 4, e % 5))
                                                                    for e in range(18)], True, set()),
+    "18 experts, ~67 tokens each (split for the expert count)": (600, 2, [(e % 5, 3 + e % 7, (e % 3, 1 + e % 4,
+                                                                                           e % 5))
+                                                                         for e in range(18)], True, set()),
 }
 
 
@@ -260,6 +267,10 @@ BASIS_CASES = {
     "mobe, factorised down, TP 2": (11, 2, 6, 2, 32, 40, {"gate": [5], "up": [6], "down": [4]}, True, 0, "tanh", 2,
                                     None),
     "mobe, dense down": (7, 3, 8, 4, 48, 24, {"gate": [9], "up": [3]}, True, 0, "silu", 1, None),
+    "rfid, 16 experts, ~75 tokens each (split for the expert count)": (600, 2, 16, 2, 32, 24,
+                                                                       {"gate": [3, 5, 2, 6, 4, 1, 7, 3],
+                                                                        "up": [2, 4, 6, 1, 5, 3, 2, 4]},
+                                                                       False, 0, "silu", 1, None),
     "single token, top-8, idle group": (1, 8, 10, 2, 32, 24, {"gate": [2, 5, 3, 1, 7], "up": [4, 4, 6, 2, 3]},
                                         False, 30, "silu", 1, None),
     "2-8 tokens per expert, factorised down": (20, 2, 6, 2, 40, 36, {"gate": [5, 7, 3], "up": [4, 6, 8],

@@ -27,7 +27,7 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
-#if __has_include(<fbgemm/Utils.h>)  // x86 builds of torch ship FBGEMM (its SIMD transpose: transpose32)
+#if defined(__x86_64__) && __has_include(<fbgemm/Utils.h>)  // x86 torch builds ship FBGEMM (transpose32)
 #include <fbgemm/Utils.h>
 #define MOE_COMPRESS_FBGEMM_TRANSPOSE 1
 #endif
@@ -632,7 +632,6 @@ constexpr int64_t kExpertsPerThread = 8;
 constexpr int64_t kExpertCostRows = 8;    // for_each_expert's balance: an expert's factor reads, as token rows
 constexpr int64_t kReduceGrain = 1 << 14;  // values per thread at least in the partial sums' reduction
 
-template <typename T>
 bool split_experts(int64_t active, int64_t max_rows) {
   const int64_t threads = at::get_num_threads();
   return expert_parallel && active > 1 && threads > 1 && !at::in_parallel_region() &&
@@ -652,17 +651,22 @@ void for_each_expert(int64_t count, RowsOf rows_of, bool split, A* out, int64_t 
     return;
   }
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
-  // each expert, most rows first, to the thread with the least work so far (an expert costs its rows plus
-  // kExpertCostRows for reading its factors): a fixed assignment for given routing, so the sums' order is too
+  // the experts, most rows first (ties in visiting order), cut into one contiguous run per thread of about equal
+  // work (an expert costs its rows plus kExpertCostRows for reading its factors; each goes to the run its cost's
+  // midpoint falls in): a fixed assignment for given routing, so the sums' order is too, and at decode (equal
+  // experts) neighbours in visiting order stay on one thread (basis_residual reuses a group's right-factor product
+  // across consecutive experts)
   std::vector<int64_t> order(count);
   std::iota(order.begin(), order.end(), int64_t(0));
   std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return rows_of(i) > rows_of(j); });
+  int64_t total = 0;
+  for (int64_t i = 0; i < count; ++i) total += rows_of(i) + kExpertCostRows;
   std::vector<std::vector<int64_t>> mine(threads);
-  std::vector<int64_t> load(threads, 0);
+  int64_t done = 0;
   for (const int64_t i : order) {
-    const int64_t th = std::min_element(load.begin(), load.end()) - load.begin();
-    mine[th].push_back(i);
-    load[th] += rows_of(i) + kExpertCostRows;
+    const int64_t cost = rows_of(i) + kExpertCostRows;
+    mine[std::min(threads - 1, (2 * done + cost) * threads / (2 * total))].push_back(i);
+    done += cost;
   }
   std::vector<A> partial(threads * size, A(0));
   at::parallel_for(0, threads, 1, [&](int64_t th0, int64_t th1) {
@@ -809,7 +813,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     }
   };
   for_each_expert<A>(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
-                     split_experts<T>(active.size(), rows), sums.data(),
+                     split_experts(active.size(), rows), sums.data(),
                      static_cast<int64_t>(sums.size()), make_work, visit);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
     A* weighted = sums.data() + T_ * H;
@@ -923,7 +927,7 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     }
   };
   for_each_expert<A>(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
-                     split_experts<T>(active.size(), rows), sums.data(),
+                     split_experts(active.size(), rows), sums.data(),
                      static_cast<int64_t>(sums.size()), make_work, visit);
   if (I) expand<T>(sums.data() + T_ * H, I, T_, {base_down_t.data_ptr<T>(), I, H, pairs}, sums.data(), H, true);
   return result(sums.data(), T_, H, x_in);
@@ -1068,7 +1072,7 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     }
   };
   for_each_expert<A>(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
-                     split_experts<T>(active.size(), rows), sums.data(),
+                     split_experts(active.size(), rows), sums.data(),
                      static_cast<int64_t>(sums.size()), make_work, visit);
   return result(sums.data(), T_, H, x_in);
 }
