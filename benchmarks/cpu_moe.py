@@ -151,9 +151,7 @@ def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int, clock=time.
 
 def other_ops(source: Path):
     """The ops compiled from another ``lowrank_moe_cpu.cpp``, registered as ``torch.ops.moe_compress_cpu_other``
-    (same compiler flags as kernels/cpu_extension.py, built next to this checkout's build)."""
-    from torch.utils.cpp_extension import load
-
+    (built as kernels/cpu_extension.py builds the op, next to this checkout's build)."""
     from vllm_moe_compress.kernels import cpu_extension
 
     text = source.read_text()
@@ -164,8 +162,7 @@ def other_ops(source: Path):
     copy = build / "other.cpp"
     if not copy.exists() or copy.read_text() != text:
         copy.write_text(text)
-    load(name="moe_compress_cpu_other", sources=[str(copy)], is_python_module=False, build_directory=str(build),
-         extra_cflags=cpu_extension.compile_flags(), extra_ldflags=["-fopenmp"], verbose=False)
+    cpu_extension.load_library("moe_compress_cpu_other", copy, build)
     other = torch.ops.moe_compress_cpu_other
     # The process-wide settings cpu_ops() gives this checkout's op, where the other source has them: without
     # set_amx_gemm its bf16 prefill products would take at::mm (on a copy of the pair layout back to rows).

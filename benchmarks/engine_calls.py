@@ -31,22 +31,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.vllm_throughput import workload_prompts
+from benchmarks.vllm_worker import workload_engine
+
 
 def record(args) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import vllm.model_executor.layers.fused_moe.experts.cpu_moe as vllm_cpu_moe
-    from vllm import LLM, SamplingParams
 
     from vllm_moe_compress.scheme import CompressedMoEScheme
 
-    layers: dict[int, tuple] = {}  # each layer's identity, in first-seen order -> the op's arguments after the routing
+    layers: dict[int, tuple[int, tuple]] = {}  # a layer's identity -> (its index, first seen first; the op's arguments
+    # after the routing)
     calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     recording, schemes = [False], set()
 
     def seen(key, arguments) -> int:
-        if key not in layers:
-            layers[key] = arguments
-        return list(layers).index(key)
+        return layers.setdefault(key, (len(layers), arguments))[0]
 
     def kept(layer, x, topk_ids, topk_weights):
         if recording[0]:
@@ -69,12 +70,10 @@ def record(args) -> None:
 
     CompressedMoEScheme.apply_cpu = recorded_apply_cpu
     vllm_cpu_moe.cpu_fused_moe = recorded_fused_moe
-    lines = [l.strip() for l in Path(args.prompts).read_text(encoding="utf-8").splitlines() if len(l.strip()) > 80]
-    prompts = [l[: args.prompt_chars] for l in lines[: args.num_prompts]]
+    prompts = workload_prompts(args.prompts, args.num_prompts, args.prompt_chars)
     # no prefix caching: the recorded generation repeats the warm-up's prompts, whose prefill must not be cached
-    llm = LLM(model=args.model, max_model_len=1024, max_num_seqs=len(prompts), dtype="bfloat16", enforce_eager=True,
-              enable_prefix_caching=False)
-    params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
+    llm, params = workload_engine(args.model, prompts, args.output_tokens, enforce_eager=True,
+                                  enable_prefix_caching=False)
     llm.generate(prompts, params, use_tqdm=False)
     recording[0] = True
     llm.generate(prompts, params, use_tqdm=False)
@@ -82,7 +81,8 @@ def record(args) -> None:
         raise SystemExit(f"{args.model}: no MoE op call was seen (neither the plugin's CPU op nor vLLM's cpu_fused_moe)")
     if len(schemes) > 1:
         raise SystemExit(f"{args.model}: layers of several schemes ({sorted(schemes)}); replay takes one")
-    save_recording(args.out, str(args.model), schemes.pop() if schemes else None, list(layers.values()), calls)
+    save_recording(args.out, str(args.model), schemes.pop() if schemes else None,
+                   [arguments for _, arguments in layers.values()], calls)
     sizes = sorted({c[1].shape[0] for c in calls})
     print(f"{args.model}: {len(calls)} calls over {len(layers)} layers (tokens per call {sizes}) -> {args.out}")
 

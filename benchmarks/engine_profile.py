@@ -18,6 +18,9 @@ import pstats
 import time
 from pathlib import Path
 
+from benchmarks.vllm_throughput import workload_prompts
+from benchmarks.vllm_worker import workload_engine
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,12 +33,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the profile's text report")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM, SamplingParams
-
-    lines = [l.strip() for l in Path(args.prompts).read_text(encoding="utf-8").splitlines() if len(l.strip()) > 80]
-    prompts = [l[: args.prompt_chars] for l in lines[: args.num_prompts]]
-    llm = LLM(model=args.model, max_model_len=1024, max_num_seqs=len(prompts), dtype="bfloat16")
-    params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
+    prompts = workload_prompts(args.prompts, args.num_prompts, args.prompt_chars)
+    llm, params = workload_engine(args.model, prompts, args.output_tokens)
     llm.generate(prompts, params, use_tqdm=False)
     profile = cProfile.Profile()
     start = time.perf_counter()

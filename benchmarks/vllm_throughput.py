@@ -22,6 +22,13 @@ from pathlib import Path
 
 
 
+def workload_prompts(path: Path, num_prompts: int, prompt_chars: int) -> list[str]:
+    """The workload's prompts: the first ``num_prompts`` lines of over 80 characters of ``path``, each cut to
+    ``prompt_chars`` (also what ``benchmarks/engine_profile.py`` and ``benchmarks/engine_calls.py`` run)."""
+    lines = [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines() if len(l.strip()) > 80]
+    return [l[:prompt_chars] for l in lines[:num_prompts]]
+
+
 def measure(model: str, prompts: list[str], out_tokens: int, repeats: int) -> dict:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
            "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # apply_model ships a function to the worker
@@ -44,8 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    lines = [l.strip() for l in Path(args.prompts).read_text(encoding="utf-8").splitlines() if len(l.strip()) > 80]
-    prompts = [l[: args.prompt_chars] for l in lines[: args.num_prompts]]
+    prompts = workload_prompts(args.prompts, args.num_prompts, args.prompt_chars)
     results = {m: {"rates": []} for m in args.models}
     for round_index in range(args.rounds):
         for model in args.models:

@@ -24,14 +24,20 @@ def weight_bytes(model) -> tuple[int, int]:
     return total, experts
 
 
-def main() -> None:
+def workload_engine(model: str, prompts: list[str], out_tokens: int, **options):
+    """(LLM, SamplingParams) of the throughput workload: bf16, 1,024-token context, one sequence slot per prompt;
+    greedy, ``out_tokens`` each, ``ignore_eos``. ``options``: further ``LLM`` arguments."""
     from vllm import LLM, SamplingParams
 
+    llm = LLM(model=model, max_model_len=1024, max_num_seqs=len(prompts), dtype="bfloat16", **options)
+    return llm, SamplingParams(temperature=0, max_tokens=out_tokens, ignore_eos=True)
+
+
+def main() -> None:
     from benchmarks.vllm_worker import weight_bytes as importable_weight_bytes  # picklable by reference
 
     model, prompts, out_tokens, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    llm = LLM(model=model, max_model_len=1024, max_num_seqs=len(prompts), dtype="bfloat16")
-    params = SamplingParams(temperature=0, max_tokens=out_tokens, ignore_eos=True)
+    llm, params = workload_engine(model, prompts, out_tokens)
     llm.generate(prompts, params, use_tqdm=False)
     rates = []
     for _ in range(repeats):

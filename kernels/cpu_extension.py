@@ -57,8 +57,17 @@ def _vector_flags() -> list[str]:
     return []
 
 
+def load_library(name: str, source: Path, build: Path) -> None:
+    """Build (once per source and flags) and load ``source`` as the op library ``name`` in ``build``, with the
+    op's compiler flags (``compile_flags``) and OpenMP at link time."""
+    from torch.utils.cpp_extension import load
+
+    load(name=name, sources=[str(source)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
+         is_python_module=False, build_directory=str(build), verbose=False)
+
+
 def compile_flags() -> list[str]:
-    """The op's compiler flags (link with ``-fopenmp`` too). ``-fopenmp``: ATen's ``at::parallel_for`` is inlined
+    """The op's compiler flags. ``-fopenmp``: ATen's ``at::parallel_for`` is inlined
     into the op from its headers as an OpenMP parallel region; built without the flag the pragma is ignored and
     every region runs on one thread (BENCHMARKS.md §10.20). With GCC, as here, the process's OpenMP runtime stays
     torch's own ``libgomp.so.1`` where torch ships it under that soname (Linux x86 wheels: the same soname, loaded
@@ -87,12 +96,9 @@ def _output_like_x(x: torch.Tensor, *layout) -> torch.Tensor:
 @functools.cache
 def cpu_ops():
     """``torch.ops.moe_compress_cpu``, building the extension first if this machine has no cached build."""
-    from torch.utils.cpp_extension import load
-
     from vllm_moe_compress import request_amx_tile_state
 
-    load(name="moe_compress_cpu", sources=[str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
-         is_python_module=False, build_directory=str(build_directory()), verbose=False)
+    load_library("moe_compress_cpu", SOURCE, build_directory())
     split = os.environ.get(EXPERT_SPLIT_ENV, "1")
     if split not in ("0", "1"):
         raise ValueError(f"{EXPERT_SPLIT_ENV} must be 0 or 1, not {split!r}")
