@@ -74,17 +74,19 @@ def small_row_limit(request, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17])
 def test_small_product_matches_float64(rows, dtype):
     """The loops alone (``torch.ops.moe_compress_cpu.product``: a b for b = Wᵀ of a row-major W, or a row-major
     b) against float64 matmul: lengths with vector tails, row counts off the row block, more columns than one
-    column block, a strided a; 9 rows stay on the loops for blocks under 128 KiB (on_loops); the 300 × 257 block
+    column block, a strided a; 9 and 17 rows stay on the loops for blocks under 128 KiB (on_loops), whose expands
+    from 8 rows (4 on AVX2) take the register tiles (on_tiles: 37 × 48 with an odd inner size and a column tail of one
+    vector, 20 × 256 a reference-model expand); the 300 × 257 block
     is over it in every dtype (a block the size of real layers': rows longer than the prefetch distance), on the
     loops up to the row limit (4 rows in bf16, 8 else; at::mm above). at::mm is also covered by the op tests'
     "at::mm only" runs."""
     ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(rows)
-    for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1), (300, 257)):
+    for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1), (300, 257), (37, 48), (20, 256)):
         wide = torch.randn(rows, inner + 3, generator=gen, dtype=torch.float64)
         a = wide[:, 2:2 + inner]  # row stride inner + 3
         w = torch.randn(outer, inner, generator=gen, dtype=torch.float64)

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <numeric>
 #include <set>
+#include <utility>
 #include <vector>
 
 #ifdef __linux__
@@ -250,6 +251,98 @@ void axpys_pairs(const float* a, int64_t lda, int64_t n, const uint32_t* b, int6
       [=](int64_t k, int q, int64_t c) { return pair_half(b[(k / 2 + q / 2) * ldp + c], q % 2); });
 }
 
+// The axpy form for a few rows of a and a block of b that stays in cache: y [n, N] (+)= a [n, K] b [K, N], with a
+// tile of y — kTileRows rows of a × kTileVectors vectors of columns — kept in registers over the whole K and written
+// once. axpy_rows instead loads and stores y at every four rows of b (and broadcasts each value of a once per vector of
+// y), which suits a factor streamed from memory once at decode but is bound by those loads and stores where the block
+// is in cache: the reference model's base down at 16 tokens (a [16, 128], b [128, 256]) ran at ~25 GMAC/s on the
+// loops, and the expands were a third of its decode calls' samples (perf; BENCHMARKS.md §10.21). Here b is re-read
+// from cache per tile of rows. How b is stored is the loader's: Loader::kRows rows of b per step (1 row-major, 2 in the
+// pair layout), load(k, c, w) sets w[q] to row k + q at columns [c, c + W).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTileRows = 8;  // 8 × 2 accumulators + 4 factor vectors of AVX-512's 32 registers
+#else
+constexpr int kTileRows = 4;  // of AVX2's 16
+#endif
+constexpr int kTileVectors = 2;
+
+template <int R, int C, typename A, typename Loader>
+void expand_tile(const A* a, int64_t lda, int64_t K, A* y, int64_t ldy, bool accumulate, int64_t c0,
+                 const Loader& load) {
+  using V = at::vec::Vectorized<A>;
+  constexpr int64_t W = V::size();
+  constexpr int S = Loader::kRows;
+  V acc[R][C];
+  for (int t = 0; t < R; ++t)
+    for (int c = 0; c < C; ++c) acc[t][c] = accumulate ? V::loadu(y + t * ldy + c0 + c * W) : V(A(0));
+  for (int64_t k = 0; k < K; k += S) {
+    V w[C][S];
+    for (int c = 0; c < C; ++c) load(k, c0 + c * W, w[c]);
+    const int rows = static_cast<int>(std::min<int64_t>(S, K - k));  // an odd K's pad row is not multiplied
+    for (int t = 0; t < R; ++t)
+      for (int q = 0; q < rows; ++q) {
+        const V s(a[t * lda + k + q]);
+        for (int c = 0; c < C; ++c) acc[t][c] = at::vec::fmadd(s, w[c][q], acc[t][c]);
+      }
+  }
+  for (int t = 0; t < R; ++t)
+    for (int c = 0; c < C; ++c) acc[t][c].store(y + t * ldy + c0 + c * W);
+}
+
+// y [n, N] (+)= a b over whole tiles: N a multiple of the vector width (on_tiles).
+template <typename A, typename Loader>
+void expand_tiles(const A* a, int64_t lda, int64_t n, int64_t N, int64_t K, A* y, int64_t ldy, bool accumulate,
+                  const Loader& load) {
+  constexpr int64_t W = at::vec::Vectorized<A>::size();
+  for (int64_t c0 = 0; c0 < N; c0 += kTileVectors * W) {
+    const bool whole = c0 + kTileVectors * W <= N;
+    for (int64_t t = 0; t < n; t += kTileRows) {
+      const A* at = a + t * lda;
+      A* yt = y + t * ldy;
+      const int64_t rows = std::min<int64_t>(kTileRows, n - t);
+      auto tile = [&](auto r) {
+        constexpr int kR = decltype(r)::value;
+        if (whole) expand_tile<kR, kTileVectors>(at, lda, K, yt, ldy, accumulate, c0, load);
+        else for (int64_t c = c0; c < N; c += W) expand_tile<kR, 1>(at, lda, K, yt, ldy, accumulate, c, load);
+      };
+      switch (rows) {
+        case 1: tile(std::integral_constant<int, 1>()); break;
+        case 2: tile(std::integral_constant<int, 2>()); break;
+        case 3: tile(std::integral_constant<int, 3>()); break;
+#if defined(CPU_CAPABILITY_AVX512)
+        case 4: tile(std::integral_constant<int, 4>()); break;
+        case 5: tile(std::integral_constant<int, 5>()); break;
+        case 6: tile(std::integral_constant<int, 6>()); break;
+        case 7: tile(std::integral_constant<int, 7>()); break;
+#endif
+        default: tile(std::integral_constant<int, kTileRows>());
+      }
+    }
+  }
+}
+
+// Loaders of b for expand_tiles: row-major [K, N] with row stride ldb (fp32/fp64, or bf16/fp16 converted as loaded),
+// or the pair layout (lanes ldp apart: pair row p holds rows 2p and 2p + 1, axpys_pairs).
+template <typename T>
+struct RowLoader {
+  static constexpr int kRows = 1;
+  const T* b;
+  int64_t ldb;
+  void operator()(int64_t k, int64_t c, at::vec::Vectorized<AccT<T>>* w) const { w[0] = load_acc(b + k * ldb + c); }
+};
+
+struct PairLoader {
+  static constexpr int kRows = 2;
+  const uint32_t* b;
+  int64_t ldp;
+  void operator()(int64_t k, int64_t c, at::vec::Vectorized<float>* w) const {
+    using Vi = at::vec::Vectorized<int32_t>;
+    const Vi lanes = Vi::loadu(b + k / 2 * ldp + c);
+    w[0] = at::vec::cast<float>(lanes << Vi(16));
+    w[1] = at::vec::cast<float>(lanes & Vi(static_cast<int32_t>(0xFFFF0000u)));
+  }
+};
+
 // A [rows, cols] block of a prepared factor (a view: no copy): row-major, or (pairs, bf16 expand-side factors
 // where the op's AMX path is on: kernels/cpu_extension.py's pair_rows) in the pair layout that AMX's brgemm takes
 // as its B operand (VNNI): rows 2p and 2p + 1 interleaved value by value, i.e. [⌈rows/2⌉, cols] 32-bit pairs, an
@@ -283,6 +376,16 @@ template <typename T>
 bool on_loops(int64_t n, Block<T> b) {
   return n <= row_limit<T>() || (small_row_limit > 0 && n <= kCachedBlockRows &&
                                  b.rows * b.cols * static_cast<int64_t>(sizeof(T)) <= kCachedBlockBytes);
+}
+
+// Whether the loops' expand of n rows takes expand_tiles (else axpy_rows): at least one whole tile of rows (with 2–7
+// rows the tiles were no faster: the reference model's experts at decode), a block that stays in cache (one streamed
+// from memory once per call, as at decode at real shapes, keeps the axpy form's row order), and whole vectors of
+// columns.
+template <typename T>
+bool on_tiles(int64_t n, Block<T> b) {
+  return n >= kTileRows && b.rows * b.cols * static_cast<int64_t>(sizeof(T)) <= kCachedBlockBytes &&
+         b.cols % at::vec::Vectorized<AccT<T>>::size() == 0;
 }
 
 template <typename T>
@@ -505,9 +608,21 @@ void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed,
   }
 }
 
-// Work split across threads by blocks of kColumns columns of y (each thread reads its own part of b); inside a
-// parallel region (experts split over threads) at::parallel_for runs inline.
+// The loops' work split across threads by blocks of columns of y (each thread reads its own part of b), kColumns
+// wide, or narrower (whole vectors of kMinColumns) where fewer blocks than threads would leave a thread idle on a
+// product of at least kParallelMacs multiply-adds: the reference model's base gate/up and base down at decode (N =
+// 256, 16 tokens: 1 M multiply-adds each) ran on one thread of two. Inside a parallel region (experts split over
+// threads) at::parallel_for runs inline.
 constexpr int64_t kColumns = 256;
+constexpr int64_t kMinColumns = 64;
+constexpr int64_t kParallelMacs = 1 << 18;
+
+int64_t column_block(int64_t n, int64_t N, int64_t K) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (threads < 2 || N >= threads * kColumns || n * N * K < kParallelMacs) return kColumns;
+  const int64_t share = (N + threads - 1) / threads;
+  return std::max(kMinColumns, (share + kMinColumns - 1) / kMinColumns * kMinColumns);
+}
 
 // y [n, N] (+)= a [n, K] Bᵀ for B = b [N, K] row-major (the dot form: x Vᵀ).
 template <typename T>
@@ -523,8 +638,9 @@ void project(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, i
     }
     return;
   }
-  at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
-    const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
+  const int64_t width = column_block(n, N, K);
+  at::parallel_for(0, (N + width - 1) / width, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t lo = c0 * width, cols = std::min(N, c1 * width) - lo;
     dots_rows<T>(a, lda, n, b.p + lo * K, cols, K, y + lo, ldy, accumulate);
   });
 }
@@ -535,35 +651,58 @@ void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, in
   const int64_t N = b.cols, K = b.rows;
   if (n == 0 || N == 0) return;
   if (K > 0 && !on_loops<T>(n, b)) return gemm<T>(a, lda, n, b, false, y, ldy, accumulate);
-  at::parallel_for(0, (N + kColumns - 1) / kColumns, 4, [&](int64_t c0, int64_t c1) {
-    const int64_t lo = c0 * kColumns, cols = std::min(N, c1 * kColumns) - lo;
+  const bool tiles = on_tiles<T>(n, b);
+  const int64_t width = column_block(n, N, K);
+  at::parallel_for(0, (N + width - 1) / width, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t lo = c0 * width, cols = std::min(N, c1 * width) - lo;
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (b.pairs)
-        return axpys_pairs(a, lda, n, reinterpret_cast<const uint32_t*>(b.p) + lo, N, cols, K, y + lo, ldy,
-                           accumulate);
+      if (b.pairs) {
+        const uint32_t* lanes = reinterpret_cast<const uint32_t*>(b.p) + lo;
+        if (tiles) return expand_tiles(a, lda, n, cols, K, y + lo, ldy, accumulate, PairLoader{lanes, N});
+        return axpys_pairs(a, lda, n, lanes, N, cols, K, y + lo, ldy, accumulate);
+      }
     }
+    if (tiles) return expand_tiles(a, lda, n, cols, K, y + lo, ldy, accumulate, RowLoader<T>{b.p + lo, N});
     axpys<T>(a, lda, n, b.p + lo, N, cols, K, y + lo, ldy, accumulate);
   });
 }
 
 // ---- Elementwise parts of an expert, fused -----------------------------------------------------------------------
 
-// g[t, c] ← w_t · silu(g[t, c]) · u[t, c] (SwiGLU, silu(g) = g / (1 + e^−g)), w = nullptr: no weight.
+// Rows added to an expert's gate and up products before SwiGLU (base_delta's shared base, computed once per
+// token): gate row t is p + rows[t] · ld, its up row up values further; p = nullptr: nothing added.
 template <typename A>
-void swiglu(A* g, int64_t ldg, const A* u, int64_t ldu, int64_t n, int64_t cols, const A* w) {
+struct Addend {
+  const A* p = nullptr;
+  int64_t ld = 0, up = 0;
+  const int64_t* rows = nullptr;
+};
+
+// h[t, c] = w_t · silu(g[t, c] + b_g) · (u[t, c] + b_u) (SwiGLU, silu(g) = g / (1 + e^−g); b: base's row of token t,
+// zero without one), w = nullptr: no weight. h may be g.
+template <typename A>
+void swiglu(const A* g, int64_t ldg, const A* u, int64_t ldu, int64_t n, int64_t cols, const A* w, A* h, int64_t ldh,
+            Addend<A> base = {}) {
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
   for (int64_t t = 0; t < n; ++t) {
-    A* gt = g + t * ldg;
+    const A* gt = g + t * ldg;
     const A* ut = u + t * ldu;
+    const A* bg = base.p ? base.p + base.rows[t] * base.ld : nullptr;
+    const A* bu = bg ? bg + base.up : nullptr;
+    A* ht = h + t * ldh;
     const A s = w ? w[t] : A(1);
     int64_t c = 0;
     for (; c + W <= cols; c += W) {
-      const V x = V::loadu(gt + c);
-      const V silu = x / (V(A(1)) + (V(A(0)) - x).exp());
-      (silu * V::loadu(ut + c) * V(s)).store(gt + c);
+      V x = V::loadu(gt + c), y = V::loadu(ut + c);
+      if (bg) x = x + V::loadu(bg + c), y = y + V::loadu(bu + c);
+      const V silu = x / (V(A(1)) + (V(A(0)) - x).exp_u20());
+      (silu * y * V(s)).store(ht + c);
     }
-    for (; c < cols; ++c) gt[c] = s * gt[c] / (A(1) + std::exp(-gt[c])) * ut[c];
+    for (; c < cols; ++c) {
+      const A x = gt[c] + (bg ? bg[c] : A(0)), y = ut[c] + (bu ? bu[c] : A(0));
+      ht[c] = s * x / (A(1) + std::exp(-x)) * y;
+    }
   }
 }
 
@@ -573,24 +712,17 @@ void gather_rows(const A* x, int64_t ld, const int64_t* tokens, int64_t n, int64
   for (int64_t t = 0; t < n; ++t) std::copy_n(x + tokens[t] * ld, cols, xe + t * cols);
 }
 
-// out[tokens[t], :] += y[t, :] for t < n (out and y rows of cols values).
-template <typename A>
-void scatter_add_rows(A* out, const int64_t* tokens, const A* y, int64_t n, int64_t cols) {
-  for (int64_t t = 0; t < n; ++t) {
-    A* o = out + tokens[t] * cols;
-    const A* yt = y + t * cols;
-    for (int64_t c = 0; c < cols; ++c) o[c] += yt[c];
-  }
-}
-
 // ---- Routing ------------------------------------------------------------------------------------------------
 
 // Routed (token, expert) pairs grouped by expert on the host: tokens[starts[e] .. starts[e+1]) are expert e's, with
-// their routing weights in the accumulation type.
+// their routing weights in the accumulation type; slot[t · top_k + j] is where token t's j-th pair landed. The ops
+// write each pair's result into row slot of per-pair outputs (an expert's rows contiguous) and sum_pairs adds
+// each token's rows.
 template <typename A>
 struct Routing {
-  std::vector<int64_t> starts, tokens;
+  std::vector<int64_t> starts, tokens, slot;
   std::vector<A> weights;
+  int64_t top_k = 1;
   int64_t max_rows = 0;  // the most tokens any expert received
 
   Routing(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t num_experts) {
@@ -598,9 +730,11 @@ struct Routing {
     const at::Tensor wts = topk_weights.reshape({-1}).to(c10::CppTypeToScalarType<A>::value).contiguous();
     const int64_t* id = ids.data_ptr<int64_t>();
     const A* wt = wts.data_ptr<A>();
-    const int64_t pairs = ids.numel(), top_k = ids.dim() > 1 ? ids.size(1) : 1;
+    const int64_t pairs = ids.numel();
+    top_k = ids.dim() > 1 ? ids.size(1) : 1;
     starts.assign(num_experts + 1, 0);
     tokens.resize(pairs);
+    slot.resize(pairs);
     weights.resize(pairs);
     for (int64_t i = 0; i < pairs; ++i) {
       TORCH_CHECK(id[i] >= 0 && id[i] < num_experts, "expert id ", id[i], " out of range");
@@ -613,11 +747,13 @@ struct Routing {
     std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
     for (int64_t i = 0; i < pairs; ++i) {  // stable: a token's pairs keep their order
       const int64_t at = fill[id[i]]++;
+      slot[i] = at;
       tokens[at] = i / top_k;
       weights[at] = wt[i];
     }
   }
   int64_t rows(int64_t e) const { return starts[e + 1] - starts[e]; }
+  int64_t pairs() const { return static_cast<int64_t>(tokens.size()); }
 };
 
 // Whether the active experts are split over the threads (one parallel region per call): set_expert_parallel on
@@ -630,7 +766,7 @@ struct Routing {
 // turn at 1 / 8 / 256 tokens (BENCHMARKS.md §10.20; before the build had -fopenmp no split ran in parallel).
 constexpr int64_t kExpertsPerThread = 8;
 constexpr int64_t kExpertCostRows = 8;    // for_each_expert's balance: an expert's factor reads, as token rows
-constexpr int64_t kReduceGrain = 1 << 14;  // values per thread at least in the partial sums' reduction
+constexpr int64_t kSumGrain = 1 << 14;       // values per thread at least in sum_pairs
 
 bool split_experts(int64_t active, int64_t max_rows) {
   const int64_t threads = at::get_num_threads();
@@ -638,24 +774,23 @@ bool split_experts(int64_t active, int64_t max_rows) {
          (max_rows <= kCachedBlockRows || active >= kExpertsPerThread * threads);
 }
 
-// visit(i, work, sums) for the active experts i < count: work is the expert's scratch (make_work() builds it, sized
-// for the largest expert, once per thread), sums the size values the experts add into (the layer's output and any
-// per-token sums). Serially: one work, sums = out. Split over threads: each thread its own work and zeroed sums,
-// added into out at the end (in thread order: deterministic for a given thread count).
-template <typename A, typename RowsOf, typename MakeWork, typename Visit>
-void for_each_expert(int64_t count, RowsOf rows_of, bool split, A* out, int64_t size, MakeWork make_work,
-                     Visit visit) {
+// visit(i, work) for the active experts i < count: work is the expert's scratch (make_work() builds it, sized for the
+// largest expert, once per thread). An expert writes only its own pairs' rows of the per-pair outputs (Routing::slot),
+// so the experts share no sums: in turn, or split over the threads with nothing to reduce but sum_pairs' per-token
+// sums, whose order does not depend on which thread ran which expert (the result is the same split or not, at any
+// thread count).
+template <typename RowsOf, typename MakeWork, typename Visit>
+void for_each_expert(int64_t count, RowsOf rows_of, bool split, MakeWork make_work, Visit visit) {
   if (!split) {
     auto work = make_work();
-    for (int64_t i = 0; i < count; ++i) visit(i, work, out);
+    for (int64_t i = 0; i < count; ++i) visit(i, work);
     return;
   }
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
   // the experts, most rows first (ties in visiting order), cut into one contiguous run per thread of about equal
   // work (an expert costs its rows plus kExpertCostRows for reading its factors; each goes to the run its cost's
-  // midpoint falls in): a fixed assignment for given routing, so the sums' order is too, and at decode (equal
-  // experts) neighbours in visiting order stay on one thread (basis_residual reuses a group's right-factor product
-  // across consecutive experts)
+  // midpoint falls in): at decode (equal experts) neighbours in visiting order stay on one thread (basis_residual
+  // reuses a group's right-factor product across consecutive experts)
   std::vector<int64_t> order(count);
   std::iota(order.begin(), order.end(), int64_t(0));
   std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return rows_of(i) > rows_of(j); });
@@ -668,32 +803,91 @@ void for_each_expert(int64_t count, RowsOf rows_of, bool split, A* out, int64_t 
     mine[std::min(threads - 1, (2 * done + cost) * threads / (2 * total))].push_back(i);
     done += cost;
   }
-  std::vector<A> partial(threads * size, A(0));
   at::parallel_for(0, threads, 1, [&](int64_t th0, int64_t th1) {
     for (int64_t th = th0; th < th1; ++th) {
-      A* sums = partial.data() + th * size;
       auto work = make_work();
-      for (const int64_t i : mine[th]) visit(i, work, sums);
+      for (const int64_t i : mine[th]) visit(i, work);
     }
-  });
-  at::parallel_for(0, size, kReduceGrain, [&](int64_t j0, int64_t j1) {  // out += the partial sums, in thread order
-    for (int64_t th = 0; th < threads; ++th)
-      at::vec::map2<A>([](auto o, auto p) { return o + p; }, out + j0, out + j0, partial.data() + th * size + j0,
-                       j1 - j0);
   });
 }
 
-// Scratch buffers of one thread, carved from one allocation: take(size) hands out the next size values.
+// out[t, :] (+)= Σ_j rows[slot[t · top_k + j], :] for t < T: each token's per-pair rows (width values each) added in
+// its top-k order, tokens split over the threads.
 template <typename A>
-struct Arena {
-  std::vector<A> data;
-  int64_t used = 0;
-  explicit Arena(int64_t size) : data(size) {}
+void sum_pairs(const A* rows, int64_t width, const Routing<A>& routing, int64_t T, A* out, bool accumulate) {
+  const int64_t k = routing.top_k;
+  const int64_t* slot = routing.slot.data();
+  at::parallel_for(0, T, std::max<int64_t>(1, kSumGrain / std::max<int64_t>(1, width)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      A* o = out + t * width;
+      for (int64_t j = 0; j < k; ++j) {
+        const A* r = rows + slot[t * k + j] * width;
+        if (j == 0 && !accumulate) std::copy_n(r, width, o);
+        else at::vec::map2<A>([](auto u, auto v) { return u + v; }, o, o, r, width);
+      }
+      if (k == 0 && !accumulate) std::fill_n(o, width, A(0));
+    }
+  });
+}
+
+// Memory kept by each thread across calls for the ops' scratch: one block per slot (a call's own buffers, taken on
+// the calling thread: kCallSlot; an expert's work buffers, on each thread visiting experts: kWorkSlot), grown to the
+// largest request up to kKeptScratchBytes. Fresh memory for every call's buffers (a prefill call's per-pair outputs
+// are megabytes) cost a page fault per 4 KiB on first touch and the heap's trimming on free: 13 % of a prefill
+// call's samples at the reference model's shapes (perf, one thread, BENCHMARKS.md §10.21).
+enum Slot { kCallSlot, kWorkSlot };
+constexpr size_t kKeptScratchBytes = size_t(256) << 20;
+
+struct KeptBlock {
+  std::unique_ptr<char[]> data;
+  size_t size = 0;
+  bool busy = false;
+};
+thread_local KeptBlock kept_blocks[2];
+
+// Scratch buffers of one thread, carved from one block (not zeroed): take(size) hands out the next size values. The
+// block is the thread's kept block of the slot, or (larger than kKeptScratchBytes, or the slot already in use) an
+// allocation of its own, freed with the arena.
+template <typename A>
+class Arena {
+ public:
+  Arena(int64_t size, Slot slot) {
+    const size_t bytes = std::max<size_t>(1, static_cast<size_t>(size) * sizeof(A));
+    KeptBlock& kept = kept_blocks[slot];
+    if (kept.busy || bytes > kKeptScratchBytes) {
+      own_.reset(new char[bytes]);
+      base_ = reinterpret_cast<A*>(own_.get());
+      return;
+    }
+    if (kept.size < bytes) {
+      kept.data.reset();
+      kept.data.reset(new char[bytes]);
+      kept.size = bytes;
+    }
+    kept.busy = true;
+    kept_ = &kept;
+    base_ = reinterpret_cast<A*>(kept.data.get());
+  }
+  Arena(Arena&& other) noexcept
+      : own_(std::move(other.own_)), kept_(std::exchange(other.kept_, nullptr)), base_(other.base_),
+        used_(other.used_) {}
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  Arena& operator=(Arena&&) = delete;
+  ~Arena() {
+    if (kept_) kept_->busy = false;
+  }
   A* take(int64_t size) {
-    A* p = data.data() + used;
-    used += size;
+    A* p = base_ + used_;
+    used_ += size;
     return p;
   }
+
+ private:
+  std::unique_ptr<char[]> own_;
+  KeptBlock* kept_ = nullptr;
+  A* base_ = nullptr;
+  int64_t used_ = 0;
 };
 
 // The [T, cols] result in the caller's dtype from the fp32/fp64 sums.
@@ -730,29 +924,32 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   const T *guv = gu_v.data_ptr<T>(), *guut = gu_ut.data_ptr<T>(), *dv = d_v.data_ptr<T>(), *dut = d_ut.data_ptr<T>();
   const Routing<A> routing(topk_ids, topk_weights, E);
 
-  // sums: the output [T, H], then (with a base) the routing-weighted h [T, I] the base down acts on
-  std::vector<A> sums(T_ * H + (C ? T_ * I : 0), A(0));
+  // per pair (Routing::slot): its expert's output [pairs, H] and its routing-weighted h [pairs, I], the input of its
+  // down delta and, summed per token, of the base down
+  const int64_t routed = routing.pairs();
+  bool full_base = C == I;
+  for (int64_t j = 0; full_base && j < C; ++j) full_base = channel[j] == j;
+  Arena<A> call(routed * (H + I) + T_ * H + (C ? T_ * (2 * C + I) + (full_base ? 0 : T_ * (2 * I + C)) : 0), kCallSlot);
+  A *pair_out = call.take(routed * H), *pair_h = call.take(routed * I), *out = call.take(T_ * H);
   // A base over every channel in order (D²-MoE's default, no base pruning: C = I) is already in the experts'
   // channel order: its gate/up product is their [T, 2I] addend as it is, and the weighted h is the base down's
   // input as it is. Otherwise the product is scattered onto the I channels and h's base columns gathered. At
   // Mixtral-8x7B shapes and 256 tokens the scatter onto [T, 2I] (29 MB, allocated per call) took 16 ms and the
   // gather 5 ms of a ~390 ms call (BENCHMARKS.md §10.18).
-  bool full_base = C == I;
-  for (int64_t j = 0; full_base && j < C; ++j) full_base = channel[j] == j;
-  std::unique_ptr<A[]> base_out, base_scattered;  // base gate/up once per token: [T, 2C], scattered [T, 2I]
-  const A* base_addend = nullptr;                 // [T, 2I]: one of the two
+  const A* base_addend = nullptr;  // [T, 2I]: the base's gate/up product once per token, [T, 2C] scattered
   if (C) {
-    base_out.reset(new A[T_ * 2 * C]);  // written whole by the product (not value-initialised)
-    project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, base_out.get(), 2 * C, false);
-    base_addend = base_out.get();
+    A* base_out = call.take(T_ * 2 * C);  // written whole by the product
+    project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, base_out, 2 * C, false);
+    base_addend = base_out;
     if (!full_base) {
-      base_scattered.reset(new A[T_ * 2 * I]());
+      A* base_scattered = call.take(T_ * 2 * I);
+      std::fill_n(base_scattered, T_ * 2 * I, A(0));
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t j = 0; j < C; ++j) {
           base_scattered[t * 2 * I + channel[j]] = base_out[t * 2 * C + j];
           base_scattered[t * 2 * I + I + channel[j]] = base_out[t * 2 * C + C + j];
         }
-      base_addend = base_scattered.get();
+      base_addend = base_scattered;
     }
   }
   std::vector<int64_t> active;
@@ -766,15 +963,15 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   const int64_t rows = routing.max_rows;
   struct Work {
     Arena<A> arena;
-    A *xe, *gu, *z, *zd, *y;
+    A *xe, *gu, *z, *zd;
   };
   auto make_work = [&] {
-    Work w{Arena<A>(rows * (H + 2 * I + max_gu + max_d + H))};
+    Work w{Arena<A>(rows * (H + 2 * I + max_gu + max_d), kWorkSlot)};
     w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * I), w.z = w.arena.take(rows * max_gu);
-    w.zd = w.arena.take(rows * max_d), w.y = w.arena.take(rows * H);
+    w.zd = w.arena.take(rows * max_d);
     return w;
   };
-  auto visit = [&](int64_t i, Work& w, A* acc) {
+  auto visit = [&](int64_t i, Work& w) {
     const int64_t e = active[i], begin = routing.starts[e], n = routing.rows(e);
     const int64_t* tokens = routing.tokens.data() + begin;
     const A* wt = routing.weights.data() + begin;
@@ -783,45 +980,34 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     const bool one = n == 1;  // one token: read x and add into out in place (no gather or scatter)
     const A* xe = one ? px + tokens[0] * H : w.xe;
     if (!one) gather_rows(px, H, tokens, n, H, w.xe);
-    A* gu = w.gu;  // [n, 2I] = [g | u]: the base addend, then += U z
-    for (int64_t t = 0; t < n; ++t)
-      if (C) std::copy_n(base_addend + tokens[t] * 2 * I, 2 * I, gu + t * 2 * I);
-      else std::fill_n(gu + t * 2 * I, 2 * I, A(0));
+    A* gu = w.gu;  // [n, 2I] = [U_g z_g | U_u z_u] (the base's part is added in swiglu)
     if (rg + ru) {
       project<T>(xe, H, n, {guv + r0 * H, rg + ru, H}, w.z, rg + ru, false);  // z = [V_g; V_u] x: [n, rg + ru]
-      expand<T>(w.z, rg + ru, n, {guut + u0 * I, rg, I, pairs}, gu, 2 * I, true);
+      expand<T>(w.z, rg + ru, n, {guut + u0 * I, rg, I, pairs}, gu, 2 * I, false);
       expand<T>(w.z + rg, rg + ru, n, {guut + (u0 + stored_rows(rg, pairs)) * I, ru, I, pairs}, gu + I, 2 * I,
-                true);
+                false);
+    } else {
+      std::fill_n(gu, n * 2 * I, A(0));
     }
-    swiglu(gu, 2 * I, gu + I, 2 * I, n, I, static_cast<const A*>(nullptr));  // h = silu(g) ⊙ u over g
-    if (C)
-      for (int64_t t = 0; t < n; ++t) {
-        A* wh = acc + T_ * H + tokens[t] * I;
-        for (int64_t c = 0; c < I; ++c) wh[c] += wt[t] * gu[t * 2 * I + c];
-      }
+    A* h = pair_h + begin * I;  // h = w · silu(g) ⊙ u, g and u with the base's rows added
+    swiglu(gu, 2 * I, gu + I, 2 * I, n, I, wt, h, I, Addend<A>{base_addend, 2 * I, I, tokens});
+    A* y = pair_out + begin * H;  // U_d (V_d h): the routing weight is in h
     if (rd) {
-      project<T>(gu, 2 * I, n, {dv + d0 * I, rd, I}, w.zd, rd, false);  // V_d h, then the routing weight
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t k = 0; k < rd; ++k) w.zd[t * rd + k] *= wt[t];
-      const Block<T> u_down{dut + r[6] * H, rd, H, pairs};
-      if (one) {
-        expand<T>(w.zd, rd, 1, u_down, acc + tokens[0] * H, H, true);
-      } else {
-        expand<T>(w.zd, rd, n, u_down, w.y, H, false);
-        scatter_add_rows(acc, tokens, w.y, n, H);
-      }
+      project<T>(h, I, n, {dv + d0 * I, rd, I}, w.zd, rd, false);
+      expand<T>(w.zd, rd, n, {dut + r[6] * H, rd, H, pairs}, y, H, false);
+    } else {
+      std::fill_n(y, n * H, A(0));
     }
   };
-  for_each_expert<A>(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
-                     split_experts(active.size(), rows), sums.data(),
-                     static_cast<int64_t>(sums.size()), make_work, visit);
+  for_each_expert(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
+                  split_experts(active.size(), rows), make_work, visit);
+  sum_pairs(pair_out, H, routing, T_, out, false);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
-    A* weighted = sums.data() + T_ * H;
-    std::unique_ptr<A[]> gathered;  // wh [T, C]: the weighted sum itself where the base is full
-    A* wh = weighted;
+    A* weighted = call.take(T_ * I);  // wh [T, I]
+    sum_pairs(pair_h, I, routing, T_, weighted, false);
+    A* wh = weighted;  // [T, C]: the weighted sum itself where the base is full, else its base channels
     if (!full_base) {
-      gathered.reset(new A[T_ * C]);
-      wh = gathered.get();
+      wh = call.take(T_ * C);
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t j = 0; j < C; ++j) wh[t * C + j] = weighted[t * I + channel[j]];
     }
@@ -833,9 +1019,9 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       const at::Tensor score = rows.to(at::kFloat).norm(2, {1}) * whv.to(at::kFloat).norm(2, {0});
       whv.index_fill_(1, std::get<1>(score.topk(num_dynamic_drop, 0, /*largest=*/false)), 0);
     }
-    expand<T>(wh, C, T_, {base_down_t.data_ptr<T>(), C, H, pairs}, sums.data(), H, true);
+    expand<T>(wh, C, T_, {base_down_t.data_ptr<T>(), C, H, pairs}, out, H, true);
   }
-  return result(sums.data(), T_, H, x_in);
+  return result(out, T_, H, x_in);
 }
 
 // ---- sparse_lowrank (RS-MoE) ------------------------------------------------------------------------------------
@@ -865,12 +1051,16 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const T *psgu = sgu.data_ptr<T>(), *psd = sd_t.data_ptr<T>(), *plv = lv.data_ptr<T>(), *plut = lut.data_ptr<T>(),
           *pldv = ldv.data_ptr<T>(), *pldut = ldut.data_ptr<T>();
   const Routing<A> routing(topk_ids, topk_weights, E);
-  std::vector<A> sums(T_ * H + T_ * I, A(0));  // the output [T, H], then the weighted h [T, I] for the base
+  // per pair (Routing::slot): its expert's output [pairs, H] and, with a base (I > 0), its routing-weighted h on the
+  // I channels [pairs, I] (zero on the channels the expert does not keep), summed per token for the base down
+  const int64_t routed = routing.pairs();
+  Arena<A> call(routed * (H + I) + T_ * (H + I), kCallSlot);
+  A *pair_out = call.take(routed * H), *pair_h = call.take(routed * I), *out = call.take(T_ * H);
   std::vector<int64_t> active;
   int64_t max_s = 0, max_m = 0, max_k = 0, max_kd = 0;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t* r = m + 12 * e;
-    if (routing.rows(e) == 0 || r[1] + r[3] == 0) continue;
+    if (routing.rows(e) == 0) continue;
     active.push_back(e);
     max_s = std::max(max_s, r[1]), max_m = std::max(max_m, r[3]);
     max_k = std::max(max_k, r[5] + r[6]), max_kd = std::max(max_kd, r[10]);
@@ -878,39 +1068,38 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const int64_t rows = routing.max_rows;
   struct Work {
     Arena<A> arena;
-    A *xe, *gu, *gate, *up, *z, *zd, *y;
+    A *xe, *gu, *gate, *up, *z, *zd;
   };
   auto make_work = [&] {
-    Work w{Arena<A>(rows * (H + 2 * max_s + 2 * max_m + max_k + max_kd + H))};
+    Work w{Arena<A>(rows * (H + 2 * max_s + 2 * max_m + max_k + max_kd), kWorkSlot)};
     w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * max_s), w.gate = w.arena.take(rows * max_m);
     w.up = w.arena.take(rows * max_m), w.z = w.arena.take(rows * max_k), w.zd = w.arena.take(rows * max_kd);
-    w.y = w.arena.take(rows * H);
     return w;
   };
-  auto visit = [&](int64_t i, Work& w, A* acc) {
+  auto visit = [&](int64_t i, Work& w) {
     const int64_t e = active[i], begin = routing.starts[e], n = routing.rows(e);
     const int64_t* tokens = routing.tokens.data() + begin;
     const A* wt = routing.weights.data() + begin;
     const int64_t* r = m + 12 * e;  // sp, s, lc, m, lv_row, kg, ku, lu_off, dv_off, du_row, kd, sd_row
     const int64_t sp = r[0], ns = r[1], lc = r[2], nm = r[3], kg = r[5], ku = r[6], kd = r[10];
-    const bool one = n == 1;  // one token: read x and add into out in place
+    const bool one = n == 1;  // one token: read x in place
     const A* xe = one ? px + tokens[0] * H : w.xe;
     if (!one) gather_rows(px, H, tokens, n, H, w.xe);
-    auto add_out = [&](const A* a, int64_t lda, Block<T> b) {  // out[tokens] += a b
-      if (one) return expand<T>(a, lda, 1, b, acc + tokens[0] * H, H, true);
-      expand<T>(a, lda, n, b, w.y, H, false);
-      scatter_add_rows(acc, tokens, w.y, n, H);
+    A *y = pair_out + begin * H, *wh = pair_h + begin * I;
+    bool written = false;  // whether y holds a product yet (else the first is written, not added)
+    auto add_out = [&](const A* a, int64_t lda, Block<T> b) {  // y += a b
+      expand<T>(a, lda, n, b, y, H, written);
+      written = true;
     };
+    std::fill_n(wh, n * I, A(0));
     auto add_weighted_h = [&](const A* h, int64_t ldh, int64_t cols, const int64_t* channels) {
-      if (!I) return;
-      for (int64_t t = 0; t < n; ++t) {  // weighted_h[token, channels] += h
-        A* wh = acc + T_ * H + tokens[t] * I;
-        for (int64_t j = 0; j < cols; ++j) wh[channels[j]] += h[t * ldh + j];
-      }
+      if (!I) return;  // no base
+      for (int64_t t = 0; t < n; ++t)  // wh[t, channels] += h
+        for (int64_t j = 0; j < cols; ++j) wh[t * I + channels[j]] += h[t * ldh + j];
     };
     if (ns) {  // h_S = w · silu(G_S x) ⊙ (U_S x); out += D_S h_S
       project<T>(xe, H, n, {psgu + 2 * sp * H, 2 * ns, H}, w.gu, 2 * ns, false);
-      swiglu(w.gu, 2 * ns, w.gu + ns, 2 * ns, n, ns, wt);
+      swiglu(w.gu, 2 * ns, w.gu + ns, 2 * ns, n, ns, wt, w.gu, 2 * ns);
       add_out(w.gu, 2 * ns, {psd + r[11] * H, ns, H, pairs});
       add_weighted_h(w.gu, 2 * ns, ns, sch + sp);
     }
@@ -918,19 +1107,24 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
       project<T>(xe, H, n, {plv + r[4] * H, kg + ku, H}, w.z, kg + ku, false);
       expand<T>(w.z, kg + ku, n, {plut + r[7], kg, nm, pairs}, w.gate, nm, false);  // rank 0: zeros
       expand<T>(w.z + kg, kg + ku, n, {plut + r[7] + stored_rows(kg, pairs) * nm, ku, nm, pairs}, w.up, nm, false);
-      swiglu(w.gate, nm, w.up, nm, n, nm, wt);
+      swiglu(w.gate, nm, w.up, nm, n, nm, wt, w.gate, nm);
       if (kd) {
         project<T>(w.gate, nm, n, {pldv + r[8], kd, nm}, w.zd, kd, false);
         add_out(w.zd, kd, {pldut + r[9] * H, kd, H, pairs});
       }
       add_weighted_h(w.gate, nm, nm, lch + lc);
     }
+    if (!written) std::fill_n(y, n * H, A(0));
   };
-  for_each_expert<A>(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
-                     split_experts(active.size(), rows), sums.data(),
-                     static_cast<int64_t>(sums.size()), make_work, visit);
-  if (I) expand<T>(sums.data() + T_ * H, I, T_, {base_down_t.data_ptr<T>(), I, H, pairs}, sums.data(), H, true);
-  return result(sums.data(), T_, H, x_in);
+  for_each_expert(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
+                  split_experts(active.size(), rows), make_work, visit);
+  sum_pairs(pair_out, H, routing, T_, out, false);
+  if (I) {  // the base down once per token on the weighted h
+    A* weighted = call.take(T_ * I);
+    sum_pairs(pair_h, I, routing, T_, weighted, false);
+    expand<T>(weighted, I, T_, {base_down_t.data_ptr<T>(), I, H, pairs}, out, H, true);
+  }
+  return result(out, T_, H, x_in);
 }
 
 // ---- basis_residual (RFID-MoE, MoBE) ----------------------------------------------------------------------------
@@ -1010,7 +1204,8 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const int64_t full_i = g[1], lo = g[2];
   const A* px = x.data_ptr<A>();
   const Routing<A> routing(topk_ids, topk_weights, E);
-  std::vector<A> sums(T_ * H, A(0));
+  Arena<A> call((routing.pairs() + T_) * H, kCallSlot);
+  A *pair_out = call.take(routing.pairs() * H), *out = call.take(T_ * H);  // per pair (Routing::slot): its output
   const bool single = T_ == 1;  // decode: z = R x is shared by the experts with the same right factor
   std::vector<int64_t> active;
   const int64_t* visit_order = order.data_ptr<int64_t>();
@@ -1023,14 +1218,13 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const int64_t rows = routing.max_rows;
   struct Work {
     Arena<A> arena;
-    A *xe, *gate, *up, *z[3], *y;
+    A *xe, *gate, *up, *z[3];
     int64_t cached_row[2] = {-1, -1};  // the right factor whose z = R x z[q] holds (decode)
   };
   auto make_work = [&] {
-    Work w{Arena<A>(rows * (H + 2 * I + 3 * max_rank + H))};
+    Work w{Arena<A>(rows * (H + 2 * I + 3 * max_rank), kWorkSlot)};
     w.xe = w.arena.take(rows * H), w.gate = w.arena.take(rows * I), w.up = w.arena.take(rows * I);
     for (auto& z : w.z) z = w.arena.take(rows * max_rank);
-    w.y = w.arena.take(rows * H);
     return w;
   };
   // y [n, out] (+)= inp [n, in] W_e,qᵀ
@@ -1055,26 +1249,21 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
                       in_full, down ? 0 : lo, down ? lo : 0);
     }
   };
-  auto visit = [&](int64_t i, Work& w, A* acc) {
+  auto visit = [&](int64_t i, Work& w) {
     const int64_t e = active[i], begin = routing.starts[e], n = routing.rows(e);
     const int64_t* tokens = routing.tokens.data() + begin;
-    const bool one = n == 1;  // one token: read x and add into out in place
+    const bool one = n == 1;  // one token: read x in place
     const A* xe = one ? px + tokens[0] * H : w.xe;
     if (!one) gather_rows(px, H, tokens, n, H, w.xe);
     apply(w, xe, n, 0, e, w.gate, I, false);
     apply(w, xe, n, 1, e, w.up, I, false);
-    swiglu(w.gate, I, w.up, I, n, I, routing.weights.data() + begin);  // routing weight on h
-    if (one) {
-      apply(w, w.gate, 1, 2, e, acc + tokens[0] * H, H, true);
-    } else {
-      apply(w, w.gate, n, 2, e, w.y, H, false);
-      scatter_add_rows(acc, tokens, w.y, n, H);
-    }
+    swiglu(w.gate, I, w.up, I, n, I, routing.weights.data() + begin, w.gate, I);  // routing weight on h
+    apply(w, w.gate, n, 2, e, pair_out + begin * H, H, false);
   };
-  for_each_expert<A>(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
-                     split_experts(active.size(), rows), sums.data(),
-                     static_cast<int64_t>(sums.size()), make_work, visit);
-  return result(sums.data(), T_, H, x_in);
+  for_each_expert(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
+                  split_experts(active.size(), rows), make_work, visit);
+  sum_pairs(pair_out, H, routing, T_, out, false);
+  return result(out, T_, H, x_in);
 }
 
 // ---- The ops: dispatch on the factors' dtype --------------------------------------------------------------------
