@@ -51,8 +51,8 @@ def small_row_limit(request, monkeypatch):
     ``set_amx_gemm(1)`` every bf16 one of even K to the AMX path (skipped on CPUs without it; None: as
     ``cpu_ops`` set it, i.e. AMX above the limit where the CPU has it). With the split (set_expert_parallel(1),
     the default; the other cases set 0), two threads share the active experts when every expert has ≤ 64 rows or
-    there are ≥ 8 active experts per thread (each its own partial sums, added at the end); without it the experts
-    run in turn, each product's column blocks split over torch's threads. With huge pages, every tensor of the prepared layout is a ``huge_page_copy`` (at these sizes
+    there are ≥ 8 active experts per thread (each writing its experts' rows of the per-pair outputs); without it the
+    experts run in turn, each product's column blocks split over torch's threads. With huge pages, every tensor of the prepared layout is a ``huge_page_copy`` (at these sizes
     ``on_huge_pages`` would keep torch's allocation)."""
     ops = cpu_extension.cpu_ops()
     limit, split, huge, amx = request.param
@@ -519,6 +519,33 @@ def test_op_regions_run_on_every_thread():
         assert ops.parallel_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_split_gives_the_same_output_as_experts_in_turn(dtype):
+    """Each expert writes only its pairs' rows of the per-pair outputs and every token's rows are added in its top-k
+    order (sum_pairs), so the output is the same, bit for bit, whether two threads split the experts or one thread
+    runs them in turn: base_delta with ≤ 64 rows per expert (the split's condition), products on the loops and the
+    register tiles (8+ rows of the small blocks), the base over a subset of channels."""
+    ops = cpu_extension.cpu_ops()
+    gen = torch.Generator().manual_seed(23)
+    ranks = [[9, 4, 17, 6, 11, 3], [5, 12, 3, 8, 16, 2], [7, 2, 13, 19, 4, 6]]
+    tensors = packed_layer(ranks, 48, 32, 20, gen)
+    layout = base_delta_cpu.prepare(tensors[0], *(t.to(dtype) for t in tensors[1:7]), tensors[7])
+    x = torch.randn(60, 48, generator=gen).to(dtype)
+    ids, weights = routing(60, 6, 2, gen)
+    assert torch.bincount(ids.flatten().long()).max() <= 64
+    outputs, threads = [], torch.get_num_threads()
+    previous = ops.set_expert_parallel(1)
+    try:
+        for split, count in ((1, 2), (0, 1)):
+            ops.set_expert_parallel(split)
+            torch.set_num_threads(count)
+            outputs.append(base_delta_cpu.base_delta_moe(x, ids, weights, layout))
+    finally:
+        ops.set_expert_parallel(previous)
+        torch.set_num_threads(threads)
+    assert outputs[0].abs().max() > 0 and torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.parametrize("value", ["0", "1", None])

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -838,30 +839,58 @@ void sum_pairs(const A* rows, int64_t width, const Routing<A>& routing, int64_t 
 enum Slot { kCallSlot, kWorkSlot };
 constexpr size_t kKeptScratchBytes = size_t(256) << 20;
 
+// Every buffer starts on a cache line (kLine bytes): a vector store that straddles two lines costs two (malloc's
+// large blocks start 16 bytes into a page).
+constexpr size_t kLine = 64;
+
+struct FreeAligned {
+  void operator()(void* p) const { std::free(p); }
+};
+using AlignedBlock = std::unique_ptr<char, FreeAligned>;
+
+AlignedBlock aligned_block(size_t bytes) {
+  void* p = std::aligned_alloc(kLine, (bytes + kLine - 1) / kLine * kLine);
+  TORCH_CHECK(p, "could not allocate ", bytes, " bytes of scratch");
+  return AlignedBlock(static_cast<char*>(p));
+}
+
 struct KeptBlock {
-  std::unique_ptr<char[]> data;
+  AlignedBlock data;
   size_t size = 0;
   bool busy = false;
 };
 thread_local KeptBlock kept_blocks[2];
 
-// Scratch buffers of one thread, carved from one block (not zeroed): take(size) hands out the next size values. The
-// block is the thread's kept block of the slot, or (larger than kKeptScratchBytes, or the slot already in use) an
-// allocation of its own, freed with the arena.
+// Scratch buffers of one thread, carved from one block (not zeroed): take(size) hands out the next size values, on
+// a cache line (the arena's size must count each take rounded up to whole lines: arena_size). The block is the
+// thread's kept block of the slot, or (larger than kKeptScratchBytes, or the slot already in use) an allocation of
+// its own, freed with the arena.
+template <typename A>
+constexpr int64_t line_values() {
+  return static_cast<int64_t>(kLine / sizeof(A));
+}
+
+template <typename A>
+int64_t arena_size(std::initializer_list<int64_t> sizes) {
+  int64_t total = 0;
+  for (const int64_t size : sizes) total += (size + line_values<A>() - 1) / line_values<A>() * line_values<A>();
+  return total;
+}
+
 template <typename A>
 class Arena {
  public:
-  Arena(int64_t size, Slot slot) {
+  Arena(int64_t size, Slot slot) : capacity_(size) {
     const size_t bytes = std::max<size_t>(1, static_cast<size_t>(size) * sizeof(A));
     KeptBlock& kept = kept_blocks[slot];
     if (kept.busy || bytes > kKeptScratchBytes) {
-      own_.reset(new char[bytes]);
+      own_ = aligned_block(bytes);
       base_ = reinterpret_cast<A*>(own_.get());
       return;
     }
     if (kept.size < bytes) {
       kept.data.reset();
-      kept.data.reset(new char[bytes]);
+      kept.data = aligned_block(bytes);
       kept.size = bytes;
     }
     kept.busy = true;
@@ -870,7 +899,7 @@ class Arena {
   }
   Arena(Arena&& other) noexcept
       : own_(std::move(other.own_)), kept_(std::exchange(other.kept_, nullptr)), base_(other.base_),
-        used_(other.used_) {}
+        capacity_(other.capacity_), used_(other.used_) {}
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
   Arena& operator=(Arena&&) = delete;
@@ -879,15 +908,16 @@ class Arena {
   }
   A* take(int64_t size) {
     A* p = base_ + used_;
-    used_ += size;
+    used_ += (size + line_values<A>() - 1) / line_values<A>() * line_values<A>();
+    TORCH_INTERNAL_ASSERT(used_ <= capacity_, "scratch arena overrun");
     return p;
   }
 
  private:
-  std::unique_ptr<char[]> own_;
+  AlignedBlock own_;
   KeptBlock* kept_ = nullptr;
   A* base_ = nullptr;
-  int64_t used_ = 0;
+  int64_t capacity_, used_ = 0;
 };
 
 // The [T, cols] result in the caller's dtype from the fp32/fp64 sums.
@@ -929,7 +959,9 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   const int64_t routed = routing.pairs();
   bool full_base = C == I;
   for (int64_t j = 0; full_base && j < C; ++j) full_base = channel[j] == j;
-  Arena<A> call(routed * (H + I) + T_ * H + (C ? T_ * (2 * C + I) + (full_base ? 0 : T_ * (2 * I + C)) : 0), kCallSlot);
+  Arena<A> call(arena_size<A>({routed * H, routed * I, T_ * H, C ? T_ * 2 * C : 0, C && !full_base ? T_ * 2 * I : 0,
+                                C ? T_ * I : 0, C && !full_base ? T_ * C : 0}),
+                 kCallSlot);
   A *pair_out = call.take(routed * H), *pair_h = call.take(routed * I), *out = call.take(T_ * H);
   // A base over every channel in order (D²-MoE's default, no base pruning: C = I) is already in the experts'
   // channel order: its gate/up product is their [T, 2I] addend as it is, and the weighted h is the base down's
@@ -966,7 +998,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     A *xe, *gu, *z, *zd;
   };
   auto make_work = [&] {
-    Work w{Arena<A>(rows * (H + 2 * I + max_gu + max_d), kWorkSlot)};
+    Work w{Arena<A>(arena_size<A>({rows * H, rows * 2 * I, rows * max_gu, rows * max_d}), kWorkSlot)};
     w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * I), w.z = w.arena.take(rows * max_gu);
     w.zd = w.arena.take(rows * max_d);
     return w;
@@ -1054,7 +1086,7 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   // per pair (Routing::slot): its expert's output [pairs, H] and, with a base (I > 0), its routing-weighted h on the
   // I channels [pairs, I] (zero on the channels the expert does not keep), summed per token for the base down
   const int64_t routed = routing.pairs();
-  Arena<A> call(routed * (H + I) + T_ * (H + I), kCallSlot);
+  Arena<A> call(arena_size<A>({routed * H, routed * I, T_ * H, T_ * I}), kCallSlot);
   A *pair_out = call.take(routed * H), *pair_h = call.take(routed * I), *out = call.take(T_ * H);
   std::vector<int64_t> active;
   int64_t max_s = 0, max_m = 0, max_k = 0, max_kd = 0;
@@ -1071,7 +1103,9 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     A *xe, *gu, *gate, *up, *z, *zd;
   };
   auto make_work = [&] {
-    Work w{Arena<A>(rows * (H + 2 * max_s + 2 * max_m + max_k + max_kd), kWorkSlot)};
+    Work w{Arena<A>(arena_size<A>({rows * H, rows * 2 * max_s, rows * max_m, rows * max_m, rows * max_k,
+                                   rows * max_kd}),
+                    kWorkSlot)};
     w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * max_s), w.gate = w.arena.take(rows * max_m);
     w.up = w.arena.take(rows * max_m), w.z = w.arena.take(rows * max_k), w.zd = w.arena.take(rows * max_kd);
     return w;
@@ -1204,7 +1238,7 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const int64_t full_i = g[1], lo = g[2];
   const A* px = x.data_ptr<A>();
   const Routing<A> routing(topk_ids, topk_weights, E);
-  Arena<A> call((routing.pairs() + T_) * H, kCallSlot);
+  Arena<A> call(arena_size<A>({routing.pairs() * H, T_ * H}), kCallSlot);
   A *pair_out = call.take(routing.pairs() * H), *out = call.take(T_ * H);  // per pair (Routing::slot): its output
   const bool single = T_ == 1;  // decode: z = R x is shared by the experts with the same right factor
   std::vector<int64_t> active;
@@ -1222,7 +1256,8 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     int64_t cached_row[2] = {-1, -1};  // the right factor whose z = R x z[q] holds (decode)
   };
   auto make_work = [&] {
-    Work w{Arena<A>(rows * (H + 2 * I + 3 * max_rank), kWorkSlot)};
+    Work w{Arena<A>(arena_size<A>({rows * H, rows * I, rows * I, rows * max_rank, rows * max_rank, rows * max_rank}),
+                    kWorkSlot)};
     w.xe = w.arena.take(rows * H), w.gate = w.arena.take(rows * I), w.up = w.arena.take(rows * I);
     for (auto& z : w.z) z = w.arena.take(rows * max_rank);
     return w;
