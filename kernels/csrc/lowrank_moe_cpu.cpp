@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <set>
 #include <utility>
 #include <vector>
@@ -726,13 +727,25 @@ struct Routing {
   int64_t top_k = 1;
   int64_t max_rows = 0;  // the most tokens any expert received
 
+  // ids and weights read in their own dtypes (int32 or int64; any floating type): no ATen conversion per call.
   Routing(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t num_experts) {
-    const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
-    const at::Tensor wts = topk_weights.reshape({-1}).to(c10::CppTypeToScalarType<A>::value).contiguous();
-    const int64_t* id = ids.data_ptr<int64_t>();
-    const A* wt = wts.data_ptr<A>();
-    const int64_t pairs = ids.numel();
+    const bool index_type = topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong;
+    const at::Tensor ids = index_type ? topk_ids.contiguous() : topk_ids.to(at::kLong).contiguous();
+    const at::Tensor wts = topk_weights.contiguous();
+    TORCH_CHECK(wts.numel() == ids.numel(), "topk_weights and topk_ids differ in size");
     top_k = ids.dim() > 1 ? ids.size(1) : 1;
+    AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "routing", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wts.scalar_type(), "routing", [&] {
+        group(ids.data_ptr<index_t>(), wts.data_ptr<scalar_t>(), ids.numel(), num_experts);
+      });
+    });
+  }
+  int64_t rows(int64_t e) const { return starts[e + 1] - starts[e]; }
+  int64_t pairs() const { return static_cast<int64_t>(tokens.size()); }
+
+ private:
+  template <typename Id, typename Weight>
+  void group(const Id* id, const Weight* wt, int64_t pairs, int64_t num_experts) {
     starts.assign(num_experts + 1, 0);
     tokens.resize(pairs);
     slot.resize(pairs);
@@ -750,11 +763,9 @@ struct Routing {
       const int64_t at = fill[id[i]]++;
       slot[i] = at;
       tokens[at] = i / top_k;
-      weights[at] = wt[i];
+      weights[at] = static_cast<A>(wt[i]);
     }
   }
-  int64_t rows(int64_t e) const { return starts[e + 1] - starts[e]; }
-  int64_t pairs() const { return static_cast<int64_t>(tokens.size()); }
 };
 
 // Whether the active experts are split over the threads (one parallel region per call): set_expert_parallel on
@@ -832,11 +843,12 @@ void sum_pairs(const A* rows, int64_t width, const Routing<A>& routing, int64_t 
 }
 
 // Memory kept by each thread across calls for the ops' scratch: one block per slot (a call's own buffers, taken on
-// the calling thread: kCallSlot; an expert's work buffers, on each thread visiting experts: kWorkSlot), grown to the
+// the calling thread: kCallSlot; an expert's work buffers, on each thread visiting experts: kWorkSlot; the
+// activations converted to the accumulation type: kInputSlot), grown to the
 // largest request up to kKeptScratchBytes. Fresh memory for every call's buffers (a prefill call's per-pair outputs
 // are megabytes) cost a page fault per 4 KiB on first touch and the heap's trimming on free: 13 % of a prefill
 // call's samples at the reference model's shapes (perf, one thread, BENCHMARKS.md §10.21).
-enum Slot { kCallSlot, kWorkSlot };
+enum Slot { kCallSlot, kWorkSlot, kInputSlot };
 constexpr size_t kKeptScratchBytes = size_t(256) << 20;
 
 // Every buffer starts on a cache line (kLine bytes): a vector store that straddles two lines costs two (malloc's
@@ -859,7 +871,7 @@ struct KeptBlock {
   size_t size = 0;
   bool busy = false;
 };
-thread_local KeptBlock kept_blocks[2];
+thread_local KeptBlock kept_blocks[3];
 
 // Scratch buffers of one thread, carved from one block (not zeroed): take(size) hands out the next size values, on
 // a cache line (the arena's size must count each take rounded up to whole lines: arena_size). The block is the
@@ -920,11 +932,44 @@ class Arena {
   int64_t capacity_, used_ = 0;
 };
 
+constexpr int64_t kConvertGrain = 1 << 15;  // values per thread at least in the conversions of x and the result
+
+// The activations x [T, H] in the accumulation type: x's own memory where it is already (contiguous), else converted
+// into the thread's kInputSlot scratch with at::vec::convert (no ATen op per call: x.to() and the result's copy_
+// were ~13 µs of a ~100 µs decode call at the reference model's shapes, BENCHMARKS.md §10.21).
+template <typename A>
+struct Activations {
+  at::Tensor x;
+  std::optional<Arena<A>> converted;
+  const A* data = nullptr;
+
+  explicit Activations(const at::Tensor& x_in) : x(x_in.contiguous()) {
+    if (x.scalar_type() == c10::CppTypeToScalarType<A>::value) {
+      data = x.data_ptr<A>();
+      return;
+    }
+    const int64_t size = x.numel();
+    A* p = converted.emplace(arena_size<A>({size}), kInputSlot).take(size);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "activations", [&] {
+      const scalar_t* src = x.data_ptr<scalar_t>();
+      at::parallel_for(0, size, kConvertGrain, [&](int64_t i0, int64_t i1) {
+        at::vec::convert(src + i0, p + i0, i1 - i0);
+      });
+    });
+    data = p;
+  }
+};
+
 // The [T, cols] result in the caller's dtype from the fp32/fp64 sums.
 template <typename A>
 at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like) {
   at::Tensor out = at::empty({T, cols}, like.options());
-  out.copy_(at::from_blob(const_cast<A*>(sums), {T, cols}, options_of<A>()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "result", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T * cols, kConvertGrain, [&](int64_t i0, int64_t i1) {
+      at::vec::convert(sums + i0, dst + i0, i1 - i0);
+    });
+  });
   return out;
 }
 
@@ -944,13 +989,13 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
                            const at::Tensor& base_down_t, const at::Tensor& base_channels_in, bool pairs,
                            int64_t num_dynamic_drop) {
   using A = AccT<T>;
-  const at::Tensor x = x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const int64_t T_ = x.size(0), H = x.size(1), I = d_v.size(1), E = meta_in.size(0);
+  const Activations<A> x(x_in);
+  const int64_t T_ = x_in.size(0), H = x_in.size(1), I = d_v.size(1), E = meta_in.size(0);
   const int64_t C = base_channels_in.numel();
   const at::Tensor meta = meta_in.contiguous(), base_channels = base_channels_in.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
   const int64_t* channel = base_channels.data_ptr<int64_t>();
-  const A* px = x.data_ptr<A>();
+  const A* px = x.data;
   const T *guv = gu_v.data_ptr<T>(), *guut = gu_ut.data_ptr<T>(), *dv = d_v.data_ptr<T>(), *dut = d_ut.data_ptr<T>();
   const Routing<A> routing(topk_ids, topk_weights, E);
 
@@ -1073,13 +1118,13 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
                                const at::Tensor& sparse_channels_in, const at::Tensor& lowrank_channels_in,
                                bool pairs) {
   using A = AccT<T>;
-  const at::Tensor x = x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const int64_t T_ = x.size(0), H = x.size(1), E = meta_in.size(0), I = base_down_t.size(0);
+  const Activations<A> x(x_in);
+  const int64_t T_ = x_in.size(0), H = x_in.size(1), E = meta_in.size(0), I = base_down_t.size(0);
   const at::Tensor meta = meta_in.contiguous(), sparse_channels = sparse_channels_in.contiguous(),
                    lowrank_channels = lowrank_channels_in.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
   const int64_t *sch = sparse_channels.data_ptr<int64_t>(), *lch = lowrank_channels.data_ptr<int64_t>();
-  const A* px = x.data_ptr<A>();
+  const A* px = x.data;
   const T *psgu = sgu.data_ptr<T>(), *psd = sd_t.data_ptr<T>(), *plv = lv.data_ptr<T>(), *plut = lut.data_ptr<T>(),
           *pldv = ldv.data_ptr<T>(), *pldut = ldut.data_ptr<T>();
   const Routing<A> routing(topk_ids, topk_weights, E);
@@ -1229,14 +1274,14 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     auto ptr = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; };
     projs[q] = {ptr(dense_t[q]), ptr(right[q]), ptr(coef_t[q]), ptr(eta[q]), eta[q].numel() ? eta[q].size(1) : 0};
   }
-  const at::Tensor x = x_in.to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const int64_t T_ = x.size(0), H = x.size(1), E = meta_in.size(0);
+  const Activations<A> x(x_in);
+  const int64_t T_ = x_in.size(0), H = x_in.size(1), E = meta_in.size(0);
   const int64_t I = dense_t[0].numel() ? dense_t[0].size(2) : coef_t[0].size(1);  // this rank's intermediate size
   const at::Tensor meta = meta_in.contiguous(), order = order_in.contiguous(), geo = geometry.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
   const int64_t* g = geo.data_ptr<int64_t>();
   const int64_t full_i = g[1], lo = g[2];
-  const A* px = x.data_ptr<A>();
+  const A* px = x.data;
   const Routing<A> routing(topk_ids, topk_weights, E);
   Arena<A> call(arena_size<A>({routing.pairs() * H, T_ * H}), kCallSlot);
   A *pair_out = call.take(routing.pairs() * H), *out = call.take(T_ * H);  // per pair (Routing::slot): its output
