@@ -17,7 +17,8 @@ each layer's op arguments once (the compressed layer's prepared CPU layout, or v
 calls, in their order, through both ops — ours on its layouts, vLLM's dense op on the same layer's dense weights —
 in alternating rounds at ``--threads`` (vLLM's CPU worker runs one thread per bound core), and prints, per call
 size (tokens), the calls, the experts active per call, and the median ms per call of each op. ``--uniform``
-replaces the recorded routing with uniform random top-k (what ``benchmarks/cpu_moe.py`` times). This separates
+replaces the recorded routing with uniform random top-k (what ``benchmarks/cpu_moe.py`` times); ``--compare-source``
+adds the calls through the op built from another ``lowrank_moe_cpu.cpp`` (an earlier commit's) on the same layouts. This separates
 what the engine's own calls cost from what the op benchmark's random inputs cost (BENCHMARKS.md §10.20).
 """
 
@@ -160,12 +161,21 @@ def replay(args) -> None:
         return out
 
     paths = {"ours": ours, "vLLM dense": dense}
+    if args.compare_source is not None:  # the same layouts through another source's op (same arguments)
+        from benchmarks.cpu_moe import other_ops
+
+        other = getattr(other_ops(args.compare_source), scheme)
+        paths[f"ours ({args.compare_source.name})"] = lambda layer, x, ids, w: other(x, ids, w, *ours_layers[layer])
+    ours_paths = [name for name in paths if name != "vLLM dense"]
     print(f"{args.compressed} ({scheme}) against {args.dense}, {args.threads} thread(s), "
           f"{'uniform random' if args.uniform else 'recorded'} routing, {args.rounds} rounds; ms per call, median")
-    print("| tokens | calls | experts per call | ours | vLLM dense | vLLM ÷ ours |\n|---|---|---|---|---|---|")
+    print("| tokens | calls | experts per call | " + " | ".join(paths) + " | "
+          + " | ".join(f"vLLM ÷ {name}" for name in ours_paths) + " |")
+    print("|---" * (3 + len(paths) + len(ours_paths)) + "|")
     for size, calls_of_size, experts, times in timed_sizes(paths, calls, args.rounds, args.calls):
-        o, d = times["ours"], times["vLLM dense"]
-        print(f"| {size} | {calls_of_size} | {experts:.1f} | {o:.4f} | {d:.4f} | {d / o:.2f}× |")
+        dense_ms = times["vLLM dense"]
+        print(f"| {size} | {calls_of_size} | {experts:.1f} | " + " | ".join(f"{times[n]:.4f}" for n in paths) + " | "
+              + " | ".join(f"{dense_ms / times[n]:.2f}×" for n in ours_paths) + " |")
 
 
 def timed_sizes(paths: dict, calls: list, rounds: int, at_least: int):
@@ -206,6 +216,9 @@ def main() -> None:
     rep.add_argument("--rounds", type=int, default=9)
     rep.add_argument("--calls", type=int, default=400, help="calls timed per path and round, at least (400)")
     rep.add_argument("--uniform", action="store_true", help="uniform random top-k routing instead of the recorded")
+    rep.add_argument("--compare-source", type=Path,
+                     help="also time the calls through the op compiled from this lowrank_moe_cpu.cpp (same layout "
+                     "arguments, e.g. `git show <commit>:kernels/csrc/lowrank_moe_cpu.cpp > old.cpp`)")
     args = parser.parse_args()
     record(args) if args.command == "record" else replay(args)
 

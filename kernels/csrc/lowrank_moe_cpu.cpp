@@ -3,8 +3,9 @@
 // and the equations). One call per layer. The loop over the experts that received tokens calls no ATen op when an
 // expert's product has at most small_row_limit activation rows (decode and small batches): raw pointers into the
 // prepared per-expert factor blocks, activations and intermediates in fp32 (fp64 for fp64 factors) scratch
-// buffers allocated once per call, SiLU·mul and the routing weight fused into one pass, outputs added with plain
-// loops. Larger experts (prefill) take at::mm (MKL/oneDNN GEMM) on views of the same buffers, or in bf16 on CPUs
+// buffers each thread keeps across calls (Arena), SiLU·mul and the routing weight fused into one pass, each routed
+// pair's output written into its own row and each token's rows summed at the end (sum_pairs). Larger experts
+// (prefill) take at::mm (MKL/oneDNN GEMM) on views of the same buffers, or in bf16 on CPUs
 // with AMX ATen's brgemm micro-kernel on AMX tiles (amx_product). The time follows the bytes of the routed
 // experts' factors and their FLOPs.
 #include <ATen/ATen.h>
