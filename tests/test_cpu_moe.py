@@ -525,16 +525,20 @@ def test_op_regions_run_on_every_thread():
 def test_expert_split_gives_the_same_output_as_experts_in_turn(dtype):
     """Each expert writes only its pairs' rows of the per-pair outputs and every token's rows are added in its top-k
     order (sum_pairs), so the output is the same, bit for bit, whether two threads split the experts or one thread
-    runs them in turn: base_delta with ≤ 64 rows per expert (the split's condition), products on the loops and the
-    register tiles (8+ rows of the small blocks), the base over a subset of channels."""
+    runs them in turn: base_delta with ≤ 64 rows per expert (the split's condition), top-3 (three terms per token:
+    per-thread partial sums, as before, added them in another order), one expert with a single row, products on the
+    loops and the register tiles (8+ rows of the small blocks), the base over a subset of channels."""
     ops = cpu_extension.cpu_ops()
     gen = torch.Generator().manual_seed(23)
     ranks = [[9, 4, 17, 6, 11, 3], [5, 12, 3, 8, 16, 2], [7, 2, 13, 19, 4, 6]]
     tensors = packed_layer(ranks, 48, 32, 20, gen)
     layout = base_delta_cpu.prepare(tensors[0], *(t.to(dtype) for t in tensors[1:7]), tensors[7])
     x = torch.randn(60, 48, generator=gen).to(dtype)
-    ids, weights = routing(60, 6, 2, gen)
-    assert torch.bincount(ids.flatten().long()).max() <= 64
+    ids, weights = routing(60, 6, 3, gen)  # three terms per token: a sum whose order shows in its last bits
+    ids[-1] = torch.tensor([5, 0, 1], dtype=ids.dtype)  # and expert 5 with few rows
+    ids[:-1][ids[:-1] == 5] = 2
+    counts = torch.bincount(ids.flatten().long(), minlength=6)
+    assert counts.max() <= 64 and counts[5] == 1, counts
     outputs, threads = [], torch.get_num_threads()
     previous = ops.set_expert_parallel(1)
     try:

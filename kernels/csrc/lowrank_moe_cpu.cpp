@@ -743,6 +743,10 @@ struct Routing {
   }
   int64_t rows(int64_t e) const { return starts[e + 1] - starts[e]; }
   int64_t pairs() const { return static_cast<int64_t>(tokens.size()); }
+  // every token of x [T, ...] routed to top_k experts: sum_pairs reads top_k rows per token
+  void check_tokens(int64_t T) const {
+    TORCH_CHECK(pairs() == T * top_k, "topk_ids holds ", pairs(), " routed pairs for ", T, " tokens of top-", top_k);
+  }
 
  private:
   template <typename Id, typename Weight>
@@ -790,8 +794,8 @@ bool split_experts(int64_t active, int64_t max_rows) {
 // visit(i, work) for the active experts i < count: work is the expert's scratch (make_work() builds it, sized for the
 // largest expert, once per thread). An expert writes only its own pairs' rows of the per-pair outputs (Routing::slot),
 // so the experts share no sums: in turn, or split over the threads with nothing to reduce but sum_pairs' per-token
-// sums, whose order does not depend on which thread ran which expert (the result is the same split or not, at any
-// thread count).
+// sums, whose order does not depend on which thread ran which expert (on the loops and amx_product the result is
+// the same split or not, at any thread count; at::mm's MKL/oneDNN products may round differently on more threads).
 template <typename RowsOf, typename MakeWork, typename Visit>
 void for_each_expert(int64_t count, RowsOf rows_of, bool split, MakeWork make_work, Visit visit) {
   if (!split) {
@@ -824,21 +828,21 @@ void for_each_expert(int64_t count, RowsOf rows_of, bool split, MakeWork make_wo
   });
 }
 
-// out[t, :] (+)= Σ_j rows[slot[t · top_k + j], :] for t < T: each token's per-pair rows (width values each) added in
+// out[t, :] = Σ_j rows[slot[t · top_k + j], :] for t < T: each token's per-pair rows (width values each) added in
 // its top-k order, tokens split over the threads.
 template <typename A>
-void sum_pairs(const A* rows, int64_t width, const Routing<A>& routing, int64_t T, A* out, bool accumulate) {
+void sum_pairs(const A* rows, int64_t width, const Routing<A>& routing, int64_t T, A* out) {
   const int64_t k = routing.top_k;
   const int64_t* slot = routing.slot.data();
   at::parallel_for(0, T, std::max<int64_t>(1, kSumGrain / std::max<int64_t>(1, width)), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       A* o = out + t * width;
+      if (k == 0) std::fill_n(o, width, A(0));
       for (int64_t j = 0; j < k; ++j) {
         const A* r = rows + slot[t * k + j] * width;
-        if (j == 0 && !accumulate) std::copy_n(r, width, o);
+        if (j == 0) std::copy_n(r, width, o);
         else at::vec::map2<A>([](auto u, auto v) { return u + v; }, o, o, r, width);
       }
-      if (k == 0 && !accumulate) std::fill_n(o, width, A(0));
     }
   });
 }
@@ -848,7 +852,9 @@ void sum_pairs(const A* rows, int64_t width, const Routing<A>& routing, int64_t 
 // activations converted to the accumulation type: kInputSlot), grown to the
 // largest request up to kKeptScratchBytes. Fresh memory for every call's buffers (a prefill call's per-pair outputs
 // are megabytes) cost a page fault per 4 KiB on first touch and the heap's trimming on free: 13 % of a prefill
-// call's samples at the reference model's shapes (perf, one thread, BENCHMARKS.md §10.21).
+// call's samples at the reference model's shapes (perf, one thread, BENCHMARKS.md §10.21). The blocks live as long
+// as their threads: at most 3 × kKeptScratchBytes on the calling thread and one per OpenMP worker, in practice the
+// largest call's buffers (the reference model's 1,303-token prefill: ~11 MB; Mixtral-8x7B at 256 tokens: ~95 MB).
 enum Slot { kCallSlot, kWorkSlot, kInputSlot };
 constexpr size_t kKeptScratchBytes = size_t(256) << 20;
 
@@ -902,7 +908,8 @@ class Arena {
       return;
     }
     if (kept.size < bytes) {
-      kept.data.reset();
+      kept.data.reset();  // the old block first: the two are never held at once
+      kept.size = 0;      // (a failed allocation leaves an empty slot, not a stale size)
       kept.data = aligned_block(bytes);
       kept.size = bytes;
     }
@@ -999,6 +1006,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   const A* px = x.data;
   const T *guv = gu_v.data_ptr<T>(), *guut = gu_ut.data_ptr<T>(), *dv = d_v.data_ptr<T>(), *dut = d_ut.data_ptr<T>();
   const Routing<A> routing(topk_ids, topk_weights, E);
+  routing.check_tokens(T_);
 
   // per pair (Routing::slot): its expert's output [pairs, H] and its routing-weighted h [pairs, I], the input of its
   // down delta and, summed per token, of the base down
@@ -1012,7 +1020,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   // A base over every channel in order (D²-MoE's default, no base pruning: C = I) is already in the experts'
   // channel order: its gate/up product is their [T, 2I] addend as it is, and the weighted h is the base down's
   // input as it is. Otherwise the product is scattered onto the I channels and h's base columns gathered. At
-  // Mixtral-8x7B shapes and 256 tokens the scatter onto [T, 2I] (29 MB, allocated per call) took 16 ms and the
+  // Mixtral-8x7B shapes and 256 tokens the scatter onto [T, 2I] (29 MB, then allocated per call) took 16 ms and the
   // gather 5 ms of a ~390 ms call (BENCHMARKS.md §10.18).
   const A* base_addend = nullptr;  // [T, 2I]: the base's gate/up product once per token, [T, 2C] scattered
   if (C) {
@@ -1055,7 +1063,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     const A* wt = routing.weights.data() + begin;
     const int64_t* r = m + 7 * e;  // v_row, rg, ru, d_row, rd, ut_row, dut_row
     const int64_t r0 = r[0], rg = r[1], ru = r[2], d0 = r[3], rd = r[4], u0 = r[5];
-    const bool one = n == 1;  // one token: read x and add into out in place (no gather or scatter)
+    const bool one = n == 1;  // one token: read x in place (no gather)
     const A* xe = one ? px + tokens[0] * H : w.xe;
     if (!one) gather_rows(px, H, tokens, n, H, w.xe);
     A* gu = w.gu;  // [n, 2I] = [U_g z_g | U_u z_u] (the base's part is added in swiglu)
@@ -1079,10 +1087,10 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   };
   for_each_expert(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
                   split_experts(active.size(), rows), make_work, visit);
-  sum_pairs(pair_out, H, routing, T_, out, false);
+  sum_pairs(pair_out, H, routing, T_, out);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
     A* weighted = call.take(T_ * I);  // wh [T, I]
-    sum_pairs(pair_h, I, routing, T_, weighted, false);
+    sum_pairs(pair_h, I, routing, T_, weighted);
     A* wh = weighted;  // [T, C]: the weighted sum itself where the base is full, else its base channels
     if (!full_base) {
       wh = call.take(T_ * C);
@@ -1129,6 +1137,7 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const T *psgu = sgu.data_ptr<T>(), *psd = sd_t.data_ptr<T>(), *plv = lv.data_ptr<T>(), *plut = lut.data_ptr<T>(),
           *pldv = ldv.data_ptr<T>(), *pldut = ldut.data_ptr<T>();
   const Routing<A> routing(topk_ids, topk_weights, E);
+  routing.check_tokens(T_);
   // per pair (Routing::slot): its expert's output [pairs, H] and, with a base (I > 0), its routing-weighted h on the
   // I channels [pairs, I] (zero on the channels the expert does not keep), summed per token for the base down
   const int64_t routed = routing.pairs();
@@ -1198,10 +1207,10 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   };
   for_each_expert(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
                   split_experts(active.size(), rows), make_work, visit);
-  sum_pairs(pair_out, H, routing, T_, out, false);
+  sum_pairs(pair_out, H, routing, T_, out);
   if (I) {  // the base down once per token on the weighted h
     A* weighted = call.take(T_ * I);
-    sum_pairs(pair_h, I, routing, T_, weighted, false);
+    sum_pairs(pair_h, I, routing, T_, weighted);
     expand<T>(weighted, I, T_, {base_down_t.data_ptr<T>(), I, H, pairs}, out, H, true);
   }
   return result(out, T_, H, x_in);
@@ -1284,6 +1293,7 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const int64_t full_i = g[1], lo = g[2];
   const A* px = x.data;
   const Routing<A> routing(topk_ids, topk_weights, E);
+  routing.check_tokens(T_);
   Arena<A> call(arena_size<A>({routing.pairs() * H, T_ * H}), kCallSlot);
   A *pair_out = call.take(routing.pairs() * H), *out = call.take(T_ * H);  // per pair (Routing::slot): its output
   const bool single = T_ == 1;  // decode: z = R x is shared by the experts with the same right factor
@@ -1295,6 +1305,9 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     active.push_back(e);
     for (int q = 0; q < 3; ++q) max_rank = std::max(max_rank, m[11 * e + 3 + 3 * q]);
   }
+  int64_t visited = 0;  // every routed pair's row is written: order must list each routed expert once
+  for (const int64_t e : active) visited += routing.rows(e);
+  TORCH_CHECK(visited == routing.pairs(), "the visiting order misses or repeats routed experts");
   const int64_t rows = routing.max_rows;
   struct Work {
     Arena<A> arena;
@@ -1343,7 +1356,7 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   };
   for_each_expert(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
                   split_experts(active.size(), rows), make_work, visit);
-  sum_pairs(pair_out, H, routing, T_, out, false);
+  sum_pairs(pair_out, H, routing, T_, out);
   return result(out, T_, H, x_in);
 }
 
