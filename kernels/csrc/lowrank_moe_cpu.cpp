@@ -19,12 +19,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <initializer_list>
+#include <array>
 #include <memory>
 #include <mutex>
 #include <numeric>
 #include <optional>
 #include <set>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -709,10 +710,12 @@ void swiglu(const A* g, int64_t ldg, const A* u, int64_t ldu, int64_t n, int64_t
   }
 }
 
-// The rows of x [*, ld] for tokens[0..n) into xe [n, cols].
+// An expert's activation rows, x [*, H] at tokens[0..n): x's own row for one token, else gathered into xe [n, H].
 template <typename A>
-void gather_rows(const A* x, int64_t ld, const int64_t* tokens, int64_t n, int64_t cols, A* xe) {
-  for (int64_t t = 0; t < n; ++t) std::copy_n(x + tokens[t] * ld, cols, xe + t * cols);
+const A* expert_rows(const A* x, int64_t H, const int64_t* tokens, int64_t n, A* xe) {
+  if (n == 1) return x + tokens[0] * H;
+  for (int64_t t = 0; t < n; ++t) std::copy_n(x + tokens[t] * H, H, xe + t * H);
+  return xe;
 }
 
 // ---- Routing ------------------------------------------------------------------------------------------------
@@ -728,8 +731,9 @@ struct Routing {
   int64_t top_k = 1;
   int64_t max_rows = 0;  // the most tokens any expert received
 
-  // ids and weights read in their own dtypes (int32 or int64; any floating type): no ATen conversion per call.
-  Routing(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t num_experts) {
+  // ids and weights read in their own dtypes (int32 or int64; any floating type): no ATen conversion per call. Every
+  // one of the num_tokens tokens must be routed to top_k experts (sum_pairs reads top_k rows per token).
+  Routing(const at::Tensor& topk_ids, const at::Tensor& topk_weights, int64_t num_experts, int64_t num_tokens) {
     const bool index_type = topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong;
     const at::Tensor ids = index_type ? topk_ids.contiguous() : topk_ids.to(at::kLong).contiguous();
     const at::Tensor wts = topk_weights.contiguous();
@@ -740,13 +744,11 @@ struct Routing {
         group(ids.data_ptr<index_t>(), wts.data_ptr<scalar_t>(), ids.numel(), num_experts);
       });
     });
+    TORCH_CHECK(pairs() == num_tokens * top_k, "topk_ids holds ", pairs(), " routed pairs for ", num_tokens,
+                " tokens of top-", top_k);
   }
   int64_t rows(int64_t e) const { return starts[e + 1] - starts[e]; }
   int64_t pairs() const { return static_cast<int64_t>(tokens.size()); }
-  // every token of x [T, ...] routed to top_k experts: sum_pairs reads top_k rows per token
-  void check_tokens(int64_t T) const {
-    TORCH_CHECK(pairs() == T * top_k, "topk_ids holds ", pairs(), " routed pairs for ", T, " tokens of top-", top_k);
-  }
 
  private:
   template <typename Id, typename Weight>
@@ -791,14 +793,17 @@ bool split_experts(int64_t active, int64_t max_rows) {
          (max_rows <= kCachedBlockRows || active >= kExpertsPerThread * threads);
 }
 
-// visit(i, work) for the active experts i < count: work is the expert's scratch (make_work() builds it, sized for the
-// largest expert, once per thread). An expert writes only its own pairs' rows of the per-pair outputs (Routing::slot),
-// so the experts share no sums: in turn, or split over the threads with nothing to reduce but sum_pairs' per-token
-// sums, whose order does not depend on which thread ran which expert (on the loops and amx_product the result is
-// the same split or not, at any thread count; at::mm's MKL/oneDNN products may round differently on more threads).
-template <typename RowsOf, typename MakeWork, typename Visit>
-void for_each_expert(int64_t count, RowsOf rows_of, bool split, MakeWork make_work, Visit visit) {
-  if (!split) {
+// visit(i, work) for the active experts active[i] (experts with routed tokens): work is the expert's scratch
+// (make_work() builds it, sized for the largest expert, once per thread), split_experts decides the split. An
+// expert writes only its own pairs' rows of the per-pair outputs (Routing::slot), so the experts share no sums: in
+// turn, or split over the threads with nothing to reduce but sum_pairs' per-token sums, whose order does not depend
+// on which thread ran which expert (on the loops and amx_product the result is the same split or not, at any thread
+// count; at::mm's MKL/oneDNN products may round differently on more threads).
+template <typename A, typename MakeWork, typename Visit>
+void for_each_expert(const Routing<A>& routing, const std::vector<int64_t>& active, MakeWork make_work, Visit visit) {
+  const int64_t count = static_cast<int64_t>(active.size());
+  auto rows_of = [&](int64_t i) { return routing.rows(active[i]); };
+  if (!split_experts(count, routing.max_rows)) {
     auto work = make_work();
     for (int64_t i = 0; i < count; ++i) visit(i, work);
     return;
@@ -880,27 +885,20 @@ struct KeptBlock {
 };
 thread_local KeptBlock kept_blocks[3];
 
-// Scratch buffers of one thread, carved from one block (not zeroed): take(size) hands out the next size values, on
-// a cache line (the arena's size must count each take rounded up to whole lines: arena_size). The block is the
-// thread's kept block of the slot, or (larger than kKeptScratchBytes, or the slot already in use) an allocation of
-// its own, freed with the arena.
-template <typename A>
-constexpr int64_t line_values() {
-  return static_cast<int64_t>(kLine / sizeof(A));
-}
-
-template <typename A>
-int64_t arena_size(std::initializer_list<int64_t> sizes) {
-  int64_t total = 0;
-  for (const int64_t size : sizes) total += (size + line_values<A>() - 1) / line_values<A>() * line_values<A>();
-  return total;
-}
-
-template <typename A>
+// N scratch buffers of one thread (sizes in values, declared once; each on a cache line; not zeroed), carved from
+// one block: the thread's kept block of the slot, or (larger than kKeptScratchBytes, or the slot already in use) an
+// allocation of its own, freed with the arena. buffers() gives their pointers in declaration order.
+template <typename A, size_t N>
 class Arena {
  public:
-  Arena(int64_t size, Slot slot) : capacity_(size) {
-    const size_t bytes = std::max<size_t>(1, static_cast<size_t>(size) * sizeof(A));
+  Arena(Slot slot, const std::array<int64_t, N>& sizes) {
+    constexpr int64_t line = static_cast<int64_t>(kLine / sizeof(A));
+    int64_t total = 0;
+    for (size_t i = 0; i < N; ++i) {
+      offsets_[i] = total;
+      total += (sizes[i] + line - 1) / line * line;
+    }
+    const size_t bytes = std::max<size_t>(1, static_cast<size_t>(total) * sizeof(A));
     KeptBlock& kept = kept_blocks[slot];
     if (kept.busy || bytes > kKeptScratchBytes) {
       own_ = aligned_block(bytes);
@@ -919,25 +917,26 @@ class Arena {
   }
   Arena(Arena&& other) noexcept
       : own_(std::move(other.own_)), kept_(std::exchange(other.kept_, nullptr)), base_(other.base_),
-        capacity_(other.capacity_), used_(other.used_) {}
+        offsets_(other.offsets_) {}
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
   Arena& operator=(Arena&&) = delete;
   ~Arena() {
     if (kept_) kept_->busy = false;
   }
-  A* take(int64_t size) {
-    A* p = base_ + used_;
-    used_ += (size + line_values<A>() - 1) / line_values<A>() * line_values<A>();
-    TORCH_INTERNAL_ASSERT(used_ <= capacity_, "scratch arena overrun");
-    return p;
-  }
+  auto buffers() const { return pointers(std::make_index_sequence<N>()); }
 
  private:
+  template <size_t>
+  using Pointer = A*;
+  template <size_t... I>
+  std::tuple<Pointer<I>...> pointers(std::index_sequence<I...>) const {
+    return {(base_ + offsets_[I])...};
+  }
   AlignedBlock own_;
   KeptBlock* kept_ = nullptr;
   A* base_ = nullptr;
-  int64_t capacity_, used_ = 0;
+  std::array<int64_t, N> offsets_{};
 };
 
 constexpr int64_t kConvertGrain = 1 << 15;  // values per thread at least in the conversions of x and the result
@@ -948,7 +947,7 @@ constexpr int64_t kConvertGrain = 1 << 15;  // values per thread at least in the
 template <typename A>
 struct Activations {
   at::Tensor x;
-  std::optional<Arena<A>> converted;
+  std::optional<Arena<A, 1>> converted;
   const A* data = nullptr;
 
   explicit Activations(const at::Tensor& x_in) : x(x_in.contiguous()) {
@@ -957,7 +956,7 @@ struct Activations {
       return;
     }
     const int64_t size = x.numel();
-    A* p = converted.emplace(arena_size<A>({size}), kInputSlot).take(size);
+    A* p = std::get<0>(converted.emplace(kInputSlot, std::array<int64_t, 1>{size}).buffers());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "activations", [&] {
       const scalar_t* src = x.data_ptr<scalar_t>();
       at::parallel_for(0, size, kConvertGrain, [&](int64_t i0, int64_t i1) {
@@ -1005,18 +1004,17 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   const int64_t* channel = base_channels.data_ptr<int64_t>();
   const A* px = x.data;
   const T *guv = gu_v.data_ptr<T>(), *guut = gu_ut.data_ptr<T>(), *dv = d_v.data_ptr<T>(), *dut = d_ut.data_ptr<T>();
-  const Routing<A> routing(topk_ids, topk_weights, E);
-  routing.check_tokens(T_);
+  const Routing<A> routing(topk_ids, topk_weights, E, T_);
 
   // per pair (Routing::slot): its expert's output [pairs, H] and its routing-weighted h [pairs, I], the input of its
   // down delta and, summed per token, of the base down
   const int64_t routed = routing.pairs();
   bool full_base = C == I;
   for (int64_t j = 0; full_base && j < C; ++j) full_base = channel[j] == j;
-  Arena<A> call(arena_size<A>({routed * H, routed * I, T_ * H, C ? T_ * 2 * C : 0, C && !full_base ? T_ * 2 * I : 0,
-                                C ? T_ * I : 0, C && !full_base ? T_ * C : 0}),
-                 kCallSlot);
-  A *pair_out = call.take(routed * H), *pair_h = call.take(routed * I), *out = call.take(T_ * H);
+  // base_out [T, 2C]: the base's gate/up product; scattered [T, 2I]; weighted: Σ w·h per token [T, I]; base_h [T, C]
+  const Arena<A, 7> call(kCallSlot, {routed * H, routed * I, T_ * H, C ? T_ * 2 * C : 0,
+                                     C && !full_base ? T_ * 2 * I : 0, C ? T_ * I : 0, C && !full_base ? T_ * C : 0});
+  const auto [pair_out, pair_h, out, base_out, base_scattered, weighted, base_h] = call.buffers();
   // A base over every channel in order (D²-MoE's default, no base pruning: C = I) is already in the experts'
   // channel order: its gate/up product is their [T, 2I] addend as it is, and the weighted h is the base down's
   // input as it is. Otherwise the product is scattered onto the I channels and h's base columns gathered. At
@@ -1024,11 +1022,9 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   // gather 5 ms of a ~390 ms call (BENCHMARKS.md §10.18).
   const A* base_addend = nullptr;  // [T, 2I]: the base's gate/up product once per token, [T, 2C] scattered
   if (C) {
-    A* base_out = call.take(T_ * 2 * C);  // written whole by the product
     project<T>(px, H, T_, {base_gu.data_ptr<T>(), 2 * C, H}, base_out, 2 * C, false);
     base_addend = base_out;
     if (!full_base) {
-      A* base_scattered = call.take(T_ * 2 * I);
       std::fill_n(base_scattered, T_ * 2 * I, A(0));
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t j = 0; j < C; ++j) {
@@ -1048,13 +1044,12 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     }
   const int64_t rows = routing.max_rows;
   struct Work {
-    Arena<A> arena;
+    Arena<A, 4> arena;
     A *xe, *gu, *z, *zd;
   };
   auto make_work = [&] {
-    Work w{Arena<A>(arena_size<A>({rows * H, rows * 2 * I, rows * max_gu, rows * max_d}), kWorkSlot)};
-    w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * I), w.z = w.arena.take(rows * max_gu);
-    w.zd = w.arena.take(rows * max_d);
+    Work w{Arena<A, 4>(kWorkSlot, {rows * H, rows * 2 * I, rows * max_gu, rows * max_d})};
+    std::tie(w.xe, w.gu, w.z, w.zd) = w.arena.buffers();
     return w;
   };
   auto visit = [&](int64_t i, Work& w) {
@@ -1063,9 +1058,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     const A* wt = routing.weights.data() + begin;
     const int64_t* r = m + 7 * e;  // v_row, rg, ru, d_row, rd, ut_row, dut_row
     const int64_t r0 = r[0], rg = r[1], ru = r[2], d0 = r[3], rd = r[4], u0 = r[5];
-    const bool one = n == 1;  // one token: read x in place (no gather)
-    const A* xe = one ? px + tokens[0] * H : w.xe;
-    if (!one) gather_rows(px, H, tokens, n, H, w.xe);
+    const A* xe = expert_rows(px, H, tokens, n, w.xe);
     A* gu = w.gu;  // [n, 2I] = [U_g z_g | U_u z_u] (the base's part is added in swiglu)
     if (rg + ru) {
       project<T>(xe, H, n, {guv + r0 * H, rg + ru, H}, w.z, rg + ru, false);  // z = [V_g; V_u] x: [n, rg + ru]
@@ -1085,15 +1078,13 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       std::fill_n(y, n * H, A(0));
     }
   };
-  for_each_expert(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
-                  split_experts(active.size(), rows), make_work, visit);
+  for_each_expert(routing, active, make_work, visit);
   sum_pairs(pair_out, H, routing, T_, out);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
-    A* weighted = call.take(T_ * I);  // wh [T, I]
     sum_pairs(pair_h, I, routing, T_, weighted);
     A* wh = weighted;  // [T, C]: the weighted sum itself where the base is full, else its base channels
     if (!full_base) {
-      wh = call.take(T_ * C);
+      wh = base_h;
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t j = 0; j < C; ++j) wh[t * C + j] = weighted[t * I + channel[j]];
     }
@@ -1136,13 +1127,12 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const A* px = x.data;
   const T *psgu = sgu.data_ptr<T>(), *psd = sd_t.data_ptr<T>(), *plv = lv.data_ptr<T>(), *plut = lut.data_ptr<T>(),
           *pldv = ldv.data_ptr<T>(), *pldut = ldut.data_ptr<T>();
-  const Routing<A> routing(topk_ids, topk_weights, E);
-  routing.check_tokens(T_);
+  const Routing<A> routing(topk_ids, topk_weights, E, T_);
   // per pair (Routing::slot): its expert's output [pairs, H] and, with a base (I > 0), its routing-weighted h on the
   // I channels [pairs, I] (zero on the channels the expert does not keep), summed per token for the base down
   const int64_t routed = routing.pairs();
-  Arena<A> call(arena_size<A>({routed * H, routed * I, T_ * H, T_ * I}), kCallSlot);
-  A *pair_out = call.take(routed * H), *pair_h = call.take(routed * I), *out = call.take(T_ * H);
+  const Arena<A, 4> call(kCallSlot, {routed * H, routed * I, T_ * H, T_ * I});
+  const auto [pair_out, pair_h, out, weighted] = call.buffers();  // weighted: Σ w·h per token [T, I]
   std::vector<int64_t> active;
   int64_t max_s = 0, max_m = 0, max_k = 0, max_kd = 0;
   for (int64_t e = 0; e < E; ++e) {
@@ -1154,15 +1144,13 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   }
   const int64_t rows = routing.max_rows;
   struct Work {
-    Arena<A> arena;
+    Arena<A, 6> arena;
     A *xe, *gu, *gate, *up, *z, *zd;
   };
   auto make_work = [&] {
-    Work w{Arena<A>(arena_size<A>({rows * H, rows * 2 * max_s, rows * max_m, rows * max_m, rows * max_k,
-                                   rows * max_kd}),
-                    kWorkSlot)};
-    w.xe = w.arena.take(rows * H), w.gu = w.arena.take(rows * 2 * max_s), w.gate = w.arena.take(rows * max_m);
-    w.up = w.arena.take(rows * max_m), w.z = w.arena.take(rows * max_k), w.zd = w.arena.take(rows * max_kd);
+    Work w{Arena<A, 6>(kWorkSlot,
+                       {rows * H, rows * 2 * max_s, rows * max_m, rows * max_m, rows * max_k, rows * max_kd})};
+    std::tie(w.xe, w.gu, w.gate, w.up, w.z, w.zd) = w.arena.buffers();
     return w;
   };
   auto visit = [&](int64_t i, Work& w) {
@@ -1171,9 +1159,7 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     const A* wt = routing.weights.data() + begin;
     const int64_t* r = m + 12 * e;  // sp, s, lc, m, lv_row, kg, ku, lu_off, dv_off, du_row, kd, sd_row
     const int64_t sp = r[0], ns = r[1], lc = r[2], nm = r[3], kg = r[5], ku = r[6], kd = r[10];
-    const bool one = n == 1;  // one token: read x in place
-    const A* xe = one ? px + tokens[0] * H : w.xe;
-    if (!one) gather_rows(px, H, tokens, n, H, w.xe);
+    const A* xe = expert_rows(px, H, tokens, n, w.xe);
     A *y = pair_out + begin * H, *wh = pair_h + begin * I;
     bool written = false;  // whether y holds a product yet (else the first is written, not added)
     auto add_out = [&](const A* a, int64_t lda, Block<T> b) {  // y += a b
@@ -1205,11 +1191,9 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     }
     if (!written) std::fill_n(y, n * H, A(0));
   };
-  for_each_expert(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
-                  split_experts(active.size(), rows), make_work, visit);
+  for_each_expert(routing, active, make_work, visit);
   sum_pairs(pair_out, H, routing, T_, out);
   if (I) {  // the base down once per token on the weighted h
-    A* weighted = call.take(T_ * I);
     sum_pairs(pair_h, I, routing, T_, weighted);
     expand<T>(weighted, I, T_, {base_down_t.data_ptr<T>(), I, H, pairs}, out, H, true);
   }
@@ -1292,10 +1276,9 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const int64_t* g = geo.data_ptr<int64_t>();
   const int64_t full_i = g[1], lo = g[2];
   const A* px = x.data;
-  const Routing<A> routing(topk_ids, topk_weights, E);
-  routing.check_tokens(T_);
-  Arena<A> call(arena_size<A>({routing.pairs() * H, T_ * H}), kCallSlot);
-  A *pair_out = call.take(routing.pairs() * H), *out = call.take(T_ * H);  // per pair (Routing::slot): its output
+  const Routing<A> routing(topk_ids, topk_weights, E, T_);
+  const Arena<A, 2> call(kCallSlot, {routing.pairs() * H, T_ * H});
+  const auto [pair_out, out] = call.buffers();  // per pair (Routing::slot): its expert's output; the sum per token
   const bool single = T_ == 1;  // decode: z = R x is shared by the experts with the same right factor
   std::vector<int64_t> active;
   const int64_t* visit_order = order.data_ptr<int64_t>();
@@ -1310,15 +1293,13 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   TORCH_CHECK(visited == routing.pairs(), "the visiting order misses or repeats routed experts");
   const int64_t rows = routing.max_rows;
   struct Work {
-    Arena<A> arena;
+    Arena<A, 6> arena;
     A *xe, *gate, *up, *z[3];
     int64_t cached_row[2] = {-1, -1};  // the right factor whose z = R x z[q] holds (decode)
   };
   auto make_work = [&] {
-    Work w{Arena<A>(arena_size<A>({rows * H, rows * I, rows * I, rows * max_rank, rows * max_rank, rows * max_rank}),
-                    kWorkSlot)};
-    w.xe = w.arena.take(rows * H), w.gate = w.arena.take(rows * I), w.up = w.arena.take(rows * I);
-    for (auto& z : w.z) z = w.arena.take(rows * max_rank);
+    Work w{Arena<A, 6>(kWorkSlot, {rows * H, rows * I, rows * I, rows * max_rank, rows * max_rank, rows * max_rank})};
+    std::tie(w.xe, w.gate, w.up, w.z[0], w.z[1], w.z[2]) = w.arena.buffers();
     return w;
   };
   // y [n, out] (+)= inp [n, in] W_e,qᵀ
@@ -1346,16 +1327,13 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   auto visit = [&](int64_t i, Work& w) {
     const int64_t e = active[i], begin = routing.starts[e], n = routing.rows(e);
     const int64_t* tokens = routing.tokens.data() + begin;
-    const bool one = n == 1;  // one token: read x in place
-    const A* xe = one ? px + tokens[0] * H : w.xe;
-    if (!one) gather_rows(px, H, tokens, n, H, w.xe);
+    const A* xe = expert_rows(px, H, tokens, n, w.xe);
     apply(w, xe, n, 0, e, w.gate, I, false);
     apply(w, xe, n, 1, e, w.up, I, false);
     swiglu(w.gate, I, w.up, I, n, I, routing.weights.data() + begin, w.gate, I);  // routing weight on h
     apply(w, w.gate, n, 2, e, pair_out + begin * H, H, false);
   };
-  for_each_expert(active.size(), [&](int64_t i) { return routing.rows(active[i]); },
-                  split_experts(active.size(), rows), make_work, visit);
+  for_each_expert(routing, active, make_work, visit);
   sum_pairs(pair_out, H, routing, T_, out);
   return result(out, T_, H, x_in);
 }
