@@ -397,9 +397,97 @@ at::TensorOptions options_of() {
   return at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
 }
 
-// y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16:
-// project with even K, expand on the pair layout), else at::mm on views of the buffers (bf16/fp16 factors: a
-// rounded to their dtype for the native GEMM and the product added in fp32).
+// ---- Scratch kept across calls ---------------------------------------------------------------------------------
+
+// Memory kept by each thread across calls for the ops' scratch: one block per slot (a call's own buffers, taken on
+// the calling thread: kCallSlot; an expert's work buffers, on each thread visiting experts: kWorkSlot; the
+// activations converted to the accumulation type: kInputSlot; amx_product's activations in bf16, on the thread that
+// calls it: kPackSlot, and its output chunks, on each thread of its parallel region: kChunkSlot), grown to the
+// largest request up to kKeptScratchBytes. Fresh memory for every call's buffers (a prefill call's per-pair outputs
+// are megabytes) cost a page fault per 4 KiB on first touch and the heap's trimming on free: 13 % of a prefill
+// call's samples at the reference model's shapes (perf, one thread, BENCHMARKS.md §10.21). The blocks live as long
+// as their threads: at most kSlots × kKeptScratchBytes per thread, in practice the largest call's buffers (the
+// reference model's 1,303-token prefill: ~11 MB; Mixtral-8x7B at 256 tokens: ~95 MB, and 7 MB of amx_product's
+// activations: the base down's 256 × 14,336 in bf16, a fresh allocation per call before).
+enum Slot { kCallSlot, kWorkSlot, kInputSlot, kPackSlot, kChunkSlot, kSlots };
+constexpr size_t kKeptScratchBytes = size_t(256) << 20;
+
+// Every buffer starts on a cache line (kLine bytes): a vector store that straddles two lines costs two (malloc's
+// large blocks start 16 bytes into a page).
+constexpr size_t kLine = 64;
+
+struct FreeAligned {
+  void operator()(void* p) const { std::free(p); }
+};
+using AlignedBlock = std::unique_ptr<char, FreeAligned>;
+
+AlignedBlock aligned_block(size_t bytes) {
+  void* p = std::aligned_alloc(kLine, (bytes + kLine - 1) / kLine * kLine);
+  TORCH_CHECK(p, "could not allocate ", bytes, " bytes of scratch");
+  return AlignedBlock(static_cast<char*>(p));
+}
+
+struct KeptBlock {
+  AlignedBlock data;
+  size_t size = 0;
+  bool busy = false;
+};
+thread_local KeptBlock kept_blocks[kSlots];
+
+// N scratch buffers of one thread (sizes in values, declared once; each on a cache line; not zeroed), carved from
+// one block: the thread's kept block of the slot, or (larger than kKeptScratchBytes, or the slot already in use) an
+// allocation of its own, freed with the arena. buffers() gives their pointers in declaration order.
+template <typename A, size_t N>
+class Arena {
+ public:
+  Arena(Slot slot, const std::array<int64_t, N>& sizes) {
+    constexpr int64_t line = static_cast<int64_t>(kLine / sizeof(A));
+    int64_t total = 0;
+    for (size_t i = 0; i < N; ++i) {
+      offsets_[i] = total;
+      total += (sizes[i] + line - 1) / line * line;
+    }
+    const size_t bytes = std::max<size_t>(1, static_cast<size_t>(total) * sizeof(A));
+    KeptBlock& kept = kept_blocks[slot];
+    if (kept.busy || bytes > kKeptScratchBytes) {
+      own_ = aligned_block(bytes);
+      base_ = reinterpret_cast<A*>(own_.get());
+      return;
+    }
+    if (kept.size < bytes) {
+      kept.data.reset();  // the old block first: the two are never held at once
+      kept.size = 0;      // (a failed allocation leaves an empty slot, not a stale size)
+      kept.data = aligned_block(bytes);
+      kept.size = bytes;
+    }
+    kept.busy = true;
+    kept_ = &kept;
+    base_ = reinterpret_cast<A*>(kept.data.get());
+  }
+  Arena(Arena&& other) noexcept
+      : own_(std::move(other.own_)), kept_(std::exchange(other.kept_, nullptr)), base_(other.base_),
+        offsets_(other.offsets_) {}
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+  Arena& operator=(Arena&&) = delete;
+  ~Arena() {
+    if (kept_) kept_->busy = false;
+  }
+  auto buffers() const { return pointers(std::make_index_sequence<N>()); }
+
+ private:
+  template <size_t>
+  using Pointer = A*;
+  template <size_t... I>
+  std::tuple<Pointer<I>...> pointers(std::index_sequence<I...>) const {
+    return {(base_ + offsets_[I])...};
+  }
+  AlignedBlock own_;
+  KeptBlock* kept_ = nullptr;
+  A* base_ = nullptr;
+  std::array<int64_t, N> offsets_{};
+};
+
 // ---- Products with many activation rows on AMX CPUs -------------------------------------------------------------
 // at::mm on a bf16 product of a prefill-sized expert (~16 rows at 256 tokens) reaches oneDNN's AMX matmul, but
 // each call also pays the activations' rounding copy, oneDNN's primitive lookup and memory objects, its copy of
@@ -473,6 +561,9 @@ constexpr int64_t kAmxRows[2] = {32, 128};  // project: rows of b per chunk, unb
                                             // [128, n] stays in L2)
 constexpr int64_t kAmxTokens = 64;   // project: tokens per aᵀ panel (brgemm's N; [kAmxDepth, 64] bf16 in L1)
 constexpr int64_t kAmxColumns = 64;  // expand: columns of B per brgemm call (oneDNN's ukernel: blocks ≤ 64 wide)
+constexpr int64_t kPackGrain = 1 << 15;  // values per thread at least in amx_product's conversions of a
+constexpr int64_t kAmxUnit[2] = {kAmxColumns, 16};  // expand, project: the threads' shares in whole units (AMX
+                                                    // tiles hold 16 rows)
 constexpr int64_t kAmxDepth[2] = {256, 512};  // expand, project: inner-dimension piece per brgemm call (even)
 
 // dst[j · ld_dst + i] = src[i · ld_src + j] for i < M, j < N: a transpose of 32-bit values (fp32, or bf16 pairs moved
@@ -495,34 +586,46 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   const int64_t Ks = transposed ? K : stored_rows(K, true);  // expand: a's columns meeting the stored pair rows
   const bool blocked = amx_blocked(n, K, transposed);
   const int64_t depth = blocked ? kAmxDepth[transposed] : Ks;
-  // The activations in bf16: aᵀ in VNNI per panel of kAmxTokens tokens (project: panel t0 at t0 · K, [K/2, m]
-  // 32-bit pairs for its m tokens) or a row-major, zero-padded (expand).
-  // Not value-initialised (a std::vector<Bf> zero-fills element by element: 10 % of a prefill call at the
-  // reference model's shapes): every value is written below, expand's pad column included.
-  const std::unique_ptr<Bf[]> ab(new Bf[n * Ks]);
+  // The activations in bf16, in the calling thread's kept scratch (kPackSlot; not zeroed: every value is written
+  // below, expand's pad column included): aᵀ in VNNI per panel of kAmxTokens tokens (project: panel t0 at t0 · K,
+  // [K/2, m] 32-bit pairs for its m tokens) or a row-major, zero-padded (expand). Converted by the threads (pieces
+  // of aᵀ's pairs, rows of a): on the calling thread alone they were the serial part of each product.
+  const Arena<Bf, 2> pack(kPackSlot, {n * Ks, transposed ? std::min(n, kAmxTokens) * K : 0});
+  const auto [ab, rows] = pack.buffers();
   if (transposed) {
-    // each panel's rows in bf16, then their bf16 pairs, as 32-bit values, transposed: the pair (k, k + 1) of
-    // token t (panel t0 of m tokens) lands at t0 · K + 2 · ((k / 2) · m + t − t0). Pair by pair in scalar stores
-    // this packing was ~45 % of amx_product's own time in a prefill call at the reference model's shapes.
-    const std::unique_ptr<Bf[]> rows(new Bf[std::min(n, kAmxTokens) * K]);
-    for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
-      const int64_t m = std::min(kAmxTokens, n - t0);
-      for (int64_t t = 0; t < m; ++t) at::vec::convert(a + (t0 + t) * lda, rows.get() + t * K, K);
-      transpose32(m, K / 2, reinterpret_cast<const uint32_t*>(rows.get()), K / 2,
-                  reinterpret_cast<uint32_t*>(ab.get() + t0 * K), m);
-    }
+    // each panel's rows in bf16 (rows [m, K]), then their bf16 pairs, as 32-bit values, transposed: the pair
+    // (k, k + 1) of token t (panel t0 of m tokens) lands at t0 · K + 2 · ((k / 2) · m + t − t0). Pair by pair in
+    // scalar stores this packing was ~45 % of amx_product's own time in a prefill call at the reference model's
+    // shapes. Each thread converts and transposes its pairs [p0, p1) of every panel.
+    const int64_t P = K / 2;
+    at::parallel_for(0, P, std::max<int64_t>(16, kPackGrain / (2 * n)), [&](int64_t p0, int64_t p1) {
+      for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
+        const int64_t m = std::min(kAmxTokens, n - t0);
+        for (int64_t t = 0; t < m; ++t)
+          at::vec::convert(a + (t0 + t) * lda + 2 * p0, rows + t * K + 2 * p0, 2 * (p1 - p0));
+        transpose32(m, p1 - p0, reinterpret_cast<const uint32_t*>(rows) + p0, P,
+                    reinterpret_cast<uint32_t*>(ab + t0 * K) + p0 * m, m);
+      }
+    });
   } else {
-    for (int64_t t = 0; t < n; ++t) {
-      at::vec::convert(a + t * lda, ab.get() + t * Ks, K);
-      if (Ks > K) ab[t * Ks + K] = Bf(0.f);
-    }
+    at::parallel_for(0, n, std::max<int64_t>(1, kPackGrain / Ks), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        at::vec::convert(a + t * lda, ab + t * Ks, K);
+        if (Ks > K) ab[t * Ks + K] = Bf(0.f);
+      }
+    });
   }
   const int64_t chunk = transposed ? kAmxRows[blocked] : kAmxColumns;
-  at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-    const int64_t lo0 = c0 * chunk, hi = std::min(N, c1 * chunk);  // this thread's rows (project) or columns
+  // the threads' shares in units of kAmxUnit[transposed] rows (project) or columns (expand), each share walked
+  // chunk by chunk: whole chunks per share would leave Mixtral-8x7B's experts' down project (808 rows of b, chunks
+  // of 128) at 512 rows on one thread and 296 on the other
+  const int64_t unit = kAmxUnit[transposed];
+  at::parallel_for(0, (N + unit - 1) / unit, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t lo0 = c0 * unit, hi = std::min(N, c1 * unit);  // this thread's rows (project) or columns
     if (transposed) {
-      const std::unique_ptr<float[]> yt(new float[chunk * n]);  // a chunk of yᵀ (each piece's first call writes it)
-      const std::unique_ptr<float[]> ys(accumulate ? new float[n * chunk] : nullptr);  // the chunk as rows, to add
+      // a chunk of yᵀ (each piece's first call writes it) and, to add into y, the chunk as rows
+      const Arena<float, 2> chunks(kChunkSlot, {chunk * n, accumulate ? n * chunk : 0});
+      const auto [yt, ys] = chunks.buffers();
       for (int64_t lo = lo0; lo < hi; lo += chunk) {
         const int64_t rows = std::min(chunk, hi - lo), next = std::min(chunk, hi - lo - rows);
         // piece by piece: each piece of the chunk's rows of b (128 × 1 KiB) multiplied by every aᵀ panel in turn,
@@ -542,19 +645,19 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
               for (int64_t j = lo + rows; j < lo + rows + next; ++j)
                 for (int64_t k = 0; k < std::min(depth, K); k += 32) prefetch(b.p + j * K + k);
             blas::brgemm(rows, m, std::min(depth, K - k0), K, m, n, k0 > 0, b.p + lo * K + k0,
-                         ab.get() + t0 * K + k0 * m, yt.get() + t0);
+                         ab + t0 * K + k0 * m, yt + t0);
           }
         }
         // yᵀ's chunk back into y's columns [lo, lo + rows): transposed in place, or into ys and added
         if (!accumulate) {
-          transpose32(rows, n, reinterpret_cast<const uint32_t*>(yt.get()), n, reinterpret_cast<uint32_t*>(y + lo),
+          transpose32(rows, n, reinterpret_cast<const uint32_t*>(yt), n, reinterpret_cast<uint32_t*>(y + lo),
                       ldy);
         } else {
-          transpose32(rows, n, reinterpret_cast<const uint32_t*>(yt.get()), n, reinterpret_cast<uint32_t*>(ys.get()),
+          transpose32(rows, n, reinterpret_cast<const uint32_t*>(yt), n, reinterpret_cast<uint32_t*>(ys),
                       rows);
           for (int64_t t = 0; t < n; ++t)
             at::vec::map2<float>([](auto u, auto v) { return u + v; }, y + t * ldy + lo, y + t * ldy + lo,
-                                 ys.get() + t * rows, rows);
+                                 ys + t * rows, rows);
         }
       }
     } else {
@@ -574,7 +677,7 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
             if (k0 + depth >= s1)
               for (int64_t p = next_k0 / 2; p < std::min(Ks, next_k0 + depth) / 2; ++p)
                 for (int64_t j = 0; j < next_cols; j += 16) prefetch(lanes + p * N + next_lo + j);
-            blas::brgemm(n, cols, std::min(depth, s1 - k0), Ks, N, ldy, accumulate || k0 > 0, ab.get() + k0,
+            blas::brgemm(n, cols, std::min(depth, s1 - k0), Ks, N, ldy, accumulate || k0 > 0, ab + k0,
                          b.p + k0 * N + 2 * lo, y + lo);
           }
         }
@@ -584,6 +687,9 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   });
 }
 
+// y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16:
+// project with even K, expand on the pair layout), else at::mm on views of the buffers (bf16/fp16 factors: a
+// rounded to their dtype for the native GEMM and the product added in fp32).
 template <typename T>
 void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed, AccT<T>* y, int64_t ldy,
           bool accumulate) {
@@ -682,6 +788,9 @@ struct Addend {
   const int64_t* rows = nullptr;
 };
 
+constexpr int64_t kSwigluGrain = 1 << 14;  // values per thread at least in swiglu (outside a parallel region: one
+                                           // expert's 64 × 14,336 at Mixtral-8x7B shapes, 1.6 ms on one thread)
+
 // h[t, c] = w_t · silu(g[t, c] + b_g) · (u[t, c] + b_u) (SwiGLU, silu(g) = g / (1 + e^−g); b: base's row of token t,
 // zero without one), w = nullptr: no weight. h may be g.
 template <typename A>
@@ -689,7 +798,8 @@ void swiglu(const A* g, int64_t ldg, const A* u, int64_t ldu, int64_t n, int64_t
             Addend<A> base = {}) {
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
-  for (int64_t t = 0; t < n; ++t) {
+  at::parallel_for(0, n, std::max<int64_t>(1, kSwigluGrain / std::max<int64_t>(1, cols)), [&](int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
     const A* gt = g + t * ldg;
     const A* ut = u + t * ldu;
     const A* bg = base.p ? base.p + base.rows[t] * base.ld : nullptr;
@@ -708,6 +818,7 @@ void swiglu(const A* g, int64_t ldg, const A* u, int64_t ldu, int64_t n, int64_t
       ht[c] = s * x / (A(1) + std::exp(-x)) * y;
     }
   }
+  });
 }
 
 // An expert's activation rows, x [*, H] at tokens[0..n): x's own row for one token, else gathered into xe [n, H].
@@ -851,93 +962,6 @@ void sum_pairs(const A* rows, int64_t width, const Routing<A>& routing, int64_t 
     }
   });
 }
-
-// Memory kept by each thread across calls for the ops' scratch: one block per slot (a call's own buffers, taken on
-// the calling thread: kCallSlot; an expert's work buffers, on each thread visiting experts: kWorkSlot; the
-// activations converted to the accumulation type: kInputSlot), grown to the
-// largest request up to kKeptScratchBytes. Fresh memory for every call's buffers (a prefill call's per-pair outputs
-// are megabytes) cost a page fault per 4 KiB on first touch and the heap's trimming on free: 13 % of a prefill
-// call's samples at the reference model's shapes (perf, one thread, BENCHMARKS.md §10.21). The blocks live as long
-// as their threads: at most 3 × kKeptScratchBytes on the calling thread and one per OpenMP worker, in practice the
-// largest call's buffers (the reference model's 1,303-token prefill: ~11 MB; Mixtral-8x7B at 256 tokens: ~95 MB).
-enum Slot { kCallSlot, kWorkSlot, kInputSlot };
-constexpr size_t kKeptScratchBytes = size_t(256) << 20;
-
-// Every buffer starts on a cache line (kLine bytes): a vector store that straddles two lines costs two (malloc's
-// large blocks start 16 bytes into a page).
-constexpr size_t kLine = 64;
-
-struct FreeAligned {
-  void operator()(void* p) const { std::free(p); }
-};
-using AlignedBlock = std::unique_ptr<char, FreeAligned>;
-
-AlignedBlock aligned_block(size_t bytes) {
-  void* p = std::aligned_alloc(kLine, (bytes + kLine - 1) / kLine * kLine);
-  TORCH_CHECK(p, "could not allocate ", bytes, " bytes of scratch");
-  return AlignedBlock(static_cast<char*>(p));
-}
-
-struct KeptBlock {
-  AlignedBlock data;
-  size_t size = 0;
-  bool busy = false;
-};
-thread_local KeptBlock kept_blocks[3];
-
-// N scratch buffers of one thread (sizes in values, declared once; each on a cache line; not zeroed), carved from
-// one block: the thread's kept block of the slot, or (larger than kKeptScratchBytes, or the slot already in use) an
-// allocation of its own, freed with the arena. buffers() gives their pointers in declaration order.
-template <typename A, size_t N>
-class Arena {
- public:
-  Arena(Slot slot, const std::array<int64_t, N>& sizes) {
-    constexpr int64_t line = static_cast<int64_t>(kLine / sizeof(A));
-    int64_t total = 0;
-    for (size_t i = 0; i < N; ++i) {
-      offsets_[i] = total;
-      total += (sizes[i] + line - 1) / line * line;
-    }
-    const size_t bytes = std::max<size_t>(1, static_cast<size_t>(total) * sizeof(A));
-    KeptBlock& kept = kept_blocks[slot];
-    if (kept.busy || bytes > kKeptScratchBytes) {
-      own_ = aligned_block(bytes);
-      base_ = reinterpret_cast<A*>(own_.get());
-      return;
-    }
-    if (kept.size < bytes) {
-      kept.data.reset();  // the old block first: the two are never held at once
-      kept.size = 0;      // (a failed allocation leaves an empty slot, not a stale size)
-      kept.data = aligned_block(bytes);
-      kept.size = bytes;
-    }
-    kept.busy = true;
-    kept_ = &kept;
-    base_ = reinterpret_cast<A*>(kept.data.get());
-  }
-  Arena(Arena&& other) noexcept
-      : own_(std::move(other.own_)), kept_(std::exchange(other.kept_, nullptr)), base_(other.base_),
-        offsets_(other.offsets_) {}
-  Arena(const Arena&) = delete;
-  Arena& operator=(const Arena&) = delete;
-  Arena& operator=(Arena&&) = delete;
-  ~Arena() {
-    if (kept_) kept_->busy = false;
-  }
-  auto buffers() const { return pointers(std::make_index_sequence<N>()); }
-
- private:
-  template <size_t>
-  using Pointer = A*;
-  template <size_t... I>
-  std::tuple<Pointer<I>...> pointers(std::index_sequence<I...>) const {
-    return {(base_ + offsets_[I])...};
-  }
-  AlignedBlock own_;
-  KeptBlock* kept_ = nullptr;
-  A* base_ = nullptr;
-  std::array<int64_t, N> offsets_{};
-};
 
 constexpr int64_t kConvertGrain = 1 << 15;  // values per thread at least in the conversions of x and the result
 
