@@ -157,10 +157,17 @@ def pairs_flag(pairs: bool) -> torch.Tensor:
     return torch.tensor([int(pairs)], dtype=torch.int64)
 
 
+PAIR_TILE = 64
+"""Columns per tile of the pair layout (the C++ op's ``kPairTile``)."""
+
+
 def pair_rows(t: torch.Tensor) -> torch.Tensor:
     """``t [..., K, N]`` in the pair layout (AMX's VNNI layout for a bf16 GEMM's B operand): rows 2p and 2p + 1
-    interleaved value by value, ``[..., K', N]`` with K' = K rounded up to even (an odd K gets a zero row), whose
-    memory is [K'/2, N] pairs of values, 32 bits each: (t[2p, j], t[2p + 1, j]) at 2·(p·N + j)."""
+    interleaved value by value into 32-bit pairs ("lanes"), ``[..., K', N]`` with K' = K rounded up to even (an
+    odd K gets a zero row), stored in column tiles of ``PAIR_TILE`` columns (the last one narrower where N is not
+    a multiple): tile c holds columns [64c, 64c + w) as K'/2 pair rows of w lanes, from lane 64c · K'/2. The pair
+    (t[2p, j], t[2p + 1, j]) of column j = 64c + i is at values 2·(64c · K'/2 + p·w + i). One tile is the B
+    operand of one brgemm call, contiguous (the C++ op's ``Block``)."""
     *lead, rows, cols = t.shape
     out = t.new_empty(*lead, rows + rows % 2, cols)
     _write_pairs(t, out)
@@ -170,11 +177,19 @@ def pair_rows(t: torch.Tensor) -> torch.Tensor:
 def _write_pairs(t: torch.Tensor, out: torch.Tensor) -> None:
     """Write ``t [..., K, N]`` in the pair layout (``pair_rows``) into the contiguous ``out [..., K', N]``."""
     *lead, rows, cols = t.shape
-    pairs = out.view(*lead, (rows + 1) // 2, cols, 2)  # [..., p, j, half]: t[2p + half, j]
+    half = (rows + 1) // 2
+    pairs = t.new_empty(*lead, half, cols, 2)  # [..., p, j, h]: t[2p + h, j]
     pairs[..., 0].copy_(t[..., 0::2, :])
     pairs[..., : rows // 2, :, 1].copy_(t[..., 1::2, :])
     if rows % 2:
         pairs[..., -1, :, 1].zero_()  # the pad row
+    flat = out.view(*lead, half * cols * 2)
+    whole = cols // PAIR_TILE * PAIR_TILE  # columns in whole tiles, then the narrower last tile
+    if whole:
+        flat[..., : half * whole * 2].view(*lead, whole // PAIR_TILE, half, PAIR_TILE, 2).copy_(
+            pairs[..., :whole, :].unflatten(-2, (whole // PAIR_TILE, PAIR_TILE)).transpose(-4, -3))
+    if cols > whole:
+        flat[..., half * whole * 2 :].view(*lead, half, cols - whole, 2).copy_(pairs[..., whole:, :])
 
 
 def row_blocks(t: torch.Tensor, sizes: list[int], pairs: bool) -> tuple[torch.Tensor, list[int]]:

@@ -482,10 +482,12 @@ def test_amx_expand_spans_match_float64_dense_math(threads):
 
 
 def pairs_by_definition(block: torch.Tensor) -> torch.Tensor:
-    """The pair layout of ``block [K, N]`` as defined (``cpu_extension.pair_rows``): [K'/2, N, 2] values with
-    (p, j, half) = block[2p + half, j], an odd K padded with a zero row, seen as [K', N]."""
+    """The pair layout of ``block [K, N]`` as defined (``cpu_extension.pair_rows``): per tile of 64 columns (the
+    last one narrower), [K'/2, w, 2] values with (p, i, half) = block[2p + half, 64c + i], an odd K padded with a
+    zero row; the tiles in turn, seen as [K', N]."""
     padded = torch.cat([block, block.new_zeros(block.shape[0] % 2, block.shape[1])])
-    return torch.stack([padded[0::2], padded[1::2]], -1).reshape(padded.shape)
+    tiles = [torch.stack([tile[0::2], tile[1::2]], -1).reshape(-1) for tile in padded.split(64, dim=1)]
+    return torch.cat(tiles).reshape(padded.shape) if tiles else padded
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -495,7 +497,7 @@ def test_row_blocks_match_the_pair_layout_definition(dtype):
     Uᵀ), with a leading dimension for ``pair_rows``; the row-major form is ``t`` itself."""
     gen = torch.Generator().manual_seed(4)
     sizes = [4, 3, 0, 1, 6, 5]
-    t = torch.randn(7, sum(sizes), generator=gen).to(dtype).T  # [19, 7], not contiguous
+    t = torch.randn(150, sum(sizes), generator=gen).to(dtype).T  # [19, 150]: two tiles and a 22-column one
 
     def same_bits(a, b):
         return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
@@ -504,7 +506,7 @@ def test_row_blocks_match_the_pair_layout_definition(dtype):
     got, starts = cpu_extension.row_blocks(t, sizes, True)
     assert got.is_contiguous() and starts == [0, 4, 8, 8, 10, 16]
     assert same_bits(got, torch.cat([pairs_by_definition(b) for b in t.split(sizes)]))
-    stacked = torch.randn(3, 5, 6, generator=gen).to(dtype)
+    stacked = torch.randn(3, 5, 70, generator=gen).to(dtype)
     assert same_bits(cpu_extension.pair_rows(stacked), torch.stack([pairs_by_definition(b) for b in stacked]))
     rows, row_starts = cpu_extension.row_blocks(t, sizes, False)
     assert rows is t and row_starts == [0, 4, 7, 7, 8, 14]

@@ -349,8 +349,13 @@ struct PairLoader {
 
 // A [rows, cols] block of a prepared factor (a view: no copy): row-major, or (pairs, bf16 expand-side factors
 // where the op's AMX path is on: kernels/cpu_extension.py's pair_rows) in the pair layout that AMX's brgemm takes
-// as its B operand (VNNI): rows 2p and 2p + 1 interleaved value by value, i.e. [⌈rows/2⌉, cols] 32-bit pairs, an
-// odd number of rows padded with a zero row (stored_rows).
+// as its B operand (VNNI): rows 2p and 2p + 1 interleaved value by value into 32-bit pairs (lanes), an odd number
+// of rows padded with a zero row (stored_rows), stored in column tiles of kPairTile columns (the last one narrower
+// where cols is not a multiple): tile by tile, each tile's ⌈rows/2⌉ pair rows in turn, w lanes each (pair_tile).
+// A tile is the B operand of one brgemm call, contiguous: with the pair rows of the whole block's width in turn
+// (the layout before), each call read 256-byte pieces of rows cols · 4 bytes apart, which the hardware prefetchers
+// do not follow; at Mixtral-8x7B's shapes a [64, 808] × [808, 14,336] expand ran 1.3× faster on tiles, the base
+// down over 256 tokens 1.4–1.7× (a scratch benchmark of the brgemm calls alone, BENCHMARKS.md §10.22).
 template <typename T>
 struct Block {
   const T* p;
@@ -358,9 +363,17 @@ struct Block {
   bool pairs = false;
 };
 
+constexpr int64_t kPairTile = 64;  // columns per tile of the pair layout (cpu_extension.PAIR_TILE)
+
 // The rows a block of k rows takes in its prepared tensor: k, or k rounded up to even in the pair layout.
 inline int64_t stored_rows(int64_t k, bool pairs) {
   return pairs ? k + k % 2 : k;
+}
+
+// The first lane of the pair layout's tile that starts at column c0 (a multiple of kPairTile) of a block of k rows:
+// every tile before it is kPairTile lanes wide. Its pair rows are min(kPairTile, cols − c0) lanes apart.
+inline const uint32_t* pair_tile(const void* p, int64_t k, int64_t c0) {
+  return static_cast<const uint32_t*>(p) + c0 * (stored_rows(k, true) / 2);
 }
 
 template <typename T>
@@ -661,7 +674,7 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
         }
       }
     } else {
-      const uint32_t* lanes = reinterpret_cast<const uint32_t*>(b.p);
+      static_assert(kAmxColumns == kPairTile, "expand's column blocks are the pair layout's tiles");
       const int64_t span = expand_span(n, Ks, depth);
       for (int64_t s0 = 0; s0 < Ks; s0 += span) {
         const int64_t s1 = std::min(Ks, s0 + span);
@@ -671,20 +684,36 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
           // after the last one the first block of the next span
           const int64_t next_lo = next > 0 ? lo + cols : lo0, next_k0 = next > 0 ? s0 : s1;
           const int64_t next_cols = next > 0 ? next : (next_k0 < Ks ? std::min(chunk, hi - lo0) : 0);
+          const uint32_t* tile = pair_tile(b.p, K, lo);  // this block's tile: cols lanes per pair row
           for (int64_t k0 = s0; k0 < s1; k0 += depth) {
-            // on the last piece, prefetch that block's first piece of the pair rows (64-byte lines; the pair
-            // rows are N · 4 bytes apart, and the hardware prefetchers stop at each part)
-            if (k0 + depth >= s1)
-              for (int64_t p = next_k0 / 2; p < std::min(Ks, next_k0 + depth) / 2; ++p)
-                for (int64_t j = 0; j < next_cols; j += 16) prefetch(lanes + p * N + next_lo + j);
-            blas::brgemm(n, cols, std::min(depth, s1 - k0), Ks, N, ldy, accumulate || k0 > 0, ab + k0,
-                         b.p + k0 * N + 2 * lo, y + lo);
+            // on the last piece, prefetch that block's first piece (contiguous in its tile; 64-byte lines)
+            if (k0 + depth >= s1 && next_cols > 0) {
+              const uint32_t* first = pair_tile(b.p, K, next_lo) + next_k0 / 2 * next_cols;
+              const int64_t lanes = (std::min(Ks, next_k0 + depth) - next_k0) / 2 * next_cols;
+              for (int64_t j = 0; j < lanes; j += 16) prefetch(first + j);
+            }
+            blas::brgemm(n, cols, std::min(depth, s1 - k0), Ks, cols, ldy, accumulate || k0 > 0, ab + k0,
+                         reinterpret_cast<const Bf*>(tile + k0 / 2 * cols), y + lo);
           }
         }
       }
     }
     blas::brgemm_release();
   });
+}
+
+// A [k, cols] block stored in the pair layout (Block::pairs), as a new [k, cols] row-major tensor.
+template <typename T>
+at::Tensor pair_block_rows(const T* p, int64_t k, int64_t cols) {
+  const int64_t pair_rows = stored_rows(k, true) / 2;
+  std::vector<at::Tensor> tiles;
+  for (int64_t c0 = 0; c0 < cols; c0 += kPairTile) {
+    const int64_t w = std::min(kPairTile, cols - c0);
+    tiles.push_back(at::from_blob(const_cast<uint32_t*>(pair_tile(p, k, c0)), {pair_rows, w, 2}, options_of<T>())
+                        .permute({0, 2, 1})
+                        .reshape({2 * pair_rows, w}));
+  }
+  return at::cat(tiles, 1).narrow(0, 0, k).contiguous();
 }
 
 // y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16:
@@ -699,14 +728,9 @@ void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed,
       return amx_product(a, lda, n, b, transposed, y, ldy, accumulate);
   }
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
-  at::Tensor bt;
-  if (b.pairs)  // back to [K, N] rows (a copy: only where the AMX path was turned off after prepare, e.g. tests)
-    bt = at::from_blob(const_cast<T*>(b.p), {stored_rows(K, true) / 2, N, 2}, options_of<T>())
-             .permute({0, 2, 1})
-             .reshape({-1, N})
-             .narrow(0, 0, K);
-  else
-    bt = at::from_blob(const_cast<T*>(b.p), {b.rows, b.cols}, options_of<T>());
+  // a block in the pair layout back to [K, N] rows: a copy, only where the AMX path was turned off after prepare
+  // (tests)
+  at::Tensor bt = b.pairs ? pair_block_rows(b.p, K, N) : at::from_blob(const_cast<T*>(b.p), {b.rows, b.cols}, options_of<T>());
   if (transposed) bt = bt.t();
   const at::Tensor av = at::from_blob(const_cast<A*>(a), {n, K}, {lda, 1}, options_of<A>());
   at::Tensor yv = at::from_blob(y, {n, N}, {ldy, 1}, options_of<A>());
@@ -725,6 +749,7 @@ void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed,
 // threads) at::parallel_for runs inline.
 constexpr int64_t kColumns = 256;
 constexpr int64_t kMinColumns = 64;
+static_assert(kColumns % kPairTile == 0 && kMinColumns % kPairTile == 0, "column blocks of whole pair tiles");
 constexpr int64_t kParallelMacs = 1 << 18;
 
 int64_t column_block(int64_t n, int64_t N, int64_t K) {
@@ -766,10 +791,14 @@ void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, in
   at::parallel_for(0, (N + width - 1) / width, 1, [&](int64_t c0, int64_t c1) {
     const int64_t lo = c0 * width, cols = std::min(N, c1 * width) - lo;
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (b.pairs) {
-        const uint32_t* lanes = reinterpret_cast<const uint32_t*>(b.p) + lo;
-        if (tiles) return expand_tiles(a, lda, n, cols, K, y + lo, ldy, accumulate, PairLoader{lanes, N});
-        return axpys_pairs(a, lda, n, lanes, N, cols, K, y + lo, ldy, accumulate);
+      if (b.pairs) {  // tile by tile (lo and width are whole tiles: column_block)
+        for (int64_t c0 = lo; c0 < lo + cols; c0 += kPairTile) {
+          const int64_t w = std::min(kPairTile, N - c0);
+          const uint32_t* tile = pair_tile(b.p, K, c0);
+          if (tiles) expand_tiles(a, lda, n, w, K, y + c0, ldy, accumulate, PairLoader{tile, w});
+          else axpys_pairs(a, lda, n, tile, w, w, K, y + c0, ldy, accumulate);
+        }
+        return;
       }
     }
     if (tiles) return expand_tiles(a, lda, n, cols, K, y + lo, ldy, accumulate, RowLoader<T>{b.p + lo, N});
@@ -1115,8 +1144,8 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
       // (their weights in wh set to zero, so the product reads the stored layout as it is, pairs or rows)
       const at::Tensor whv = at::from_blob(wh, {T_, C}, options_of<A>());
-      const at::Tensor rows =  // B_downᵀ's C rows, from the pair layout's [C/2, H, 2] where stored so
-          pairs ? base_down_t.view({-1, H, 2}).transpose(1, 2).reshape({-1, H}).narrow(0, 0, C) : base_down_t;
+      const at::Tensor rows =  // B_downᵀ's C rows, from the pair layout where stored so
+          pairs ? pair_block_rows(base_down_t.data_ptr<T>(), C, H) : base_down_t;
       const at::Tensor score = rows.to(at::kFloat).norm(2, {1}) * whv.to(at::kFloat).norm(2, {0});
       whv.index_fill_(1, std::get<1>(score.topk(num_dynamic_drop, 0, /*largest=*/false)), 0);
     }
