@@ -515,9 +515,9 @@ class Arena {
 //   rows prefetched while this one multiplies) and each yᵀ chunk added into y.
 // - expand (y = a B, B = b [K, N]: z Uᵀ) needs B as brgemm's B operand, in VNNI (rows k and k + 1 interleaved
 //   into 32-bit pairs): the factor is stored so at load (Block::pairs, prepared where this path is on), so
-//   brgemm reads it in place, kAmxColumns columns per call (the pair rows N lanes apart: ld_b = N), the next
-//   block's pieces of the pair rows prefetched meanwhile (strided: the hardware prefetchers stop at each piece,
-//   and without this base_delta's 256-token call was no faster than with the packing). Packing it per call
+//   brgemm reads it in place, one column tile of kAmxColumns columns per call (contiguous: Block), the next
+//   tile's first piece prefetched meanwhile (without a prefetch base_delta's 256-token call was no faster than
+//   with the packing). Packing it per call
 //   instead (the previous version) read the factor at 4–6 GB/s and took 28–50 % of a 256-token call
 //   (BENCHMARKS.md §10.8–§10.9). An odd K's zero pad row meets a zero column of the activations.
 // Project needs even K (VNNI pairs of aᵀ; odd K takes at::mm). bf16 only (fp16 on AMX needs AMX-FP16; fp32 keeps
@@ -730,7 +730,8 @@ void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed,
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
   // a block in the pair layout back to [K, N] rows: a copy, only where the AMX path was turned off after prepare
   // (tests)
-  at::Tensor bt = b.pairs ? pair_block_rows(b.p, K, N) : at::from_blob(const_cast<T*>(b.p), {b.rows, b.cols}, options_of<T>());
+  at::Tensor bt =
+      b.pairs ? pair_block_rows(b.p, K, N) : at::from_blob(const_cast<T*>(b.p), {b.rows, b.cols}, options_of<T>());
   if (transposed) bt = bt.t();
   const at::Tensor av = at::from_blob(const_cast<A*>(a), {n, K}, {lda, 1}, options_of<A>());
   at::Tensor yv = at::from_blob(y, {n, N}, {ldy, 1}, options_of<A>());
@@ -821,32 +822,34 @@ constexpr int64_t kSwigluGrain = 1 << 14;  // values per thread at least in swig
                                            // expert's 64 × 14,336 at Mixtral-8x7B shapes, 1.6 ms on one thread)
 
 // h[t, c] = w_t · silu(g[t, c] + b_g) · (u[t, c] + b_u) (SwiGLU, silu(g) = g / (1 + e^−g); b: base's row of token t,
-// zero without one), w = nullptr: no weight. h may be g.
+// zero without one), w = nullptr: no weight. h may be g. The rows split over the threads (inline in a parallel
+// region).
 template <typename A>
 void swiglu(const A* g, int64_t ldg, const A* u, int64_t ldu, int64_t n, int64_t cols, const A* w, A* h, int64_t ldh,
             Addend<A> base = {}) {
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
-  at::parallel_for(0, n, std::max<int64_t>(1, kSwigluGrain / std::max<int64_t>(1, cols)), [&](int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const A* gt = g + t * ldg;
-    const A* ut = u + t * ldu;
-    const A* bg = base.p ? base.p + base.rows[t] * base.ld : nullptr;
-    const A* bu = bg ? bg + base.up : nullptr;
-    A* ht = h + t * ldh;
-    const A s = w ? w[t] : A(1);
-    int64_t c = 0;
-    for (; c + W <= cols; c += W) {
-      V x = V::loadu(gt + c), y = V::loadu(ut + c);
-      if (bg) x = x + V::loadu(bg + c), y = y + V::loadu(bu + c);
-      const V silu = x / (V(A(1)) + (V(A(0)) - x).exp_u20());
-      (silu * y * V(s)).store(ht + c);
+  const int64_t grain = std::max<int64_t>(1, kSwigluGrain / std::max<int64_t>(1, cols));
+  at::parallel_for(0, n, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const A* gt = g + t * ldg;
+      const A* ut = u + t * ldu;
+      const A* bg = base.p ? base.p + base.rows[t] * base.ld : nullptr;
+      const A* bu = bg ? bg + base.up : nullptr;
+      A* ht = h + t * ldh;
+      const A s = w ? w[t] : A(1);
+      int64_t c = 0;
+      for (; c + W <= cols; c += W) {
+        V x = V::loadu(gt + c), y = V::loadu(ut + c);
+        if (bg) x = x + V::loadu(bg + c), y = y + V::loadu(bu + c);
+        const V silu = x / (V(A(1)) + (V(A(0)) - x).exp_u20());
+        (silu * y * V(s)).store(ht + c);
+      }
+      for (; c < cols; ++c) {
+        const A x = gt[c] + (bg ? bg[c] : A(0)), y = ut[c] + (bu ? bu[c] : A(0));
+        ht[c] = s * x / (A(1) + std::exp(-x)) * y;
+      }
     }
-    for (; c < cols; ++c) {
-      const A x = gt[c] + (bg ? bg[c] : A(0)), y = ut[c] + (bu ? bu[c] : A(0));
-      ht[c] = s * x / (A(1) + std::exp(-x)) * y;
-    }
-  }
   });
 }
 
