@@ -22,7 +22,9 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
   earlier commit's), registered as ``torch.ops.moe_compress_cpu_other``, with ``--compare-source <file>``: a
   before/after comparison in the same rounds (with ``--compare-small-pages`` on the 4 KiB-page copy, as the
   layouts were before ``on_huge_pages``). A source from before the pair layout (its ops take no ``pairs``) gets
-  a second layout, prepared row-major, in its arguments (``rows_layout``: one more copy of the factors);
+  a second layout, prepared row-major, in its arguments (``rows_layout``: one more copy of the factors); one from
+  before the pair layout's column tiles (no ``kPairTile``) a second layout with its pair rows across each block's
+  whole width (``untiled_layout``), as it reads them;
 - ``torch op``: the scheme's torch path (``kernels/<scheme>_torch.py``, what the plugin called before);
 - ``vLLM dense``: vLLM CPU's own unquantized fused MoE, as ``CPUUnquantizedExperts`` calls it: weights
   prepacked once with ``cpu_prepack_moe_weight(w, isa)``, then ``cpu_fused_moe(out, x, w13, w2, None, None,
@@ -51,11 +53,13 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from benchmarks.kernels import MODELS, SCHEMES, ModelShape, torch_dense_moe, write_atomically
 from vllm_moe_compress import request_amx_tile_state
+from vllm_moe_compress.kernels import cpu_extension
 from vllm_moe_compress.kernels.base_delta_cpu import compute_dtype
 
 MODELS = {**MODELS, "brown-qwen3-moe": ModelShape(4, 256, 128, 32, 4, 8192, 4, 2, 64, qk_norm=True)}
@@ -152,8 +156,6 @@ def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int, clock=time.
 def other_ops(source: Path):
     """The ops compiled from another ``lowrank_moe_cpu.cpp``, registered as ``torch.ops.moe_compress_cpu_other``
     (built as kernels/cpu_extension.py builds the op, next to this checkout's build)."""
-    from vllm_moe_compress.kernels import cpu_extension
-
     text = source.read_text()
     for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL"):
         text = text.replace(f"{macro}(moe_compress_cpu,", f"{macro}(moe_compress_cpu_other,")
@@ -193,6 +195,13 @@ def rows_layout(module, scheme: str, args) -> list[torch.Tensor]:
         cpu_ops().set_amx_gemm(previous)
     fields = layout._replace(meta=layout.meta[:, :OLD_META_COLUMNS[scheme]].contiguous())
     return list(fields)[:-1]
+
+
+def untiled_layout(module, args):
+    """``module.prepare(*args)`` with the pair layout's pair rows across each block's whole width, as the ops
+    before its column tiles read it (BENCHMARKS.md §10.22): one tile as wide as any block."""
+    with mock.patch.object(cpu_extension, "PAIR_TILE", 1 << 62):
+        return module.prepare(*args)
 
 
 def with_op_setting(forward, layout, setter: str, value: int):
@@ -243,8 +252,11 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
             extra = (0,) if CPU_PATHS[scheme] == "base_delta" else ()  # num_dynamic_drop, as ``forward``'s default
             name = f"ours ({compare_source.name})"
             before = small if compare_small_pages else layout  # main's layouts were on 4 KiB pages
-            if "Tensor pairs" not in compare_source.read_text():
+            source_text = compare_source.read_text()
+            if "Tensor pairs" not in source_text:
                 before = rows_layout(module, CPU_PATHS[scheme], layer.torch_args)
+            elif "kPairTile" not in source_text:
+                before = untiled_layout(module, layer.torch_args)
             paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *before, *extra), **paths}
             elem[name] = elem["ours"]
 

@@ -18,8 +18,11 @@ calls, in their order, through both ops — ours on its layouts, vLLM's dense op
 in alternating rounds at ``--threads`` (vLLM's CPU worker runs one thread per bound core), and prints, per call
 size (tokens), the calls, the experts active per call, and the median ms per call of each op. ``--uniform``
 replaces the recorded routing with uniform random top-k (what ``benchmarks/cpu_moe.py`` times); ``--compare-source``
-adds the calls through the op built from another ``lowrank_moe_cpu.cpp`` (an earlier commit's) on the same layouts. This separates
-what the engine's own calls cost from what the op benchmark's random inputs cost (BENCHMARKS.md §10.20).
+adds the calls through the op built from another ``lowrank_moe_cpu.cpp`` (an earlier commit's) on the same layouts
+(timed, not checked: an op from before the pair layout's column tiles, BENCHMARKS.md §10.22, reads the tiled
+tensors at the addresses of its own layout). This separates what the engine's own calls cost from what the op
+benchmark's random inputs cost (BENCHMARKS.md §10.20). A compressed recording holds the prepared layout as this
+checkout wrote it (``cpu_extension.PAIR_TILE`` in its metadata); ``replay`` refuses one from another layout.
 """
 
 import argparse
@@ -34,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.vllm_throughput import workload_prompts
 from benchmarks.vllm_worker import workload_engine
+from vllm_moe_compress.kernels.cpu_extension import PAIR_TILE
 
 
 def record(args) -> None:
@@ -107,7 +111,7 @@ def save_recording(path: Path, model: str, scheme: str | None, layers: list, cal
             "call_layers": json.dumps([c[0] for c in calls]), "arguments": json.dumps([len(a) for a in layers]),
             "scalars": json.dumps(scalars)}
     if scheme:
-        meta["scheme"] = scheme
+        meta |= {"scheme": scheme, "pair_tile": str(PAIR_TILE)}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, partial, metadata=meta)
@@ -120,6 +124,10 @@ def load_recording(path: Path):
 
     with safe_open(path, "pt") as f:
         meta = f.metadata()
+    if meta["kind"] == "compressed" and meta.get("pair_tile") != str(PAIR_TILE):
+        raise SystemExit(f"{path}: its layout was prepared with another pair layout (pair_tile "
+                         f"{meta.get('pair_tile', 'absent')}, this checkout's {PAIR_TILE}: BENCHMARKS.md §10.22); "
+                         "record it again")
     tensors = load_file(path)
     scalars = json.loads(meta["scalars"])
     layers = [[tensors[f"layer.{i}.{j}"] if f"layer.{i}.{j}" in tensors else scalars[f"{i}.{j}"] for j in range(count)]

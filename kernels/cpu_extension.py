@@ -175,21 +175,26 @@ def pair_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _write_pairs(t: torch.Tensor, out: torch.Tensor) -> None:
-    """Write ``t [..., K, N]`` in the pair layout (``pair_rows``) into the contiguous ``out [..., K', N]``."""
+    """Write ``t [..., K, N]`` in the pair layout (``pair_rows``) into the contiguous ``out [..., K', N]``: t's
+    values copied once, tile by tile as views of out (no intermediate copy)."""
     *lead, rows, cols = t.shape
     half = (rows + 1) // 2
-    pairs = t.new_empty(*lead, half, cols, 2)  # [..., p, j, h]: t[2p + h, j]
-    pairs[..., 0].copy_(t[..., 0::2, :])
-    pairs[..., : rows // 2, :, 1].copy_(t[..., 1::2, :])
-    if rows % 2:
-        pairs[..., -1, :, 1].zero_()  # the pad row
     flat = out.view(*lead, half * cols * 2)
+
+    def fill(pairs: torch.Tensor, columns) -> None:
+        """pairs [..., p, i, h] (a view of out) = t[2p + h] at ``columns(t's rows)``, the pad row zero."""
+        pairs[..., 0].copy_(columns(t[..., 0::2, :]))
+        pairs[..., : rows // 2, :, 1].copy_(columns(t[..., 1::2, :]))
+        if rows % 2:
+            pairs[..., -1, :, 1].zero_()
+
     whole = cols // PAIR_TILE * PAIR_TILE  # columns in whole tiles, then the narrower last tile
-    if whole:
-        flat[..., : half * whole * 2].view(*lead, whole // PAIR_TILE, half, PAIR_TILE, 2).copy_(
-            pairs[..., :whole, :].unflatten(-2, (whole // PAIR_TILE, PAIR_TILE)).transpose(-4, -3))
+    tiles = whole // PAIR_TILE
+    if whole:  # [..., tile, p, i, h]
+        fill(flat[..., : half * whole * 2].view(*lead, tiles, half, PAIR_TILE, 2),
+             lambda r: r[..., :whole].unflatten(-1, (tiles, PAIR_TILE)).transpose(-3, -2))
     if cols > whole:
-        flat[..., half * whole * 2 :].view(*lead, half, cols - whole, 2).copy_(pairs[..., whole:, :])
+        fill(flat[..., half * whole * 2 :].view(*lead, half, cols - whole, 2), lambda r: r[..., whole:])
 
 
 def row_blocks(t: torch.Tensor, sizes: list[int], pairs: bool) -> tuple[torch.Tensor, list[int]]:

@@ -419,6 +419,44 @@ def test_amx_pair_layout_matches_float64_dense_math(scheme, routing):
         assert error <= TOLERANCE[torch.bfloat16], (name, error)
 
 
+def test_pair_tiles_on_the_loops_match_float64_dense_math(monkeypatch):
+    """The pair layout's column tiles (``cpu_extension.PAIR_TILE``) as the loops and at::mm read them, on any CPU:
+    base_delta prepared in bf16 with the pair layout forced on and the AMX path off. Hidden 1,008: the down and
+    base-down blocks hold 15 whole tiles and a 48-column one (whole vectors), so experts of 8–64 rows expand
+    through ``expand_tiles`` tile by tile (down blocks of ranks ≤ 64: ≤ 128 KiB); expert 0's 70 rows and the base
+    down over 80 tokens take at::mm on the block's rows copied back from the tiles (``pair_block_rows``), as does
+    D²-MoE's dynamic drop, run on both layouts: the pair and row-major layouts must give the same output."""
+    ops = cpu_extension.cpu_ops()
+    gen = torch.Generator().manual_seed(23)
+    hidden, inter, tokens = 1008, 200, 80
+    token = torch.arange(tokens)
+    # top-2 of 3 experts: expert 0 first for tokens 0–69 (70 rows), experts 1 and 2 share the rest (45 rows each)
+    ids = torch.stack([torch.where(token < 70, 0, 1), torch.where(token < 70, 1 + token % 2, 2)], 1).to(torch.int32)
+    assert torch.bincount(ids.flatten().long()).tolist() == [70, 45, 45]
+    tensors = packed_layer([[30, 20, 33], [25, 40, 1], [40, 64, 33]], hidden, inter, 25, gen)
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    weights = torch.rand(tokens, 2, generator=gen, dtype=torch.float64).softmax(1)
+    reference = dense_moe(x, ids, weights, dense_experts(*tensors))
+
+    def run(pairs: bool, drop: int = 0) -> torch.Tensor:
+        monkeypatch.setattr(base_delta_cpu, "pair_layout", lambda dtype: pairs)
+        layout = base_delta_cpu.prepare(tensors[0], *(t.to(torch.bfloat16) for t in tensors[1:7]), tensors[7])
+        assert int(layout.pairs) == pairs
+        return base_delta_cpu.base_delta_moe(x.to(torch.bfloat16), ids, weights, layout, drop).double()
+
+    previous = ops.set_amx_gemm(0)
+    try:
+        pairs, rows = run(True), run(False)
+        pairs_drop, rows_drop = run(True, 3), run(False, 3)
+    finally:
+        ops.set_amx_gemm(previous)
+    for name, got in (("pairs", pairs), ("rows", rows)):
+        error = float((got - reference).norm() / reference.norm())
+        assert error <= TOLERANCE[torch.bfloat16], (name, error)
+    assert float((pairs_drop - pairs).norm() / pairs.norm()) > 1e-3  # the drop changed the output
+    assert float((pairs_drop - rows_drop).norm() / rows_drop.norm()) <= TOLERANCE[torch.float32]
+
+
 def amx_base_delta_error(tensors, x, ids, weights, reference, threads: int) -> float:
     """Relative error of the C++ base_delta op in bf16 on the AMX path (the pair layout) against reference, run on
     ``threads`` threads."""

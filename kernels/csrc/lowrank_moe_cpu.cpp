@@ -355,7 +355,7 @@ struct PairLoader {
 // A tile is the B operand of one brgemm call, contiguous: with the pair rows of the whole block's width in turn
 // (the layout before), each call read 256-byte pieces of rows cols · 4 bytes apart, which the hardware prefetchers
 // do not follow; at Mixtral-8x7B's shapes a [64, 808] × [808, 14,336] expand ran 1.3× faster on tiles, the base
-// down over 256 tokens 1.4–1.7× (a scratch benchmark of the brgemm calls alone, BENCHMARKS.md §10.22).
+// down over 256 tokens 1.4× (a scratch benchmark of the brgemm calls alone, BENCHMARKS.md §10.22).
 template <typename T>
 struct Block {
   const T* p;
@@ -604,9 +604,9 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   // [K/2, m] 32-bit pairs for its m tokens) or a row-major, zero-padded (expand). Converted by the threads (pieces
   // of aᵀ's pairs, rows of a): on the calling thread alone they were the serial part of each product.
   const Arena<Bf, 2> pack(kPackSlot, {n * Ks, transposed ? std::min(n, kAmxTokens) * K : 0});
-  const auto [ab, rows] = pack.buffers();
+  const auto [ab, panel] = pack.buffers();
   if (transposed) {
-    // each panel's rows in bf16 (rows [m, K]), then their bf16 pairs, as 32-bit values, transposed: the pair
+    // each panel's rows in bf16 (panel [m, K]), then their bf16 pairs, as 32-bit values, transposed: the pair
     // (k, k + 1) of token t (panel t0 of m tokens) lands at t0 · K + 2 · ((k / 2) · m + t − t0). Pair by pair in
     // scalar stores this packing was ~45 % of amx_product's own time in a prefill call at the reference model's
     // shapes. Each thread converts and transposes its pairs [p0, p1) of every panel.
@@ -615,8 +615,8 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
       for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
         const int64_t m = std::min(kAmxTokens, n - t0);
         for (int64_t t = 0; t < m; ++t)
-          at::vec::convert(a + (t0 + t) * lda + 2 * p0, rows + t * K + 2 * p0, 2 * (p1 - p0));
-        transpose32(m, p1 - p0, reinterpret_cast<const uint32_t*>(rows) + p0, P,
+          at::vec::convert(a + (t0 + t) * lda + 2 * p0, panel + t * K + 2 * p0, 2 * (p1 - p0));
+        transpose32(m, p1 - p0, reinterpret_cast<const uint32_t*>(panel) + p0, P,
                     reinterpret_cast<uint32_t*>(ab + t0 * K) + p0 * m, m);
       }
     });
@@ -702,18 +702,18 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   });
 }
 
-// A [k, cols] block stored in the pair layout (Block::pairs), as a new [k, cols] row-major tensor.
+// A [k, cols] block stored in the pair layout (Block::pairs) as [k, cols] rows: one copy, tile by tile, into a new
+// [k', cols] tensor (k' = k rounded up to even), of which the view of the first k rows is returned.
 template <typename T>
 at::Tensor pair_block_rows(const T* p, int64_t k, int64_t cols) {
   const int64_t pair_rows = stored_rows(k, true) / 2;
-  std::vector<at::Tensor> tiles;
+  at::Tensor rows = at::empty({2 * pair_rows, cols}, options_of<T>());
   for (int64_t c0 = 0; c0 < cols; c0 += kPairTile) {
     const int64_t w = std::min(kPairTile, cols - c0);
-    tiles.push_back(at::from_blob(const_cast<uint32_t*>(pair_tile(p, k, c0)), {pair_rows, w, 2}, options_of<T>())
-                        .permute({0, 2, 1})
-                        .reshape({2 * pair_rows, w}));
+    const at::Tensor tile = at::from_blob(const_cast<uint32_t*>(pair_tile(p, k, c0)), {pair_rows, w, 2}, options_of<T>());
+    rows.narrow(1, c0, w).view({pair_rows, 2, w}).copy_(tile.permute({0, 2, 1}));
   }
-  return at::cat(tiles, 1).narrow(0, 0, k).contiguous();
+  return rows.narrow(0, 0, k);
 }
 
 // y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16:
@@ -793,11 +793,11 @@ void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, in
     const int64_t lo = c0 * width, cols = std::min(N, c1 * width) - lo;
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
       if (b.pairs) {  // tile by tile (lo and width are whole tiles: column_block)
-        for (int64_t c0 = lo; c0 < lo + cols; c0 += kPairTile) {
-          const int64_t w = std::min(kPairTile, N - c0);
-          const uint32_t* tile = pair_tile(b.p, K, c0);
-          if (tiles) expand_tiles(a, lda, n, w, K, y + c0, ldy, accumulate, PairLoader{tile, w});
-          else axpys_pairs(a, lda, n, tile, w, w, K, y + c0, ldy, accumulate);
+        for (int64_t tile_lo = lo; tile_lo < lo + cols; tile_lo += kPairTile) {
+          const int64_t w = std::min(kPairTile, N - tile_lo);
+          const uint32_t* tile = pair_tile(b.p, K, tile_lo);
+          if (tiles) expand_tiles(a, lda, n, w, K, y + tile_lo, ldy, accumulate, PairLoader{tile, w});
+          else axpys_pairs(a, lda, n, tile, w, w, K, y + tile_lo, ldy, accumulate);
         }
         return;
       }
