@@ -5,6 +5,8 @@
     VLLM_CPU_KVCACHE_SPACE=2 python -m benchmarks.engine_calls record runs/ref/d2-60 \
         --prompts ../shared/data/brown/test.txt --out runs/calls-d2.safetensors
     python -m benchmarks.engine_calls replay runs/calls-d2.safetensors runs/calls-dense.safetensors --threads 2
+    VLLM_CPU_KVCACHE_SPACE=2 python -m benchmarks.engine_calls in-engine runs/ref/d2-60 \
+        --prompts ../shared/data/brown/test.txt
 
 ``record`` runs ``benchmarks/vllm_throughput.py``'s workload (the first ``--num-prompts`` lines of over 80
 characters, cut to ``--prompt-chars``; greedy, ``--output-tokens`` each, ``ignore_eos``) in an engine kept in this
@@ -21,7 +23,10 @@ replaces the recorded routing with uniform random top-k (what ``benchmarks/cpu_m
 adds the calls through the op built from another ``lowrank_moe_cpu.cpp`` (an earlier commit's) on the same layouts
 (timed, not checked: an op from before the pair layout's column tiles, BENCHMARKS.md §10.22, reads the tiled
 tensors at the addresses of its own layout). This separates what the engine's own calls cost from what the op
-benchmark's random inputs cost (BENCHMARKS.md §10.20). A compressed recording holds the prepared layout as this
+benchmark's random inputs cost (BENCHMARKS.md §10.20). ``in-engine`` times each call where the engine makes it
+(the same workload, a warm-up generation, then ``--generations`` timed ones): replayed back to back the calls
+find the op's data and threads as the previous call left them, in the engine after the model's other ops
+(BENCHMARKS.md §10.22). A compressed recording holds the prepared layout as this
 checkout wrote it (``cpu_extension.PAIR_TILE`` in its metadata); ``replay`` refuses one from another layout.
 """
 
@@ -40,45 +45,61 @@ from benchmarks.vllm_worker import workload_engine
 from vllm_moe_compress.kernels.cpu_extension import PAIR_TILE
 
 
-def record(args) -> None:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+def on_moe_calls(hook) -> set:
+    """Send every MoE call of an engine in this process through ``hook(key, arguments, x, topk_ids, topk_weights,
+    call)``: the plugin's ``apply_cpu`` (key: the scheme object's id, arguments: its op's layout) and vLLM CPU's
+    ``cpu_fused_moe`` (key: w13's address, arguments: (w13, w2, isa, activation, apply_router_weight_on_input));
+    ``call()`` runs the op and returns its output, which the hook returns. Gives the set of schemes seen (filled as
+    the calls come)."""
     import vllm.model_executor.layers.fused_moe.experts.cpu_moe as vllm_cpu_moe
 
     from vllm_moe_compress.scheme import CompressedMoEScheme
 
-    layers: dict[int, tuple[int, tuple]] = {}  # a layer's identity -> (its index, first seen first; the op's arguments
-    # after the routing)
-    calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    recording, schemes = [False], set()
-
-    def seen(key, arguments) -> int:
-        return layers.setdefault(key, (len(layers), arguments))[0]
-
-    def kept(layer, x, topk_ids, topk_weights):
-        if recording[0]:
-            calls.append((layer, x.clone(), topk_ids.clone(), topk_weights.clone()))
-
+    schemes = set()
     apply_cpu = CompressedMoEScheme.apply_cpu
 
-    def recorded_apply_cpu(self, layer, x, topk_weights, topk_ids):
+    def hooked_apply_cpu(self, layer, x, topk_weights, topk_ids):
         schemes.add(self.scheme)
-        kept(seen(id(self), self.cpu_args), x, topk_ids, topk_weights)
-        return apply_cpu(self, layer, x, topk_weights, topk_ids)
+        return hook(id(self), self.cpu_args, x, topk_ids, topk_weights,
+                    lambda: apply_cpu(self, layer, x, topk_weights, topk_ids))
 
     fused_moe = vllm_cpu_moe.cpu_fused_moe
 
-    def recorded_fused_moe(output, x, w13, w2, b13, b2, topk_weights, topk_ids, activation, isa, on_input):
+    def hooked_fused_moe(output, x, w13, w2, b13, b2, topk_weights, topk_ids, activation, isa, on_input):
         if b13 is not None or b2 is not None:
-            raise SystemExit(f"{args.model}: experts with biases; replay calls vLLM's op without them")
-        kept(seen(w13.data_ptr(), (w13, w2, isa, activation, bool(on_input))), x, topk_ids, topk_weights)
-        return fused_moe(output, x, w13, w2, b13, b2, topk_weights, topk_ids, activation, isa, on_input)
+            raise SystemExit("experts with biases; replay calls vLLM's op without them")
+        return hook(w13.data_ptr(), (w13, w2, isa, activation, bool(on_input)), x, topk_ids, topk_weights,
+                    lambda: fused_moe(output, x, w13, w2, b13, b2, topk_weights, topk_ids, activation, isa, on_input))
 
-    CompressedMoEScheme.apply_cpu = recorded_apply_cpu
-    vllm_cpu_moe.cpu_fused_moe = recorded_fused_moe
+    CompressedMoEScheme.apply_cpu = hooked_apply_cpu
+    vllm_cpu_moe.cpu_fused_moe = hooked_fused_moe
+    return schemes
+
+
+def eager_engine(args):
+    """(llm, prompts, params): the workload's engine in this process, eager (Python runs at every MoE call), no
+    prefix caching (each generation repeats the warm-up's prompts, whose prefill must not be cached)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     prompts = workload_prompts(args.prompts, args.num_prompts, args.prompt_chars)
-    # no prefix caching: the recorded generation repeats the warm-up's prompts, whose prefill must not be cached
     llm, params = workload_engine(args.model, prompts, args.output_tokens, enforce_eager=True,
                                   enable_prefix_caching=False)
+    return llm, prompts, params
+
+
+def record(args) -> None:
+    layers: dict[int, tuple[int, tuple]] = {}  # a layer's identity -> (its index, first seen first; the op's arguments
+    # after the routing)
+    calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    recording = [False]
+
+    def kept(key, arguments, x, topk_ids, topk_weights, call):
+        layer = layers.setdefault(key, (len(layers), arguments))[0]
+        if recording[0]:
+            calls.append((layer, x.clone(), topk_ids.clone(), topk_weights.clone()))
+        return call()
+
+    schemes = on_moe_calls(kept)
+    llm, prompts, params = eager_engine(args)
     llm.generate(prompts, params, use_tqdm=False)
     recording[0] = True
     llm.generate(prompts, params, use_tqdm=False)
@@ -90,6 +111,37 @@ def record(args) -> None:
                    [arguments for _, arguments in layers.values()], calls)
     sizes = sorted({c[1].shape[0] for c in calls})
     print(f"{args.model}: {len(calls)} calls over {len(layers)} layers (tokens per call {sizes}) -> {args.out}")
+
+
+def in_engine(args) -> None:
+    """Each MoE call timed where the engine makes it (between the engine's other ops, its threads as the worker set
+    them): per call size, the calls per generation and their median and mean ms, and the MoE ms per generation."""
+    times: dict[int, list[float]] = {}
+    timing = [False]
+
+    def timed(key, arguments, x, topk_ids, topk_weights, call):
+        start = time.perf_counter()
+        out = call()
+        if timing[0]:
+            times.setdefault(x.shape[0], []).append((time.perf_counter() - start) * 1e3)
+        return out
+
+    on_moe_calls(timed)
+    llm, prompts, params = eager_engine(args)
+    llm.generate(prompts, params, use_tqdm=False)
+    timing[0] = True
+    for _ in range(args.generations):
+        llm.generate(prompts, params, use_tqdm=False)
+    if not times:
+        raise SystemExit(f"{args.model}: no MoE op call was seen (neither the plugin's CPU op nor vLLM's cpu_fused_moe)")
+    print(f"{args.model}: MoE calls in the engine, {args.generations} generations, {torch.get_num_threads()} "
+          "torch thread(s); ms per call")
+    print("| tokens | calls per generation | median | mean | ms per generation |")
+    print("|---|---|---|---|---|")
+    for size, ms in sorted(times.items()):
+        print(f"| {size} | {len(ms) / args.generations:g} | {statistics.median(ms):.4f} | {statistics.mean(ms):.4f} | "
+              f"{sum(ms) / args.generations:.2f} |")
+    print(f"| all | | | | {sum(map(sum, times.values())) / args.generations:.2f} |")
 
 
 def save_recording(path: Path, model: str, scheme: str | None, layers: list, calls: list) -> None:
@@ -211,12 +263,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record", help="record one generation's MoE calls of a model served in-process")
-    rec.add_argument("model")
-    rec.add_argument("--prompts", required=True, help="text file; one prompt per line of over 80 characters")
-    rec.add_argument("--num-prompts", type=int, default=16)
-    rec.add_argument("--prompt-chars", type=int, default=400)
-    rec.add_argument("--output-tokens", type=int, default=64)
+    timed = sub.add_parser("in-engine", help="time each MoE call where the engine makes it (eager, in-process)")
+    for workload in (rec, timed):
+        workload.add_argument("model")
+        workload.add_argument("--prompts", required=True, help="text file; one prompt per line of over 80 characters")
+        workload.add_argument("--num-prompts", type=int, default=16)
+        workload.add_argument("--prompt-chars", type=int, default=400)
+        workload.add_argument("--output-tokens", type=int, default=64)
     rec.add_argument("--out", type=Path, required=True, help="the recording (.safetensors)")
+    timed.add_argument("--generations", type=int, default=3, help="timed generations after the warm-up (3)")
     rep = sub.add_parser("replay", help="time a compressed recording's calls through ours and vLLM's dense op")
     rep.add_argument("compressed", type=Path)
     rep.add_argument("dense", type=Path)
@@ -228,7 +283,7 @@ def main() -> None:
                      help="also time the calls through the op compiled from this lowrank_moe_cpu.cpp (same layout "
                      "arguments, e.g. `git show <commit>:kernels/csrc/lowrank_moe_cpu.cpp > old.cpp`)")
     args = parser.parse_args()
-    record(args) if args.command == "record" else replay(args)
+    {"record": record, "in-engine": in_engine, "replay": replay}[args.command](args)
 
 
 if __name__ == "__main__":
