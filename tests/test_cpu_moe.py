@@ -681,9 +681,11 @@ def test_benchmark_warm_mode_calls_each_path_once_untimed_before_its_calls_and_n
     assert calls == list("ab" "aaa" "bbb" "bbb" "aaa")
 
 
-def test_engine_call_recordings_round_trip_and_replay_by_call_size(tmp_path):
+def test_engine_call_recordings_round_trip_and_replay_by_call_size(tmp_path, monkeypatch):
     """``benchmarks/engine_calls.py``: a recording keeps each layer's op arguments (tensors, and the scalars after
-    them) and every call in order; replay times each call size's calls, path order alternating per round."""
+    them) and every call in order, and is refused where this checkout's pair layout differs from the one its
+    layout was prepared in; replay times each call size's calls, path order alternating per round."""
+    from benchmarks import engine_calls
     from benchmarks.engine_calls import load_recording, save_recording, timed_sizes
 
     gen = torch.Generator().manual_seed(5)
@@ -697,6 +699,10 @@ def test_engine_call_recordings_round_trip_and_replay_by_call_size(tmp_path):
     for got, want in zip(layers[1], plugin.cpu_args):
         assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
     assert [c[0] for c in loaded] == [0, 1, 0, 1, 0] and all(torch.equal(a[1], b[1]) for a, b in zip(loaded, calls))
+    with monkeypatch.context() as patched:
+        patched.setattr(engine_calls, "PAIR_TILE", 2 * engine_calls.PAIR_TILE)
+        with pytest.raises(SystemExit, match="record it again"):
+            load_recording(tmp_path / "rec.safetensors")
     order = []
     paths = {name: (lambda name: lambda layer, x, ids, w: order.append((name, x.shape[0])))(name) for name in "ab"}
     sizes = [(size, count) for size, count, _, _ in timed_sizes(paths, loaded, rounds=2, at_least=1)]
