@@ -710,7 +710,8 @@ at::Tensor pair_block_rows(const T* p, int64_t k, int64_t cols) {
   at::Tensor rows = at::empty({2 * pair_rows, cols}, options_of<T>());
   for (int64_t c0 = 0; c0 < cols; c0 += kPairTile) {
     const int64_t w = std::min(kPairTile, cols - c0);
-    const at::Tensor tile = at::from_blob(const_cast<uint32_t*>(pair_tile(p, k, c0)), {pair_rows, w, 2}, options_of<T>());
+    const at::Tensor tile =
+        at::from_blob(const_cast<uint32_t*>(pair_tile(p, k, c0)), {pair_rows, w, 2}, options_of<T>());
     rows.narrow(1, c0, w).view({pair_rows, 2, w}).copy_(tile.permute({0, 2, 1}));
   }
   return rows.narrow(0, 0, k);
@@ -997,6 +998,12 @@ void sum_pairs(const A* rows, int64_t width, const Routing<A>& routing, int64_t 
 
 constexpr int64_t kConvertGrain = 1 << 15;  // values per thread at least in the conversions of x and the result
 
+// dst[i] = src[i] in dst's type for i < n (at::vec::convert), split over the threads.
+template <typename S, typename D>
+void convert_values(const S* src, D* dst, int64_t n) {
+  at::parallel_for(0, n, kConvertGrain, [&](int64_t i0, int64_t i1) { at::vec::convert(src + i0, dst + i0, i1 - i0); });
+}
+
 // The activations x [T, H] in the accumulation type: x's own memory where it is already (contiguous), else converted
 // into the thread's kInputSlot scratch with at::vec::convert (no ATen op per call: x.to() and the result's copy_
 // were ~13 µs of a ~100 µs decode call at the reference model's shapes, BENCHMARKS.md §10.21).
@@ -1013,12 +1020,8 @@ struct Activations {
     }
     const int64_t size = x.numel();
     A* p = std::get<0>(converted.emplace(kInputSlot, std::array<int64_t, 1>{size}).buffers());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "activations", [&] {
-      const scalar_t* src = x.data_ptr<scalar_t>();
-      at::parallel_for(0, size, kConvertGrain, [&](int64_t i0, int64_t i1) {
-        at::vec::convert(src + i0, p + i0, i1 - i0);
-      });
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "activations",
+                                    [&] { convert_values(x.data_ptr<scalar_t>(), p, size); });
     data = p;
   }
 };
@@ -1027,12 +1030,8 @@ struct Activations {
 template <typename A>
 at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like) {
   at::Tensor out = at::empty({T, cols}, like.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "result", [&] {
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T * cols, kConvertGrain, [&](int64_t i0, int64_t i1) {
-      at::vec::convert(sums + i0, dst + i0, i1 - i0);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "result",
+                                  [&] { convert_values(sums, out.data_ptr<scalar_t>(), T * cols); });
   return out;
 }
 
