@@ -519,6 +519,30 @@ def test_amx_expand_spans_match_float64_dense_math(threads):
     assert amx_base_delta_error(tensors, x, ids, weights, reference, threads) <= TOLERANCE[torch.bfloat16]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_projects_with_more_rows_than_the_factor_match_float64_dense_math(threads):
+    """A project with more activation rows than its factor has rows packs the factor (the pair layout of Bᵀ, made
+    per call) instead of the activations and runs as an expand; the experts' rows are gathered as they are converted
+    to bf16 (project_rows), on both sides of that rule. base_delta in bf16 on the pair layout, 250 tokens top-2 over
+    3 experts (~167 rows each: brgemm calls of 32 rows and a tail), hidden 600 (the packed factor's depth in pieces
+    of 256 and an 88 tail), intermediate 130: the base's gate/up (200 rows against 250 tokens: three 64-column tiles
+    and an 8-wide one) and the experts' gate/up of 70 and 34 rows and downs of 66 and 1 rows packed; expert 2's
+    gate/up (350 rows) keeps the packed activations, gathered from the call's rows. Against float64 dense math; one
+    and two threads."""
+    if not amx_usable():
+        pytest.skip("no AMX-BF16 (or no brgemm packing in this torch)")
+    gen = torch.Generator().manual_seed(37)
+    hidden, inter, tokens = 600, 130, 250
+    tensors = packed_layer([[40, 33, 200], [30, 1, 150], [66, 1, 70]], hidden, inter, 100, gen)
+    ids = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(tokens)]).to(torch.int32)
+    rows = torch.bincount(ids.flatten().long())
+    assert rows.min() > 70 and rows.max() < 350, rows
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    weights = torch.rand(tokens, 2, generator=gen, dtype=torch.float64).softmax(1)
+    reference = dense_moe(x, ids, weights, dense_experts(*tensors))
+    assert amx_base_delta_error(tensors, x, ids, weights, reference, threads) <= TOLERANCE[torch.bfloat16]
+
+
 def pairs_by_definition(block: torch.Tensor) -> torch.Tensor:
     """The pair layout of ``block [K, N]`` as defined (``cpu_extension.pair_rows``): per tile of 64 columns (the
     last one narrower), [K'/2, w, 2] values with (p, i, half) = block[2p + half, 64c + i], an odd K padded with a

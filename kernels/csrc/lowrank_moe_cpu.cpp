@@ -415,14 +415,15 @@ at::TensorOptions options_of() {
 // Memory kept by each thread across calls for the ops' scratch: one block per slot (a call's own buffers, taken on
 // the calling thread: kCallSlot; an expert's work buffers, on each thread visiting experts: kWorkSlot; the
 // activations converted to the accumulation type: kInputSlot; amx_product's activations in bf16, on the thread that
-// calls it: kPackSlot, and its output chunks, on each thread of its parallel region: kChunkSlot), grown to the
+// calls it: kPackSlot, and its output chunks, on each thread of its parallel region: kChunkSlot; a project's factor
+// packed as an expand's: kFactorSlot), grown to the
 // largest request up to kKeptScratchBytes. Fresh memory for every call's buffers (a prefill call's per-pair outputs
 // are megabytes) cost a page fault per 4 KiB on first touch and the heap's trimming on free: 13 % of a prefill
 // call's samples at the reference model's shapes (perf, one thread, BENCHMARKS.md §10.21). The blocks live as long
 // as their threads: at most kSlots × kKeptScratchBytes per thread, in practice the largest call's buffers (the
 // reference model's 1,303-token prefill: ~11 MB; Mixtral-8x7B at 256 tokens: ~95 MB, and 7 MB of amx_product's
 // activations: the base down's 256 × 14,336 in bf16, a fresh allocation per call before).
-enum Slot { kCallSlot, kWorkSlot, kInputSlot, kPackSlot, kChunkSlot, kSlots };
+enum Slot { kCallSlot, kWorkSlot, kInputSlot, kPackSlot, kChunkSlot, kFactorSlot, kSlots };
 constexpr size_t kKeptScratchBytes = size_t(256) << 20;
 
 // Every buffer starts on a cache line (kLine bytes): a vector store that straddles two lines costs two (malloc's
@@ -573,6 +574,12 @@ int64_t expand_span(int64_t n, int64_t Ks, int64_t depth) {
 constexpr int64_t kAmxRows[2] = {32, 128};  // project: rows of b per chunk, unblocked and blocked (the yᵀ chunk
                                             // [128, n] stays in L2)
 constexpr int64_t kAmxTokens = 64;   // project: tokens per aᵀ panel (brgemm's N; [kAmxDepth, 64] bf16 in L1)
+// expand: activation rows per brgemm call (its M) on a block narrower than kAmxColumns. All n rows in one call (the
+// reference model's experts: ~160 of a 1,303-token prefill, projects to ranks ~20 packed as expands) ran those
+// products at half the speed of calls of 32 or 64 rows (16: slower again); on 64-column blocks calls of 32 rows were
+// no faster there and slower at Mixtral-8x7B's shapes (256 tokens: basis_residual 98 → 112 ms per call), so those
+// take all n rows (BENCHMARKS.md §10.23).
+constexpr int64_t kAmxActivationRows = 32;
 constexpr int64_t kAmxColumns = 64;  // expand: columns of B per brgemm call (oneDNN's ukernel: blocks ≤ 64 wide)
 constexpr int64_t kPackGrain = 1 << 15;  // values per thread at least in amx_product's conversions of a
 constexpr int64_t kAmxUnit[2] = {kAmxColumns, 16};  // expand, project: the threads' shares in whole units (AMX
@@ -591,11 +598,33 @@ inline void transpose32(int64_t M, int64_t N, const uint32_t* src, int64_t ld_sr
 #endif
 }
 
+// a_rows (nullptr: a's rows in order): row t of the activations is a + a_rows[t] · lda, gathered as they are converted
+// to bf16 (an expert's tokens read in place from the call's activations, not copied into a buffer of their own).
 void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b, bool transposed, float* y,
-                 int64_t ldy, bool accumulate) {
+                 int64_t ldy, bool accumulate, const int64_t* a_rows = nullptr) {
   using Bf = c10::BFloat16;
   namespace blas = at::native::cpublas;
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
+  // A project with more activation rows than b has rows (prefill with small factors: the reference model's experts
+  // get ~160 of a 1,303-token prefill's tokens against ranks ~20, its base gate/up 1,303 against 256 rows) packs b
+  // instead of aᵀ — the smaller copy — into the pair layout of Bᵀ [K, N] and runs as an expand, y = a Bᵀ: a
+  // converted row by row (no transpose) and y written in place (no transpose back). Tile c0 of the layout is the
+  // transpose of b's rows [c0, c0 + w) as [w, K/2] 32-bit pairs.
+  if (transposed && n > N) {
+    const int64_t P = K / 2;
+    const Arena<Bf, 1> packed(kFactorSlot, {N * K});
+    uint32_t* bt = reinterpret_cast<uint32_t*>(std::get<0>(packed.buffers()));
+    const uint32_t* rows = reinterpret_cast<const uint32_t*>(b.p);
+    at::parallel_for(0, (N + kPairTile - 1) / kPairTile, std::max<int64_t>(1, kPackGrain / (kPairTile * K)),
+                     [&](int64_t c0, int64_t c1) {
+                       for (int64_t c = c0 * kPairTile; c < std::min(N, c1 * kPairTile); c += kPairTile)
+                         transpose32(std::min(kPairTile, N - c), P, rows + c * P, P, bt + c * P,
+                                     std::min(kPairTile, N - c));
+                     });
+    return amx_product(a, lda, n, {reinterpret_cast<const Bf*>(bt), K, N, true}, false, y, ldy, accumulate,
+                       a_rows);
+  }
+  auto a_row = [&](int64_t t) { return a + (a_rows ? a_rows[t] : t) * lda; };
   const int64_t Ks = transposed ? K : stored_rows(K, true);  // expand: a's columns meeting the stored pair rows
   const bool blocked = amx_blocked(n, K, transposed);
   const int64_t depth = blocked ? kAmxDepth[transposed] : Ks;
@@ -615,7 +644,7 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
       for (int64_t t0 = 0; t0 < n; t0 += kAmxTokens) {
         const int64_t m = std::min(kAmxTokens, n - t0);
         for (int64_t t = 0; t < m; ++t)
-          at::vec::convert(a + (t0 + t) * lda + 2 * p0, panel + t * K + 2 * p0, 2 * (p1 - p0));
+          at::vec::convert(a_row(t0 + t) + 2 * p0, panel + t * K + 2 * p0, 2 * (p1 - p0));
         transpose32(m, p1 - p0, reinterpret_cast<const uint32_t*>(panel) + p0, P,
                     reinterpret_cast<uint32_t*>(ab + t0 * K) + p0 * m, m);
       }
@@ -623,7 +652,7 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   } else {
     at::parallel_for(0, n, std::max<int64_t>(1, kPackGrain / Ks), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        at::vec::convert(a + t * lda, ab + t * Ks, K);
+        at::vec::convert(a_row(t), ab + t * Ks, K);
         if (Ks > K) ab[t * Ks + K] = Bf(0.f);
       }
     });
@@ -692,8 +721,11 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
               const int64_t lanes = (std::min(Ks, next_k0 + depth) - next_k0) / 2 * next_cols;
               for (int64_t j = 0; j < lanes; j += 16) prefetch(first + j);
             }
-            blas::brgemm(n, cols, std::min(depth, s1 - k0), Ks, cols, ldy, accumulate || k0 > 0, ab + k0,
-                         reinterpret_cast<const Bf*>(tile + k0 / 2 * cols), y + lo);
+            const int64_t call_rows = cols < kAmxColumns ? kAmxActivationRows : n;
+            for (int64_t r0 = 0; r0 < n; r0 += call_rows)
+              blas::brgemm(std::min(call_rows, n - r0), cols, std::min(depth, s1 - k0), Ks, cols, ldy,
+                           accumulate || k0 > 0, ab + r0 * Ks + k0, reinterpret_cast<const Bf*>(tile + k0 / 2 * cols),
+                           y + r0 * ldy + lo);
           }
         }
       }
@@ -717,6 +749,12 @@ at::Tensor pair_block_rows(const T* p, int64_t k, int64_t cols) {
   return rows.narrow(0, 0, k);
 }
 
+// Whether gemm's product with the block b takes amx_product.
+template <typename T>
+bool on_amx(Block<T> b, bool transposed) {
+  return std::is_same_v<T, c10::BFloat16> && amx_gemm && (transposed ? b.cols % 2 == 0 : b.pairs);
+}
+
 // y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16:
 // project with even K, expand on the pair layout), else at::mm on views of the buffers (bf16/fp16 factors: a
 // rounded to their dtype for the native GEMM and the product added in fp32).
@@ -724,9 +762,8 @@ template <typename T>
 void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed, AccT<T>* y, int64_t ldy,
           bool accumulate) {
   using A = AccT<T>;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (amx_gemm && (transposed ? b.cols % 2 == 0 : b.pairs))
-      return amx_product(a, lda, n, b, transposed, y, ldy, accumulate);
+  if (on_amx<T>(b, transposed)) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) return amx_product(a, lda, n, b, transposed, y, ldy, accumulate);
   }
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
   // a block in the pair layout back to [K, N] rows: a copy, only where the AMX path was turned off after prepare
@@ -854,12 +891,37 @@ void swiglu(const A* g, int64_t ldg, const A* u, int64_t ldu, int64_t n, int64_t
   });
 }
 
-// An expert's activation rows, x [*, H] at tokens[0..n): x's own row for one token, else gathered into xe [n, H].
+// An expert's activation rows, x [*, H] at tokens[0..n): x's own row for one token, else gathered into xe [n, H]
+// (once, on first use: gathered()). project_rows reads them in place where amx_product takes the product.
 template <typename A>
-const A* expert_rows(const A* x, int64_t H, const int64_t* tokens, int64_t n, A* xe) {
-  if (n == 1) return x + tokens[0] * H;
-  for (int64_t t = 0; t < n; ++t) std::copy_n(x + tokens[t] * H, H, xe + t * H);
-  return xe;
+struct ExpertRows {
+  const A* x;
+  int64_t H;
+  const int64_t* tokens;
+  int64_t n;
+  A* xe;
+  const A* rows = nullptr;
+
+  const A* gathered() {
+    if (!rows) {
+      if (n == 1) return rows = x + tokens[0] * H;
+      for (int64_t t = 0; t < n; ++t) std::copy_n(x + tokens[t] * H, H, xe + t * H);
+      rows = xe;
+    }
+    return rows;
+  }
+};
+
+// y [n, N] = a Bᵀ for an expert's rows a (project): on AMX its bf16 packing gathers the rows (a prefill expert's
+// rows were copied in fp32 first: 10 % of a 1,303-token prefill call at the reference model's shapes, one thread,
+// BENCHMARKS.md §10.23).
+template <typename T>
+void project_rows(ExpertRows<AccT<T>>& a, Block<T> b, AccT<T>* y, int64_t ldy) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (a.n > 1 && b.rows > 0 && b.cols > 0 && !on_loops<T>(a.n, b) && on_amx<T>(b, true))
+      return amx_product(a.x, a.H, a.n, b, true, y, ldy, false, a.tokens);
+  }
+  project<T>(a.gathered(), a.H, a.n, b, y, ldy, false);
 }
 
 // ---- Routing ------------------------------------------------------------------------------------------------
@@ -1113,10 +1175,10 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
     const A* wt = routing.weights.data() + begin;
     const int64_t* r = m + 7 * e;  // v_row, rg, ru, d_row, rd, ut_row, dut_row
     const int64_t r0 = r[0], rg = r[1], ru = r[2], d0 = r[3], rd = r[4], u0 = r[5];
-    const A* xe = expert_rows(px, H, tokens, n, w.xe);
+    ExpertRows<A> xe{px, H, tokens, n, w.xe};
     A* gu = w.gu;  // [n, 2I] = [U_g z_g | U_u z_u] (the base's part is added in swiglu)
     if (rg + ru) {
-      project<T>(xe, H, n, {guv + r0 * H, rg + ru, H}, w.z, rg + ru, false);  // z = [V_g; V_u] x: [n, rg + ru]
+      project_rows<T>(xe, {guv + r0 * H, rg + ru, H}, w.z, rg + ru);  // z = [V_g; V_u] x: [n, rg + ru]
       expand<T>(w.z, rg + ru, n, {guut + u0 * I, rg, I, pairs}, gu, 2 * I, false);
       expand<T>(w.z + rg, rg + ru, n, {guut + (u0 + stored_rows(rg, pairs)) * I, ru, I, pairs}, gu + I, 2 * I,
                 false);
@@ -1214,7 +1276,7 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     const A* wt = routing.weights.data() + begin;
     const int64_t* r = m + 12 * e;  // sp, s, lc, m, lv_row, kg, ku, lu_off, dv_off, du_row, kd, sd_row
     const int64_t sp = r[0], ns = r[1], lc = r[2], nm = r[3], kg = r[5], ku = r[6], kd = r[10];
-    const A* xe = expert_rows(px, H, tokens, n, w.xe);
+    ExpertRows<A> xe{px, H, tokens, n, w.xe};
     A *y = pair_out + begin * H, *wh = pair_h + begin * I;
     bool written = false;  // whether y holds a product yet (else the first is written, not added)
     auto add_out = [&](const A* a, int64_t lda, Block<T> b) {  // y += a b
@@ -1228,13 +1290,13 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
         for (int64_t j = 0; j < cols; ++j) wh[t * I + channels[j]] += h[t * ldh + j];
     };
     if (ns) {  // h_S = w · silu(G_S x) ⊙ (U_S x); out += D_S h_S
-      project<T>(xe, H, n, {psgu + 2 * sp * H, 2 * ns, H}, w.gu, 2 * ns, false);
+      project_rows<T>(xe, {psgu + 2 * sp * H, 2 * ns, H}, w.gu, 2 * ns);
       swiglu(w.gu, 2 * ns, w.gu + ns, 2 * ns, n, ns, wt, w.gu, 2 * ns);
       add_out(w.gu, 2 * ns, {psd + r[11] * H, ns, H, pairs});
       add_weighted_h(w.gu, 2 * ns, ns, sch + sp);
     }
     if (nm) {  // h_M = w · silu(Ug Vg x) ⊙ (Uu Vu x); out += Ud (Vd h_M)
-      project<T>(xe, H, n, {plv + r[4] * H, kg + ku, H}, w.z, kg + ku, false);
+      project_rows<T>(xe, {plv + r[4] * H, kg + ku, H}, w.z, kg + ku);
       expand<T>(w.z, kg + ku, n, {plut + r[7], kg, nm, pairs}, w.gate, nm, false);  // rank 0: zeros
       expand<T>(w.z + kg, kg + ku, n, {plut + r[7] + stored_rows(kg, pairs) * nm, ku, nm, pairs}, w.up, nm, false);
       swiglu(w.gate, nm, w.up, nm, n, nm, wt, w.gate, nm);
@@ -1382,7 +1444,7 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   auto visit = [&](int64_t i, Work& w) {
     const int64_t e = active[i], begin = routing.starts[e], n = routing.rows(e);
     const int64_t* tokens = routing.tokens.data() + begin;
-    const A* xe = expert_rows(px, H, tokens, n, w.xe);
+    const A* xe = ExpertRows<A>{px, H, tokens, n, w.xe}.gathered();
     apply(w, xe, n, 0, e, w.gate, I, false);
     apply(w, xe, n, 1, e, w.up, I, false);
     swiglu(w.gate, I, w.up, I, n, I, routing.weights.data() + begin, w.gate, I);  // routing weight on h
