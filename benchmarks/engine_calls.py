@@ -180,7 +180,9 @@ def load_recording(path: Path):
         raise SystemExit(f"{path}: its layout was prepared with another pair layout (pair_tile "
                          f"{meta.get('pair_tile', 'absent')}, this checkout's {PAIR_TILE}: BENCHMARKS.md §10.22); "
                          "record it again")
-    tensors = load_file(path)
+    # each tensor copied into memory of its own: load_file's tensors are views of one buffer at the file's offsets,
+    # none of them 64-byte aligned, where the engine's are; vLLM's dense op ran ~1.5x slower on them (§10.23)
+    tensors = {name: tensor.clone() for name, tensor in load_file(path).items()}
     scalars = json.loads(meta["scalars"])
     layers = [[tensors[f"layer.{i}.{j}"] if f"layer.{i}.{j}" in tensors else scalars[f"{i}.{j}"] for j in range(count)]
               for i, count in enumerate(json.loads(meta["arguments"]))]
