@@ -19,7 +19,8 @@ each layer's op arguments once (the compressed layer's prepared CPU layout, or v
 calls, in their order, through both ops — ours on its layouts, vLLM's dense op on the same layer's dense weights —
 in alternating rounds at ``--threads`` (vLLM's CPU worker runs one thread per bound core), and prints, per call
 size (tokens), the calls, the experts active per call, and the median ms per call of each op. ``--uniform``
-replaces the recorded routing with uniform random top-k (what ``benchmarks/cpu_moe.py`` times); ``--compare-source``
+replaces the recorded routing with uniform random top-k (what ``benchmarks/cpu_moe.py`` times), ``--sizes`` the
+calls themselves with one call per layer of each given size (random x, uniform routing); ``--compare-source``
 adds the calls through the op built from another ``lowrank_moe_cpu.cpp`` (an earlier commit's) on the same layouts
 (timed, not checked: an op from before the pair layout's column tiles, BENCHMARKS.md §10.22, reads the tiled
 tensors at the addresses of its own layout). This separates what the engine's own calls cost from what the op
@@ -208,7 +209,13 @@ def replay(args) -> None:
     op = getattr(cpu_ops(), scheme)
     num_experts = dense_layers[0][0].shape[0]
     gen = torch.Generator().manual_seed(0)
-    if args.uniform:
+    if args.sizes:  # one call per layer and size: x with the recorded calls' width and dtype, routing below
+        _, x0, ids0, w0 = calls[0]
+        width, top_k = x0.shape[1], ids0.shape[1]
+        calls = [(layer, torch.randn(size, width, generator=gen).to(x0.dtype), ids0.new_zeros(size, top_k),
+                  torch.rand(size, top_k, generator=gen).softmax(1).to(w0.dtype))
+                 for size in args.sizes for layer in range(len(ours_layers))]
+    if args.uniform or args.sizes:
         calls = [(layer, x, torch.stack([torch.randperm(num_experts, generator=gen)[: ids.shape[1]]
                                          for _ in range(ids.shape[0])]).to(ids.dtype), w)
                  for layer, x, ids, w in calls]
@@ -229,8 +236,9 @@ def replay(args) -> None:
         other = getattr(other_ops(args.compare_source), scheme)
         paths[f"ours ({args.compare_source.name})"] = lambda layer, x, ids, w: other(x, ids, w, *ours_layers[layer])
     ours_paths = [name for name in paths if name != "vLLM dense"]
-    print(f"{args.compressed} ({scheme}) against {args.dense}, {args.threads} thread(s), "
-          f"{'uniform random' if args.uniform else 'recorded'} routing, {args.rounds} rounds; ms per call, median")
+    routing = "uniform random" if args.uniform or args.sizes else "recorded"
+    print(f"{args.compressed} ({scheme}) against {args.dense}, {args.threads} thread(s), {routing} routing, "
+          f"{args.rounds} rounds; ms per call, median")
     print("| tokens | calls | experts per call | " + " | ".join(paths) + " | "
           + " | ".join(f"vLLM ÷ {name}" for name in ours_paths) + " |")
     print("|---" * (3 + len(paths) + len(ours_paths)) + "|")
@@ -281,6 +289,9 @@ def main() -> None:
     rep.add_argument("--rounds", type=int, default=9)
     rep.add_argument("--calls", type=int, default=400, help="calls timed per path and round, at least (400)")
     rep.add_argument("--uniform", action="store_true", help="uniform random top-k routing instead of the recorded")
+    rep.add_argument("--sizes", type=int, nargs="+",
+                     help="instead of the recorded calls, one call per layer of each of these sizes (tokens): random "
+                     "x of the recorded width and dtype, uniform random top-k routing")
     rep.add_argument("--compare-source", type=Path,
                      help="also time the calls through the op compiled from this lowrank_moe_cpu.cpp (same layout "
                      "arguments, e.g. `git show <commit>:kernels/csrc/lowrank_moe_cpu.cpp > old.cpp`)")

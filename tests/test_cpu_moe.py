@@ -83,8 +83,16 @@ def test_small_product_matches_float64(rows, dtype):
     vector, 20 × 256 a reference-model expand); the 300 × 257 block
     is over it in every dtype (a block the size of real layers': rows longer than the prefetch distance), on the
     loops up to the row limit (4 rows in bf16, 8 else; at::mm above). at::mm is also covered by the op tests'
-    "at::mm only" runs."""
+    "at::mm only" runs. AMX off: with it, bf16 projects from 16 rows take amx_product (kAmxCachedBlockRows)."""
     ops = cpu_extension.cpu_ops()
+    previous_amx = ops.set_amx_gemm(0)
+    try:
+        check_small_products(ops, rows, dtype)
+    finally:
+        ops.set_amx_gemm(previous_amx)
+
+
+def check_small_products(ops, rows: int, dtype) -> None:
     gen = torch.Generator().manual_seed(rows)
     for inner, outer in ((70, 13), (2048, 6), (37, 300), (1, 5), (16, 1), (300, 257), (37, 48), (20, 256)):
         wide = torch.randn(rows, inner + 3, generator=gen, dtype=torch.float64)
@@ -336,7 +344,7 @@ def test_amx_pair_layout_matches_float64_dense_math(scheme, routing):
     layout (``cpu_extension.pair_rows``), against float64 dense math with fresh random inputs. "prefill": ≥ 16
     routed rows per expert (amx_product: ATen's brgemm on the pairs in place), one expert with 2 rows on the loops;
     "decode": 1–4 rows per expert (axpys_pairs). Hidden 1000 puts the blocks of ranks 66 and 70 over 128 KiB (rank
-    40: on the loops) and over one brgemm chunk with tails (project: 32 rows of b; expand: blocks of 64 columns, a
+    40: under it, but from 16 rows on AMX too: kAmxCachedBlockRows) and over one brgemm chunk with tails (project: 32 rows of b; expand: blocks of 64 columns, a
     last block 40 wide); the odd ranks 33 and 1 have a pad row. The same pair layout with AMX turned off (at::mm
     on the pairs' copy back to rows) and a row-major layout prepared with AMX off must agree too."""
     if not amx_usable():
@@ -707,8 +715,8 @@ def test_benchmark_warm_mode_calls_each_path_once_untimed_before_its_calls_and_n
 
 def test_engine_call_recordings_round_trip_and_replay_by_call_size(tmp_path, monkeypatch):
     """``benchmarks/engine_calls.py``: a recording keeps each layer's op arguments (tensors, and the scalars after
-    them) and every call in order, and is refused where this checkout's pair layout differs from the one its
-    layout was prepared in; replay times each call size's calls, path order alternating per round."""
+    them) and every call in order, each tensor loaded 64-byte aligned, and is refused where this checkout's pair
+    layout differs from the one its layout was prepared in; replay times each call size's calls, path order alternating per round."""
     from benchmarks import engine_calls
     from benchmarks.engine_calls import load_recording, save_recording, timed_sizes
 
@@ -723,6 +731,8 @@ def test_engine_call_recordings_round_trip_and_replay_by_call_size(tmp_path, mon
     for got, want in zip(layers[1], plugin.cpu_args):
         assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
     assert [c[0] for c in loaded] == [0, 1, 0, 1, 0] and all(torch.equal(a[1], b[1]) for a, b in zip(loaded, calls))
+    tensors = [t for t in layers[1] if isinstance(t, torch.Tensor)] + [t for call in loaded for t in call[1:]]
+    assert all(t.data_ptr() % 64 == 0 for t in tensors)  # each in memory of its own, as the engine's (§10.23)
     with monkeypatch.context() as patched:
         patched.setattr(engine_calls, "PAIR_TILE", 2 * engine_calls.PAIR_TILE)
         with pytest.raises(SystemExit, match="record it again"):

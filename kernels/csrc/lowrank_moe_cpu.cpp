@@ -388,10 +388,17 @@ int64_t row_limit() {
 constexpr int64_t kCachedBlockBytes = 128 << 10;
 constexpr int64_t kCachedBlockRows = 64;
 
-// Whether y = a B for a of n rows and the block b goes through the loops (else at::mm).
+// Where gemm takes amx_product, cached blocks take the loops below kAmxCachedBlockRows rows only: the reference
+// model's base gate/up and base down at 16-token decode steps ran 2–3× faster on AMX tiles than on the loops (one
+// thread: 25.8 → 12.3 and 15 → 5 µs per call), its experts with 5–8 rows faster on the loops (BENCHMARKS.md §10.23).
+constexpr int64_t kAmxCachedBlockRows = 16;
+
+// Whether y = a B for a of n rows and the block b goes through the loops (else gemm: at::mm, or amx_product).
 template <typename T>
 bool on_loops(int64_t n, Block<T> b) {
-  return n <= row_limit<T>() || (small_row_limit > 0 && n <= kCachedBlockRows &&
+  const int64_t cached_rows =
+      amx_gemm && std::is_same_v<T, c10::BFloat16> ? kAmxCachedBlockRows - 1 : kCachedBlockRows;
+  return n <= row_limit<T>() || (small_row_limit > 0 && n <= cached_rows &&
                                  b.rows * b.cols * static_cast<int64_t>(sizeof(T)) <= kCachedBlockBytes);
 }
 
