@@ -389,8 +389,9 @@ constexpr int64_t kCachedBlockBytes = 128 << 10;
 constexpr int64_t kCachedBlockRows = 64;
 
 // Where gemm takes amx_product, cached blocks take the loops below kAmxCachedBlockRows rows only: the reference
-// model's base gate/up and base down at 16-token decode steps ran 2–3× faster on AMX tiles than on the loops (one
-// thread: 25.8 → 12.3 and 15 → 5 µs per call), its experts with 5–8 rows faster on the loops (BENCHMARKS.md §10.23).
+// model's base gate/up and base down at 16-token decode steps ran 2–2.5× faster on AMX tiles than on the loops (one
+// thread: 25.8 → 11.5 and 15.1 → 6.0 µs per call), its experts with 5–8 rows faster on the loops (BENCHMARKS.md
+// §10.23).
 constexpr int64_t kAmxCachedBlockRows = 16;
 
 // Whether y = a B for a of n rows and the block b goes through the loops (else gemm: at::mm, or amx_product).
