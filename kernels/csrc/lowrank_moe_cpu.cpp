@@ -42,14 +42,14 @@ namespace {
 // ---- Products with few activation rows -------------------------------------------------------------------------
 // Every product of an expert's activations a [n, in] (n = the tokens routed to it) with one of its factor blocks
 // goes through project (y = a Bᵀ, B [out, in] row-major: x Vᵀ) or expand (y = a B, B [in, out] row-major: z Uᵀ).
-// For n ≤ small_row_limit (and up to kCachedBlockRows rows of a small block: on_loops) these loops read each
-// factor row once from memory and use it for all n rows while it is in registers or L1: the dot form keeps
-// kRowBlock × 4 vector accumulators in registers; the axpy form streams the rows of B in order into y (≤ 64 KiB,
-// in L2), four rows of B per load/store of y (axpys_pairs: the same over B in AMX's pair layout); both prefetch
-// the rows of B ahead of their loads (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch dispatches to here:
-// kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take gemm (at::mm, or
-// amx_product for bf16 on AMX CPUs). bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16) are read as
-// such and summed in fp32; a and y are always in the accumulation type.
+// For n ≤ small_row_limit (and up to kCachedBlockRows rows of a small block, fewer where AMX takes them: on_loops)
+// these loops read each factor row once from memory and use it for all n rows while it is in registers or L1: the dot
+// form keeps kRowBlock × 4 vector accumulators in registers; the axpy form streams the rows of B in order into y (≤ 64
+// KiB, in L2), four rows of B per load/store of y (axpys_pairs: the same over B in AMX's pair layout); both prefetch
+// the rows of B ahead of their loads (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch
+// dispatches to here: kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take gemm
+// (at::mm, or amx_product for bf16 on AMX CPUs). bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16) are
+// read as such and summed in fp32; a and y are always in the accumulation type.
 
 // bf16/fp16: fp32 FMAs on converted values become compute-bound sooner than a native bf16 GEMM (AVX512-BF16
 // dot products: 2 products per lane and instruction): on the AVX-512 EPYC oneDNN was faster at 8 rows, the
