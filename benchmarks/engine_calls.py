@@ -182,7 +182,7 @@ def load_recording(path: Path):
                          f"{meta.get('pair_tile', 'absent')}, this checkout's {PAIR_TILE}: BENCHMARKS.md §10.22); "
                          "record it again")
     # each tensor copied into memory of its own: load_file's tensors are views of one buffer at the file's offsets,
-    # none of them 64-byte aligned, where the engine's are; vLLM's dense op ran ~1.5x slower on them (§10.23)
+    # none of them 64-byte aligned, where the engine's are; vLLM's dense op ran ~1.4x slower on them (§10.23)
     tensors = {name: tensor.clone() for name, tensor in load_file(path).items()}
     scalars = json.loads(meta["scalars"])
     layers = [[tensors[f"layer.{i}.{j}"] if f"layer.{i}.{j}" in tensors else scalars[f"{i}.{j}"] for j in range(count)]
@@ -209,16 +209,18 @@ def replay(args) -> None:
     op = getattr(cpu_ops(), scheme)
     num_experts = dense_layers[0][0].shape[0]
     gen = torch.Generator().manual_seed(0)
-    if args.sizes:  # one call per layer and size: x with the recorded calls' width and dtype, routing below
+
+    def uniform_ids(tokens: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.randperm(num_experts, generator=gen)[: like.shape[1]]
+                            for _ in range(tokens)]).to(like.dtype)
+
+    if args.sizes:  # one call per layer and size: x with the recorded calls' width and dtype
         _, x0, ids0, w0 = calls[0]
-        width, top_k = x0.shape[1], ids0.shape[1]
-        calls = [(layer, torch.randn(size, width, generator=gen).to(x0.dtype), ids0.new_zeros(size, top_k),
-                  torch.rand(size, top_k, generator=gen).softmax(1).to(w0.dtype))
+        calls = [(layer, torch.randn(size, x0.shape[1], generator=gen).to(x0.dtype), uniform_ids(size, ids0),
+                  torch.rand(size, ids0.shape[1], generator=gen).softmax(1).to(w0.dtype))
                  for size in args.sizes for layer in range(len(ours_layers))]
-    if args.uniform or args.sizes:
-        calls = [(layer, x, torch.stack([torch.randperm(num_experts, generator=gen)[: ids.shape[1]]
-                                         for _ in range(ids.shape[0])]).to(ids.dtype), w)
-                 for layer, x, ids, w in calls]
+    elif args.uniform:
+        calls = [(layer, x, uniform_ids(x.shape[0], ids), w) for layer, x, ids, w in calls]
 
     def ours(layer, x, ids, w):
         return op(x, ids, w, *ours_layers[layer])

@@ -83,7 +83,8 @@ def test_small_product_matches_float64(rows, dtype):
     vector, 20 × 256 a reference-model expand); the 300 × 257 block
     is over it in every dtype (a block the size of real layers': rows longer than the prefetch distance), on the
     loops up to the row limit (4 rows in bf16, 8 else; at::mm above). at::mm is also covered by the op tests'
-    "at::mm only" runs. AMX off: with it, bf16 projects from 16 rows take amx_product (kAmxCachedBlockRows)."""
+    "at::mm only" runs. AMX off: with it, bf16 products amx_product takes (projects of even inner size) leave the
+    loops from 16 rows (kAmxCachedBlockRows)."""
     ops = cpu_extension.cpu_ops()
     previous_amx = ops.set_amx_gemm(0)
     try:
@@ -534,7 +535,7 @@ def test_amx_projects_with_more_rows_than_the_factor_match_float64_dense_math(th
     to bf16 (project_rows), on both sides of that rule. base_delta in bf16 on the pair layout, 250 tokens top-2 over
     3 experts (~167 rows each: brgemm calls of 32 rows and a tail), hidden 600 (the packed factor's depth in pieces
     of 256 and an 88 tail), intermediate 130: the base's gate/up (200 rows against 250 tokens: three 64-column tiles
-    and an 8-wide one) and the experts' gate/up of 70 and 34 rows and downs of 66 and 1 rows packed; expert 2's
+    and an 8-wide one) and the experts' gate/up of 70 and 34 rows and all three downs (66, 1 and 70 rows) packed; expert 2's
     gate/up (350 rows) keeps the packed activations, gathered from the call's rows. Against float64 dense math; one
     and two threads."""
     if not amx_usable():

@@ -388,17 +388,23 @@ int64_t row_limit() {
 constexpr int64_t kCachedBlockBytes = 128 << 10;
 constexpr int64_t kCachedBlockRows = 64;
 
-// Where gemm takes amx_product, cached blocks take the loops below kAmxCachedBlockRows rows only: the reference
-// model's base gate/up and base down at 16-token decode steps ran 2–2.5× faster on AMX tiles than on the loops (one
-// thread: 25.8 → 11.5 and 15.1 → 6.0 µs per call), its experts with 5–8 rows faster on the loops (BENCHMARKS.md
-// §10.23).
-constexpr int64_t kAmxCachedBlockRows = 16;
-
-// Whether y = a B for a of n rows and the block b goes through the loops (else gemm: at::mm, or amx_product).
+// Whether gemm's product with the block b takes amx_product (bf16 where set_amx_gemm(1): a project, y = a Bᵀ, with
+// even K; an expand, y = a B, on the pair layout).
 template <typename T>
-bool on_loops(int64_t n, Block<T> b) {
-  const int64_t cached_rows =
-      amx_gemm && std::is_same_v<T, c10::BFloat16> ? kAmxCachedBlockRows - 1 : kCachedBlockRows;
+bool on_amx(Block<T> b, bool transposed) {
+  return std::is_same_v<T, c10::BFloat16> && amx_gemm && (transposed ? b.cols % 2 == 0 : b.pairs);
+}
+
+// Where gemm would take amx_product, a cached block takes the loops up to kAmxCachedBlockRows rows only (else up to
+// kCachedBlockRows, against at::mm): the reference model's base gate/up and base down at 16-token decode steps ran
+// 2–2.5× faster on AMX tiles than on the loops (one thread: 25.8 → 11.5 and 15.1 → 6.0 µs per call), its experts
+// with 5–8 rows faster on the loops (BENCHMARKS.md §10.23).
+constexpr int64_t kAmxCachedBlockRows = 15;
+
+// Whether y = a Bᵀ (transposed) or a B for a of n rows and the block b goes through the loops (else gemm).
+template <typename T>
+bool on_loops(int64_t n, Block<T> b, bool transposed) {
+  const int64_t cached_rows = on_amx<T>(b, transposed) ? kAmxCachedBlockRows : kCachedBlockRows;
   return n <= row_limit<T>() || (small_row_limit > 0 && n <= cached_rows &&
                                  b.rows * b.cols * static_cast<int64_t>(sizeof(T)) <= kCachedBlockBytes);
 }
@@ -521,7 +527,8 @@ class Arena {
 // - project (y = a Bᵀ, B = b [N, K] row-major: x Vᵀ) as yᵀ = b aᵀ, b being brgemm's A operand, which the AMX
 //   tiles load row by row as stored: the factor is not copied at all. Only aᵀ (the activations, n × K) is packed
 //   per call into the VNNI layout of brgemm's B operand; b is taken kAmxRows rows at a time (the next chunk's
-//   rows prefetched while this one multiplies) and each yᵀ chunk added into y.
+//   rows prefetched while this one multiplies) and each yᵀ chunk added into y. Where n > N the factor is the
+//   smaller copy: it is packed instead (kFactorSlot) and the product runs as an expand (below, §10.23).
 // - expand (y = a B, B = b [K, N]: z Uᵀ) needs B as brgemm's B operand, in VNNI (rows k and k + 1 interleaved
 //   into 32-bit pairs): the factor is stored so at load (Block::pairs, prepared where this path is on), so
 //   brgemm reads it in place, one column tile of kAmxColumns columns per call (contiguous: Block), the next
@@ -618,6 +625,7 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
   // instead of aᵀ — the smaller copy — into the pair layout of Bᵀ [K, N] and runs as an expand, y = a Bᵀ: a
   // converted row by row (no transpose) and y written in place (no transpose back). Tile c0 of the layout is the
   // transpose of b's rows [c0, c0 + w) as [w, K/2] 32-bit pairs.
+  TORCH_CHECK(K > 0, "amx_product: an empty inner dimension");  // the callers take K = 0 elsewhere
   if (transposed && n > N) {
     const int64_t P = K / 2;
     const Arena<Bf, 1> packed(kFactorSlot, {N * K});
@@ -757,12 +765,6 @@ at::Tensor pair_block_rows(const T* p, int64_t k, int64_t cols) {
   return rows.narrow(0, 0, k);
 }
 
-// Whether gemm's product with the block b takes amx_product.
-template <typename T>
-bool on_amx(Block<T> b, bool transposed) {
-  return std::is_same_v<T, c10::BFloat16> && amx_gemm && (transposed ? b.cols % 2 == 0 : b.pairs);
-}
-
 // y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16:
 // project with even K, expand on the pair layout), else at::mm on views of the buffers (bf16/fp16 factors: a
 // rounded to their dtype for the native GEMM and the product added in fp32).
@@ -811,7 +813,7 @@ template <typename T>
 void project(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, int64_t ldy, bool accumulate) {
   const int64_t N = b.rows, K = b.cols;
   if (n == 0 || N == 0) return;
-  if (K == 0 || !on_loops<T>(n, b)) {
+  if (K == 0 || !on_loops<T>(n, b, true)) {
     if (K == 0) {
       if (!accumulate)
         for (int64_t t = 0; t < n; ++t) std::fill_n(y + t * ldy, N, AccT<T>(0));
@@ -832,7 +834,7 @@ template <typename T>
 void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, int64_t ldy, bool accumulate) {
   const int64_t N = b.cols, K = b.rows;
   if (n == 0 || N == 0) return;
-  if (K > 0 && !on_loops<T>(n, b)) return gemm<T>(a, lda, n, b, false, y, ldy, accumulate);
+  if (K > 0 && !on_loops<T>(n, b, false)) return gemm<T>(a, lda, n, b, false, y, ldy, accumulate);
   const bool tiles = on_tiles<T>(n, b);
   const int64_t width = column_block(n, N, K);
   at::parallel_for(0, (N + width - 1) / width, 1, [&](int64_t c0, int64_t c1) {
@@ -926,7 +928,7 @@ struct ExpertRows {
 template <typename T>
 void project_rows(ExpertRows<AccT<T>>& a, Block<T> b, AccT<T>* y, int64_t ldy) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (a.n > 1 && b.rows > 0 && b.cols > 0 && !on_loops<T>(a.n, b) && on_amx<T>(b, true))
+    if (a.n > 1 && b.rows > 0 && b.cols > 0 && !on_loops<T>(a.n, b, true) && on_amx<T>(b, true))
       return amx_product(a.x, a.H, a.n, b, true, y, ldy, false, a.tokens);
   }
   project<T>(a.gathered(), a.H, a.n, b, y, ldy, false);
@@ -989,14 +991,14 @@ struct Routing {
   }
 };
 
-// Whether the active experts are split over the threads (one parallel region per call): set_expert_parallel on
-// (the default), more than one thread and one expert, not already in a parallel region, and either every
-// expert at most kCachedBlockRows rows (decode and small batches: products on the loops or small) or at least
-// kExpertsPerThread experts per thread (then each thread's GEMMs run single-threaded, and the many experts balance
-// the load; fewer, larger experts — Mixtral's 8 at 256 tokens — keep the GEMMs' own column split). Otherwise the
-// experts run in turn and each product is split over the threads by columns: a parallel region per product.
-// At 2 threads, Qwen3-30B-A3B shapes, base_delta 60 %: split 1.35 / 6.8 / 35.5 ms against 2.13 / 11.7 / 52.8 in
-// turn at 1 / 8 / 256 tokens (BENCHMARKS.md §10.20; before the build had -fopenmp no split ran in parallel).
+// Whether the active experts are split over the threads (one parallel region per call): set_expert_parallel on (the
+// default), more than one thread and one expert, not already in a parallel region, and either every expert at most
+// kCachedBlockRows rows (decode and small batches: products on the loops or small, amx_product's inline on one thread)
+// or at least kExpertsPerThread experts per thread (then each thread's GEMMs run single-threaded, and the many experts
+// balance the load; fewer, larger experts — Mixtral's 8 at 256 tokens — keep the GEMMs' own column split). Otherwise
+// the experts run in turn and each product is split over the threads by columns: a parallel region per product. At 2
+// threads, Qwen3-30B-A3B shapes, base_delta 60 %: split 1.35 / 6.8 / 35.5 ms against 2.13 / 11.7 / 52.8 in turn at 1 /
+// 8 / 256 tokens (BENCHMARKS.md §10.20; before the build had -fopenmp no split ran in parallel).
 constexpr int64_t kExpertsPerThread = 8;
 constexpr int64_t kExpertCostRows = 8;    // for_each_expert's balance: an expert's factor reads, as token rows
 constexpr int64_t kSumGrain = 1 << 14;       // values per thread at least in sum_pairs
