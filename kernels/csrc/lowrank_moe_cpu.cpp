@@ -633,9 +633,10 @@ void amx_product(const float* a, int64_t lda, int64_t n, Block<c10::BFloat16> b,
     const uint32_t* rows = reinterpret_cast<const uint32_t*>(b.p);
     at::parallel_for(0, (N + kPairTile - 1) / kPairTile, std::max<int64_t>(1, kPackGrain / (kPairTile * K)),
                      [&](int64_t c0, int64_t c1) {
-                       for (int64_t c = c0 * kPairTile; c < std::min(N, c1 * kPairTile); c += kPairTile)
-                         transpose32(std::min(kPairTile, N - c), P, rows + c * P, P, bt + c * P,
-                                     std::min(kPairTile, N - c));
+                       for (int64_t c = c0 * kPairTile; c < std::min(N, c1 * kPairTile); c += kPairTile) {
+                         const int64_t w = std::min(kPairTile, N - c);
+                         transpose32(w, P, rows + c * P, P, const_cast<uint32_t*>(pair_tile(bt, K, c)), w);
+                       }
                      });
     return amx_product(a, lda, n, {reinterpret_cast<const Bf*>(bt), K, N, true}, false, y, ldy, accumulate,
                        a_rows);
@@ -772,8 +773,8 @@ template <typename T>
 void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed, AccT<T>* y, int64_t ldy,
           bool accumulate) {
   using A = AccT<T>;
-  if (on_amx<T>(b, transposed)) {
-    if constexpr (std::is_same_v<T, c10::BFloat16>) return amx_product(a, lda, n, b, transposed, y, ldy, accumulate);
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (on_amx<T>(b, transposed)) return amx_product(a, lda, n, b, transposed, y, ldy, accumulate);
   }
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
   // a block in the pair layout back to [K, N] rows: a copy, only where the AMX path was turned off after prepare
