@@ -74,7 +74,7 @@ def small_row_limit(request, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17, 300])
 def test_small_product_matches_float64(rows, dtype):
     """The loops alone (``torch.ops.moe_compress_cpu.product``: a b for b = Wᵀ of a row-major W, or a row-major
     b) against float64 matmul: lengths with vector tails, row counts off the row block, more columns than one
@@ -82,9 +82,10 @@ def test_small_product_matches_float64(rows, dtype):
     from 8 rows (4 on AVX2) take the register tiles (on_tiles: 37 × 48 with an odd inner size and a column tail of one
     vector, 20 × 256 a reference-model expand); the 300 × 257 block
     is over it in every dtype (a block the size of real layers': rows longer than the prefetch distance), on the
-    loops up to the row limit (4 rows in bf16, 8 else; at::mm above). at::mm is also covered by the op tests'
-    "at::mm only" runs. AMX off: with it, bf16 products amx_product takes (projects of even inner size) leave the
-    loops from 16 rows (kAmxCachedBlockRows)."""
+    loops up to the row limit (4 rows in bf16, 8 else; at::mm above); 300 rows take at::mm everywhere, in bf16 with
+    the rows rounded up to 320 (gemm_rows). at::mm is also covered by the op tests' "at::mm only" runs. AMX off:
+    with it, bf16 products amx_product takes (projects of even inner size) leave the loops from 16 rows
+    (kAmxCachedBlockRows)."""
     ops = cpu_extension.cpu_ops()
     previous_amx = ops.set_amx_gemm(0)
     try:

@@ -766,6 +766,21 @@ at::Tensor pair_block_rows(const T* p, int64_t k, int64_t cols) {
   return rows.narrow(0, 0, k);
 }
 
+// The rows gemm's bf16/fp16 at::mm is called with for n rows of a: n up to kGemmExactRows, else n rounded up to a
+// multiple of an eighth of the power of two at or below it (at least 8): 8 shapes per power of two, ≤ 12.5 %
+// zero rows. Rounding every n up to 16 rows made Qwen3-30B-A3B's 256-token base_delta call 19 % slower where
+// every shape was cached already (its experts' ~16 rows), up to 8 rows 8 %; taking a in pieces of at most 256 rows
+// made the reference model's 1,303-token prefill call 20 % slower (BENCHMARKS.md §10.24).
+constexpr int64_t kGemmExactRows = 32;
+
+int64_t gemm_rows(int64_t n) {
+  if (n <= kGemmExactRows) return n;
+  int64_t power = 1;
+  while (power * 2 <= n) power *= 2;
+  const int64_t step = std::max<int64_t>(8, power / 8);
+  return (n + step - 1) / step * step;
+}
+
 // y (+)= a Bᵀ (transposed) or a B for the rows above the loops' limit: amx_product where set_amx_gemm(1) (bf16:
 // project with even K, expand on the pair layout), else at::mm on views of the buffers (bf16/fp16 factors: a
 // rounded to their dtype for the native GEMM and the product added in fp32).
@@ -787,7 +802,16 @@ void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed,
   if constexpr (std::is_same_v<A, T>) {
     accumulate ? yv.addmm_(av, bt) : yv.copy_(at::mm(av, bt));
   } else {
-    const at::Tensor prod = at::mm(av.to(c10::CppTypeToScalarType<T>::value), bt);
+    // bf16/fp16 at::mm is oneDNN's matmul, which creates (JIT-compiles) a primitive for every new shape: ~0.9 ms
+    // each, and an expert's row count n (and a base product's, the call's tokens) is new at almost every prefill
+    // call in an engine (the reference model served on the AVX-512 EPYC: 952 primitives made for this op in 13
+    // generations, 841 ms; BENCHMARKS.md §10.24). So n is rounded up with zero rows (gemm_rows): a few shapes
+    // per (K, N) and power of two of n, which oneDNN's primitive cache keeps.
+    const int64_t shape_rows = gemm_rows(n);
+    at::Tensor ar = at::empty({shape_rows, K}, options_of<T>());  // a's rows rounded to T, then zero rows
+    ar.narrow(0, 0, n).copy_(av);
+    if (shape_rows > n) ar.narrow(0, n, shape_rows - n).zero_();
+    const at::Tensor prod = at::mm(ar, bt).narrow(0, 0, n);
     accumulate ? yv.add_(prod) : yv.copy_(prod);
   }
 }
