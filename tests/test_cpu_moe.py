@@ -715,6 +715,18 @@ def test_benchmark_warm_mode_calls_each_path_once_untimed_before_its_calls_and_n
     assert calls == list("ab" "aaa" "bbb" "bbb" "aaa")
 
 
+def test_benchmark_rounds_take_routings_no_earlier_round_took():
+    """Call c of round r takes input (r · calls + c) mod len(inputs): with as many inputs as timed calls, no timed
+    call of a path repeats one (so a cost per new product shape is timed, not paid once)."""
+    from benchmarks.cpu_moe import timed_rounds
+
+    seen = {"a": [], "b": []}
+    paths = {name: (lambda name: lambda i: seen[name].append(i))(name) for name in seen}
+    timed_rounds(paths, [(i,) for i in range(6)], rounds=3, calls=2)
+    for taken in seen.values():
+        assert taken == [0] + list(range(6))  # the warm-up call, then each input once
+
+
 def test_engine_call_recordings_round_trip_and_replay_by_call_size(tmp_path, monkeypatch):
     """``benchmarks/engine_calls.py``: a recording keeps each layer's op arguments (tensors, and the scalars after
     them) and every call in order, each tensor loaded 64-byte aligned, and is refused where this checkout's pair

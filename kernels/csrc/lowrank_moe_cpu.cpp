@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/bit_cast.h>
+#include <c10/util/llvmMathExtras.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -775,9 +776,7 @@ constexpr int64_t kGemmExactRows = 32;
 
 int64_t gemm_rows(int64_t n) {
   if (n <= kGemmExactRows) return n;
-  int64_t power = 1;
-  while (power * 2 <= n) power *= 2;
-  const int64_t step = std::max<int64_t>(8, power / 8);
+  const int64_t step = std::max<int64_t>(8, static_cast<int64_t>(c10::llvm::PowerOf2Floor(n)) / 8);
   return (n + step - 1) / step * step;
 }
 
