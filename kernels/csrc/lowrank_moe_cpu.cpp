@@ -402,12 +402,25 @@ bool on_amx(Block<T> b, bool transposed) {
 // with 5–8 rows faster on the loops (BENCHMARKS.md §10.23).
 constexpr int64_t kAmxCachedBlockRows = 15;
 
+// A bf16/fp16 product on one thread (an expert's inside the experts' split, or any product of a one-thread process)
+// of a block of at most kOneThreadBlockBytes takes the loops up to small_row_limit rows, not kReducedRowLimit, where
+// gemm would take at::mm: there at::mm runs on that one thread too, and for a block of a few MB its per-call costs
+// (oneDNN's lookup, a's rounded copy, the factor repacked into its layout) outweigh the loops' fp32 FMAs. On the
+// AVX-512 EPYC at Qwen3-30B-A3B's shapes (experts' blocks ≤ 3.1 MB), 60 %, 32 tokens: base_delta / sparse_lowrank /
+// basis_residual 14.1 / 13.9 / 13.7 ms against 16.6 / 17.3 / 19.0 (2 threads), base_delta 22.2 against 23.6 (1
+// thread); at Mixtral-8x7B's (blocks of 3–117 MB) the same within the noise. Without the size bound Mixtral
+// basis_residual's 8 tokens were 15 % slower (its experts' 117 MB dense down on the loops; BENCHMARKS.md §10.25).
+constexpr int64_t kOneThreadBlockBytes = 4 << 20;
+
 // Whether y = a Bᵀ (transposed) or a B for a of n rows and the block b goes through the loops (else gemm).
 template <typename T>
 bool on_loops(int64_t n, Block<T> b, bool transposed) {
-  const int64_t cached_rows = on_amx<T>(b, transposed) ? kAmxCachedBlockRows : kCachedBlockRows;
-  return n <= row_limit<T>() || (small_row_limit > 0 && n <= cached_rows &&
-                                 b.rows * b.cols * static_cast<int64_t>(sizeof(T)) <= kCachedBlockBytes);
+  const bool amx = on_amx<T>(b, transposed);
+  const int64_t bytes = b.rows * b.cols * static_cast<int64_t>(sizeof(T));
+  const bool one_thread = at::in_parallel_region() || at::get_num_threads() == 1;
+  const int64_t rows = !amx && one_thread && bytes <= kOneThreadBlockBytes ? small_row_limit : row_limit<T>();
+  return n <= rows || (small_row_limit > 0 && n <= (amx ? kAmxCachedBlockRows : kCachedBlockRows) &&
+                       bytes <= kCachedBlockBytes);
 }
 
 // Whether the loops' expand of n rows takes expand_tiles (else axpy_rows): at least one whole tile of rows (with 2–7
@@ -1038,7 +1051,8 @@ bool split_experts(int64_t active, int64_t max_rows) {
 // expert writes only its own pairs' rows of the per-pair outputs (Routing::slot), so the experts share no sums: in
 // turn, or split over the threads with nothing to reduce but sum_pairs' per-token sums, whose order does not depend
 // on which thread ran which expert (on the loops and amx_product the result is the same split or not, at any thread
-// count; at::mm's MKL/oneDNN products may round differently on more threads).
+// count; at::mm's MKL/oneDNN products may round differently on more threads, and a bf16 product of 5–8 rows of a
+// block over 128 KiB and ≤ kOneThreadBlockBytes takes the loops split and at::mm in turn on more threads: on_loops).
 template <typename A, typename MakeWork, typename Visit>
 void for_each_expert(const Routing<A>& routing, const std::vector<int64_t>& active, MakeWork make_work, Visit visit) {
   const int64_t count = static_cast<int64_t>(active.size());
