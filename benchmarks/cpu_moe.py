@@ -35,15 +35,14 @@ Each call gets a fresh random routing (uniform top-k, softmax weights), cycled f
 ones, so the routed experts' weights are not cache-hot from the previous call. Call c of round r takes routing
 (r · calls + c) mod routings: with ``--routings`` ≥ rounds × calls no timed call of a path repeats a routing, so
 the experts' row counts at prefill sizes keep changing as in a serving engine, and a cost paid per new product
-shape (a GEMM library compiling a kernel for each, BENCHMARKS.md §10.24) is timed instead of paid once in the
-warm-up. Timing: ``--rounds``
-alternating rounds (every path once per round, in turn; odd rounds reverse the order of the paths, since a path
-ran 17–25 % faster second than first in a round at identical code: BENCHMARKS.md §10.12); a round runs each path
-``--calls`` times and keeps the mean; the table gives the median over rounds (use an even ``--rounds`` for
-each path to run as often in each place). The copy bandwidth (a 512 MiB ``copy_``, ``--copy-mib``:
-(read + write bytes) / time) is one more path in the same rounds, so it sees the same machine load. Each row:
-ms, the bytes the path must read (the routed experts' weights or factors plus shared ones, in the dtype the
-path multiplies in: ``ours`` converts bf16 to fp32 at load on CPUs without native bf16, so its bytes are fp32
+shape (a GEMM library compiling a kernel for each, BENCHMARKS.md §10.24–§10.25) is timed instead of paid once in
+the warm-up. Timing: ``--rounds`` alternating rounds (every path once per round, in turn; odd rounds reverse the
+order of the paths, since a path ran 17–25 % faster second than first in a round at identical code: BENCHMARKS.md
+§10.12); a round runs each path ``--calls`` times and keeps the mean; the table gives the median over rounds (use
+an even ``--rounds`` for each path to run as often in each place). The copy bandwidth (a 512 MiB ``copy_``,
+``--copy-mib``: (read + write bytes) / time) is one more path in the same rounds, so it sees the same machine load.
+Each row: ms, the bytes the path must read (the routed experts' weights or factors plus shared ones, in the dtype
+the path multiplies in: ``ours`` converts bf16 to fp32 at load on CPUs without native bf16, so its bytes are fp32
 there; x and out included), achieved GB/s (those bytes / time) and its fraction of the copy bandwidth, and the
 speed-up of ``ours`` over vLLM dense.
 """
@@ -133,8 +132,9 @@ def dense_baselines(num_experts: int, h: int, i: int, dtype, gen, torch_loop: bo
 def timed_rounds(paths: dict, inputs: list, rounds: int, calls: int, clock=time.perf_counter,
                  flush=None, warm: bool = False) -> dict[str, float]:
     """Median over ``rounds`` of each path's mean ms per call; call c of round r takes ``inputs[(r · calls + c) mod
-    len(inputs)]``; paths alternate within every round, in the given order in even rounds and reversed in odd ones (the second path of a round found part of the first one's
-    routed factors in cache: 17–25 % faster at identical code, BENCHMARKS.md §10.12). ``flush``
+    len(inputs)]``; paths alternate within every round, in the given order in even rounds and reversed in odd ones
+    (the second path of a round found part of the first one's routed factors in cache: 17–25 % faster at identical
+    code, BENCHMARKS.md §10.12). ``flush``
     (untimed) runs before each path's calls, so every path starts from the same cold caches: a layer that fits
     in L3 (the reference model's) ran ~1.5× slower as the path right after the copy than as the next one, the
     same op in both places. ``warm``: instead, one untimed call of the path right before its timed ones, so a layer
@@ -286,8 +286,9 @@ def main() -> None:
                         help="rounds of every path in turn; odd rounds reverse the order (default 4: each path as "
                         "often first as last)")
     parser.add_argument("--calls", type=int, default=4, help="calls per path per round (default 4)")
-    parser.add_argument("--routings", type=int, default=4, help="random routings cycled through (default 4); at least rounds x calls: every "
-                        "timed call of a path a routing (and prefill row counts) it has not seen")
+    parser.add_argument("--routings", type=int, default=4,
+                        help="random routings cycled through (default 4); with at least rounds x calls every timed "
+                        "call of a path gets a routing (and prefill row counts) it has not seen")
     parser.add_argument("--skip", nargs="*", choices=["torch op", "torch loop"], default=[],
                         help="paths not timed: the torch loop needs an unpacked copy of the dense weights (2x the "
                         "dense memory); both run bf16 GEMMs, ~100x slower than fp32 on CPUs without native bf16")

@@ -404,9 +404,9 @@ constexpr int64_t kAmxCachedBlockRows = 15;
 
 // A bf16/fp16 product on one thread (an expert's inside the experts' split, or any product of a one-thread process)
 // of a block of at most kOneThreadBlockBytes takes the loops up to small_row_limit rows, not kReducedRowLimit, where
-// gemm would take at::mm: there at::mm runs on that one thread too, and for a block of a few MB its per-call costs
-// (oneDNN's lookup, a's rounded copy, the factor repacked into its layout) outweigh the loops' fp32 FMAs. On the
-// AVX-512 EPYC at Qwen3-30B-A3B's shapes (experts' blocks ≤ 3.1 MB), 60 %, 32 tokens: base_delta / sparse_lowrank /
+// gemm would take at::mm: there at::mm runs on that one thread too and, besides the product, rounds a into a copy
+// and repacks the factor per call; for a block of a few MB the loops were faster. On the AVX-512 EPYC at
+// Qwen3-30B-A3B's shapes (experts' blocks ≤ 3.1 MB), 60 %, 32 tokens: base_delta / sparse_lowrank /
 // basis_residual 14.1 / 13.9 / 13.7 ms against 16.6 / 17.3 / 19.0 (2 threads), base_delta 22.2 against 23.6 (1
 // thread); at Mixtral-8x7B's (blocks of 3–117 MB) the same within the noise. Without the size bound Mixtral
 // basis_residual's 8 tokens were 15 % slower (its experts' 117 MB dense down on the loops; BENCHMARKS.md §10.25).
