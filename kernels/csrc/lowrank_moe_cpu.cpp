@@ -54,7 +54,7 @@ namespace {
 
 // bf16/fp16: fp32 FMAs on converted values become compute-bound sooner than a native bf16 GEMM (AVX512-BF16
 // dot products: 2 products per lane and instruction): on the AVX-512 EPYC oneDNN was faster at 8 rows, the
-// loops at ≤ 4 (docs/kernels.md).
+// loops at ≤ 4 (docs/kernels.md), where the product has every thread (one that runs on one thread: on_loops).
 constexpr int64_t kReducedRowLimit = 4;
 
 int64_t small_row_limit = 8;  // set_small_row_limit (process-wide; not for use during a forward): tests and
