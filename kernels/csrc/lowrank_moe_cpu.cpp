@@ -377,11 +377,6 @@ inline const uint32_t* pair_tile(const void* p, int64_t k, int64_t c0) {
   return static_cast<const uint32_t*>(p) + c0 * (stored_rows(k, true) / 2);
 }
 
-template <typename T>
-int64_t row_limit() {
-  return c10::is_reduced_floating_point_v<T> ? std::min(small_row_limit, kReducedRowLimit) : small_row_limit;
-}
-
 // A factor block of at most kCachedBlockBytes (the reference model's: hidden 256, expert width 128) stays in
 // L1/L2 while the loops re-read it per 4 tokens, so they also take up to kCachedBlockRows rows of it: at these
 // sizes at::mm costs more than the product (on the AVX-512 EPYC oneDNN's bf16 GEMM took milliseconds for a
@@ -417,8 +412,11 @@ template <typename T>
 bool on_loops(int64_t n, Block<T> b, bool transposed) {
   const bool amx = on_amx<T>(b, transposed);
   const int64_t bytes = b.rows * b.cols * static_cast<int64_t>(sizeof(T));
-  const bool one_thread = at::in_parallel_region() || at::get_num_threads() == 1;
-  const int64_t rows = !amx && one_thread && bytes <= kOneThreadBlockBytes ? small_row_limit : row_limit<T>();
+  // bf16/fp16 stop at kReducedRowLimit unless at::mm would run on one thread over a block ≤ kOneThreadBlockBytes
+  const bool reduced_limit = c10::is_reduced_floating_point_v<T> &&
+                             (amx || bytes > kOneThreadBlockBytes ||
+                              !(at::in_parallel_region() || at::get_num_threads() == 1));
+  const int64_t rows = reduced_limit ? std::min(small_row_limit, kReducedRowLimit) : small_row_limit;
   return n <= rows || (small_row_limit > 0 && n <= (amx ? kAmxCachedBlockRows : kCachedBlockRows) &&
                        bytes <= kCachedBlockBytes);
 }
