@@ -29,6 +29,8 @@ Prepared layout (``BasisResidualCpuLayout``):
                                 than over W_e's rows of 768 at one token, 1.5× at two; one core)
     right       [rows, in]      φ(B_j) stacked (as loaded), or MoBE's per-expert φ(Σ_j α_ej B_j) [E·K, in]
     coef_t      [Σ_e K_e, out]  A_eᵀ stacked per expert
+    (bf16/fp16: right and the row-major coef_t may end in a few zero rows, ``cpu_extension.with_tail``: products on
+    ``at::mm`` round the ragged ranks up to shapes the groups share, reading the rows after a block)
     eta         [m, a]          s ⊙ η per group
     pairs       int64 [1]       1: dense_t and coef_t in the pair layout (below)
 
@@ -47,7 +49,7 @@ import torch
 
 from .base_delta_cpu import compute_dtype
 from .basis_residual_torch import PackedStarts, ProjectionWeights, materialise_mixed_right
-from .cpu_extension import cpu_ops, on_huge_pages, pair_layout, pair_rows, pairs_flag, row_blocks
+from .cpu_extension import cpu_ops, on_huge_pages, pair_layout, pair_rows, pairs_flag, row_blocks, with_tail
 
 class BasisResidualCpuLayout(NamedTuple):
     meta: torch.Tensor
@@ -100,7 +102,9 @@ def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeig
         coef_t, coef_starts = row_blocks(w.coef.T, at.expert_rank, pairs)
         for e, row in enumerate(meta):
             row += [right_rows[e], at.expert_rank[e], coef_starts[e]]
-        fields += [empty, on_huge_pages(right, dtype), on_huge_pages(coef_t, dtype),
+        if not pairs:  # zero tails: products on at::mm round ragged ranks up to shared shapes (with_tail)
+            coef_t = with_tail(coef_t, at.expert_rank, dtype)
+        fields += [empty, on_huge_pages(with_tail(right, at.basis_rank, dtype), dtype), on_huge_pages(coef_t, dtype),
                    on_huge_pages(w.scaled_eta, dtype)]
     # Visit experts by right factor (then by id): at decode one z = R x serves every member of a group.
     order = sorted(range(num_experts), key=lambda e: (meta[e][2], e))

@@ -22,6 +22,11 @@ Prepared layout (``SparseLowrankCpuLayout``): products into a smaller dimension 
     sparse_channels, lowrank_channels  int64, as packed
     pairs         int64 [1]      1: sd_t, lut, ldut and base_down_t in the pair layout
 
+In bf16/fp16, sgu, lv and the row-major sd_t and ldut may end in a few zero rows (``cpu_extension.with_tail``): their
+experts' blocks have ragged row counts (s, m and the ranks are per expert), and a product of one on ``at::mm`` is
+called with the block's rows rounded up to a shape the experts share (oneDNN compiles a kernel per shape), reading
+the rows after it: the next expert's, or for the last expert the tail.
+
 The expand-side tensors (sd_t, lut, ldut, base_down_t) are row-major, or, for bf16 where the op's prefill
 products run on AMX, in the pair layout (``cpu_extension.pair_rows``, per block: an expert's sparse down, its
 Ugᵀ, its Uuᵀ, its Udᵀ, the base down; an odd block padded with a zero row, counted by meta's offsets and, for the
@@ -38,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 from .base_delta_cpu import compute_dtype
-from .cpu_extension import cpu_ops, on_huge_pages, pair_layout, pair_rows, pairs_flag, row_blocks
+from .cpu_extension import cpu_ops, on_huge_pages, pair_layout, pair_rows, pairs_flag, row_blocks, with_tail
 from .sparse_lowrank_torch import PackedOffsets
 
 
@@ -82,14 +87,19 @@ def prepare(sparse_counts, lowrank_counts, ranks, sparse_gate_up, sparse_down, l
     def rows(t, index):
         return t[torch.cat(index)] if index else t[:0]
 
-    def prepared(t):
-        return on_huge_pages(t, dtype)
+    def prepared(t, block_rows=()):
+        """on_huge_pages; with block_rows (ragged row-major blocks), a zero tail (with_tail)"""
+        return on_huge_pages(with_tail(t, list(block_rows), dtype), dtype)
+
+    def expand_side(block_rows):  # the expand-side tensors' blocks take a tail only row-major
+        return () if pairs else block_rows
 
     return SparseLowrankCpuLayout(
-        torch.tensor(meta, dtype=torch.int64).reshape(len(at.s), 12), prepared(rows(sparse_gate_up, sgu_rows)),
-        prepared(sd_t), prepared(rows(lowrank_gate_up_v, lv_rows)),
+        torch.tensor(meta, dtype=torch.int64).reshape(len(at.s), 12),
+        prepared(rows(sparse_gate_up, sgu_rows), [2 * s for s in at.s]), prepared(sd_t, expand_side(at.s)),
+        prepared(rows(lowrank_gate_up_v, lv_rows), [kg + ku for kg, ku in zip(at.kg, at.ku)]),
         prepared(torch.cat(lut_blocks) if lut_blocks else lowrank_gate_up_u[:0]), prepared(lowrank_down_v),
-        prepared(ldut), prepared(row_blocks(base_down.T, [base_down.shape[1]], pairs)[0]),
+        prepared(ldut, expand_side(at.kd)), prepared(row_blocks(base_down.T, [base_down.shape[1]], pairs)[0]),
         sparse_channels.long().contiguous(), lowrank_channels.long().contiguous(), pairs_flag(pairs))
 
 

@@ -83,7 +83,7 @@ def test_small_product_matches_float64(rows, dtype):
     vector, 20 × 256 a reference-model expand); the 300 × 257 block
     is over it in every dtype (a block the size of real layers': rows longer than the prefetch distance), on the
     loops up to the row limit (4 rows in bf16, 8 else; at::mm above); 300 rows take at::mm everywhere, in bf16 with
-    the rows rounded up to 320 (gemm_rows). at::mm is also covered by the op tests' "at::mm only" runs. AMX off:
+    the rows rounded up to 320 (gemm_extent). at::mm is also covered by the op tests' "at::mm only" runs. AMX off:
     with it, bf16 products amx_product takes (projects of even inner size) leave the loops from 16 rows
     (kAmxCachedBlockRows)."""
     ops = cpu_extension.cpu_ops()
@@ -266,6 +266,47 @@ def test_sparse_lowrank_cpu_path_matches_float64_dense_math(case, small_row_limi
         assert error <= tolerance, (dtype, error)
 
 
+@pytest.mark.parametrize("blocks", [[37, 45, 53, 61], [61, 53, 45, 37], [7700, 3800, 12], [5, 0, 129], [30, 31]])
+def test_with_tail_appends_the_fewest_zero_rows_that_let_every_block_round(blocks):
+    """Every block's rows rounded up (gemm_extent) fit in the rows after its start; one zero row fewer would not
+    fit some block (none where no block rounds past the tensor); fp32 (MKL: nothing per shape) gets no tail."""
+    extent = cpu_extension.cpu_ops().gemm_extent
+    t = torch.randn(sum(blocks), 3, dtype=torch.bfloat16)
+    padded = cpu_extension.with_tail(t, blocks, torch.bfloat16)
+    assert torch.equal(padded[: len(t)], t) and not padded[len(t):].any()
+    starts = [sum(blocks[:e]) for e in range(len(blocks))]
+    assert all(start + extent(k) <= len(padded) for start, k in zip(starts, blocks))
+    assert len(padded) == max(len(t), *(start + extent(k) for start, k in zip(starts, blocks)))
+    assert len(cpu_extension.with_tail(t.float(), blocks, torch.float32)) == len(t)
+
+
+def test_sparse_lowrank_ragged_products_on_rounded_gemm_shapes_match_float64_dense_math():
+    """bf16 products on at::mm whose factor blocks have ragged row counts over 32 (sparse units 37–61 per expert,
+    ranks 39 and 41): gemm rounds each block's rows up to a shared shape (gemm_extent: 40, 48, 56, 64, 80–128 for
+    the gate/up rows), reading the next expert's rows or the layout's zero tail (with_tail) against zero columns of
+    the activations (expands) or into output columns it drops (projects); the last expert's blocks read the tail.
+    ~150 tokens per expert: above the loops' 64 rows for small blocks. AMX off before prepare (row-major blocks:
+    AMX's pair layout and amx_product do not round)."""
+    ops = cpu_extension.cpu_ops()
+    previous_amx = ops.set_amx_gemm(0)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        plan = [(37, 60, (20, 19, 41)), (45, 50, (20, 19, 41)), (53, 40, (20, 19, 41)), (61, 70, (20, 19, 41))]
+        layer = random_sparse_lowrank_layer(gen, 64, 160, plan, True)
+        x = torch.randn(300, 64, generator=gen, dtype=torch.float64)
+        ids, weights = routing(300, len(plan), 2, gen)
+        experts = [tuple(layer.dense_weight(e, p) for p in ("gate", "up", "down")) for e in range(len(plan))]
+        reference = dense_moe(x, ids, weights, experts)
+        packed = {k: t.to(torch.bfloat16) if t.is_floating_point() else t for k, t in layer.packed().items()}
+        layout = sparse_lowrank_cpu.prepare(**packed)
+        assert layout.sgu.shape[0] > 2 * sum(s for s, _, _ in plan)  # the zero tail the last expert rounds into
+        out = sparse_lowrank_cpu.sparse_lowrank_moe(x.to(torch.bfloat16), ids, weights, layout)
+        error = float((out.double() - reference).norm() / reference.norm())
+        assert error <= TOLERANCE[torch.bfloat16], error
+    finally:
+        ops.set_amx_gemm(previous_amx)
+
+
 BASIS_CASES = {
     # name: (tokens, top_k, experts, group size, hidden, intermediate, ranks, mixed, residual size, activation,
     #        tp, residual seed or None for the layer's own)
@@ -289,6 +330,10 @@ BASIS_CASES = {
                                                                       "down": [3, 5, 2]}, False, 0, "silu", 1, None),
     "top-1, identity": (20, 1, 4, 2, 24, 32, {"gate": [6, 3], "up": [2, 5], "down": [3, 4]}, False, 40, "identity",
                         1, None),
+    "ragged ranks over 32, ~100 tokens per expert (rounded GEMM shapes)": (400, 1, 4, 1, 96, 80,
+                                                                           {"gate": [37, 45, 53, 61],
+                                                                            "up": [33, 41, 49, 58]},
+                                                                           False, 0, "silu", 1, None),
     "~10 tokens per expert (GEMM), residual": (30, 1, 3, 1, 32, 24, {"gate": [4, 6, 3], "up": [5, 2, 7],
                                                                                   "down": [3, 4, 2]}, False, 37,
                                                           "silu", 1, None),

@@ -362,6 +362,9 @@ struct Block {
   const T* p;
   int64_t rows, cols;
   bool pairs = false;
+  // rows of the same tensor after the block that may be read (the next expert's, then the zero tail of
+  // kernels/cpu_extension.py's with_tail), so gemm can round a ragged block's rows up to a shared shape (row-major)
+  int64_t spare_rows = 0;
 };
 
 constexpr int64_t kPairTile = 64;  // columns per tile of the pair layout (cpu_extension.PAIR_TILE)
@@ -778,14 +781,15 @@ at::Tensor pair_block_rows(const T* p, int64_t k, int64_t cols) {
   return rows.narrow(0, 0, k);
 }
 
-// The rows gemm's bf16/fp16 at::mm is called with for n rows of a: n up to kGemmExactRows, else n rounded up to a
-// multiple of an eighth of the power of two at or below it (at least 8): 8 shapes per power of two, ≤ 12.5 %
-// zero rows. Rounding every n up to 16 rows made Qwen3-30B-A3B's 256-token base_delta call 19 % slower where
-// every shape was cached already (its experts' ~16 rows), up to 8 rows 8 %; taking a in pieces of at most 256 rows
-// made the reference model's 1,303-token prefill call 20 % slower (BENCHMARKS.md §10.24).
+// The extent gemm's bf16/fp16 at::mm is called with for an extent of n (a's rows, and a ragged block's rows: below):
+// n up to kGemmExactRows, else n rounded up to a multiple of an eighth of the power of two at or below it (at least
+// 8): 8 shapes per power of two, ≤ 12.5 % more. Rounding every n up to 16 rows made Qwen3-30B-A3B's 256-token
+// base_delta call 19 % slower where every shape was cached already (its experts' ~16 rows), up to 8 rows 8 %; taking
+// a in pieces of at most 256 rows made the reference model's 1,303-token prefill call 20 % slower (BENCHMARKS.md
+// §10.24).
 constexpr int64_t kGemmExactRows = 32;
 
-int64_t gemm_rows(int64_t n) {
+int64_t gemm_extent(int64_t n) {
   if (n <= kGemmExactRows) return n;
   const int64_t step = std::max<int64_t>(8, static_cast<int64_t>(c10::llvm::PowerOf2Floor(n)) / 8);
   return (n + step - 1) / step * step;
@@ -802,26 +806,34 @@ void gemm(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, bool transposed,
     if (on_amx<T>(b, transposed)) return amx_product(a, lda, n, b, transposed, y, ldy, accumulate);
   }
   const int64_t K = transposed ? b.cols : b.rows, N = transposed ? b.rows : b.cols;
-  // a block in the pair layout back to [K, N] rows: a copy, only where the AMX path was turned off after prepare
-  // (tests)
-  at::Tensor bt =
-      b.pairs ? pair_block_rows(b.p, K, N) : at::from_blob(const_cast<T*>(b.p), {b.rows, b.cols}, options_of<T>());
-  if (transposed) bt = bt.t();
   const at::Tensor av = at::from_blob(const_cast<A*>(a), {n, K}, {lda, 1}, options_of<A>());
   at::Tensor yv = at::from_blob(y, {n, N}, {ldy, 1}, options_of<A>());
   if constexpr (std::is_same_v<A, T>) {
+    at::Tensor bt = at::from_blob(const_cast<T*>(b.p), {b.rows, b.cols}, options_of<T>());
+    if (transposed) bt = bt.t();
     accumulate ? yv.addmm_(av, bt) : yv.copy_(at::mm(av, bt));
   } else {
     // bf16/fp16 at::mm is oneDNN's matmul, which creates (JIT-compiles) a primitive for every new shape: ~0.9 ms
     // each, and an expert's row count n (and a base product's, the call's tokens) is new at almost every prefill
     // call in an engine (the reference model served on the AVX-512 EPYC: 952 primitives made for this op in 13
-    // generations, 841 ms; BENCHMARKS.md §10.24). So n is rounded up with zero rows (gemm_rows): a few shapes
-    // per (K, N) and power of two of n, which oneDNN's primitive cache keeps.
-    const int64_t shape_rows = gemm_rows(n);
-    at::Tensor ar = at::empty({shape_rows, K}, options_of<T>());  // a's rows rounded to T, then zero rows
-    ar.narrow(0, 0, n).copy_(av);
+    // generations, 841 ms; BENCHMARKS.md §10.24). So n is rounded up with zero rows (gemm_extent), and so is a
+    // ragged block's extent (experts' sparse units, ranks: their own sizes per expert) where its tensor has the
+    // rows after it (Block::spare_rows): an expand's K reads those rows against zero columns of a, a project's N
+    // makes output columns that are dropped. A few shapes per power of two of each, which oneDNN's primitive cache
+    // keeps.
+    const int64_t shape_rows = gemm_extent(n), rounded = gemm_extent(b.rows);
+    const int64_t block_rows = !b.pairs && rounded <= b.rows + b.spare_rows ? rounded : b.rows;
+    const int64_t shape_k = transposed ? K : block_rows;
+    // a block in the pair layout back to [K, N] rows: a copy, only where the AMX path was turned off after prepare
+    // (tests)
+    at::Tensor bt = b.pairs ? pair_block_rows(b.p, K, N)
+                            : at::from_blob(const_cast<T*>(b.p), {block_rows, b.cols}, options_of<T>());
+    if (transposed) bt = bt.t();
+    at::Tensor ar = at::empty({shape_rows, shape_k}, options_of<T>());  // a rounded to T, then zero rows / columns
+    ar.narrow(0, 0, n).narrow(1, 0, K).copy_(av);
+    if (shape_k > K) ar.narrow(0, 0, n).narrow(1, K, shape_k - K).zero_();
     if (shape_rows > n) ar.narrow(0, n, shape_rows - n).zero_();
-    const at::Tensor prod = at::mm(ar, bt).narrow(0, 0, n);
+    const at::Tensor prod = at::mm(ar, bt).narrow(0, 0, n).narrow(1, 0, N);
     accumulate ? yv.add_(prod) : yv.copy_(prod);
   }
 }
@@ -1290,6 +1302,8 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const A* px = x.data;
   const T *psgu = sgu.data_ptr<T>(), *psd = sd_t.data_ptr<T>(), *plv = lv.data_ptr<T>(), *plut = lut.data_ptr<T>(),
           *pldv = ldv.data_ptr<T>(), *pldut = ldut.data_ptr<T>();
+  // rows of a [rows, H] tensor after its first `end` rows (Block::spare_rows: sparse units and ranks are per expert)
+  auto spare = [](const at::Tensor& t, int64_t end) { return t.size(0) - end; };
   const Routing<A> routing(topk_ids, topk_weights, E, T_);
   // per pair (Routing::slot): its expert's output [pairs, H] and, with a base (I > 0), its routing-weighted h on the
   // I channels [pairs, I] (zero on the channels the expert does not keep), summed per token for the base down
@@ -1336,19 +1350,19 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
         for (int64_t j = 0; j < cols; ++j) wh[t * I + channels[j]] += h[t * ldh + j];
     };
     if (ns) {  // h_S = w · silu(G_S x) ⊙ (U_S x); out += D_S h_S
-      project_rows<T>(xe, {psgu + 2 * sp * H, 2 * ns, H}, w.gu, 2 * ns);
+      project_rows<T>(xe, {psgu + 2 * sp * H, 2 * ns, H, false, spare(sgu, 2 * (sp + ns))}, w.gu, 2 * ns);
       swiglu(w.gu, 2 * ns, w.gu + ns, 2 * ns, n, ns, wt, w.gu, 2 * ns);
-      add_out(w.gu, 2 * ns, {psd + r[11] * H, ns, H, pairs});
+      add_out(w.gu, 2 * ns, {psd + r[11] * H, ns, H, pairs, spare(sd_t, r[11] + ns)});
       add_weighted_h(w.gu, 2 * ns, ns, sch + sp);
     }
     if (nm) {  // h_M = w · silu(Ug Vg x) ⊙ (Uu Vu x); out += Ud (Vd h_M)
-      project_rows<T>(xe, {plv + r[4] * H, kg + ku, H}, w.z, kg + ku);
+      project_rows<T>(xe, {plv + r[4] * H, kg + ku, H, false, spare(lv, r[4] + kg + ku)}, w.z, kg + ku);
       expand<T>(w.z, kg + ku, n, {plut + r[7], kg, nm, pairs}, w.gate, nm, false);  // rank 0: zeros
       expand<T>(w.z + kg, kg + ku, n, {plut + r[7] + stored_rows(kg, pairs) * nm, ku, nm, pairs}, w.up, nm, false);
       swiglu(w.gate, nm, w.up, nm, n, nm, wt, w.gate, nm);
       if (kd) {
         project<T>(w.gate, nm, n, {pldv + r[8], kd, nm}, w.zd, kd, false);
-        add_out(w.zd, kd, {pldut + r[9] * H, kd, H, pairs});
+        add_out(w.zd, kd, {pldut + r[9] * H, kd, H, pairs, spare(ldut, r[9] + kd)});
       }
       add_weighted_h(w.gate, nm, nm, lch + lc);
     }
@@ -1372,6 +1386,7 @@ template <typename T>
 struct Projection {
   const T *dense_t, *right, *coef_t, *eta;  // [E, in, out] (W_eᵀ) | [rows, in], [Σ K_e, out] (A_eᵀ), [m, a] (s ⊙ η)
   int64_t eta_size;                          // a (0: no residual)
+  int64_t right_rows, coef_rows;             // rows of right and coef_t (Block::spare_rows: ranks are per group)
 };
 
 // π(t) of kernels/residual_hash.py: the 32-bit hash of position t (< 2^32), modulo the residual size a; the
@@ -1429,7 +1444,8 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   int64_t max_rank = 0;
   for (int q = 0; q < 3; ++q) {
     auto ptr = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; };
-    projs[q] = {ptr(dense_t[q]), ptr(right[q]), ptr(coef_t[q]), ptr(eta[q]), eta[q].numel() ? eta[q].size(1) : 0};
+    projs[q] = {ptr(dense_t[q]), ptr(right[q]), ptr(coef_t[q]), ptr(eta[q]), eta[q].numel() ? eta[q].size(1) : 0,
+                right[q].numel() ? right[q].size(0) : 0, coef_t[q].numel() ? coef_t[q].size(0) : 0};
   }
   const Activations<A> x(x_in);
   const int64_t T_ = x_in.size(0), H = x_in.size(1), E = meta_in.size(0);
@@ -1475,10 +1491,12 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     const int64_t right_row = r[2 + 3 * q], rank = r[3 + 3 * q], coef_row = r[4 + 3 * q];
     A* z = w.z[q];
     if (!(single && q < 2 && w.cached_row[q] == right_row)) {
-      project<T>(inp, in, n, {p.right + right_row * in, rank, in}, z, rank, false);  // [n, K]
+      project<T>(inp, in, n, {p.right + right_row * in, rank, in, false, p.right_rows - right_row - rank}, z, rank,
+                 false);  // [n, K]
       if (single && q < 2) w.cached_row[q] = right_row;
     }
-    expand<T>(z, rank, n, {p.coef_t + coef_row * out, rank, out, pairs}, y, ldy, accumulate);
+    expand<T>(z, rank, n, {p.coef_t + coef_row * out, rank, out, pairs, p.coef_rows - coef_row - rank}, y, ldy,
+              accumulate);
     if (p.eta_size) {  // gate/up: rows of the full I × H matrix from lo; down: columns of H × I from lo
       const bool down = q == 2;
       const int64_t out_full = down ? H : full_i, in_full = down ? full_i : H;
@@ -1654,6 +1672,8 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
   // Whether the bf16 products above the loops' rows take amx_product now (prepare stores the expand-side bf16
   // factors in the pair layout where they do).
   m.def("amx_gemm() -> int", [] { return amx_gemm; });
+  // The extent a bf16/fp16 at::mm product is called with for an extent of n (gemm_extent): prepare's zero tails.
+  m.def("gemm_extent(int n) -> int", &gemm_extent);
   // a b through the same dispatch as the ops' products (tests and benchmarks of the loops alone).
   m.def("product(Tensor a, Tensor b) -> Tensor");
   // A contiguous copy of a tensor, in dtype, on 2 MiB-aligned memory advised for transparent huge pages (the
