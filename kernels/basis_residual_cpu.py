@@ -102,9 +102,9 @@ def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeig
         coef_t, coef_starts = row_blocks(w.coef.T, at.expert_rank, pairs)
         for e, row in enumerate(meta):
             row += [right_rows[e], at.expert_rank[e], coef_starts[e]]
-        if not pairs:  # zero tails: products on at::mm round ragged ranks up to shared shapes (with_tail)
-            coef_t = with_tail(coef_t, at.expert_rank, dtype)
-        fields += [empty, on_huge_pages(with_tail(right, at.basis_rank, dtype), dtype), on_huge_pages(coef_t, dtype),
+        # zero tails: products on at::mm round the ragged ranks up to shared shapes (with_tail)
+        fields += [empty, on_huge_pages(with_tail(right, at.basis_rank, dtype), dtype),
+                   on_huge_pages(with_tail(coef_t, at.expert_rank, dtype, pairs), dtype),
                    on_huge_pages(w.scaled_eta, dtype)]
     # Visit experts by right factor (then by id): at decode one z = R x serves every member of a group.
     order = sorted(range(num_experts), key=lambda e: (meta[e][2], e))

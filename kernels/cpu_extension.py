@@ -144,14 +144,15 @@ def on_huge_pages(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cpu_ops().huge_page_copy(t, dtype)
 
 
-def with_tail(t: torch.Tensor, block_rows: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """``t [Σ block_rows, N]`` (row-major blocks of ragged sizes: one per expert or group) with the fewest zero rows
-    appended, in bf16/fp16, that let the C++ ``gemm`` round every block's rows up to a shape the blocks share
+def with_tail(t: torch.Tensor, block_rows: list[int], dtype: torch.dtype, pairs: bool = False) -> torch.Tensor:
+    """``t [Σ block_rows, N]`` (blocks of ragged sizes: one per expert or group) with the fewest zero rows appended,
+    in bf16/fp16 and row-major (``pairs``: the pair layout, whose blocks ``gemm`` does not round, gets none), that
+    let the C++ ``gemm`` round every block's rows up to a shape the blocks share
     (``gemm_extent``: n up to 32, else at most an eighth more), reading the rows after the block
     (``Block::spare_rows``: the next blocks', then the tail). bf16/fp16 ``at::mm`` is oneDNN's, which compiles a
     kernel per new shape: RS-MoE's ragged sparse-unit counts made Qwen3-30B-A3B's 256-token prefill call 1.6–2.1×
     slower where routings did not repeat (BENCHMARKS.md §10.26)."""
-    if dtype not in (torch.bfloat16, torch.float16):
+    if pairs or dtype not in (torch.bfloat16, torch.float16):
         return t
     extent, after, tail = cpu_ops().gemm_extent, 0, 0
     for rows in reversed(block_rows):  # after: the rows of the blocks after this one

@@ -87,19 +87,16 @@ def prepare(sparse_counts, lowrank_counts, ranks, sparse_gate_up, sparse_down, l
     def rows(t, index):
         return t[torch.cat(index)] if index else t[:0]
 
-    def prepared(t, block_rows=()):
-        """on_huge_pages; with block_rows (ragged row-major blocks), a zero tail (with_tail)"""
-        return on_huge_pages(with_tail(t, list(block_rows), dtype), dtype)
-
-    def expand_side(block_rows):  # the expand-side tensors' blocks take a tail only row-major
-        return () if pairs else block_rows
+    def prepared(t, block_rows=(), in_pairs=False):
+        """on_huge_pages; with block_rows (ragged blocks), a zero tail (with_tail)"""
+        return on_huge_pages(with_tail(t, list(block_rows), dtype, in_pairs), dtype)
 
     return SparseLowrankCpuLayout(
         torch.tensor(meta, dtype=torch.int64).reshape(len(at.s), 12),
-        prepared(rows(sparse_gate_up, sgu_rows), [2 * s for s in at.s]), prepared(sd_t, expand_side(at.s)),
+        prepared(rows(sparse_gate_up, sgu_rows), [2 * s for s in at.s]), prepared(sd_t, at.s, pairs),
         prepared(rows(lowrank_gate_up_v, lv_rows), [kg + ku for kg, ku in zip(at.kg, at.ku)]),
         prepared(torch.cat(lut_blocks) if lut_blocks else lowrank_gate_up_u[:0]), prepared(lowrank_down_v),
-        prepared(ldut, expand_side(at.kd)), prepared(row_blocks(base_down.T, [base_down.shape[1]], pairs)[0]),
+        prepared(ldut, at.kd, pairs), prepared(row_blocks(base_down.T, [base_down.shape[1]], pairs)[0]),
         sparse_channels.long().contiguous(), lowrank_channels.long().contiguous(), pairs_flag(pairs))
 
 

@@ -367,6 +367,13 @@ struct Block {
   int64_t spare_rows = 0;
 };
 
+// Rows [first, first + rows) of a prepared tensor of total_rows rows of cols values (first counted in stored rows),
+// the rows after them its spare rows.
+template <typename T>
+Block<T> row_block(const T* p, int64_t total_rows, int64_t first, int64_t rows, int64_t cols, bool pairs = false) {
+  return {p + first * cols, rows, cols, pairs, total_rows - first - rows};
+}
+
 constexpr int64_t kPairTile = 64;  // columns per tile of the pair layout (cpu_extension.PAIR_TILE)
 
 // The rows a block of k rows takes in its prepared tensor: k, or k rounded up to even in the pair layout.
@@ -1302,8 +1309,6 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const A* px = x.data;
   const T *psgu = sgu.data_ptr<T>(), *psd = sd_t.data_ptr<T>(), *plv = lv.data_ptr<T>(), *plut = lut.data_ptr<T>(),
           *pldv = ldv.data_ptr<T>(), *pldut = ldut.data_ptr<T>();
-  // rows of a [rows, H] tensor after its first `end` rows (Block::spare_rows: sparse units and ranks are per expert)
-  auto spare = [](const at::Tensor& t, int64_t end) { return t.size(0) - end; };
   const Routing<A> routing(topk_ids, topk_weights, E, T_);
   // per pair (Routing::slot): its expert's output [pairs, H] and, with a base (I > 0), its routing-weighted h on the
   // I channels [pairs, I] (zero on the channels the expert does not keep), summed per token for the base down
@@ -1350,19 +1355,19 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
         for (int64_t j = 0; j < cols; ++j) wh[t * I + channels[j]] += h[t * ldh + j];
     };
     if (ns) {  // h_S = w · silu(G_S x) ⊙ (U_S x); out += D_S h_S
-      project_rows<T>(xe, {psgu + 2 * sp * H, 2 * ns, H, false, spare(sgu, 2 * (sp + ns))}, w.gu, 2 * ns);
+      project_rows<T>(xe, row_block(psgu, sgu.size(0), 2 * sp, 2 * ns, H), w.gu, 2 * ns);
       swiglu(w.gu, 2 * ns, w.gu + ns, 2 * ns, n, ns, wt, w.gu, 2 * ns);
-      add_out(w.gu, 2 * ns, {psd + r[11] * H, ns, H, pairs, spare(sd_t, r[11] + ns)});
+      add_out(w.gu, 2 * ns, row_block(psd, sd_t.size(0), r[11], ns, H, pairs));
       add_weighted_h(w.gu, 2 * ns, ns, sch + sp);
     }
     if (nm) {  // h_M = w · silu(Ug Vg x) ⊙ (Uu Vu x); out += Ud (Vd h_M)
-      project_rows<T>(xe, {plv + r[4] * H, kg + ku, H, false, spare(lv, r[4] + kg + ku)}, w.z, kg + ku);
+      project_rows<T>(xe, row_block(plv, lv.size(0), r[4], kg + ku, H), w.z, kg + ku);
       expand<T>(w.z, kg + ku, n, {plut + r[7], kg, nm, pairs}, w.gate, nm, false);  // rank 0: zeros
       expand<T>(w.z + kg, kg + ku, n, {plut + r[7] + stored_rows(kg, pairs) * nm, ku, nm, pairs}, w.up, nm, false);
       swiglu(w.gate, nm, w.up, nm, n, nm, wt, w.gate, nm);
       if (kd) {
         project<T>(w.gate, nm, n, {pldv + r[8], kd, nm}, w.zd, kd, false);
-        add_out(w.zd, kd, {pldut + r[9] * H, kd, H, pairs, spare(ldut, r[9] + kd)});
+        add_out(w.zd, kd, row_block(pldut, ldut.size(0), r[9], kd, H, pairs));
       }
       add_weighted_h(w.gate, nm, nm, lch + lc);
     }
@@ -1491,12 +1496,10 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
     const int64_t right_row = r[2 + 3 * q], rank = r[3 + 3 * q], coef_row = r[4 + 3 * q];
     A* z = w.z[q];
     if (!(single && q < 2 && w.cached_row[q] == right_row)) {
-      project<T>(inp, in, n, {p.right + right_row * in, rank, in, false, p.right_rows - right_row - rank}, z, rank,
-                 false);  // [n, K]
+      project<T>(inp, in, n, row_block(p.right, p.right_rows, right_row, rank, in), z, rank, false);  // [n, K]
       if (single && q < 2) w.cached_row[q] = right_row;
     }
-    expand<T>(z, rank, n, {p.coef_t + coef_row * out, rank, out, pairs, p.coef_rows - coef_row - rank}, y, ldy,
-              accumulate);
+    expand<T>(z, rank, n, row_block(p.coef_t, p.coef_rows, coef_row, rank, out, pairs), y, ldy, accumulate);
     if (p.eta_size) {  // gate/up: rows of the full I × H matrix from lo; down: columns of H × I from lo
       const bool down = q == 2;
       const int64_t out_full = down ? H : full_i, in_full = down ? full_i : H;
