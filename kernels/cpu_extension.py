@@ -4,7 +4,8 @@
 backend already needs for its compiled mode) into ``$MOE_COMPRESS_CPU_BUILD`` (default
 ``~/.cache/vllm_moe_compress/cpu-<torch version>-<CPU tag>``) with ``-O3 -march=native -fopenmp`` (the small-product
 loops are vectorised for this CPU's ISA: AVX-512 on the EPYC this project runs on now, AVX2 + FMA on its
-earlier one; no intrinsics, so any ISA builds), once per source change; later processes load the cached
+earlier one; intrinsics only where the compiler defines ``__AVX512BF16__``, for the bf16 dot products of
+``bf16_dots``, so any ISA builds), once per source change; later processes load the cached
 library (~0.1 s). Concurrent first builds (vLLM's worker processes, parallel tests) wait on torch's build
 lock. The ops register as ``torch.ops.moe_compress_cpu.*``; the MoE ops (``MOE_OPS``) also get a fake
 implementation, so the plugin can call them straight from vLLM's compiled graph (Dynamo traces them with fake

@@ -7,7 +7,10 @@ rows, kernels/csrc/lowrank_moe_cpu.cpp) on a layout copied onto huge pages, the 
 over 2 threads, and with at::mm everywhere (limit 0, AMX off); on CPUs with AMX-BF16 a fourth time with every even-K
 bf16 product on AMX tiles (limit 0, ``set_amx_gemm(1)``), and the loops' runs use AMX above the limit as the plugin
 does; the "~10 tokens per expert" cases put experts over the limit (GEMM) in the loops' runs, the "18 experts" /
-"16 experts" cases at ~67–75 tokens each put experts over 64 rows, split over the threads for their number alone. ``test_amx_pair_layout_matches_float64_dense_math``:
+"16 experts" cases at ~67–75 tokens each put experts over 64 rows, split over the threads for their number alone.
+Where the op is built for AVX512-BF16, the loops' runs take bf16 projects of 5–32 rows on its dot products
+(bf16_dots: K not a multiple of 32, rows of B not a multiple of 4, more than 8 rows of a all occur in these cases).
+``test_amx_pair_layout_matches_float64_dense_math``:
 the pair layout of the AMX path at ≥ 16 rows per expert (brgemm) and at 1–4 (the loops), factor blocks over its
 chunk sizes, odd ranks and intermediate sizes, per scheme."""
 

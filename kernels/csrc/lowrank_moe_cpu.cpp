@@ -33,6 +33,10 @@
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)  // AVX512-BF16 dot products: bf16_dots
+#include <immintrin.h>
+#define MOE_COMPRESS_BF16_DOTS 1
+#endif
 #if defined(__x86_64__) && __has_include(<fbgemm/Utils.h>)  // x86 torch builds ship FBGEMM (transpose32)
 #include <fbgemm/Utils.h>
 #define MOE_COMPRESS_FBGEMM_TRANSPOSE 1
@@ -50,11 +54,13 @@ namespace {
 // the rows of B ahead of their loads (kPrefetchBytes). Written with ATen's at::vec::Vectorized (the ISA torch
 // dispatches to here: kernels/cpu_extension.py); measured against at::mm (MKL) in docs/kernels.md. Larger n take gemm
 // (at::mm, or amx_product for bf16 on AMX CPUs). bf16/fp16 factors (kept by prepare on CPUs with native bf16/fp16) are
-// read as such and summed in fp32; a and y are always in the accumulation type.
+// read as such and summed in fp32; a and y are in the accumulation type, except in bf16_dots (a rounded to bf16).
 
 // bf16/fp16: fp32 FMAs on converted values become compute-bound sooner than a native bf16 GEMM (AVX512-BF16
 // dot products: 2 products per lane and instruction): on the AVX-512 EPYC oneDNN was faster at 8 rows, the
 // loops at ≤ 4 (docs/kernels.md), where the product has every thread (one that runs on one thread: on_loops).
+// A bf16 project of more rows, where the op is built for AVX512-BF16, takes bf16_dots, which stays faster than
+// oneDNN up to kDotRowLimit rows.
 constexpr int64_t kReducedRowLimit = 4;
 
 int64_t small_row_limit = 8;  // set_small_row_limit (process-wide; not for use during a forward): tests and
@@ -172,6 +178,88 @@ void dots_rows(const AccT<T>* a, int64_t lda, int64_t n, const T* b, int64_t N, 
     }
   }
 }
+
+#ifdef MOE_COMPRESS_BF16_DOTS
+// The dot form on AVX512-BF16's dot-product instruction (vdpbf16ps: in each fp32 lane of the sum, two bf16
+// products of adjacent k): y[t, j] (+)= Σ_k a[t, k] b[j, k] for t < R and the J rows j0 ≤ j < j0 + J of b [N, K]
+// (contiguous rows), a [R, K] in bf16 (row stride lda). Each 64-byte load of b feeds R instructions of 32
+// multiply-adds; R · J sums stay in registers over the whole K; a K that is not a multiple of 32 ends with masked
+// (zeroing) loads. ATen's at::vec has no bf16 dot product, and oneDNN's bf16 GEMM (at::mm) repacks the factor per
+// call: at Mixtral-8x7B's base gate/up ([8, 4096] × [4096, 28,672]ᵀ, 2 threads, AVX-512 EPYC) this form took
+// 6.4–8.2 ms against at::mm's 13.6–15.1 and the fp32 FMA form's 18–21 (docs/kernels.md). The sums must stay
+// in registers: the same loop with its step in a lambda (the body and the masked tail as two calls of it) took
+// 17.8 ms, slower than at::mm.
+template <int R, int J>
+void bf16_dot_block(const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b, int64_t j0, int64_t K, float* y,
+                    int64_t ldy, bool accumulate) {
+  __m512 acc[J][R];
+  for (int q = 0; q < J; ++q)
+    for (int t = 0; t < R; ++t) acc[q][t] = _mm512_setzero_ps();
+  const int64_t body = K - K % 32;
+  for (int64_t k = 0; k < body; k += 32) {
+    const int64_t f = k + prefetch_ahead<c10::BFloat16>();  // the same place kPrefetchBytes on, in these rows or
+    const c10::BFloat16* next = f < K ? b + j0 * K + f : b + (j0 + J) * K + (f - K);  // the next J
+    for (int q = 0; q < J; ++q) prefetch(next + q * K);
+    __m512i w[J];
+    for (int q = 0; q < J; ++q) w[q] = _mm512_loadu_si512(b + (j0 + q) * K + k);
+    for (int t = 0; t < R; ++t) {
+      const __m512bh x = (__m512bh)_mm512_loadu_si512(a + t * lda + k);
+      for (int q = 0; q < J; ++q) acc[q][t] = _mm512_dpbf16_ps(acc[q][t], x, (__m512bh)w[q]);
+    }
+  }
+  if (body < K) {  // the last K % 32 columns, on zeroing masked loads
+    const __mmask32 mask = (__mmask32(1) << (K - body)) - 1;
+    for (int t = 0; t < R; ++t) {
+      const __m512bh x = (__m512bh)_mm512_maskz_loadu_epi16(mask, a + t * lda + body);
+      for (int q = 0; q < J; ++q)
+        acc[q][t] = _mm512_dpbf16_ps(acc[q][t], x, (__m512bh)_mm512_maskz_loadu_epi16(mask, b + (j0 + q) * K + body));
+    }
+  }
+  for (int q = 0; q < J; ++q)
+    for (int t = 0; t < R; ++t) {
+      float& out = y[t * ldy + j0 + q];
+      const float sum = _mm512_reduce_add_ps(acc[q][t]);
+      out = accumulate ? out + sum : sum;
+    }
+}
+
+// Tokens per bf16_dot_block: 8 × 4 sums (the whole register file; 8 tokens at a time beat 4 or 2 by 10–30 %).
+constexpr int kDotTokens = 8;
+
+template <int J>
+void bf16_dot_tokens(const c10::BFloat16* a, int64_t lda, int64_t tokens, const c10::BFloat16* b, int64_t j0,
+                     int64_t K, float* y, int64_t ldy, bool accumulate) {
+  switch (tokens) {
+    case 8: return bf16_dot_block<8, J>(a, lda, b, j0, K, y, ldy, accumulate);
+    case 7: return bf16_dot_block<7, J>(a, lda, b, j0, K, y, ldy, accumulate);
+    case 6: return bf16_dot_block<6, J>(a, lda, b, j0, K, y, ldy, accumulate);
+    case 5: return bf16_dot_block<5, J>(a, lda, b, j0, K, y, ldy, accumulate);
+    case 4: return bf16_dot_block<4, J>(a, lda, b, j0, K, y, ldy, accumulate);
+    case 3: return bf16_dot_block<3, J>(a, lda, b, j0, K, y, ldy, accumulate);
+    case 2: return bf16_dot_block<2, J>(a, lda, b, j0, K, y, ldy, accumulate);
+    default: return bf16_dot_block<1, J>(a, lda, b, j0, K, y, ldy, accumulate);
+  }
+}
+
+// y = a bᵀ (dots_rows' contract) for bf16 b on the dot-product instruction; a (fp32) is rounded to bf16 rows
+// (abf, n × K) first, as oneDNN's bf16 GEMM and vLLM's bf16 kernels round activations. Per 4 rows of b the
+// tokens kDotTokens at a time (a later group re-reads the 4 rows, 32 KiB at K = 4096, from L1/L2).
+void bf16_dots(const float* a, int64_t lda, int64_t n, const c10::BFloat16* b, int64_t N, int64_t K, float* y,
+               int64_t ldy, bool accumulate, c10::BFloat16* abf) {
+  for (int64_t t = 0; t < n; ++t) at::vec::convert(a + t * lda, abf + t * K, K);
+  for (int64_t j = 0; j < N; j += 4) {
+    const bool whole = j + 4 <= N;
+    for (int64_t t = 0; t < n; t += kDotTokens) {
+      const int64_t tokens = std::min<int64_t>(kDotTokens, n - t);
+      if (whole) {
+        bf16_dot_tokens<4>(abf + t * K, K, tokens, b, j, K, y + t * ldy, ldy, accumulate);
+      } else {
+        for (int64_t q = j; q < N; ++q) bf16_dot_tokens<1>(abf + t * K, K, tokens, b, q, K, y + t * ldy, ldy, accumulate);
+      }
+    }
+  }
+}
+#endif
 
 // The loop of the axpy form: y[t, :] (+)= Σ_k a[t, k] b[k, :] for t < n, a [n, K] with row stride lda, y [n, N]
 // with row stride ldy. b is streamed four rows at a time, each vector of them formed once and used for all n rows of
@@ -417,16 +505,37 @@ constexpr int64_t kAmxCachedBlockRows = 15;
 // basis_residual's 8 tokens were 15 % slower (its experts' 117 MB dense down on the loops; BENCHMARKS.md §10.25).
 constexpr int64_t kOneThreadBlockBytes = 4 << 20;
 
+// A bf16 project on bf16_dots stays on the loops up to kDotRowLimit rows (where the loops are on: small_row_limit
+// > 0): the block read from memory once, each 4 of its rows re-read from cache per 8 rows of a. Against oneDNN's GEMM
+// (at::mm, which repacks the factor per call) on the AVX-512 EPYC, 2 threads: Mixtral-8x7B's base gate/up
+// ([28,672, 4096]) 8.2 / 11.2 / 21.3 ms against 13.6 / 17.4 / 27.9 at 8 / 16 / 32 rows, an expert's [1600, 2048]
+// block of Qwen3-30B-A3B 0.20 / 0.39 / 0.77 against 0.39 / 0.57 / 0.86 ms; at 64 rows the two were even
+// (docs/kernels.md).
+constexpr int64_t kDotRowLimit = 32;
+
+// Whether a bf16 project on the loops takes bf16_dots (built for AVX512-BF16).
+template <typename T>
+constexpr bool kBf16Dots =
+#ifdef MOE_COMPRESS_BF16_DOTS
+    std::is_same_v<T, c10::BFloat16>;
+#else
+    false;
+#endif
+
 // Whether y = a Bᵀ (transposed) or a B for a of n rows and the block b goes through the loops (else gemm).
 template <typename T>
 bool on_loops(int64_t n, Block<T> b, bool transposed) {
   const bool amx = on_amx<T>(b, transposed);
   const int64_t bytes = b.rows * b.cols * static_cast<int64_t>(sizeof(T));
-  // bf16/fp16 stop at kReducedRowLimit unless at::mm would run on one thread over a block ≤ kOneThreadBlockBytes
-  const bool reduced_limit = c10::is_reduced_floating_point_v<T> &&
+  // bf16/fp16 stop at kReducedRowLimit unless at::mm would run on one thread over a block ≤ kOneThreadBlockBytes;
+  // a bf16 project on bf16_dots (where AMX tiles would not take it) goes on to kDotRowLimit
+  const bool dots = transposed && kBf16Dots<T> && !amx;
+  const bool reduced_limit = c10::is_reduced_floating_point_v<T> && !dots &&
                              (amx || bytes > kOneThreadBlockBytes ||
                               !(at::in_parallel_region() || at::get_num_threads() == 1));
-  const int64_t rows = reduced_limit ? std::min(small_row_limit, kReducedRowLimit) : small_row_limit;
+  const int64_t rows = reduced_limit                          ? std::min(small_row_limit, kReducedRowLimit)
+                       : dots && small_row_limit > 0 ? std::max(small_row_limit, kDotRowLimit)
+                                                              : small_row_limit;
   return n <= rows || (small_row_limit > 0 && n <= (amx ? kAmxCachedBlockRows : kCachedBlockRows) &&
                        bytes <= kCachedBlockBytes);
 }
@@ -452,14 +561,14 @@ at::TensorOptions options_of() {
 // the calling thread: kCallSlot; an expert's work buffers, on each thread visiting experts: kWorkSlot; the
 // activations converted to the accumulation type: kInputSlot; amx_product's activations in bf16, on the thread that
 // calls it: kPackSlot, and its output chunks, on each thread of its parallel region: kChunkSlot; a project's factor
-// packed as an expand's: kFactorSlot), grown to the
-// largest request up to kKeptScratchBytes. Fresh memory for every call's buffers (a prefill call's per-pair outputs
+// packed as an expand's: kFactorSlot; bf16_dots' activations in bf16, on each thread of a project: kDotSlot), grown
+// to the largest request up to kKeptScratchBytes. Fresh memory for every call's buffers (a prefill call's per-pair outputs
 // are megabytes) cost a page fault per 4 KiB on first touch and the heap's trimming on free: 13 % of a prefill
 // call's samples at the reference model's shapes (perf, one thread, BENCHMARKS.md §10.21). The blocks live as long
 // as their threads: at most kSlots × kKeptScratchBytes per thread, in practice the largest call's buffers (the
 // reference model's 1,303-token prefill: ~11 MB; Mixtral-8x7B at 256 tokens: ~95 MB, and 7 MB of amx_product's
 // activations: the base down's 256 × 14,336 in bf16, a fresh allocation per call before).
-enum Slot { kCallSlot, kWorkSlot, kInputSlot, kPackSlot, kChunkSlot, kFactorSlot, kSlots };
+enum Slot { kCallSlot, kWorkSlot, kInputSlot, kPackSlot, kChunkSlot, kFactorSlot, kDotSlot, kSlots };
 constexpr size_t kKeptScratchBytes = size_t(256) << 20;
 
 // Every buffer starts on a cache line (kLine bytes): a vector store that straddles two lines costs two (malloc's
@@ -879,6 +988,14 @@ void project(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, i
   const int64_t width = column_block(n, N, K);
   at::parallel_for(0, (N + width - 1) / width, 1, [&](int64_t c0, int64_t c1) {
     const int64_t lo = c0 * width, cols = std::min(N, c1 * width) - lo;
+#ifdef MOE_COMPRESS_BF16_DOTS
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (n > kReducedRowLimit) {  // at ≤ 4 rows the fp32 FMAs were as fast, 5–10 % faster in the op (one thread)
+        const Arena<c10::BFloat16, 1> abf(kDotSlot, {n * K});
+        return bf16_dots(a, lda, n, b.p + lo * K, cols, K, y + lo, ldy, accumulate, std::get<0>(abf.buffers()));
+      }
+    }
+#endif
     dots_rows<T>(a, lda, n, b.p + lo * K, cols, K, y + lo, ldy, accumulate);
   });
 }
