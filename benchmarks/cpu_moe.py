@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import statistics
 import subprocess
@@ -60,10 +61,11 @@ from unittest import mock
 
 import torch
 
-from benchmarks.kernels import MODELS, SCHEMES, ModelShape, torch_dense_moe, write_atomically
+from benchmarks.kernels import MODELS, SCHEMES, ModelShape, check_reachable, torch_dense_moe, write_atomically
 from vllm_moe_compress import request_amx_tile_state
 from vllm_moe_compress.kernels import cpu_extension
 from vllm_moe_compress.kernels.base_delta_cpu import compute_dtype
+from vllm_moe_compress.offline.budget import UnreachableRatioError
 
 MODELS = {**MODELS, "brown-qwen3-moe": ModelShape(4, 256, 128, 32, 4, 8192, 4, 2, 64, qk_norm=True)}
 
@@ -314,6 +316,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_moe.md"))
     args = parser.parse_args()
+    for name, scheme, ratio in itertools.product(args.models, args.schemes, args.ratios):
+        try:  # before any timing: a run stopped half-way writes no table
+            check_reachable(scheme, MODELS[name], ratio)
+        except UnreachableRatioError as e:
+            parser.error(f"{name}, {scheme}: {e}")
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(["lscpu"], capture_output=True, text=True)

@@ -117,10 +117,15 @@ def rs_units(model: ModelShape, ratio: float, gen: torch.Generator) -> UnitPlan:
                            method.opts.lowrank_share, frequencies)
 
 
+def rfid_method(residual: bool) -> RFIDMoE:
+    """RFID-MoE as the basis_residual builders plan it: a 3 % hashed residual, or none."""
+    return RFIDMoE(RFIDOptions(residual_fraction=0.03 if residual else 0.0))
+
+
 def rfid_group_ranks(model: ModelShape, ratio: float, residual: bool, gen: torch.Generator):
     """RFID-MoE's per-group basis ranks of gate and up (down dense), its residual size a and group size k for
     one layer at ``ratio``, on random group importances."""
-    method, shape = RFIDMoE(RFIDOptions(residual_fraction=0.03 if residual else 0.0)), model.layer
+    method, shape = rfid_method(residual), model.layer
     extra = method.extra_ranks(layer_budget(model, ratio, method), shape)
     num_groups = method.num_groups(shape)
     importance = torch.rand(num_groups, generator=gen).tolist()
@@ -262,6 +267,17 @@ def basis_residual_layer(model: ModelShape, ratio: float, seed: int, dtype, devi
 SCHEMES = {"base_delta": base_delta_layer, "sparse_lowrank": sparse_lowrank_layer,
            "basis_residual": partial(basis_residual_layer, residual=True),
            "basis_residual_no_residual": partial(basis_residual_layer, residual=False)}
+
+SCHEME_METHODS = {"base_delta": D2MoE, "sparse_lowrank": RSMoE,
+                  "basis_residual": partial(rfid_method, residual=True),
+                  "basis_residual_no_residual": partial(rfid_method, residual=False)}
+"""Scheme -> the compression method whose budget its builder plans (``layer_budget``)."""
+
+
+def check_reachable(scheme: str, model: ModelShape, ratio: float) -> None:
+    """Raise ``UnreachableRatioError`` (its message names the reachable range) if ``scheme``'s method cannot reach
+    ``ratio`` on ``model``: cheap (the budget plan only), so a benchmark can check every cell before timing any."""
+    layer_budget(model, ratio, SCHEME_METHODS[scheme]())
 
 
 def torch_dense_moe(x, w13, w2, topk_weights, topk_ids):

@@ -775,6 +775,20 @@ def test_benchmark_rounds_take_routings_no_earlier_round_took():
         assert taken == [0] + list(range(6))  # the warm-up call, then each input once
 
 
+def test_benchmark_stops_with_one_line_before_timing_when_a_scheme_cannot_reach_a_ratio(tmp_path):
+    """``benchmarks/cpu_moe.py`` checks every (model, scheme, ratio) before it builds or times anything: RFID-MoE
+    cannot reach 60 % on the reference model, so the run stops at once with the reachable range, and writes no
+    table (before, the schemes ahead of it were timed and their rows lost when it raised)."""
+    out = tmp_path / "cpu_moe.md"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.cpu_moe", "--models", "brown-qwen3-moe", "--schemes",
+                          "base_delta", "basis_residual", "--ratios", "0.6", "--tokens", "8", "--out", str(out)],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "cpu_moe.py: error: brown-qwen3-moe, basis_residual: method rfid cannot reach ratio 0.6000")
+    assert "reachable ratios are [0.0000, 0.4" in run.stderr and not out.exists()
+
+
 def test_engine_call_recordings_round_trip_and_replay_by_call_size(tmp_path, monkeypatch):
     """``benchmarks/engine_calls.py``: a recording keeps each layer's op arguments (tensors, and the scalars after
     them) and every call in order, each tensor loaded 64-byte aligned, and is refused where this checkout's pair
