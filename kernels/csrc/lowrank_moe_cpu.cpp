@@ -254,7 +254,8 @@ void bf16_dots(const float* a, int64_t lda, int64_t n, const c10::BFloat16* b, i
       if (whole) {
         bf16_dot_tokens<4>(abf + t * K, K, tokens, b, j, K, y + t * ldy, ldy, accumulate);
       } else {
-        for (int64_t q = j; q < N; ++q) bf16_dot_tokens<1>(abf + t * K, K, tokens, b, q, K, y + t * ldy, ldy, accumulate);
+        for (int64_t q = j; q < N; ++q)
+          bf16_dot_tokens<1>(abf + t * K, K, tokens, b, q, K, y + t * ldy, ldy, accumulate);
       }
     }
   }
@@ -562,9 +563,9 @@ at::TensorOptions options_of() {
 // activations converted to the accumulation type: kInputSlot; amx_product's activations in bf16, on the thread that
 // calls it: kPackSlot, and its output chunks, on each thread of its parallel region: kChunkSlot; a project's factor
 // packed as an expand's: kFactorSlot; bf16_dots' activations in bf16, on each thread of a project: kDotSlot), grown
-// to the largest request up to kKeptScratchBytes. Fresh memory for every call's buffers (a prefill call's per-pair outputs
-// are megabytes) cost a page fault per 4 KiB on first touch and the heap's trimming on free: 13 % of a prefill
-// call's samples at the reference model's shapes (perf, one thread, BENCHMARKS.md §10.21). The blocks live as long
+// to the largest request up to kKeptScratchBytes. Fresh memory for every call's buffers (a prefill call's per-pair
+// outputs are megabytes) cost a page fault per 4 KiB on first touch and the heap's trimming on free: 13 % of a
+// prefill call's samples at the reference model's shapes (perf, one thread, BENCHMARKS.md §10.21). The blocks live as long
 // as their threads: at most kSlots × kKeptScratchBytes per thread, in practice the largest call's buffers (the
 // reference model's 1,303-token prefill: ~11 MB; Mixtral-8x7B at 256 tokens: ~95 MB, and 7 MB of amx_product's
 // activations: the base down's 256 × 14,336 in bf16, a fresh allocation per call before).
