@@ -24,7 +24,8 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
   layouts were before ``on_huge_pages``). A source from before the pair layout (its ops take no ``pairs``) gets
   a second layout, prepared row-major, in its arguments (``rows_layout``: one more copy of the factors); one from
   before the pair layout's column tiles (no ``kPairTile``) a second layout with its pair rows across each block's
-  whole width (``untiled_layout``), as it reads them;
+  whole width (``untiled_layout``), as it reads them; one from before ``base_down_projected`` its bf16 base
+  down as Bᵀ (``base_down_as_before``: one more copy of the base down);
 - ``torch op``: the scheme's torch path (``kernels/<scheme>_torch.py``, what the plugin called before);
 - ``vLLM dense``: vLLM CPU's own unquantized fused MoE, as ``CPUUnquantizedExperts`` calls it: weights
   prepacked once with ``cpu_prepack_moe_weight(w, isa)``, then ``cpu_fused_moe(out, x, w13, w2, None, None,
@@ -199,8 +200,17 @@ def rows_layout(module, scheme: str, args) -> list[torch.Tensor]:
         layout = module.prepare(*args)
     finally:
         cpu_ops().set_amx_gemm(previous)
-    fields = layout._replace(meta=layout.meta[:, :OLD_META_COLUMNS[scheme]].contiguous())
+    fields = base_down_as_before(layout)._replace(meta=layout.meta[:, :OLD_META_COLUMNS[scheme]].contiguous())
     return list(fields)[:-1]
+
+
+def base_down_as_before(layout):
+    """``layout`` with its base down as Bᵀ [C, H], as the ops from before ``base_down_projected`` read it (they
+    expand it; this op projects B [H, C] where ``base_down_projected``); other layouts as they are."""
+    if "base_down" not in layout._fields or not cpu_extension.base_down_projected(layout.base_down.dtype,
+                                                                                  bool(layout.pairs.item())):
+        return layout
+    return layout._replace(base_down=layout.base_down.t().contiguous())
 
 
 def untiled_layout(module, args):
@@ -261,8 +271,11 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
             source_text = compare_source.read_text()
             if "Tensor pairs" not in source_text:
                 before = rows_layout(module, CPU_PATHS[scheme], layer.torch_args)
-            elif "kPairTile" not in source_text:
-                before = untiled_layout(module, layer.torch_args)
+            else:
+                if "kPairTile" not in source_text:
+                    before = untiled_layout(module, layer.torch_args)
+                if "base_down_projected" not in source_text:
+                    before = base_down_as_before(before)
             paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *before, *extra), **paths}
             elem[name] = elem["ours"]
 

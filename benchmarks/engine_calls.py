@@ -28,7 +28,8 @@ benchmark's random inputs cost (BENCHMARKS.md §10.20). ``in-engine`` times each
 (the same workload, a warm-up generation, then ``--generations`` timed ones): replayed back to back the calls
 find the op's data and threads as the previous call left them, in the engine after the model's other ops
 (BENCHMARKS.md §10.22). A compressed recording holds the prepared layout as this
-checkout wrote it (``cpu_extension.PAIR_TILE`` in its metadata); ``replay`` refuses one from another layout.
+checkout wrote it (``cpu_extension.PAIR_TILE`` and whether the op has ``bf16_dots``, which decides how a bf16 base
+down is stored, in its metadata); ``replay`` refuses one from another layout.
 """
 
 import argparse
@@ -43,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.vllm_throughput import workload_prompts
 from benchmarks.vllm_worker import workload_engine
-from vllm_moe_compress.kernels.cpu_extension import PAIR_TILE
+from vllm_moe_compress.kernels.cpu_extension import PAIR_TILE, cpu_ops
 
 
 def on_moe_calls(hook) -> set:
@@ -164,7 +165,7 @@ def save_recording(path: Path, model: str, scheme: str | None, layers: list, cal
             "call_layers": json.dumps([c[0] for c in calls]), "arguments": json.dumps([len(a) for a in layers]),
             "scalars": json.dumps(scalars)}
     if scheme:
-        meta |= {"scheme": scheme, "pair_tile": str(PAIR_TILE)}
+        meta |= {"scheme": scheme, "pair_tile": str(PAIR_TILE), "bf16_dots": str(int(cpu_ops().bf16_dots()))}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file(tensors, partial, metadata=meta)
@@ -177,6 +178,11 @@ def load_recording(path: Path):
 
     with safe_open(path, "pt") as f:
         meta = f.metadata()
+    dots = str(int(cpu_ops().bf16_dots()))
+    if meta["kind"] == "compressed" and meta.get("bf16_dots", "0") != dots:
+        raise SystemExit(f"{path}: its layout was prepared for an op with bf16_dots={meta.get('bf16_dots', '0')}, "
+                         f"this checkout's has {dots} (it decides how a bf16 base down is stored: "
+                         "cpu_extension.base_down_projected); record it again")
     if meta["kind"] == "compressed" and meta.get("pair_tile") != str(PAIR_TILE):
         raise SystemExit(f"{path}: its layout was prepared with another pair layout (pair_tile "
                          f"{meta.get('pair_tile', 'absent')}, this checkout's {PAIR_TILE}: BENCHMARKS.md §10.22); "
@@ -196,7 +202,6 @@ def replay(args) -> None:
     from vllm import _custom_ops as vllm_ops
 
     from vllm_moe_compress import request_amx_tile_state
-    from vllm_moe_compress.kernels.cpu_extension import cpu_ops
 
     kind, scheme, ours_layers, calls = load_recording(args.compressed)
     dense_kind, _, dense_layers, _ = load_recording(args.dense)

@@ -24,11 +24,12 @@ Prepared layout (``BaseDeltaCpuLayout``, built by ``prepare`` from the packed te
     d_v          [Rd, I]         as packed (already one row block per expert)
     d_ut         [Rd, H]         U_downᵀ, rows as d_v
     base_gu      [2C, H]         as packed
-    base_down_t  [C, H]          B_downᵀ
+    base_down    [C, H]          B_downᵀ; or B_down [H, C] where ``cpu_extension.base_down_projected`` (bf16,
+                                 not in the pair layout, an op built with AVX512-BF16 dot products)
     base_channels int64 [C]
-    pairs        int64 [1]       1: gu_ut, d_ut and base_down_t in the pair layout (below)
+    pairs        int64 [1]       1: gu_ut, d_ut and base_down in the pair layout (below)
 
-The expand-side tensors (gu_ut, d_ut, base_down_t) are row-major, or, for bf16 where the op's prefill products
+The expand-side tensors (gu_ut, d_ut, base_down as Bᵀ) are row-major, or, for bf16 where the op's prefill products
 run on AMX (``cpu_extension.pair_layout``), in the pair layout AMX's brgemm reads in place
 (``cpu_extension.pair_rows``: per block — an expert's gate Uᵀ, its up Uᵀ, its down Uᵀ, the base down — rows 2p
 and 2p + 1 interleaved, an odd block padded with a zero row; meta's first rows count the pad rows).
@@ -51,7 +52,7 @@ from typing import NamedTuple
 import torch
 
 from .base_delta_torch import rank_offsets
-from .cpu_extension import cpu_ops, on_huge_pages, pair_layout, pairs_flag, row_blocks
+from .cpu_extension import base_down_layout, cpu_ops, on_huge_pages, pair_layout, pairs_flag, row_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class BaseDeltaCpuLayout(NamedTuple):
     d_v: torch.Tensor
     d_ut: torch.Tensor
     base_gu: torch.Tensor
-    base_down_t: torch.Tensor
+    base_down: torch.Tensor
     base_channels: torch.Tensor
     pairs: torch.Tensor
 
@@ -115,7 +116,7 @@ def prepare(ranks: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tenso
         torch.tensor(meta, dtype=torch.int64).reshape(len(gate), 7),
         prepared(gate_up_v[order]), prepared(gu_ut), prepared(down_v), prepared(d_ut),
         prepared(base_gate_up) if has_base else gate_up_v.new_zeros(0, hidden, dtype=dtype),
-        prepared(row_blocks(base_down.T, [base_down.shape[1]], pairs)[0]) if has_base
+        prepared(base_down_layout(base_down, dtype, pairs)) if has_base
         else gate_up_v.new_zeros(0, hidden, dtype=dtype),
         base_channels.long().contiguous() if has_base else torch.zeros(0, dtype=torch.int64), pairs_flag(pairs))
 

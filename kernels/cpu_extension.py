@@ -170,6 +170,23 @@ def pair_layout(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and bool(cpu_ops().amx_gemm())
 
 
+def base_down_projected(dtype: torch.dtype, pairs: bool) -> bool:
+    """Whether ``prepare`` stores a shared base down B [H, C] (base_delta, sparse_lowrank) as B itself, which the op
+    multiplies as a project (``wh Bᵀ``, on AVX512-BF16 dot products at 5–32 rows), instead of as Bᵀ [C, H]: bf16
+    outside the pair layout where the op is built with those dot products (its ``bf16_dots()``; the C++
+    ``base_down_projected``). As an expand, on ``at::mm`` over Bᵀ, Mixtral-8x7B's 117 MB base down took 13.3 ms
+    at 8 rows against 4.7 (docs/kernels.md)."""
+    return dtype == torch.bfloat16 and not pairs and bool(cpu_ops().bf16_dots())
+
+
+def base_down_layout(base_down: torch.Tensor, dtype: torch.dtype, pairs: bool) -> torch.Tensor:
+    """A base down B [H, C] as the op reads it (``base_down_projected``): B itself, or Bᵀ [C, H] (in the pair
+    layout where ``pairs``)."""
+    if base_down_projected(dtype, pairs):
+        return base_down
+    return row_blocks(base_down.T, [base_down.shape[1]], pairs)[0]
+
+
 def pairs_flag(pairs: bool) -> torch.Tensor:
     """The layouts' ``pairs`` field: int64 [1], 1 where the expand-side tensors are in the pair layout."""
     return torch.tensor([int(pairs)], dtype=torch.int64)

@@ -18,16 +18,16 @@ Prepared layout (``SparseLowrankCpuLayout``): products into a smaller dimension 
     lut           flat           expert e's Ugᵀ [kg, m] then Uuᵀ [ku, m]
     ldv           flat           Vd [kd, m] per expert (as packed)
     ldut          [Kd, H]        Udᵀ
-    base_down_t   [I, H] or [0, H]   Bᵀ
+    base_down     [I, H] or [0, H]   Bᵀ; or B [H, I] / [H, 0] where ``cpu_extension.base_down_projected``
     sparse_channels, lowrank_channels  int64, as packed
-    pairs         int64 [1]      1: sd_t, lut, ldut and base_down_t in the pair layout
+    pairs         int64 [1]      1: sd_t, lut, ldut and base_down in the pair layout
 
 In bf16/fp16, sgu, lv and the row-major sd_t and ldut may end in a few zero rows (``cpu_extension.with_tail``): their
 experts' blocks have ragged row counts (s, m and the ranks are per expert), and a product of one on ``at::mm`` is
 called with the block's rows rounded up to a shape the experts share (oneDNN compiles a kernel per shape), reading
 the rows after it: the next expert's, or for the last expert the tail.
 
-The expand-side tensors (sd_t, lut, ldut, base_down_t) are row-major, or, for bf16 where the op's prefill
+The expand-side tensors (sd_t, lut, ldut, base_down as Bᵀ) are row-major, or, for bf16 where the op's prefill
 products run on AMX, in the pair layout (``cpu_extension.pair_rows``, per block: an expert's sparse down, its
 Ugᵀ, its Uuᵀ, its Udᵀ, the base down; an odd block padded with a zero row, counted by meta's offsets and, for the
 base down, by its I: the weighted h then has one more, always zero, column), as in
@@ -43,7 +43,8 @@ from typing import NamedTuple
 import torch
 
 from .base_delta_cpu import compute_dtype
-from .cpu_extension import cpu_ops, on_huge_pages, pair_layout, pair_rows, pairs_flag, row_blocks, with_tail
+from .cpu_extension import (base_down_layout, cpu_ops, on_huge_pages, pair_layout, pair_rows, pairs_flag, row_blocks,
+                            with_tail)
 from .sparse_lowrank_torch import PackedOffsets
 
 
@@ -55,7 +56,7 @@ class SparseLowrankCpuLayout(NamedTuple):
     lut: torch.Tensor
     ldv: torch.Tensor
     ldut: torch.Tensor
-    base_down_t: torch.Tensor
+    base_down: torch.Tensor
     sparse_channels: torch.Tensor
     lowrank_channels: torch.Tensor
     pairs: torch.Tensor
@@ -96,7 +97,7 @@ def prepare(sparse_counts, lowrank_counts, ranks, sparse_gate_up, sparse_down, l
         prepared(rows(sparse_gate_up, sgu_rows), [2 * s for s in at.s]), prepared(sd_t, at.s, pairs),
         prepared(rows(lowrank_gate_up_v, lv_rows), [kg + ku for kg, ku in zip(at.kg, at.ku)]),
         prepared(torch.cat(lut_blocks) if lut_blocks else lowrank_gate_up_u[:0]), prepared(lowrank_down_v),
-        prepared(ldut, at.kd, pairs), prepared(row_blocks(base_down.T, [base_down.shape[1]], pairs)[0]),
+        prepared(ldut, at.kd, pairs), prepared(base_down_layout(base_down, dtype, pairs)),
         sparse_channels.long().contiguous(), lowrank_channels.long().contiguous(), pairs_flag(pairs))
 
 

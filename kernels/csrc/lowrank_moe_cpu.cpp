@@ -523,6 +523,15 @@ constexpr bool kBf16Dots =
     false;
 #endif
 
+// Whether the shared base down B [H, C] (base_delta, sparse_lowrank) is stored as B itself and projected (out +=
+// wh Bᵀ, bf16_dots at 5–32 rows) rather than as Bᵀ [C, H] and expanded: bf16 built for AVX512-BF16, not in the pair
+// layout (the op's bf16_dots() tells prepare). Mixtral-8x7B's 117 MB base down at 8 rows took 13.3 ms as an expand
+// (at::mm on Bᵀ) and 4.7 as a project; at 1 / 2 rows 4.5 / 6.2 against 4.2 / 4.2 (2 threads, docs/kernels.md).
+template <typename T>
+bool base_down_projected(bool pairs) {
+  return kBf16Dots<T> && !pairs;
+}
+
 // Whether y = a Bᵀ (transposed) or a B for a of n rows and the block b goes through the loops (else gemm).
 template <typename T>
 bool on_loops(int64_t n, Block<T> b, bool transposed) {
@@ -1286,14 +1295,14 @@ at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like
 // meta int64 [E, 7]: per expert (first row of its gate V in gu_v, gate rank, up rank, first row of its down V
 // in d_v, down rank, first row of its gate Uᵀ in gu_ut, first row of its down Uᵀ in d_ut). Projections to the
 // ranks read V [r, in] rows (x Vᵀ); expansions from the ranks read Uᵀ [r, out] (z Uᵀ): gu_ut (gate then up per
-// expert) and d_ut follow the order of gu_v and d_v. base_down_t is B_downᵀ [C, H]. pairs (one value): the
-// expand-side tensors (gu_ut, d_ut, base_down_t) are in the pair layout (Block::pairs, each block's rows padded
-// to even).
+// expert) and d_ut follow the order of gu_v and d_v. base_down is B_downᵀ [C, H], or B_down [H, C] where
+// base_down_projected. pairs (one value): the expand-side tensors (gu_ut, d_ut, base_down) are in the pair layout
+// (Block::pairs, each block's rows padded to even).
 template <typename T>
 at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                            const at::Tensor& meta_in, const at::Tensor& gu_v, const at::Tensor& gu_ut,
                            const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
-                           const at::Tensor& base_down_t, const at::Tensor& base_channels_in, bool pairs,
+                           const at::Tensor& base_down, const at::Tensor& base_channels_in, bool pairs,
                            int64_t num_dynamic_drop) {
   using A = AccT<T>;
   const Activations<A> x(x_in);
@@ -1381,6 +1390,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   for_each_expert(routing, active, make_work, visit);
   sum_pairs(pair_out, H, routing, T_, out);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
+    const bool projected = base_down_projected<T>(pairs);
     sum_pairs(pair_h, I, routing, T_, weighted);
     A* wh = weighted;  // [T, C]: the weighted sum itself where the base is full, else its base channels
     if (!full_base) {
@@ -1392,11 +1402,12 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       // (their weights in wh set to zero, so the product reads the stored layout as it is, pairs or rows)
       const at::Tensor whv = at::from_blob(wh, {T_, C}, options_of<A>());
       const at::Tensor rows =  // B_downᵀ's C rows, from the pair layout where stored so
-          pairs ? pair_block_rows(base_down_t.data_ptr<T>(), C, H) : base_down_t;
+          projected ? base_down.t() : pairs ? pair_block_rows(base_down.data_ptr<T>(), C, H) : base_down;
       const at::Tensor score = rows.to(at::kFloat).norm(2, {1}) * whv.to(at::kFloat).norm(2, {0});
       whv.index_fill_(1, std::get<1>(score.topk(num_dynamic_drop, 0, /*largest=*/false)), 0);
     }
-    expand<T>(wh, C, T_, {base_down_t.data_ptr<T>(), C, H, pairs}, out, H, true);
+    if (projected) project<T>(wh, C, T_, {base_down.data_ptr<T>(), H, C}, out, H, true);
+    else expand<T>(wh, C, T_, {base_down.data_ptr<T>(), C, H, pairs}, out, H, true);
   }
   return result(out, T_, H, x_in);
 }
@@ -1407,19 +1418,21 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
 // a shared down base acts on the scattered weighted intermediate once per token.
 // meta int64 [E, 12]: per expert (first row in sgu / 2, s, first low-rank channel, m, first row in lv, kg, ku,
 // offset of Ugᵀ [kg, m] then Uuᵀ [ku, m] in lut, offset of Vd [kd, m] in ldv, first row in ldut, kd, first row
-// in sd_t). pairs (one value): the expand-side tensors (sd_t, lut, ldut, base_down_t) are in the pair layout
-// (Block::pairs, each block's rows padded to even; base_down_t's I then counts its pad row, a zero column of
-// the weighted h).
+// in sd_t). base_down: Bᵀ [I, H], or B [H, I] where base_down_projected ([0, H] / [H, 0]: no base). pairs (one
+// value): the expand-side tensors (sd_t, lut, ldut, base_down) are in the pair layout (Block::pairs, each block's
+// rows padded to even; base_down's I then counts its pad row, a zero column of the weighted h).
 template <typename T>
 at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                                const at::Tensor& meta_in, const at::Tensor& sgu, const at::Tensor& sd_t,
                                const at::Tensor& lv, const at::Tensor& lut, const at::Tensor& ldv,
-                               const at::Tensor& ldut, const at::Tensor& base_down_t,
+                               const at::Tensor& ldut, const at::Tensor& base_down,
                                const at::Tensor& sparse_channels_in, const at::Tensor& lowrank_channels_in,
                                bool pairs) {
   using A = AccT<T>;
   const Activations<A> x(x_in);
-  const int64_t T_ = x_in.size(0), H = x_in.size(1), E = meta_in.size(0), I = base_down_t.size(0);
+  const bool projected = base_down_projected<T>(pairs);
+  const int64_t T_ = x_in.size(0), H = x_in.size(1), E = meta_in.size(0),
+                I = base_down.size(projected ? 1 : 0);
   const at::Tensor meta = meta_in.contiguous(), sparse_channels = sparse_channels_in.contiguous(),
                    lowrank_channels = lowrank_channels_in.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
@@ -1495,7 +1508,8 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   sum_pairs(pair_out, H, routing, T_, out);
   if (I) {  // the base down once per token on the weighted h
     sum_pairs(pair_h, I, routing, T_, weighted);
-    expand<T>(weighted, I, T_, {base_down_t.data_ptr<T>(), I, H, pairs}, out, H, true);
+    if (projected) project<T>(weighted, I, T_, {base_down.data_ptr<T>(), H, I}, out, H, true);
+    else expand<T>(weighted, I, T_, {base_down.data_ptr<T>(), I, H, pairs}, out, H, true);
   }
   return result(out, T_, H, x_in);
 }
@@ -1652,12 +1666,12 @@ bool pair_layout(const at::Tensor& pairs, const at::Tensor& factor) {
 at::Tensor base_delta_forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                               const at::Tensor& meta, const at::Tensor& gu_v, const at::Tensor& gu_ut,
                               const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
-                              const at::Tensor& base_down_t, const at::Tensor& base_channels,
+                              const at::Tensor& base_down, const at::Tensor& base_channels,
                               const at::Tensor& pairs, int64_t num_dynamic_drop) {
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu_v.scalar_type(), "base_delta", [&] {
     return base_delta_impl<scalar_t>(x, topk_ids, topk_weights, meta, gu_v.contiguous(), gu_ut.contiguous(),
                                      d_v.contiguous(), d_ut.contiguous(), base_gu.contiguous(),
-                                     base_down_t.contiguous(), base_channels, pair_layout(pairs, gu_v),
+                                     base_down.contiguous(), base_channels, pair_layout(pairs, gu_v),
                                      num_dynamic_drop);
   });
 }
@@ -1665,13 +1679,13 @@ at::Tensor base_delta_forward(const at::Tensor& x, const at::Tensor& topk_ids, c
 at::Tensor sparse_lowrank_forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                                   const at::Tensor& meta, const at::Tensor& sgu, const at::Tensor& sd_t,
                                   const at::Tensor& lv, const at::Tensor& lut, const at::Tensor& ldv,
-                                  const at::Tensor& ldut, const at::Tensor& base_down_t,
+                                  const at::Tensor& ldut, const at::Tensor& base_down,
                                   const at::Tensor& sparse_channels, const at::Tensor& lowrank_channels,
                                   const at::Tensor& pairs) {
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sgu.scalar_type(), "sparse_lowrank", [&] {
     return sparse_lowrank_impl<scalar_t>(x, topk_ids, topk_weights, meta, sgu.contiguous(), sd_t.contiguous(),
                                          lv.contiguous(), lut.contiguous(), ldv.contiguous(), ldut.contiguous(),
-                                         base_down_t.contiguous(), sparse_channels, lowrank_channels,
+                                         base_down.contiguous(), sparse_channels, lowrank_channels,
                                          pair_layout(pairs, sgu));
   });
 }
@@ -1769,11 +1783,11 @@ int64_t set_expert_parallel(int64_t on) {
 
 TORCH_LIBRARY(moe_compress_cpu, m) {
   m.def("base_delta(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor gu_v, Tensor gu_ut, "
-        "Tensor d_v, Tensor d_ut, Tensor base_gu, Tensor base_down_t, Tensor base_channels, Tensor pairs, "
+        "Tensor d_v, Tensor d_ut, Tensor base_gu, Tensor base_down, Tensor base_channels, Tensor pairs, "
         "int num_dynamic_drop) "
         "-> Tensor");
   m.def("sparse_lowrank(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor sgu, Tensor sd_t, "
-        "Tensor lv, Tensor lut, Tensor ldv, Tensor ldut, Tensor base_down_t, Tensor sparse_channels, "
+        "Tensor lv, Tensor lut, Tensor ldv, Tensor ldut, Tensor base_down, Tensor sparse_channels, "
         "Tensor lowrank_channels, Tensor pairs) -> Tensor");
   m.def("basis_residual(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor order, Tensor geometry, "
         "Tensor gate_dense_t, Tensor gate_right, Tensor gate_coef_t, Tensor gate_eta, Tensor up_dense_t, "
@@ -1793,6 +1807,9 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
   // Whether the bf16 products above the loops' rows take amx_product now (prepare stores the expand-side bf16
   // factors in the pair layout where they do).
   m.def("amx_gemm() -> int", [] { return amx_gemm; });
+  // Whether bf16 projects take bf16_dots (built for AVX512-BF16): prepare stores bf16 base downs outside the pair
+  // layout as B [H, C] where so (base_down_projected).
+  m.def("bf16_dots() -> bool", [] { return kBf16Dots<c10::BFloat16>; });
   // The extent a bf16/fp16 at::mm product is called with for an extent of n (gemm_extent): prepare's zero tails.
   m.def("gemm_extent(int n) -> int", &gemm_extent);
   // a b through the same dispatch as the ops' products (tests and benchmarks of the loops alone).
