@@ -269,6 +269,25 @@ def test_sparse_lowrank_cpu_path_matches_float64_dense_math(case, small_row_limi
         assert error <= tolerance, (dtype, error)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_base_down_stored_the_other_way_round_is_refused_with_one_line(dtype):
+    """The op reads the shared base down as B [H, I] where ``base_down_projected`` (bf16 on an op with AVX512-BF16
+    dot products) and as Bᵀ [I, H] elsewhere; given the other orientation (a layout prepared for another build of
+    the op) it stops with a message naming both, instead of reading past the tensor."""
+    gen = torch.Generator().manual_seed(7)
+    layer = random_sparse_lowrank_layer(gen, 24, 20, UNIT_CASES["top-1"][2], True)
+    packed = {k: t.to(dtype) if t.is_floating_point() else t for k, t in layer.packed().items()}
+    layout = sparse_lowrank_cpu.prepare(**packed)
+    swapped = layout._replace(base_down=layout.base_down.t().contiguous())
+    x = torch.randn(4, 24, generator=gen).to(dtype)
+    ids, weights = routing(4, 3, 1, gen, set())
+    sparse_lowrank_cpu.sparse_lowrank_moe(x, ids, weights, layout)  # the prepared orientation runs
+    with pytest.raises(RuntimeError, match=r"reads the base down as .* \(base_down_projected\), got \[") as raised:
+        sparse_lowrank_cpu.sparse_lowrank_moe(x, ids, weights, swapped)
+    projected = cpu_extension.base_down_projected(layout.base_down.dtype, bool(layout.pairs.item()))
+    assert ("B [H, I]" if projected else "Bᵀ [I, H]") in str(raised.value)
+
+
 @pytest.mark.parametrize("blocks", [[37, 45, 53, 61], [61, 53, 45, 37], [7700, 3800, 12], [5, 0, 129], [30, 31]])
 def test_with_tail_appends_the_fewest_zero_rows_that_let_every_block_round(blocks):
     """Every block's rows rounded up (gemm_extent) fit in the rows after its start; one zero row fewer would not

@@ -1391,6 +1391,9 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   sum_pairs(pair_out, H, routing, T_, out);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
     const bool projected = base_down_projected<T>(pairs);
+    TORCH_CHECK(base_down.dim() == 2 && base_down.size(projected ? 0 : 1) == H,
+                "base_delta: this op reads the base down as ", projected ? "B_down [H, C]" : "B_downᵀ [C, H]",
+                " (base_down_projected), got ", base_down.sizes(), " for H = ", H);
     sum_pairs(pair_h, I, routing, T_, weighted);
     A* wh = weighted;  // [T, C]: the weighted sum itself where the base is full, else its base channels
     if (!full_base) {
@@ -1433,6 +1436,9 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const bool projected = base_down_projected<T>(pairs);
   const int64_t T_ = x_in.size(0), H = x_in.size(1), E = meta_in.size(0),
                 I = base_down.size(projected ? 1 : 0);
+  TORCH_CHECK(base_down.dim() == 2 && base_down.size(projected ? 0 : 1) == H,
+              "sparse_lowrank: this op reads the base down as ", projected ? "B [H, I]" : "Bᵀ [I, H]",
+              " (base_down_projected), got ", base_down.sizes(), " for H = ", H);
   const at::Tensor meta = meta_in.contiguous(), sparse_channels = sparse_channels_in.contiguous(),
                    lowrank_channels = lowrank_channels_in.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
