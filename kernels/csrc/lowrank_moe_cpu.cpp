@@ -532,6 +532,7 @@ bool base_down_projected(bool pairs) {
   return kBf16Dots<T> && !pairs;
 }
 
+
 // Whether y = a Bᵀ (transposed) or a B for a of n rows and the block b goes through the loops (else gemm).
 template <typename T>
 bool on_loops(int64_t n, Block<T> b, bool transposed) {
@@ -1036,6 +1037,21 @@ void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, in
   });
 }
 
+// out [n, H] += wh [n, C] Bᵀ for a stored base down B [H, C] (base_delta's B_down, sparse_lowrank's ridge base;
+// `channels` names C in the op's terms): projected where base_down_projected, else expanded from Bᵀ (rows or
+// pairs). A base down stored the other way round (a layout prepared for another build of the op) is refused, not
+// read past its end.
+template <typename T>
+void add_base_down(const AccT<T>* wh, int64_t n, int64_t C, const at::Tensor& base_down, bool pairs, AccT<T>* out,
+                   int64_t H, const char* op, const char* channels) {
+  const bool projected = base_down_projected<T>(pairs);
+  TORCH_CHECK(base_down.dim() == 2 && base_down.size(projected ? 0 : 1) == H, op,
+              ": this op reads the base down as ", projected ? "B [H, " : "Bᵀ [", channels, projected ? "]" : ", H]",
+              " (base_down_projected), got ", base_down.sizes(), " for H = ", H);
+  if (projected) project<T>(wh, C, n, {base_down.data_ptr<T>(), H, C}, out, H, true);
+  else expand<T>(wh, C, n, {base_down.data_ptr<T>(), C, H, pairs}, out, H, true);
+}
+
 // ---- Elementwise parts of an expert, fused -----------------------------------------------------------------------
 
 // Rows added to an expert's gate and up products before SwiGLU (base_delta's shared base, computed once per
@@ -1390,10 +1406,6 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
   for_each_expert(routing, active, make_work, visit);
   sum_pairs(pair_out, H, routing, T_, out);
   if (C) {  // base down once per token, on the routing-weighted sum: out += wh[:, channels] B_downᵀ
-    const bool projected = base_down_projected<T>(pairs);
-    TORCH_CHECK(base_down.dim() == 2 && base_down.size(projected ? 0 : 1) == H,
-                "base_delta: this op reads the base down as ", projected ? "B_down [H, C]" : "B_downᵀ [C, H]",
-                " (base_down_projected), got ", base_down.sizes(), " for H = ", H);
     sum_pairs(pair_h, I, routing, T_, weighted);
     A* wh = weighted;  // [T, C]: the weighted sum itself where the base is full, else its base channels
     if (!full_base) {
@@ -1405,12 +1417,11 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       // (their weights in wh set to zero, so the product reads the stored layout as it is, pairs or rows)
       const at::Tensor whv = at::from_blob(wh, {T_, C}, options_of<A>());
       const at::Tensor rows =  // B_downᵀ's C rows, from the pair layout where stored so
-          projected ? base_down.t() : pairs ? pair_block_rows(base_down.data_ptr<T>(), C, H) : base_down;
+          base_down_projected<T>(pairs) ? base_down.t() : pairs ? pair_block_rows(base_down.data_ptr<T>(), C, H) : base_down;
       const at::Tensor score = rows.to(at::kFloat).norm(2, {1}) * whv.to(at::kFloat).norm(2, {0});
       whv.index_fill_(1, std::get<1>(score.topk(num_dynamic_drop, 0, /*largest=*/false)), 0);
     }
-    if (projected) project<T>(wh, C, T_, {base_down.data_ptr<T>(), H, C}, out, H, true);
-    else expand<T>(wh, C, T_, {base_down.data_ptr<T>(), C, H, pairs}, out, H, true);
+    add_base_down<T>(wh, T_, C, base_down, pairs, out, H, "base_delta", "C");
   }
   return result(out, T_, H, x_in);
 }
@@ -1433,12 +1444,8 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
                                bool pairs) {
   using A = AccT<T>;
   const Activations<A> x(x_in);
-  const bool projected = base_down_projected<T>(pairs);
   const int64_t T_ = x_in.size(0), H = x_in.size(1), E = meta_in.size(0),
-                I = base_down.size(projected ? 1 : 0);
-  TORCH_CHECK(base_down.dim() == 2 && base_down.size(projected ? 0 : 1) == H,
-              "sparse_lowrank: this op reads the base down as ", projected ? "B [H, I]" : "Bᵀ [I, H]",
-              " (base_down_projected), got ", base_down.sizes(), " for H = ", H);
+                I = base_down.size(base_down_projected<T>(pairs) ? 1 : 0);
   const at::Tensor meta = meta_in.contiguous(), sparse_channels = sparse_channels_in.contiguous(),
                    lowrank_channels = lowrank_channels_in.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
@@ -1514,8 +1521,7 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   sum_pairs(pair_out, H, routing, T_, out);
   if (I) {  // the base down once per token on the weighted h
     sum_pairs(pair_h, I, routing, T_, weighted);
-    if (projected) project<T>(weighted, I, T_, {base_down.data_ptr<T>(), H, I}, out, H, true);
-    else expand<T>(weighted, I, T_, {base_down.data_ptr<T>(), I, H, pairs}, out, H, true);
+    add_base_down<T>(weighted, T_, I, base_down, pairs, out, H, "sparse_lowrank", "I");
   }
   return result(out, T_, H, x_in);
 }
