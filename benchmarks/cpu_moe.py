@@ -45,7 +45,9 @@ an even ``--rounds`` for each path to run as often in each place). The copy band
 Each row: ms, the bytes the path must read (the routed experts' weights or factors plus shared ones, in the dtype
 the path multiplies in: ``ours`` converts bf16 to fp32 at load on CPUs without native bf16, so its bytes are fp32
 there; x and out included), achieved GB/s (those bytes / time) and its fraction of the copy bandwidth, and the
-speed-up of ``ours`` over vLLM dense.
+speed-up of ``ours`` over vLLM dense. ``--dynamic-prune R`` times base_delta with D²-MoE's dynamic base pruning on
+(Eq. 9: ``round(R · I)`` base channels dropped per call, in the op and the torch op), as the plugin serves it with
+``VLLM_MOE_COMPRESS_DYNAMIC_PRUNE=1``; the bytes column does not change (the dropped columns are still read).
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ rows of the expand-side blocks it added equal the other blocks' there)."""
 
 def rows_layout(module, scheme: str, args) -> list[torch.Tensor]:
     """The layout's fields as the ops from before the pair layout take them: prepared with the AMX path off (so
-    row-major), meta cut to its old columns, without ``pairs``."""
+    row-major), meta cut to its old columns, without ``pairs`` or ``base_down_norms``."""
     from vllm_moe_compress.kernels.cpu_extension import cpu_ops
 
     previous = cpu_ops().set_amx_gemm(0)
@@ -201,7 +203,7 @@ def rows_layout(module, scheme: str, args) -> list[torch.Tensor]:
     finally:
         cpu_ops().set_amx_gemm(previous)
     fields = base_down_as_before(layout)._replace(meta=layout.meta[:, :OLD_META_COLUMNS[scheme]].contiguous())
-    return list(fields)[:-1]
+    return without_base_down_norms(fields)[:-1]
 
 
 def base_down_as_before(layout):
@@ -211,6 +213,12 @@ def base_down_as_before(layout):
                                                                                   bool(layout.pairs.item())):
         return layout
     return layout._replace(base_down=layout.base_down.t().contiguous())
+
+
+def without_base_down_norms(layout) -> list[torch.Tensor]:
+    """``layout``'s fields without ``base_down_norms``, as the ops from before it take them (they computed
+    D²-MoE's column norms of the base down per call)."""
+    return [tensor for name, tensor in layout._asdict().items() if name != "base_down_norms"]
 
 
 def untiled_layout(module, args):
@@ -237,20 +245,31 @@ def with_op_setting(forward, layout, setter: str, value: int):
 
 def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, compare_at_mm: bool = False,
                      compare_split: bool = False, compare_source: Path | None = None,
-                     compare_small_pages: bool = False, torch_op: bool = True):
+                     compare_small_pages: bool = False, torch_op: bool = True, dynamic_prune: float = 0.0):
     """``{name: forward}`` of the scheme's paths and ``read_bytes(used, name)``. Without the torch op, the
-    layer's own tensors are freed once the CPU layout is prepared."""
+    layer's own tensors are freed once the CPU layout is prepared. ``dynamic_prune`` (base_delta): D²-MoE's
+    dynamic pruning of ``round(dynamic_prune · I)`` base channels per call (at most C), as the plugin runs it with
+    ``VLLM_MOE_COMPRESS_DYNAMIC_PRUNE=1``, in every path that has it."""
     import importlib
 
+    from vllm_moe_compress.kernels import base_delta_torch
     from vllm_moe_compress.kernels.cpu_extension import cpu_ops
 
     layer = SCHEMES[scheme](model, ratio, seed, dtype, torch.device("cpu"), gen)
     paths = {"torch op": layer.torch_moe}
+    drop = ()  # the base_delta forwards' trailing num_dynamic_drop
+    if scheme == "base_delta":
+        drop = (min(round(dynamic_prune * model.intermediate), layer.torch_args[7].numel()),)
+        paths["torch op"] = lambda x, ids, w: base_delta_torch.base_delta_moe(x, ids, w, *layer.torch_args, *drop)
     elem = {"torch op": dtype.itemsize}
     if scheme in CPU_PATHS:
         module = importlib.import_module(f"vllm_moe_compress.kernels.{CPU_PATHS[scheme]}_cpu")
         layout = module.prepare(*layer.torch_args)
-        forward = getattr(module, f"{CPU_PATHS[scheme]}_moe")
+        scheme_forward = getattr(module, f"{CPU_PATHS[scheme]}_moe")
+
+        def forward(x, ids, w, layout):
+            return scheme_forward(x, ids, w, layout, *drop)
+
         paths = {"ours": lambda x, ids, w: forward(x, ids, w, layout), **paths}
         elem["ours"] = compute_dtype(dtype).itemsize
         variants = {"ours (at::mm only)": ("set_small_row_limit", 0)} if compare_at_mm else {}
@@ -265,7 +284,6 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
             elem["ours (4 KiB pages)"] = elem["ours"]
         if compare_source is not None:
             other = getattr(other_ops(compare_source), CPU_PATHS[scheme])
-            extra = (0,) if CPU_PATHS[scheme] == "base_delta" else ()  # num_dynamic_drop, as ``forward``'s default
             name = f"ours ({compare_source.name})"
             before = small if compare_small_pages else layout  # main's layouts were on 4 KiB pages
             source_text = compare_source.read_text()
@@ -276,7 +294,9 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
                     before = untiled_layout(module, layer.torch_args)
                 if "base_down_projected" not in source_text:
                     before = base_down_as_before(before)
-            paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *before, *extra), **paths}
+                if "base_down_norms" not in source_text:
+                    before = without_base_down_norms(before)
+            paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *before, *drop), **paths}
             elem[name] = elem["ours"]
 
     if not torch_op:
@@ -326,9 +346,15 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true",
                         help="time each path from warm caches: one untimed call right before its timed ones, no "
                         "flush (BENCHMARKS.md §10.19)")
+    parser.add_argument("--dynamic-prune", type=float, default=0.0, metavar="RATIO",
+                        help="base_delta: D²-MoE's dynamic pruning of round(RATIO · I) base channels per call, as "
+                             "VLLM_MOE_COMPRESS_DYNAMIC_PRUNE=1 serves a checkpoint whose dynamic_prune_ratio is RATIO "
+                             "(default 0: off, as vllm serve runs by default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/cpu_moe.md"))
     args = parser.parse_args()
+    if not 0 <= args.dynamic_prune < 1:
+        parser.error(f"--dynamic-prune {args.dynamic_prune} is outside [0, 1)")
     for name, scheme, ratio in itertools.product(args.models, args.schemes, args.ratios):
         try:  # before any timing: a run stopped half-way writes no table
             check_reachable(scheme, MODELS[name], ratio)
@@ -342,7 +368,9 @@ def main() -> None:
     header = [f"CPU: {cpu}; torch threads {args.threads}; clock {args.clock}; load average before: "
               f"{os.getloadavg()[0]:.1f}; median "
               f"of {args.rounds} alternating rounds of {args.calls} calls{' from warm caches' if args.warm else ''}; "
-              f"copy GB/s = a {args.copy_mib} MiB copy's (read + write) bytes / time, timed in the same rounds.", "",
+              f"copy GB/s = a {args.copy_mib} MiB copy's (read + write) bytes / time, timed in the same rounds"
+              f"{'' if not args.dynamic_prune else f'; base_delta with dynamic pruning of {args.dynamic_prune:.0%} of I'}.",
+              "",
               "| model | dtype | scheme | ratio | tokens | path | ms | MB read | GB/s | copy GB/s | % copy "
               "| vLLM dense ms / path ms |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -357,7 +385,7 @@ def main() -> None:
                     paths, read_bytes = compressed_paths(scheme, model, ratio, dtype, args.seed, gen,
                                                            args.compare_at_mm, args.compare_expert_parallel,
                                                            args.compare_source, args.compare_small_pages,
-                                                           "torch op" not in args.skip)
+                                                           "torch op" not in args.skip, args.dynamic_prune)
                     if not dense_paths:  # after the first layout: the two are never built at the same time
                         dense_paths, isa = dense_baselines(num_experts, h, i, dtype, gen,
                                                            "torch loop" not in args.skip)

@@ -172,6 +172,11 @@ def save_recording(path: Path, model: str, scheme: str | None, layers: list, cal
     partial.replace(path)
 
 
+def layout_arguments(op) -> int:
+    """How many arguments ``op`` (one of the CPU ops) takes after x, topk_ids and topk_weights."""
+    return len(op.default._schema.arguments) - 3
+
+
 def load_recording(path: Path):
     """(kind, scheme, per-layer op arguments, calls [(layer, x, topk_ids, topk_weights)]) of a recording."""
     from safetensors import safe_open
@@ -187,6 +192,11 @@ def load_recording(path: Path):
         raise SystemExit(f"{path}: its layout was prepared with another pair layout (pair_tile "
                          f"{meta.get('pair_tile', 'absent')}, this checkout's {PAIR_TILE}: BENCHMARKS.md §10.22); "
                          "record it again")
+    if meta["kind"] == "compressed":
+        taken, recorded = layout_arguments(getattr(cpu_ops(), meta["scheme"])), set(json.loads(meta["arguments"]))
+        if recorded != {taken}:
+            raise SystemExit(f"{path}: its layers hold {sorted(recorded)} op arguments each, this checkout's "
+                             f"{meta['scheme']} op takes {taken} after the activations; record it again")
     # each tensor copied into memory of its own: load_file's tensors are views of one buffer at the file's offsets,
     # none of them 64-byte aligned, where the engine's are; vLLM's dense op ran ~1.4x slower on them (§10.23)
     tensors = {name: tensor.clone() for name, tensor in load_file(path).items()}
@@ -241,6 +251,10 @@ def replay(args) -> None:
         from benchmarks.cpu_moe import other_ops
 
         other = getattr(other_ops(args.compare_source), scheme)
+        if layout_arguments(other) != layout_arguments(op):
+            raise SystemExit(f"{args.compare_source}: its {scheme} op takes {layout_arguments(other)} arguments after "
+                             f"the activations, this checkout's {layout_arguments(op)}: replay compares ops on the "
+                             "same layouts")
         paths[f"ours ({args.compare_source.name})"] = lambda layer, x, ids, w: other(x, ids, w, *ours_layers[layer])
     ours_paths = [name for name in paths if name != "vLLM dense"]
     routing = "uniform random" if args.uniform or args.sizes else "recorded"

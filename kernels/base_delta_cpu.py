@@ -26,6 +26,9 @@ Prepared layout (``BaseDeltaCpuLayout``, built by ``prepare`` from the packed te
     base_gu      [2C, H]         as packed
     base_down    [C, H]          B_downᵀ; or B_down [H, C] where ``cpu_extension.base_down_projected`` (bf16,
                                  not in the pair layout, an op built with AVX512-BF16 dot products)
+    base_down_norms [C]          ‖B_down[:, j]‖₂ of the stored values, fp32 (fp64 for fp64 factors): D²-MoE's
+                                 dynamic pruning scores C_j = ‖B_down[:, j]‖·‖h[j, :]‖ per batch (Eq. 9) without
+                                 a pass over the base down per call
     base_channels int64 [C]
     pairs        int64 [1]       1: gu_ut, d_ut and base_down in the pair layout (below)
 
@@ -83,6 +86,7 @@ class BaseDeltaCpuLayout(NamedTuple):
     d_ut: torch.Tensor
     base_gu: torch.Tensor
     base_down: torch.Tensor
+    base_down_norms: torch.Tensor
     base_channels: torch.Tensor
     pairs: torch.Tensor
 
@@ -112,12 +116,14 @@ def prepare(ranks: torch.Tensor, gate_up_u: torch.Tensor, gate_up_v: torch.Tenso
         return on_huge_pages(t, dtype)
 
     has_base = base_gate_up is not None and base_gate_up.numel() > 0
+    norms_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     return BaseDeltaCpuLayout(
         torch.tensor(meta, dtype=torch.int64).reshape(len(gate), 7),
         prepared(gate_up_v[order]), prepared(gu_ut), prepared(down_v), prepared(d_ut),
         prepared(base_gate_up) if has_base else gate_up_v.new_zeros(0, hidden, dtype=dtype),
         prepared(base_down_layout(base_down, dtype, pairs)) if has_base
         else gate_up_v.new_zeros(0, hidden, dtype=dtype),
+        base_down.to(dtype).to(norms_dtype).norm(dim=0) if has_base else torch.zeros(0, dtype=norms_dtype),
         base_channels.long().contiguous() if has_base else torch.zeros(0, dtype=torch.int64), pairs_flag(pairs))
 
 

@@ -233,6 +233,24 @@ def test_dynamic_pruning_matches_the_torch_path(dtype, full_base):
             assert float((out - expected).norm() / expected.norm()) <= TOLERANCE[dtype], drop
 
 
+def test_dynamic_pruning_without_the_prepared_column_norms_is_refused_with_one_line():
+    """The op scores D²-MoE's columns from ``base_down_norms`` (prepared once at load, not recomputed from the base
+    down per call); a layout without them, or with another count, stops with one line when dynamic pruning is on,
+    and runs as before when it is off."""
+    gen = torch.Generator().manual_seed(2)
+    tensors = [t.float() if t.is_floating_point() else t
+               for t in packed_layer([[3, 1, 4, 2], [2, 2, 2, 2], [1, 3, 0, 2]], 16, 18, 14, gen)]
+    layout = base_delta_cpu.prepare(*tensors)
+    torch.testing.assert_close(layout.base_down_norms, tensors[6].norm(dim=0))  # ‖B_down[:, j]‖ per channel
+    x = torch.randn(5, 16, generator=gen)
+    ids, weights = routing(5, 4, 2, gen)
+    for norms in (layout.base_down_norms[:0], layout.base_down_norms[:-1], layout.base_down_norms.double()):
+        stale = layout._replace(base_down_norms=norms)
+        base_delta_cpu.base_delta_moe(x, ids, weights, stale)
+        with pytest.raises(RuntimeError, match=r"dynamic pruning needs base_down_norms, 14 contiguous values"):
+            base_delta_cpu.base_delta_moe(x, ids, weights, stale, num_dynamic_drop=3)
+
+
 UNIT_CASES = {  # name: (tokens, top_k, per expert (sparse units, low-rank units, ranks), base, idle experts)
     "mixed, ragged, rank 0, nothing kept, idle expert": (13, 3, [
         (5, 7, (3, 0, 4)), (6, 9, (2, 5, 0)), (12, 0, (0, 0, 0)), (0, 11, (4, 3, 6)), (0, 0, (0, 0, 0)),

@@ -349,7 +349,8 @@ def test_dynamic_pruning_matches_reference_at_tp1(ckpt, backend):
 @pytest.mark.parametrize("layer", LAYERS)
 def test_resident_bytes_equal_checkpoint_bytes(ckpt, layer, backend, monkeypatch):
     """The floating-point bytes a layer keeps (its parameters, plus the C++ CPU op's layout, which replaces the
-    parameters it copies) are the checkpoint's: no second copy of the weights."""
+    parameters it copies) are the checkpoint's: no second copy of the weights. The layout's one addition, the
+    base down's C column norms (D²-MoE's dynamic pruning), is counted apart."""
     monkeypatch.setattr(CompressedMoEScheme, "default_backend", lambda self, device: backend)
     cfg = make_config(ckpt.qc, ckpt.dir)
     method, module = make_layer(cfg, layer)
@@ -360,9 +361,12 @@ def test_resident_bytes_equal_checkpoint_bytes(ckpt, layer, backend, monkeypatch
     floating = {k: v for k, v in tensors.items() if v.is_floating_point()}
     assert sorted(loaded) == sorted(floating)  # only the int32 channel index is not loaded into a parameter
     assert [k for k in tensors if k not in floating] == [base_channels_name(ckpt.spec(layer).prefix)]
-    layout = [b for name, b in module.named_buffers(remove_duplicate=False)
-              if name.startswith("moe_compress_cpu_") and b.is_floating_point()]
-    assert bool(layout) == (backend == "cpu")
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    norms = buffers.pop("moe_compress_cpu_base_down_norms", None)
+    layout = [b for name, b in buffers.items() if name.startswith("moe_compress_cpu_") and b.is_floating_point()]
+    assert bool(layout) == (backend == "cpu") == (norms is not None)
+    if norms is not None:
+        assert norms.shape == (ckpt.spec(layer).base_channels,) and norms.dtype == torch.float32
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # a layout tensor may be a parameter
                 for t in [*module.parameters(), *layout] if t.numel()}
     assert sum(storages.values()) == sum(nbytes(t) for t in floating.values())

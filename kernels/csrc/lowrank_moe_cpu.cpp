@@ -1037,6 +1037,25 @@ void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, in
   });
 }
 
+// D²-MoE's dynamic pruning (Eq. 9) on a batch's base-down input wh [n, C]: zero the `drop` (≥ 1) columns j with the lowest
+// C_j = ‖B_down[:, j]‖ · ‖wh[:, j]‖, so the base down's product reads its stored layout as it is. `norms` holds
+// ‖B_down[:, j]‖, computed once at load (prepare): the score costs C values per token, not a pass over the base
+// down. Ties go to the lower channel.
+template <typename A>
+void drop_weakest_channels(A* wh, int64_t n, int64_t C, const A* norms, int64_t drop) {
+  drop = std::min(drop, C);
+  std::vector<A> score(C, A(0));
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t j = 0; j < C; ++j) score[j] += wh[t * C + j] * wh[t * C + j];
+  for (int64_t j = 0; j < C; ++j) score[j] = norms[j] * std::sqrt(score[j]);
+  std::vector<int64_t> order(C);
+  std::iota(order.begin(), order.end(), 0);
+  std::nth_element(order.begin(), order.begin() + (drop - 1), order.end(),
+                   [&](int64_t a, int64_t b) { return score[a] < score[b] || (score[a] == score[b] && a < b); });
+  for (int64_t k = 0; k < drop; ++k)
+    for (int64_t t = 0; t < n; ++t) wh[t * C + order[k]] = A(0);
+}
+
 // out [n, H] += wh [n, C] Bᵀ for a stored base down B [H, C] (base_delta's B_down, sparse_lowrank's ridge base;
 // `channels` names C in the op's terms): projected where base_down_projected, else expanded from Bᵀ (rows or
 // pairs). A base down stored the other way round (a layout prepared for another build of the op) is refused, not
@@ -1312,18 +1331,24 @@ at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like
 // in d_v, down rank, first row of its gate Uᵀ in gu_ut, first row of its down Uᵀ in d_ut). Projections to the
 // ranks read V [r, in] rows (x Vᵀ); expansions from the ranks read Uᵀ [r, out] (z Uᵀ): gu_ut (gate then up per
 // expert) and d_ut follow the order of gu_v and d_v. base_down is B_downᵀ [C, H], or B_down [H, C] where
-// base_down_projected. pairs (one value): the expand-side tensors (gu_ut, d_ut, base_down) are in the pair layout
+// base_down_projected; base_down_norms [C] its column norms ‖B_down[:, j]‖ in the accumulation dtype (read only
+// with num_dynamic_drop > 0). pairs (one value): the expand-side tensors (gu_ut, d_ut, base_down) are in the pair layout
 // (Block::pairs, each block's rows padded to even).
 template <typename T>
 at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                            const at::Tensor& meta_in, const at::Tensor& gu_v, const at::Tensor& gu_ut,
                            const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
-                           const at::Tensor& base_down, const at::Tensor& base_channels_in, bool pairs,
-                           int64_t num_dynamic_drop) {
+                           const at::Tensor& base_down, const at::Tensor& base_down_norms,
+                           const at::Tensor& base_channels_in, bool pairs, int64_t num_dynamic_drop) {
   using A = AccT<T>;
   const Activations<A> x(x_in);
   const int64_t T_ = x_in.size(0), H = x_in.size(1), I = d_v.size(1), E = meta_in.size(0);
   const int64_t C = base_channels_in.numel();
+  TORCH_CHECK(num_dynamic_drop <= 0 || (base_down_norms.numel() == C && base_down_norms.scalar_type() ==
+                                        c10::CppTypeToScalarType<A>::value && base_down_norms.is_contiguous()),
+              "base_delta: dynamic pruning needs base_down_norms, ", C, " contiguous values in the op's accumulation "
+              "dtype (kernels/base_delta_cpu.py prepare), got ", base_down_norms.sizes(), " ",
+              base_down_norms.scalar_type());
   const at::Tensor meta = meta_in.contiguous(), base_channels = base_channels_in.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
   const int64_t* channel = base_channels.data_ptr<int64_t>();
@@ -1413,14 +1438,7 @@ at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, c
       for (int64_t t = 0; t < T_; ++t)
         for (int64_t j = 0; j < C; ++j) wh[t * C + j] = weighted[t * I + channel[j]];
     }
-    if (num_dynamic_drop > 0) {  // D²-MoE Eq. 9: drop the lowest ‖B_down[:, j]‖·‖H[:, j]‖ columns of this batch
-      // (their weights in wh set to zero, so the product reads the stored layout as it is, pairs or rows)
-      const at::Tensor whv = at::from_blob(wh, {T_, C}, options_of<A>());
-      const at::Tensor rows =  // B_downᵀ's C rows, from the pair layout where stored so
-          base_down_projected<T>(pairs) ? base_down.t() : pairs ? pair_block_rows(base_down.data_ptr<T>(), C, H) : base_down;
-      const at::Tensor score = rows.to(at::kFloat).norm(2, {1}) * whv.to(at::kFloat).norm(2, {0});
-      whv.index_fill_(1, std::get<1>(score.topk(num_dynamic_drop, 0, /*largest=*/false)), 0);
-    }
+    if (num_dynamic_drop > 0) drop_weakest_channels(wh, T_, C, base_down_norms.data_ptr<A>(), num_dynamic_drop);
     add_base_down<T>(wh, T_, C, base_down, pairs, out, H, "base_delta", "C");
   }
   return result(out, T_, H, x_in);
@@ -1678,12 +1696,12 @@ bool pair_layout(const at::Tensor& pairs, const at::Tensor& factor) {
 at::Tensor base_delta_forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                               const at::Tensor& meta, const at::Tensor& gu_v, const at::Tensor& gu_ut,
                               const at::Tensor& d_v, const at::Tensor& d_ut, const at::Tensor& base_gu,
-                              const at::Tensor& base_down, const at::Tensor& base_channels,
-                              const at::Tensor& pairs, int64_t num_dynamic_drop) {
+                              const at::Tensor& base_down, const at::Tensor& base_down_norms,
+                              const at::Tensor& base_channels, const at::Tensor& pairs, int64_t num_dynamic_drop) {
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu_v.scalar_type(), "base_delta", [&] {
     return base_delta_impl<scalar_t>(x, topk_ids, topk_weights, meta, gu_v.contiguous(), gu_ut.contiguous(),
                                      d_v.contiguous(), d_ut.contiguous(), base_gu.contiguous(),
-                                     base_down.contiguous(), base_channels, pair_layout(pairs, gu_v),
+                                     base_down.contiguous(), base_down_norms, base_channels, pair_layout(pairs, gu_v),
                                      num_dynamic_drop);
   });
 }
@@ -1795,7 +1813,8 @@ int64_t set_expert_parallel(int64_t on) {
 
 TORCH_LIBRARY(moe_compress_cpu, m) {
   m.def("base_delta(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor gu_v, Tensor gu_ut, "
-        "Tensor d_v, Tensor d_ut, Tensor base_gu, Tensor base_down, Tensor base_channels, Tensor pairs, "
+        "Tensor d_v, Tensor d_ut, Tensor base_gu, Tensor base_down, Tensor base_down_norms, Tensor base_channels, "
+        "Tensor pairs, "
         "int num_dynamic_drop) "
         "-> Tensor");
   m.def("sparse_lowrank(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor sgu, Tensor sd_t, "
