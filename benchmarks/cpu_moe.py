@@ -25,7 +25,8 @@ at ``--ratios``); the paths timed, with the same inputs and routings:
   a second layout, prepared row-major, in its arguments (``rows_layout``: one more copy of the factors); one from
   before the pair layout's column tiles (no ``kPairTile``) a second layout with its pair rows across each block's
   whole width (``untiled_layout``), as it reads them; one from before ``base_down_projected`` its bf16 base
-  down as Bᵀ (``base_down_as_before``: one more copy of the base down);
+  down as Bᵀ (``base_down_as_before``: one more copy of the base down); one from before ``dense_projected`` its
+  bf16 dense weights as W_eᵀ (``dense_as_before``: one more copy of them);
 - ``torch op``: the scheme's torch path (``kernels/<scheme>_torch.py``, what the plugin called before);
 - ``vLLM dense``: vLLM CPU's own unquantized fused MoE, as ``CPUUnquantizedExperts`` calls it: weights
   prepacked once with ``cpu_prepack_moe_weight(w, isa)``, then ``cpu_fused_moe(out, x, w13, w2, None, None,
@@ -202,7 +203,8 @@ def rows_layout(module, scheme: str, args) -> list[torch.Tensor]:
         layout = module.prepare(*args)
     finally:
         cpu_ops().set_amx_gemm(previous)
-    fields = base_down_as_before(layout)._replace(meta=layout.meta[:, :OLD_META_COLUMNS[scheme]].contiguous())
+    fields = dense_as_before(base_down_as_before(layout))._replace(
+        meta=layout.meta[:, :OLD_META_COLUMNS[scheme]].contiguous())
     return without_base_down_norms(fields)[:-1]
 
 
@@ -213,6 +215,17 @@ def base_down_as_before(layout):
                                                                                   bool(layout.pairs.item())):
         return layout
     return layout._replace(base_down=layout.base_down.t().contiguous())
+
+
+def dense_as_before(layout):
+    """``layout`` with basis_residual's dense weights as W_eᵀ [E, in, out], as the ops from before
+    ``dense_projected`` read them (this op projects W_e [E, out, in] where ``dense_projected``); other layouts as
+    they are."""
+    if "down_dense" not in layout._fields or not cpu_extension.dense_projected(layout.down_dense.dtype,
+                                                                               bool(layout.pairs.item())):
+        return layout
+    dense = {f"{q}_dense": getattr(layout, f"{q}_dense") for q in ("gate", "up", "down")}
+    return layout._replace(**{name: t.transpose(1, 2).contiguous() for name, t in dense.items() if t.numel()})
 
 
 def without_base_down_norms(layout) -> list[torch.Tensor]:
@@ -294,6 +307,8 @@ def compressed_paths(scheme: str, model, ratio: float, dtype, seed: int, gen, co
                     before = untiled_layout(module, layer.torch_args)
                 if "base_down_projected" not in source_text:
                     before = base_down_as_before(before)
+                if "dense_projected" not in source_text:
+                    before = dense_as_before(before)
                 if "base_down_norms" not in source_text:
                     before = without_base_down_norms(before)
             paths = {"ours": paths.pop("ours"), name: lambda x, ids, w: other(x, ids, w, *before, *drop), **paths}

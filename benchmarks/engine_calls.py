@@ -186,8 +186,8 @@ def load_recording(path: Path):
     dots = str(int(cpu_ops().bf16_dots()))
     if meta["kind"] == "compressed" and meta.get("bf16_dots", "0") != dots:
         raise SystemExit(f"{path}: its layout was prepared for an op with bf16_dots={meta.get('bf16_dots', '0')}, "
-                         f"this checkout's has {dots} (it decides how a bf16 base down is stored: "
-                         "cpu_extension.base_down_projected); record it again")
+                         f"this checkout's has {dots} (it decides how bf16 base downs and dense weights are "
+                         "stored: cpu_extension.base_down_projected, dense_projected); record it again")
     if meta["kind"] == "compressed" and meta.get("pair_tile") != str(PAIR_TILE):
         raise SystemExit(f"{path}: its layout was prepared with another pair layout (pair_tile "
                          f"{meta.get('pair_tile', 'absent')}, this checkout's {PAIR_TILE}: BENCHMARKS.md §10.22); "

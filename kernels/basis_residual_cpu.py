@@ -25,16 +25,19 @@ Prepared layout (``BasisResidualCpuLayout``):
     order       int64 [E]       experts in visiting order (by right factor, then expert)
     geometry    int64 [3]       residual seed, full intermediate size, this TP rank's first intermediate channel
     per projection (gate, up, down), empty where unused:
-    dense_t     [E, in, out]    W_eᵀ (GEMV over rows of out values: at Qwen3-30B's down [2048, 768], 1.2× faster
-                                than over W_e's rows of 768 at one token, 1.5× at two; one core)
+    dense       [E, in, out]    W_eᵀ (the op adds its rows of out values, one per input value); or W_e [E, out,
+                                in] where ``cpu_extension.dense_projected`` (bf16, not in the pair layout, an op
+                                built with AVX512-BF16 dot products), which the op multiplies as dot products over
+                                rows of in values: at Mixtral-8x7B's down 2–4 rows took 2.8–3.7 ms against W_eᵀ's
+                                6.6–14.0 (docs/kernels.md)
     right       [rows, in]      φ(B_j) stacked (as loaded), or MoBE's per-expert φ(Σ_j α_ej B_j) [E·K, in]
     coef_t      [Σ_e K_e, out]  A_eᵀ stacked per expert
     (bf16/fp16: right and the row-major coef_t may end in a few zero rows, ``cpu_extension.with_tail``: products on
     ``at::mm`` round the ragged ranks up to shapes the groups share, reading the rows after a block)
     eta         [m, a]          s ⊙ η per group
-    pairs       int64 [1]       1: dense_t and coef_t in the pair layout (below)
+    pairs       int64 [1]       1: dense (as W_eᵀ) and coef_t in the pair layout (below)
 
-The expand-side tensors (dense_t, coef_t) are row-major, or, for bf16 where the op's prefill products run on
+The expand-side tensors (dense as W_eᵀ, coef_t) are row-major, or, for bf16 where the op's prefill products run on
 AMX, in the pair layout (``cpu_extension.pair_rows``, per expert block: rows 2p and 2p + 1 interleaved, an odd
 block padded with a zero row, counted by meta's first rows of A_eᵀ), as in ``kernels/base_delta_cpu.py``.
 
@@ -49,21 +52,22 @@ import torch
 
 from .base_delta_cpu import compute_dtype
 from .basis_residual_torch import PackedStarts, ProjectionWeights, materialise_mixed_right
-from .cpu_extension import cpu_ops, on_huge_pages, pair_layout, pair_rows, pairs_flag, row_blocks, with_tail
+from .cpu_extension import (cpu_ops, dense_projected, on_huge_pages, pair_layout, pair_rows, pairs_flag, row_blocks,
+                            with_tail)
 
 class BasisResidualCpuLayout(NamedTuple):
     meta: torch.Tensor
     order: torch.Tensor
     geometry: torch.Tensor
-    gate_dense_t: torch.Tensor
+    gate_dense: torch.Tensor
     gate_right: torch.Tensor
     gate_coef_t: torch.Tensor
     gate_eta: torch.Tensor
-    up_dense_t: torch.Tensor
+    up_dense: torch.Tensor
     up_right: torch.Tensor
     up_coef_t: torch.Tensor
     up_eta: torch.Tensor
-    down_dense_t: torch.Tensor
+    down_dense: torch.Tensor
     down_right: torch.Tensor
     down_coef_t: torch.Tensor
     down_eta: torch.Tensor
@@ -85,9 +89,9 @@ def prepare(gate: ProjectionWeights, up: ProjectionWeights, down: ProjectionWeig
     fields = []
     for w in weights:
         empty = w.coef.new_zeros(0, dtype=dtype)
-        if w.dense.numel():
-            dense_t = w.dense.transpose(1, 2)
-            fields += [on_huge_pages(pair_rows(dense_t) if pairs else dense_t, dtype), empty, empty, empty]
+        if w.dense.numel():  # W_e [E, out, in] as loaded
+            dense = w.dense if dense_projected(dtype, pairs) else w.dense.transpose(1, 2)
+            fields += [on_huge_pages(pair_rows(dense) if pairs else dense, dtype), empty, empty, empty]
             for row in meta:
                 row += [0, 0, 0]
             continue

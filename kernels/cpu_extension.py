@@ -179,6 +179,14 @@ def base_down_projected(dtype: torch.dtype, pairs: bool) -> bool:
     return dtype == torch.bfloat16 and not pairs and bool(cpu_ops().bf16_dots())
 
 
+def dense_projected(dtype: torch.dtype, pairs: bool) -> bool:
+    """Whether ``basis_residual_cpu.prepare`` stores a dense expert weight (RFID-MoE's down by default) as W_e
+    [E, out, in], which the op multiplies as a project (``h W_eᵀ``), instead of as W_eᵀ [E, in, out]: where the
+    base down is projected (``base_down_projected``; the C++ ``dense_projected``). As an expand, 2–4 rows over
+    Mixtral-8x7B's down took 6.6–14.0 ms against the project's 2.8–3.7 (docs/kernels.md)."""
+    return base_down_projected(dtype, pairs)
+
+
 def base_down_layout(base_down: torch.Tensor, dtype: torch.dtype, pairs: bool) -> torch.Tensor:
     """A base down B [H, C] as the op reads it (``base_down_projected``): B itself, or Bᵀ [C, H] (in the pair
     layout where ``pairs``)."""

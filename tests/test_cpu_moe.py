@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from vllm_moe_compress.base_delta import BaseDeltaScheme
-from vllm_moe_compress.kernels import base_delta_cpu, base_delta_torch, cpu_extension, sparse_lowrank_cpu
+from vllm_moe_compress.kernels import (base_delta_cpu, base_delta_torch, basis_residual_cpu, cpu_extension,
+                                      sparse_lowrank_cpu)
 from vllm_moe_compress.kernels.base_delta_torch import rank_offsets
 from vllm_moe_compress.format.names import base_channels_name, unit_channels_name
 from vllm_moe_compress.format.schemes.base_delta import BaseDeltaLayer
@@ -422,6 +423,25 @@ def test_basis_residual_cpu_path_matches_float64_dense_math(case, small_row_limi
             total += got.double()
         error = float((total - expected).norm() / expected.norm())
         assert error <= tolerance, (dtype, error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_dense_weight_stored_the_other_way_round_is_refused_with_one_line(dtype):
+    """The op reads basis_residual's dense weights as W_e [E, out, in] where ``dense_projected`` (bf16 on an op with
+    AVX512-BF16 dot products) and as W_eᵀ [E, in, out] elsewhere; given the other orientation (a layout prepared for
+    another build of the op) it stops with a message naming both, instead of reading past the tensor."""
+    gen = torch.Generator().manual_seed(8)
+    layer = random_basis_residual_layer(gen, 4, 2, 24, 40, {"gate": [3, 5], "up": [2, 4]}, False, 0, "silu")
+    scheme, _ = basis_residual_shard(layer, layer.to_tensors(PREFIX, NAMES, dtype), dtype, 0, 1, "cpu")
+    layout = basis_residual_cpu.BasisResidualCpuLayout(*scheme.cpu_args)
+    swapped = layout._replace(down_dense=layout.down_dense.transpose(1, 2).contiguous())
+    x = torch.randn(3, 24, generator=gen).to(dtype)
+    ids, weights = routing(3, 4, 2, gen)
+    basis_residual_cpu.basis_residual_moe(x, ids, weights, layout)  # the prepared orientation runs
+    with pytest.raises(RuntimeError, match=r"reads a dense weight as .* \(dense_projected\), got \[") as raised:
+        basis_residual_cpu.basis_residual_moe(x, ids, weights, swapped)
+    projected = cpu_extension.dense_projected(layout.down_dense.dtype, bool(layout.pairs.item()))
+    assert ("W_e [E, out, in]" if projected else "W_eᵀ [E, in, out]") in str(raised.value)
 
 
 @pytest.mark.parametrize("routing", ["prefill", "decode"])
@@ -829,7 +849,8 @@ def test_benchmark_stops_with_one_line_before_timing_when_a_scheme_cannot_reach_
 def test_engine_call_recordings_round_trip_and_replay_by_call_size(tmp_path, monkeypatch):
     """``benchmarks/engine_calls.py``: a recording keeps each layer's op arguments (tensors, and the scalars after
     them) and every call in order, each tensor loaded 64-byte aligned, and is refused where this checkout's pair
-    layout differs from the one its layout was prepared in; replay times each call size's calls, path order alternating per round."""
+    layout differs from the one its layout was prepared in, or its op takes another number of arguments (a
+    recording from before a layout field); replay times each call size's calls, path order alternating per round."""
     from benchmarks import engine_calls
     from benchmarks.engine_calls import load_recording, save_recording, timed_sizes
 
@@ -850,6 +871,9 @@ def test_engine_call_recordings_round_trip_and_replay_by_call_size(tmp_path, mon
         patched.setattr(engine_calls, "PAIR_TILE", 2 * engine_calls.PAIR_TILE)
         with pytest.raises(SystemExit, match="record it again"):
             load_recording(tmp_path / "rec.safetensors")
+    save_recording(tmp_path / "old.safetensors", "m", "base_delta", [plugin.cpu_args[1:]], calls[:1])
+    with pytest.raises(SystemExit, match=r"old.safetensors: its layers hold \[\d+\] op arguments each, .* record it"):
+        load_recording(tmp_path / "old.safetensors")
     order = []
     paths = {name: (lambda name: lambda layer, x, ids, w: order.append((name, x.shape[0])))(name) for name in "ab"}
     sizes = [(size, count) for size, count, _, _ in timed_sizes(paths, loaded, rounds=2, at_least=1)]

@@ -532,6 +532,17 @@ bool base_down_projected(bool pairs) {
   return kBf16Dots<T> && !pairs;
 }
 
+// Whether basis_residual's dense weights (RFID-MoE's down by default) are stored as W_e [E, out, in] and projected
+// (y = h W_eᵀ) rather than as W_eᵀ [E, in, out] and expanded: where the base down is (base_down_projected). An expand
+// of 2–4 rows adds each row of W_eᵀ into n rows of y, loaded and stored every four rows of W_eᵀ: over Mixtral-8x7B's
+// down (y rows of 4096, 16 KB each) that traffic outgrows L1, and 2 / 3 / 4 rows took 6.6 / 10.0 / 14.0 ms against
+// the project's 2.8 / 2.9 / 3.7 (1 row 4.2 / 3.7; Qwen3-30B-A3B's down on one thread 0.17–0.38 against 0.17–0.25;
+// docs/kernels.md).
+template <typename T>
+bool dense_projected(bool pairs) {
+  return kBf16Dots<T> && !pairs;
+}
+
 
 // Whether y = a Bᵀ (transposed) or a B for a of n rows and the block b goes through the loops (else gemm).
 template <typename T>
@@ -1551,7 +1562,8 @@ at::Tensor sparse_lowrank_impl(const at::Tensor& x_in, const at::Tensor& topk_id
 // the hashed residual, regenerated here block by block (never stored).
 template <typename T>
 struct Projection {
-  const T *dense_t, *right, *coef_t, *eta;  // [E, in, out] (W_eᵀ) | [rows, in], [Σ K_e, out] (A_eᵀ), [m, a] (s ⊙ η)
+  const T *dense, *right, *coef_t, *eta;  // [E, in, out] (W_eᵀ; W_e [E, out, in] where dense_projected) |
+                                         // [rows, in], [Σ K_e, out] (A_eᵀ), [m, a] (s ⊙ η)
   int64_t eta_size;                          // a (0: no residual)
   int64_t right_rows, coef_rows;             // rows of right and coef_t (Block::spare_rows: ranks are per group)
 };
@@ -1599,24 +1611,33 @@ void add_residual(AccT<T>* y, int64_t ldy, const AccT<T>* inp, int64_t lda, int6
 // projection (gate, up, down) the first row of its right factor, its rank K_e and the first row of its A_eᵀ.
 // order int64 [E]: the experts in visiting order (sharers of a right factor adjacent: at decode z = R x is
 // computed once per right factor). geometry int64 [3]: residual seed, full intermediate size, this rank's
-// first intermediate channel. pairs (one value): dense_t [E, in, out] and coef_t are in the pair layout
-// (Block::pairs: per expert, rows padded to even; meta's first rows of A_eᵀ count the pad rows).
+// first intermediate channel. dense: W_eᵀ [E, in, out], or W_e [E, out, in] where dense_projected. pairs (one
+// value): the dense W_eᵀ and coef_t are in the pair layout (Block::pairs: per expert, rows padded to even; meta's
+// first rows of A_eᵀ count the pad rows).
 template <typename T>
 at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                                const at::Tensor& meta_in, const at::Tensor& order_in, const at::Tensor& geometry,
-                               const at::Tensor* dense_t, const at::Tensor* right, const at::Tensor* coef_t,
+                               const at::Tensor* dense, const at::Tensor* right, const at::Tensor* coef_t,
                                const at::Tensor* eta, bool pairs) {
   using A = AccT<T>;
   Projection<T> projs[3];
   int64_t max_rank = 0;
   for (int q = 0; q < 3; ++q) {
     auto ptr = [](const at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; };
-    projs[q] = {ptr(dense_t[q]), ptr(right[q]), ptr(coef_t[q]), ptr(eta[q]), eta[q].numel() ? eta[q].size(1) : 0,
+    projs[q] = {ptr(dense[q]), ptr(right[q]), ptr(coef_t[q]), ptr(eta[q]), eta[q].numel() ? eta[q].size(1) : 0,
                 right[q].numel() ? right[q].size(0) : 0, coef_t[q].numel() ? coef_t[q].size(0) : 0};
   }
+  const bool projected = dense_projected<T>(pairs);
   const Activations<A> x(x_in);
   const int64_t T_ = x_in.size(0), H = x_in.size(1), E = meta_in.size(0);
-  const int64_t I = dense_t[0].numel() ? dense_t[0].size(2) : coef_t[0].size(1);  // this rank's intermediate size
+  // this rank's intermediate size: the gate's out
+  const int64_t I = dense[0].numel() ? dense[0].size(projected ? 1 : 2) : coef_t[0].size(1);
+  for (int q = 0; q < 3; ++q) {  // a dense weight stored the other way round (another build's layout) is refused
+    const int64_t in = q == 2 ? I : H, out = q == 2 ? H : I;
+    TORCH_CHECK(!dense[q].numel() || (dense[q].dim() == 3 && dense[q].size(1) == (projected ? out : stored_rows(in, pairs))),
+                "basis_residual: this op reads a dense weight as ", projected ? "W_e [E, out, in]" : "W_eᵀ [E, in, out]",
+                " (dense_projected), got ", dense[q].sizes(), " for (in, out) = (", in, ", ", out, ")");
+  }
   const at::Tensor meta = meta_in.contiguous(), order = order_in.contiguous(), geo = geometry.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
   const int64_t* g = geo.data_ptr<int64_t>();
@@ -1652,8 +1673,9 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   auto apply = [&](Work& w, const A* inp, int64_t n, int q, int64_t e, A* y, int64_t ldy, bool accumulate) {
     const Projection<T>& p = projs[q];
     const int64_t in = q == 2 ? I : H, out = q == 2 ? H : I;
-    if (p.dense_t)
-      return expand<T>(inp, in, n, {p.dense_t + e * stored_rows(in, pairs) * out, in, out, pairs}, y, ldy, accumulate);
+    if (p.dense && projected) return project<T>(inp, in, n, {p.dense + e * out * in, out, in}, y, ldy, accumulate);
+    if (p.dense)
+      return expand<T>(inp, in, n, {p.dense + e * stored_rows(in, pairs) * out, in, out, pairs}, y, ldy, accumulate);
     const int64_t* r = m + 11 * e;
     const int64_t right_row = r[2 + 3 * q], rank = r[3 + 3 * q], coef_row = r[4 + 3 * q];
     A* z = w.z[q];
@@ -1722,17 +1744,17 @@ at::Tensor sparse_lowrank_forward(const at::Tensor& x, const at::Tensor& topk_id
 
 at::Tensor basis_residual_forward(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                                   const at::Tensor& meta, const at::Tensor& order, const at::Tensor& geometry,
-                                  const at::Tensor& gate_dense_t, const at::Tensor& gate_right,
+                                  const at::Tensor& gate_dense, const at::Tensor& gate_right,
                                   const at::Tensor& gate_coef_t, const at::Tensor& gate_eta,
-                                  const at::Tensor& up_dense_t, const at::Tensor& up_right, const at::Tensor& up_coef_t,
-                                  const at::Tensor& up_eta, const at::Tensor& down_dense_t,
+                                  const at::Tensor& up_dense, const at::Tensor& up_right, const at::Tensor& up_coef_t,
+                                  const at::Tensor& up_eta, const at::Tensor& down_dense,
                                   const at::Tensor& down_right, const at::Tensor& down_coef_t,
                                   const at::Tensor& down_eta, const at::Tensor& pairs) {
-  const at::Tensor dense[3] = {gate_dense_t.contiguous(), up_dense_t.contiguous(), down_dense_t.contiguous()};
+  const at::Tensor dense[3] = {gate_dense.contiguous(), up_dense.contiguous(), down_dense.contiguous()};
   const at::Tensor right[3] = {gate_right.contiguous(), up_right.contiguous(), down_right.contiguous()};
   const at::Tensor coef[3] = {gate_coef_t.contiguous(), up_coef_t.contiguous(), down_coef_t.contiguous()};
   const at::Tensor eta[3] = {gate_eta.contiguous(), up_eta.contiguous(), down_eta.contiguous()};
-  const auto dtype = (gate_dense_t.numel() ? gate_dense_t : gate_coef_t).scalar_type();
+  const auto dtype = (gate_dense.numel() ? gate_dense : gate_coef_t).scalar_type();
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "basis_residual", [&] {
     return basis_residual_impl<scalar_t>(x, topk_ids, topk_weights, meta, order, geometry, dense, right, coef, eta,
                                          pair_layout(pairs, dense[0].numel() ? dense[0] : coef[0]));
@@ -1821,8 +1843,8 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
         "Tensor lv, Tensor lut, Tensor ldv, Tensor ldut, Tensor base_down, Tensor sparse_channels, "
         "Tensor lowrank_channels, Tensor pairs) -> Tensor");
   m.def("basis_residual(Tensor x, Tensor topk_ids, Tensor topk_weights, Tensor meta, Tensor order, Tensor geometry, "
-        "Tensor gate_dense_t, Tensor gate_right, Tensor gate_coef_t, Tensor gate_eta, Tensor up_dense_t, "
-        "Tensor up_right, Tensor up_coef_t, Tensor up_eta, Tensor down_dense_t, Tensor down_right, Tensor down_coef_t, "
+        "Tensor gate_dense, Tensor gate_right, Tensor gate_coef_t, Tensor gate_eta, Tensor up_dense, "
+        "Tensor up_right, Tensor up_coef_t, Tensor up_eta, Tensor down_dense, Tensor down_right, Tensor down_coef_t, "
         "Tensor down_eta, Tensor pairs) "
         "-> Tensor");
   // Products with at most this many activation rows use the single-pass loops (default 8); returns the old
@@ -1839,7 +1861,7 @@ TORCH_LIBRARY(moe_compress_cpu, m) {
   // factors in the pair layout where they do).
   m.def("amx_gemm() -> int", [] { return amx_gemm; });
   // Whether bf16 projects take bf16_dots (built for AVX512-BF16): prepare stores bf16 base downs outside the pair
-  // layout as B [H, C] where so (base_down_projected).
+  // layout as B [H, C] (base_down_projected) and basis_residual's dense weights as W_e (dense_projected) where so.
   m.def("bf16_dots() -> bool", [] { return kBf16Dots<c10::BFloat16>; });
   // The extent a bf16/fp16 at::mm product is called with for an extent of n (gemm_extent): prepare's zero tails.
   m.def("gemm_extent(int n) -> int", &gemm_extent);
