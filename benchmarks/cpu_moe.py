@@ -384,7 +384,7 @@ def main() -> None:
               f"{os.getloadavg()[0]:.1f}; median "
               f"of {args.rounds} alternating rounds of {args.calls} calls{' from warm caches' if args.warm else ''}; "
               f"copy GB/s = a {args.copy_mib} MiB copy's (read + write) bytes / time, timed in the same rounds"
-              f"{'' if not args.dynamic_prune else f'; base_delta with dynamic pruning of {args.dynamic_prune:.0%} of I'}.",
+              + (f"; base_delta with dynamic pruning of {args.dynamic_prune:.0%} of I." if args.dynamic_prune else "."),
               "",
               "| model | dtype | scheme | ratio | tokens | path | ms | MB read | GB/s | copy GB/s | % copy "
               "| vLLM dense ms / path ms |",

@@ -27,8 +27,8 @@ Prepared layout (``BaseDeltaCpuLayout``, built by ``prepare`` from the packed te
     base_down    [C, H]          B_downᵀ; or B_down [H, C] where ``cpu_extension.base_down_projected`` (bf16,
                                  not in the pair layout, an op built with AVX512-BF16 dot products)
     base_down_norms [C]          ‖B_down[:, j]‖₂ of the stored values, fp32 (fp64 for fp64 factors): D²-MoE's
-                                 dynamic pruning scores C_j = ‖B_down[:, j]‖·‖h[j, :]‖ per batch (Eq. 9) without
-                                 a pass over the base down per call
+                                 dynamic pruning scores C_j = ‖B_down[:, j]‖·‖h[:, j]‖ per batch (Eq. 9)
+                                 without a pass over the base down per call
     base_channels int64 [C]
     pairs        int64 [1]       1: gu_ut, d_ut and base_down in the pair layout (below)
 

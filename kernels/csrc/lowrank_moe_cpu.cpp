@@ -1048,10 +1048,10 @@ void expand(const AccT<T>* a, int64_t lda, int64_t n, Block<T> b, AccT<T>* y, in
   });
 }
 
-// D²-MoE's dynamic pruning (Eq. 9) on a batch's base-down input wh [n, C]: zero the `drop` (≥ 1) columns j with the lowest
-// C_j = ‖B_down[:, j]‖ · ‖wh[:, j]‖, so the base down's product reads its stored layout as it is. `norms` holds
-// ‖B_down[:, j]‖, computed once at load (prepare): the score costs C values per token, not a pass over the base
-// down. Ties go to the lower channel.
+// D²-MoE's dynamic pruning (Eq. 9) on a batch's base-down input wh [n, C]: zero the `drop` (≥ 1) columns j with
+// the lowest C_j = ‖B_down[:, j]‖ · ‖wh[:, j]‖, so the base down's product reads its stored layout as it is.
+// `norms` holds ‖B_down[:, j]‖, computed once at load (prepare): the score costs C values per token, not a pass
+// over the base down. Ties go to the lower channel.
 template <typename A>
 void drop_weakest_channels(A* wh, int64_t n, int64_t C, const A* norms, int64_t drop) {
   drop = std::min(drop, C);
@@ -1343,8 +1343,8 @@ at::Tensor result(const A* sums, int64_t T, int64_t cols, const at::Tensor& like
 // ranks read V [r, in] rows (x Vᵀ); expansions from the ranks read Uᵀ [r, out] (z Uᵀ): gu_ut (gate then up per
 // expert) and d_ut follow the order of gu_v and d_v. base_down is B_downᵀ [C, H], or B_down [H, C] where
 // base_down_projected; base_down_norms [C] its column norms ‖B_down[:, j]‖ in the accumulation dtype (read only
-// with num_dynamic_drop > 0). pairs (one value): the expand-side tensors (gu_ut, d_ut, base_down) are in the pair layout
-// (Block::pairs, each block's rows padded to even).
+// with num_dynamic_drop > 0). pairs (one value): the expand-side tensors (gu_ut, d_ut, base_down) are in the pair
+// layout (Block::pairs, each block's rows padded to even).
 template <typename T>
 at::Tensor base_delta_impl(const at::Tensor& x_in, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
                            const at::Tensor& meta_in, const at::Tensor& gu_v, const at::Tensor& gu_ut,
@@ -1634,9 +1634,11 @@ at::Tensor basis_residual_impl(const at::Tensor& x_in, const at::Tensor& topk_id
   const int64_t I = dense[0].numel() ? dense[0].size(projected ? 1 : 2) : coef_t[0].size(1);
   for (int q = 0; q < 3; ++q) {  // a dense weight stored the other way round (another build's layout) is refused
     const int64_t in = q == 2 ? I : H, out = q == 2 ? H : I;
-    TORCH_CHECK(!dense[q].numel() || (dense[q].dim() == 3 && dense[q].size(1) == (projected ? out : stored_rows(in, pairs))),
-                "basis_residual: this op reads a dense weight as ", projected ? "W_e [E, out, in]" : "W_eᵀ [E, in, out]",
-                " (dense_projected), got ", dense[q].sizes(), " for (in, out) = (", in, ", ", out, ")");
+    const int64_t first_dim = projected ? out : stored_rows(in, pairs);
+    TORCH_CHECK(!dense[q].numel() || (dense[q].dim() == 3 && dense[q].size(1) == first_dim),
+                "basis_residual: this op reads a dense weight as ",
+                projected ? "W_e [E, out, in]" : "W_eᵀ [E, in, out]", " (dense_projected), got ", dense[q].sizes(),
+                " for (in, out) = (", in, ", ", out, ")");
   }
   const at::Tensor meta = meta_in.contiguous(), order = order_in.contiguous(), geo = geometry.contiguous();
   const int64_t* m = meta.data_ptr<int64_t>();
