@@ -540,9 +540,8 @@ bool base_down_projected(bool pairs) {
 // docs/kernels.md).
 template <typename T>
 bool dense_projected(bool pairs) {
-  return kBf16Dots<T> && !pairs;
+  return base_down_projected<T>(pairs);
 }
-
 
 // Whether y = a Bᵀ (transposed) or a B for a of n rows and the block b goes through the loops (else gemm).
 template <typename T>
@@ -555,9 +554,9 @@ bool on_loops(int64_t n, Block<T> b, bool transposed) {
   const bool reduced_limit = c10::is_reduced_floating_point_v<T> && !dots &&
                              (amx || bytes > kOneThreadBlockBytes ||
                               !(at::in_parallel_region() || at::get_num_threads() == 1));
-  const int64_t rows = reduced_limit                          ? std::min(small_row_limit, kReducedRowLimit)
-                       : dots && small_row_limit > 0 ? std::max(small_row_limit, kDotRowLimit)
-                                                              : small_row_limit;
+  int64_t rows = small_row_limit;
+  if (reduced_limit) rows = std::min(small_row_limit, kReducedRowLimit);
+  else if (dots && small_row_limit > 0) rows = std::max(small_row_limit, kDotRowLimit);
   return n <= rows || (small_row_limit > 0 && n <= (amx ? kAmxCachedBlockRows : kCachedBlockRows) &&
                        bytes <= kCachedBlockBytes);
 }
